@@ -1,0 +1,578 @@
+"""The ``fleetrun`` command line: parse, call the core, render.
+
+Exit codes of ``fleetrun run``: the command's own exit status; 124 when it timed out;
+125 when fleetrun itself failed (bad hosts file, unknown host, the command could not be
+started); 130 when it was cancelled (Ctrl-C, SIGTERM or ``fleetrun tasks cancel``).
+Other subcommands exit 0 on success, 1 on an error and 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from fleetrun import __version__
+from fleetrun.core import paths
+from fleetrun.core.errors import FleetrunError
+from fleetrun.core.events import CANCELLED, COMPLETED, CREATED, PROGRESS, LifecycleEvent
+from fleetrun.core.hookspecs import hookimpl
+from fleetrun.core.models import Progress, Task, TaskRequest, TaskResult, TaskStatus
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_FLEETRUN_ERROR = 125
+EXIT_CANCELLED = 130
+
+log = logging.getLogger("fleetrun.cli")
+
+EPILOG_RUN = """\
+The words after -- are joined with spaces and run by the host's shell, as ssh does:
+quote the whole command to keep it one string, e.g. fleetrun run local -- 'ls | wc -l'.
+
+exit status:
+  the command's own exit status (128+N when signal N killed it)
+  124  the command timed out (--timeout or the host's max_seconds)
+  125  fleetrun failed: bad hosts file, unknown host, the command could not start
+  130  the task was cancelled (Ctrl-C, SIGTERM, or `fleetrun tasks cancel`)
+"""
+
+
+# -- small renderers -------------------------------------------------------------------
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _task_dict(task: Task) -> dict[str, Any]:
+    data = asdict(task)
+    data["status"] = task.status.value
+    data["duration_s"] = task.duration_s
+    return data
+
+
+class _Terminal:
+    """Live output and a progress line for ``fleetrun run`` (engine thread only)."""
+
+    def __init__(self, *, show_progress: bool, json_events: bool) -> None:
+        self.show_progress = show_progress
+        self.json_events = json_events
+        self.line_shown = False
+
+    def clear_line(self) -> None:
+        if self.line_shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.line_shown = False
+
+    def on_output(self, stream: str, data: bytes) -> None:
+        if self.json_events:
+            return
+        self.clear_line()
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        target.buffer.write(data)
+        target.buffer.flush()
+
+    def emit(self, event: LifecycleEvent) -> None:
+        if self.json_events:
+            sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+
+    @hookimpl
+    def fleetrun_task_created(self, task: Task) -> None:
+        self.emit(LifecycleEvent(CREATED, task, time.time()))
+
+    @hookimpl
+    def fleetrun_task_progress(self, task: Task, progress: Progress) -> None:
+        self.emit(LifecycleEvent(PROGRESS, task, time.time(), progress=progress))
+        if self.show_progress and not self.json_events:
+            parts = [f"[fleetrun] {task.host}", f"{progress.elapsed_s:.1f}s"]
+            if progress.percent is not None:
+                parts.append(f"{progress.percent:.0f}%")
+            parts.append(f"out {_human_bytes(progress.stdout_bytes)}/{progress.stdout_lines} lines")
+            if progress.stderr_bytes:
+                parts.append(f"err {_human_bytes(progress.stderr_bytes)}")
+            sys.stderr.write("\r\x1b[K" + " · ".join(parts))
+            sys.stderr.flush()
+            self.line_shown = True
+
+    @hookimpl
+    def fleetrun_task_completed(self, task: Task, result: TaskResult) -> None:
+        self.clear_line()
+        self.emit(LifecycleEvent(COMPLETED, task, time.time(), result=result))
+
+    @hookimpl
+    def fleetrun_task_cancelled(self, task: Task, reason: str) -> None:
+        self.clear_line()
+        self.emit(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))
+
+
+# -- context ---------------------------------------------------------------------------
+
+
+class _Context:
+    """What subcommands share: plugins, inventory and store, each built on first use."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._plugins = None
+        self._inventory = None
+        self._store = None
+
+    @property
+    def plugins(self):  # type: ignore[no-untyped-def]
+        if self._plugins is None:
+            from fleetrun.core.plugin_manager import PluginManager
+
+            self._plugins = PluginManager()
+        return self._plugins
+
+    @property
+    def inventory(self):  # type: ignore[no-untyped-def]
+        if self._inventory is None:
+            from fleetrun.core.inventory import load_inventory
+
+            self._inventory = load_inventory(self.args.hosts, self.plugins.transports)
+        return self._inventory
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        if self._store is None:
+            from fleetrun.core.store import TaskStore
+
+            self._store = TaskStore()
+        return self._store
+
+    def json_log_target(self) -> str | None:
+        return self.args.json_log or os.environ.get("FLEETRUN_JSON_LOG") or None
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _request(args: argparse.Namespace) -> TaskRequest:
+    words = list(args.command)
+    if not words:
+        raise FleetrunError("no command given: write it after --, e.g. fleetrun run local -- uname -a")
+    env = {}
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FleetrunError(f"--env takes NAME=VALUE, got {item!r}")
+        env[key] = value
+    return TaskRequest(
+        host=args.host,
+        command=" ".join(words),
+        timeout_s=args.timeout,
+        max_output_bytes=args.max_output_bytes,
+        env=env,
+        cwd=args.cwd,
+        progress_pattern=args.progress_pattern,
+    )
+
+
+def cmd_run(ctx: _Context) -> int:
+    from fleetrun.core.executor import Executor
+    from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
+
+    args = ctx.args
+    request = _request(args)
+    if args.dry_run:
+        return _dry_run(ctx, request)
+    terminal = _Terminal(show_progress=sys.stderr.isatty() and not args.quiet, json_events=args.json)
+    plugins = ctx.plugins
+    plugins.register(terminal, name="fleetrun.cli.terminal")
+    json_log = ctx.json_log_target()
+    if json_log:
+        try:
+            plugins.register(JsonLogNotifier(json_log), name="fleetrun.notifiers.jsonlog")
+        except OSError as exc:
+            raise FleetrunError(f"cannot open the JSON log {json_log}: {exc.strerror}") from None
+    executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins)
+    handle = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        handle = executor.submit(request, on_output=terminal.on_output)
+        task = _wait_interruptibly(handle)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        executor.close()
+    return _run_exit_code(task)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_interruptibly(handle) -> Task:  # type: ignore[no-untyped-def]
+    cancelled = False
+    while True:
+        try:
+            return handle.wait(timeout=None if cancelled else 0.25)
+        except TimeoutError:
+            continue
+        except KeyboardInterrupt:
+            if cancelled:
+                raise
+            cancelled = True
+            handle.cancel("interrupted by the user")
+
+
+def _run_exit_code(task: Task) -> int:
+    if task.status is TaskStatus.SUCCEEDED:
+        return EXIT_OK
+    if task.status is TaskStatus.TIMED_OUT:
+        _note(f"task {task.id} timed out after {task.max_seconds:g} s; its processes were stopped")
+        return EXIT_TIMEOUT
+    if task.status is TaskStatus.CANCELLED:
+        _note(f"task {task.id} was cancelled: {task.cancel_reason}")
+        return EXIT_CANCELLED
+    if task.exit_code is None:
+        _note(f"task {task.id} failed: {task.error or 'no exit status'}")
+        return EXIT_FLEETRUN_ERROR
+    return task.exit_code & 0xFF
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"fleetrun: {message}\n")
+
+
+def _dry_run(ctx: _Context, request: TaskRequest) -> int:
+    from fleetrun.core.executor import plan_task
+
+    plan = plan_task(request, ctx.inventory, ctx.plugins.transports)
+    info = {
+        "host": plan.host.name,
+        "transport": plan.transport,
+        "transport_details": dict(plan.transport_details),
+        "command": plan.command,
+        "limits": asdict(plan.limits),
+        "env": sorted(plan.env),
+        "cwd": plan.cwd,
+        "policy": None,
+        "inventory": ctx.inventory.source,
+        "ran": False,
+    }
+    if ctx.args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    details = ", ".join(f"{k}: {v}" for k, v in plan.transport_details.items())
+    limits = plan.limits
+    rows = [
+        ("host", plan.host.name),
+        ("transport", plan.transport + (f" ({details})" if details else "")),
+        ("command", plan.command),
+        (
+            "limits",
+            f"max_seconds={'none' if limits.max_seconds is None else f'{limits.max_seconds:g}'} "
+            f"max_output_bytes={limits.max_output_bytes} max_concurrent={limits.max_concurrent}",
+        ),
+        ("environment", ", ".join(sorted(plan.env)) or "(nothing added)"),
+        ("cwd", plan.cwd or "(inherited)"),
+        ("policy", "none configured: the CLI runs any command when no policy is set"),
+        ("inventory", ctx.inventory.source),
+        ("dry run", "nothing was run"),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    for key, value in rows:
+        print(f"{(key + ':').ljust(width)} {value}")
+    return EXIT_OK
+
+
+def cmd_hosts(ctx: _Context) -> int:
+    inventory = ctx.inventory
+    hosts = sorted(inventory.hosts.values(), key=lambda h: h.name)
+    if ctx.args.json:
+        print(json.dumps(
+            {
+                "source": inventory.source,
+                "hosts": [
+                    {"name": h.name, "transport": h.transport, "tags": list(h.tags), "description": h.description,
+                     "limits": asdict(h.limits)}
+                    for h in hosts
+                ],
+            },
+            indent=2,
+        ))
+        return EXIT_OK
+    rows = [
+        [h.name, h.transport, ",".join(h.tags) or "-",
+         "none" if h.limits.max_seconds is None else f"{h.limits.max_seconds:g}",
+         _human_bytes(h.limits.max_output_bytes), str(h.limits.max_concurrent), h.description or ""]
+        for h in hosts
+    ]
+    print(_table(rows, ["HOST", "TRANSPORT", "TAGS", "MAX_SECONDS", "MAX_OUTPUT", "MAX_CONCURRENT", "DESCRIPTION"]))
+    print(f"\ninventory: {inventory.source}")
+    return EXIT_OK
+
+
+def cmd_tasks_list(ctx: _Context) -> int:
+    store = ctx.store
+    store.sweep_orphans()
+    statuses = [TaskStatus(s) for s in ctx.args.status] if ctx.args.status else None
+    tasks = store.list(status=statuses, host=ctx.args.host, limit=ctx.args.limit)
+    if ctx.args.json:
+        print(json.dumps([_task_dict(t) for t in tasks], indent=2))
+        return EXIT_OK
+    if not tasks:
+        print(f"no tasks (store: {store.home})")
+        return EXIT_OK
+    rows = []
+    for t in tasks:
+        duration = t.duration_s
+        command = t.command if len(t.command) <= 50 else t.command[:47] + "..."
+        rows.append([
+            t.id, t.status.value, "-" if t.exit_code is None else str(t.exit_code), t.host,
+            _when(t.created_at), "-" if duration is None else f"{duration:.2f}s", command.replace("\n", " "),
+        ])
+    print(_table(rows, ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]))
+    return EXIT_OK
+
+
+def cmd_tasks_show(ctx: _Context) -> int:
+    store = ctx.store
+    store.sweep_orphans()
+    task = store.get(ctx.args.task_id)
+    data = _task_dict(task)
+    if ctx.args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    progress = data.pop("progress")
+    for key in ("created_at", "started_at", "ended_at"):
+        data[key] = _when(data[key])
+    width = max(len(k) for k in data) + 1
+    for key, value in data.items():
+        print(f"{(key + ':').ljust(width)} {'-' if value is None else value}")
+    if progress:
+        print(f"{'progress:'.ljust(width)} " + ", ".join(f"{k}={v}" for k, v in progress.items() if v is not None))
+    return EXIT_OK
+
+
+def cmd_tasks_output(ctx: _Context) -> int:
+    args = ctx.args
+    store = ctx.store
+    out = sys.stdout.buffer
+    if args.tail is not None:
+        piece = store.tail_output(args.task_id, args.stream, lines=args.tail, max_bytes=args.max_bytes)
+    else:
+        piece = store.read_output(args.task_id, args.stream, offset=args.offset, max_bytes=args.max_bytes)
+    out.write(piece.data)
+    out.flush()
+    if not args.follow:
+        if piece.truncated and piece.complete:
+            _note(f"the {args.stream} of task {args.task_id} was truncated at its max_output_bytes")
+        return EXIT_OK
+    offset = piece.next_offset
+    while True:
+        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=1 << 20)
+        if piece.data:
+            out.write(piece.data)
+            out.flush()
+            offset = piece.next_offset
+            continue
+        if piece.complete:
+            return EXIT_OK
+        if not store.get(args.task_id).status.is_terminal:
+            store.sweep_orphans()
+        time.sleep(0.1)
+
+
+def cmd_tasks_cancel(ctx: _Context) -> int:
+    store = ctx.store
+    store.sweep_orphans()
+    task = store.get(ctx.args.task_id)
+    if task.status.is_terminal:
+        _note(f"task {task.id} has already ended ({task.status.value})")
+        return EXIT_ERROR
+    store.request_cancel(task.id, ctx.args.reason)
+    deadline = time.monotonic() + ctx.args.wait
+    while time.monotonic() < deadline:
+        task = store.get(task.id)
+        if task.status.is_terminal:
+            break
+        store.sweep_orphans()
+        time.sleep(0.1)
+    if task.status is TaskStatus.CANCELLED:
+        print(f"task {task.id} cancelled")
+        return EXIT_OK
+    if task.status.is_terminal:
+        _note(f"task {task.id} ended as {task.status.value} before the cancel took effect")
+        return EXIT_ERROR
+    _note(f"cancel of task {task.id} requested; its owner (pid {task.owner_pid}) has not confirmed it yet")
+    return EXIT_ERROR
+
+
+def cmd_plugins(ctx: _Context) -> int:
+    plugins = ctx.plugins.plugins()
+    transports = ctx.plugins.transports
+    if ctx.args.json:
+        print(json.dumps(
+            {"plugins": [asdict(p) for p in plugins],
+             "transports": {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in transports.items()}},
+            indent=2,
+        ))
+        return EXIT_OK
+    rows = [[p.name, p.source, ", ".join(p.hooks) if p.error is None else f"FAILED TO LOAD: {p.error}"] for p in plugins]
+    print(_table(rows, ["PLUGIN", "SOURCE", "HOOKS"]))
+    print("\ntransports: " + (", ".join(sorted(transports)) or "none"))
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _positive_int(text) if text != "0" else 0
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetrun",
+        description="Run shell commands as tasks on hosts, through pluggable transports.",
+        epilog=(
+            f"The task store lives in {paths.data_dir()} (set {paths.HOME_ENV} to move it). "
+            f"Hosts come from --hosts, ${paths.HOSTS_ENV}, or {paths.config_dir() / 'hosts.yaml'}; "
+            "without any, the embedded inventory has one host, 'local'."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fleetrun {__version__}")
+    parser.add_argument("--hosts", metavar="PATH", help="the hosts file (default: $FLEETRUN_HOSTS, then the config dir)")
+    parser.add_argument("--json-log", metavar="PATH", help="append lifecycle events as JSON lines to PATH ('-' for stderr)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more to stderr (-vv for debug)")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run", help="run a command on a host", description="Run a command on a host and stream its output.",
+        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("host", help="a host name from the inventory (`fleetrun hosts` lists them)")
+    run.add_argument("command", nargs="*", metavar="-- COMMAND", help="the command, after --")
+    run.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="time limit (can only lower the host's max_seconds)")
+    run.add_argument("--max-output-bytes", type=_positive_int, metavar="N", help="bytes kept of stdout and of stderr (can only lower the host's limit)")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE", help="add an environment variable (repeatable)")
+    run.add_argument("--cwd", metavar="DIR", help="working directory of the command")
+    run.add_argument("--progress-pattern", metavar="REGEX", help="regex with a 'percent' group that marks progress in the output")
+    run.add_argument("--dry-run", action="store_true", help="show host, transport, limits and policy decision; run nothing")
+    run.add_argument("--json", action="store_true", help="print lifecycle events as JSON lines on stdout instead of the output")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
+    run.set_defaults(func=cmd_run, error_exit=EXIT_FLEETRUN_ERROR)
+
+    hosts = sub.add_parser("hosts", help="list the hosts of the inventory", description="List the hosts of the inventory.")
+    hosts.add_argument("--json", action="store_true", help="print JSON")
+    hosts.set_defaults(func=cmd_hosts)
+
+    tasks = sub.add_parser("tasks", help="list, show, read or cancel tasks in the store", description="Tasks in the store.")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="ACTION")
+    tasks_sub.required = True
+    listing = tasks_sub.add_parser("list", help="list tasks, newest first", description="List tasks, newest first.")
+    listing.add_argument("--status", action="append", choices=[s.value for s in TaskStatus], help="only this status (repeatable)")
+    listing.add_argument("--host", help="only tasks of this host")
+    listing.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_tasks_list)
+    show = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
+    show.add_argument("task_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_tasks_show)
+    output = tasks_sub.add_parser(
+        "output", help="print a task's output (also while it runs)",
+        description="Print a task's stdout or stderr, from a byte offset or as a tail; --follow keeps reading until the task ends.",
+    )
+    output.add_argument("task_id", metavar="ID")
+    output.add_argument("--stream", choices=("stdout", "stderr"), default="stdout", help="which stream (default stdout)")
+    output.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte offset (default 0)")
+    output.add_argument("--tail", type=_non_negative_int, metavar="LINES", help="only the last LINES lines")
+    output.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="read at most this many bytes (default 16 MiB)")
+    output.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the task ends")
+    output.set_defaults(func=cmd_tasks_output)
+    cancel = tasks_sub.add_parser(
+        "cancel", help="cancel a queued or running task",
+        description="Cancel a queued or running task, also one run by another fleetrun process.",
+    )
+    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument("--reason", default="cancelled with `fleetrun tasks cancel`", help="recorded as the cancel reason")
+    cancel.add_argument("--wait", type=_positive_float, default=10.0, metavar="SECONDS", help="how long to wait for the owner to confirm (default 10)")
+    cancel.set_defaults(func=cmd_tasks_cancel)
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements", description="List plugins and hooks.")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the command, options included (argparse would
+    # otherwise read `fleetrun run local -- ls -l` as fleetrun's own -l).
+    command_words: list[str] | None = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command_words = argv[:split], argv[split + 1 :]
+    args = parser.parse_args(argv)
+    if command_words is not None:
+        if getattr(args, "command", None) is None:
+            parser.error("'--' is only used by `fleetrun run HOST -- COMMAND`")
+        args.command = [*args.command, *command_words]
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="fleetrun: %(levelname)s: %(name)s: %(message)s")
+    if os.environ.get("FLEETRUN_TRACE", "") not in ("", "0", "false", "no"):
+        logging.getLogger("fleetrun.trace").setLevel(logging.INFO)
+    ctx = _Context(args)
+    try:
+        return args.func(ctx)
+    except FleetrunError as exc:
+        sys.stderr.write(f"fleetrun: error: {exc}\n")
+        return getattr(args, "error_exit", EXIT_ERROR)
+    except KeyboardInterrupt:
+        sys.stderr.write("fleetrun: interrupted\n")
+        return EXIT_CANCELLED
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -1,0 +1,1 @@
+"""fleetrun's core: the task lifecycle, executor, store, inventory and plugin manager."""

@@ -1,0 +1,52 @@
+"""Errors that fleetrun reports to its users.
+
+Every :class:`FleetrunError` carries a message written for the person who made the
+mistake; front ends print it on one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FleetrunError(Exception):
+    """A problem the user can fix: bad input, unknown names, unusable configuration."""
+
+
+class InventoryError(FleetrunError):
+    """The hosts file is malformed. The message names the file, line, host and field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        host: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.host = host
+        self.field = field
+        self.detail = message
+        where = path or "<hosts>"
+        if line is not None:
+            where = f"{where}:{line}"
+        parts = []
+        if host is not None:
+            parts.append(f"host {host!r}")
+        if field is not None:
+            parts.append(f"field {field!r}")
+        subject = (", ".join(parts) + ": ") if parts else ""
+        super().__init__(f"{where}: {subject}{message}")
+
+
+class UnknownHostError(FleetrunError):
+    """A task named a host that the inventory does not have."""
+
+
+class UnknownTaskError(FleetrunError):
+    """A task id that the store does not know."""
+
+
+class PluginError(FleetrunError):
+    """A plugin could not be loaded or does not match the hook specifications."""

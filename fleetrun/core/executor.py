@@ -1,0 +1,563 @@
+"""The executor: runs tasks through transports and reports their lifecycle to plugins.
+
+All task work happens on one engine thread running an asyncio loop of its own, so the
+executor can be used from plain Python (``run``, ``submit``, ``TaskHandle.wait``) and
+from asyncio (``run_async``, ``submit_async``, ``TaskHandle.wait_async``) without ever
+blocking the caller's event loop. State changes, store writes and hook calls all happen
+on that thread, which is what keeps every task's hooks in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping
+
+from fleetrun.core.errors import FleetrunError, UnknownTaskError
+from fleetrun.core.inventory import Host, Inventory, default_inventory
+from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus
+from fleetrun.core.output import OutputSlice, SpoolWriter, spool_path
+from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
+from fleetrun.core.store import Retention, TaskStore, owner_token
+from fleetrun.core.transport import Execution, Transport, TransportError
+
+log = logging.getLogger("fleetrun.executor")
+
+#: Called on the engine thread with (stream name, bytes) as output arrives.
+OutputListener = Callable[[str, bytes], None]
+
+MAX_COMMAND_LENGTH = 128 * 1024
+_CANCEL_POLL_SECONDS = 0.5
+_STORE_PROGRESS_INTERVAL = 1.0
+_RUNNING_WRITE_DELAY = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request resolves to before anything runs: used by dry runs and by submit."""
+
+    host: Host
+    transport: str
+    command: str
+    limits: Limits
+    env: Mapping[str, str]
+    cwd: str | None
+    transport_details: Mapping[str, object]
+
+
+def plan_task(
+    request: TaskRequest,
+    inventory: Inventory,
+    transports: Mapping[str, type[Transport]],
+    *,
+    describe: bool = True,
+    transport: Transport | None = None,
+) -> Plan:
+    """Resolve a request against the inventory: host, transport, limits, environment.
+
+    Raises :class:`FleetrunError` for anything that would stop the task from being run.
+    """
+    _check_command(request.command)
+    host = inventory.get(request.host)
+    cls = transports.get(host.transport)
+    if cls is None:
+        available = ", ".join(sorted(transports)) or "none"
+        raise FleetrunError(
+            f"host {host.name!r} uses transport {host.transport!r}, which no loaded plugin provides "
+            f"(available: {available})"
+        )
+    for name, value in (("timeout_s", request.timeout_s), ("max_output_bytes", request.max_output_bytes)):
+        if value is not None and not value > 0:
+            raise FleetrunError(f"{name} must be greater than 0, got {value}")
+    details: Mapping[str, object] = {}
+    if describe:
+        details = dict((transport or cls(host)).describe())
+    return Plan(
+        host=host,
+        transport=host.transport,
+        command=request.command,
+        limits=host.limits.lowered_by(max_seconds=request.timeout_s, max_output_bytes=request.max_output_bytes),
+        env={**host.env, **request.env},
+        cwd=request.cwd or host.cwd,
+        transport_details=details,
+    )
+
+
+class TaskHandle:
+    """A submitted task: wait for it, cancel it, or look at its current state."""
+
+    def __init__(self, executor: Executor, task_id: str, done: concurrent.futures.Future[Task]) -> None:
+        self.executor = executor
+        self.id = task_id
+        self._done = done
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id}>"
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def wait(self, timeout: float | None = None) -> Task:
+        """Block until the task ends; return its final record."""
+        return self._done.result(timeout)
+
+    async def wait_async(self) -> Task:
+        """Await the task's end without blocking the caller's event loop."""
+        return await asyncio.shield(asyncio.wrap_future(self._done))
+
+    def cancel(self, reason: str = "cancelled by user") -> bool:
+        return self.executor.cancel(self.id, reason)
+
+    def snapshot(self) -> Task:
+        return self.executor.get(self.id)
+
+
+class _LiveTask:
+    """The engine's mutable state for a task that has not ended yet."""
+
+    __slots__ = (
+        "record", "plan", "pattern", "listener", "done", "runner", "ending",
+        "cancel_reason", "stdout", "stderr", "tracker", "last_store_write", "finished",
+    )
+
+    def __init__(self, record: Task, plan: Plan, pattern, listener: OutputListener | None) -> None:
+        self.record = record
+        self.plan = plan
+        self.pattern = pattern
+        self.listener = listener
+        self.done: concurrent.futures.Future[Task] = concurrent.futures.Future()
+        self.runner: asyncio.Task[None] | None = None
+        self.ending: TaskStatus | None = None
+        self.cancel_reason: str | None = None
+        self.stdout: SpoolWriter | None = None
+        self.stderr: SpoolWriter | None = None
+        self.tracker: ProgressTracker | None = None
+        self.last_store_write = 0.0
+        self.finished = False
+
+
+class _Sink:
+    __slots__ = ("live", "stream", "spool")
+
+    def __init__(self, live: _LiveTask, stream: str, spool: SpoolWriter) -> None:
+        self.live = live
+        self.stream = stream
+        self.spool = spool
+
+    def write(self, data: bytes) -> None:
+        live = self.live
+        if live.finished:
+            return
+        self.spool.write(data)
+        if live.listener is not None:
+            try:
+                live.listener(self.stream, data)
+            except Exception:
+                log.exception("output listener of task %s failed", live.record.id)
+        if live.tracker is not None:
+            live.tracker.on_output(self.stream, data)
+
+
+class Executor:
+    """Runs tasks on the hosts of an inventory, with bounded concurrency.
+
+    :param inventory: the hosts (default: the embedded inventory with ``local``).
+    :param store: where records and output go (default: the user's data directory).
+    :param plugins: the plugin manager (default: a new one, with entry-point plugins).
+    :param max_concurrent: tasks running at once over all hosts; more are queued.
+    :param progress_pattern: regex with a ``percent`` group (or ``current`` and
+        ``total``) that finds progress markers in output; None turns percentages off.
+    :param heartbeat_s: a progress event is sent after this long without output.
+    :param progress_interval_s: the shortest time between two progress events of a task.
+    :param retention: ended tasks kept in the store (pruned when the executor starts).
+    """
+
+    def __init__(
+        self,
+        *,
+        inventory: Inventory | None = None,
+        store: TaskStore | None = None,
+        plugins: PluginManager | None = None,
+        max_concurrent: int = 64,
+        progress_pattern: str | None = DEFAULT_PROGRESS_PATTERN,
+        heartbeat_s: float = 5.0,
+        progress_interval_s: float = 0.1,
+        retention: Retention | None = Retention(),
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self.plugins = plugins if plugins is not None else PluginManager()
+        self.inventory = inventory if inventory is not None else default_inventory()
+        self.store = store if store is not None else TaskStore()
+        self._owns_store = store is None
+        self.max_concurrent = max_concurrent
+        self.progress_pattern = compile_progress_pattern(progress_pattern) if progress_pattern else None
+        self.heartbeat_s = heartbeat_s
+        self.progress_interval_s = progress_interval_s
+        self.owner = owner_token()
+        self._live: dict[str, _LiveTask] = {}
+        self._transports: dict[str, Transport] = {}
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._global_slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+        self._cancel_poller: asyncio.Task[None] | None = None
+        self.store.sweep_orphans()
+        if retention is not None:
+            self.store.prune(retention)
+        _OPEN_EXECUTORS.add(self)
+
+    # -- public API: planning ----------------------------------------------------------
+
+    def plan(self, request: TaskRequest) -> Plan:
+        """Resolve host, transport, limits and environment; run nothing."""
+        host = self.inventory.get(request.host)
+        return plan_task(request, self.inventory, self.plugins.transports, transport=self._transports.get(host.name))
+
+    # -- public API: running -----------------------------------------------------------
+
+    def submit(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
+        """Queue a task and return at once. ``created`` has fired when this returns."""
+        live, loop = self._prepare(request, on_output)
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._admit, live, admitted)
+        admitted.result()
+        return TaskHandle(self, live.record.id, live.done)
+
+    async def submit_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
+        live, loop = self._prepare(request, on_output)
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._admit, live, admitted)
+        await asyncio.wrap_future(admitted)
+        return TaskHandle(self, live.record.id, live.done)
+
+    def run(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
+        """Run a task to its end and return the final record."""
+        live, loop = self._prepare(request, on_output)
+        loop.call_soon_threadsafe(self._admit, live, None)
+        return live.done.result()
+
+    async def run_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
+        handle = await self.submit_async(request, on_output=on_output)
+        return await handle.wait_async()
+
+    def cancel(self, task_id: str, reason: str = "cancelled by user") -> bool:
+        """Cancel a queued or running task; False if it has already ended.
+
+        A task owned by another process is cancelled through the store: its owner picks
+        the request up within a second.
+        """
+        loop = self._loop
+        if loop is not None and not self._closed:
+            found = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop).result()
+            if found is not None:
+                return found
+        task = self.store.get(task_id)
+        if task.status.is_terminal:
+            return False
+        self.store.request_cancel(task_id, reason)
+        return True
+
+    # -- public API: reading -----------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        live = self._live.get(task_id)
+        if live is not None:
+            return live.record
+        return self.store.get(task_id)
+
+    def list(self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50) -> list[Task]:
+        return self.store.list(status=status, host=host, limit=limit)
+
+    def read_output(self, task_id: str, stream: str = "stdout", offset: int = 0, max_bytes: int = 65536) -> OutputSlice:
+        return self.store.read_output(task_id, stream, offset, max_bytes)
+
+    def tail_output(self, task_id: str, stream: str = "stdout", lines: int = 20, max_bytes: int = 65536) -> OutputSlice:
+        return self.store.tail_output(task_id, stream, lines, max_bytes)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def close(self, reason: str = "the executor was closed") -> None:
+        """Cancel what has not ended, stop the engine thread, release connections."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None:
+            asyncio.run_coroutine_threadsafe(self._shutdown(reason), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+        if self._owns_store:
+            self.store.close()
+        _OPEN_EXECUTORS.discard(self)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- engine ------------------------------------------------------------------------
+
+    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+        with self._start_lock:
+            if self._closed:
+                raise FleetrunError("this executor is closed")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=serve, name="fleetrun-engine", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> tuple[_LiveTask, asyncio.AbstractEventLoop]:
+        """Validate a request and build its task in the caller's thread; nothing is recorded yet."""
+        plan = plan_task(request, self.inventory, self.plugins.transports, describe=False)
+        pattern = compile_progress_pattern(request.progress_pattern) if request.progress_pattern else self.progress_pattern
+        record = Task(
+            id=secrets.token_hex(6),
+            host=plan.host.name,
+            transport=plan.transport,
+            command=plan.command,
+            status=TaskStatus.QUEUED,
+            created_at=time.time(),
+            max_seconds=plan.limits.max_seconds,
+            max_output_bytes=plan.limits.max_output_bytes,
+            owner_pid=os.getpid(),
+        )
+        return _LiveTask(record, plan, pattern, listener), self._ensure_started()
+
+    def _admit(self, live: _LiveTask, admitted: concurrent.futures.Future[None] | None) -> None:
+        """On the engine loop: record the task, fire ``created``, start driving it."""
+        try:
+            self.store.insert(live.record, self.owner)
+        except Exception as exc:
+            target = admitted if admitted is not None else live.done
+            target.set_exception(FleetrunError(f"cannot record the task in the store: {exc}"))
+            return
+        self._live[live.record.id] = live
+        self.plugins.task_created(live.record)
+        loop = asyncio.get_running_loop()
+        live.runner = loop.create_task(self._drive(live), name=f"fleetrun-task-{live.record.id}")
+        if self._cancel_poller is None:
+            self._cancel_poller = loop.create_task(self._poll_cancel_requests())
+        if admitted is not None:
+            admitted.set_result(None)
+
+    async def _drive(self, live: _LiveTask) -> None:
+        host_slots = self._host_slots.get(live.plan.host.name)
+        if host_slots is None:
+            host_slots = self._host_slots[live.plan.host.name] = asyncio.Semaphore(live.plan.limits.max_concurrent)
+        if self._global_slots is None:
+            self._global_slots = asyncio.Semaphore(self.max_concurrent)
+        try:
+            async with host_slots, self._global_slots:
+                await self._execute(live)
+        except asyncio.CancelledError:
+            if live.ending is None:
+                raise  # not ours: the engine is shutting down
+            # Cancelled while queued: nothing ran.
+            self._finish(live, live.ending, exit_code=None, error=None, category=None)
+        except Exception:  # a bug in fleetrun or a transport must still end the task
+            log.exception("task %s failed inside fleetrun", live.record.id)
+            self._finish(live, TaskStatus.FAILED, exit_code=None, error="internal error in fleetrun (see the log)", category="internal")
+
+    async def _execute(self, live: _LiveTask) -> None:
+        loop = asyncio.get_running_loop()
+        directory = self.store.output_dir(live.record.id)
+        limit = live.plan.limits.max_output_bytes
+        live.stdout = SpoolWriter(spool_path(directory, "stdout"), limit)
+        live.stderr = SpoolWriter(spool_path(directory, "stderr"), limit)
+        live.record = replace(live.record, status=TaskStatus.RUNNING, started_at=time.time())
+        # A task that ends quickly gets one store write for its end, not two.
+        persist_running = loop.call_later(_RUNNING_WRITE_DELAY, self._persist, live)
+        live.tracker = ProgressTracker(
+            loop=loop,
+            stdout=live.stdout,
+            stderr=live.stderr,
+            emit=lambda progress: self._on_progress(live, progress),
+            pattern=live.pattern,
+            min_interval=self.progress_interval_s,
+            heartbeat=self.heartbeat_s,
+        )
+        timer = None
+        if live.plan.limits.max_seconds is not None:
+            timer = loop.call_later(live.plan.limits.max_seconds, self._expire, live)
+        execution = Execution(
+            task_id=live.record.id,
+            command=live.plan.command,
+            env=live.plan.env,
+            cwd=live.plan.cwd,
+            stdout=_Sink(live, "stdout", live.stdout),
+            stderr=_Sink(live, "stderr", live.stderr),
+        )
+        status, exit_code, error, category = TaskStatus.FAILED, None, None, None
+        try:
+            transport = self._transport_for(live.plan.host)
+            exit_code = await transport.execute(execution)
+            status = TaskStatus.SUCCEEDED if exit_code == 0 else TaskStatus.FAILED
+        except asyncio.CancelledError:
+            if live.ending is None:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            status = live.ending
+            if status is TaskStatus.TIMED_OUT:
+                error = f"timed out after {live.plan.limits.max_seconds:g} s"
+        except TransportError as exc:
+            error, category = exc.message, exc.category
+        finally:
+            persist_running.cancel()
+            if timer is not None:
+                timer.cancel()
+        self._finish(live, status, exit_code=exit_code, error=error, category=category)
+
+    def _transport_for(self, host: Host) -> Transport:
+        transport = self._transports.get(host.name)
+        if transport is None:
+            transport = self._transports[host.name] = self.plugins.transports[host.transport](host)
+        return transport
+
+    def _persist(self, live: _LiveTask) -> None:
+        if not live.finished:
+            live.last_store_write = time.monotonic()
+            self.store.update(live.record)
+
+    def _on_progress(self, live: _LiveTask, progress: Progress) -> None:
+        if live.finished:
+            return
+        live.record = replace(
+            live.record, progress=progress, stdout_bytes=progress.stdout_bytes, stderr_bytes=progress.stderr_bytes
+        )
+        if time.monotonic() - live.last_store_write >= _STORE_PROGRESS_INTERVAL:
+            self._persist(live)
+        self.plugins.task_progress(live.record, progress)
+
+    def _expire(self, live: _LiveTask) -> None:
+        if live.ending is None and not live.finished and live.runner is not None:
+            live.ending = TaskStatus.TIMED_OUT
+            live.runner.cancel()
+
+    async def _cancel_live(self, task_id: str, reason: str) -> bool | None:
+        """True if cancelling, False if already ended here, None if not this executor's."""
+        live = self._live.get(task_id)
+        if live is None:
+            return None
+        if live.finished or live.ending is not None:
+            return False
+        live.ending = TaskStatus.CANCELLED
+        live.cancel_reason = reason
+        if live.runner is not None:
+            live.runner.cancel()
+        return True
+
+    async def _poll_cancel_requests(self) -> None:
+        while self._live:
+            await asyncio.sleep(_CANCEL_POLL_SECONDS)
+            try:
+                requests = await asyncio.to_thread(self.store.cancel_requests, self.owner)
+            except Exception:
+                log.exception("reading cancel requests failed")
+                continue
+            for task_id, reason in requests:
+                await self._cancel_live(task_id, reason)
+        self._cancel_poller = None
+
+    def _finish(
+        self, live: _LiveTask, status: TaskStatus, *, exit_code: int | None, error: str | None, category: str | None
+    ) -> None:
+        if live.finished:
+            return
+        if live.tracker is not None:
+            live.tracker.stop()  # may emit the last progress event; before `finished` is set
+        live.finished = True
+        stdout, stderr = live.stdout, live.stderr
+        for spool in (stdout, stderr):
+            if spool is not None:
+                spool.close()
+        record = replace(
+            live.record,
+            status=status,
+            ended_at=time.time(),
+            exit_code=exit_code,
+            error=error,
+            error_category=category,
+            cancel_reason=live.cancel_reason if status is TaskStatus.CANCELLED else None,
+            stdout_bytes=stdout.bytes_seen if stdout else 0,
+            stderr_bytes=stderr.bytes_seen if stderr else 0,
+            stdout_truncated=stdout.truncated if stdout else False,
+            stderr_truncated=stderr.truncated if stderr else False,
+        )
+        if record.progress is not None and live.tracker is not None:
+            record = replace(record, progress=live.tracker.snapshot())
+        live.record = record
+        try:
+            self.store.update(record)
+        finally:
+            del self._live[record.id]
+            if status is TaskStatus.CANCELLED:
+                self.plugins.task_cancelled(record, live.cancel_reason or "cancelled")
+            else:
+                duration = (record.ended_at or 0) - (record.started_at or record.ended_at or 0)
+                self.plugins.task_completed(
+                    record,
+                    TaskResult(status=status, exit_code=exit_code, duration_s=round(duration, 6), error=error, error_category=category),
+                )
+            live.done.set_result(record)
+
+    async def _shutdown(self, reason: str) -> None:
+        runners = []
+        for live in list(self._live.values()):
+            if await self._cancel_live(live.record.id, reason) and live.runner is not None:
+                runners.append(live.runner)
+        if runners:
+            await asyncio.gather(*runners, return_exceptions=True)
+        if self._cancel_poller is not None:
+            self._cancel_poller.cancel()
+        for transport in self._transports.values():
+            try:
+                await transport.aclose()
+            except Exception:
+                log.exception("closing transport of host %r failed", transport.host.name)
+
+
+def _check_command(command: str) -> None:
+    if not isinstance(command, str) or not command.strip():
+        raise FleetrunError("the command is empty")
+    if len(command) > MAX_COMMAND_LENGTH:
+        raise FleetrunError(f"the command is {len(command)} characters long; the limit is {MAX_COMMAND_LENGTH}")
+    if "\x00" in command:
+        raise FleetrunError("the command contains a NUL character")
+
+
+_OPEN_EXECUTORS: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_executors() -> None:
+    # Executors left open at exit still own running commands: stop them, keep records true.
+    for executor in list(_OPEN_EXECUTORS):
+        try:
+            executor.close("the fleetrun process exited")
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            pass

@@ -1,0 +1,330 @@
+"""The hosts inventory: which hosts exist, how they are reached, and their limits.
+
+A hosts file is YAML::
+
+    defaults:            # optional: limits every host starts from
+      max_seconds: 600
+    hosts:
+      local:
+        transport: local
+        tags: [dev]
+
+Validation walks the YAML node tree (not the parsed values) so that every error can
+name the file, the line, the host and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fleetrun.core import paths
+from fleetrun.core.errors import InventoryError, UnknownHostError
+from fleetrun.core.models import Limits
+from fleetrun.core.transport import HostField, Transport
+
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TAG_RE = HOST_NAME_RE
+
+#: Fields every host may set, whatever its transport.
+COMMON_HOST_FIELDS: Mapping[str, HostField] = {
+    "transport": HostField("string", "how the host is reached (default: local)"),
+    "description": HostField("string", "free text shown by `fleetrun hosts`"),
+    "tags": HostField("string-list", "labels for selecting hosts in groups"),
+    "max_seconds": HostField("number", "time limit of a task, in seconds"),
+    "max_output_bytes": HostField("integer", "bytes kept of each of stdout and stderr"),
+    "max_concurrent": HostField("integer", "tasks running at once on this host"),
+    "env": HostField("string-map", "environment variables added to every command"),
+    "cwd": HostField("string", "working directory of every command"),
+}
+LIMIT_FIELDS = ("max_seconds", "max_output_bytes", "max_concurrent")
+TOP_LEVEL_KEYS = ("defaults", "hosts")
+
+DEFAULT_SOURCE = "<embedded default inventory>"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host of the inventory. ``options`` holds its transport-specific fields."""
+
+    name: str
+    transport: str = "local"
+    description: str | None = None
+    tags: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The hosts fleetrun knows, and where that knowledge came from."""
+
+    hosts: Mapping[str, Host]
+    source: str = DEFAULT_SOURCE
+
+    def get(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.hosts)) or "none"
+            raise UnknownHostError(
+                f"unknown host {name!r} (known hosts: {known}; inventory: {self.source})"
+            ) from None
+
+    def with_tag(self, tag: str) -> list[Host]:
+        return [h for h in self.hosts.values() if tag in h.tags]
+
+
+def default_inventory() -> Inventory:
+    """The inventory used when no hosts file exists: one host, ``local``."""
+    return Inventory(
+        hosts={"local": Host(name="local", transport="local", description="this machine")},
+        source=DEFAULT_SOURCE,
+    )
+
+
+def find_hosts_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The hosts file to use: ``explicit``, then ``$FLEETRUN_HOSTS``, then the config dir.
+
+    An explicit or environment path must exist; the config-dir file is optional.
+    """
+    for candidate, origin in ((explicit, "--hosts"), (os.environ.get(paths.HOSTS_ENV), paths.HOSTS_ENV)):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise InventoryError(f"hosts file not found (given by {origin})", path=str(path))
+            return path
+    configured = paths.config_dir() / "hosts.yaml"
+    return configured if configured.is_file() else None
+
+
+def load_inventory(
+    explicit: str | os.PathLike[str] | None = None,
+    transports: Mapping[str, type[Transport]] | None = None,
+) -> Inventory:
+    """Find and load the hosts file, or return the embedded default inventory."""
+    path = find_hosts_file(explicit)
+    if path is None:
+        return default_inventory()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError(f"cannot read the file: {exc}", path=str(path)) from None
+    return parse_inventory(text, source=str(path), transports=transports)
+
+
+def parse_inventory(
+    text: str,
+    *,
+    source: str = "<string>",
+    transports: Mapping[str, type[Transport]] | None = None,
+) -> Inventory:
+    """Parse and validate hosts-file text; raise :class:`InventoryError` on any problem."""
+    return _InventoryParser(source, transports).parse(text)
+
+
+class _InventoryParser:
+    def __init__(self, source: str, transports: Mapping[str, type[Transport]] | None) -> None:
+        self.source = source
+        self.transports = transports
+
+    def error(
+        self, node: yaml.Node | None, message: str, *, host: str | None = None, field: str | None = None
+    ) -> InventoryError:
+        line = node.start_mark.line + 1 if node is not None else None
+        return InventoryError(message, path=self.source, line=line, host=host, field=field)
+
+    def parse(self, text: str) -> Inventory:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else None
+            problem = exc.problem or exc.context or "invalid YAML"
+            raise InventoryError(f"invalid YAML: {problem}", path=self.source, line=line) from None
+        except yaml.YAMLError as exc:
+            raise InventoryError(f"invalid YAML: {exc}", path=self.source) from None
+        if root is None:
+            raise InventoryError("the file is empty; it needs a 'hosts:' mapping", path=self.source, line=1)
+        top = self.mapping(root, "the top level must be a mapping with a 'hosts:' key")
+        for key, key_node in ((k, kn) for k, (kn, _) in top.items()):
+            if key not in TOP_LEVEL_KEYS:
+                raise self.error(key_node, f"unknown top-level key {key!r} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+        defaults = Limits()
+        if "defaults" in top:
+            values = self.fields(top["defaults"][1], LIMIT_FIELDS, host=None, section="defaults")
+            defaults = self.limits(values, Limits(), host=None)
+        if "hosts" not in top:
+            raise self.error(root, "missing the 'hosts:' mapping")
+        hosts_node = top["hosts"][1]
+        entries = self.mapping(hosts_node, "'hosts' must be a mapping of host name to its fields")
+        if not entries:
+            raise self.error(hosts_node, "'hosts' is empty: define at least one host")
+        hosts: dict[str, Host] = {}
+        for name, (name_node, body) in entries.items():
+            if not HOST_NAME_RE.match(name):
+                raise self.error(
+                    name_node,
+                    "invalid host name: use letters, digits, '.', '_' and '-' (at most 63, not starting with a punctuation mark)",
+                    host=name,
+                )
+            hosts[name] = self.host(name, name_node, body, defaults)
+        return Inventory(hosts=hosts, source=self.source)
+
+    def mapping(self, node: yaml.Node, message: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, message)
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                raise self.error(key_node, "keys must be plain strings")
+            if key_node.value in out:
+                raise self.error(key_node, f"duplicate key {key_node.value!r}")
+            out[key_node.value] = (key_node, value_node)
+        return out
+
+    def host(self, name: str, name_node: yaml.Node, body: yaml.Node, defaults: Limits) -> Host:
+        if isinstance(body, yaml.ScalarNode) and body.tag == "tag:yaml.org,2002:null":
+            raw: dict[str, tuple[yaml.Node, Any]] = {}
+        else:
+            if not isinstance(body, yaml.MappingNode):
+                raise self.error(body, "a host must be a mapping of fields", host=name)
+            raw = self.fields(body, None, host=name, section=None)
+        transport_name = raw.pop("transport", (name_node, "local"))[1]
+        transport_fields: Mapping[str, HostField] = {}
+        if self.transports is not None:
+            cls = self.transports.get(transport_name)
+            if cls is None:
+                available = ", ".join(sorted(self.transports)) or "none"
+                node = body if isinstance(body, yaml.MappingNode) else name_node
+                raise self.error(
+                    self.key_node(body, "transport") or node,
+                    f"unknown transport {transport_name!r} (available: {available})",
+                    host=name,
+                    field="transport",
+                )
+            transport_fields = cls.host_fields
+        options: dict[str, Any] = {}
+        for key in list(raw):
+            if key in COMMON_HOST_FIELDS:
+                continue
+            key_node, value = raw.pop(key)
+            spec = transport_fields.get(key)
+            if spec is None and self.transports is not None:
+                allowed = sorted({*COMMON_HOST_FIELDS, *transport_fields})
+                raise self.error(
+                    key_node,
+                    f"unknown field for transport {transport_name!r} (allowed: {', '.join(allowed)})",
+                    host=name,
+                    field=key,
+                )
+            options[key] = value
+        values = {k: v for k, (_, v) in raw.items()}
+        limits = self.limits(raw, defaults, host=name)
+        return Host(
+            name=name,
+            transport=transport_name,
+            description=values.get("description"),
+            tags=tuple(values.get("tags", ())),
+            limits=limits,
+            env=dict(values.get("env", {})),
+            cwd=values.get("cwd"),
+            options=options,
+        )
+
+    @staticmethod
+    def key_node(body: yaml.Node, key: str) -> yaml.Node | None:
+        if isinstance(body, yaml.MappingNode):
+            for key_node, _ in body.value:
+                if getattr(key_node, "value", None) == key:
+                    return key_node
+        return None
+
+    def fields(
+        self, node: yaml.Node, allowed: tuple[str, ...] | None, *, host: str | None, section: str | None
+    ) -> dict[str, tuple[yaml.Node, Any]]:
+        """Check the value types of a mapping's fields; return field -> (key node, value)."""
+        what = f"'{section}'" if section else "a host"
+        entries = self.mapping(node, f"{what} must be a mapping of fields")
+        out: dict[str, tuple[yaml.Node, Any]] = {}
+        for key, (key_node, value_node) in entries.items():
+            if allowed is not None and key not in allowed:
+                raise self.error(
+                    key_node, f"unknown field in {what} (allowed: {', '.join(allowed)})", host=host, field=key
+                )
+            spec = COMMON_HOST_FIELDS.get(key)
+            if spec is None and self.transports is not None and host is not None:
+                spec = self.transport_field(entries, key)
+            value = self.value(value_node, spec.kind if spec else None, host=host, field=key)
+            out[key] = (key_node, value)
+        return out
+
+    def transport_field(self, entries: dict[str, tuple[yaml.Node, yaml.Node]], key: str) -> HostField | None:
+        transport_entry = entries.get("transport")
+        name = "local"
+        if transport_entry is not None and isinstance(transport_entry[1], yaml.ScalarNode):
+            name = transport_entry[1].value
+        cls = (self.transports or {}).get(name)
+        return cls.host_fields.get(key) if cls is not None else None
+
+    def value(self, node: yaml.Node, kind: str | None, *, host: str | None, field: str) -> Any:
+        value = yaml.safe_load(yaml.serialize(node))
+        if kind is None:
+            # An unknown field: host() reports it with the allowed names.
+            return value
+
+        def fail(expected: str) -> InventoryError:
+            shown = value if isinstance(node, yaml.ScalarNode) else type(value).__name__
+            return self.error(node, f"expected {expected}, got {shown!r}", host=host, field=field)
+
+        if kind == "string":
+            if not isinstance(value, str):
+                raise fail("a string")
+            if not value:
+                raise self.error(node, "must not be empty", host=host, field=field)
+            return value
+        if kind == "boolean":
+            if not isinstance(value, bool):
+                raise fail("true or false")
+            return value
+        if kind in ("integer", "number"):
+            allowed = (int,) if kind == "integer" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise fail("an integer" if kind == "integer" else "a number")
+            if field in LIMIT_FIELDS and not value > 0:
+                raise self.error(node, f"must be greater than 0, got {value}", host=host, field=field)
+            return value
+        if kind == "string-list":
+            if not isinstance(node, yaml.SequenceNode):
+                raise fail("a list of strings")
+            for item_node, item in zip(node.value, value):
+                if not isinstance(item, str) or not item:
+                    raise self.error(item_node, "every item must be a non-empty string", host=host, field=field)
+                if field == "tags" and not TAG_RE.match(item):
+                    raise self.error(item_node, f"invalid tag {item!r}", host=host, field=field)
+            return value
+        if kind == "string-map":
+            entries = self.mapping(node, f"field {field!r} must be a mapping of strings")
+            out = {}
+            for key, (_, value_node) in entries.items():
+                item = yaml.safe_load(yaml.serialize(value_node))
+                if isinstance(item, (dict, list)) or item is None:
+                    raise self.error(value_node, f"the value of {key!r} must be a string", host=host, field=field)
+                out[key] = value_node.value
+            return out
+        raise ValueError(f"unknown host field kind {kind!r}")
+
+    def limits(self, raw: Mapping[str, Any], base: Limits, *, host: str | None) -> Limits:
+        values = {k: (v[1] if isinstance(v, tuple) else v) for k, v in raw.items() if k in LIMIT_FIELDS}
+        return Limits(
+            max_seconds=float(values["max_seconds"]) if "max_seconds" in values else base.max_seconds,
+            max_output_bytes=int(values.get("max_output_bytes", base.max_output_bytes)),
+            max_concurrent=int(values.get("max_concurrent", base.max_concurrent)),
+        )

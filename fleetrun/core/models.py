@@ -1,0 +1,155 @@
+"""The task model: what is asked (request), what is tracked (task), what happened (result).
+
+Hooks receive frozen snapshots, so a notifier can keep a reference without seeing it
+change underneath it, and cannot change the executor's state by accident.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+MiB = 1024 * 1024
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a task is in its life. The last five are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    #: The process that owned the task died while the task was queued or running.
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (TaskStatus.QUEUED, TaskStatus.RUNNING)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a task may run, how much output is kept, how many run at once on a host.
+
+    ``max_seconds=None`` means no time limit. ``max_output_bytes`` applies to stdout and
+    stderr separately: bytes past it are drained and counted but not kept.
+    """
+
+    max_seconds: float | None = 3600.0
+    max_output_bytes: int = 100 * MiB
+    max_concurrent: int = 8
+
+    def lowered_by(
+        self, *, max_seconds: float | None = None, max_output_bytes: int | None = None
+    ) -> "Limits":
+        """The limits a request gets: it may lower the host's limits, never raise them."""
+        seconds = self.max_seconds
+        if max_seconds is not None:
+            seconds = max_seconds if seconds is None else min(seconds, max_seconds)
+        output = self.max_output_bytes
+        if max_output_bytes is not None:
+            output = min(output, max_output_bytes)
+        return replace(self, max_seconds=seconds, max_output_bytes=output)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """What a caller asks for: run ``command`` through the shell on ``host``.
+
+    ``timeout_s`` and ``max_output_bytes`` can only lower the host's limits. ``env`` is
+    added to the host's environment; ``cwd`` replaces the host's working directory.
+    ``progress_pattern`` overrides the executor's progress-marker pattern for this task.
+    """
+
+    host: str
+    command: str
+    timeout_s: float | None = None
+    max_output_bytes: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    progress_pattern: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Real progress of a running task, measured from its output.
+
+    ``percent`` is set only when the command printed a marker matching the progress
+    pattern; it is never estimated from elapsed time. ``heartbeat`` is true when the
+    event was sent because the command has been silent, not because output arrived.
+    """
+
+    elapsed_s: float
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_lines: int
+    stderr_lines: int
+    latest_line: str | None = None
+    latest_stream: str | None = None
+    percent: float | None = None
+    heartbeat: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """A snapshot of one task's record, as stored and as passed to hooks.
+
+    Byte counts are what the command produced; when a count exceeds
+    ``max_output_bytes`` the matching ``*_truncated`` flag is set and only the first
+    ``max_output_bytes`` bytes were kept.
+    """
+
+    id: str
+    host: str
+    transport: str
+    command: str
+    status: TaskStatus
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    error_category: str | None = None
+    cancel_reason: str | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    max_seconds: float | None = None
+    max_output_bytes: int | None = None
+    owner_pid: int | None = None
+    progress: Progress | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.ended_at
+        if end is None:
+            import time
+
+            end = time.time()
+        return max(0.0, end - self.started_at)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """How a task ended, for every ending that is not a cancel.
+
+    ``status`` is one of succeeded, failed or timed_out. ``exit_code`` is the command's
+    exit status (128+N when a signal N killed it), or None when it never ran to an exit
+    (timeout, transport error). ``error_category`` names the kind of transport failure
+    (for example ``spawn`` when the local command could not be started).
+    """
+
+    status: TaskStatus
+    exit_code: int | None
+    duration_s: float
+    error: str | None = None
+    error_category: str | None = None

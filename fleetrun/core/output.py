@@ -1,0 +1,140 @@
+"""A task's output, spooled to files as it arrives, and read back by byte cursor.
+
+Each stream goes straight to its own file with ``os.write`` (no user-space buffer), so
+another process can read it while the task runs and memory stays bounded whatever the
+command prints. Bytes past ``max_output_bytes`` are counted but not kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STREAMS = ("stdout", "stderr")
+_TAIL_READ = 64 * 1024
+
+
+class SpoolWriter:
+    """Appends one stream of a task to its spool file, keeping at most ``limit`` bytes."""
+
+    __slots__ = ("path", "limit", "bytes_seen", "bytes_kept", "lines", "_fd", "_closed")
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.bytes_seen = 0
+        self.bytes_kept = 0
+        self.lines = 0
+        # Opened on the first byte: most short commands print nothing on stderr.
+        self._fd: int | None = None
+        self._closed = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.bytes_seen > self.bytes_kept
+
+    def write(self, data: bytes) -> None:
+        self.bytes_seen += len(data)
+        self.lines += data.count(b"\n")
+        room = self.limit - self.bytes_kept
+        if room <= 0 or self._closed:
+            return
+        if self._fd is None:
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        view = memoryview(data)[:room]
+        while view:
+            written = os.write(self._fd, view)
+            self.bytes_kept += written
+            view = view[written:]
+
+    def close(self) -> None:
+        self._closed = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """Bytes of one stream from ``offset``; continue from ``next_offset``.
+
+    ``size`` is how many bytes are kept so far. ``complete`` is true when the task has
+    ended and ``next_offset`` reached ``size``: there will never be more to read.
+    """
+
+    stream: str
+    offset: int
+    next_offset: int
+    data: bytes
+    size: int
+    complete: bool
+    truncated: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+def spool_path(output_dir: Path, stream: str) -> Path:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}: use stdout or stderr")
+    return output_dir / stream
+
+
+def read_range(path: Path, offset: int, max_bytes: int) -> tuple[bytes, int]:
+    """Up to ``max_bytes`` bytes of ``path`` from ``offset``, and the file's size now."""
+    if offset < 0:
+        raise ValueError("offset must be 0 or more")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset >= size:
+                return b"", size
+            f.seek(offset)
+            return f.read(min(max_bytes, size - offset)), size
+    except FileNotFoundError:
+        return b"", 0
+
+
+def read_tail(path: Path, lines: int, max_bytes: int) -> tuple[bytes, int, int]:
+    """The last ``lines`` lines of ``path`` (at most ``max_bytes``): (data, offset, size).
+
+    A last line without a newline counts as a line. ``offset`` is where ``data`` starts,
+    so a caller can continue reading forward from ``offset + len(data)``.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return b"", 0, 0
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if lines <= 0 or size == 0 or max_bytes <= 0:
+            return b"", size, size
+        start = size
+        buf = b""
+        while start > 0 and len(buf) < max_bytes:
+            step = min(_TAIL_READ, start)
+            start -= step
+            f.seek(start)
+            buf = f.read(step) + buf
+            # A final newline ends the last line; it does not start another one.
+            body = buf[:-1] if buf.endswith(b"\n") else buf
+            if body.count(b"\n") >= lines:
+                break
+        cut = 0
+        found = 0
+        index = len(body)
+        while found < lines:
+            index = body.rfind(b"\n", 0, index)
+            if index < 0:
+                break
+            found += 1
+            cut = index + 1
+        if found < lines:
+            cut = 0
+        data = buf[cut:]
+        if len(data) > max_bytes:
+            data = data[-max_bytes:]
+        return data, size - len(data), size

@@ -1,0 +1,238 @@
+"""The typed facade over pluggy: the core calls these methods, never ``pm.hook``.
+
+One manager per executor, built on demand (nothing is loaded at import time):
+built-in plugins are registered explicitly, third-party ones come from the
+``fleetrun`` entry-point group, then ``check_pending()`` rejects hooks that do not exist.
+
+Environment:
+
+* ``FLEETRUN_DISABLE_PLUGINS=name,other`` blocks plugins by name (built-in or not);
+* ``FLEETRUN_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry-point plugins;
+* ``FLEETRUN_TRACE=1`` logs every hook call to the ``fleetrun.trace`` logger.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import pluggy
+
+from fleetrun.core import hookspecs
+from fleetrun.core.errors import PluginError
+from fleetrun.core.models import Progress, Task, TaskResult
+from fleetrun.core.transport import Transport
+
+ENTRY_POINT_GROUP = "fleetrun"
+DISABLE_ENV = "FLEETRUN_DISABLE_PLUGINS"
+NO_AUTOLOAD_ENV = "FLEETRUN_DISABLE_PLUGIN_AUTOLOAD"
+TRACE_ENV = "FLEETRUN_TRACE"
+
+#: Built-in plugins: (registered name, module). Registered explicitly, in this order.
+BUILTIN_PLUGINS = (("fleetrun.transports.local", "fleetrun.plugins.transports.local"),)
+
+log = logging.getLogger("fleetrun.plugins")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What ``fleetrun plugins`` shows about one plugin."""
+
+    name: str
+    source: str
+    hooks: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass
+class _FailedPlugin:
+    name: str
+    source: str
+    error: str
+
+
+@dataclass
+class _Notifier:
+    """A per-plugin hook caller, so one plugin's exception cannot skip the others."""
+
+    plugin_name: str
+    call: Callable[..., Any]
+
+
+class PluginManager:
+    """fleetrun's plugins and the typed calls the executor makes into them."""
+
+    def __init__(
+        self,
+        *,
+        plugins: Iterable[object] = (),
+        autoload: bool | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._sources: dict[str, str] = {}
+        self._failed: list[_FailedPlugin] = []
+        self._notifiers: dict[str, list[_Notifier]] | None = None
+        self._transports: dict[str, type[Transport]] | None = None
+        for name in filter(None, (n.strip() for n in env.get(DISABLE_ENV, "").split(","))):
+            self._pm.set_blocked(name)
+        if env.get(TRACE_ENV, "") not in ("", "0", "false", "no"):
+            self._enable_tracing()
+        for name, module in BUILTIN_PLUGINS:
+            if not self._pm.is_blocked(name):
+                self._register(importlib.import_module(module), name, "built-in")
+        if autoload is None:
+            autoload = env.get(NO_AUTOLOAD_ENV, "") in ("", "0", "false", "no")
+        if autoload:
+            self._load_entry_points()
+        for plugin in plugins:
+            self.register(plugin)
+        self._check_pending()
+
+    # -- registration ----------------------------------------------------------------
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Add a plugin (an object or module with hook implementations); returns its name."""
+        registered = self._register(plugin, name, "registered by code")
+        self._check_pending()
+        return registered
+
+    def unregister(self, plugin: object) -> None:
+        self._pm.unregister(plugin)
+        self._notifiers = None
+
+    def _register(self, plugin: object, name: str | None, source: str) -> str:
+        if name is None:
+            name = self._readable_name(plugin)
+        try:
+            registered = self._pm.register(plugin, name=name)
+        except ValueError as exc:
+            raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
+        if registered is None:  # blocked
+            return name or ""
+        self._sources[registered] = source
+        self._notifiers = None
+        self._transports = None
+        return registered
+
+    def _readable_name(self, plugin: object) -> str:
+        """A name for log lines and `fleetrun plugins`: the module, or module.Class."""
+        if isinstance(plugin, type(logging)):
+            base = plugin.__name__
+        else:
+            cls = type(plugin)
+            base = f"{cls.__module__}.{cls.__qualname__}"
+        name, count = base, 1
+        while self._pm.has_plugin(name) or self._pm.is_blocked(name) and name != base:
+            count += 1
+            name = f"{base}#{count}"
+        return name
+
+    def _load_entry_points(self) -> None:
+        for dist in importlib.metadata.distributions():
+            for ep in dist.entry_points:
+                if ep.group != ENTRY_POINT_GROUP or self._pm.get_plugin(ep.name) or self._pm.is_blocked(ep.name):
+                    continue
+                source = f"{dist.metadata['Name']} {dist.version}"
+                try:
+                    plugin = ep.load()
+                except Exception as exc:  # a broken third-party plugin must not stop fleetrun
+                    message = f"{type(exc).__name__}: {exc}"
+                    log.warning("plugin %r (%s) failed to load: %s", ep.name, source, message)
+                    self._failed.append(_FailedPlugin(ep.name, source, message))
+                    continue
+                self._register(plugin, ep.name, source)
+
+    def _check_pending(self) -> None:
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"plugin {exc.plugin_name or exc.plugin!r} implements a hook fleetrun does not have: {exc}"
+            ) from None
+
+    def _enable_tracing(self) -> None:
+        trace_log = logging.getLogger("fleetrun.trace")
+        self._pm.trace.root.setwriter(lambda text: trace_log.info(text.rstrip("\n")))
+        self._pm.enable_tracing()
+
+    # -- introspection ---------------------------------------------------------------
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every loaded plugin with the hooks it implements, then those that failed."""
+        infos = []
+        for name, plugin in self._pm.list_name_plugin():
+            if plugin is None:
+                continue
+            callers = self._pm.get_hookcallers(plugin) or []
+            infos.append(
+                PluginInfo(name=name, source=self._sources.get(name, "?"), hooks=tuple(sorted(c.name for c in callers)))
+            )
+        infos.extend(PluginInfo(name=f.name, source=f.source, error=f.error) for f in self._failed)
+        return infos
+
+    @property
+    def transports(self) -> Mapping[str, type[Transport]]:
+        """Transport classes by name, collected through ``fleetrun_register_transports``."""
+        if self._transports is None:
+            collected: dict[str, type[Transport]] = {}
+
+            def register(cls: type[Transport]) -> None:
+                if not (isinstance(cls, type) and issubclass(cls, Transport)):
+                    raise PluginError(f"register() takes a Transport subclass, got {cls!r}")
+                name = getattr(cls, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"transport class {cls.__qualname__} has no name")
+                if name in collected and collected[name] is not cls:
+                    raise PluginError(
+                        f"two transports are named {name!r}: {collected[name].__qualname__} and {cls.__qualname__}"
+                    )
+                collected[name] = cls
+
+            self._pm.hook.fleetrun_register_transports(register=register)
+            self._transports = collected
+        return self._transports
+
+    # -- lifecycle notifications -----------------------------------------------------
+
+    def task_created(self, task: Task) -> None:
+        self._notify("fleetrun_task_created", task=task)
+
+    def task_progress(self, task: Task, progress: Progress) -> None:
+        self._notify("fleetrun_task_progress", task=task, progress=progress)
+
+    def task_completed(self, task: Task, result: TaskResult) -> None:
+        self._notify("fleetrun_task_completed", task=task, result=result)
+
+    def task_cancelled(self, task: Task, reason: str) -> None:
+        self._notify("fleetrun_task_cancelled", task=task, reason=reason)
+
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        for notifier in self._notifiers_for(hook_name):
+            try:
+                notifier.call(**kwargs)
+            except Exception:
+                log.exception("plugin %r failed in %s; the task and other plugins go on", notifier.plugin_name, hook_name)
+
+    def _notifiers_for(self, hook_name: str) -> list[_Notifier]:
+        if self._notifiers is None:
+            self._notifiers = {name: self._build_notifiers(name) for name in hookspecs.LIFECYCLE_HOOKS}
+        return self._notifiers[hook_name]
+
+    def _build_notifiers(self, hook_name: str) -> list[_Notifier]:
+        caller = getattr(self._pm.hook, hook_name)
+        # pluggy calls implementations last-registered first (tryfirst/trylast respected);
+        # keep that order, but give each plugin a caller of its own.
+        impls = list(reversed(caller.get_hookimpls()))
+        plugins = [impl.plugin for impl in impls]
+        notifiers = []
+        for impl in impls:
+            others = [p for p in plugins if p is not impl.plugin]
+            notifiers.append(_Notifier(impl.plugin_name, self._pm.subset_hook_caller(hook_name, others)))
+        return notifiers

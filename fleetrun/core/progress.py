@@ -1,0 +1,183 @@
+"""Real progress, measured from a task's output as it arrives.
+
+The tracker counts bytes and lines per stream, remembers the latest line, and finds a
+percentage only in a progress marker the command printed. It emits at most one event
+per ``min_interval`` while output flows (the last state is always emitted), and one per
+``heartbeat`` while the command is silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Callable
+
+from fleetrun.core.models import Progress
+from fleetrun.core.output import SpoolWriter
+
+#: Lines such as "progress: 42%", "Progress 42.5 %" or "PROGRESS=7%".
+DEFAULT_PROGRESS_PATTERN = r"(?im)^\s*progress\s*[:=]?\s*(?P<percent>\d{1,3}(?:\.\d+)?)\s*%"
+
+_WINDOW = 4096
+_MAX_LINE_CHARS = 500
+
+
+def compile_progress_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a progress pattern; it needs a ``percent`` group or ``current`` and ``total``."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid progress pattern {pattern!r}: {exc}") from None
+    groups = set(compiled.groupindex)
+    if "percent" not in groups and not {"current", "total"} <= groups:
+        raise ValueError(
+            f"progress pattern {pattern!r} needs a named group 'percent', or groups 'current' and 'total'"
+        )
+    return compiled
+
+
+def percent_from(match: re.Match[str]) -> float | None:
+    groups = match.groupdict()
+    try:
+        if groups.get("percent") is not None:
+            value = float(groups["percent"])
+        else:
+            total = float(groups["total"])
+            if total <= 0:
+                return None
+            value = 100.0 * float(groups["current"]) / total
+    except (TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 100.0 else None
+
+
+class _StreamWindow:
+    """The last few KiB of a stream: for the latest line and the progress marker."""
+
+    __slots__ = ("tail", "dirty")
+
+    def __init__(self) -> None:
+        self.tail = b""
+        self.dirty = False
+
+    def feed(self, data: bytes) -> None:
+        self.tail = (self.tail + data[-_WINDOW:])[-_WINDOW:]
+        self.dirty = True
+
+    def latest_line(self) -> str | None:
+        text = self.tail.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        for line in reversed(text.split("\n")):
+            # A carriage return redraws a line in place: the text after it is current.
+            line = line.rsplit("\r", 1)[-1].strip()
+            if line:
+                return line[:_MAX_LINE_CHARS]
+        return None
+
+
+class ProgressTracker:
+    """Turns a running task's output into rate-limited :class:`Progress` events."""
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        stdout: SpoolWriter,
+        stderr: SpoolWriter,
+        emit: Callable[[Progress], None],
+        pattern: re.Pattern[str] | None,
+        min_interval: float = 0.1,
+        heartbeat: float = 5.0,
+    ) -> None:
+        self.loop = loop
+        self.spools = {"stdout": stdout, "stderr": stderr}
+        self.windows = {"stdout": _StreamWindow(), "stderr": _StreamWindow()}
+        self.emit_callback = emit
+        self.pattern = pattern
+        self.min_interval = min_interval
+        self.heartbeat = heartbeat
+        self.started = time.monotonic()
+        self.last_emit = float("-inf")
+        self.latest_stream: str | None = None
+        self.percent: float | None = None
+        self._deferred: asyncio.TimerHandle | None = None
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._stopped = False
+        self._arm_heartbeat()
+
+    def on_output(self, stream: str, data: bytes) -> None:
+        """Note ``data`` (already written to the spool) and emit if the rate allows."""
+        if self._stopped or not data:
+            return
+        self.windows[stream].feed(data)
+        self.latest_stream = stream
+        now = time.monotonic()
+        due = self.last_emit + self.min_interval
+        if now >= due:
+            self._emit(heartbeat=False)
+        elif self._deferred is None:
+            self._deferred = self.loop.call_at(self._loop_time(due), self._emit_deferred)
+
+    def snapshot(self, *, heartbeat: bool = False) -> Progress:
+        if self.pattern is not None:
+            for window in self.windows.values():
+                if window.dirty:
+                    window.dirty = False
+                    text = window.tail.decode("utf-8", errors="replace")
+                    for match in self.pattern.finditer(text):
+                        value = percent_from(match)
+                        if value is not None:
+                            self.percent = value
+        latest = None
+        if self.latest_stream is not None:
+            latest = self.windows[self.latest_stream].latest_line()
+        out, err = self.spools["stdout"], self.spools["stderr"]
+        return Progress(
+            elapsed_s=round(time.monotonic() - self.started, 3),
+            stdout_bytes=out.bytes_seen,
+            stderr_bytes=err.bytes_seen,
+            stdout_lines=out.lines,
+            stderr_lines=err.lines,
+            latest_line=latest,
+            latest_stream=self.latest_stream if latest is not None else None,
+            percent=self.percent,
+            heartbeat=heartbeat,
+        )
+
+    def stop(self) -> None:
+        """Emit any output not yet reported, then nothing more; called before the final hook."""
+        if self._deferred is not None and not self._stopped:
+            self._emit(heartbeat=False)
+        self._stopped = True
+        for handle in (self._deferred, self._heartbeat):
+            if handle is not None:
+                handle.cancel()
+        self._deferred = self._heartbeat = None
+
+    def _loop_time(self, monotonic_deadline: float) -> float:
+        return self.loop.time() + (monotonic_deadline - time.monotonic())
+
+    def _emit_deferred(self) -> None:
+        self._deferred = None
+        if not self._stopped:
+            self._emit(heartbeat=False)
+
+    def _emit(self, *, heartbeat: bool) -> None:
+        # Output can be handled in the same loop pass as a due deferred emission, before it
+        # runs: whichever emits first takes the slot, the other must not emit again.
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        self.last_emit = time.monotonic()
+        self._arm_heartbeat()
+        self.emit_callback(self.snapshot(heartbeat=heartbeat))
+
+    def _arm_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        self._heartbeat = self.loop.call_later(self.heartbeat, self._beat)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        if not self._stopped:
+            self._emit(heartbeat=True)

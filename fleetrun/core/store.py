@@ -1,0 +1,318 @@
+"""The embedded task store: SQLite for records, one directory of spool files per task.
+
+Records and output outlive the process that ran the task. Any process can open the
+store and read, also while the owner writes (WAL mode). A task that is queued or
+running has an owner token; when that process is gone the task is ``interrupted``.
+A process that does not own a task cancels it by leaving a request in the store,
+which the owner picks up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+from fleetrun.core import paths
+from fleetrun.core.errors import FleetrunError, UnknownTaskError
+from fleetrun.core.models import Progress, Task, TaskStatus
+from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
+
+SCHEMA_VERSION = 1
+TASK_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+DB_NAME = "tasks.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    command TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    exit_code INTEGER,
+    error TEXT,
+    error_category TEXT,
+    cancel_reason TEXT,
+    stdout_bytes INTEGER NOT NULL DEFAULT 0,
+    stderr_bytes INTEGER NOT NULL DEFAULT 0,
+    stdout_truncated INTEGER NOT NULL DEFAULT 0,
+    stderr_truncated INTEGER NOT NULL DEFAULT 0,
+    max_seconds REAL,
+    max_output_bytes INTEGER,
+    owner_pid INTEGER,
+    owner_token TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    progress TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+"""
+
+_TASK_COLUMNS = [f.name for f in fields(Task)]
+_LIVE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long ended tasks are kept: by age and by count (the newest are kept)."""
+
+    max_age_days: float = 30.0
+    max_tasks: int = 10_000
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_token(pid: int | None = None) -> str:
+    """Identifies a process across pid reuse: boot id, pid and the process's start time."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_boot_id()}:{pid}:{_process_start(pid) or '?'}"
+
+
+def owner_alive(token: str | None) -> bool:
+    if not token:
+        return False
+    boot, _, rest = token.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if boot != _boot_id():
+        return False
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    current = _process_start(pid)
+    if current is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return start == "?"
+    return current == start
+
+
+def check_task_id(task_id: str) -> str:
+    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+        raise UnknownTaskError(f"invalid task id {task_id!r}: a task id is 12 lowercase hex characters")
+    return task_id
+
+
+class TaskStore:
+    """Task records and output under ``home`` (default: the user's data directory)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = Path(home) if home is not None else paths.data_dir()
+        try:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.output_root.mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise FleetrunError(f"cannot create the task store at {self.home}: {exc.strerror}") from None
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.home / DB_NAME, check_same_thread=False, isolation_level=None, timeout=10.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise FleetrunError(f"cannot open the task store {self.home / DB_NAME}: {exc}") from None
+
+    @property
+    def output_root(self) -> Path:
+        return self.home / "output"
+
+    def output_dir(self, task_id: str) -> Path:
+        return self.output_root / check_task_id(task_id)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def insert(self, task: Task, owner: str) -> None:
+        """Record a new task. Its output directory is made when output first arrives."""
+        check_task_id(task.id)
+        row = self._row(task)
+        row["owner_token"] = owner
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._lock:
+            self._db.execute(f"INSERT INTO tasks ({names}) VALUES ({marks})", tuple(row.values()))
+
+    def update(self, task: Task) -> None:
+        """Write a task's current state (all but its identity and owner)."""
+        row = self._row(task)
+        task_id = row.pop("id")
+        assignments = ", ".join(f"{name} = ?" for name in row)
+        with self._lock:
+            self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*row.values(), task_id))
+
+    def request_cancel(self, task_id: str, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE tasks SET cancel_requested = 1, cancel_reason = ? WHERE id = ? AND status IN (?, ?)",
+                (reason, check_task_id(task_id), *_LIVE),
+            )
+
+    def cancel_requests(self, owner: str) -> list[tuple[str, str]]:
+        """Cancels that other processes asked for, of tasks this owner runs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, cancel_reason FROM tasks WHERE cancel_requested = 1 AND owner_token = ? "
+                "AND status IN (?, ?)",
+                (owner, *_LIVE),
+            ).fetchall()
+        return [(task_id, reason or "cancelled by request") for task_id, reason in rows]
+
+    def sweep_orphans(self) -> list[str]:
+        """Mark tasks whose owning process is gone as interrupted; returns their ids."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, owner_token, owner_pid FROM tasks WHERE status IN (?, ?)", _LIVE
+            ).fetchall()
+        dead = [(task_id, pid) for task_id, token, pid in rows if not owner_alive(token)]
+        now = time.time()
+        with self._lock:
+            for task_id, pid in dead:
+                self._db.execute(
+                    "UPDATE tasks SET status = ?, ended_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
+                    (
+                        TaskStatus.INTERRUPTED.value,
+                        now,
+                        f"the fleetrun process that owned this task (pid {pid}) is gone",
+                        task_id,
+                        *_LIVE,
+                    ),
+                )
+        return [task_id for task_id, _ in dead]
+
+    def prune(self, retention: Retention) -> int:
+        """Delete ended tasks older than the retention age or beyond its count."""
+        cutoff = time.time() - retention.max_age_days * 86400
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM tasks WHERE status NOT IN (?, ?) AND "
+                "(created_at < ? OR id NOT IN (SELECT id FROM tasks WHERE status NOT IN (?, ?) "
+                "ORDER BY created_at DESC LIMIT ?))",
+                (*_LIVE, cutoff, *_LIVE, retention.max_tasks),
+            ).fetchall()
+            ids = [task_id for (task_id,) in rows]
+            for chunk in _chunks(ids, 500):
+                self._db.execute(
+                    f"DELETE FROM tasks WHERE id IN ({', '.join('?' for _ in chunk)})", tuple(chunk)
+                )
+        for task_id in ids:
+            shutil.rmtree(self.output_root / task_id, ignore_errors=True)
+        return len(ids)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        check_task_id(task_id)
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownTaskError(f"no task {task_id!r} in the store at {self.home}")
+        return _task(row)
+
+    def list(
+        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50
+    ) -> list[Task]:
+        """Tasks, newest first."""
+        where, params = [], []
+        if status is not None:
+            values = [TaskStatus(s).value for s in status]
+            where.append(f"status IN ({', '.join('?' for _ in values)})")
+            params.extend(values)
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {clause} ORDER BY created_at DESC LIMIT ?",
+                (*params, max(0, int(limit))),
+            ).fetchall()
+        return [_task(row) for row in rows]
+
+    def read_output(self, task_id: str, stream: str, offset: int = 0, max_bytes: int = 65536) -> OutputSlice:
+        """A slice of a task's stream from ``offset`` (also while the task runs)."""
+        task = self.get(task_id)
+        path = spool_path(self.output_dir(task_id), stream)
+        data, size = read_range(path, offset, max_bytes)
+        return self._slice(task, stream, offset, data, size)
+
+    def tail_output(self, task_id: str, stream: str, lines: int = 20, max_bytes: int = 65536) -> OutputSlice:
+        """The last ``lines`` lines of a task's stream."""
+        task = self.get(task_id)
+        path = spool_path(self.output_dir(task_id), stream)
+        data, offset, size = read_tail(path, lines, max_bytes)
+        return self._slice(task, stream, offset, data, size)
+
+    @staticmethod
+    def _slice(task: Task, stream: str, offset: int, data: bytes, size: int) -> OutputSlice:
+        next_offset = offset + len(data)
+        return OutputSlice(
+            stream=stream,
+            offset=offset,
+            next_offset=next_offset,
+            data=data,
+            size=size,
+            complete=task.status.is_terminal and next_offset >= size,
+            truncated=task.stdout_truncated if stream == "stdout" else task.stderr_truncated,
+        )
+
+    # -- rows ------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(task: Task) -> dict[str, object]:
+        row: dict[str, object] = {name: getattr(task, name) for name in _TASK_COLUMNS}
+        row["status"] = task.status.value
+        row["progress"] = json.dumps(asdict(task.progress)) if task.progress is not None else None
+        for flag in ("stdout_truncated", "stderr_truncated"):
+            row[flag] = int(bool(row[flag]))
+        return row
+
+
+def _task(row: tuple) -> Task:
+    values = dict(zip(_TASK_COLUMNS, row))
+    values["status"] = TaskStatus(values["status"])
+    values["stdout_truncated"] = bool(values["stdout_truncated"])
+    values["stderr_truncated"] = bool(values["stderr_truncated"])
+    if values["progress"]:
+        values["progress"] = Progress(**json.loads(values["progress"]))
+    return Task(**values)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

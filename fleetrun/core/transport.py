@@ -1,0 +1,92 @@
+"""The transport contract: how a command gets from a task to a host and back.
+
+A transport instance serves one host and lives as long as its executor. It connects
+lazily, on its first :meth:`Transport.execute`, and may keep a connection for later
+tasks. Transports are added by plugins through ``fleetrun_register_transports``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from fleetrun.core.inventory import Host
+
+
+class OutputSink(Protocol):
+    """Where a transport writes a stream's bytes. Call it on the executor's loop."""
+
+    def write(self, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class HostField:
+    """A transport-specific field a host may set in the hosts file.
+
+    ``kind`` is one of ``string``, ``integer``, ``number``, ``boolean``,
+    ``string-list`` or ``string-map``; the inventory checks it before any task runs.
+    """
+
+    kind: str
+    description: str
+
+
+@dataclass
+class Execution:
+    """One command for a transport to run, with the sinks its output goes to."""
+
+    task_id: str
+    command: str
+    env: Mapping[str, str]
+    cwd: str | None
+    stdout: OutputSink
+    stderr: OutputSink
+
+
+class TransportError(Exception):
+    """The transport could not run the command to an exit status.
+
+    ``category`` says what kind of failure it was (for example ``spawn``,
+    ``unreachable``, ``auth``, ``disconnected``); the message must carry no secret.
+    """
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+
+
+class Transport(abc.ABC):
+    """Base class for transports.
+
+    Subclasses set :attr:`name` and, if hosts can configure them, :attr:`host_fields`;
+    they implement :meth:`execute`.
+    """
+
+    #: What a host's ``transport`` field names.
+    name: ClassVar[str]
+    #: The host fields this transport understands, beyond the common ones.
+    host_fields: ClassVar[Mapping[str, HostField]] = {}
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    @abc.abstractmethod
+    async def execute(self, execution: Execution) -> int:
+        """Run ``execution.command`` and return its exit status.
+
+        Write output to ``execution.stdout`` and ``execution.stderr`` as it arrives.
+        Return 128+N when signal N ended the command. Raise :class:`TransportError` when
+        the command could not be run to an exit status. When cancelled (the executor
+        cancels for a timeout and for a cancel request), stop the command and everything
+        it started, then let :class:`asyncio.CancelledError` propagate.
+        """
+
+    def describe(self) -> Mapping[str, Any]:
+        """What a dry run shows about how this host would be reached."""
+        return {}
+
+    async def aclose(self) -> None:
+        """Release connections; called when the executor closes."""

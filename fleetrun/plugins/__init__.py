@@ -1,0 +1,1 @@
+"""Built-in plugins, registered explicitly by the plugin manager."""

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from fleetrun.core.events import EventRecorder
+from fleetrun.core.executor import Executor
+from fleetrun.core.inventory import Inventory, parse_inventory
+from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.store import TaskStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's real store, config or plugins."""
+    monkeypatch.setenv("FLEETRUN_HOME", str(tmp_path / "fleetrun-home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("FLEETRUN_HOSTS", raising=False)
+    monkeypatch.delenv("FLEETRUN_JSON_LOG", raising=False)
+    monkeypatch.delenv("FLEETRUN_TRACE", raising=False)
+    monkeypatch.delenv("FLEETRUN_DISABLE_PLUGINS", raising=False)
+    monkeypatch.setenv("FLEETRUN_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TaskStore]:
+    s = TaskStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def recorder() -> EventRecorder:
+    return EventRecorder()
+
+
+@pytest.fixture
+def make_executor(store: TaskStore, recorder: EventRecorder) -> Iterator[Callable[..., Executor]]:
+    """Build executors on the test store with the recorder plugged in; all closed afterwards."""
+    made: list[Executor] = []
+
+    def make(*, hosts_yaml: str | None = None, plugins: list[object] = (), **kwargs: object) -> Executor:
+        manager = PluginManager(plugins=[recorder, *plugins], autoload=False)
+        inventory: Inventory | None = None
+        if hosts_yaml is not None:
+            inventory = parse_inventory(hosts_yaml, source="test-hosts.yaml", transports=manager.transports)
+        executor = Executor(store=store, plugins=manager, inventory=inventory, **kwargs)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.close()
+
+
+@pytest.fixture
+def marker() -> str:
+    """A unique number usable as `sleep` argument, to find a test's processes in /proc."""
+    return f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 10**9:09d}"
+
+
+def processes_with(text: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run the installed `fleetrun` command in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "fleetrun", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )

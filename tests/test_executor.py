@@ -1,0 +1,264 @@
+"""Executor behaviour: processes, limits, output, progress, asyncio use."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from fleetrun.core.errors import FleetrunError, UnknownHostError
+from fleetrun.core.models import TaskRequest, TaskStatus
+
+from conftest import processes_with, wait_until
+
+
+def max_overlap(tasks) -> int:
+    """How many of these tasks were running at the same moment, at most."""
+    edges = sorted([(t.started_at, 1) for t in tasks] + [(t.ended_at, -1) for t in tasks], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+# -- nothing left running ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+def test_timeout_and_cancel_kill_the_whole_process_group(make_executor, marker, ending):
+    executor = make_executor()
+    command = f"sleep {marker} & sleep {marker} & (sleep {marker}; echo never) & wait"
+    timeout = 0.5 if ending == "timeout" else None
+    handle = executor.submit(TaskRequest(host="local", command=command, timeout_s=timeout))
+    wait_until(lambda: len(processes_with(f"sleep {marker}")) >= 3)
+    if ending == "cancel":
+        handle.cancel()
+    task = handle.wait(15)
+    assert task.status is (TaskStatus.TIMED_OUT if ending == "timeout" else TaskStatus.CANCELLED)
+    assert processes_with(marker) == []
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period(make_executor, marker):
+    executor = make_executor()
+    command = f"trap '' TERM; sh -c \"trap '' TERM; sleep {marker}\" & wait; wait"
+    handle = executor.submit(TaskRequest(host="local", command=command))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    started = time.monotonic()
+    handle.cancel()
+    task = handle.wait(15)
+    assert task.status is TaskStatus.CANCELLED
+    assert processes_with(marker) == []
+    assert time.monotonic() - started < 5
+
+
+def test_closing_the_executor_cancels_what_still_runs(make_executor, recorder, marker):
+    executor = make_executor()
+    handle = executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))
+    wait_until(lambda: processes_with(marker))
+    executor.close()
+    task = handle.wait(1)
+    assert task.status is TaskStatus.CANCELLED
+    assert task.cancel_reason == "the executor was closed"
+    assert processes_with(marker) == []
+    assert executor.store.get(task.id).status is TaskStatus.CANCELLED
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+def test_per_host_limit_queues_the_rest(make_executor):
+    executor = make_executor(hosts_yaml="hosts:\n  box:\n    max_concurrent: 2\n")
+    handles = [executor.submit(TaskRequest(host="box", command="sleep 0.3")) for _ in range(6)]
+    tasks = [h.wait(20) for h in handles]
+    assert all(t.status is TaskStatus.SUCCEEDED for t in tasks)
+    assert max_overlap(tasks) == 2
+
+
+def test_global_limit_spans_hosts(make_executor):
+    executor = make_executor(
+        hosts_yaml="hosts:\n  a:\n    max_concurrent: 5\n  b:\n    max_concurrent: 5\n", max_concurrent=3
+    )
+    handles = [executor.submit(TaskRequest(host=h, command="sleep 0.3")) for h in "abababab"]
+    tasks = [h.wait(20) for h in handles]
+    assert max_overlap(tasks) == 3
+    assert max_overlap([t for t in tasks if t.host == "a"]) <= 3
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def test_stdout_and_stderr_are_kept_apart(make_executor):
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command="echo out1; echo err1 >&2; echo out2"))
+    assert executor.read_output(task.id, "stdout").data == b"out1\nout2\n"
+    assert executor.read_output(task.id, "stderr").data == b"err1\n"
+
+
+def test_truncation_keeps_the_head_counts_everything_and_flags_it(make_executor):
+    executor = make_executor()
+    task = executor.run(
+        TaskRequest(host="local", command="head -c 50000 /dev/zero | tr '\\0' x; echo tail >&2", max_output_bytes=1000)
+    )
+    assert task.status is TaskStatus.SUCCEEDED
+    assert task.stdout_bytes == 50000 and task.stdout_truncated is True
+    assert task.stderr_bytes == 5 and task.stderr_truncated is False
+    piece = executor.read_output(task.id, "stdout", max_bytes=1 << 20)
+    assert piece.data == b"x" * 1000
+    assert piece.size == 1000 and piece.complete and piece.truncated
+
+
+def test_request_can_lower_but_not_raise_host_limits(make_executor):
+    executor = make_executor(hosts_yaml="hosts:\n  box:\n    max_seconds: 10\n    max_output_bytes: 100\n")
+    lowered = executor.plan(TaskRequest(host="box", command="true", timeout_s=2, max_output_bytes=10))
+    raised = executor.plan(TaskRequest(host="box", command="true", timeout_s=60, max_output_bytes=10**9))
+    assert (lowered.limits.max_seconds, lowered.limits.max_output_bytes) == (2, 10)
+    assert (raised.limits.max_seconds, raised.limits.max_output_bytes) == (10, 100)
+
+
+def test_output_is_readable_by_cursor_while_the_task_runs(make_executor, tmp_path):
+    executor = make_executor()
+    flag = tmp_path / "go"
+    handle = executor.submit(
+        TaskRequest(host="local", command=f"echo first; while [ ! -e {flag} ]; do sleep 0.02; done; echo second")
+    )
+    wait_until(lambda: executor.read_output(handle.id, "stdout").data)
+    piece = executor.read_output(handle.id, "stdout")
+    assert piece.data == b"first\n"
+    assert piece.next_offset == 6 and piece.complete is False
+    assert executor.get(handle.id).status is TaskStatus.RUNNING
+    tail = executor.tail_output(handle.id, "stdout", lines=1)
+    assert tail.data == b"first\n" and tail.offset == 0
+    flag.touch()
+    handle.wait(10)
+    rest = executor.read_output(handle.id, "stdout", offset=piece.next_offset)
+    assert rest.data == b"second\n" and rest.offset == 6 and rest.complete is True
+    assert executor.tail_output(handle.id, "stdout", lines=1).data == b"second\n"
+
+
+def test_large_output_is_byte_exact(make_executor, tmp_path):
+    source = tmp_path / "blob"
+    source.write_bytes(os.urandom(8 << 20))
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command=f"cat {source}"))
+    assert task.stdout_bytes == 8 << 20 and not task.stdout_truncated
+    path = executor.store.output_dir(task.id) / "stdout"
+    assert path.read_bytes() == source.read_bytes()
+
+
+def test_env_and_cwd_come_from_host_and_request(make_executor, tmp_path):
+    executor = make_executor(
+        hosts_yaml=f"hosts:\n  box:\n    cwd: {tmp_path}\n    env:\n      COLOR: blue\n      SIZE: '1'\n"
+    )
+    task = executor.run(TaskRequest(host="box", command='echo "$COLOR $SIZE $(pwd)"', env={"SIZE": "2"}))
+    assert executor.read_output(task.id).data == f"blue 2 {tmp_path}\n".encode()
+    other = tmp_path / "sub"
+    other.mkdir()
+    task = executor.run(TaskRequest(host="box", command="pwd", cwd=str(other)))
+    assert executor.read_output(task.id).data == f"{other}\n".encode()
+
+
+# -- progress ----------------------------------------------------------------------------
+
+
+def test_progress_counts_lines_and_bytes_and_is_rate_limited(make_executor, recorder):
+    executor = make_executor(heartbeat_s=30)
+    script = "i=0; while [ $i -lt 60 ]; do echo line $i; i=$((i+1)); sleep 0.01; done; echo done >&2"
+    task = executor.run(TaskRequest(host="local", command=script))
+    events = [e for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    progress = [e.progress for e in events]
+    assert len(progress) >= 3
+    # At most one event per 0.1 s; only the flush of the last output, right before
+    # the final hook, may come sooner.
+    gaps = [b.time - a.time for a, b in zip(events, events[1:-1])]
+    assert min(gaps) >= 0.095, gaps
+    counts = [p.stdout_lines for p in progress]
+    assert counts == sorted(counts)
+    last = progress[-1]
+    assert last.stdout_lines == 60 and last.stderr_lines == 1
+    assert last.stdout_bytes == task.stdout_bytes
+    assert last.latest_line == "done" and last.latest_stream == "stderr"
+    assert all(p.percent is None for p in progress)
+    assert not any(p.heartbeat for p in progress)
+
+
+def test_percent_comes_only_from_progress_markers(make_executor, recorder):
+    executor = make_executor(heartbeat_s=30)
+    task = executor.run(
+        TaskRequest(host="local", command="echo 'disk 93% full'; sleep 0.15; echo 'progress: 40%'; sleep 0.15; echo 'Progress 75.5%'")
+    )
+    percents = [e.progress.percent for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert percents[0] is None  # "93%" alone is not a progress marker
+    assert 40.0 in percents and percents[-1] == 75.5
+
+
+def test_custom_progress_pattern_with_current_and_total(make_executor, recorder):
+    executor = make_executor(heartbeat_s=30)
+    task = executor.run(
+        TaskRequest(host="local", command="echo 'step 3/12'", progress_pattern=r"step (?P<current>\d+)/(?P<total>\d+)")
+    )
+    percents = [e.progress.percent for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert percents == [25.0]
+
+
+def test_bad_progress_pattern_is_a_clear_error(make_executor):
+    with pytest.raises(ValueError, match="needs a named group 'percent'"):
+        make_executor().submit(TaskRequest(host="local", command="true", progress_pattern=r"(\d+)%"))
+
+
+def test_heartbeats_while_silent_carry_elapsed_time(make_executor, recorder):
+    executor = make_executor(heartbeat_s=0.2)
+    task = executor.run(TaskRequest(host="local", command="sleep 1"))
+    beats = [e.progress for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert 3 <= len(beats) <= 6
+    assert all(b.heartbeat and b.stdout_bytes == 0 and b.percent is None for b in beats)
+    elapsed = [b.elapsed_s for b in beats]
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0.15
+
+
+# -- API ---------------------------------------------------------------------------------
+
+
+def test_asyncio_callers_are_not_blocked(make_executor):
+    executor = make_executor()
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        tasks = await asyncio.gather(*(executor.run_async(TaskRequest(host="local", command="sleep 0.3")) for _ in range(3)))
+        tick_task.cancel()
+        return tasks, ticks
+
+    tasks, ticks = asyncio.run(main())
+    assert [t.status for t in tasks] == [TaskStatus.SUCCEEDED] * 3
+    assert ticks >= 15  # the loop kept running while the tasks did
+
+
+def test_unknown_host_and_bad_requests_are_refused_before_anything_runs(make_executor, recorder, store):
+    executor = make_executor()
+    with pytest.raises(UnknownHostError, match="unknown host 'nope' \\(known hosts: local"):
+        executor.submit(TaskRequest(host="nope", command="true"))
+    with pytest.raises(FleetrunError, match="the command is empty"):
+        executor.submit(TaskRequest(host="local", command="   "))
+    with pytest.raises(FleetrunError, match="NUL"):
+        executor.submit(TaskRequest(host="local", command="echo \x00"))
+    with pytest.raises(FleetrunError, match="timeout_s must be greater than 0"):
+        executor.submit(TaskRequest(host="local", command="true", timeout_s=0))
+    assert len(recorder) == 0
+    assert store.list() == []
+
+
+def test_closed_executor_refuses_new_tasks(make_executor):
+    executor = make_executor()
+    executor.close()
+    with pytest.raises(FleetrunError, match="closed"):
+        executor.submit(TaskRequest(host="local", command="true"))

@@ -1,0 +1,120 @@
+"""The hosts file: lookup order, validation, and an error naming file, line, host, field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.errors import InventoryError, UnknownHostError
+from fleetrun.core.inventory import DEFAULT_SOURCE, load_inventory, parse_inventory
+from fleetrun.core.models import Limits
+from fleetrun.core.plugin_manager import PluginManager
+
+from conftest import REPO
+
+TRANSPORTS = PluginManager(autoload=False).transports
+
+
+def parse(text: str):
+    return parse_inventory(text, source="hosts.yaml", transports=TRANSPORTS)
+
+
+def test_example_file_is_valid_and_shows_every_field():
+    inventory = load_inventory(REPO / "hosts.example.yaml", TRANSPORTS)
+    local = inventory.get("local")
+    assert local.transport == "local" and local.tags == ("dev", "local")
+    assert local.limits == Limits(max_seconds=600, max_output_bytes=10485760, max_concurrent=4)
+    assert local.env == {"LC_ALL": "C.UTF-8"} and local.cwd == "/tmp"
+    assert local.options == {"shell": "/bin/sh"}
+    assert inventory.get("builder").limits.max_concurrent == 8  # from defaults
+    text = (REPO / "hosts.example.yaml").read_text()
+    from fleetrun.core.inventory import COMMON_HOST_FIELDS
+
+    for field in [*COMMON_HOST_FIELDS, *TRANSPORTS["local"].host_fields, "defaults"]:
+        assert f"{field}:" in text, f"hosts.example.yaml does not show {field!r}"
+
+
+def test_defaults_then_host_fields():
+    inventory = parse("defaults:\n  max_seconds: 5\nhosts:\n  a:\n  b:\n    max_seconds: 9\n")
+    assert inventory.get("a").limits.max_seconds == 5
+    assert inventory.get("b").limits.max_seconds == 9
+    assert inventory.get("a").limits.max_output_bytes == Limits().max_output_bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hosts: [\n", "hosts.yaml:2: invalid YAML"),
+        ("", "hosts.yaml:1: the file is empty"),
+        ("- a\n- b\n", "hosts.yaml:1: the top level must be a mapping"),
+        ("host:\n  a: {}\n", "hosts.yaml:1: unknown top-level key 'host' (allowed: defaults, hosts)"),
+        ("defaults:\n  max_seconds: 3\n", "hosts.yaml:1: missing the 'hosts:' mapping"),
+        ("hosts: [a, b]\n", "hosts.yaml:1: 'hosts' must be a mapping"),
+        ("hosts: {}\n", "hosts.yaml:1: 'hosts' is empty"),
+        ("hosts:\n  'bad name':\n", "hosts.yaml:2: host 'bad name': invalid host name"),
+        ("hosts:\n  a: 3\n", "hosts.yaml:2: host 'a': a host must be a mapping"),
+        ("hosts:\n  a:\n    tags: [x]\n  a:\n    tags: [y]\n", "hosts.yaml:4: duplicate key 'a'"),
+        ("hosts:\n  a:\n    prot: 22\n", "hosts.yaml:3: host 'a', field 'prot': unknown field for transport 'local'"),
+        ("hosts:\n  a:\n    transport: ftp\n", "hosts.yaml:3: host 'a', field 'transport': unknown transport 'ftp' (available: local)"),
+        ("hosts:\n  a:\n    transport: 3\n", "hosts.yaml:3: host 'a', field 'transport': expected a string, got 3"),
+        ("hosts:\n  a:\n    max_seconds: soon\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a number, got 'soon'"),
+        ("hosts:\n  a:\n    max_seconds: -1\n", "hosts.yaml:3: host 'a', field 'max_seconds': must be greater than 0, got -1"),
+        ("hosts:\n  a:\n    max_output_bytes: 1.5\n", "hosts.yaml:3: host 'a', field 'max_output_bytes': expected an integer, got 1.5"),
+        ("hosts:\n  a:\n    max_concurrent: true\n", "hosts.yaml:3: host 'a', field 'max_concurrent': expected an integer, got True"),
+        ("hosts:\n  a:\n    max_concurrent: 0\n", "hosts.yaml:3: host 'a', field 'max_concurrent': must be greater than 0, got 0"),
+        ("hosts:\n  a:\n    tags: web\n", "hosts.yaml:3: host 'a', field 'tags': expected a list of strings, got 'web'"),
+        ("hosts:\n  a:\n    tags:\n      - ok\n      - [nested]\n", "hosts.yaml:5: host 'a', field 'tags': every item must be a non-empty string"),
+        ("hosts:\n  a:\n    tags: ['has space']\n", "hosts.yaml:3: host 'a', field 'tags': invalid tag 'has space'"),
+        ("hosts:\n  a:\n    env: [A=1]\n", "hosts.yaml:3: field 'env' must be a mapping of strings"),
+        ("hosts:\n  a:\n    env:\n      A: [1]\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string"),
+        ("hosts:\n  a:\n    cwd: ''\n", "hosts.yaml:3: host 'a', field 'cwd': must not be empty"),
+        ("hosts:\n  a:\n    shell: [bash]\n", "hosts.yaml:3: host 'a', field 'shell': expected a string, got 'list'"),
+        ("defaults:\n  tags: [x]\nhosts:\n  a:\n", "hosts.yaml:2: field 'tags': unknown field in 'defaults'"),
+        ("defaults:\n  max_seconds: x\nhosts:\n  a:\n", "hosts.yaml:2: field 'max_seconds': expected a number, got 'x'"),
+    ],
+)
+def test_every_error_names_file_line_host_and_field(text, expected):
+    with pytest.raises(InventoryError) as info:
+        parse(text)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert info.value.path == "hosts.yaml"
+    assert info.value.line == int(expected.split(":")[1])
+
+
+def test_lookup_order_flag_then_env_then_config_dir_then_default(tmp_path: Path, monkeypatch):
+    def hosts_file(path: Path, name: str) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"hosts:\n  {name}:\n")
+        return path
+
+    assert load_inventory(None, TRANSPORTS).source == DEFAULT_SOURCE
+    assert list(load_inventory(None, TRANSPORTS).hosts) == ["local"]
+    config = hosts_file(tmp_path / "config" / "fleetrun" / "hosts.yaml", "from-config")
+    assert list(load_inventory(None, TRANSPORTS).hosts) == ["from-config"]
+    env_file = hosts_file(tmp_path / "env.yaml", "from-env")
+    monkeypatch.setenv("FLEETRUN_HOSTS", str(env_file))
+    assert list(load_inventory(None, TRANSPORTS).hosts) == ["from-env"]
+    flag_file = hosts_file(tmp_path / "flag.yaml", "from-flag")
+    inventory = load_inventory(flag_file, TRANSPORTS)
+    assert list(inventory.hosts) == ["from-flag"] and inventory.source == str(flag_file)
+    assert config.exists()
+
+
+def test_a_named_file_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(InventoryError, match=r"missing\.yaml: hosts file not found \(given by --hosts\)"):
+        load_inventory(tmp_path / "missing.yaml", TRANSPORTS)
+    monkeypatch.setenv("FLEETRUN_HOSTS", str(tmp_path / "gone.yaml"))
+    with pytest.raises(InventoryError, match=r"gone\.yaml: hosts file not found \(given by FLEETRUN_HOSTS\)"):
+        load_inventory(None, TRANSPORTS)
+
+
+def test_unknown_host_lists_the_known_ones():
+    inventory = parse("hosts:\n  web1:\n  web2:\n")
+    with pytest.raises(UnknownHostError, match="unknown host 'web3' \\(known hosts: web1, web2; inventory: hosts.yaml\\)"):
+        inventory.get("web3")
+
+
+def test_tags_select_hosts():
+    inventory = parse("hosts:\n  a:\n    tags: [web]\n  b:\n    tags: [db]\n  c:\n    tags: [web, db]\n")
+    assert [h.name for h in inventory.with_tag("web")] == ["a", "c"]

@@ -1,0 +1,162 @@
+"""Hook order and exactly-once firing, for every way a task can end."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from fleetrun import hookimpl
+from fleetrun.core.events import EventRecorder
+from fleetrun.core.models import TaskRequest, TaskStatus
+
+from conftest import wait_until
+
+
+def test_success_fires_created_then_completed_once(make_executor, recorder: EventRecorder):
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command="echo hello"))
+    names = recorder.names(task.id)
+    assert names[0] == "task.created"
+    assert names[-1] == "task.completed"
+    assert names.count("task.created") == 1 and names.count("task.completed") == 1
+    assert set(names[1:-1]) <= {"task.progress"}
+    assert "task.cancelled" not in names
+    created, completed = recorder[0], recorder[-1]
+    assert created.task.status is TaskStatus.QUEUED
+    assert completed.result.status is TaskStatus.SUCCEEDED
+    assert completed.result.exit_code == 0
+    assert completed.task.stdout_bytes == len(b"hello\n")
+
+
+def test_nonzero_exit_is_failed_with_the_exit_code(make_executor, recorder):
+    task = make_executor().run(TaskRequest(host="local", command="echo oops >&2; exit 3"))
+    assert task.status is TaskStatus.FAILED
+    assert task.exit_code == 3
+    assert task.stderr_bytes == 5 and task.stdout_bytes == 0
+    assert recorder.names(task.id) == ["task.created", "task.progress", "task.completed"]
+    assert recorder[-1].result.status is TaskStatus.FAILED
+
+
+def test_killed_by_a_signal_reports_128_plus_the_signal(make_executor):
+    task = make_executor().run(TaskRequest(host="local", command="kill -9 $$"))
+    assert task.status is TaskStatus.FAILED
+    assert task.exit_code == 128 + 9
+
+
+def test_timeout_fires_completed_with_timed_out(make_executor, recorder):
+    task = make_executor().run(TaskRequest(host="local", command="sleep 30", timeout_s=0.3))
+    assert task.status is TaskStatus.TIMED_OUT
+    assert task.exit_code is None
+    assert task.error == "timed out after 0.3 s"
+    names = recorder.names(task.id)
+    assert names[0] == "task.created" and names[-1] == "task.completed"
+    assert names.count("task.completed") == 1 and "task.cancelled" not in names
+    assert recorder[-1].result.status is TaskStatus.TIMED_OUT
+    assert 0.3 <= task.duration_s < 3
+
+
+def test_cancel_while_running_fires_cancelled_not_completed(make_executor, recorder):
+    executor = make_executor()
+    handle = executor.submit(TaskRequest(host="local", command="echo started; sleep 30"))
+    wait_until(lambda: executor.get(handle.id).stdout_bytes > 0 or recorder.names(handle.id)[-1] == "task.progress")
+    assert handle.cancel("no longer needed") is True
+    task = handle.wait(10)
+    assert task.status is TaskStatus.CANCELLED
+    assert task.cancel_reason == "no longer needed"
+    names = recorder.names(task.id)
+    assert names[0] == "task.created" and names[-1] == "task.cancelled"
+    assert names.count("task.cancelled") == 1 and "task.completed" not in names
+    assert recorder[-1].reason == "no longer needed"
+    # A second cancel of an ended task changes nothing and fires nothing.
+    assert handle.cancel() is False
+    assert recorder.names(task.id) == names
+
+
+def test_cancel_while_queued_never_runs_the_command(make_executor, recorder, tmp_path):
+    executor = make_executor(max_concurrent=1)
+    blocker = executor.submit(TaskRequest(host="local", command="sleep 30"))
+    flag = tmp_path / "ran"
+    queued = executor.submit(TaskRequest(host="local", command=f"touch {flag}"))
+    assert executor.get(queued.id).status is TaskStatus.QUEUED
+    assert queued.cancel("changed my mind")
+    task = queued.wait(10)
+    assert task.status is TaskStatus.CANCELLED and task.started_at is None
+    assert recorder.names(task.id) == ["task.created", "task.cancelled"]
+    blocker.cancel()
+    blocker.wait(10)
+    assert not flag.exists()
+
+
+def test_spawn_failure_is_a_failed_task_with_a_category(make_executor, recorder, tmp_path):
+    task = make_executor().run(TaskRequest(host="local", command="true", cwd=str(tmp_path / "missing")))
+    assert task.status is TaskStatus.FAILED
+    assert task.exit_code is None
+    assert task.error_category == "spawn"
+    assert "missing" in task.error
+    assert recorder.names(task.id) == ["task.created", "task.completed"]
+    assert recorder[-1].result.error_category == "spawn"
+
+
+def test_many_concurrent_tasks_each_get_exactly_one_ending(make_executor, recorder):
+    executor = make_executor(max_concurrent=8)
+    handles = [executor.submit(TaskRequest(host="local", command=f"echo {i}; sleep 0.0{i % 5}")) for i in range(40)]
+    for h in handles[::3]:
+        h.cancel()
+    tasks = [h.wait(30) for h in handles]
+    for task in tasks:
+        names = recorder.names(task.id)
+        endings = [n for n in names if n in ("task.completed", "task.cancelled")]
+        assert names[0] == "task.created"
+        assert endings == [names[-1]], names
+        assert (names[-1] == "task.cancelled") == (task.status is TaskStatus.CANCELLED)
+
+
+class _Exploding:
+    @hookimpl
+    def fleetrun_task_created(self, task):
+        raise RuntimeError("notifier bug")
+
+    @hookimpl
+    def fleetrun_task_completed(self, task, result):
+        raise RuntimeError("notifier bug")
+
+
+class _Collector:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def fleetrun_task_created(self, task):
+        self.seen.append("created")
+
+    @hookimpl
+    def fleetrun_task_completed(self, task, result):
+        self.seen.append(result.status.value)
+
+
+@pytest.mark.parametrize("exploding_first", [True, False])
+def test_a_failing_notifier_is_logged_and_isolated(make_executor, recorder, caplog, exploding_first):
+    collector = _Collector()
+    plugins = [_Exploding(), collector] if exploding_first else [collector, _Exploding()]
+    executor = make_executor(plugins=plugins)
+    with caplog.at_level(logging.ERROR, logger="fleetrun.plugins"):
+        task = executor.run(TaskRequest(host="local", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED
+    assert collector.seen == ["created", "succeeded"]
+    assert recorder.names(task.id)[-1] == "task.completed"
+    failures = [r for r in caplog.records if "notifier bug" in (r.exc_text or str(r.exc_info))]
+    assert len(failures) == 2
+    messages = [r.getMessage() for r in failures]
+    assert all("_Exploding" in m for m in messages), messages
+    assert {m.split(" in ")[1].split(";")[0] for m in messages} == {"fleetrun_task_created", "fleetrun_task_completed"}
+
+
+def test_progress_stops_before_the_final_hook(make_executor, recorder):
+    task = make_executor(heartbeat_s=0.05).run(TaskRequest(host="local", command="sleep 0.4"))
+    time.sleep(0.3)  # a stray heartbeat would land here
+    names = recorder.names(task.id)
+    assert names[-1] == "task.completed"
+    assert names.count("task.progress") >= 3
+    assert all(e.progress.heartbeat for e in recorder if e.event == "task.progress")

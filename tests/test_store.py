@@ -1,0 +1,144 @@
+"""The embedded store: durable records, reads from other processes, orphans, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.errors import UnknownTaskError
+from fleetrun.core.models import Task, TaskRequest, TaskStatus
+from fleetrun.core.store import Retention, TaskStore, owner_token
+
+from conftest import processes_with, run_cli, wait_until
+
+OWNER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from fleetrun.core.executor import Executor
+    from fleetrun.core.models import TaskRequest
+    from fleetrun.core.plugin_manager import PluginManager
+    from fleetrun.core.store import TaskStore
+
+    executor = Executor(store=TaskStore(sys.argv[1]), plugins=PluginManager(autoload=False))
+    handle = executor.submit(TaskRequest(host="local", command=sys.argv[2]))
+    print(handle.id, flush=True)
+    task = handle.wait()
+    print(task.status.value, flush=True)
+    executor.close()
+    """
+)
+
+
+def start_owner(home: Path, command: str) -> tuple[subprocess.Popen[str], str]:
+    """Another process that owns a task; returns it and the task id."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OWNER_SCRIPT, str(home), command], stdout=subprocess.PIPE, text=True
+    )
+    task_id = proc.stdout.readline().strip()
+    assert len(task_id) == 12, task_id
+    return proc, task_id
+
+
+def test_records_and_output_outlive_the_executor(make_executor, store):
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command="echo kept"))
+    executor.close()
+    reopened = TaskStore(store.home)
+    assert reopened.get(task.id) == task
+    assert reopened.read_output(task.id, "stdout").data == b"kept\n"
+    reopened.close()
+
+
+def test_another_process_reads_records_and_output_while_the_task_runs(tmp_path, store):
+    flag = tmp_path / "go"
+    owner, task_id = start_owner(store.home, f"echo first; while [ ! -e {flag} ]; do sleep 0.02; done; echo second")
+    try:
+        wait_until(lambda: store.read_output(task_id, "stdout").data == b"first\n")
+        assert store.get(task_id).status in (TaskStatus.QUEUED, TaskStatus.RUNNING)
+        wait_until(lambda: store.get(task_id).status is TaskStatus.RUNNING)
+        shown = run_cli("tasks", "show", task_id, "--json", env={"FLEETRUN_HOME": str(store.home)})
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["status"] == "running"
+        out = run_cli("tasks", "output", task_id, env={"FLEETRUN_HOME": str(store.home)})
+        assert out.stdout == "first\n"
+        flag.touch()
+        assert owner.stdout.readline().strip() == "succeeded"
+    finally:
+        owner.kill()
+        owner.wait()
+    assert store.read_output(task_id, "stdout").data == b"first\nsecond\n"
+    assert store.get(task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_a_task_whose_owner_was_killed_becomes_interrupted(store, marker):
+    owner, task_id = start_owner(store.home, f"sleep {marker}")
+    try:
+        wait_until(lambda: processes_with(marker))
+        assert store.sweep_orphans() == []  # the owner is alive: nothing to do
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        listed = run_cli("tasks", "list", "--json", env={"FLEETRUN_HOME": str(store.home)})
+        assert listed.returncode == 0, listed.stderr
+        record = next(t for t in json.loads(listed.stdout) if t["id"] == task_id)
+        assert record["status"] == "interrupted"
+        assert f"pid {owner.pid}" in record["error"]
+        assert store.get(task_id).status is TaskStatus.INTERRUPTED
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_cancel_from_another_process_reaches_the_owner(store, marker):
+    owner, task_id = start_owner(store.home, f"sleep {marker}")
+    try:
+        wait_until(lambda: processes_with(marker))
+        result = run_cli("tasks", "cancel", task_id, env={"FLEETRUN_HOME": str(store.home)})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"task {task_id} cancelled"
+        assert owner.stdout.readline().strip() == "cancelled"
+        assert store.get(task_id).cancel_reason == "cancelled with `fleetrun tasks cancel`"
+        assert processes_with(marker) == []
+        again = run_cli("tasks", "cancel", task_id, env={"FLEETRUN_HOME": str(store.home)})
+        assert again.returncode == 1
+        assert "already ended (cancelled)" in again.stderr
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def _ended_task(task_id: str, created_at: float) -> Task:
+    return Task(
+        id=task_id, host="local", transport="local", command="true", status=TaskStatus.SUCCEEDED,
+        created_at=created_at, started_at=created_at, ended_at=created_at, exit_code=0,
+    )
+
+
+def test_retention_by_age_and_by_count(store):
+    now = time.time()
+    old = [_ended_task(f"{i:012x}", now - 40 * 86400 + i) for i in range(3)]
+    recent = [_ended_task(f"{0xa00 + i:012x}", now - 100 + i) for i in range(5)]
+    live = Task(id="0000000000ff", host="local", transport="local", command="sleep 1",
+                status=TaskStatus.RUNNING, created_at=now - 50 * 86400)
+    for task in [*old, *recent]:
+        store.insert(task, owner_token())
+        (store.output_dir(task.id)).mkdir()
+    store.insert(live, owner_token())
+    assert store.prune(Retention(max_age_days=30, max_tasks=3)) == 5
+    kept = {t.id for t in store.list(limit=100)}
+    assert kept == {t.id for t in recent[-3:]} | {live.id}  # never a task still running
+    assert not store.output_dir(old[0].id).exists()
+
+
+def test_bad_task_ids_are_clear_errors(store):
+    with pytest.raises(UnknownTaskError, match="invalid task id '../etc'"):
+        store.get("../etc")
+    with pytest.raises(UnknownTaskError, match="no task 'abcdefabcdef'"):
+        store.get("abcdefabcdef")
