@@ -65,9 +65,9 @@ class LifecycleEvent:
                 stderr_bytes=task.stderr_bytes,
                 stdout_truncated=task.stdout_truncated,
                 stderr_truncated=task.stderr_truncated,
+                error=task.error,
+                error_category=task.error_category,
             )
-            if self.result is not None:
-                out.update(error=self.result.error, error_category=self.result.error_category)
             if self.event == CANCELLED:
                 out["reason"] = self.reason
         out.update(self.extra)

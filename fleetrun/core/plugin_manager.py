@@ -153,9 +153,8 @@ class PluginManager:
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(
-                f"plugin {exc.plugin_name or exc.plugin!r} implements a hook fleetrun does not have: {exc}"
-            ) from None
+            name = self._pm.get_name(exc.plugin) or repr(exc.plugin)
+            raise PluginError(f"plugin {name!r} does not fit fleetrun's hooks: {exc}") from None
 
     def _enable_tracing(self) -> None:
         trace_log = logging.getLogger("fleetrun.trace")

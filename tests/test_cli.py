@@ -1,0 +1,192 @@
+"""The `fleetrun` command, run as a real process: exit codes, output, errors, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import processes_with, run_cli, wait_until
+
+
+def test_run_streams_output_and_exits_with_the_command_status():
+    ok = run_cli("run", "local", "--", "echo", "hello;", "echo", "oops", ">&2")
+    assert ok.returncode == 0
+    assert ok.stdout == "hello\n" and ok.stderr == "oops\n"
+    failed = run_cli("run", "local", "--", "exit 7")
+    assert failed.returncode == 7 and failed.stderr == ""
+
+
+def test_options_after_the_double_dash_belong_to_the_command():
+    result = run_cli("run", "local", "--", "ls", "-d", "--", "/")
+    assert result.returncode == 0 and result.stdout == "/\n"
+
+
+def test_timeout_exits_124_and_says_so(marker):
+    result = run_cli("run", "local", "--timeout", "0.3", "--", f"sleep {marker}")
+    assert result.returncode == 124
+    assert "timed out after 0.3 s" in result.stderr
+    assert processes_with(marker) == []
+
+
+def test_sigint_cancels_the_task_and_exits_130(marker, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "run", "local", "--", f"sleep {marker}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_until(lambda: processes_with(f"sleep {marker}") and [p for p in processes_with(marker) if p != proc.pid])
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "was cancelled: interrupted by the user" in err
+    assert processes_with(f"sleep {marker}") == []
+    listed = json.loads(run_cli("tasks", "list", "--json").stdout)
+    assert listed[0]["status"] == "cancelled"
+
+
+def test_sigterm_also_cancels_cleanly(marker):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "run", "local", "--", f"sleep {marker}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_until(lambda: processes_with(f"sleep {marker}") and len(processes_with(marker)) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert processes_with(f"sleep {marker}") == []
+
+
+def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):
+    unknown = run_cli("run", "web9", "--", "true")
+    assert unknown.returncode == 125
+    assert unknown.stderr == (
+        "fleetrun: error: unknown host 'web9' (known hosts: local; inventory: <embedded default inventory>)\n"
+    )
+    bad = tmp_path / "hosts.yaml"
+    bad.write_text("hosts:\n  web1:\n    max_seconds: forever\n")
+    broken = run_cli("--hosts", str(bad), "run", "web1", "--", "true")
+    assert broken.returncode == 125
+    assert broken.stderr == (
+        f"fleetrun: error: {bad}:3: host 'web1', field 'max_seconds': expected a number, got 'forever'\n"
+    )
+    no_command = run_cli("run", "local")
+    assert no_command.returncode == 125 and "no command given" in no_command.stderr
+    spawn = run_cli("run", "local", "--cwd", str(tmp_path / "nowhere"), "--", "true")
+    assert spawn.returncode == 125 and "cannot start the command" in spawn.stderr
+    for result in (unknown, broken, no_command, spawn):
+        assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2():
+    result = run_cli("run", "local", "--timeout", "soon", "--", "true")
+    assert result.returncode == 2
+    assert "expected a number of seconds, got 'soon'" in result.stderr
+    assert run_cli("frobnicate").returncode == 2
+
+
+def test_dry_run_shows_the_plan_and_runs_nothing(tmp_path):
+    flag = tmp_path / "ran"
+    result = run_cli("run", "local", "--timeout", "5", "--dry-run", "--", f"touch {flag}")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.strip().splitlines())
+    assert lines["host"].strip() == "local"
+    assert lines["transport"].strip() == "local (shell: /bin/sh)"
+    assert lines["command"].strip() == f"touch {flag}"
+    assert "max_seconds=5 max_output_bytes=104857600 max_concurrent=8" in lines["limits"]
+    assert "none configured" in lines["policy"]
+    assert lines["dry run"].strip() == "nothing was run"
+    time.sleep(0.2)
+    assert not flag.exists()
+    as_json = json.loads(run_cli("run", "local", "--dry-run", "--json", "--", f"touch {flag}").stdout)
+    assert as_json["ran"] is False and as_json["limits"]["max_seconds"] == 3600
+    assert not flag.exists()
+    assert json.loads(run_cli("tasks", "list", "--json").stdout) == []
+
+
+def test_json_mode_prints_lifecycle_events_only():
+    result = run_cli("run", "local", "--json", "--", "echo hi")
+    assert result.returncode == 0
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["task.created", "task.progress", "task.completed"]
+    assert events[-1]["exit_code"] == 0 and events[1]["latest_line"] == "hi"
+
+
+def test_json_log_flag_and_env_write_an_audit_file(tmp_path):
+    by_flag = tmp_path / "flag.jsonl"
+    run_cli("--json-log", str(by_flag), "run", "local", "--", "true")
+    assert [json.loads(l)["event"] for l in by_flag.read_text().splitlines()] == ["task.created", "task.completed"]
+    by_env = tmp_path / "env.jsonl"
+    run_cli("run", "local", "--", "exit 3", env={"FLEETRUN_JSON_LOG": str(by_env)})
+    assert json.loads(by_env.read_text().splitlines()[-1])["exit_code"] == 3
+
+
+def test_tasks_list_show_and_output():
+    first = run_cli("run", "local", "--", "printf 'a\\nb\\nc\\n'; echo err >&2")
+    assert first.returncode == 0
+    tasks = json.loads(run_cli("tasks", "list", "--json").stdout)
+    task_id = tasks[0]["id"]
+    table = run_cli("tasks", "list").stdout.splitlines()
+    assert table[0].split() == ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]
+    assert table[1].startswith(f"{task_id}  succeeded  0")
+    shown = json.loads(run_cli("tasks", "show", task_id, "--json").stdout)
+    assert shown["stdout_bytes"] == 6 and shown["stderr_bytes"] == 4 and shown["status"] == "succeeded"
+    assert run_cli("tasks", "output", task_id).stdout == "a\nb\nc\n"
+    assert run_cli("tasks", "output", task_id, "--stream", "stderr").stdout == "err\n"
+    assert run_cli("tasks", "output", task_id, "--offset", "2").stdout == "b\nc\n"
+    assert run_cli("tasks", "output", task_id, "--tail", "2").stdout == "b\nc\n"
+    assert run_cli("tasks", "list", "--status", "failed", "--json").stdout.strip() == "[]"
+    missing = run_cli("tasks", "show", "ffffffffffff")
+    assert missing.returncode == 1 and "no task 'ffffffffffff'" in missing.stderr
+    invalid = run_cli("tasks", "output", "../../etc/passwd")
+    assert invalid.returncode == 1 and "invalid task id" in invalid.stderr
+
+
+def test_tasks_output_follow_streams_until_the_task_ends(tmp_path):
+    flag = tmp_path / "go"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "run", "local", "--", f"echo one; while [ ! -e {flag} ]; do sleep 0.02; done; echo two"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    task_id = wait_until(lambda: (json.loads(run_cli("tasks", "list", "--json").stdout) or [{}])[0].get("id"))
+    follower = subprocess.Popen([sys.executable, "-m", "fleetrun", "tasks", "output", task_id, "--follow"], stdout=subprocess.PIPE)
+    assert follower.stdout.readline() == b"one\n"
+    flag.touch()
+    assert follower.stdout.readline() == b"two\n"
+    assert follower.wait(10) == 0
+    runner.communicate(timeout=10)
+
+
+def test_hosts_and_plugins_commands(tmp_path):
+    hosts = run_cli("hosts")
+    assert hosts.returncode == 0
+    assert hosts.stdout.splitlines()[1].split()[:2] == ["local", "local"]
+    assert "inventory: <embedded default inventory>" in hosts.stdout
+    example = Path(__file__).resolve().parent.parent / "hosts.example.yaml"
+    listed = json.loads(run_cli("--hosts", str(example), "hosts", "--json").stdout)
+    assert [h["name"] for h in listed["hosts"]] == ["builder", "local"]
+    plugins = json.loads(run_cli("plugins", "--json").stdout)
+    assert {"name": "fleetrun.transports.local", "source": "built-in", "hooks": ["fleetrun_register_transports"], "error": None} in plugins["plugins"]
+    assert plugins["transports"] == {"local": "fleetrun.plugins.transports.local.LocalTransport"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["run"], ["hosts"], ["plugins"], ["tasks"], ["tasks", "list"], ["tasks", "show"], ["tasks", "output"], ["tasks", "cancel"]],
+)
+def test_every_command_has_help(args):
+    result = run_cli(*args, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: fleetrun")
+    assert len(result.stdout.splitlines()) > 4
+
+
+def test_run_help_documents_the_exit_codes():
+    text = run_cli("run", "--help").stdout
+    for code in ("124", "125", "130"):
+        assert code in text

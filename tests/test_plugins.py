@@ -1,0 +1,137 @@
+"""The plugin manager: built-ins, entry points, blocking, tracing, validation, docs."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+
+import pytest
+
+from fleetrun import hookimpl
+from fleetrun.core import hookspecs
+from fleetrun.core.errors import PluginError
+from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.transport import Transport
+
+from conftest import REPO
+
+
+def all_hookspecs() -> list[str]:
+    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("fleetrun_")]
+
+
+def test_every_hook_is_documented_in_docs_plugins_md():
+    docs = (REPO / "docs" / "plugins.md").read_text()
+    headings = set(re.findall(r"^### `(fleetrun_\w+)\(", docs, flags=re.M))
+    assert set(all_hookspecs()) == headings
+    for name in all_hookspecs():
+        spec = getattr(hookspecs, name)
+        params = ", ".join(inspect.signature(spec).parameters)
+        assert f"### `{name}({params})`" in docs, f"docs/plugins.md: wrong signature for {name}"
+
+
+def test_every_hookspec_has_a_full_docstring():
+    for name in all_hookspecs():
+        doc = inspect.getdoc(getattr(hookspecs, name))
+        assert doc and len(doc.splitlines()) >= 3, name
+        for param in inspect.signature(getattr(hookspecs, name)).parameters:
+            assert f":param {param}:" in doc, f"{name} does not document {param}"
+
+
+def test_builtins_are_registered_and_listed():
+    manager = PluginManager(autoload=False)
+    assert set(manager.transports) == {"local"}
+    info = {p.name: p for p in manager.plugins()}
+    assert info["fleetrun.transports.local"].source == "built-in"
+    assert info["fleetrun.transports.local"].hooks == ("fleetrun_register_transports",)
+
+
+def test_blocked_plugins_are_not_loaded():
+    manager = PluginManager(autoload=False, environ={"FLEETRUN_DISABLE_PLUGINS": "fleetrun.transports.local"})
+    assert manager.transports == {}
+    assert "fleetrun.transports.local" not in {p.name for p in manager.plugins()}
+
+
+def test_unknown_hook_names_are_rejected_at_load_time():
+    class Typo:
+        @hookimpl
+        def fleetrun_task_complete(self, task, result):  # missing "d"
+            pass
+
+    with pytest.raises(PluginError, match="Typo.*unknown hook 'fleetrun_task_complete'"):
+        PluginManager(plugins=[Typo()], autoload=False)
+
+
+class _Listener:
+    @hookimpl
+    def fleetrun_task_created(self, task):
+        pass
+
+
+def test_tracing_switch_logs_hook_calls(caplog):
+    manager = PluginManager(plugins=[_Listener()], autoload=False, environ={"FLEETRUN_TRACE": "1"})
+    with caplog.at_level(logging.INFO, logger="fleetrun.trace"):
+        manager.task_created(_task())
+    traced = [r.getMessage() for r in caplog.records if r.name == "fleetrun.trace"]
+    assert any("fleetrun_task_created" in line for line in traced), traced
+    quiet = PluginManager(plugins=[_Listener()], autoload=False, environ={})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fleetrun.trace"):
+        quiet.task_created(_task())
+    assert not [r for r in caplog.records if r.name == "fleetrun.trace"]
+
+
+def _task():
+    from fleetrun.core.models import Task
+
+    return Task(id="0123456789ab", host="local", transport="local", command="true", status=TaskStatus.QUEUED, created_at=0.0)
+
+
+def test_a_plugin_can_add_a_transport(make_executor):
+    class EchoTransport(Transport):
+        name = "echo"
+
+        async def execute(self, execution):
+            execution.stdout.write(f"would run: {execution.command}\n".encode())
+            return 0
+
+    class EchoPlugin:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            register(EchoTransport)
+
+    executor = make_executor(plugins=[EchoPlugin()])
+    executor.inventory = __import__("fleetrun.core.inventory", fromlist=["x"]).parse_inventory(
+        "hosts:\n  fake:\n    transport: echo\n", transports=executor.plugins.transports
+    )
+    task = executor.run(TaskRequest(host="fake", command="rm -rf /"))
+    assert task.status is TaskStatus.SUCCEEDED and task.transport == "echo"
+    assert executor.read_output(task.id).data == b"would run: rm -rf /\n"
+
+
+def test_two_transports_with_one_name_is_an_error():
+    class Other(Transport):
+        name = "local"
+
+        async def execute(self, execution):
+            return 0
+
+    class Clash:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            register(Other)
+
+    with pytest.raises(PluginError, match="two transports are named 'local'"):
+        PluginManager(plugins=[Clash()], autoload=False).transports
+
+
+def test_register_takes_only_transport_classes():
+    class Wrong:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            register(object)
+
+    with pytest.raises(PluginError, match="register\\(\\) takes a Transport subclass"):
+        PluginManager(plugins=[Wrong()], autoload=False).transports
