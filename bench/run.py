@@ -1,0 +1,267 @@
+"""fleetrun benchmarks: each one against a baseline measured in the same run.
+
+    python bench/run.py                 # all of them
+    python bench/run.py seq big         # some of them (seq, concurrent, big, latency)
+    python bench/run.py --quick         # smaller sizes, for a smoke run
+
+Every scenario runs in a child process of its own, so that its peak RSS (VmHWM) is its
+own. Results are printed as a table and written to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+MiB = 1 << 20
+
+
+# -- helpers run inside the child ------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_executor(home: Path, *, max_concurrent: int = 64, host_limit: int = 8, max_output: int = 100 * MiB, plugins=()):
+    from fleetrun.core.executor import Executor
+    from fleetrun.core.inventory import parse_inventory
+    from fleetrun.core.plugin_manager import PluginManager
+    from fleetrun.core.store import TaskStore
+
+    manager = PluginManager(plugins=list(plugins), autoload=False)
+    inventory = parse_inventory(
+        f"hosts:\n  local:\n    max_concurrent: {host_limit}\n    max_output_bytes: {max_output}\n    max_seconds: 600\n",
+        transports=manager.transports,
+    )
+    return Executor(store=TaskStore(home), plugins=manager, inventory=inventory, max_concurrent=max_concurrent)
+
+
+def bench_seq(params: dict) -> dict:
+    """N sequential `true` tasks (store and hooks included) against subprocess.run loops."""
+    from fleetrun.core.events import EventRecorder
+    from fleetrun.core.models import TaskRequest
+
+    n = params["n"]
+    home = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+    recorder = EventRecorder()
+    executor = make_executor(home, plugins=[recorder])
+    request = TaskRequest(host="local", command="true")
+    for _ in range(20):
+        executor.run(request)
+        subprocess.run("true", shell=True, capture_output=True)
+    rounds = {"fleetrun": [], "subprocess.run(capture_output=True)": [], "subprocess.run (no capture)": []}
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n):
+            executor.run(request)
+        rounds["fleetrun"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n):
+            subprocess.run("true", shell=True, capture_output=True)
+        rounds["subprocess.run(capture_output=True)"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n):
+            subprocess.run("true", shell=True)
+        rounds["subprocess.run (no capture)"].append(time.perf_counter() - t)
+    executor.close()
+    shutil.rmtree(home, ignore_errors=True)
+    walls = {k: statistics.median(v) for k, v in rounds.items()}
+    return {
+        "tasks": n,
+        "wall_s": walls,
+        "per_task_ms": {k: v / n * 1000 for k, v in walls.items()},
+        "ratio_vs_capture": walls["fleetrun"] / walls["subprocess.run(capture_output=True)"],
+        "ratio_vs_no_capture": walls["fleetrun"] / walls["subprocess.run (no capture)"],
+        "events_recorded": len(recorder),
+    }
+
+
+def bench_concurrent(params: dict) -> dict:
+    """N concurrent `sleep 1` tasks: wall time from the first submit to the last end, peak RSS."""
+    from fleetrun.core.models import TaskRequest, TaskStatus
+
+    n = params["n"]
+    home = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+    executor = make_executor(home, max_concurrent=n, host_limit=n)
+    executor.run(TaskRequest(host="local", command="true"))
+    t = time.perf_counter()
+    handles = [executor.submit(TaskRequest(host="local", command="sleep 1")) for _ in range(n)]
+    submitted = time.perf_counter() - t
+    tasks = [h.wait() for h in handles]
+    wall = time.perf_counter() - t
+    ok = sum(task.status is TaskStatus.SUCCEEDED for task in tasks)
+    executor.close()
+    shutil.rmtree(home, ignore_errors=True)
+    baseline = _baseline_concurrent_sleeps(n)
+    return {"tasks": n, "succeeded": ok, "wall_s": wall, "submit_s": submitted, "peak_rss_mib": peak_rss_mib(),
+            "baseline_popen_wall_s": baseline}
+
+
+def _baseline_concurrent_sleeps(n: int) -> float:
+    t = time.perf_counter()
+    procs = [subprocess.Popen(["sleep", "1"]) for _ in range(n)]
+    for p in procs:
+        p.wait()
+    return time.perf_counter() - t
+
+
+def bench_big(params: dict) -> dict:
+    """One task printing SIZE bytes vs the same producer piped into `cat > /dev/null`."""
+    from fleetrun.core.models import TaskRequest
+
+    size = params["size"]
+    producer = f"yes 'fleetrun benchmark line of text, sixty-four bytes long..........' | head -c {size}"
+    home = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+    executor = make_executor(home, max_output=size + MiB)
+    ours, base, direct, to_file = [], [], [], []
+    kept = home / "kept-by-cat"
+    for _ in range(params["rounds"]):
+        t = time.perf_counter()
+        subprocess.run(["sh", "-c", f"{producer} | cat > /dev/null"], check=True)
+        base.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        subprocess.run(["sh", "-c", f"{producer} > /dev/null"], check=True)
+        direct.append(time.perf_counter() - t)
+        # fleetrun keeps the bytes in a file: this is the same work done by cat.
+        t = time.perf_counter()
+        subprocess.run(["sh", "-c", f"{producer} | cat > {kept}"], check=True)
+        to_file.append(time.perf_counter() - t)
+        kept.unlink()
+        t = time.perf_counter()
+        task = executor.run(TaskRequest(host="local", command=producer))
+        ours.append(time.perf_counter() - t)
+        assert task.stdout_bytes == size and not task.stdout_truncated, task
+        assert (executor.store.output_dir(task.id) / "stdout").stat().st_size == size
+        shutil.rmtree(executor.store.output_dir(task.id))
+    executor.close()
+    shutil.rmtree(home, ignore_errors=True)
+    med = statistics.median
+    return {
+        "bytes": size, "rounds": params["rounds"],
+        "fleetrun_wall_s": med(ours), "producer_pipe_cat_devnull_wall_s": med(base), "producer_devnull_wall_s": med(direct),
+        "producer_pipe_cat_file_wall_s": med(to_file), "ratio_vs_cat": med(ours) / med(base),
+        "ratio_vs_cat_to_file": med(ours) / med(to_file), "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def bench_latency(params: dict) -> dict:
+    """A line printed (with its own timestamp) to its progress event reaching a hook."""
+    from fleetrun import hookimpl
+    from fleetrun.core.models import TaskRequest
+
+    samples: list[float] = []
+
+    class Stopwatch:
+        @hookimpl
+        def fleetrun_task_progress(self, task, progress):
+            now = time.time()
+            if progress.latest_line and progress.latest_line.startswith("t="):
+                samples.append(now - float(progress.latest_line[2:]))
+
+    home = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+    executor = make_executor(home, plugins=[Stopwatch()])
+    count = params["lines"]
+    # 0.15 s apart: more than the 0.1 s rate limit, so every line gets an event of its own.
+    script = f"i=0; while [ $i -lt {count} ]; do echo t=$(date +%s.%N); i=$((i+1)); sleep 0.15; done"
+    executor.run(TaskRequest(host="local", command=script))
+    executor.close()
+    shutil.rmtree(home, ignore_errors=True)
+    ms = sorted(s * 1000 for s in samples)
+    return {"lines": count, "events": len(ms), "median_ms": statistics.median(ms), "p90_ms": ms[int(len(ms) * 0.9) - 1],
+            "max_ms": ms[-1]}
+
+
+SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big, "latency": bench_latency}
+
+
+# -- driver ----------------------------------------------------------------------------
+
+
+def run_child(name: str, params: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", name, json.dumps(params)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark {name} {params} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", choices=[*SCENARIOS, []], default=[])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, params = args.child
+        print(json.dumps(SCENARIOS[name](json.loads(params))))
+        return
+    names = args.names or list(SCENARIOS)
+    quick = args.quick
+    plan = {
+        "seq": [{"n": 100 if quick else 500}],
+        "concurrent": [{"n": 100 if quick else 1000}],
+        "big": [{"size": 16 * MiB, "rounds": 1}] if quick else [{"size": 256 * MiB, "rounds": 5}, {"size": 1024 * MiB, "rounds": 3}],
+        "latency": [{"lines": 10 if quick else 40}],
+    }
+    results = {}
+    for name in names:
+        for params in plan[name]:
+            key = f"{name}:{json.dumps(params, sort_keys=True)}"
+            results[key] = run_child(name, params)
+            print(f"{key}\n  {json.dumps(results[key], indent=None)}", flush=True)
+    report = {"machine": {"nproc": os.cpu_count(), "python": sys.version.split()[0]}, "results": results}
+    target = HERE / "results"
+    target.mkdir(exist_ok=True)
+    (target / "latest.json").write_text(json.dumps(report, indent=2))
+    print(summary(results))
+
+
+def summary(results: dict) -> str:
+    lines = ["", "| benchmark | fleetrun | baseline (same run) | ratio / figure | target |", "| --- | --- | --- | --- | --- |"]
+    for key, r in results.items():
+        name = key.split(":")[0]
+        if name == "seq":
+            lines.append(
+                f"| {r['tasks']} sequential `true` | {r['per_task_ms']['fleetrun']:.3f} ms/task | "
+                f"{r['per_task_ms']['subprocess.run(capture_output=True)']:.3f} ms (capture) / "
+                f"{r['per_task_ms']['subprocess.run (no capture)']:.3f} ms (no capture) | "
+                f"{r['ratio_vs_capture']:.2f}x / {r['ratio_vs_no_capture']:.2f}x | <= 1.3x |"
+            )
+        elif name == "concurrent":
+            lines.append(
+                f"| {r['tasks']} concurrent `sleep 1` | {r['wall_s']:.2f} s wall, {r['peak_rss_mib']:.0f} MiB peak RSS | "
+                f"{r['baseline_popen_wall_s']:.2f} s (bare Popen) | {r['succeeded']}/{r['tasks']} succeeded | <= 2.0 s, <= 300 MiB |"
+            )
+        elif name == "big":
+            lines.append(
+                f"| one task printing {r['bytes'] // MiB} MiB | {r['fleetrun_wall_s']:.3f} s, {r['peak_rss_mib']:.0f} MiB peak RSS | "
+                f"{r['producer_pipe_cat_devnull_wall_s']:.3f} s (`\\| cat > /dev/null`); "
+                f"{r['producer_pipe_cat_file_wall_s']:.3f} s (`\\| cat > file`) | "
+                f"{r['ratio_vs_cat']:.2f}x vs /dev/null, {r['ratio_vs_cat_to_file']:.2f}x vs file | <= 1.5x, <= 100 MiB |"
+            )
+        elif name == "latency":
+            lines.append(
+                f"| line printed -> progress hook | median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms | - | "
+                f"{r['events']} samples | median <= 20 ms |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
