@@ -21,9 +21,8 @@ from typing import Any, Sequence
 from fleetrun import __version__
 from fleetrun.core import paths
 from fleetrun.core.errors import FleetrunError
-from fleetrun.core.events import CANCELLED, COMPLETED, CREATED, PROGRESS, LifecycleEvent
-from fleetrun.core.hookspecs import hookimpl
-from fleetrun.core.models import Progress, Task, TaskRequest, TaskResult, TaskStatus
+from fleetrun.core.events import CANCELLED, COMPLETED, PROGRESS, LifecycleEvent, LifecycleEventPlugin
+from fleetrun.core.models import Progress, Task, TaskRequest, TaskStatus
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -74,7 +73,7 @@ def _task_dict(task: Task) -> dict[str, Any]:
     return data
 
 
-class _Terminal:
+class _Terminal(LifecycleEventPlugin):
     """Live output and a progress line for ``fleetrun run`` (engine thread only)."""
 
     def __init__(self, *, show_progress: bool, json_events: bool) -> None:
@@ -96,38 +95,25 @@ class _Terminal:
         target.buffer.write(data)
         target.buffer.flush()
 
-    def emit(self, event: LifecycleEvent) -> None:
+    def on_event(self, event: LifecycleEvent) -> None:
+        if event.event in (COMPLETED, CANCELLED):
+            self.clear_line()
         if self.json_events:
             sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n")
             sys.stdout.flush()
+        elif event.event == PROGRESS and self.show_progress and event.progress is not None:
+            self.show(event.task, event.progress)
 
-    @hookimpl
-    def fleetrun_task_created(self, task: Task) -> None:
-        self.emit(LifecycleEvent(CREATED, task, time.time()))
-
-    @hookimpl
-    def fleetrun_task_progress(self, task: Task, progress: Progress) -> None:
-        self.emit(LifecycleEvent(PROGRESS, task, time.time(), progress=progress))
-        if self.show_progress and not self.json_events:
-            parts = [f"[fleetrun] {task.host}", f"{progress.elapsed_s:.1f}s"]
-            if progress.percent is not None:
-                parts.append(f"{progress.percent:.0f}%")
-            parts.append(f"out {_human_bytes(progress.stdout_bytes)}/{progress.stdout_lines} lines")
-            if progress.stderr_bytes:
-                parts.append(f"err {_human_bytes(progress.stderr_bytes)}")
-            sys.stderr.write("\r\x1b[K" + " · ".join(parts))
-            sys.stderr.flush()
-            self.line_shown = True
-
-    @hookimpl
-    def fleetrun_task_completed(self, task: Task, result: TaskResult) -> None:
-        self.clear_line()
-        self.emit(LifecycleEvent(COMPLETED, task, time.time(), result=result))
-
-    @hookimpl
-    def fleetrun_task_cancelled(self, task: Task, reason: str) -> None:
-        self.clear_line()
-        self.emit(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))
+    def show(self, task: Task, progress: Progress) -> None:
+        parts = [f"[fleetrun] {task.host}", f"{progress.elapsed_s:.1f}s"]
+        if progress.percent is not None:
+            parts.append(f"{progress.percent:.0f}%")
+        parts.append(f"out {_human_bytes(progress.stdout_bytes)}/{progress.stdout_lines} lines")
+        if progress.stderr_bytes:
+            parts.append(f"err {_human_bytes(progress.stderr_bytes)}")
+        sys.stderr.write("\r\x1b[K" + " · ".join(parts))
+        sys.stderr.flush()
+        self.line_shown = True
 
 
 # -- context ---------------------------------------------------------------------------
@@ -465,7 +451,12 @@ def _positive_int(text: str) -> int:
 
 
 def _non_negative_int(text: str) -> int:
-    value = _positive_int(text) if text != "0" else 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 

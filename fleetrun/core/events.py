@@ -74,11 +74,37 @@ class LifecycleEvent:
         return out
 
 
-class EventRecorder:
+class LifecycleEventPlugin:
+    """Base for plugins that handle every lifecycle hook as one :class:`LifecycleEvent`."""
+
+    def on_event(self, event: LifecycleEvent) -> None:
+        raise NotImplementedError
+
+    @hookimpl
+    def fleetrun_task_created(self, task: Task) -> None:
+        self.on_event(LifecycleEvent(CREATED, task, time.time()))
+
+    @hookimpl
+    def fleetrun_task_progress(self, task: Task, progress: Progress) -> None:
+        self.on_event(LifecycleEvent(PROGRESS, task, time.time(), progress=progress))
+
+    @hookimpl
+    def fleetrun_task_completed(self, task: Task, result: TaskResult) -> None:
+        self.on_event(LifecycleEvent(COMPLETED, task, time.time(), result=result))
+
+    @hookimpl
+    def fleetrun_task_cancelled(self, task: Task, reason: str) -> None:
+        self.on_event(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))
+
+
+class EventRecorder(LifecycleEventPlugin):
     """A plugin that keeps every lifecycle event it sees, in order (used by tests)."""
 
     def __init__(self) -> None:
         self.events: list[LifecycleEvent] = []
+
+    def on_event(self, event: LifecycleEvent) -> None:
+        self.events.append(event)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.events)
@@ -95,19 +121,3 @@ class EventRecorder:
 
     def clear(self) -> None:
         self.events.clear()
-
-    @hookimpl
-    def fleetrun_task_created(self, task: Task) -> None:
-        self.events.append(LifecycleEvent(CREATED, task, time.time()))
-
-    @hookimpl
-    def fleetrun_task_progress(self, task: Task, progress: Progress) -> None:
-        self.events.append(LifecycleEvent(PROGRESS, task, time.time(), progress=progress))
-
-    @hookimpl
-    def fleetrun_task_completed(self, task: Task, result: TaskResult) -> None:
-        self.events.append(LifecycleEvent(COMPLETED, task, time.time(), result=result))
-
-    @hookimpl
-    def fleetrun_task_cancelled(self, task: Task, reason: str) -> None:
-        self.events.append(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))

@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
-from fleetrun.core.errors import FleetrunError, UnknownTaskError
+from fleetrun.core.errors import FleetrunError
 from fleetrun.core.inventory import Host, Inventory, default_inventory
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus
 from fleetrun.core.output import OutputSlice, SpoolWriter, spool_path

@@ -17,7 +17,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import pluggy

@@ -11,17 +11,14 @@ import json
 import os
 import sys
 import threading
-import time
 from typing import IO
 
-from fleetrun.core.events import CANCELLED, COMPLETED, CREATED, PROGRESS, LifecycleEvent
-from fleetrun.core.hookspecs import hookimpl
-from fleetrun.core.models import Progress, Task, TaskResult
+from fleetrun.core.events import PROGRESS, LifecycleEvent, LifecycleEventPlugin
 
 ENV = "FLEETRUN_JSON_LOG"
 
 
-class JsonLogNotifier:
+class JsonLogNotifier(LifecycleEventPlugin):
     """Writes lifecycle events to ``target``: a path, ``"-"`` for stderr, or a text stream."""
 
     def __init__(self, target: str | os.PathLike[str] | IO[str], *, progress: bool = True) -> None:
@@ -39,7 +36,9 @@ class JsonLogNotifier:
             self._stream = target
             self._owned = False
 
-    def write(self, event: LifecycleEvent) -> None:
+    def on_event(self, event: LifecycleEvent) -> None:
+        if event.event == PROGRESS and not self.include_progress:
+            return
         line = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
         with self._lock:
             self._stream.write(line + "\n")
@@ -48,20 +47,3 @@ class JsonLogNotifier:
     def close(self) -> None:
         if self._owned:
             self._stream.close()
-
-    @hookimpl
-    def fleetrun_task_created(self, task: Task) -> None:
-        self.write(LifecycleEvent(CREATED, task, time.time()))
-
-    @hookimpl
-    def fleetrun_task_progress(self, task: Task, progress: Progress) -> None:
-        if self.include_progress:
-            self.write(LifecycleEvent(PROGRESS, task, time.time(), progress=progress))
-
-    @hookimpl
-    def fleetrun_task_completed(self, task: Task, result: TaskResult) -> None:
-        self.write(LifecycleEvent(COMPLETED, task, time.time(), result=result))
-
-    @hookimpl
-    def fleetrun_task_cancelled(self, task: Task, reason: str) -> None:
-        self.write(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))
