@@ -159,8 +159,10 @@ class _InventoryParser:
                 raise self.error(key_node, f"unknown top-level key {key!r} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
         defaults = Limits()
         if "defaults" in top:
-            values = self.fields(top["defaults"][1], LIMIT_FIELDS, host=None, section="defaults")
-            defaults = self.limits(values, Limits(), host=None)
+            specs = {name: COMMON_HOST_FIELDS[name] for name in LIMIT_FIELDS}
+            entries = self.mapping(top["defaults"][1], "'defaults' must be a mapping of fields")
+            values = self.fields(entries, specs, host=None, unknown="unknown field in 'defaults'")
+            defaults = self.limits(values, Limits())
         if "hosts" not in top:
             raise self.error(root, "missing the 'hosts:' mapping")
         hosts_node = top["hosts"][1]
@@ -192,87 +194,59 @@ class _InventoryParser:
 
     def host(self, name: str, name_node: yaml.Node, body: yaml.Node, defaults: Limits) -> Host:
         if isinstance(body, yaml.ScalarNode) and body.tag == "tag:yaml.org,2002:null":
-            raw: dict[str, tuple[yaml.Node, Any]] = {}
+            entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         else:
             if not isinstance(body, yaml.MappingNode):
                 raise self.error(body, "a host must be a mapping of fields", host=name)
-            raw = self.fields(body, None, host=name, section=None)
-        transport_name = raw.pop("transport", (name_node, "local"))[1]
-        transport_fields: Mapping[str, HostField] = {}
+            entries = self.mapping(body, "a host must be a mapping of fields")
+        transport_name = "local"
+        transport_key = name_node
+        if "transport" in entries:
+            transport_key, transport_node = entries["transport"]
+            transport_name = self.value(transport_node, "string", host=name, field="transport")
+        specs: Mapping[str, HostField] | None = None  # None: no registry, keep unknown fields as options
         if self.transports is not None:
             cls = self.transports.get(transport_name)
             if cls is None:
                 available = ", ".join(sorted(self.transports)) or "none"
-                node = body if isinstance(body, yaml.MappingNode) else name_node
                 raise self.error(
-                    self.key_node(body, "transport") or node,
+                    transport_key,
                     f"unknown transport {transport_name!r} (available: {available})",
                     host=name,
                     field="transport",
                 )
-            transport_fields = cls.host_fields
-        options: dict[str, Any] = {}
-        for key in list(raw):
-            if key in COMMON_HOST_FIELDS:
-                continue
-            key_node, value = raw.pop(key)
-            spec = transport_fields.get(key)
-            if spec is None and self.transports is not None:
-                allowed = sorted({*COMMON_HOST_FIELDS, *transport_fields})
-                raise self.error(
-                    key_node,
-                    f"unknown field for transport {transport_name!r} (allowed: {', '.join(allowed)})",
-                    host=name,
-                    field=key,
-                )
-            options[key] = value
-        values = {k: v for k, (_, v) in raw.items()}
-        limits = self.limits(raw, defaults, host=name)
+            specs = {**COMMON_HOST_FIELDS, **cls.host_fields}
+        values = self.fields(entries, specs, host=name, unknown=f"unknown field for transport {transport_name!r}")
         return Host(
             name=name,
             transport=transport_name,
             description=values.get("description"),
             tags=tuple(values.get("tags", ())),
-            limits=limits,
+            limits=self.limits(values, defaults),
             env=dict(values.get("env", {})),
             cwd=values.get("cwd"),
-            options=options,
+            options={k: v for k, v in values.items() if k not in COMMON_HOST_FIELDS},
         )
 
-    @staticmethod
-    def key_node(body: yaml.Node, key: str) -> yaml.Node | None:
-        if isinstance(body, yaml.MappingNode):
-            for key_node, _ in body.value:
-                if getattr(key_node, "value", None) == key:
-                    return key_node
-        return None
-
     def fields(
-        self, node: yaml.Node, allowed: tuple[str, ...] | None, *, host: str | None, section: str | None
-    ) -> dict[str, tuple[yaml.Node, Any]]:
-        """Check the value types of a mapping's fields; return field -> (key node, value)."""
-        what = f"'{section}'" if section else "a host"
-        entries = self.mapping(node, f"{what} must be a mapping of fields")
-        out: dict[str, tuple[yaml.Node, Any]] = {}
-        for key, (key_node, value_node) in entries.items():
-            if allowed is not None and key not in allowed:
-                raise self.error(
-                    key_node, f"unknown field in {what} (allowed: {', '.join(allowed)})", host=host, field=key
-                )
-            spec = COMMON_HOST_FIELDS.get(key)
-            if spec is None and self.transports is not None and host is not None:
-                spec = self.transport_field(entries, key)
-            value = self.value(value_node, spec.kind if spec else None, host=host, field=key)
-            out[key] = (key_node, value)
-        return out
+        self,
+        entries: dict[str, tuple[yaml.Node, yaml.Node]],
+        specs: Mapping[str, HostField] | None,
+        *,
+        host: str | None,
+        unknown: str,
+    ) -> dict[str, Any]:
+        """Check each field against its spec; return field -> value.
 
-    def transport_field(self, entries: dict[str, tuple[yaml.Node, yaml.Node]], key: str) -> HostField | None:
-        transport_entry = entries.get("transport")
-        name = "local"
-        if transport_entry is not None and isinstance(transport_entry[1], yaml.ScalarNode):
-            name = transport_entry[1].value
-        cls = (self.transports or {}).get(name)
-        return cls.host_fields.get(key) if cls is not None else None
+        With ``specs`` None, fields outside the common ones are kept unchecked.
+        """
+        out: dict[str, Any] = {}
+        for key, (key_node, value_node) in entries.items():
+            spec = (specs if specs is not None else COMMON_HOST_FIELDS).get(key)
+            if spec is None and specs is not None:
+                raise self.error(key_node, f"{unknown} (allowed: {', '.join(sorted(specs))})", host=host, field=key)
+            out[key] = self.value(value_node, spec.kind if spec else None, host=host, field=key)
+        return out
 
     def value(self, node: yaml.Node, kind: str | None, *, host: str | None, field: str) -> Any:
         value = yaml.safe_load(yaml.serialize(node))
@@ -321,8 +295,8 @@ class _InventoryParser:
             return out
         raise ValueError(f"unknown host field kind {kind!r}")
 
-    def limits(self, raw: Mapping[str, Any], base: Limits, *, host: str | None) -> Limits:
-        values = {k: (v[1] if isinstance(v, tuple) else v) for k, v in raw.items() if k in LIMIT_FIELDS}
+    @staticmethod
+    def limits(values: Mapping[str, Any], base: Limits) -> Limits:
         return Limits(
             max_seconds=float(values["max_seconds"]) if "max_seconds" in values else base.max_seconds,
             max_output_bytes=int(values.get("max_output_bytes", base.max_output_bytes)),
