@@ -74,11 +74,14 @@ def _task_dict(task: Task) -> dict[str, Any]:
 
 
 class _Terminal(LifecycleEventPlugin):
-    """Live output and a progress line for ``fleetrun run`` (engine thread only)."""
+    """Live output and a progress line for ``fleetrun run`` (engine thread only).
 
-    def __init__(self, *, show_progress: bool, json_events: bool) -> None:
+    With ``--json`` the command's output is not shown: stdout carries the events alone.
+    """
+
+    def __init__(self, *, show_progress: bool, show_output: bool) -> None:
         self.show_progress = show_progress
-        self.json_events = json_events
+        self.show_output = show_output
         self.line_shown = False
 
     def clear_line(self) -> None:
@@ -88,7 +91,7 @@ class _Terminal(LifecycleEventPlugin):
             self.line_shown = False
 
     def on_output(self, stream: str, data: bytes) -> None:
-        if self.json_events:
+        if not self.show_output:
             return
         self.clear_line()
         target = sys.stdout if stream == "stdout" else sys.stderr
@@ -98,9 +101,6 @@ class _Terminal(LifecycleEventPlugin):
     def on_event(self, event: LifecycleEvent) -> None:
         if event.event in (COMPLETED, CANCELLED):
             self.clear_line()
-        if self.json_events:
-            sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n")
-            sys.stdout.flush()
         elif event.event == PROGRESS and self.show_progress and event.progress is not None:
             self.show(event.task, event.progress)
 
@@ -188,9 +188,11 @@ def cmd_run(ctx: _Context) -> int:
     request = _request(args)
     if args.dry_run:
         return _dry_run(ctx, request)
-    terminal = _Terminal(show_progress=sys.stderr.isatty() and not args.quiet, json_events=args.json)
+    terminal = _Terminal(show_progress=sys.stderr.isatty() and not (args.quiet or args.json), show_output=not args.json)
     plugins = ctx.plugins
     plugins.register(terminal, name="fleetrun.cli.terminal")
+    if args.json:
+        plugins.register(JsonLogNotifier(sys.stdout), name="fleetrun.cli.json")
     json_log = ctx.json_log_target()
     if json_log:
         try:

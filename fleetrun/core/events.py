@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fleetrun.core.hookspecs import hookimpl
@@ -37,7 +37,6 @@ class LifecycleEvent:
     progress: Progress | None = None
     result: TaskResult | None = None
     reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         task = self.task
@@ -70,7 +69,6 @@ class LifecycleEvent:
             )
             if self.event == CANCELLED:
                 out["reason"] = self.reason
-        out.update(self.extra)
         return out
 
 

@@ -229,16 +229,12 @@ class Executor:
 
     def submit(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
         """Queue a task and return at once. ``created`` has fired when this returns."""
-        live, loop = self._prepare(request, on_output)
-        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        loop.call_soon_threadsafe(self._admit, live, admitted)
+        live, admitted = self._admit_soon(request, on_output)
         admitted.result()
         return TaskHandle(self, live.record.id, live.done)
 
     async def submit_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
-        live, loop = self._prepare(request, on_output)
-        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        loop.call_soon_threadsafe(self._admit, live, admitted)
+        live, admitted = self._admit_soon(request, on_output)
         await asyncio.wrap_future(admitted)
         return TaskHandle(self, live.record.id, live.done)
 
@@ -347,6 +343,15 @@ class Executor:
             owner_pid=os.getpid(),
         )
         return _LiveTask(record, plan, pattern, listener), self._ensure_started()
+
+    def _admit_soon(
+        self, request: TaskRequest, listener: OutputListener | None
+    ) -> tuple[_LiveTask, concurrent.futures.Future[None]]:
+        """Hand a task to the engine; the future resolves once it is recorded and announced."""
+        live, loop = self._prepare(request, listener)
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._admit, live, admitted)
+        return live, admitted
 
     def _admit(self, live: _LiveTask, admitted: concurrent.futures.Future[None] | None) -> None:
         """On the engine loop: record the task, fire ``created``, start driving it."""

@@ -129,7 +129,7 @@ class PluginManager:
             cls = type(plugin)
             base = f"{cls.__module__}.{cls.__qualname__}"
         name, count = base, 1
-        while self._pm.has_plugin(name) or self._pm.is_blocked(name) and name != base:
+        while self._pm.has_plugin(name):
             count += 1
             name = f"{base}#{count}"
         return name
