@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Sequence
 
 from fleetrun import __version__
@@ -37,11 +37,21 @@ EPILOG_RUN = """\
 The words after -- are joined with spaces and run by the host's shell, as ssh does:
 quote the whole command to keep it one string, e.g. fleetrun run local -- 'ls | wc -l'.
 
-exit status:
+Several hosts (a fan-out): name them with commas (fleetrun run web1,web2 -- uptime) or
+pick them by tag (fleetrun run --tag web -- uptime). Each host gets its own task; output
+lines are prefixed with the host, and a summary table follows on stderr.
+
+exit status, one host:
   the command's own exit status (128+N when signal N killed it)
   124  the command timed out (--timeout or the host's max_seconds)
   125  fleetrun failed: bad hosts file, unknown host, the command could not start
+       or the host could not be reached
   130  the task was cancelled (Ctrl-C, SIGTERM, or `fleetrun tasks cancel`)
+exit status, several hosts:
+  0    every host's task succeeded
+  1    at least one failed, timed out, was cancelled or was not started
+  125  fleetrun failed before starting anything (bad hosts file, unknown host)
+  130  the batch was cancelled (Ctrl-C or SIGTERM)
 """
 
 
@@ -170,7 +180,7 @@ def _request(args: argparse.Namespace) -> TaskRequest:
             raise FleetrunError(f"--env takes NAME=VALUE, got {item!r}")
         env[key] = value
     return TaskRequest(
-        host=args.host,
+        host=args.host or "",
         command=" ".join(words),
         timeout_s=args.timeout,
         max_output_bytes=args.max_output_bytes,
@@ -186,9 +196,13 @@ def cmd_run(ctx: _Context) -> int:
 
     args = ctx.args
     request = _request(args)
+    hosts = _selected_hosts(ctx)
     if args.dry_run:
-        return _dry_run(ctx, request)
-    terminal = _Terminal(show_progress=sys.stderr.isatty() and not (args.quiet or args.json), show_output=not args.json)
+        return _dry_run(ctx, request, hosts)
+    batch = len(hosts) > 1 or args.tag is not None
+    terminal = _Terminal(
+        show_progress=sys.stderr.isatty() and not (args.quiet or args.json or batch), show_output=not args.json
+    )
     plugins = ctx.plugins
     plugins.register(terminal, name="fleetrun.cli.terminal")
     if args.json:
@@ -200,6 +214,9 @@ def cmd_run(ctx: _Context) -> int:
         except OSError as exc:
             raise FleetrunError(f"cannot open the JSON log {json_log}: {exc.strerror}") from None
     executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins)
+    if batch:
+        return _run_batch(executor, args, request, hosts)
+    request = replace(request, host=hosts[0])
     handle = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -209,6 +226,76 @@ def cmd_run(ctx: _Context) -> int:
         signal.signal(signal.SIGTERM, previous)
         executor.close()
     return _run_exit_code(task)
+
+
+def _selected_hosts(ctx: _Context) -> tuple[str, ...]:
+    from fleetrun.core.batch import select_hosts
+
+    args = ctx.args
+    if args.host is None and args.tag is None:
+        raise FleetrunError("name a host (or several: web1,web2) or give --tag; `fleetrun hosts` lists them")
+    return select_hosts(ctx.inventory, [args.host] if args.host else [], args.tag)
+
+
+class _PrefixedOutput:
+    """Fan-out output: whole lines, each prefixed with its host (engine thread only)."""
+
+    def __init__(self, hosts: Sequence[str]) -> None:
+        self.width = max(len(h) for h in hosts)
+        self.partial: dict[tuple[str, str], bytes] = {}
+
+    def write(self, host: str, stream: str, data: bytes) -> None:
+        lines = (self.partial.pop((host, stream), b"") + data).split(b"\n")
+        if lines[-1]:
+            self.partial[(host, stream)] = lines[-1]
+        self._emit(host, stream, lines[:-1])
+
+    def flush(self) -> None:
+        for (host, stream), rest in list(self.partial.items()):
+            self._emit(host, stream, [rest])
+        self.partial.clear()
+
+    def _emit(self, host: str, stream: str, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        prefix = f"{host.ljust(self.width)} | ".encode()
+        target = (sys.stdout if stream == "stdout" else sys.stderr).buffer
+        target.write(b"".join(prefix + line + b"\n" for line in lines))
+        target.flush()
+
+
+def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: tuple[str, ...]) -> int:  # type: ignore[no-untyped-def]
+    from fleetrun.core.batch import BatchRequest, run_batch
+
+    show_output = not args.json
+    batch = BatchRequest(
+        hosts=hosts, command=request.command, timeout_s=request.timeout_s,
+        max_output_bytes=request.max_output_bytes, env=request.env, cwd=request.cwd,
+        max_parallel=args.max_parallel, stop_on_failure=args.stop_on_failure,
+    )
+    output = _PrefixedOutput(hosts)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        outcome = run_batch(executor, batch, on_output=output.write if show_output else None)
+    except KeyboardInterrupt:
+        output.flush()
+        _note("the batch was cancelled; its running tasks were stopped")
+        return EXIT_CANCELLED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        executor.close()
+    output.flush()
+    rows = []
+    for task in outcome.tasks:
+        rows.append([
+            task.host, task.status.value, "-" if task.exit_code is None else str(task.exit_code),
+            "-" if task.duration_s is None else f"{task.duration_s:.2f}s", task.id, task.error or "",
+        ])
+    rows += [[host, "not started", "-", "-", "-", "an earlier task failed (--stop-on-failure)"] for host in outcome.not_started]
+    sys.stderr.write("\n" + _table(rows, ["HOST", "STATUS", "EXIT", "DURATION", "TASK", "ERROR"]) + "\n")
+    good = sum(1 for t in outcome.tasks if t.status is TaskStatus.SUCCEEDED)
+    _note(f"{good} of {len(hosts)} hosts succeeded")
+    return EXIT_OK if outcome.succeeded else EXIT_ERROR
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -248,45 +335,51 @@ def _note(message: str) -> None:
     sys.stderr.write(f"fleetrun: {message}\n")
 
 
-def _dry_run(ctx: _Context, request: TaskRequest) -> int:
+def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
     from fleetrun.core.executor import plan_task
 
-    plan = plan_task(request, ctx.inventory, ctx.plugins.transports)
-    info = {
-        "host": plan.host.name,
-        "transport": plan.transport,
-        "transport_details": dict(plan.transport_details),
-        "command": plan.command,
-        "limits": asdict(plan.limits),
-        "env": sorted(plan.env),
-        "cwd": plan.cwd,
-        "policy": None,
-        "inventory": ctx.inventory.source,
-        "ran": False,
-    }
+    plans = [plan_task(replace(request, host=host), ctx.inventory, ctx.plugins.transports) for host in hosts]
     if ctx.args.json:
-        print(json.dumps(info, indent=2))
+        infos = [
+            {
+                "host": plan.host.name,
+                "transport": plan.transport,
+                "transport_details": dict(plan.transport_details),
+                "command": plan.command,
+                "limits": asdict(plan.limits),
+                "env": sorted(plan.env),
+                "cwd": plan.cwd,
+                "policy": None,
+                "inventory": ctx.inventory.source,
+                "ran": False,
+            }
+            for plan in plans
+        ]
+        print(json.dumps(infos[0] if len(infos) == 1 and ctx.args.tag is None else infos, indent=2))
         return EXIT_OK
-    details = ", ".join(f"{k}: {v}" for k, v in plan.transport_details.items())
-    limits = plan.limits
-    rows = [
-        ("host", plan.host.name),
-        ("transport", plan.transport + (f" ({details})" if details else "")),
-        ("command", plan.command),
-        (
-            "limits",
-            f"max_seconds={'none' if limits.max_seconds is None else f'{limits.max_seconds:g}'} "
-            f"max_output_bytes={limits.max_output_bytes} max_concurrent={limits.max_concurrent}",
-        ),
-        ("environment", ", ".join(sorted(plan.env)) or "(nothing added)"),
-        ("cwd", plan.cwd or "(inherited)"),
-        ("policy", "none configured: the CLI runs any command when no policy is set"),
-        ("inventory", ctx.inventory.source),
-        ("dry run", "nothing was run"),
-    ]
-    width = max(len(k) for k, _ in rows) + 1
-    for key, value in rows:
-        print(f"{(key + ':').ljust(width)} {value}")
+    for index, plan in enumerate(plans):
+        if index:
+            print()
+        details = ", ".join(f"{k}: {v}" for k, v in plan.transport_details.items() if v is not None)
+        limits = plan.limits
+        rows = [
+            ("host", plan.host.name),
+            ("transport", plan.transport + (f" ({details})" if details else "")),
+            ("command", plan.command),
+            (
+                "limits",
+                f"max_seconds={'none' if limits.max_seconds is None else f'{limits.max_seconds:g}'} "
+                f"max_output_bytes={limits.max_output_bytes} max_concurrent={limits.max_concurrent}",
+            ),
+            ("environment", ", ".join(sorted(plan.env)) or "(nothing added)"),
+            ("cwd", plan.cwd or "(inherited)"),
+            ("policy", "none configured: the CLI runs any command when no policy is set"),
+            ("inventory", ctx.inventory.source),
+            ("dry run", "nothing was run"),
+        ]
+        width = max(len(k) for k, _ in rows) + 1
+        for key, value in rows:
+            print(f"{(key + ':').ljust(width)} {value}")
     return EXIT_OK
 
 
@@ -483,7 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a command on a host", description="Run a command on a host and stream its output.",
         epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("host", help="a host name from the inventory (`fleetrun hosts` lists them)")
+    run.add_argument(
+        "host", nargs="?",
+        help="a host name from the inventory (`fleetrun hosts` lists them), or several: web1,web2",
+    )
+    run.add_argument("--tag", help="run on every host with this tag (with or without HOST)")
+    run.add_argument(
+        "--max-parallel", type=_positive_int, default=10, metavar="N",
+        help="several hosts: at most N tasks at once (default 10)",
+    )
+    run.add_argument(
+        "--stop-on-failure", action="store_true",
+        help="several hosts: start no new task once one has failed (running ones finish)",
+    )
     run.add_argument("command", nargs="*", metavar="-- COMMAND", help="the command, after --")
     run.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="time limit (can only lower the host's max_seconds)")
     run.add_argument("--max-output-bytes", type=_positive_int, metavar="N", help="bytes kept of stdout and of stderr (can only lower the host's limit)")

@@ -84,6 +84,16 @@ def processes_with(text: str) -> list[int]:
     return found
 
 
+def assert_none_left(marker: str, within: float = 2.0) -> None:
+    """No process with ``marker`` in its command line survives; a killed one may take a moment to go."""
+    deadline = time.monotonic() + within
+    while processes_with(marker):
+        if time.monotonic() > deadline:
+            survivors = processes_with(marker)
+            assert survivors == [], f"still running: {survivors}"
+        time.sleep(0.02)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
     deadline = time.monotonic() + timeout
     while True:

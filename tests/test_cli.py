@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_with, run_cli, wait_until
+from conftest import assert_none_left, processes_with, run_cli, wait_until
 
 
 def test_run_streams_output_and_exits_with_the_command_status():
@@ -31,7 +31,7 @@ def test_timeout_exits_124_and_says_so(marker):
     result = run_cli("run", "local", "--timeout", "0.3", "--", f"sleep {marker}")
     assert result.returncode == 124
     assert "timed out after 0.3 s" in result.stderr
-    assert processes_with(marker) == []
+    assert_none_left(marker)
 
 
 def test_sigint_cancels_the_task_and_exits_130(marker, tmp_path):
@@ -171,7 +171,10 @@ def test_hosts_and_plugins_commands(tmp_path):
     assert [h["name"] for h in listed["hosts"]] == ["builder", "local"]
     plugins = json.loads(run_cli("plugins", "--json").stdout)
     assert {"name": "fleetrun.transports.local", "source": "built-in", "hooks": ["fleetrun_register_transports"], "error": None} in plugins["plugins"]
-    assert plugins["transports"] == {"local": "fleetrun.plugins.transports.local.LocalTransport"}
+    assert plugins["transports"] == {
+        "local": "fleetrun.plugins.transports.local.LocalTransport",
+        "ssh": "fleetrun.plugins.transports.ssh.SSHTransport",
+    }
 
 
 @pytest.mark.parametrize(

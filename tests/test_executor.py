@@ -11,7 +11,7 @@ import pytest
 from fleetrun.core.errors import FleetrunError, UnknownHostError
 from fleetrun.core.models import TaskRequest, TaskStatus
 
-from conftest import processes_with, wait_until
+from conftest import assert_none_left, processes_with, wait_until
 
 
 def max_overlap(tasks) -> int:
@@ -38,7 +38,7 @@ def test_timeout_and_cancel_kill_the_whole_process_group(make_executor, marker, 
         handle.cancel()
     task = handle.wait(15)
     assert task.status is (TaskStatus.TIMED_OUT if ending == "timeout" else TaskStatus.CANCELLED)
-    assert processes_with(marker) == []
+    assert_none_left(marker)
 
 
 def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period(make_executor, marker):
@@ -50,7 +50,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period(make_executor
     handle.cancel()
     task = handle.wait(15)
     assert task.status is TaskStatus.CANCELLED
-    assert processes_with(marker) == []
+    assert_none_left(marker)
     assert time.monotonic() - started < 5
 
 
@@ -62,7 +62,7 @@ def test_closing_the_executor_cancels_what_still_runs(make_executor, recorder, m
     task = handle.wait(1)
     assert task.status is TaskStatus.CANCELLED
     assert task.cancel_reason == "the executor was closed"
-    assert processes_with(marker) == []
+    assert_none_left(marker)
     assert executor.store.get(task.id).status is TaskStatus.CANCELLED
 
 

@@ -56,7 +56,7 @@ def test_defaults_then_host_fields():
         ("hosts:\n  a: 3\n", "hosts.yaml:2: host 'a': a host must be a mapping"),
         ("hosts:\n  a:\n    tags: [x]\n  a:\n    tags: [y]\n", "hosts.yaml:4: duplicate key 'a'"),
         ("hosts:\n  a:\n    prot: 22\n", "hosts.yaml:3: host 'a', field 'prot': unknown field for transport 'local'"),
-        ("hosts:\n  a:\n    transport: ftp\n", "hosts.yaml:3: host 'a', field 'transport': unknown transport 'ftp' (available: local)"),
+        ("hosts:\n  a:\n    transport: ftp\n", "hosts.yaml:3: host 'a', field 'transport': unknown transport 'ftp' (available: local, ssh)"),
         ("hosts:\n  a:\n    transport: 3\n", "hosts.yaml:3: host 'a', field 'transport': expected a string, got 3"),
         ("hosts:\n  a:\n    max_seconds: soon\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a number, got 'soon'"),
         ("hosts:\n  a:\n    max_seconds: -1\n", "hosts.yaml:3: host 'a', field 'max_seconds': must be greater than 0, got -1"),

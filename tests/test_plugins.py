@@ -42,7 +42,7 @@ def test_every_hookspec_has_a_full_docstring():
 
 def test_builtins_are_registered_and_listed():
     manager = PluginManager(autoload=False)
-    assert set(manager.transports) == {"local"}
+    assert set(manager.transports) == {"local", "ssh"}
     info = {p.name: p for p in manager.plugins()}
     assert info["fleetrun.transports.local"].source == "built-in"
     assert info["fleetrun.transports.local"].hooks == ("fleetrun_register_transports",)
@@ -50,7 +50,7 @@ def test_builtins_are_registered_and_listed():
 
 def test_blocked_plugins_are_not_loaded():
     manager = PluginManager(autoload=False, environ={"FLEETRUN_DISABLE_PLUGINS": "fleetrun.transports.local"})
-    assert manager.transports == {}
+    assert set(manager.transports) == {"ssh"}
     assert "fleetrun.transports.local" not in {p.name for p in manager.plugins()}
 
 

@@ -17,7 +17,7 @@ from fleetrun.core.errors import UnknownTaskError
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 from fleetrun.core.store import Retention, TaskStore, owner_token
 
-from conftest import processes_with, run_cli, wait_until
+from conftest import assert_none_left, processes_with, run_cli, wait_until
 
 OWNER_SCRIPT = textwrap.dedent(
     """
@@ -105,7 +105,7 @@ def test_cancel_from_another_process_reaches_the_owner(store, marker):
         assert result.stdout.strip() == f"task {task_id} cancelled"
         assert owner.stdout.readline().strip() == "cancelled"
         assert store.get(task_id).cancel_reason == "cancelled with `fleetrun tasks cancel`"
-        assert processes_with(marker) == []
+        assert_none_left(marker)
         again = run_cli("tasks", "cancel", task_id, env={"FLEETRUN_HOME": str(store.home)})
         assert again.returncode == 1
         assert "already ended (cancelled)" in again.stderr

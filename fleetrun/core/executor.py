@@ -14,6 +14,7 @@ import atexit
 import concurrent.futures
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -78,6 +79,8 @@ def plan_task(
     for name, value in (("timeout_s", request.timeout_s), ("max_output_bytes", request.max_output_bytes)):
         if value is not None and not value > 0:
             raise FleetrunError(f"{name} must be greater than 0, got {value}")
+    env = {**host.env, **request.env}
+    _check_environment(env)
     details: Mapping[str, object] = {}
     if describe:
         details = dict((transport or cls(host)).describe())
@@ -86,7 +89,7 @@ def plan_task(
         transport=host.transport,
         command=request.command,
         limits=host.limits.lowered_by(max_seconds=request.timeout_s, max_output_bytes=request.max_output_bytes),
-        env={**host.env, **request.env},
+        env=env,
         cwd=request.cwd or host.cwd,
         transport_details=details,
     )
@@ -264,6 +267,16 @@ class Executor:
             return False
         self.store.request_cancel(task_id, reason)
         return True
+
+    async def cancel_async(self, task_id: str, reason: str = "cancelled by user") -> bool:
+        """:meth:`cancel` for asyncio callers: never blocks the caller's event loop."""
+        loop = self._loop
+        if loop is not None and not self._closed:
+            pending = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop)
+            found = await asyncio.wrap_future(pending)
+            if found is not None:
+                return found
+        return await asyncio.to_thread(self.cancel, task_id, reason)
 
     # -- public API: reading -----------------------------------------------------------
 
@@ -553,6 +566,18 @@ def _check_command(command: str) -> None:
         raise FleetrunError(f"the command is {len(command)} characters long; the limit is {MAX_COMMAND_LENGTH}")
     if "\x00" in command:
         raise FleetrunError("the command contains a NUL character")
+
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_environment(env: Mapping[str, str]) -> None:
+    # Remote transports write these into a shell script: a name must be only a name.
+    for name, value in env.items():
+        if not _ENV_NAME_RE.fullmatch(name):
+            raise FleetrunError(f"invalid environment variable name {name!r}: use letters, digits and '_'")
+        if "\x00" in value:
+            raise FleetrunError(f"the value of environment variable {name!r} contains a NUL character")
 
 
 _OPEN_EXECUTORS: "weakref.WeakSet[Executor]" = weakref.WeakSet()

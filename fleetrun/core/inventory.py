@@ -246,7 +246,16 @@ class _InventoryParser:
             if spec is None and specs is not None:
                 raise self.error(key_node, f"{unknown} (allowed: {', '.join(sorted(specs))})", host=host, field=key)
             out[key] = self.value(value_node, spec.kind if spec else None, host=host, field=key)
+            if spec is not None:
+                self.check_bounds(value_node, out[key], spec, host=host, field=key)
         return out
+
+    def check_bounds(self, node: yaml.Node, value: Any, spec: HostField, *, host: str | None, field: str) -> None:
+        if spec.choices and value not in spec.choices:
+            allowed = ", ".join(spec.choices)
+            raise self.error(node, f"expected one of {allowed}, got {value!r}", host=host, field=field)
+        if spec.minimum is not None and value < spec.minimum:
+            raise self.error(node, f"must be at least {spec.minimum:g}, got {value}", host=host, field=field)
 
     def value(self, node: yaml.Node, kind: str | None, *, host: str | None, field: str) -> Any:
         value = yaml.safe_load(yaml.serialize(node))

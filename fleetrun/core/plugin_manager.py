@@ -33,7 +33,10 @@ NO_AUTOLOAD_ENV = "FLEETRUN_DISABLE_PLUGIN_AUTOLOAD"
 TRACE_ENV = "FLEETRUN_TRACE"
 
 #: Built-in plugins: (registered name, module). Registered explicitly, in this order.
-BUILTIN_PLUGINS = (("fleetrun.transports.local", "fleetrun.plugins.transports.local"),)
+BUILTIN_PLUGINS = (
+    ("fleetrun.transports.local", "fleetrun.plugins.transports.local"),
+    ("fleetrun.transports.ssh", "fleetrun.plugins.transports.ssh"),
+)
 
 log = logging.getLogger("fleetrun.plugins")
 

@@ -26,11 +26,14 @@ class HostField:
     """A transport-specific field a host may set in the hosts file.
 
     ``kind`` is one of ``string``, ``integer``, ``number``, ``boolean``,
-    ``string-list`` or ``string-map``; the inventory checks it before any task runs.
+    ``string-list`` or ``string-map``; the inventory checks it before any task runs,
+    along with ``choices`` (allowed strings) and ``minimum`` (for numbers), if given.
     """
 
     kind: str
     description: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
 
 
 @dataclass

@@ -1,0 +1,129 @@
+"""Fan-out: one command on several hosts, as a batch of ordinary tasks.
+
+Each host gets its own task (with its own record, hooks, output and limits); the batch
+adds a cap on how many run at once and, optionally, stops launching new ones after the
+first task that does not succeed. Tasks already running are left to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+
+from fleetrun.core.errors import FleetrunError
+from fleetrun.core.inventory import Inventory
+from fleetrun.core.models import Task, TaskRequest, TaskStatus
+
+if TYPE_CHECKING:
+    from fleetrun.core.executor import Executor
+
+#: Called on the engine thread with (host, stream name, bytes) as output arrives.
+BatchOutputListener = Callable[[str, str, bytes], None]
+
+DEFAULT_MAX_PARALLEL = 10
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Run ``command`` on each of ``hosts``; the other fields are as in :class:`TaskRequest`."""
+
+    hosts: tuple[str, ...]
+    command: str
+    timeout_s: float | None = None
+    max_output_bytes: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    max_parallel: int = DEFAULT_MAX_PARALLEL
+    stop_on_failure: bool = False
+
+    def task_request(self, host: str) -> TaskRequest:
+        return TaskRequest(
+            host=host, command=self.command, timeout_s=self.timeout_s,
+            max_output_bytes=self.max_output_bytes, env=self.env, cwd=self.cwd,
+        )
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """How a batch ended: each launched task's final record, in the order of the hosts."""
+
+    tasks: tuple[Task, ...]
+    #: Hosts never launched because an earlier task failed (with ``stop_on_failure``).
+    not_started: tuple[str, ...] = ()
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.not_started and all(t.status is TaskStatus.SUCCEEDED for t in self.tasks)
+
+
+def select_hosts(inventory: Inventory, names: Iterable[str] = (), tag: str | None = None) -> tuple[str, ...]:
+    """Hosts named (comma lists allowed) or carrying ``tag``, in order, without duplicates."""
+    selected: list[str] = []
+    for item in names:
+        for name in (part.strip() for part in item.split(",")):
+            if not name:
+                raise FleetrunError(f"empty host name in {item!r}")
+            inventory.get(name)  # an unknown name fails here, listing the known ones
+            if name not in selected:
+                selected.append(name)
+    if tag is not None:
+        tagged = [h.name for h in inventory.with_tag(tag)]
+        if not tagged:
+            known = sorted({t for h in inventory.hosts.values() for t in h.tags})
+            raise FleetrunError(f"no host has tag {tag!r} (tags in use: {', '.join(known) or 'none'})")
+        selected += [name for name in sorted(tagged) if name not in selected]
+    if not selected:
+        raise FleetrunError("no hosts selected: name hosts or give a tag")
+    return tuple(selected)
+
+
+async def run_batch_async(
+    executor: Executor, batch: BatchRequest, *, on_output: BatchOutputListener | None = None
+) -> BatchOutcome:
+    """Run the batch; cancelling this coroutine cancels every task it launched."""
+    if batch.max_parallel < 1:
+        raise FleetrunError(f"max_parallel must be at least 1, got {batch.max_parallel}")
+    for host in batch.hosts:  # refuse the whole batch before anything runs
+        executor.plan(batch.task_request(host))
+    slots = asyncio.Semaphore(batch.max_parallel)
+    finished: dict[str, Task] = {}
+    launched: list[str] = []
+    stopping = False
+
+    async def one(host: str) -> None:
+        nonlocal stopping
+        async with slots:
+            if stopping:
+                return
+            listener = None
+            if on_output is not None:
+                listener = lambda stream, data: on_output(host, stream, data)  # noqa: E731
+            handle = await executor.submit_async(batch.task_request(host), on_output=listener)
+            launched.append(handle.id)
+            try:
+                task = await handle.wait_async()
+            except asyncio.CancelledError:
+                await executor.cancel_async(handle.id, "the batch was cancelled")
+                raise
+            finished[host] = task
+            if batch.stop_on_failure and task.status is not TaskStatus.SUCCEEDED:
+                stopping = True
+
+    workers = [asyncio.ensure_future(one(host)) for host in batch.hosts]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    return BatchOutcome(
+        tasks=tuple(finished[h] for h in batch.hosts if h in finished),
+        not_started=tuple(h for h in batch.hosts if h not in finished),
+    )
+
+
+def run_batch(executor: Executor, batch: BatchRequest, *, on_output: BatchOutputListener | None = None) -> BatchOutcome:
+    """:func:`run_batch_async` for plain Python callers; Ctrl-C cancels the batch's tasks."""
+    return asyncio.run(run_batch_async(executor, batch, on_output=on_output))

@@ -1,0 +1,313 @@
+"""The ``ssh`` transport: commands run on remote hosts over SSH, connected through Fabric.
+
+One transport instance serves one host and keeps a small pool of connections to it:
+a task takes a channel on a live connection with a free slot, a new connection is
+opened only when every one is full (or gone), and a connection nobody has used for
+``idle_timeout`` seconds is closed. Keepalives detect a connection that stopped
+answering; a dead connection fails the tasks running on it and is replaced on the
+next task.
+
+Fabric, invoke and paramiko are imported on first use, not when the plugin loads.
+Blocking paramiko calls (connect, channel open) run on a shared pool of worker
+threads; reading output does not need a thread (see :mod:`.ssh_channel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+
+from fleetrun.core.hookspecs import hookimpl
+from fleetrun.core.inventory import Host
+from fleetrun.core.transport import Execution, HostField, Transport, TransportError
+
+if TYPE_CHECKING:
+    import fabric
+    import paramiko
+
+    from fleetrun.plugins.transports.ssh_channel import ChannelCommand
+    from fleetrun.plugins.transports.ssh_connect import SSHSettings
+
+log = logging.getLogger("fleetrun.ssh")
+T = TypeVar("T")
+
+_OPEN_ADMINISTRATIVELY_PROHIBITED = 1
+_threads_lock = threading.Lock()
+_thread_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _thread_pool
+    with _threads_lock:
+        if _thread_pool is None:
+            _thread_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fleetrun-ssh")
+        return _thread_pool
+
+
+async def _blocking(function: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_threads(), function, *args)
+
+
+class SSHTransport(Transport):
+    """Runs commands on a host over SSH; connections are pooled per host."""
+
+    name = "ssh"
+    host_fields = {
+        "hostname": HostField("string", "address or DNS name to connect to (default: the host's name, through ~/.ssh/config)"),
+        "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1),
+        "user": HostField("string", "login user (default: from ~/.ssh/config, else the local user)"),
+        "identity_files": HostField("string-list", "private key files to offer (default: ~/.ssh/config, the agent, ~/.ssh/id_*)"),
+        "known_hosts": HostField("string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)"),
+        "host_key_checking": HostField(
+            "string",
+            "strict (default): refuse unknown and changed host keys; accept-new: record an unknown key "
+            "in known_hosts on first use (changed keys are still refused)",
+            choices=("strict", "accept-new"),
+        ),
+        "jump_host": HostField("string", "jump host(s) to go through, as ProxyJump: [user@]host[:port][,...]"),
+        "connect_timeout": HostField("number", "seconds to connect and authenticate (default: 10)", minimum=0.1),
+        "keepalive_interval": HostField("number", "seconds between keepalives; 0 turns them off (default: 15)", minimum=0),
+        "keepalive_count_max": HostField("integer", "unanswered keepalives before the connection is dropped (default: 3)", minimum=1),
+        "use_ssh_config": HostField("boolean", "read ~/.ssh/config and /etc/ssh/ssh_config for this host (default: true)"),
+        "ssh_config_file": HostField("string", "read this ssh_config file instead of the default ones"),
+        "max_channels": HostField(
+            "integer", "channels per connection, one kept for stopping commands (default: 10, sshd's MaxSessions)", minimum=2
+        ),
+        "idle_timeout": HostField("number", "seconds an unused connection stays open (default: 300)", minimum=0),
+    }
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        from fleetrun.plugins.transports.ssh_connect import SSHSettings
+
+        self.settings: SSHSettings = SSHSettings.from_host(host)
+        self._pool: list[_PooledConnection] = []
+        self._connecting: asyncio.Task[None] | None = None
+
+    def describe(self) -> Mapping[str, Any]:
+        from fleetrun.plugins.transports.ssh_connect import describe
+
+        return describe(self.settings)
+
+    async def execute(self, execution: Execution) -> int:
+        from fleetrun.plugins.transports.ssh_channel import ChannelCommand, remote_script
+
+        script = remote_script(execution.command, execution.env, execution.cwd)
+        connection, channel, cancelled = await self._start(script)
+        command = ChannelCommand(channel, execution, connection.describe)
+        try:
+            if cancelled:
+                raise asyncio.CancelledError
+            return await command.wait()
+        except asyncio.CancelledError:
+            await self._stop_remote(connection, command)
+            raise
+        finally:
+            command.stop_reading()
+            channel.close()
+            self._release(connection)
+
+    async def aclose(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(self._close(c) for c in pool))
+
+    # -- starting and stopping commands -------------------------------------------------
+
+    async def _start(self, script: str) -> tuple[_PooledConnection, paramiko.Channel, bool]:
+        """A channel running ``script``, and whether the task was cancelled meanwhile.
+
+        A cancel that arrives while the exec request is out still gets the channel, so
+        that the command it may have started can be stopped.
+        """
+        import paramiko
+
+        retries = 2
+        while True:
+            connection = await self._acquire()
+            started = asyncio.get_running_loop().run_in_executor(_threads(), connection.start_command, script)
+            cancelled = False
+            try:
+                try:
+                    channel = await asyncio.shield(started)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    channel = await started
+                return connection, channel, cancelled
+            except paramiko.ChannelException as exc:
+                self._release(connection)
+                if cancelled:
+                    raise asyncio.CancelledError from None
+                if exc.code == _OPEN_ADMINISTRATIVELY_PROHIBITED and connection.channels > 0:
+                    # The server allows fewer sessions than max_channels: stay under its limit.
+                    connection.capacity = max(1, connection.channels)
+                    continue
+                raise TransportError("disconnected", f"{connection.describe()} refused a new channel: {exc.text}") from None
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                self._release(connection)
+                self._discard(connection)
+                if cancelled:
+                    raise asyncio.CancelledError from None
+                if retries > 0:
+                    # A pooled connection that died while idle: the command never started.
+                    retries -= 1
+                    continue
+                raise TransportError("disconnected", f"cannot start the command on {connection.describe()}: {exc}") from None
+
+    async def _stop_remote(self, connection: _PooledConnection, command: ChannelCommand) -> None:
+        """Stop the remote command's whole process group, as the local transport does."""
+        from fleetrun.plugins.transports.ssh_channel import KILL_GRACE_SECONDS, stop_script
+
+        pgid = await command.wait_pgid(timeout=min(self.settings.connect_timeout, 5.0))
+        if pgid is None:
+            log.warning("%s: the command's process group is unknown; only its channel is closed", connection.describe())
+            return
+        script = stop_script(pgid)
+        deadline = KILL_GRACE_SECONDS + self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(_blocking(connection.run_quiet, script), deadline)
+            return
+        except Exception as exc:  # noqa: BLE001 - fall back to a connection of its own
+            log.debug("%s: stopping on the pooled connection failed: %s", connection.describe(), exc)
+        if not connection.alive:
+            return  # the server is gone; there is nothing left to reach
+        try:
+            await asyncio.wait_for(_blocking(_run_on_new_connection, self.settings, script), deadline * 2)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: could not stop the remote command: %s", connection.describe(), exc)
+
+    # -- the pool ----------------------------------------------------------------------
+
+    async def _acquire(self) -> _PooledConnection:
+        while True:
+            for connection in list(self._pool):
+                if not connection.alive and connection.channels == 0:
+                    self._discard(connection)
+            for connection in self._pool:
+                if connection.alive and connection.channels < connection.capacity:
+                    connection.take()
+                    return connection
+            if self._connecting is None or self._connecting.done():
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+                # Waiters that were all cancelled must not leave the error unretrieved.
+                self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
+            await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> None:
+        from fleetrun.plugins.transports.ssh_connect import open_connection
+
+        opened = await _blocking(open_connection, self.settings)
+        connection = _PooledConnection(opened, self.settings)
+        self._pool.append(connection)
+        log.debug("connected to %s", connection.describe())
+        if self.settings.keepalive_interval > 0:
+            connection.keepalive = asyncio.get_running_loop().create_task(self._keep_alive(connection))
+
+    def _release(self, connection: _PooledConnection) -> None:
+        connection.channels -= 1
+        if connection.channels > 0:
+            return
+        if not connection.alive:
+            self._discard(connection)
+        elif connection in self._pool:
+            connection.idle_timer = asyncio.get_running_loop().call_later(
+                self.settings.idle_timeout, self._discard, connection
+            )
+
+    def _discard(self, connection: _PooledConnection) -> None:
+        if connection in self._pool:
+            self._pool.remove(connection)
+            asyncio.get_running_loop().create_task(self._close(connection))
+
+    async def _close(self, connection: _PooledConnection) -> None:
+        connection.closed = True
+        if connection.idle_timer is not None:
+            connection.idle_timer.cancel()
+        if connection.keepalive is not None and connection.keepalive is not asyncio.current_task():
+            connection.keepalive.cancel()
+        await _blocking(connection.fabric.close)
+
+    async def _keep_alive(self, connection: _PooledConnection) -> None:
+        interval = self.settings.keepalive_interval
+        patience = interval * self.settings.keepalive_count_max
+        while connection.alive:
+            await asyncio.sleep(interval)
+            if not connection.alive:
+                break
+            answered = _blocking(connection.ping)
+            try:
+                await asyncio.wait_for(asyncio.shield(answered), patience)
+            except asyncio.TimeoutError:
+                log.warning("%s: no answer to keepalives for %g s; dropping the connection", connection.describe(), patience)
+                connection.closed = True
+                if connection in self._pool:
+                    self._pool.remove(connection)
+                await self._close(connection)
+                return
+
+
+class _PooledConnection:
+    """One open SSH connection and the channels that tasks hold on it."""
+
+    def __init__(self, opened: fabric.Connection, settings: SSHSettings) -> None:
+        self.fabric = opened
+        self.transport: paramiko.Transport = opened.transport
+        self.settings = settings
+        self.channels = 0
+        self.capacity = settings.max_channels - 1  # one channel stays free for stopping commands
+        self.closed = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.keepalive: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and self.transport.is_active()
+
+    def describe(self) -> str:
+        return f"host {self.settings.alias!r} ({self.fabric.user}@{self.fabric.host}:{self.fabric.port})"
+
+    def take(self) -> None:
+        self.channels += 1
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    # These block: call them from worker threads.
+
+    def start_command(self, script: str) -> paramiko.Channel:
+        channel = self.transport.open_session(timeout=self.settings.connect_timeout)
+        try:
+            channel.exec_command(script)
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def run_quiet(self, script: str) -> int:
+        channel = self.start_command(script)
+        try:
+            return channel.recv_exit_status()
+        finally:
+            channel.close()
+
+    def ping(self) -> None:
+        self.transport.global_request("keepalive@openssh.com", wait=True)
+
+
+def _run_on_new_connection(settings: SSHSettings, script: str) -> None:
+    from fleetrun.plugins.transports.ssh_connect import open_connection
+
+    opened = open_connection(settings)
+    try:
+        _PooledConnection(opened, settings).run_quiet(script)
+    finally:
+        opened.close()
+
+
+@hookimpl
+def fleetrun_register_transports(register):  # type: ignore[no-untyped-def]
+    register(SSHTransport)

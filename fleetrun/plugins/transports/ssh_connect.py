@@ -1,0 +1,320 @@
+"""Opening SSH connections for the ``ssh`` transport: settings, Fabric, host keys, errors.
+
+Fabric resolves where a host really is (``~/.ssh/config`` aliases, ``HostName``,
+``User``, ``Port``, ``IdentityFile``, ``ProxyJump``) and opens the connection, hop by
+hop through jump hosts. fleetrun then takes over the parts Fabric leaves loose:
+
+* host keys are checked against a known_hosts file, strictly unless the host opts in to
+  recording new keys (never changed ones); Fabric's default accepts any key;
+* the socket gets ``TCP_NODELAY`` (paramiko leaves Nagle on, which costs ~40 ms a command);
+* channels get a large window and packet size, and AES-GCM is preferred, for throughput;
+* ``exit-signal`` is understood, so a command killed by a signal reports 128+N.
+
+Everything here blocks; the transport calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import fabric
+import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
+
+from fleetrun.core.inventory import Host
+from fleetrun.core.transport import TransportError
+
+log = logging.getLogger("fleetrun.ssh")
+
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+_WINDOW_SIZE = 16 << 20
+_MAX_PACKET_SIZE = 256 << 10
+_SIGNALS = {
+    "ABRT": 6, "ALRM": 14, "FPE": 8, "HUP": 1, "ILL": 4, "INT": 2, "KILL": 9,
+    "PIPE": 13, "QUIT": 3, "SEGV": 11, "TERM": 15, "USR1": 10, "USR2": 12,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    """An ssh host's fields from the hosts file, with defaults filled in."""
+
+    alias: str
+    hostname: str | None
+    port: int | None
+    user: str | None
+    identity_files: tuple[str, ...]
+    known_hosts: str
+    host_key_checking: str
+    jump_host: str | None
+    connect_timeout: float
+    keepalive_interval: float
+    keepalive_count_max: int
+    use_ssh_config: bool
+    ssh_config_file: str | None
+    max_channels: int
+    idle_timeout: float
+
+    @classmethod
+    def from_host(cls, host: Host) -> SSHSettings:
+        o = host.options
+        return cls(
+            alias=host.name,
+            hostname=o.get("hostname"),
+            port=o.get("port"),
+            user=o.get("user"),
+            identity_files=tuple(o.get("identity_files", ())),
+            known_hosts=o.get("known_hosts", DEFAULT_KNOWN_HOSTS),
+            host_key_checking=o.get("host_key_checking", "strict"),
+            jump_host=o.get("jump_host"),
+            connect_timeout=float(o.get("connect_timeout", 10)),
+            keepalive_interval=float(o.get("keepalive_interval", 15)),
+            keepalive_count_max=int(o.get("keepalive_count_max", 3)),
+            use_ssh_config=bool(o.get("use_ssh_config", True)),
+            ssh_config_file=o.get("ssh_config_file"),
+            max_channels=int(o.get("max_channels", 10)),
+            idle_timeout=float(o.get("idle_timeout", 300)),
+        )
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return Path(self.known_hosts).expanduser()
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The SHA256 fingerprint OpenSSH shows for a key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class HostKeyRefused(paramiko.SSHException):
+    """A host key that is not in known_hosts, under strict checking."""
+
+
+class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """What happens to a host key that known_hosts does not list.
+
+    ``strict``: refuse it, naming the key. ``accept-new``: append it to the known_hosts
+    file and go on. A key that differs from a listed one never reaches a policy:
+    paramiko refuses it with ``BadHostKeyException``.
+    """
+
+    _write_lock = threading.Lock()
+
+    def __init__(self, settings: SSHSettings) -> None:
+        self.settings = settings
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        path = self.settings.known_hosts_path
+        seen = f"{key.get_name()} {fingerprint(key)}"
+        if self.settings.host_key_checking != "accept-new":
+            raise HostKeyRefused(
+                f"the host key of {hostname} is unknown: the server offered {seen}, which is not in {path}. "
+                f"Check it and add it to that file (for example with ssh-keyscan), "
+                f"or set 'host_key_checking: accept-new' for this host to record it on first use"
+            )
+        with self._write_lock:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as out:
+                out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("recorded the new host key of %s (%s) in %s", hostname, seen, path)
+
+
+# -- connecting ------------------------------------------------------------------------
+
+
+def build_connection(settings: SSHSettings) -> fabric.Connection:
+    """A Fabric connection for the host, jump hosts included; nothing is opened yet."""
+    config = _fabric_config(settings)
+    connect_kwargs: dict[str, Any] = {
+        "transport_factory": _transport_factory,
+        "banner_timeout": settings.connect_timeout,
+        "auth_timeout": settings.connect_timeout,
+    }
+    if settings.identity_files:
+        connect_kwargs["key_filename"] = [str(Path(p).expanduser()) for p in settings.identity_files]
+        connect_kwargs["look_for_keys"] = False
+    gateway: fabric.Connection | bool | None = None  # None: whatever ssh_config says
+    if settings.jump_host:
+        gateway = False
+        for hop in settings.jump_host.split(","):
+            gateway = fabric.Connection(
+                hop.strip(),
+                config=config,
+                gateway=gateway,
+                connect_timeout=settings.connect_timeout,
+                connect_kwargs=dict(connect_kwargs),
+            )
+    connection = fabric.Connection(
+        settings.hostname or settings.alias,
+        user=settings.user,
+        port=settings.port,
+        config=config,
+        gateway=gateway,
+        connect_timeout=settings.connect_timeout,
+        connect_kwargs=connect_kwargs,
+    )
+    for hop in _chain(connection):
+        _check_host_keys(hop.client, settings)
+    return connection
+
+
+def open_connection(settings: SSHSettings) -> fabric.Connection:
+    """Connect and authenticate; raise :class:`TransportError` naming what failed."""
+    connection = build_connection(settings)
+    hops = list(reversed(_chain(connection)))  # the first hop first
+    for hop in hops:
+        where = f"{hop.user}@{hop.host}:{hop.port}"
+        try:
+            if not hop.gateway:
+                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings.connect_timeout)
+            hop.open()
+        except TransportError:
+            connection.close()
+            raise
+        except BaseException as exc:
+            connection.close()
+            raise connect_error(exc, where, settings) from None
+    return connection
+
+
+def _chain(connection: fabric.Connection) -> list[fabric.Connection]:
+    """The connection, then each gateway it goes through (from the last hop back)."""
+    chain = [connection]
+    while isinstance(chain[-1].gateway, fabric.Connection):
+        chain.append(chain[-1].gateway)
+    if any(isinstance(c.gateway, str) for c in chain):
+        log.debug("a ProxyCommand from ssh_config is in use for %s", connection.host)
+    return chain
+
+
+def _fabric_config(settings: SSHSettings) -> fabric.Config:
+    if not settings.use_ssh_config:
+        return fabric.Config(overrides={"load_ssh_configs": False})
+    if settings.ssh_config_file:
+        path = Path(settings.ssh_config_file).expanduser()
+        if not path.is_file():
+            raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
+        return fabric.Config(runtime_ssh_path=str(path))
+    return fabric.Config()
+
+
+def _check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
+    path = settings.known_hosts_path
+    if path.is_file():
+        try:
+            client.load_host_keys(str(path))
+        except (OSError, paramiko.SSHException) as exc:
+            raise TransportError("host_key", f"cannot read known_hosts file {str(path)!r}: {exc}") from None
+    # load_host_keys makes paramiko rewrite the whole file on every new key; the policy
+    # appends instead, and only when the host opted in.
+    client._host_keys_filename = None  # noqa: SLF001
+    client.set_missing_host_key_policy(_KnownHostsPolicy(settings))
+
+
+def _tcp_connect(hostname: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((hostname, int(port)), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    transport = paramiko.Transport(
+        sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
+    )
+    options = transport.get_security_options()
+    preferred = [c for c in options.ciphers if "gcm" in c]
+    options.ciphers = tuple(preferred + [c for c in options.ciphers if c not in preferred])
+    # paramiko ignores exit-signal; this table is per class, so copy it for this transport.
+    table = dict(transport._channel_handler_table)  # noqa: SLF001
+    table[MSG_CHANNEL_REQUEST] = _on_channel_request
+    transport._channel_handler_table = table  # noqa: SLF001
+    return transport
+
+
+def _on_channel_request(channel: paramiko.Channel, message: paramiko.Message) -> None:
+    start = message.packet.tell()
+    kind = message.get_text()
+    if kind == "exit-signal":
+        message.get_boolean()  # want_reply
+        name = message.get_text()
+        channel.fleetrun_exit_signal = _SIGNALS.get(name, 0) or name  # type: ignore[attr-defined]
+        channel.status_event.set()
+    else:
+        message.packet.seek(start)
+        paramiko.Channel._handle_request(channel, message)  # noqa: SLF001
+    if kind in ("exit-status", "exit-signal"):
+        notify: Callable[[], None] | None = getattr(channel, "fleetrun_on_status", None)
+        if notify is not None:
+            notify()
+
+
+def exit_signal(channel: paramiko.Channel) -> int | str | None:
+    """The signal (number, or name if unknown) that ended the command, if one did."""
+    return getattr(channel, "fleetrun_exit_signal", None)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> TransportError:
+    """Turn a connection failure into a categorised error that carries no secret."""
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return TransportError(
+            "host_key",
+            f"the host key of {where} has CHANGED: the server offered {exc.key.get_name()} {fingerprint(exc.key)}, "
+            f"but {settings.known_hosts_path} lists {exc.expected_key.get_name()} {fingerprint(exc.expected_key)}. "
+            f"The connection was refused. If the change is expected, remove the old entry "
+            f"(ssh-keygen -R HOST -f FILE) and add the new key",
+        )
+    if isinstance(exc, HostKeyRefused):
+        return TransportError("host_key", str(exc))
+    if isinstance(exc, paramiko.PasswordRequiredException):
+        return TransportError("auth", f"authentication to {where} failed: an identity file is encrypted and no passphrase was given")
+    if isinstance(exc, paramiko.AuthenticationException):
+        keys = ", ".join(settings.identity_files) or "default keys and agent"
+        return TransportError("auth", f"authentication to {where} failed (tried: {keys}): {exc}")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TransportError("timeout", f"connecting to {where} timed out after {settings.connect_timeout:g} s")
+    if isinstance(exc, socket.gaierror):
+        return TransportError("unreachable", f"cannot resolve {where}: {exc.strerror}")
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return TransportError("unreachable", f"cannot connect to {where}: connection refused")
+    if isinstance(exc, OSError):
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        return TransportError("unreachable", f"cannot connect to {where}: {reason}")
+    if isinstance(exc, paramiko.ChannelException):
+        return TransportError("unreachable", f"the jump host could not reach {where}: {exc.text}")
+    if isinstance(exc, (paramiko.SSHException, EOFError)):
+        text = str(exc) or type(exc).__name__
+        if "banner" in text.lower() or isinstance(exc, EOFError):
+            return TransportError("unreachable", f"{where} did not answer as an SSH server: {text}")
+        return TransportError("unreachable", f"SSH negotiation with {where} failed: {text}")
+    return TransportError("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+
+
+def describe(settings: SSHSettings) -> Mapping[str, Any]:
+    """Where and how the host would be reached, as resolved through ssh_config; no secret."""
+    try:
+        connection = build_connection(settings)
+    except TransportError as exc:
+        return {"error": exc.message}
+    hops = [f"{c.user}@{c.host}:{c.port}" for c in reversed(_chain(connection)[1:])]
+    return {
+        "address": f"{connection.user}@{connection.host}:{connection.port}",
+        "jump_hosts": hops or None,
+        "known_hosts": str(settings.known_hosts_path),
+        "host_key_checking": settings.host_key_checking,
+        "identity_files": list(settings.identity_files) or None,
+    }
