@@ -659,6 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = [*args.command, *command_words]
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="fleetrun: %(levelname)s: %(name)s: %(message)s")
+    # paramiko logs every refused channel and failed handshake itself; fleetrun reports
+    # them on the task, so its own lines are only wanted when debugging.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if args.verbose >= 2 else logging.CRITICAL)
     if os.environ.get("FLEETRUN_TRACE", "") not in ("", "0", "false", "no"):
         logging.getLogger("fleetrun.trace").setLevel(logging.INFO)
     ctx = _Context(args)

@@ -115,3 +115,43 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, 
         env={**os.environ, **(env or {})},
         **kwargs,
     )
+
+
+# -- SSH: real OpenSSH servers on loopback (see tests/sshd.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def sshd_fleet() -> Iterator["SshdFleet"]:
+    from sshd import SshdFleet
+
+    fleet = SshdFleet()
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture(scope="session")
+def shared_sshd(sshd_fleet):
+    """One server shared by tests that do not stop or reconfigure it."""
+    return sshd_fleet.start()
+
+
+def ssh_host(fleet, server, known_hosts: Path, **fields: object) -> dict[str, object]:
+    """The hosts-file entry for logging in to ``server`` with the fleet's test key."""
+    entry: dict[str, object] = {
+        "transport": "ssh",
+        "hostname": server.address,
+        "port": server.port,
+        "user": fleet.user,
+        "identity_files": [str(fleet.client_key)],
+        "known_hosts": str(known_hosts),
+        "use_ssh_config": False,
+        "connect_timeout": 5,
+    }
+    entry.update(fields)
+    return entry
+
+
+def hosts_file_text(hosts: dict[str, dict[str, object]]) -> str:
+    import yaml
+
+    return yaml.safe_dump({"hosts": hosts}, sort_keys=False)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ class Sshd:
         config.write_text(
             "\n".join(
                 [
+                    # sshd keeps the first value it reads for a keyword: the test's own go first.
+                    self.extra_config,
                     f"Port {self.port}",
                     f"ListenAddress {self.address}",
                     f"HostKey {self.host_key}",
@@ -102,7 +105,6 @@ class Sshd:
                     "MaxStartups 100:30:200",
                     "MaxSessions 100",
                     "LogLevel VERBOSE",
-                    self.extra_config,
                     "",
                 ]
             )
@@ -143,6 +145,10 @@ class Sshd:
         self.process.wait()
         self.process = None
 
+    def accepted_logins(self) -> int:
+        """How many connections authenticated so far (from the server's log)."""
+        return self.log.read_text(errors="replace").count("Accepted publickey")
+
     def session_pids(self) -> list[int]:
         """Pids of the per-connection sshd processes this server forked."""
         if self.process is None:
@@ -181,11 +187,17 @@ def _descendants(root: int, only_named: str | None = None) -> list[int]:
 
 
 class SshdFleet:
-    """Starts sshds on 127.0.0.2, 127.0.0.3, … sharing one client key and user."""
+    """Starts sshds on 127.0.0.2, 127.0.0.3, … sharing one client key and user.
 
-    def __init__(self, directory: Path) -> None:
+    The directory must be readable by the login user (sshd reads authorized_keys as that
+    user), so it is a fresh 0755 temp dir unless one is given.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        directory = directory or Path(tempfile.mkdtemp(prefix="fleetrun-sshd-"))
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.user = login_user()
@@ -204,9 +216,11 @@ class SshdFleet:
 
     def start(self, extra_config: str = "", address: str | None = None) -> Sshd:
         index = len(self.servers) + 2
+        # 127.0.0.2 upwards: one loopback address per server, so each is a distinct host.
         address = address or f"127.0.0.{index}"
         directory = self.directory / f"sshd-{index}"
         directory.mkdir()
+        directory.chmod(0o755)
         server = Sshd(
             address=address,
             port=free_port(address),

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetrun.ssh")
 T = TypeVar("T")
 
-_OPEN_ADMINISTRATIVELY_PROHIBITED = 1
 _threads_lock = threading.Lock()
 _thread_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -138,20 +137,21 @@ class SSHTransport(Transport):
                     cancelled = True
                     channel = await started
                 return connection, channel, cancelled
-            except paramiko.ChannelException as exc:
-                self._release(connection)
-                if cancelled:
-                    raise asyncio.CancelledError from None
-                if exc.code == _OPEN_ADMINISTRATIVELY_PROHIBITED and connection.channels > 0:
-                    # The server allows fewer sessions than max_channels: stay under its limit.
-                    connection.capacity = max(1, connection.channels)
-                    continue
-                raise TransportError("disconnected", f"{connection.describe()} refused a new channel: {exc.text}") from None
             except (paramiko.SSHException, EOFError, OSError) as exc:
+                # ChannelException is an SSHException; paramiko may also report a refused
+                # channel as a bare SSHException when several opens fail at once.
                 self._release(connection)
-                self._discard(connection)
                 if cancelled:
                     raise asyncio.CancelledError from None
+                if connection.alive:
+                    if connection.channels > 0:
+                        # Refused while other channels are open: the server allows fewer
+                        # sessions per connection (sshd's MaxSessions) than max_channels.
+                        connection.capacity = max(1, connection.channels - 1)
+                        continue
+                    text = getattr(exc, "text", None) or str(exc)
+                    raise TransportError("disconnected", f"{connection.describe()} refused a new channel: {text}") from None
+                self._discard(connection)
                 if retries > 0:
                     # A pooled connection that died while idle: the command never started.
                     retries -= 1

@@ -46,10 +46,11 @@ def remote_script(command: str, env: Mapping[str, str], cwd: str | None) -> str:
 def stop_script(pgid: int) -> str:
     """TERM the process group, then KILL whatever is left after the grace period."""
     rounds = int(KILL_GRACE_SECONDS * 10)
+    # No "--" before the negative pid: dash's kill builtin rejects it.
     return (
-        f"p={pgid}; kill -TERM -- -$p 2>/dev/null || exit 0; i=0; "
-        f"while kill -0 -- -$p 2>/dev/null; do i=$((i+1)); "
-        f"if [ $i -gt {rounds} ]; then kill -KILL -- -$p 2>/dev/null; exit 0; fi; sleep 0.1; done"
+        f"p={pgid}; kill -TERM -$p 2>/dev/null || exit 0; i=0; "
+        f"while kill -0 -$p 2>/dev/null; do i=$((i+1)); "
+        f"if [ $i -gt {rounds} ]; then kill -KILL -$p 2>/dev/null; exit 0; fi; sleep 0.1; done"
     )
 
 

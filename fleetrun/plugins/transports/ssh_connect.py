@@ -285,7 +285,7 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
     if isinstance(exc, paramiko.AuthenticationException):
         keys = ", ".join(settings.identity_files) or "default keys and agent"
         return TransportError("auth", f"authentication to {where} failed (tried: {keys}): {exc}")
-    if isinstance(exc, (socket.timeout, TimeoutError)):
+    if _caused_by_timeout(exc):
         return TransportError("timeout", f"connecting to {where} timed out after {settings.connect_timeout:g} s")
     if isinstance(exc, socket.gaierror):
         return TransportError("unreachable", f"cannot resolve {where}: {exc.strerror}")
@@ -302,6 +302,16 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
             return TransportError("unreachable", f"{where} did not answer as an SSH server: {text}")
         return TransportError("unreachable", f"SSH negotiation with {where} failed: {text}")
     return TransportError("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+
+
+def _caused_by_timeout(exc: BaseException | None) -> bool:
+    # paramiko raises "Error reading SSH protocol banner" from inside its timeout handler.
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def describe(settings: SSHSettings) -> Mapping[str, Any]:

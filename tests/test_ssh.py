@@ -1,0 +1,356 @@
+"""The ssh transport against real OpenSSH servers on 127.0.0.N (see tests/sshd.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.errors import InventoryError
+from fleetrun.core.inventory import parse_inventory
+from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.plugin_manager import PluginManager
+
+from conftest import assert_none_left, hosts_file_text, processes_with, ssh_host, wait_until
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
+
+
+@pytest.fixture
+def known_hosts(tmp_path, sshd_fleet, shared_sshd) -> Path:
+    return sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
+
+
+@pytest.fixture
+def ssh_executor(make_executor, sshd_fleet, shared_sshd, known_hosts):
+    """An executor with host 'web' on the shared server."""
+    return make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts)}))
+
+
+# -- running commands --------------------------------------------------------------------
+
+
+def test_exit_status_stdout_and_stderr_are_kept_apart(ssh_executor, recorder):
+    task = ssh_executor.run(TaskRequest(host="web", command="echo out; echo err >&2; echo more; exit 3"))
+    assert (task.status, task.exit_code, task.transport) == (TaskStatus.FAILED, 3, "ssh")
+    assert ssh_executor.read_output(task.id, "stdout").data == b"out\nmore\n"
+    assert ssh_executor.read_output(task.id, "stderr").data == b"err\n"
+    assert (task.stdout_bytes, task.stderr_bytes) == (9, 4)
+    names = recorder.names(task.id)
+    assert names[0] == "task.created" and names[-1] == "task.completed"
+    assert set(names[1:-1]) <= {"task.progress"}
+    ok = ssh_executor.run(TaskRequest(host="web", command="true"))
+    assert (ok.status, ok.exit_code) == (TaskStatus.SUCCEEDED, 0)
+
+
+def test_large_output_arrives_byte_exact(ssh_executor, sshd_fleet):
+    payload = os.urandom(24 << 20)
+    source = sshd_fleet.directory / "payload.bin"
+    source.write_bytes(payload)
+    source.chmod(0o644)
+    task = ssh_executor.run(TaskRequest(host="web", command=f"cat {source}; head -c 70000 {source} >&2"))
+    assert task.status is TaskStatus.SUCCEEDED
+    spooled = ssh_executor.read_output(task.id, "stdout", max_bytes=len(payload) + 1)
+    assert spooled.data == payload and spooled.complete and not spooled.truncated
+    assert ssh_executor.read_output(task.id, "stderr", max_bytes=1 << 20).data == payload[:70000]
+
+
+def test_max_output_bytes_keeps_the_head_and_flags_truncation(ssh_executor):
+    task = ssh_executor.run(TaskRequest(host="web", command="seq 1 200000", max_output_bytes=1000))
+    assert task.status is TaskStatus.SUCCEEDED
+    assert task.stdout_truncated and task.stdout_bytes == len("".join(f"{i}\n" for i in range(1, 200001)))
+    kept = ssh_executor.read_output(task.id, "stdout", max_bytes=1 << 20)
+    assert kept.data == "".join(f"{i}\n" for i in range(1, 400)).encode()[:1000]
+
+
+def test_env_and_cwd_reach_the_remote_shell(ssh_executor):
+    task = ssh_executor.run(
+        TaskRequest(host="web", command='pwd; printf "%s\\n" "$GREETING"', env={"GREETING": "it's a $test `x`"}, cwd="/tmp")
+    )
+    assert task.status is TaskStatus.SUCCEEDED
+    assert ssh_executor.read_output(task.id).data == b"/tmp\nit's a $test `x`\n"
+    missing = ssh_executor.run(TaskRequest(host="web", command="true", cwd="/no/such/dir"))
+    assert (missing.status, missing.exit_code) == (TaskStatus.FAILED, 1)
+    assert b"/no/such/dir" in ssh_executor.read_output(missing.id, "stderr").data
+
+
+def test_a_command_killed_by_a_signal_exits_128_plus_n(ssh_executor):
+    task = ssh_executor.run(TaskRequest(host="web", command="kill -KILL $$"))
+    assert (task.status, task.exit_code) == (TaskStatus.FAILED, 137)
+
+
+def test_progress_markers_are_seen_remotely(ssh_executor, recorder):
+    task = ssh_executor.run(TaskRequest(host="web", command="echo 'progress: 40%'; sleep 0.3; echo 'progress: 90%'; sleep 0.3"))
+    percents = [e.progress.percent for e in recorder.events if e.task.id == task.id and e.event == "task.progress"]
+    assert 40.0 in percents and 90.0 in percents
+
+
+# -- host keys ---------------------------------------------------------------------------
+
+
+def test_an_unknown_host_key_is_refused_naming_host_and_fingerprint(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, empty)}))
+    task = executor.run(TaskRequest(host="web", command="echo must-not-run"))
+    assert (task.status, task.error_category, task.exit_code) == (TaskStatus.FAILED, "host_key", None)
+    assert f"[{shared_sshd.address}]:{shared_sshd.port}" in task.error
+    assert shared_sshd.host_key_fingerprint in task.error
+    assert "host_key_checking: accept-new" in task.error
+    assert empty.read_text() == ""
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    from sshd import fingerprint, generate_key
+
+    impostor = generate_key(tmp_path / "other_host_key")
+    other_line = Path(f"{impostor}.pub").read_text().split()
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[{shared_sshd.address}]:{shared_sshd.port} {other_line[0]} {other_line[1]}\n")
+    before = wrong.read_text()
+    entry = ssh_host(sshd_fleet, shared_sshd, wrong, host_key_checking="accept-new")
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+    task = executor.run(TaskRequest(host="web", command="echo must-not-run"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert "CHANGED" in task.error
+    assert shared_sshd.host_key_fingerprint in task.error
+    assert fingerprint(" ".join(other_line)) in task.error
+    assert wrong.read_text() == before
+
+
+def test_accept_new_records_the_key_once_then_strict_checking_accepts_it(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    recorded = tmp_path / "new" / "known_hosts"
+    entry = ssh_host(sshd_fleet, shared_sshd, recorded, host_key_checking="accept-new")
+    first = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert first.status is TaskStatus.SUCCEEDED
+    assert recorded.read_text() == shared_sshd.known_hosts_line
+    assert recorded.stat().st_mode & 0o777 == 0o600
+    strict = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, recorded)}))
+    assert strict.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    assert recorded.read_text() == shared_sshd.known_hosts_line
+
+
+# -- connection failures -------------------------------------------------------------------
+
+
+def test_a_key_the_server_does_not_accept_is_an_auth_failure(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path):
+    from sshd import generate_key
+
+    stranger = generate_key(tmp_path / "stranger_key")
+    entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, identity_files=[str(stranger)])
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "auth")
+    assert f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}" in task.error
+    private = stranger.read_text()
+    assert not any(line in task.error for line in private.splitlines()[1:-1])
+
+
+def test_nothing_listening_is_unreachable(make_executor, sshd_fleet, shared_sshd, known_hosts):
+    from sshd import free_port
+
+    entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, port=free_port(shared_sshd.address))
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "unreachable")
+    assert "refused" in task.error.lower()
+
+
+def test_a_server_that_never_greets_times_out(make_executor, sshd_fleet, shared_sshd, known_hosts):
+    silent = socket.socket()
+    silent.bind((shared_sshd.address, 0))
+    silent.listen(8)
+    try:
+        entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, port=silent.getsockname()[1], connect_timeout=0.5)
+        started = time.monotonic()
+        task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    finally:
+        silent.close()
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "timeout")
+    assert "0.5 s" in task.error
+    assert time.monotonic() - started < 5
+
+
+# -- stopping remote commands ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["cancel", "timeout"])
+def test_cancel_and_timeout_stop_the_remote_process_group(ssh_executor, marker, ending):
+    command = f"sleep {marker} & sleep {marker} & (sleep {marker}; echo never) & wait"
+    handle = ssh_executor.submit(
+        TaskRequest(host="web", command=command, timeout_s=1.0 if ending == "timeout" else None)
+    )
+    wait_until(lambda: len(processes_with(f"sleep {marker}")) >= 3)
+    stopped_at = time.monotonic()
+    if ending == "cancel":
+        handle.cancel("test cancel")
+    task = handle.wait(20)
+    assert task.status is (TaskStatus.CANCELLED if ending == "cancel" else TaskStatus.TIMED_OUT)
+    assert_none_left(marker)
+    assert time.monotonic() - stopped_at < 5
+    assert b"never" not in ssh_executor.read_output(task.id).data
+
+
+def test_a_remote_child_ignoring_sigterm_is_killed(ssh_executor, marker):
+    command = f"trap '' TERM; sh -c \"trap '' TERM; sleep {marker}\" & wait; wait"
+    handle = ssh_executor.submit(TaskRequest(host="web", command=command))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    handle.cancel()
+    assert handle.wait(20).status is TaskStatus.CANCELLED
+    assert_none_left(marker)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root login needs the tests to run as root (CI does)")
+def test_cancel_stops_the_remote_command_of_a_root_login(make_executor, sshd_fleet, shared_sshd, known_hosts, marker):
+    sshd_fleet.authorize("root", sshd_fleet.client_key)
+    entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, user="root")
+    executor = make_executor(hosts_yaml=hosts_file_text({"root-web": entry}))
+    check = executor.run(TaskRequest(host="root-web", command="id -u"))
+    assert executor.read_output(check.id).data == b"0\n"
+    handle = executor.submit(TaskRequest(host="root-web", command=f"sleep {marker} & sleep {marker}; wait"))
+    wait_until(lambda: len(processes_with(f"sleep {marker}")) >= 2)
+    handle.cancel()
+    assert handle.wait(20).status is TaskStatus.CANCELLED
+    assert_none_left(marker)
+
+
+# -- connections: failure, reuse, pool -------------------------------------------------------
+
+
+def test_a_server_dying_mid_command_fails_the_task_and_the_next_task_reconnects(make_executor, sshd_fleet, tmp_path, marker):
+    server = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known)}))
+    assert executor.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    handle = executor.submit(TaskRequest(host="web", command=f"echo started; sleep {marker}"))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    died_at = time.monotonic()
+    server.stop()
+    task = handle.wait(20)
+    assert (task.status, task.error_category, task.exit_code) == (TaskStatus.FAILED, "disconnected", None)
+    assert "lost" in task.error
+    assert time.monotonic() - died_at < 3
+    assert executor.read_output(task.id).data == b"started\n"
+    server.start()
+    again = executor.run(TaskRequest(host="web", command="echo back"))
+    assert again.status is TaskStatus.SUCCEEDED
+    assert executor.read_output(again.id).data == b"back\n"
+
+
+def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, sshd_fleet, tmp_path, marker):
+    server = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    entry = ssh_host(sshd_fleet, server, known, keepalive_interval=0.2, keepalive_count_max=2)
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+    handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    frozen = server.session_pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        task = handle.wait(20)
+        assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
+        assert time.monotonic() - stopped_at < 3
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_one_connection_serves_sequential_and_concurrent_tasks(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known)}))
+    for _ in range(10):
+        assert executor.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    handles = [executor.submit(TaskRequest(host="web", command="sleep 0.5")) for _ in range(6)]
+    tasks = [h.wait(20) for h in handles]
+    assert {t.status for t in tasks} == {TaskStatus.SUCCEEDED}
+    assert max(t.started_at for t in tasks) < min(t.ended_at for t in tasks)  # they overlapped
+    assert server.accepted_logins() == 1
+    server.stop()
+
+
+def test_a_server_allowing_fewer_sessions_gets_more_connections(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start(extra_config="MaxSessions 2")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    entry = ssh_host(sshd_fleet, server, known, max_concurrent=5)
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+    handles = [executor.submit(TaskRequest(host="web", command="sleep 0.5; echo done")) for _ in range(5)]
+    tasks = [h.wait(20) for h in handles]
+    assert [t.status for t in tasks] == [TaskStatus.SUCCEEDED] * 5, [t.error for t in tasks]
+    assert all(executor.read_output(t.id).data == b"done\n" for t in tasks)
+    assert server.accepted_logins() >= 3
+    server.stop()
+
+
+def test_an_idle_connection_is_closed_and_reopened_on_demand(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known, idle_timeout=0.3)}))
+    assert executor.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    assert server.session_pids()
+    wait_until(lambda: not server.session_pids(), timeout=5)
+    assert executor.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    assert server.accepted_logins() == 2
+    server.stop()
+
+
+# -- reaching hosts: jump host, ssh_config ---------------------------------------------------
+
+
+def test_a_jump_host_carries_the_connection(make_executor, sshd_fleet, tmp_path):
+    jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    entry = ssh_host(sshd_fleet, target, known, jump_host=f"{sshd_fleet.user}@{jump.address}:{jump.port}")
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == [
+        f"{sshd_fleet.user}@{jump.address}:{jump.port}"
+    ]
+    task = executor.run(TaskRequest(host="inner", command="echo $SSH_CONNECTION"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert executor.read_output(task.id).data.split()[2:4] == [target.address.encode(), str(target.port).encode()]
+    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
+    assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    jump.stop()
+    target.stop()
+
+
+def test_hosts_are_resolved_through_an_ssh_config_file(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host web-alias\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n"
+        f"  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"web-alias": entry}))
+    details = executor.plan(TaskRequest(host="web-alias", command="true")).transport_details
+    assert details["address"] == f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}"
+    task = executor.run(TaskRequest(host="web-alias", command="whoami"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert executor.read_output(task.id).data == f"{sshd_fleet.user}\n".encode()
+
+
+def test_ssh_fields_are_checked_when_the_hosts_file_loads():
+    transports = PluginManager(autoload=False).transports
+    with pytest.raises(InventoryError) as bad_choice:
+        parse_inventory("hosts:\n  web:\n    transport: ssh\n    host_key_checking: maybe\n", source="h.yaml", transports=transports)
+    assert str(bad_choice.value) == "h.yaml:4: host 'web', field 'host_key_checking': expected one of strict, accept-new, got 'maybe'"
+    with pytest.raises(InventoryError) as bad_port:
+        parse_inventory("hosts:\n  web:\n    transport: ssh\n    port: 0\n", source="h.yaml", transports=transports)
+    assert str(bad_port.value) == "h.yaml:4: host 'web', field 'port': must be at least 1, got 0"
+    with pytest.raises(InventoryError) as local_field:
+        parse_inventory("hosts:\n  box:\n    hostname: x\n", source="h.yaml", transports=transports)
+    assert "field 'hostname': unknown field for transport 'local'" in str(local_field.value)
+
+
+def test_environment_names_cannot_smuggle_shell_code(ssh_executor):
+    from fleetrun.core.errors import FleetrunError
+
+    with pytest.raises(FleetrunError, match="invalid environment variable name"):
+        ssh_executor.submit(TaskRequest(host="web", command="true", env={"A=1; touch /tmp/pwned; B": "x"}))
