@@ -168,7 +168,7 @@ def test_hosts_and_plugins_commands(tmp_path):
     assert "inventory: <embedded default inventory>" in hosts.stdout
     example = Path(__file__).resolve().parent.parent / "hosts.example.yaml"
     listed = json.loads(run_cli("--hosts", str(example), "hosts", "--json").stdout)
-    assert [h["name"] for h in listed["hosts"]] == ["builder", "local"]
+    assert [h["name"] for h in listed["hosts"]] == ["builder", "db1", "local", "web1"]
     plugins = json.loads(run_cli("plugins", "--json").stdout)
     assert {"name": "fleetrun.transports.local", "source": "built-in", "hooks": ["fleetrun_register_transports"], "error": None} in plugins["plugins"]
     assert plugins["transports"] == {

@@ -31,7 +31,10 @@ def test_example_file_is_valid_and_shows_every_field():
     text = (REPO / "hosts.example.yaml").read_text()
     from fleetrun.core.inventory import COMMON_HOST_FIELDS
 
-    for field in [*COMMON_HOST_FIELDS, *TRANSPORTS["local"].host_fields, "defaults"]:
+    web1 = inventory.get("web1")
+    assert (web1.transport, web1.options["host_key_checking"], web1.options["port"]) == ("ssh", "strict", 22)
+    assert inventory.get("db1").options["jump_host"] == "deploy@bastion.example.com:22"
+    for field in [*COMMON_HOST_FIELDS, *TRANSPORTS["local"].host_fields, *TRANSPORTS["ssh"].host_fields, "defaults"]:
         assert f"{field}:" in text, f"hosts.example.yaml does not show {field!r}"
 
 
