@@ -10,9 +10,6 @@ own. Results are printed as a table and written to bench/results/latest.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -24,17 +21,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import harness  # noqa: E402
+from harness import peak_rss_mib  # noqa: E402
+
 MiB = 1 << 20
 
 
 # -- helpers run inside the child ------------------------------------------------------
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_executor(home: Path, *, max_concurrent: int = 64, host_limit: int = 8, max_output: int = 100 * MiB, plugins=()):
@@ -192,44 +185,13 @@ SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big,
 # -- driver ----------------------------------------------------------------------------
 
 
-def run_child(name: str, params: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", name, json.dumps(params)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark {name} {params} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", choices=[*SCENARIOS, []], default=[])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        name, params = args.child
-        print(json.dumps(SCENARIOS[name](json.loads(params))))
-        return
-    names = args.names or list(SCENARIOS)
-    quick = args.quick
-    plan = {
+def plan(quick: bool) -> dict[str, list[dict]]:
+    return {
         "seq": [{"n": 100 if quick else 500}],
         "concurrent": [{"n": 100 if quick else 1000}],
         "big": [{"size": 16 * MiB, "rounds": 1}] if quick else [{"size": 256 * MiB, "rounds": 5}, {"size": 1024 * MiB, "rounds": 3}],
         "latency": [{"lines": 10 if quick else 40}],
     }
-    results = {}
-    for name in names:
-        for params in plan[name]:
-            key = f"{name}:{json.dumps(params, sort_keys=True)}"
-            results[key] = run_child(name, params)
-            print(f"{key}\n  {json.dumps(results[key], indent=None)}", flush=True)
-    report = {"machine": {"nproc": os.cpu_count(), "python": sys.version.split()[0]}, "results": results}
-    target = HERE / "results"
-    target.mkdir(exist_ok=True)
-    (target / "latest.json").write_text(json.dumps(report, indent=2))
-    print(summary(results))
 
 
 def summary(results: dict) -> str:
@@ -264,4 +226,4 @@ def summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(script=__file__, doc=__doc__, scenarios=SCENARIOS, plan=plan, results_file="latest.json", summary=summary)

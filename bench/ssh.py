@@ -11,8 +11,6 @@ its own servers on 127.0.0.N; results go to bench/results/ssh-latest.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,14 +23,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import harness  # noqa: E402
+from harness import peak_rss_mib  # noqa: E402
+
 MiB = 1 << 20
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Rig:
@@ -225,39 +219,16 @@ def bench_cancel(params: dict) -> dict:
 
 
 SCENARIOS = {"latency": bench_latency, "big": bench_big, "fanout": bench_fanout, "cancel": bench_cancel}
-FULL = {"latency": {"n": 200}, "big": {"mib": 64}, "fanout": {"hosts": 20}, "cancel": {"rounds": 10}}
-QUICK = {"latency": {"n": 30}, "big": {"mib": 8}, "fanout": {"hosts": 4}, "cancel": {"rounds": 3}}
 
 
-def run_child(name: str, params: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", name, json.dumps(params)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark {name} {params} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="which to run (default: all)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        name, params = args.child
-        print(json.dumps(SCENARIOS[name](json.loads(params))))
-        return
-    sizes = QUICK if args.quick else FULL
-    results = {}
-    for name in args.scenarios or list(SCENARIOS):
-        results[name] = run_child(name, sizes[name])
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
-    target = HERE / "results"
-    target.mkdir(exist_ok=True)
-    report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "results": results}
-    (target / "ssh-latest.json").write_text(json.dumps(report, indent=2))
+def plan(quick: bool) -> dict[str, list[dict]]:
+    return {
+        "latency": [{"n": 30 if quick else 200}],
+        "big": [{"mib": 8 if quick else 64}],
+        "fanout": [{"hosts": 4 if quick else 20}],
+        "cancel": [{"rounds": 3 if quick else 10}],
+    }
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(script=__file__, doc=__doc__, scenarios=SCENARIOS, plan=plan, results_file="ssh-latest.json")

@@ -121,7 +121,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, 
 
 
 @pytest.fixture(scope="session")
-def sshd_fleet() -> Iterator["SshdFleet"]:
+def sshd_fleet():  # -> sshd.SshdFleet
     from sshd import SshdFleet
 
     fleet = SshdFleet()
