@@ -302,20 +302,42 @@ def test_an_idle_connection_is_closed_and_reopened_on_demand(make_executor, sshd
 # -- reaching hosts: jump host, ssh_config ---------------------------------------------------
 
 
-def test_a_jump_host_carries_the_connection(make_executor, sshd_fleet, tmp_path):
+@pytest.mark.parametrize("configured_by", ["jump_host field", "ProxyJump in ssh_config"])
+def test_a_jump_host_carries_the_connection(make_executor, sshd_fleet, tmp_path, configured_by):
     jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")
     target = sshd_fleet.start()
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
-    entry = ssh_host(sshd_fleet, target, known, jump_host=f"{sshd_fleet.user}@{jump.address}:{jump.port}")
+    hop = f"{sshd_fleet.user}@{jump.address}:{jump.port}"
+    if configured_by == "jump_host field":
+        entry = ssh_host(sshd_fleet, target, known, jump_host=hop)
+    else:
+        config = tmp_path / "ssh_config"
+        config.write_text(
+            f"Host jumpbox\n  HostName {jump.address}\n  Port {jump.port}\n"
+            f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump jumpbox\n"
+            f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+        )
+        entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
-    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == [
-        f"{sshd_fleet.user}@{jump.address}:{jump.port}"
-    ]
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == [hop]
     task = executor.run(TaskRequest(host="inner", command="echo $SSH_CONNECTION"))
     assert task.status is TaskStatus.SUCCEEDED, task.error
     assert executor.read_output(task.id).data.split()[2:4] == [target.address.encode(), str(target.port).encode()]
     assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
     assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    jump.stop()
+    target.stop()
+
+
+def test_a_jump_host_with_an_unknown_key_is_refused_by_name(make_executor, sshd_fleet, tmp_path):
+    jump = sshd_fleet.start()
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [target])  # the jump host's key is missing
+    entry = ssh_host(sshd_fleet, target, known, jump_host=f"{sshd_fleet.user}@{jump.address}:{jump.port}")
+    task = make_executor(hosts_yaml=hosts_file_text({"inner": entry})).run(TaskRequest(host="inner", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert f"[{jump.address}]:{jump.port}" in task.error and jump.host_key_fingerprint in task.error
+    assert target.accepted_logins() == 0
     jump.stop()
     target.stop()
 
