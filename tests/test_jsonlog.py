@@ -32,7 +32,7 @@ def test_events_are_json_lines_with_documented_fields(make_executor, tmp_path):
         (cancelled.id, "task.created"), (cancelled.id, "task.cancelled"),
     ]
     created, progress, completed, _, cancel = lines
-    assert set(created) == COMMON | {"created_at", "max_seconds", "max_output_bytes"}
+    assert set(created) == COMMON | {"created_at", "max_seconds", "max_output_bytes", "policy"}
     assert set(progress) == COMMON | {"elapsed_s", "stdout_bytes", "stderr_bytes", "stdout_lines", "stderr_lines",
                                       "latest_line", "latest_stream", "percent", "heartbeat"}
     assert set(completed) == COMMON | ENDING

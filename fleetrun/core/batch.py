@@ -105,6 +105,7 @@ async def run_batch_async(
                 task = await handle.wait_async()
             except asyncio.CancelledError:
                 await executor.cancel_async(handle.id, "the batch was cancelled")
+                await handle.wait_async()  # its processes are stopped before the batch says so
                 raise
             finished[host] = task
             if batch.stop_on_failure and task.status is not TaskStatus.SUCCEEDED:
@@ -115,7 +116,8 @@ async def run_batch_async(
         await asyncio.gather(*workers)
     except BaseException:
         for worker in workers:
-            worker.cancel()
+            if not worker.done() and not worker.cancelling():  # a second cancel would cut its clean-up short
+                worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         raise
     return BatchOutcome(

@@ -11,8 +11,11 @@ class FleetrunError(Exception):
     """A problem the user can fix: bad input, unknown names, unusable configuration."""
 
 
-class InventoryError(FleetrunError):
-    """The hosts file is malformed. The message names the file, line, host and field."""
+class ConfigFileError(FleetrunError):
+    """A configuration file is malformed. The message names the file, line, and what in it."""
+
+    #: Shown instead of a path when the text did not come from a file.
+    unnamed = "<config>"
 
     def __init__(
         self,
@@ -21,23 +24,47 @@ class InventoryError(FleetrunError):
         path: str | None = None,
         line: int | None = None,
         host: str | None = None,
+        rule: int | None = None,
         field: str | None = None,
     ) -> None:
         self.path = path
         self.line = line
         self.host = host
+        self.rule = rule
         self.field = field
         self.detail = message
-        where = path or "<hosts>"
+        where = path or self.unnamed
         if line is not None:
             where = f"{where}:{line}"
         parts = []
         if host is not None:
             parts.append(f"host {host!r}")
+        if rule is not None:
+            parts.append(f"rule {rule}")
         if field is not None:
             parts.append(f"field {field!r}")
         subject = (", ".join(parts) + ": ") if parts else ""
         super().__init__(f"{where}: {subject}{message}")
+
+
+class InventoryError(ConfigFileError):
+    """The hosts file is malformed. The message names the file, line, host and field."""
+
+    unnamed = "<hosts>"
+
+
+class PolicyError(ConfigFileError):
+    """The policy file is malformed. The message names the file, line, rule and field."""
+
+    unnamed = "<policy>"
+
+
+class PolicyDenied(FleetrunError):
+    """The policy does not allow a command; the message says which rule decided."""
+
+    def __init__(self, decision: object) -> None:
+        self.decision = decision
+        super().__init__(str(getattr(decision, "explanation", decision)))
 
 
 class UnknownHostError(FleetrunError):

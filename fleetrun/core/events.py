@@ -8,10 +8,13 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.models import Progress, Task, TaskResult
+
+if TYPE_CHECKING:
+    from fleetrun.core.policy import Decision
 
 SCHEMA_VERSION = 1
 
@@ -19,6 +22,8 @@ CREATED = "task.created"
 PROGRESS = "task.progress"
 COMPLETED = "task.completed"
 CANCELLED = "task.cancelled"
+#: Not a task event: the policy refused a command, so no task exists.
+DENIED = "command.denied"
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -51,7 +56,10 @@ class LifecycleEvent:
             "status": task.status.value,
         }
         if self.event == CREATED:
-            out.update(created_at=_iso(task.created_at), max_seconds=task.max_seconds, max_output_bytes=task.max_output_bytes)
+            out.update(
+                created_at=_iso(task.created_at), max_seconds=task.max_seconds,
+                max_output_bytes=task.max_output_bytes, policy=task.policy,
+            )
         elif self.event == PROGRESS and self.progress is not None:
             out.update(asdict(self.progress))
         elif self.event in (COMPLETED, CANCELLED):
@@ -93,6 +101,19 @@ class LifecycleEventPlugin:
     @hookimpl
     def fleetrun_task_cancelled(self, task: Task, reason: str) -> None:
         self.on_event(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))
+
+
+def denial_to_dict(host: str, command: str, decision: Decision, when: float) -> dict[str, Any]:
+    """The ``command.denied`` record: what was asked for, and the decision (see docs/plugins.md)."""
+    return {
+        "v": SCHEMA_VERSION,
+        "event": DENIED,
+        "time": _iso(when),
+        "host": host,
+        "command": command,
+        "status": "denied",
+        "decision": decision.to_dict(),
+    }
 
 
 class EventRecorder(LifecycleEventPlugin):

@@ -22,11 +22,12 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
-from fleetrun.core.errors import FleetrunError
+from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import Host, Inventory, default_inventory
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus
 from fleetrun.core.output import OutputSlice, SpoolWriter, spool_path
 from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.policy import Decision, Policy
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
 from fleetrun.core.store import Retention, TaskStore, owner_token
 from fleetrun.core.transport import Execution, Transport, TransportError
@@ -53,6 +54,8 @@ class Plan:
     env: Mapping[str, str]
     cwd: str | None
     transport_details: Mapping[str, object]
+    #: The policy's decision, when a policy applies (a dry run shows a denial; submit refuses it).
+    decision: Decision | None = None
 
 
 def plan_task(
@@ -62,10 +65,13 @@ def plan_task(
     *,
     describe: bool = True,
     transport: Transport | None = None,
+    policy: Policy | None = None,
 ) -> Plan:
-    """Resolve a request against the inventory: host, transport, limits, environment.
+    """Resolve a request against the inventory: host, transport, limits, environment,
+    and the policy's decision when ``policy`` is given.
 
-    Raises :class:`FleetrunError` for anything that would stop the task from being run.
+    Raises :class:`FleetrunError` for anything that would stop the task from being run,
+    except a policy denial, which is returned in ``Plan.decision`` for the caller to show.
     """
     _check_command(request.command)
     host = inventory.get(request.host)
@@ -92,6 +98,7 @@ def plan_task(
         env=env,
         cwd=request.cwd or host.cwd,
         transport_details=details,
+        decision=policy.decide(host, request.command) if policy is not None else None,
     )
 
 
@@ -182,6 +189,8 @@ class Executor:
     :param heartbeat_s: a progress event is sent after this long without output.
     :param progress_interval_s: the shortest time between two progress events of a task.
     :param retention: ended tasks kept in the store (pruned when the executor starts).
+    :param policy: the command policy every request must pass (None: no policy; the
+        caller decides whether that is acceptable, as the CLI does without one).
     """
 
     def __init__(
@@ -195,6 +204,7 @@ class Executor:
         heartbeat_s: float = 5.0,
         progress_interval_s: float = 0.1,
         retention: Retention | None = Retention(),
+        policy: Policy | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -203,6 +213,7 @@ class Executor:
         self.store = store if store is not None else TaskStore()
         self._owns_store = store is None
         self.max_concurrent = max_concurrent
+        self.policy = policy
         self.progress_pattern = compile_progress_pattern(progress_pattern) if progress_pattern else None
         self.heartbeat_s = heartbeat_s
         self.progress_interval_s = progress_interval_s
@@ -226,7 +237,9 @@ class Executor:
     def plan(self, request: TaskRequest) -> Plan:
         """Resolve host, transport, limits and environment; run nothing."""
         host = self.inventory.get(request.host)
-        return plan_task(request, self.inventory, self.plugins.transports, transport=self._transports.get(host.name))
+        return plan_task(
+            request, self.inventory, self.plugins.transports, transport=self._transports.get(host.name), policy=self.policy
+        )
 
     # -- public API: running -----------------------------------------------------------
 
@@ -342,7 +355,10 @@ class Executor:
 
     def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> tuple[_LiveTask, asyncio.AbstractEventLoop]:
         """Validate a request and build its task in the caller's thread; nothing is recorded yet."""
-        plan = plan_task(request, self.inventory, self.plugins.transports, describe=False)
+        plan = plan_task(request, self.inventory, self.plugins.transports, describe=False, policy=self.policy)
+        if plan.decision is not None and not plan.decision.allowed:
+            self.plugins.command_denied(plan.host.name, request.command, plan.decision)
+            raise PolicyDenied(plan.decision)
         pattern = compile_progress_pattern(request.progress_pattern) if request.progress_pattern else self.progress_pattern
         record = Task(
             id=secrets.token_hex(6),
@@ -354,6 +370,7 @@ class Executor:
             max_seconds=plan.limits.max_seconds,
             max_output_bytes=plan.limits.max_output_bytes,
             owner_pid=os.getpid(),
+            policy=plan.decision.summary if plan.decision is not None else None,
         )
         return _LiveTask(record, plan, pattern, listener), self._ensure_started()
 

@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from fleetrun.core.models import Progress, Task, TaskResult
+    from fleetrun.core.policy import Decision
     from fleetrun.core.transport import Transport
 
 PROJECT_NAME = "fleetrun"
@@ -37,6 +38,8 @@ LIFECYCLE_HOOKS = (
     "fleetrun_task_completed",
     "fleetrun_task_cancelled",
 )
+#: Hooks that report to notifiers without a task (isolated per plugin like the lifecycle hooks).
+NOTIFY_HOOKS = (*LIFECYCLE_HOOKS, "fleetrun_command_denied")
 
 
 @hookspec
@@ -97,6 +100,23 @@ def fleetrun_task_cancelled(task: Task, reason: str) -> None:
 
     :param task: the final record (``status`` is ``cancelled``).
     :param reason: why, in words for a person (for example ``"cancelled by user"``).
+
+    The return value is ignored.
+    """
+
+
+@hookspec
+def fleetrun_command_denied(host: str, command: str, decision: Decision) -> None:
+    """The policy refused a command: no task was created and nothing ran.
+
+    Called once per refused request, before the caller gets the refusal. Audit logs use
+    it to record what was asked for and which rule said no.
+
+    :param host: the host name the command was meant for.
+    :param command: the command as it was asked for.
+    :param decision: the policy's decision: ``decision.rule`` is the rule that denied it
+        (None for the policy's default), ``decision.reason`` says why in words, and
+        ``decision.to_dict()`` gives it with stable field names.
 
     The return value is ignored.
     """

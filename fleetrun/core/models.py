@@ -125,6 +125,8 @@ class Task:
     max_output_bytes: int | None = None
     owner_pid: int | None = None
     progress: Progress | None = None
+    #: The policy decision that let the task run (e.g. "allowed by rule 2 of FILE: …"), if a policy applied.
+    policy: str | None = None
 
     @property
     def duration_s(self) -> float | None:

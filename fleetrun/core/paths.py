@@ -7,6 +7,7 @@ from pathlib import Path
 
 HOME_ENV = "FLEETRUN_HOME"
 HOSTS_ENV = "FLEETRUN_HOSTS"
+POLICY_ENV = "FLEETRUN_POLICY"
 
 
 def data_dir() -> Path:

@@ -18,7 +18,7 @@ import importlib.metadata
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import pluggy
 
@@ -26,6 +26,9 @@ from fleetrun.core import hookspecs
 from fleetrun.core.errors import PluginError
 from fleetrun.core.models import Progress, Task, TaskResult
 from fleetrun.core.transport import Transport
+
+if TYPE_CHECKING:
+    from fleetrun.core.policy import Decision
 
 ENTRY_POINT_GROUP = "fleetrun"
 DISABLE_ENV = "FLEETRUN_DISABLE_PLUGINS"
@@ -215,6 +218,9 @@ class PluginManager:
     def task_cancelled(self, task: Task, reason: str) -> None:
         self._notify("fleetrun_task_cancelled", task=task, reason=reason)
 
+    def command_denied(self, host: str, command: str, decision: Decision) -> None:
+        self._notify("fleetrun_command_denied", host=host, command=command, decision=decision)
+
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         for notifier in self._notifiers_for(hook_name):
             try:
@@ -224,7 +230,7 @@ class PluginManager:
 
     def _notifiers_for(self, hook_name: str) -> list[_Notifier]:
         if self._notifiers is None:
-            self._notifiers = {name: self._build_notifiers(name) for name in hookspecs.LIFECYCLE_HOOKS}
+            self._notifiers = {name: self._build_notifiers(name) for name in hookspecs.NOTIFY_HOOKS}
         return self._notifiers[hook_name]
 
     def _build_notifiers(self, hook_name: str) -> list[_Notifier]:

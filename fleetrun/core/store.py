@@ -25,7 +25,7 @@ from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.models import Progress, Task, TaskStatus
 from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TASK_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 DB_NAME = "tasks.sqlite3"
 
@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     owner_pid INTEGER,
     owner_token TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    progress TEXT
+    progress TEXT,
+    policy TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
@@ -139,9 +140,17 @@ class TaskStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise FleetrunError(f"cannot open the task store {self.home / DB_NAME}: {exc}") from None
+
+    def _migrate(self) -> None:
+        # Stores written by older versions lack newer columns; records are kept as they are.
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for column, kind in (("policy", "TEXT"),):
+            if column not in present:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
 
     @property
     def output_root(self) -> Path:

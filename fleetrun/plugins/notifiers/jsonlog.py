@@ -1,4 +1,4 @@
-"""The JSON-lines notifier: one JSON object per line per lifecycle event.
+"""The JSON-lines notifier: one JSON object per line per lifecycle event and per denial.
 
 Suitable as an audit log: each line is written and flushed as the event happens, the
 field names are stable (see docs/plugins.md), and a file is created with mode 0600.
@@ -11,9 +11,11 @@ import json
 import os
 import sys
 import threading
+import time
 from typing import IO
 
-from fleetrun.core.events import PROGRESS, LifecycleEvent, LifecycleEventPlugin
+from fleetrun.core.events import PROGRESS, LifecycleEvent, LifecycleEventPlugin, denial_to_dict
+from fleetrun.core.hookspecs import hookimpl
 
 ENV = "FLEETRUN_JSON_LOG"
 
@@ -39,7 +41,14 @@ class JsonLogNotifier(LifecycleEventPlugin):
     def on_event(self, event: LifecycleEvent) -> None:
         if event.event == PROGRESS and not self.include_progress:
             return
-        line = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        self._write(event.to_dict())
+
+    @hookimpl
+    def fleetrun_command_denied(self, host, command, decision):  # type: ignore[no-untyped-def]
+        self._write(denial_to_dict(host, command, decision, time.time()))
+
+    def _write(self, record: dict) -> None:  # type: ignore[type-arg]
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()

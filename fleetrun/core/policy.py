@@ -1,0 +1,363 @@
+"""The command policy: which commands may run on which hosts, and why.
+
+A policy file is YAML::
+
+    rules:
+      - allow: [uname *, df *]       # programs and argument patterns, one string each
+        hosts: ["*"]                 # host names (globs), tag:NAME, or * (the default)
+      - allow: systemctl status *
+        hosts: [tag:web]
+      - deny: systemctl status secret-*
+      - allow: apt-get update
+        sudo: true                   # also when run through sudo/doas
+        hosts: [web1]
+      - allow_raw_shell: true        # constructs the reader cannot judge are allowed here
+        hosts: [local]
+
+Commands are read with :mod:`fleetrun.core.shell`; every simple command of a chain must
+be allowed. For each, the matching rule with the most specific command pattern wins
+(more literal words, then more words), then the one with the most specific host
+(name, then name glob, then tag, then any), then the last in the file. No match: deny.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from fleetrun.core import paths
+from fleetrun.core.errors import PolicyError
+from fleetrun.core.inventory import Host
+from fleetrun.core.shell import SimpleCommand, Word, parse_command
+
+BUILTIN_SOURCE = "<built-in read-only policy>"
+_GLOB_CHARS = set("*?[")
+_RULE_KEYS = ("allow", "deny", "allow_raw_shell", "hosts", "sudo", "comment")
+
+#: What the MCP server allows when no policy file exists: looking, never changing.
+READ_ONLY_COMMANDS = (
+    "uname *", "uptime *", "hostname", "hostname -f", "hostname -s", "hostname -i", "hostname -I", "hostname -A",
+    "whoami", "id *", "date", "date -u", "date -R", "date +*", "date -u +*", "df *", "free *", "ps *", "nproc *",
+    "lscpu *", "who *", "w *", "pwd", "echo *", "true", "cat /proc/loadavg", "cat /proc/meminfo", "cat /proc/cpuinfo",
+)  # fmt: skip
+
+HOW_TO_WRITE_A_POLICY = (
+    "fleetrun is using its built-in read-only policy; to allow more, write a policy file "
+    "(policy.example.yaml shows every field) and pass it with --policy, set FLEETRUN_POLICY, "
+    "or put it at ~/.config/fleetrun/policy.yaml"
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One pattern of one rule entry. ``index`` counts entries from 1, as written in the file."""
+
+    source: str
+    index: int
+    line: int | None
+    action: str  # "allow", "deny" or "raw_shell"
+    pattern: str | None
+    hosts: tuple[str, ...] = ()
+    sudo: bool = False
+
+    @property
+    def text(self) -> str:
+        if self.action == "raw_shell":
+            text = "allow_raw_shell: true"
+        else:
+            text = f"{self.action}: {self.pattern}"
+        if self.hosts:
+            text += f" (hosts: {', '.join(self.hosts)})"
+        if self.sudo:
+            text += " (sudo: true)"
+        return text
+
+    def describe(self) -> str:
+        line = f", line {self.line}" if self.line is not None else ""
+        return f"rule {self.index} of {self.source}{line}: {self.text}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "index": self.index, "line": self.line, "text": self.text}
+
+    # -- matching --------------------------------------------------------------------------
+
+    def host_rank(self, host: Host) -> int | None:
+        """How specifically this rule names the host (higher: more), or None if it does not."""
+        if not self.hosts:
+            return 0
+        best: int | None = None
+        for selector in self.hosts:
+            if selector == "*":
+                rank = 0
+            elif selector.startswith("tag:"):
+                rank = 1 if selector[4:] in host.tags else None
+            elif _GLOB_CHARS & set(selector):
+                rank = 2 if fnmatch.fnmatchcase(host.name, selector) else None
+            else:
+                rank = 3 if selector == host.name else None
+            if rank is not None and (best is None or rank > best):
+                best = rank
+        return best
+
+    def command_rank(self, command: SimpleCommand) -> tuple[int, int] | None:
+        """(literal words, words) of the pattern if it matches ``command``, else None."""
+        assert self.pattern is not None
+        if command.privileged and not self.sudo and self.action == "allow":
+            return None
+        words = shlex.split(self.pattern)
+        program, arg_patterns = words[0], words[1:]
+        any_rest = bool(arg_patterns) and arg_patterns[-1] == "*"
+        if any_rest:
+            arg_patterns = arg_patterns[:-1]
+        if ("/" in command.program) != ("/" in program) or not fnmatch.fnmatchcase(command.program, program):
+            return None
+        args = command.args
+        if len(args) < len(arg_patterns) or (not any_rest and len(args) != len(arg_patterns)):
+            return None
+        for arg, pattern in zip(args, arg_patterns):
+            if not _word_matches(arg, pattern):
+                return None
+        literal = sum(1 for w in words if not (_GLOB_CHARS & set(w)))
+        return literal, len(words) - (1 if any_rest else 0)
+
+
+def _word_matches(word: Word, pattern: str) -> bool:
+    if not word.known:
+        return False  # it may become several words or anything: only a trailing * takes it
+    if pattern == word.value:
+        return True
+    if not (_GLOB_CHARS & set(pattern)):
+        return False
+    if ".." in word.value.split("/") and ".." not in pattern.split("/"):
+        return False  # /var/log/* must not reach /var/log/../../etc/shadow
+    return fnmatch.fnmatchcase(word.value, pattern)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision on one simple command of the line."""
+
+    command: str
+    allowed: bool
+    rule: Rule | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": self.command, "allowed": self.allowed, "rule": self.rule.to_dict() if self.rule else None, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a command may run on a host, the rule that decided, and why."""
+
+    allowed: bool
+    host: str
+    command: str
+    source: str
+    rule: Rule | None
+    reason: str
+    verdicts: tuple[Verdict, ...] = ()
+
+    @property
+    def rule_text(self) -> str:
+        return self.rule.describe() if self.rule else f"the default of {self.source}: deny"
+
+    @property
+    def explanation(self) -> str:
+        """One paragraph for the user: the decision, the rule, and what to do about a denial."""
+        verb = "allowed" if self.allowed else "denied"
+        text = f"{verb} on host {self.host!r}: {self.reason} [{self.rule_text}]"
+        if not self.allowed and self.source == BUILTIN_SOURCE:
+            text += f". {HOW_TO_WRITE_A_POLICY}"
+        return text
+
+    @property
+    def summary(self) -> str:
+        """A short line for task records and logs."""
+        return f"{'allowed' if self.allowed else 'denied'} by {self.rule_text}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed,
+            "host": self.host,
+            "command": self.command,
+            "policy": self.source,
+            "rule": self.rule.to_dict() if self.rule else None,
+            "reason": self.reason,
+            "commands": [v.to_dict() for v in self.verdicts],
+        }
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Ordered rules from one source; the default is deny."""
+
+    rules: tuple[Rule, ...]
+    source: str = BUILTIN_SOURCE
+
+    def decide(self, host: Host, command: str) -> Decision:
+        parsed = parse_command(command)
+
+        def deny(rule: Rule | None, reason: str, verdicts: Iterable[Verdict] = ()) -> Decision:
+            return Decision(False, host.name, command, self.source, rule, reason, tuple(verdicts))
+
+        if parsed.problems:
+            raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None)
+            if raw is None:
+                return deny(
+                    None,
+                    f"the command contains {parsed.problems[0]}, which the policy cannot judge, "
+                    f"and no rule allows raw shell on this host",
+                )
+        if not parsed.commands and not parsed.problems:
+            return deny(None, "there is no command in it")
+        verdicts: list[Verdict] = []
+        for simple in parsed.commands:
+            rule = self._best(host, (r for r in self.rules if r.action != "raw_shell"), simple)
+            if rule is None:
+                verdicts.append(Verdict(simple.text, False, None, f"{_shown(simple)} matches no rule"))
+            elif rule.action == "deny":
+                verdicts.append(Verdict(simple.text, False, rule, f"{_shown(simple)} is denied"))
+            else:
+                verdicts.append(Verdict(simple.text, True, rule, f"{_shown(simple)} is allowed"))
+        if parsed.problems:
+            raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None)
+            verdicts.append(Verdict(command, True, raw, f"raw shell ({parsed.problems[0]}) is allowed"))
+        denied = [v for v in verdicts if not v.allowed]
+        if denied:
+            first = denied[0]
+            return deny(first.rule, first.reason, verdicts)
+        first = verdicts[0]
+        reason = first.reason if len(verdicts) == 1 else f"all {len(verdicts)} commands are allowed"
+        return Decision(True, host.name, command, self.source, first.rule, reason, tuple(verdicts))
+
+    @staticmethod
+    def _best(host: Host, rules: Iterable[Rule], command: SimpleCommand | None) -> Rule | None:
+        best: tuple[tuple[int, ...], Rule] | None = None
+        for position, rule in enumerate(rules):
+            host_rank = rule.host_rank(host)
+            if host_rank is None:
+                continue
+            command_rank = rule.command_rank(command) if command is not None else (0, 0)
+            if command_rank is None:
+                continue
+            key = (*command_rank, host_rank, position)
+            if best is None or key > best[0]:
+                best = (key, rule)
+        return best[1] if best else None
+
+
+def _shown(command: SimpleCommand) -> str:
+    text = repr(command.text)
+    if command.wrappers:
+        text += f" (run through {' and '.join(command.wrappers)})"
+    return text
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def read_only_policy() -> Policy:
+    """The built-in policy: a few commands that look at a host and change nothing."""
+    return Policy(
+        rules=tuple(Rule(BUILTIN_SOURCE, 1, None, "allow", pattern) for pattern in READ_ONLY_COMMANDS),
+        source=BUILTIN_SOURCE,
+    )
+
+
+def find_policy_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """``explicit``, then ``$FLEETRUN_POLICY``, then ``policy.yaml`` in the config dir."""
+    for candidate, origin in ((explicit, "--policy"), (os.environ.get(paths.POLICY_ENV), paths.POLICY_ENV)):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise PolicyError(f"policy file not found (given by {origin})", path=str(path))
+            return path
+    configured = paths.config_dir() / "policy.yaml"
+    return configured if configured.is_file() else None
+
+
+def load_policy(explicit: str | os.PathLike[str] | None = None) -> Policy | None:
+    """The configured policy, or None when there is none (the caller picks a fallback)."""
+    path = find_policy_file(explicit)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read the file: {exc}", path=str(path)) from None
+    return parse_policy(text, source=str(path))
+
+
+def parse_policy(text: str, *, source: str = "<string>") -> Policy:
+    """Parse and check policy text; raise :class:`PolicyError` naming file, line, rule and field."""
+
+    def fail(node: yaml.Node | None, message: str, **where: Any) -> PolicyError:
+        return PolicyError(message, path=source, line=node.start_mark.line + 1 if node is not None else None, **where)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise PolicyError(f"invalid YAML: {exc.problem or exc.context}", path=source, line=mark.line + 1 if mark else None) from None
+    if not isinstance(root, yaml.MappingNode):
+        raise fail(root, "the policy must be a mapping with a 'rules:' list")
+    top = {k.value: (k, v) for k, v in root.value}
+    for key, (key_node, _) in top.items():
+        if key != "rules":
+            raise fail(key_node, f"unknown top-level key {key!r} (allowed: rules)")
+    if "rules" not in top or not isinstance(top["rules"][1], yaml.SequenceNode):
+        raise fail(root, "missing the 'rules:' list")
+    rules: list[Rule] = []
+    for index, entry in enumerate(top["rules"][1].value, start=1):
+        rules.extend(_parse_rule(entry, index, source, fail))
+    return Policy(rules=tuple(rules), source=source)
+
+
+def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Rule]:
+    if not isinstance(entry, yaml.MappingNode):
+        raise fail(entry, "a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)", rule=index)
+    fields: dict[str, tuple[yaml.Node, Any]] = {}
+    for key_node, value_node in entry.value:
+        key = key_node.value
+        if key not in _RULE_KEYS:
+            raise fail(key_node, f"unknown field (allowed: {', '.join(_RULE_KEYS)})", rule=index, field=key)
+        fields[key] = (value_node, yaml.safe_load(yaml.serialize(value_node)))
+    actions = [k for k in ("allow", "deny", "allow_raw_shell") if k in fields]
+    if len(actions) != 1:
+        raise fail(entry, "a rule needs exactly one of allow:, deny: or allow_raw_shell:", rule=index)
+    action = actions[0]
+    node, value = fields[action]
+    hosts: tuple[str, ...] = ()
+    if "hosts" in fields:
+        hosts_node, hosts_value = fields["hosts"]
+        if isinstance(hosts_value, str):
+            hosts_value = [hosts_value]
+        if not isinstance(hosts_value, list) or not hosts_value or not all(isinstance(h, str) and h for h in hosts_value):
+            raise fail(hosts_node, "expected a list of host names, globs, tag:NAME or *", rule=index, field="hosts")
+        hosts = tuple(hosts_value)
+    sudo = False
+    if "sudo" in fields:
+        sudo_node, sudo = fields["sudo"]
+        if not isinstance(sudo, bool):
+            raise fail(sudo_node, f"expected true or false, got {sudo!r}", rule=index, field="sudo")
+    line = entry.start_mark.line + 1
+    if action == "allow_raw_shell":
+        if value is not True:
+            raise fail(node, "allow_raw_shell takes true (leave the rule out to deny raw shell)", rule=index, field=action)
+        return [Rule(source, index, line, "raw_shell", None, hosts, sudo)]
+    patterns = value if isinstance(value, list) else [value]
+    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
+        raise fail(node, "expected a command pattern or a list of them, e.g. 'systemctl status *'", rule=index, field=action)
+    for pattern in patterns:
+        try:
+            shlex.split(pattern)
+        except ValueError as exc:
+            raise fail(node, f"cannot read pattern {pattern!r}: {exc}", rule=index, field=action) from None
+    return [Rule(source, index, line, action, pattern.strip(), hosts, sudo) for pattern in patterns]

@@ -1,0 +1,532 @@
+"""A conservative reader of POSIX shell command lines, for the policy.
+
+It splits a command line into the simple commands the shell would run and, for each,
+the program and its arguments after quote removal, so that a policy judges
+``'r'm -rf /`` as ``rm`` and sees every command of ``a; b && c | d``. It does not try
+to understand everything a shell can do: whatever it cannot judge with certainty is
+reported as a *problem* (command substitution, control structures, redirection into a
+file, …), and the policy denies it unless raw shell is allowed for the host.
+
+Words whose final value depends on the shell at run time (parameter expansion, globs,
+brace expansion, ``~``) are kept but marked *unknown*: such a word can only be matched
+by a pattern that accepts anything, and never stands as the program name.
+
+Wrappers are looked through: ``sudo``/``doas`` (marked privileged), ``env``, ``nice``,
+``nohup``, ``timeout``, ``time``, ``command``, ``exec``, ``stdbuf``, ``ionice``,
+``setsid``, ``xargs`` (its input becomes unknown arguments) and ``sh -c``-style shells
+(their script is read recursively).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+#: Variables a command may be given inline without a policy rule saying so.
+SAFE_ASSIGNMENTS = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE|TZ|COLUMNS|LINES|TERM|NO_COLOR)")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IO_NUMBER = re.compile(r"\d+")
+_RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
+             "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
+_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash"}
+#: Where a wrapper or shell named by path is trusted to be the real one.
+_SYSTEM_DIRS = ("/bin/", "/usr/bin/", "/sbin/", "/usr/sbin/", "/usr/local/bin/")
+_HARMLESS_TARGETS = {"/dev/null"}
+_MAX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word after quote removal; ``known`` is False when the shell decides its value at run time."""
+
+    value: str
+    known: bool = True
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class SimpleCommand:
+    """A program with its arguments, as the policy judges it."""
+
+    program: str
+    args: tuple[Word, ...]
+    #: Looked through to get here, outermost first (e.g. ("sudo", "env")).
+    wrappers: tuple[str, ...] = ()
+    #: Run through sudo/doas: only rules that allow privileged commands match.
+    privileged: bool = False
+    #: Variables set for this command (NAME=value prefixes, env NAME=value).
+    assignments: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def text(self) -> str:
+        return " ".join([self.program, *(w.value for w in self.args)])
+
+
+@dataclass
+class ParsedCommand:
+    """Every simple command of a command line, and what could not be judged."""
+
+    commands: list[SimpleCommand] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def judgeable(self) -> bool:
+        return not self.problems
+
+
+class _Unjudgeable(Exception):
+    pass
+
+
+def parse_command(line: str) -> ParsedCommand:
+    """Split ``line`` into simple commands; never raises on any input."""
+    result = ParsedCommand()
+    try:
+        _parse_into(line, result, depth=0)
+    except Exception as exc:  # noqa: BLE001 - a reader bug must deny, not crash
+        result.problems.append(f"the command could not be read ({type(exc).__name__})")
+    return result
+
+
+def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        result.problems.append("shells nested too deeply inside each other")
+        return
+    try:
+        segments = _Lexer(line).segments()
+    except _Unjudgeable as exc:
+        result.problems.append(str(exc))
+        return
+    for tokens in segments:
+        _judge_segment(tokens, result, depth)
+
+
+# -- lexing ------------------------------------------------------------------------------
+
+_OPERATOR = "op"
+_WORD = "word"
+_REDIRECT = "redirect"
+
+
+@dataclass
+class _Token:
+    kind: str
+    value: str
+    known: bool = True
+    #: For words: the raw text contained an unquoted '=' before any quote (an assignment candidate).
+    raw: str = ""
+
+
+class _Lexer:
+    """Turns a command line into segments (lists of word and redirection tokens)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def segments(self) -> list[list[_Token]]:
+        segments: list[list[_Token]] = [[]]
+        while True:
+            token = self._next()
+            if token is None:
+                break
+            if token.kind == _OPERATOR:
+                if segments[-1]:
+                    segments.append([])
+                elif token.value not in ("\n", ";"):
+                    raise _Unjudgeable(f"'{token.value}' with no command before it")
+                continue
+            segments[-1].append(token)
+        return [s for s in segments if s]
+
+    def _peek(self, offset: int = 0) -> str:
+        index = self.pos + offset
+        return self.text[index] if index < len(self.text) else ""
+
+    def _next(self) -> _Token | None:
+        text = self.text
+        while self.pos < len(text):
+            char = text[self.pos]
+            if char in " \t":
+                self.pos += 1
+            elif char == "\\" and self._peek(1) == "\n":
+                self.pos += 2
+            elif char == "#":
+                while self.pos < len(text) and text[self.pos] != "\n":
+                    self.pos += 1
+            else:
+                break
+        if self.pos >= len(text):
+            return None
+        char = text[self.pos]
+        if char == "\n":
+            self.pos += 1
+            return _Token(_OPERATOR, "\n")
+        for operator in ("&&", "||", ";;", "|&", ";", "|", "&"):
+            if text.startswith(operator, self.pos):
+                if operator == ";;":
+                    raise _Unjudgeable("a case statement (;;)")
+                if operator == "&" and self._peek(1) == ">":
+                    break  # &> is a redirection
+                self.pos += len(operator)
+                return _Token(_OPERATOR, operator)
+        if char in "()":
+            raise _Unjudgeable("a subshell or grouping with ( )")
+        redirect = self._redirection()
+        if redirect is not None:
+            return redirect
+        return self._word()
+
+    def _redirection(self) -> _Token | None:
+        match = re.compile(r"(\d*)(<<<|<<-|<<|<>|<&|>&|>>|>\||&>>|&>|<|>)").match(self.text, self.pos)
+        if match is None:
+            return None
+        self.pos = match.end()
+        operator = match.group(2)
+        if operator in ("<<", "<<-"):
+            raise _Unjudgeable("a here-document (<<)")
+        if self._peek() == "(":
+            raise _Unjudgeable(f"process substitution ({operator}( … ))")
+        target = self._next()
+        if target is None or target.kind != _WORD:
+            raise _Unjudgeable(f"redirection '{operator}' without a target")
+        return _Token(_REDIRECT, operator, known=target.known, raw=target.value)
+
+    def _word(self) -> _Token:
+        text = self.text
+        value: list[str] = []
+        known = True
+        raw_start = self.pos
+        quoted_somewhere = False
+        while self.pos < len(text):
+            char = text[self.pos]
+            if char in " \t\n;&|()<>":
+                if char in "<>" and self._peek(1) == "(":
+                    raise _Unjudgeable(f"process substitution ({char}( … ))")
+                break
+            if char == "\\":
+                following = self._peek(1)
+                self.pos += 2
+                if following == "\n":
+                    continue
+                if following == "":
+                    raise _Unjudgeable("a trailing backslash")
+                value.append(following)
+                quoted_somewhere = True
+            elif char == "'":
+                end = text.find("'", self.pos + 1)
+                if end < 0:
+                    raise _Unjudgeable("an unterminated single quote")
+                value.append(text[self.pos + 1 : end])
+                self.pos = end + 1
+                quoted_somewhere = True
+            elif char == '"':
+                piece, piece_known = self._double_quoted()
+                value.append(piece)
+                known = known and piece_known
+                quoted_somewhere = True
+            elif char == "`":
+                raise _Unjudgeable("command substitution with backticks")
+            elif char == "$":
+                known = False
+                value.append(self._dollar())
+            else:
+                if char in "*?{}" or (char == "~" and self.pos == raw_start) or (char == "[" and "]" in self._rest_of_word()):
+                    known = False  # globs, brace expansion and ~ are decided by the shell
+                value.append(char)
+                self.pos += 1
+        word = "".join(value)
+        raw = text[raw_start : self.pos]
+        return _Token(_WORD, word, known=known, raw=raw if not quoted_somewhere else raw)
+
+    def _rest_of_word(self) -> str:
+        end = self.pos
+        while end < len(self.text) and self.text[end] not in " \t\n;&|()<>":
+            end += 1
+        return self.text[self.pos : end]
+
+    def _double_quoted(self) -> tuple[str, bool]:
+        text = self.text
+        self.pos += 1
+        value: list[str] = []
+        known = True
+        while True:
+            if self.pos >= len(text):
+                raise _Unjudgeable("an unterminated double quote")
+            char = text[self.pos]
+            if char == '"':
+                self.pos += 1
+                return "".join(value), known
+            if char == "\\" and self._peek(1) in ('"', "\\", "$", "`", "\n"):
+                if self._peek(1) != "\n":
+                    value.append(self._peek(1))
+                self.pos += 2
+            elif char == "`":
+                raise _Unjudgeable("command substitution with backticks")
+            elif char == "$":
+                known = False
+                value.append(self._dollar())
+            else:
+                value.append(char)
+                self.pos += 1
+
+    def _dollar(self) -> str:
+        """Consume a $-expansion; refuse the ones that run commands."""
+        text = self.text
+        following = self._peek(1)
+        if following == "(":
+            raise _Unjudgeable("command substitution $( … )" if self._peek(2) != "(" else "arithmetic expansion $(( … ))")
+        if following in ("'", '"'):
+            raise _Unjudgeable(f"ANSI-C or locale quoting (${following}…{following})")
+        if following == "{":
+            end = text.find("}", self.pos + 2)
+            if end < 0:
+                raise _Unjudgeable("an unterminated ${")
+            inner = text[self.pos + 2 : end]
+            if any(c in inner for c in "$`(") or not re.fullmatch(r"#?[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]", inner):
+                raise _Unjudgeable(f"parameter expansion with operators (${{{inner}}})")
+            self.pos = end + 1
+            return f"${{{inner}}}"
+        match = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]").match(text, self.pos + 1)
+        if match is None:
+            self.pos += 1
+            return "$"
+        self.pos = match.end()
+        return "$" + match.group(0)
+
+
+# -- judging one simple command ------------------------------------------------------------
+
+
+def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> None:
+    words: list[_Token] = []
+    for token in tokens:
+        if token.kind == _REDIRECT:
+            problem = _redirection_problem(token)
+            if problem:
+                result.problems.append(problem)
+                return
+        else:
+            words.append(token)
+    assignments: list[tuple[str, str]] = []
+    while words and _assignment(words[0]) is not None:
+        name, value = _assignment(words[0])  # type: ignore[misc]
+        if not SAFE_ASSIGNMENTS.fullmatch(name) or not words[0].known:
+            result.problems.append(f"setting {name} can change what a command does ({name}=…)")
+            return
+        assignments.append((name, value))
+        words.pop(0)
+    if not words:
+        return  # only safe assignments, or only redirections to /dev/null: nothing runs
+    _judge_words([Word(t.value, t.known) for t in words], tuple(assignments), (), False, result, depth)
+
+
+def _assignment(token: _Token) -> tuple[str, str] | None:
+    name, sep, value = token.raw.partition("=")
+    if sep and _NAME.fullmatch(name):
+        return name, token.value.partition("=")[2]
+    return None
+
+
+def _redirection_problem(token: _Token) -> str | None:
+    operator, target = token.value, token.raw
+    operator = operator.lstrip("0123456789")
+    if operator in (">&", "<&") and (re.fullmatch(r"\d+|-", target)):
+        return None  # duplicating or closing a descriptor
+    if target.startswith(("/dev/tcp/", "/dev/udp/")):
+        return f"a network redirection ({target})"
+    if operator == "<":
+        return None if token.known else "input redirection from a name decided at run time"
+    if operator == "<<<":
+        return None
+    if token.known and target in _HARMLESS_TARGETS:
+        return None
+    return f"output redirection to a file ({operator} {target})"
+
+
+def _judge_words(
+    words: list[Word],
+    assignments: tuple[tuple[str, str], ...],
+    wrappers: tuple[str, ...],
+    privileged: bool,
+    result: ParsedCommand,
+    depth: int,
+) -> None:
+    program = words[0]
+    if not program.known:
+        result.problems.append(f"a program name decided at run time ({program.value})")
+        return
+    if program.value in _RESERVED:
+        result.problems.append(f"shell syntax ({program.value} …)")
+        return
+    name = program.value
+    args = words[1:]
+    base = name.rsplit("/", 1)[-1]
+    # ./sudo or /tmp/x/sh are whatever someone put there: judged as themselves.
+    system = base == name or name[: -len(base)] in _SYSTEM_DIRS
+    unwrap = _WRAPPERS.get(base) if system else None
+    if unwrap is not None:
+        try:
+            inner = unwrap(args)
+        except _Unjudgeable as exc:
+            result.problems.append(f"{base}: {exc}")
+            return
+        if inner is not None:
+            inner_words, extra_assignments, makes_privileged = inner
+            if not inner_words:
+                result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
+                return
+            for key, _ in extra_assignments:
+                if not SAFE_ASSIGNMENTS.fullmatch(key):
+                    result.problems.append(f"setting {key} can change what a command does ({base} {key}=…)")
+                    return
+            _judge_words(
+                inner_words, assignments + tuple(extra_assignments), wrappers + (base,),
+                privileged or makes_privileged, result, depth,
+            )
+            return
+    if system and base in _SHELLS:
+        script = _shell_script(args)
+        if script is not None:
+            if not script.known:
+                result.problems.append(f"{base} -c with a script decided at run time")
+                return
+            nested = ParsedCommand()
+            _parse_into(script.value, nested, depth + 1)
+            result.problems.extend(nested.problems)
+            result.commands.extend(
+                SimpleCommand(c.program, c.args, wrappers + (base,) + c.wrappers, privileged or c.privileged,
+                              assignments + c.assignments)
+                for c in nested.commands
+            )
+            return
+    if base == "find":
+        for word in args:
+            if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
+                result.problems.append(f"find {word.value} runs commands or writes files")
+                return
+    result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
+
+
+def _shell_script(args: list[Word]) -> Word | None:
+    """The script of ``sh -c SCRIPT`` (options before -c allowed), else None."""
+    for index, word in enumerate(args):
+        if not word.known:
+            return Word(word.value, False)
+        if word.value == "-c" or (word.value.startswith("-") and "c" in word.value[1:] and not word.value.startswith("--")):
+            return args[index + 1] if index + 1 < len(args) else Word("", True)
+        if not word.value.startswith("-"):
+            return None
+    return None
+
+
+# -- wrappers: each returns (inner words, assignments, privileged) or None ------------------
+
+
+def _skip_options(args: list[Word], with_value: set[str], flags: set[str] | None = None) -> list[Word]:
+    """Drop leading options; those in ``with_value`` take the next word. Unknown ones: refuse."""
+    index = 0
+    while index < len(args):
+        word = args[index]
+        if not word.known:
+            raise _Unjudgeable(f"an option decided at run time ({word.value})")
+        text = word.value
+        if text == "--":
+            return args[index + 1 :]
+        if not text.startswith("-") or text == "-":
+            return args[index:]
+        option = text.split("=", 1)[0]
+        if option in with_value and "=" not in text:
+            index += 2
+            continue
+        if option in with_value or (flags is not None and option in flags) or flags is None:
+            index += 1
+            continue
+        # Combined short options (-n5, -oL) of a value-taking option.
+        if any(text.startswith(short) for short in with_value if len(short) == 2):
+            index += 1
+            continue
+        raise _Unjudgeable(f"an option it does not know ({text})")
+    return []
+
+
+def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
+    for word in args:
+        if not word.value.startswith("-") or word.value == "--":
+            break
+        if word.value in ("-s", "--shell", "-i", "--login", "-e", "--edit", "-l", "--list", "-v", "--validate"):
+            raise _Unjudgeable(f"a shell, login, editor or listing through sudo ({word.value})")
+    rest = _skip_options(
+        args,
+        with_value={"-u", "--user", "-g", "--group", "-C", "--close-from", "-h", "--host", "-p", "--prompt",
+                    "-r", "--role", "-t", "--type", "-U", "--other-user", "-D", "--chdir", "-T", "--command-timeout"},
+        flags={"-n", "--non-interactive", "-H", "--set-home", "-k", "--reset-timestamp", "-P", "--preserve-groups",
+               "-S", "--stdin", "-b", "--background", "-A", "--askpass", "-B", "--bell", "-E", "--preserve-env",
+               "-K", "-N", "--no-update"},
+    )
+    env: list[tuple[str, str]] = []
+    while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
+        key, _, value = rest.pop(0).value.partition("=")
+        env.append((key, value))
+    return rest, env, True
+
+
+def _env(args: list[Word]):  # type: ignore[no-untyped-def]
+    if any(w.value in ("-S", "--split-string") or w.value.startswith("--split-string") for w in args):
+        raise _Unjudgeable("env -S splits a string into a command")
+    rest = _skip_options(
+        args, with_value={"-u", "--unset", "-C", "--chdir"},
+        flags={"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"},
+    )
+    env: list[tuple[str, str]] = []
+    while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
+        if not rest[0].known:
+            raise _Unjudgeable("an assignment decided at run time")
+        key, _, value = rest.pop(0).value.partition("=")
+        env.append((key, value))
+    return rest, env, False
+
+
+def _simple_wrapper(with_value: set[str], flags: set[str], positional: int = 0):  # type: ignore[no-untyped-def]
+    def unwrap(args: list[Word]):  # type: ignore[no-untyped-def]
+        rest = _skip_options(args, with_value=with_value, flags=flags)
+        if len(rest) < positional:
+            return [], [], False
+        for word in rest[:positional]:
+            if not word.known:
+                raise _Unjudgeable(f"an argument decided at run time ({word.value})")
+        return rest[positional:], [], False
+
+    return unwrap
+
+
+def _xargs(args: list[Word]):  # type: ignore[no-untyped-def]
+    rest = _skip_options(
+        args,
+        with_value={"-I", "-i", "-n", "--max-args", "-P", "--max-procs", "-d", "--delimiter", "-L", "--max-lines",
+                    "-s", "--max-chars", "-E", "-e", "--eof", "-a", "--arg-file"},
+        flags={"-0", "--null", "-r", "--no-run-if-empty", "-t", "--verbose", "-x", "--exit", "-p", "--interactive"},
+    )
+    if not rest:
+        rest = [Word("echo")]
+    # What xargs reads becomes more arguments, decided at run time.
+    return [*rest, Word("<arguments from input>", known=False)], [], False
+
+
+_WRAPPERS = {
+    "sudo": _sudo,
+    "doas": lambda args: (_skip_options(args, {"-u", "-C"}, {"-n"}), [], True),
+    "env": _env,
+    "nice": _simple_wrapper({"-n", "--adjustment"}, set()),
+    "nohup": _simple_wrapper(set(), set()),
+    "time": _simple_wrapper({"-f", "--format", "-o", "--output"}, {"-p", "-v", "--verbose", "-a", "--append", "-q"}),
+    "timeout": _simple_wrapper({"-s", "--signal", "-k", "--kill-after"}, {"--preserve-status", "--foreground", "-v", "--verbose"}, positional=1),
+    "command": _simple_wrapper(set(), {"-p", "-v", "-V"}),
+    "exec": _simple_wrapper({"-a"}, {"-c", "-l"}),
+    "stdbuf": _simple_wrapper({"-i", "--input", "-o", "--output", "-e", "--error"}, set()),
+    "ionice": _simple_wrapper({"-c", "--class", "-n", "--classdata"}, {"-t", "--ignore"}),
+    "setsid": _simple_wrapper(set(), {"-c", "--ctty", "-f", "--fork", "-w", "--wait"}),
+    "xargs": _xargs,
+}
