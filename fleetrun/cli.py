@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from fleetrun import __version__
 from fleetrun.core import paths
-from fleetrun.core.errors import FleetrunError
+from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.events import CANCELLED, COMPLETED, PROGRESS, LifecycleEvent, LifecycleEventPlugin
 from fleetrun.core.models import Progress, Task, TaskRequest, TaskStatus
 
@@ -29,6 +29,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_FLEETRUN_ERROR = 125
+EXIT_DENIED = 126
 EXIT_CANCELLED = 130
 
 log = logging.getLogger("fleetrun.cli")
@@ -46,12 +47,17 @@ exit status, one host:
   124  the command timed out (--timeout or the host's max_seconds)
   125  fleetrun failed: bad hosts file, unknown host, the command could not start
        or the host could not be reached
+  126  the policy denied the command (the message names the rule); nothing ran
   130  the task was cancelled (Ctrl-C, SIGTERM, or `fleetrun tasks cancel`)
 exit status, several hosts:
   0    every host's task succeeded
   1    at least one failed, timed out, was cancelled or was not started
   125  fleetrun failed before starting anything (bad hosts file, unknown host)
+  126  the policy denied the command on at least one host; nothing ran
   130  the batch was cancelled (Ctrl-C or SIGTERM)
+
+policy: with --policy, $FLEETRUN_POLICY or ~/.config/fleetrun/policy.yaml, every command
+must pass the policy; without any, the CLI runs what it is given.
 """
 
 
@@ -162,6 +168,15 @@ class _Context:
             self._store = TaskStore()
         return self._store
 
+    @property
+    def policy(self):  # type: ignore[no-untyped-def]
+        """The configured policy, or None: the CLI applies one only when it is given."""
+        if not hasattr(self, "_policy"):
+            from fleetrun.core.policy import load_policy
+
+            self._policy = load_policy(self.args.policy)
+        return self._policy
+
     def json_log_target(self) -> str | None:
         return self.args.json_log or os.environ.get("FLEETRUN_JSON_LOG") or None
 
@@ -213,7 +228,7 @@ def cmd_run(ctx: _Context) -> int:
             plugins.register(JsonLogNotifier(json_log), name="fleetrun.notifiers.jsonlog")
         except OSError as exc:
             raise FleetrunError(f"cannot open the JSON log {json_log}: {exc.strerror}") from None
-    executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins)
+    executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins, policy=ctx.policy)
     if batch:
         return _run_batch(executor, args, request, hosts)
     request = replace(request, host=hosts[0])
@@ -338,7 +353,9 @@ def _note(message: str) -> None:
 def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
     from fleetrun.core.executor import plan_task
 
-    plans = [plan_task(replace(request, host=host), ctx.inventory, ctx.plugins.transports) for host in hosts]
+    plans = [
+        plan_task(replace(request, host=host), ctx.inventory, ctx.plugins.transports, policy=ctx.policy) for host in hosts
+    ]
     if ctx.args.json:
         infos = [
             {
@@ -349,14 +366,14 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
                 "limits": asdict(plan.limits),
                 "env": sorted(plan.env),
                 "cwd": plan.cwd,
-                "policy": None,
+                "policy": plan.decision.to_dict() if plan.decision else None,
                 "inventory": ctx.inventory.source,
                 "ran": False,
             }
             for plan in plans
         ]
         print(json.dumps(infos[0] if len(infos) == 1 and ctx.args.tag is None else infos, indent=2))
-        return EXIT_OK
+        return _dry_run_status(plans)
     for index, plan in enumerate(plans):
         if index:
             print()
@@ -373,14 +390,46 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
             ),
             ("environment", ", ".join(sorted(plan.env)) or "(nothing added)"),
             ("cwd", plan.cwd or "(inherited)"),
-            ("policy", "none configured: the CLI runs any command when no policy is set"),
+            ("policy", plan.decision.explanation if plan.decision else "none configured: the CLI runs any command when no policy is set"),
             ("inventory", ctx.inventory.source),
             ("dry run", "nothing was run"),
         ]
         width = max(len(k) for k, _ in rows) + 1
         for key, value in rows:
             print(f"{(key + ':').ljust(width)} {value}")
-    return EXIT_OK
+    return _dry_run_status(plans)
+
+
+def _dry_run_status(plans) -> int:  # type: ignore[no-untyped-def]
+    # A dry run answers "would this run?": a denial is a non-zero answer, as for a real run.
+    return EXIT_DENIED if any(p.decision is not None and not p.decision.allowed for p in plans) else EXIT_OK
+
+
+def cmd_policy_check(ctx: _Context) -> int:
+    from fleetrun.core.policy import read_only_policy
+
+    args = ctx.args
+    if not args.command:
+        raise FleetrunError("no command given: write it after --, e.g. fleetrun policy check web1 -- systemctl status nginx")
+    policy = ctx.policy
+    if policy is None:
+        if not args.builtin:
+            raise FleetrunError(
+                "no policy configured (none given with --policy, $FLEETRUN_POLICY or ~/.config/fleetrun/policy.yaml); "
+                "add --builtin to check against the built-in read-only policy the MCP server uses"
+            )
+        policy = read_only_policy()
+    host = ctx.inventory.get(args.host)
+    decision = policy.decide(host, " ".join(args.command))
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2))
+    else:
+        print(decision.explanation)
+        if len(decision.verdicts) > 1:
+            for verdict in decision.verdicts:
+                rule = verdict.rule.describe() if verdict.rule else "no rule (default: deny)"
+                print(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}")
+    return EXIT_OK if decision.allowed else EXIT_DENIED
 
 
 def cmd_hosts(ctx: _Context) -> int:
@@ -567,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fleetrun {__version__}")
     parser.add_argument("--hosts", metavar="PATH", help="the hosts file (default: $FLEETRUN_HOSTS, then the config dir)")
+    parser.add_argument(
+        "--policy", metavar="PATH",
+        help="the command policy (default: $FLEETRUN_POLICY, then ~/.config/fleetrun/policy.yaml; none: run anything)",
+    )
     parser.add_argument("--json-log", metavar="PATH", help="append lifecycle events as JSON lines to PATH ('-' for stderr)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more to stderr (-vv for debug)")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
@@ -637,6 +690,25 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--wait", type=_positive_float, default=10.0, metavar="SECONDS", help="how long to wait for the owner to confirm (default 10)")
     cancel.set_defaults(func=cmd_tasks_cancel)
 
+    policy = sub.add_parser(
+        "policy", help="check commands against the command policy",
+        description="Check what the command policy decides, and why, without running anything.",
+    )
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION")
+    policy_sub.required = True
+    check = policy_sub.add_parser(
+        "check", help="say whether a command may run on a host, and which rule decides",
+        description=(
+            "Say whether the policy allows COMMAND on HOST and which rule decided (file, rule number, "
+            "line, text). Exits 0 when allowed, 126 when denied."
+        ),
+    )
+    check.add_argument("host", help="a host name from the inventory")
+    check.add_argument("command", nargs="*", metavar="-- COMMAND", help="the command, after --")
+    check.add_argument("--builtin", action="store_true", help="with no policy configured, use the built-in read-only policy")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.set_defaults(func=cmd_policy_check)
+
     plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements", description="List plugins and hooks.")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=cmd_plugins)
@@ -655,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if command_words is not None:
         if getattr(args, "command", None) is None:
-            parser.error("'--' is only used by `fleetrun run HOST -- COMMAND`")
+            parser.error("'--' is only used by `fleetrun run HOST -- COMMAND` and `fleetrun policy check HOST -- COMMAND`")
         args.command = [*args.command, *command_words]
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="fleetrun: %(levelname)s: %(name)s: %(message)s")
@@ -667,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = _Context(args)
     try:
         return args.func(ctx)
+    except PolicyDenied as exc:
+        sys.stderr.write(f"fleetrun: {exc}\n")
+        return EXIT_DENIED
     except FleetrunError as exc:
         sys.stderr.write(f"fleetrun: error: {exc}\n")
         return getattr(args, "error_exit", EXIT_ERROR)

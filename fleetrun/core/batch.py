@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-from fleetrun.core.errors import FleetrunError
+from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import Inventory
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 
@@ -84,8 +84,13 @@ async def run_batch_async(
     """Run the batch; cancelling this coroutine cancels every task it launched."""
     if batch.max_parallel < 1:
         raise FleetrunError(f"max_parallel must be at least 1, got {batch.max_parallel}")
-    for host in batch.hosts:  # refuse the whole batch before anything runs
-        executor.plan(batch.task_request(host))
+    # Refuse the whole batch before anything runs: an unknown host, a bad limit, a denial.
+    plans = [executor.plan(batch.task_request(host)) for host in batch.hosts]
+    denied = [p for p in plans if p.decision is not None and not p.decision.allowed]
+    if denied:
+        for plan in denied:
+            executor.plugins.command_denied(plan.host.name, batch.command, plan.decision)
+        raise PolicyDenied(denied[0].decision)
     slots = asyncio.Semaphore(batch.max_parallel)
     finished: dict[str, Task] = {}
     launched: list[str] = []
