@@ -14,7 +14,9 @@ A policy file is YAML::
       - allow_raw_shell: true        # constructs the reader cannot judge are allowed here
         hosts: [local]
 
-Commands are read with :mod:`fleetrun.core.shell`; every simple command of a chain must
+A pattern is the program and one pattern per argument; a trailing ``*`` takes any further
+arguments, and the pattern ``*`` alone takes any command. Commands are read with
+:mod:`fleetrun.core.shell`; every simple command of a chain must
 be allowed. For each, the matching rule with the most specific command pattern wins
 (more literal words, then more words), then the one with the most specific host
 (name, then name glob, then tag, then any), then the last in the file. No match: deny.
@@ -111,6 +113,8 @@ class Rule:
         if command.privileged and not self.sudo and self.action == "allow":
             return None
         words = shlex.split(self.pattern)
+        if words == ["*"]:
+            return 0, 0  # any command at all: the least specific pattern there is
         program, arg_patterns = words[0], words[1:]
         any_rest = bool(arg_patterns) and arg_patterns[-1] == "*"
         if any_rest:

@@ -94,13 +94,15 @@ def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
     if depth > _MAX_DEPTH:
         result.problems.append("shells nested too deeply inside each other")
         return
+    lexer = _Lexer(line)
     try:
-        segments = _Lexer(line).segments()
+        lexer.read()
     except _Unjudgeable as exc:
+        # The commands before the construct are still judged; the rest is raw shell.
         result.problems.append(str(exc))
-        return
-    for tokens in segments:
-        _judge_segment(tokens, result, depth)
+    for tokens in lexer.complete:
+        if tokens:
+            _judge_segment(tokens, result, depth)
 
 
 # -- lexing ------------------------------------------------------------------------------
@@ -125,21 +127,27 @@ class _Lexer:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        #: Segments ended by an operator (or the end of the text), in order.
+        self.complete: list[list[_Token]] = []
+        self.current: list[_Token] = []
 
-    def segments(self) -> list[list[_Token]]:
-        segments: list[list[_Token]] = [[]]
+    def read(self) -> None:
+        """Fill :attr:`complete`; on a construct it cannot judge, raise with what it has so far."""
         while True:
             token = self._next()
             if token is None:
                 break
             if token.kind == _OPERATOR:
-                if segments[-1]:
-                    segments.append([])
+                if self.current:
+                    self.complete.append(self.current)
+                    self.current = []
                 elif token.value not in ("\n", ";"):
                     raise _Unjudgeable(f"'{token.value}' with no command before it")
                 continue
-            segments[-1].append(token)
-        return [s for s in segments if s]
+            self.current.append(token)
+        if self.current:
+            self.complete.append(self.current)
+            self.current = []
 
     def _peek(self, offset: int = 0) -> str:
         index = self.pos + offset

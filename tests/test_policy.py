@@ -1,0 +1,376 @@
+"""The command policy: the shell reader, rule choice, decisions, and bypass attempts."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetrun.core.errors import PolicyDenied, PolicyError
+from fleetrun.core.inventory import Host
+from fleetrun.core.models import TaskRequest
+from fleetrun.core.policy import BUILTIN_SOURCE, parse_policy, read_only_policy
+from fleetrun.core.shell import parse_command
+
+from conftest import REPO, run_cli
+
+WEB1 = Host(name="web1", transport="local", tags=("web", "prod"))
+OTHER = Host(name="db1", transport="local", tags=("db",))
+READ_ONLY = read_only_policy()
+
+
+def commands(line: str) -> list[tuple[str, list[str]]]:
+    return [(c.program, [a.value for a in c.args]) for c in parse_command(line).commands]
+
+
+# -- the reader ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("uname -a", [("uname", ["-a"])]),
+        ("'u'n\"a\"m\\e -a", [("uname", ["-a"])]),
+        ("a; b && c || d | e & f\ng", [(x, []) for x in "abcdefg"]),
+        ("echo 'a b' \"c d\" e\\ f", [("echo", ["a b", "c d", "e f"])]),
+        ("ls 2>/dev/null >/dev/null 2>&1", [("ls", [])]),
+        ("LC_ALL=C df -h", [("df", ["-h"])]),
+        ("sudo -u root -- systemctl status nginx", [("systemctl", ["status", "nginx"])]),
+        ("timeout -s KILL 5 nice -n 3 uname", [("uname", [])]),
+        ("sh -c 'uname; id' && bash -lc \"whoami\"", [("uname", []), ("id", []), ("whoami", [])]),
+        ("uname # a comment; rm -rf /", [("uname", [])]),
+        ("uname \\\n  -a", [("uname", ["-a"])]),
+        ("[ -d /tmp ] && ls", [("[", ["-d", "/tmp", "]"]), ("ls", [])]),
+        ("grep -c x <<< 'x y'", [("grep", ["-c", "x"])]),
+    ],
+)
+def test_the_reader_finds_every_simple_command(line, expected):
+    parsed = parse_command(line)
+    assert parsed.problems == []
+    assert commands(line) == expected
+
+
+def test_wrappers_and_unknown_words_are_recorded():
+    sudo = parse_command("sudo LC_ALL=C apt-get update").commands[0]
+    assert (sudo.program, sudo.wrappers, sudo.privileged, sudo.assignments) == ("apt-get", ("sudo",), True, (("LC_ALL", "C"),))
+    xargs = parse_command("xargs -0 rm -f").commands[0]
+    assert (xargs.program, [a.known for a in xargs.args]) == ("rm", [True, False])
+    glob = parse_command("ls *.log ~ $HOME \"$X\" '$Y'").commands[0]
+    assert [(a.value, a.known) for a in glob.args] == [("*.log", False), ("~", False), ("$HOME", False), ("$X", False), ("$Y", True)]
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("echo $(id)", "command substitution $( … )"),
+        ("echo `id`", "command substitution with backticks"),
+        ("echo $((1+2))", "arithmetic expansion"),
+        ("diff <(ls a) <(ls b)", "process substitution"),
+        ("cat <<EOF\nx\nEOF", "here-document"),
+        ("ls > out.txt", "output redirection to a file (> out.txt)"),
+        ("if true; then ls; fi", "shell syntax (if …)"),
+        ("(ls)", "subshell"),
+        ("FOO=1 ls", "setting FOO"),
+        ("$CMD -x", "a program name decided at run time"),
+        ("echo 'unterminated", "unterminated single quote"),
+        ("find . -exec rm {} +", "find -exec"),
+        ("echo ${X:-$(id)}", "parameter expansion with operators"),
+        ("exec 3<>/dev/tcp/127.0.0.1/80", "network redirection"),
+        ("sudo -s", "a shell, login, editor or listing through sudo (-s)"),
+        ("env -S 'rm -rf /'", "env -S"),
+    ],
+)
+def test_constructs_that_cannot_be_judged_are_named(line, problem):
+    parsed = parse_command(line)
+    assert not parsed.judgeable
+    assert problem in parsed.problems[0]
+
+
+# -- rule choice -------------------------------------------------------------------------------
+
+CHOICE = """
+rules:
+  - allow: systemctl status *
+    hosts: [tag:web]
+  - deny: systemctl status secret
+  - allow: systemctl status secret
+    hosts: [db1]
+  - allow: ls *
+  - deny: ls *
+    hosts: [web*]
+  - allow: ls *
+    hosts: [web1]
+  - allow: apt-get update
+    sudo: true
+  - allow: uptime
+  - deny: uptime
+"""
+
+
+def decide(text: str, host: Host, command: str):
+    return parse_policy(text, source="p.yaml").decide(host, command)
+
+
+def test_the_most_specific_command_pattern_wins_before_the_host():
+    decision = decide(CHOICE, WEB1, "systemctl status secret")
+    assert not decision.allowed and (decision.rule.index, decision.rule.line) == (2, 5)
+    assert decide(CHOICE, WEB1, "systemctl status nginx").rule.index == 1
+    # Same command pattern: the rule naming the host beats the one for every host.
+    assert decide(CHOICE, OTHER, "systemctl status secret").allowed
+    assert decide(CHOICE, OTHER, "systemctl status nginx").rule is None  # not tagged web
+
+
+def test_a_host_name_beats_a_glob_beats_any_and_the_last_rule_breaks_ties():
+    assert decide(CHOICE, WEB1, "ls /").allowed and decide(CHOICE, WEB1, "ls /").rule.index == 6
+    web2 = Host(name="web2", tags=("web",))
+    assert not decide(CHOICE, web2, "ls /").allowed and decide(CHOICE, web2, "ls /").rule.index == 5
+    assert decide(CHOICE, OTHER, "ls /").rule.index == 4
+    tie = decide(CHOICE, OTHER, "uptime")
+    assert not tie.allowed and tie.rule.index == 9
+
+
+def test_sudo_needs_a_rule_that_says_so():
+    assert decide(CHOICE, OTHER, "sudo apt-get update").allowed
+    assert decide(CHOICE, OTHER, "apt-get update").allowed
+    assert not decide(CHOICE, OTHER, "sudo ls /").allowed
+    assert "run through sudo" in decide(CHOICE, OTHER, "sudo ls /").reason
+
+
+def test_every_command_of_a_chain_must_be_allowed():
+    decision = decide(CHOICE, WEB1, "ls / && systemctl status secret; ls /tmp")
+    assert not decision.allowed
+    assert [v.allowed for v in decision.verdicts] == [True, False, True]
+    assert "'systemctl status secret' is denied" in decision.reason
+
+
+def test_raw_shell_is_allowed_only_where_a_rule_says_so():
+    text = "rules:\n  - allow: ls *\n  - allow_raw_shell: true\n    hosts: [web1]\n"
+    assert decide(text, WEB1, "ls $(cat list)").allowed
+    assert decide(text, WEB1, "ls $(cat list)").verdicts[-1].rule.index == 2
+    denied = decide(text, OTHER, "ls $(cat list)")
+    assert not denied.allowed and denied.rule is None
+    assert "no rule allows raw shell on this host" in denied.reason
+    # Raw shell does not wave through commands the reader can see.
+    assert not decide(text, WEB1, "rm -rf / ; ls $(x)").allowed
+
+
+def test_path_patterns_do_not_climb_out_with_dotdot():
+    text = "rules:\n  - allow: cat /var/log/*\n"
+    assert decide(text, WEB1, "cat /var/log/syslog").allowed
+    assert not decide(text, WEB1, "cat /var/log/../../etc/shadow").allowed
+    assert not decide(text, WEB1, "cat /var/log/x /etc/shadow").allowed
+
+
+def test_the_star_pattern_allows_any_command():
+    text = "rules:\n  - allow: '*'\n  - deny: rm *\n"
+    assert decide(text, WEB1, "/usr/local/bin/tool --x").allowed
+    assert not decide(text, WEB1, "rm -rf /").allowed
+
+
+def test_decisions_explain_themselves():
+    allowed = READ_ONLY.decide(WEB1, "uname -a")
+    assert allowed.explanation == f"allowed on host 'web1': 'uname -a' is allowed [rule 1 of {BUILTIN_SOURCE}: allow: uname *]"
+    denied = READ_ONLY.decide(WEB1, "rm -rf /")
+    assert denied.explanation.startswith(
+        f"denied on host 'web1': 'rm -rf /' matches no rule [the default of {BUILTIN_SOURCE}: deny]. "
+        "fleetrun is using its built-in read-only policy; to allow more, write a policy file"
+    )
+    data = denied.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["rule"] is None and data["commands"][0]["allowed"] is False
+
+
+# -- the policy file ----------------------------------------------------------------------------
+
+
+def test_the_example_policy_loads_and_shows_every_field():
+    text = (REPO / "policy.example.yaml").read_text()
+    policy = parse_policy(text, source="policy.example.yaml")
+    assert {r.action for r in policy.rules} == {"allow", "deny", "raw_shell"}
+    for field in ("allow:", "deny:", "allow_raw_shell:", "hosts:", "sudo:", "comment:", "tag:", "*"):
+        assert field in text
+    assert policy.decide(WEB1, "systemctl status nginx").allowed
+    assert not policy.decide(WEB1, "systemctl status secret-agent").allowed
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rules:\n  - allow: ls\n    host: [a]\n", "p.yaml:3: rule 1, field 'host': unknown field (allowed: allow, deny, allow_raw_shell, hosts, sudo, comment)"),
+        ("rules:\n  - allow: ls\n  - hosts: [a]\n", "p.yaml:3: rule 2: a rule needs exactly one of allow:, deny: or allow_raw_shell:"),
+        ("rules:\n  - allow: ls\n    deny: rm\n", "p.yaml:2: rule 1: a rule needs exactly one of"),
+        ("rules:\n  - allow: ls\n    sudo: yes please\n", "p.yaml:3: rule 1, field 'sudo': expected true or false, got 'yes please'"),
+        ("rules:\n  - allow: [ls, 3]\n", "p.yaml:2: rule 1, field 'allow': expected a command pattern"),
+        ("rules:\n  - allow: \"echo 'x\"\n", "p.yaml:2: rule 1, field 'allow': cannot read pattern"),
+        ("rules:\n  - allow_raw_shell: false\n", "p.yaml:2: rule 1, field 'allow_raw_shell': allow_raw_shell takes true"),
+        ("rule:\n  - allow: ls\n", "p.yaml:1: unknown top-level key 'rule' (allowed: rules)"),
+        ("rules: [\n", "p.yaml:2: invalid YAML"),
+    ],
+)
+def test_a_malformed_policy_names_file_line_rule_and_field(text, message):
+    with pytest.raises(PolicyError) as error:
+        parse_policy(text, source="p.yaml")
+    assert str(error.value).startswith(message)
+
+
+# -- bypass attempts: the built-in read-only policy must deny every one ---------------------------
+
+NO_RULE = "matches no rule"
+BYPASSES = [
+    # quoting and escapes
+    ("'r'm -rf /", NO_RULE), ("r\\m -rf /", NO_RULE), ('"rm" -rf /', NO_RULE), ("\\rm -rf /", NO_RULE),
+    ("echo hi ; r''m -rf /", NO_RULE), ("u'n'ame; rm -rf /", NO_RULE),
+    # chains and newlines
+    ("echo hi; rm -rf /", NO_RULE), ("uname && rm -rf /", NO_RULE), ("uname || rm -rf /", NO_RULE),
+    ("uname | sh", NO_RULE), ("uname & rm -rf /", NO_RULE), ("uname\nrm -rf /", NO_RULE),
+    ("uname # harmless\nrm -rf /", NO_RULE), ("uname\r\nrm -rf /", NO_RULE), ("uname |& tee /etc/motd", NO_RULE),
+    # substitutions
+    ("echo $(rm -rf /)", "command substitution"), ("echo `rm -rf /`", "backticks"), ('echo "$(rm -rf /)"', "command substitution"),
+    ("uname $(id)", "command substitution"), ("cat <(rm -rf /)", "process substitution"), ("echo $((1+1))", "arithmetic"),
+    ("echo ${X:-$(rm -rf /)}", "parameter expansion with operators"), ("echo $'\\x72m'", "ANSI-C"),
+    # redirections
+    ("uname > /etc/passwd", "output redirection"), ("echo x >> ~/.bashrc", "output redirection"),
+    ("uname 2>/etc/shadow", "output redirection"), ("cat /proc/loadavg > /tmp/x", "output redirection"),
+    ("uname >& /tmp/x", "output redirection"), ("uname <<EOF\nx\nEOF", "here-document"),
+    ("exec 3<>/dev/tcp/127.0.0.1/80", "network redirection"), ("echo x | tee /etc/passwd", NO_RULE),
+    # variables and environment
+    ("PATH=/tmp/evil uname", "setting PATH"), ("LD_PRELOAD=/tmp/x.so uname", "setting LD_PRELOAD"),
+    ("IFS=/ uname", "setting IFS"), ("a=1; rm -rf /", "setting a"), ("env PATH=/tmp uname", "setting PATH"),
+    ("env -S 'rm -rf /'", "env -S"), ("$SHELL -c uname", "program name decided at run time"),
+    ("${SHELL} -c id", "program name decided at run time"), ("{rm,-rf,/}", "program name decided at run time"),
+    # wrappers
+    ("sudo uname", "run through sudo"), ("sudo -s", "through sudo"), ("sudo -u root rm -rf /", NO_RULE),
+    ("doas rm -rf /", NO_RULE), ("sh -c 'rm -rf /'", NO_RULE), ('bash -c "uname; rm -rf /"', NO_RULE),
+    ("/bin/sh -c 'rm -rf /'", NO_RULE), ("xargs rm < /etc/hosts", NO_RULE), ("nohup rm -rf / &", NO_RULE),
+    ("timeout 5 rm -rf /", NO_RULE), ("nice -n 5 rm -rf /", NO_RULE), ("command rm -rf /", NO_RULE),
+    ("exec rm -rf /", NO_RULE), ("time rm -rf /", NO_RULE), ("stdbuf -oL rm -rf /", NO_RULE),
+    ("find / -delete", "find -delete"), ("ps aux | awk '{system(\"rm -rf /\")}'", NO_RULE),
+    ("echo ok && python3 -c 'import os'", NO_RULE), ("/tmp/sh -c uname", NO_RULE),
+    # look-alikes and paths
+    ("/tmp/evil/uname", NO_RULE), ("./uname", NO_RULE), ("un\u0430me", NO_RULE), ("\uff55\uff4e\uff41\uff4d\uff45", NO_RULE),
+    ("uname\u200b", NO_RULE), ("uname\u00a0-a", NO_RULE),
+    # allowed programs with arguments they are not allowed
+    ("cat /etc/shadow", NO_RULE), ("cat /proc/loadavg /etc/shadow", NO_RULE), ("cat /proc/../etc/shadow", NO_RULE),
+    ("date -s '2020-01-01'", NO_RULE), ("hostname evil", NO_RULE),
+    # shell syntax
+    ("if true; then rm -rf /; fi", "shell syntax"), ("for i in 1; do rm -rf /; done", "shell syntax"),
+    ("(rm -rf /)", "subshell"), ("{ rm -rf /; }", "program name decided at run time"), ("! rm -rf /", "shell syntax"),
+]
+
+
+def test_the_corpus_is_large_enough():
+    assert len(BYPASSES) >= 50
+    assert len({line for line, _ in BYPASSES}) == len(BYPASSES)
+
+
+@pytest.mark.parametrize("line, why", BYPASSES, ids=[repr(line)[:40] for line, _ in BYPASSES])
+def test_the_read_only_policy_denies_a_bypass_attempt(line, why):
+    decision = READ_ONLY.decide(WEB1, line)
+    assert not decision.allowed
+    assert decision.rule is None, "the built-in policy denies by its default"
+    assert decision.rule_text == f"the default of {BUILTIN_SOURCE}: deny"
+    assert why in decision.reason
+
+
+@pytest.mark.parametrize(
+    "line", ["uname -a", "uptime", "df -h; free -m", "ps aux | echo x", "hostname -f", "date +%s", "id -u && whoami",
+             "LC_ALL=C df -h /", "uname -a 2>/dev/null", "echo \"$HOME\"", "timeout 5 uptime"]
+)
+def test_the_read_only_policy_allows_looking_around(line):
+    assert READ_ONLY.decide(WEB1, line).allowed, READ_ONLY.decide(WEB1, line).explanation
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+SAFE_LINES = ["uname -a", "uptime", "df -h", "whoami", "echo ok"]
+DENIED_SIMPLE = ["rm -rf /", "reboot", "dd if=/dev/zero of=/dev/sda", "chmod 777 /", "curl http://127.0.0.1/x"]
+SEPARATORS = ["; ", " && ", " || ", " | ", " & ", "\n", ";"]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200))
+def test_the_reader_never_crashes_and_the_policy_always_decides(text):
+    parsed = parse_command(text)
+    assert parsed.problems or all(c.program for c in parsed.commands) or not parsed.commands
+    decision = READ_ONLY.decide(WEB1, text)
+    assert decision.allowed in (True, False) and decision.reason
+
+
+_word = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
+
+
+@settings(max_examples=300)
+@given(st.lists(_word, min_size=1, max_size=6))
+def test_quoting_is_read_back_exactly(words):
+    from fleetrun.core.shell import _RESERVED, _SHELLS, _WRAPPERS
+
+    program = words[0]
+    if program in _RESERVED or program in _WRAPPERS or program in _SHELLS or "=" in program or program == "find":
+        return
+    parsed = parse_command(shlex.join(words))
+    assert parsed.problems == []
+    assert [(c.program, [a.value for a in c.args]) for c in parsed.commands] == [(program, words[1:])]
+    assert all(a.known for a in parsed.commands[0].args)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(SAFE_LINES), st.sampled_from(SEPARATORS), st.sampled_from(DENIED_SIMPLE), st.booleans())
+def test_a_denied_command_anywhere_in_a_chain_denies_the_chain(safe, separator, bad, bad_first):
+    line = f"{bad}{separator}{safe}" if bad_first else f"{safe}{separator}{bad}"
+    assert READ_ONLY.decide(WEB1, line).allowed is False
+    assert READ_ONLY.decide(WEB1, f"{safe}{separator}{safe}").allowed is True
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(DENIED_SIMPLE), st.sampled_from(["sh -c", "bash -c", "sudo", "env", "nohup", "timeout 3", "nice", "xargs"]))
+def test_wrapping_a_denied_command_keeps_it_denied(bad, wrapper):
+    line = f"{wrapper} {shlex.quote(bad)}" if wrapper.endswith("-c") else f"{wrapper} {bad}"
+    assert READ_ONLY.decide(WEB1, line).allowed is False
+
+
+# -- the executor and the CLI apply it ---------------------------------------------------------------
+
+
+def test_a_denied_request_runs_nothing_and_is_reported_to_plugins(make_executor, tmp_path):
+    from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
+
+    log = tmp_path / "audit.jsonl"
+    policy = parse_policy("rules:\n  - allow: echo *\n  - deny: rm *\n", source="p.yaml")
+    executor = make_executor(plugins=[JsonLogNotifier(log)], policy=policy)
+    with pytest.raises(PolicyDenied) as denied:
+        executor.submit(TaskRequest(host="local", command="echo hi && rm -rf /tmp/nothing-here"))
+    assert "rule 2 of p.yaml, line 3: deny: rm *" in str(denied.value)
+    assert executor.list() == []
+    task = executor.run(TaskRequest(host="local", command="echo hi"))
+    assert task.policy == "allowed by rule 1 of p.yaml, line 2: allow: echo *"
+    assert executor.get(task.id).policy == task.policy
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["event"] == "command.denied" and lines[0]["status"] == "denied"
+    assert lines[0]["decision"]["rule"] == {"source": "p.yaml", "index": 2, "line": 3, "text": "deny: rm *"}
+    assert [line["event"] for line in lines[1:]][0] == "task.created"
+    assert lines[1]["policy"] == task.policy
+
+
+def test_cli_policy_check_and_run_name_the_rule(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - allow: echo *\n  - deny: echo secret\n")
+    allowed = run_cli("--policy", str(policy), "policy", "check", "local", "--", "echo", "hi")
+    assert allowed.returncode == 0
+    assert f"allowed on host 'local': 'echo hi' is allowed [rule 1 of {policy}, line 2: allow: echo *]" in allowed.stdout
+    denied = run_cli("--policy", str(policy), "run", "local", "--", "echo", "secret")
+    assert denied.returncode == 126 and denied.stdout == ""
+    assert f"rule 2 of {policy}, line 3: deny: echo secret" in denied.stderr
+    dry = run_cli("--policy", str(policy), "run", "local", "--dry-run", "--json", "--", "rm", "-rf", "/")
+    assert dry.returncode == 126
+    assert json.loads(dry.stdout)["policy"]["allowed"] is False
+    no_policy = run_cli("policy", "check", "local", "--", "ls")
+    assert no_policy.returncode == 1 and "add --builtin" in no_policy.stderr
+    builtin = run_cli("policy", "check", "--builtin", "--json", "local", "--", "uname", "-a")
+    assert builtin.returncode == 0 and json.loads(builtin.stdout)["allowed"] is True
+    env = run_cli("run", "local", "--", "echo", "secret", env={"FLEETRUN_POLICY": str(policy)})
+    assert env.returncode == 126
+    missing = run_cli("--policy", str(tmp_path / "nope.yaml"), "run", "local", "--", "true")
+    assert missing.returncode == 125 and "policy file not found (given by --policy)" in missing.stderr
