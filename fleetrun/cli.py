@@ -23,6 +23,7 @@ from fleetrun.core import paths
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.events import CANCELLED, COMPLETED, PROGRESS, LifecycleEvent, LifecycleEventPlugin
 from fleetrun.core.models import Progress, Task, TaskRequest, TaskStatus
+from fleetrun.core.secrets import install_log_redaction, redact
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -307,7 +308,7 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
             "-" if task.duration_s is None else f"{task.duration_s:.2f}s", task.id, task.error or "",
         ])
     rows += [[host, "not started", "-", "-", "-", "an earlier task failed (--stop-on-failure)"] for host in outcome.not_started]
-    sys.stderr.write("\n" + _table(rows, ["HOST", "STATUS", "EXIT", "DURATION", "TASK", "ERROR"]) + "\n")
+    sys.stderr.write("\n" + redact(_table(rows, ["HOST", "STATUS", "EXIT", "DURATION", "TASK", "ERROR"])) + "\n")
     good = sum(1 for t in outcome.tasks if t.status is TaskStatus.SUCCEEDED)
     _note(f"{good} of {len(hosts)} hosts succeeded")
     return EXIT_OK if outcome.succeeded else EXIT_ERROR
@@ -347,7 +348,7 @@ def _run_exit_code(task: Task) -> int:
 
 
 def _note(message: str) -> None:
-    sys.stderr.write(f"fleetrun: {message}\n")
+    sys.stderr.write(f"fleetrun: {redact(message)}\n")
 
 
 def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
@@ -362,7 +363,7 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
                 "host": plan.host.name,
                 "transport": plan.transport,
                 "transport_details": dict(plan.transport_details),
-                "command": plan.command,
+                "command": redact(plan.command),
                 "limits": asdict(plan.limits),
                 "env": sorted(plan.env),
                 "cwd": plan.cwd,
@@ -372,7 +373,7 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
             }
             for plan in plans
         ]
-        print(json.dumps(infos[0] if len(infos) == 1 and ctx.args.tag is None else infos, indent=2))
+        print(redact(json.dumps(infos[0] if len(infos) == 1 and ctx.args.tag is None else infos, indent=2)))
         return _dry_run_status(plans)
     for index, plan in enumerate(plans):
         if index:
@@ -382,7 +383,7 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
         rows = [
             ("host", plan.host.name),
             ("transport", plan.transport + (f" ({details})" if details else "")),
-            ("command", plan.command),
+            ("command", redact(plan.command)),
             (
                 "limits",
                 f"max_seconds={'none' if limits.max_seconds is None else f'{limits.max_seconds:g}'} "
@@ -422,13 +423,13 @@ def cmd_policy_check(ctx: _Context) -> int:
     host = ctx.inventory.get(args.host)
     decision = policy.decide(host, " ".join(args.command))
     if args.json:
-        print(json.dumps(decision.to_dict(), indent=2))
+        print(redact(json.dumps(decision.to_dict(), indent=2)))
     else:
-        print(decision.explanation)
+        print(redact(decision.explanation))
         if len(decision.verdicts) > 1:
             for verdict in decision.verdicts:
                 rule = verdict.rule.describe() if verdict.rule else "no rule (default: deny)"
-                print(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}")
+                print(redact(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}"))
     return EXIT_OK if decision.allowed else EXIT_DENIED
 
 
@@ -731,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = [*args.command, *command_words]
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="fleetrun: %(levelname)s: %(name)s: %(message)s")
+    install_log_redaction()
     # paramiko logs every refused channel and failed handshake itself; fleetrun reports
     # them on the task, so its own lines are only wanted when debugging.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if args.verbose >= 2 else logging.CRITICAL)
@@ -740,10 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(ctx)
     except PolicyDenied as exc:
-        sys.stderr.write(f"fleetrun: {exc}\n")
+        _note(str(exc))
         return EXIT_DENIED
     except FleetrunError as exc:
-        sys.stderr.write(f"fleetrun: error: {exc}\n")
+        _note(f"error: {exc}")
         return getattr(args, "error_exit", EXIT_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write("fleetrun: interrupted\n")

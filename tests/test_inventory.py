@@ -34,7 +34,7 @@ def test_example_file_is_valid_and_shows_every_field():
     web1 = inventory.get("web1")
     assert (web1.transport, web1.options["host_key_checking"], web1.options["port"]) == ("ssh", "strict", 22)
     assert inventory.get("db1").options["jump_host"] == "deploy@bastion.example.com:22"
-    for field in [*COMMON_HOST_FIELDS, *TRANSPORTS["local"].host_fields, *TRANSPORTS["ssh"].host_fields, "defaults"]:
+    for field in [*COMMON_HOST_FIELDS, *TRANSPORTS["local"].host_fields, *TRANSPORTS["ssh"].host_fields, "defaults", "tags"]:
         assert f"{field}:" in text, f"hosts.example.yaml does not show {field!r}"
 
 
@@ -51,7 +51,7 @@ def test_defaults_then_host_fields():
         ("hosts: [\n", "hosts.yaml:2: invalid YAML"),
         ("", "hosts.yaml:1: the file is empty"),
         ("- a\n- b\n", "hosts.yaml:1: the top level must be a mapping"),
-        ("host:\n  a: {}\n", "hosts.yaml:1: unknown top-level key 'host' (allowed: defaults, hosts)"),
+        ("host:\n  a: {}\n", "hosts.yaml:1: unknown top-level key 'host' (allowed: defaults, tags, hosts)"),
         ("defaults:\n  max_seconds: 3\n", "hosts.yaml:1: missing the 'hosts:' mapping"),
         ("hosts: [a, b]\n", "hosts.yaml:1: 'hosts' must be a mapping"),
         ("hosts: {}\n", "hosts.yaml:1: 'hosts' is empty"),

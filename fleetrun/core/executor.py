@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
 from fleetrun.core.errors import FleetrunError, PolicyDenied
-from fleetrun.core.inventory import Host, Inventory, default_inventory
+from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus
 from fleetrun.core.output import OutputSlice, SpoolWriter, spool_path
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import Decision, Policy
+from fleetrun.core.secrets import redact
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
 from fleetrun.core.store import Retention, TaskStore, owner_token
 from fleetrun.core.transport import Execution, Transport, TransportError
@@ -74,6 +75,7 @@ def plan_task(
     except a policy denial, which is returned in ``Plan.decision`` for the caller to show.
     """
     _check_command(request.command)
+    _check_host_name(request.host)
     host = inventory.get(request.host)
     cls = transports.get(host.transport)
     if cls is None:
@@ -364,7 +366,7 @@ class Executor:
             id=secrets.token_hex(6),
             host=plan.host.name,
             transport=plan.transport,
-            command=plan.command,
+            command=redact(plan.command),  # the record never holds a secret; the plan runs the real command
             status=TaskStatus.QUEUED,
             created_at=time.time(),
             max_seconds=plan.limits.max_seconds,
@@ -481,6 +483,8 @@ class Executor:
     def _on_progress(self, live: _LiveTask, progress: Progress) -> None:
         if live.finished:
             return
+        if progress.latest_line:
+            progress = replace(progress, latest_line=redact(progress.latest_line))
         live.record = replace(
             live.record, progress=progress, stdout_bytes=progress.stdout_bytes, stderr_bytes=progress.stderr_bytes
         )
@@ -526,6 +530,9 @@ class Executor:
         if live.tracker is not None:
             live.tracker.stop()  # may emit the last progress event; before `finished` is set
         live.finished = True
+        error = redact(error)
+        if live.cancel_reason is not None:
+            live.cancel_reason = redact(live.cancel_reason)
         stdout, stderr = live.stdout, live.stderr
         for spool in (stdout, stderr):
             if spool is not None:
@@ -581,8 +588,25 @@ def _check_command(command: str) -> None:
         raise FleetrunError("the command is empty")
     if len(command) > MAX_COMMAND_LENGTH:
         raise FleetrunError(f"the command is {len(command)} characters long; the limit is {MAX_COMMAND_LENGTH}")
-    if "\x00" in command:
-        raise FleetrunError("the command contains a NUL character")
+    bad = _CONTROL_CHARACTER.search(command)
+    if bad is not None:
+        raise FleetrunError(
+            f"the command contains the control character U+{ord(bad.group()):04X} at position {bad.start()}: "
+            "only tabs and newlines are accepted (terminal escapes, NUL and bidirectional overrides are refused)"
+        )
+
+
+#: C0 and C1 controls other than tab and newline, DEL, and bidirectional overrides
+#: (text that displays differently from what runs).
+_CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _check_host_name(name: str) -> None:
+    if not isinstance(name, str) or not HOST_NAME_RE.match(name):
+        shown = repr(name[:80]) + ("…" if isinstance(name, str) and len(name) > 80 else "")
+        raise FleetrunError(
+            f"invalid host name {shown}: names are letters, digits, '.', '_' and '-', at most 63 characters"
+        )
 
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -4,10 +4,15 @@ A hosts file is YAML::
 
     defaults:            # optional: limits every host starts from
       max_seconds: 600
+    tags:                # optional: limits for the hosts with a tag
+      batch: {max_seconds: 7200}
     hosts:
       local:
         transport: local
         tags: [dev]
+
+A host's limits are, in order of precedence: its own fields, then those of its tags (the
+lowest value when several tags set one), then ``defaults``. A request can lower them.
 
 Validation walks the YAML node tree (not the parsed values) so that every error can
 name the file, the line, the host and the field.
@@ -42,8 +47,10 @@ COMMON_HOST_FIELDS: Mapping[str, HostField] = {
     "env": HostField("string-map", "environment variables added to every command"),
     "cwd": HostField("string", "working directory of every command"),
 }
+#: Fields someone might try to put a secret in; the error says where secrets go instead.
+SECRET_FIELD_NAMES = ("password", "passphrase", "secret", "token")
 LIMIT_FIELDS = ("max_seconds", "max_output_bytes", "max_concurrent")
-TOP_LEVEL_KEYS = ("defaults", "hosts")
+TOP_LEVEL_KEYS = ("defaults", "tags", "hosts")
 
 DEFAULT_SOURCE = "<embedded default inventory>"
 
@@ -134,6 +141,7 @@ class _InventoryParser:
     def __init__(self, source: str, transports: Mapping[str, type[Transport]] | None) -> None:
         self.source = source
         self.transports = transports
+        self.tag_limits: dict[str, dict[str, Any]] = {}
 
     def error(
         self, node: yaml.Node | None, message: str, *, host: str | None = None, field: str | None = None
@@ -163,6 +171,15 @@ class _InventoryParser:
             entries = self.mapping(top["defaults"][1], "'defaults' must be a mapping of fields")
             values = self.fields(entries, specs, host=None, unknown="unknown field in 'defaults'")
             defaults = self.limits(values, Limits())
+        tag_limits: dict[str, dict[str, Any]] = {}
+        if "tags" in top:
+            specs = {name: COMMON_HOST_FIELDS[name] for name in LIMIT_FIELDS}
+            for tag, (tag_node, body) in self.mapping(top["tags"][1], "'tags' must be a mapping of tag to limits").items():
+                if not TAG_RE.match(tag):
+                    raise self.error(tag_node, f"invalid tag {tag!r}")
+                entries = self.mapping(body, f"tag {tag!r} must be a mapping of limit fields")
+                tag_limits[tag] = self.fields(entries, specs, host=None, unknown=f"unknown field in tag {tag!r}")
+        self.tag_limits = tag_limits
         if "hosts" not in top:
             raise self.error(root, "missing the 'hosts:' mapping")
         hosts_node = top["hosts"][1]
@@ -217,11 +234,18 @@ class _InventoryParser:
                 )
             specs = {**COMMON_HOST_FIELDS, **cls.host_fields}
         values = self.fields(entries, specs, host=name, unknown=f"unknown field for transport {transport_name!r}")
+        tags = tuple(values.get("tags", ()))
+        from_tags: dict[str, Any] = {}
+        for tag in tags:
+            for field_name, value in self.tag_limits.get(tag, {}).items():
+                from_tags[field_name] = min(value, from_tags.get(field_name, value))  # several tags: the strictest
+        if from_tags:
+            defaults = self.limits(from_tags, defaults)
         return Host(
             name=name,
             transport=transport_name,
             description=values.get("description"),
-            tags=tuple(values.get("tags", ())),
+            tags=tags,
             limits=self.limits(values, defaults),
             env=dict(values.get("env", {})),
             cwd=values.get("cwd"),
@@ -243,6 +267,13 @@ class _InventoryParser:
         out: dict[str, Any] = {}
         for key, (key_node, value_node) in entries.items():
             spec = (specs if specs is not None else COMMON_HOST_FIELDS).get(key)
+            if spec is None and key in SECRET_FIELD_NAMES:
+                raise self.error(
+                    key_node,
+                    "secrets do not belong in the hosts file: name an environment variable or a file that "
+                    f"holds it ({key}_env: NAME or {key}_file: PATH)",
+                    host=host, field=key,
+                )
             if spec is None and specs is not None:
                 raise self.error(key_node, f"{unknown} (allowed: {', '.join(sorted(specs))})", host=host, field=key)
             out[key] = self.value(value_node, spec.kind if spec else None, host=host, field=key)
@@ -256,6 +287,9 @@ class _InventoryParser:
             raise self.error(node, f"expected one of {allowed}, got {value!r}", host=host, field=field)
         if spec.minimum is not None and value < spec.minimum:
             raise self.error(node, f"must be at least {spec.minimum:g}, got {value}", host=host, field=field)
+        problem = spec.validate(value) if spec.validate is not None else None
+        if problem:
+            raise self.error(node, problem, host=host, field=field)
 
     def value(self, node: yaml.Node, kind: str | None, *, host: str | None, field: str) -> Any:
         value = yaml.safe_load(yaml.serialize(node))

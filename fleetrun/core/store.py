@@ -118,7 +118,8 @@ def owner_alive(token: str | None) -> bool:
 
 def check_task_id(task_id: str) -> str:
     if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
-        raise UnknownTaskError(f"invalid task id {task_id!r}: a task id is 12 lowercase hex characters")
+        shown = repr(task_id[:40]) + ("…" if len(task_id) > 40 else "") if isinstance(task_id, str) else type(task_id).__name__
+        raise UnknownTaskError(f"invalid task id {shown}: a task id is 12 lowercase hex characters")
     return task_id
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
 
 if TYPE_CHECKING:
     from fleetrun.core.inventory import Host
@@ -27,13 +27,15 @@ class HostField:
 
     ``kind`` is one of ``string``, ``integer``, ``number``, ``boolean``,
     ``string-list`` or ``string-map``; the inventory checks it before any task runs,
-    along with ``choices`` (allowed strings) and ``minimum`` (for numbers), if given.
+    along with ``choices`` (allowed strings), ``minimum`` (for numbers) and ``validate``
+    (returns an error message for a bad value, else None), if given.
     """
 
     kind: str
     description: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    validate: Callable[[Any], str | None] | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import IO
 
 from fleetrun.core.events import PROGRESS, LifecycleEvent, LifecycleEventPlugin, denial_to_dict
 from fleetrun.core.hookspecs import hookimpl
+from fleetrun.core.secrets import redact
 
 ENV = "FLEETRUN_JSON_LOG"
 
@@ -48,7 +49,7 @@ class JsonLogNotifier(LifecycleEventPlugin):
         self._write(denial_to_dict(host, command, decision, time.time()))
 
     def _write(self, record: dict) -> None:  # type: ignore[type-arg]
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        line = redact(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()

@@ -50,6 +50,17 @@ async def _blocking(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_threads(), function, *args)
 
 
+def _check_networks(values: list[str]) -> str | None:
+    import ipaddress
+
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"{value!r} is not a network in CIDR notation (e.g. 10.0.0.0/8 or 2001:db8::/32)"
+    return None
+
+
 class SSHTransport(Transport):
     """Runs commands on a host over SSH; connections are pooled per host."""
 
@@ -76,6 +87,16 @@ class SSHTransport(Transport):
             "integer", "channels per connection, one kept for stopping commands (default: 10, sshd's MaxSessions)", minimum=2
         ),
         "idle_timeout": HostField("number", "seconds an unused connection stays open (default: 300)", minimum=0),
+        "password_env": HostField("string", "environment variable holding the login password (never the password itself)"),
+        "password_file": HostField("string", "file (mode 600) holding the login password"),
+        "passphrase_env": HostField("string", "environment variable holding the identity files' passphrase"),
+        "passphrase_file": HostField("string", "file (mode 600) holding the identity files' passphrase"),
+        "allowed_networks": HostField(
+            "string-list", "CIDRs the host's address must be in (default: any)", validate=_check_networks
+        ),
+        "blocked_networks": HostField(
+            "string-list", "CIDRs the host's address must not be in (checked first)", validate=_check_networks
+        ),
     }
 
     def __init__(self, host: Host) -> None:

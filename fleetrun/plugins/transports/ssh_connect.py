@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from fleetrun.core.inventory import Host
+from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
 
 log = logging.getLogger("fleetrun.ssh")
@@ -63,6 +65,12 @@ class SSHSettings:
     ssh_config_file: str | None
     max_channels: int
     idle_timeout: float
+    password_env: str | None = None
+    password_file: str | None = None
+    passphrase_env: str | None = None
+    passphrase_file: str | None = None
+    allowed_networks: tuple[str, ...] = ()
+    blocked_networks: tuple[str, ...] = ()
 
     @classmethod
     def from_host(cls, host: Host) -> SSHSettings:
@@ -83,6 +91,12 @@ class SSHSettings:
             ssh_config_file=o.get("ssh_config_file"),
             max_channels=int(o.get("max_channels", 10)),
             idle_timeout=float(o.get("idle_timeout", 300)),
+            password_env=o.get("password_env"),
+            password_file=o.get("password_file"),
+            passphrase_env=o.get("passphrase_env"),
+            passphrase_file=o.get("passphrase_file"),
+            allowed_networks=tuple(o.get("allowed_networks", ())),
+            blocked_networks=tuple(o.get("blocked_networks", ())),
         )
 
     @property
@@ -174,11 +188,16 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
     """Connect and authenticate; raise :class:`TransportError` naming what failed."""
     connection = build_connection(settings)
     hops = list(reversed(_chain(connection)))  # the first hop first
+    try:
+        secrets = _secrets(settings)
+    except SecretError as exc:
+        raise TransportError("auth", str(exc)) from None
     for hop in hops:
         where = f"{hop.user}@{hop.host}:{hop.port}"
         try:
+            hop.connect_kwargs.update(secrets)
             if not hop.gateway:
-                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings.connect_timeout)
+                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings)
             hop.open()
         except TransportError:
             connection.close()
@@ -223,10 +242,48 @@ def _check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
     client.set_missing_host_key_policy(_KnownHostsPolicy(settings))
 
 
-def _tcp_connect(hostname: str, port: int, timeout: float) -> socket.socket:
-    sock = socket.create_connection((hostname, int(port)), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+def _secrets(settings: SSHSettings) -> dict[str, str]:
+    found = {}
+    password = read_secret(env=settings.password_env, file=settings.password_file, what="the password")
+    if password is not None:
+        found["password"] = password
+    passphrase = read_secret(env=settings.passphrase_env, file=settings.passphrase_file, what="the identity passphrase")
+    if passphrase is not None:
+        found["passphrase"] = passphrase
+    return found
+
+
+def _tcp_connect(hostname: str, port: int, settings: SSHSettings) -> socket.socket:
+    """Resolve once (IPv4 and IPv6), keep the addresses the network rules allow, connect to one of those."""
+    resolved = socket.getaddrinfo(hostname, int(port), type=socket.SOCK_STREAM)
+    allowed = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
+    blocked = [ipaddress.ip_network(n, strict=False) for n in settings.blocked_networks]
+    permitted, refused = [], []
+    for family, kind, proto, _, address in resolved:
+        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+        rule = next((n for n in blocked if ip in n), None)
+        if rule is not None:
+            refused.append(f"{ip} (in blocked_networks {rule})")
+        elif allowed and not any(ip in n for n in allowed):
+            refused.append(f"{ip} (not in allowed_networks)")
+        else:
+            permitted.append((family, kind, proto, address))
+    if not permitted:
+        raise TransportError("network", f"{hostname} resolves to {', '.join(refused)}: the host's network rules refuse it")
+    error: OSError | None = None
+    for family, kind, proto, address in permitted:
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(settings.connect_timeout)
+        try:
+            sock.connect(address)  # the checked address itself: no second lookup
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    assert error is not None
+    raise error
 
 
 def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
@@ -327,4 +384,16 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
         "known_hosts": str(settings.known_hosts_path),
         "host_key_checking": settings.host_key_checking,
         "identity_files": list(settings.identity_files) or None,
+        "secrets_from": [
+            f"{what} from {where}"
+            for what, where in (
+                ("password", settings.password_env and f"${settings.password_env}"),
+                ("password", settings.password_file),
+                ("passphrase", settings.passphrase_env and f"${settings.passphrase_env}"),
+                ("passphrase", settings.passphrase_file),
+            )
+            if where
+        ] or None,
+        "allowed_networks": list(settings.allowed_networks) or None,
+        "blocked_networks": list(settings.blocked_networks) or None,
     }

@@ -1,0 +1,107 @@
+"""Secrets: read from where the hosts file points, and kept out of everything written.
+
+A secret (an SSH password, an identity file's passphrase) never sits in the hosts file:
+a host names an environment variable or a file that holds it. Every value read through
+:func:`read_secret` is remembered for this process, and :func:`redact` replaces it with
+``***`` wherever fleetrun writes text: task records, errors, the JSON log, notifications,
+log lines (through :class:`RedactingFilter`) and the CLI's own messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from pathlib import Path
+
+REDACTED = "***"
+#: Shorter values would blank out ordinary text; they are refused as secrets.
+MIN_SECRET_LENGTH = 4
+
+log = logging.getLogger("fleetrun.secrets")
+
+
+class SecretError(Exception):
+    """A secret could not be read; the message names where from, never the value."""
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: tuple[str, ...] = ()
+
+    def add(self, value: str) -> None:
+        with self._lock:
+            if value not in self._values:
+                # Longest first, so that a secret containing another is replaced whole.
+                self._values = tuple(sorted({*self._values, value}, key=len, reverse=True))
+
+    def redact(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+_registry = _Registry()
+
+
+def register_secret(value: str) -> None:
+    """Remember ``value`` so that :func:`redact` hides it from now on."""
+    if len(value) < MIN_SECRET_LENGTH:
+        raise SecretError(f"a secret must be at least {MIN_SECRET_LENGTH} characters long")
+    _registry.add(value)
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` with every known secret replaced by ``***``."""
+    return _registry.redact(text) if text else text
+
+
+def read_secret(*, env: str | None, file: str | None, what: str) -> str | None:
+    """The secret in environment variable ``env`` or in ``file`` (one of them), registered.
+
+    A file must not be readable by group or others; its trailing newline is dropped.
+    """
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise SecretError(f"{what}: environment variable {env} is not set")
+    elif file:
+        path = Path(file).expanduser()
+        try:
+            mode = path.stat().st_mode
+            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecretError(f"{what}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretError(f"{what}: {path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    else:
+        return None
+    if not value:
+        raise SecretError(f"{what}: the secret is empty")
+    register_secret(value)
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that hides secrets in every record's message and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _registry.redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _registry.redact(record.exc_text)
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Add :class:`RedactingFilter` to every handler of ``logger`` (the root by default)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
