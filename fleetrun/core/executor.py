@@ -87,6 +87,7 @@ def plan_task(
     for name, value in (("timeout_s", request.timeout_s), ("max_output_bytes", request.max_output_bytes)):
         if value is not None and not value > 0:
             raise FleetrunError(f"{name} must be greater than 0, got {value}")
+    cls.register_secrets(host)  # before anything is recorded or shown: a secret typed into the command is hidden
     env = {**host.env, **request.env}
     _check_environment(env)
     details: Mapping[str, object] = {}

@@ -89,6 +89,15 @@ class Transport(abc.ABC):
         it started, then let :class:`asyncio.CancelledError` propagate.
         """
 
+    @classmethod
+    def register_secrets(cls, host: Host) -> None:
+        """Read the secrets ``host`` names (see :mod:`fleetrun.core.secrets`) so they are redacted.
+
+        Planning calls this for the task's host before anything is recorded or shown, so
+        that a secret typed into a command is hidden from the first record on. A secret that cannot be
+        read is ignored here; the task that needs it fails with the reason.
+        """
+
     def describe(self) -> Mapping[str, Any]:
         """What a dry run shows about how this host would be reached."""
         return {}

@@ -107,6 +107,17 @@ class SSHTransport(Transport):
         self._pool: list[_PooledConnection] = []
         self._connecting: asyncio.Task[None] | None = None
 
+    @classmethod
+    def register_secrets(cls, host: Host) -> None:
+        from fleetrun.core.secrets import SecretError, read_secret
+
+        options = host.options
+        for kind in ("password", "passphrase"):
+            try:
+                read_secret(env=options.get(f"{kind}_env"), file=options.get(f"{kind}_file"), what=kind)
+            except SecretError:
+                pass  # reported by the task that needs it
+
     def describe(self) -> Mapping[str, Any]:
         from fleetrun.plugins.transports.ssh_connect import describe
 

@@ -353,6 +353,10 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
         return TransportError("unreachable", f"cannot connect to {where}: {reason}")
     if isinstance(exc, paramiko.ChannelException):
         return TransportError("unreachable", f"the jump host could not reach {where}: {exc.text}")
+    if isinstance(exc, paramiko.SSHException) and "key" in str(exc).lower():
+        # paramiko's words for an identity file it could not decrypt or parse ("Invalid key", ...).
+        keys = ", ".join(settings.identity_files) or "the default keys"
+        return TransportError("auth", f"authentication to {where} failed: cannot use the identity file ({keys}): {exc} (wrong passphrase?)")
     if isinstance(exc, (paramiko.SSHException, EOFError)):
         text = str(exc) or type(exc).__name__
         if "banner" in text.lower() or isinstance(exc, EOFError):

@@ -1,0 +1,203 @@
+"""Secrets, network rules, per-tag limits and input limits at every boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.errors import FleetrunError, InventoryError, UnknownTaskError
+from fleetrun.core.inventory import parse_inventory
+from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.plugin_manager import PluginManager
+
+from conftest import hosts_file_text, run_cli, ssh_host
+
+TRANSPORTS = PluginManager(autoload=False).transports
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_a_secret_in_play_is_written_nowhere(tmp_path, sshd_fleet, shared_sshd):
+    passphrase = "pp-" + secrets.token_hex(12)
+    wrong = "wrong-" + secrets.token_hex(12)
+    key = tmp_path / "locked_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", str(key)], check=True)
+    sshd_fleet.authorize(sshd_fleet.user, key)
+    wrong_file = tmp_path / "wrong-passphrase"
+    wrong_file.write_text(wrong + "\n")
+    wrong_file.chmod(0o600)
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({
+        "vault": ssh_host(sshd_fleet, shared_sshd, known, identity_files=[str(key)], passphrase_env="TEST_KEY_PASSPHRASE"),
+        "badpass": ssh_host(sshd_fleet, shared_sshd, known, identity_files=[str(key)], passphrase_file=str(wrong_file)),
+    }))
+    audit = tmp_path / "audit.jsonl"
+    env = {"TEST_KEY_PASSPHRASE": passphrase}
+    common = ["-vv", "--hosts", str(hosts), "--json-log", str(audit)]
+    runs = [
+        run_cli(*common, "run", "vault", "--", f"echo start; true '{passphrase}'", env=env),
+        run_cli(*common, "run", "badpass", "--", "true", env=env),
+        run_cli(*common, "run", "vault,badpass", "--", f"test -n '{wrong}'", env=env),
+        run_cli(*common, "run", "vault", "--dry-run", "--", f"echo {passphrase}", env=env),
+        run_cli(*common, "run", "vault", "--json", "--", f"echo {passphrase} >/dev/null", env=env),
+    ]
+    first, bad = runs[0], runs[1]
+    assert first.returncode == 0, first.stderr  # the passphrase unlocked the key
+    assert first.stdout == "start\n"
+    assert bad.returncode == 125 and "auth" not in bad.stdout
+    listing = run_cli("tasks", "list", "--json", env=env)
+    records = json.loads(listing.stdout)
+    assert any("***" in r["command"] for r in records), "the command's copy of the secret was redacted"
+    shows = [run_cli("tasks", "show", r["id"], "--json", env=env) for r in records]
+    failed = [r for r in records if r["host"] == "badpass"]
+    assert failed and all(r["error_category"] == "auth" for r in failed), [(r["error_category"], r["error"]) for r in failed]
+
+    written = [run.stdout + run.stderr for run in [*runs, listing, *shows]]
+    written.append(audit.read_text())
+    store_files = [p for p in Path(os.environ["FLEETRUN_HOME"]).rglob("*") if p.is_file()]
+    assert any(p.name.startswith("tasks.sqlite3") for p in store_files)
+    for path in store_files:
+        written.append(path.read_bytes().decode("latin-1"))
+    assert any("paramiko" in text for text in written), "debug logs were part of what was searched"
+    for text in written:
+        assert passphrase not in text
+        assert wrong not in text
+
+
+def test_secrets_in_the_hosts_file_are_refused_with_where_they_go():
+    with pytest.raises(InventoryError) as error:
+        parse_inventory("hosts:\n  web:\n    transport: ssh\n    password: hunter22\n", source="h.yaml", transports=TRANSPORTS)
+    assert str(error.value).startswith("h.yaml:4: host 'web', field 'password': secrets do not belong in the hosts file")
+    assert "hunter22" not in str(error.value)
+
+
+def test_an_unreadable_or_shared_secret_file_fails_the_task_clearly(make_executor, tmp_path, sshd_fleet, shared_sshd):
+    loose = tmp_path / "loose"
+    loose.write_text("a-secret-value\n")
+    loose.chmod(0o644)
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "loose": ssh_host(sshd_fleet, shared_sshd, known, password_file=str(loose)),
+        "unset": ssh_host(sshd_fleet, shared_sshd, known, password_env="FLEETRUN_TEST_UNSET_VARIABLE"),
+    }))
+    loose_task = executor.run(TaskRequest(host="loose", command="true"))
+    assert (loose_task.status, loose_task.error_category) == (TaskStatus.FAILED, "auth")
+    assert "readable by others (mode 644); chmod 600 it" in loose_task.error
+    unset = executor.run(TaskRequest(host="unset", command="true"))
+    assert unset.error == "the password: environment variable FLEETRUN_TEST_UNSET_VARIABLE is not set"
+
+
+# -- network rules ----------------------------------------------------------------------------
+
+
+def test_network_rules_are_checked_on_the_resolved_addresses(make_executor, tmp_path, sshd_fleet, shared_sshd):
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
+    before = shared_sshd.log.read_text().count("Connection from")
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "blocked-name": ssh_host(sshd_fleet, shared_sshd, known, hostname="localhost", blocked_networks=["127.0.0.0/8", "::1/128"]),
+        "outside": ssh_host(sshd_fleet, shared_sshd, known, allowed_networks=["10.0.0.0/8"]),
+        "inside": ssh_host(sshd_fleet, shared_sshd, known, allowed_networks=["127.0.0.0/8"], blocked_networks=["127.0.0.1/32"]),
+    }))
+    blocked = executor.run(TaskRequest(host="blocked-name", command="true"))
+    assert (blocked.status, blocked.error_category) == (TaskStatus.FAILED, "network")
+    assert "localhost resolves to 127.0.0.1 (in blocked_networks 127.0.0.0/8)" in blocked.error
+    outside = executor.run(TaskRequest(host="outside", command="true"))
+    assert outside.error_category == "network"
+    assert f"{shared_sshd.address} (not in allowed_networks)" in outside.error
+    assert shared_sshd.log.read_text().count("Connection from") == before  # refused before connecting
+    inside = executor.run(TaskRequest(host="inside", command="true"))
+    assert inside.status is TaskStatus.SUCCEEDED, inside.error
+
+
+def test_a_bad_network_is_a_hosts_file_error():
+    with pytest.raises(InventoryError) as error:
+        parse_inventory(
+            "hosts:\n  web:\n    transport: ssh\n    blocked_networks: [10.0.0.0/8, 300.1.0.0/16]\n", source="h.yaml", transports=TRANSPORTS
+        )
+    assert str(error.value) == (
+        "h.yaml:4: host 'web', field 'blocked_networks': '300.1.0.0/16' is not a network in CIDR notation "
+        "(e.g. 10.0.0.0/8 or 2001:db8::/32)"
+    )
+
+
+# -- limits by host and tag ---------------------------------------------------------------------
+
+
+def test_limits_come_from_defaults_then_tags_then_the_host_and_a_request_only_lowers_them(make_executor):
+    hosts = """
+defaults: {max_seconds: 100, max_output_bytes: 5000}
+tags:
+  slow: {max_seconds: 7000}
+  strict: {max_seconds: 0.5, max_output_bytes: 1000}
+hosts:
+  both: {tags: [slow, strict]}
+  slow-only: {tags: [slow]}
+  own: {tags: [strict], max_seconds: 9, max_concurrent: 2}
+  plain:
+"""
+    inventory = parse_inventory(hosts)
+    limits = {name: (h.limits.max_seconds, h.limits.max_output_bytes, h.limits.max_concurrent) for name, h in inventory.hosts.items()}
+    assert limits == {"both": (0.5, 1000, 8), "slow-only": (7000, 5000, 8), "own": (9, 1000, 2), "plain": (100, 5000, 8)}
+    executor = make_executor(hosts_yaml=hosts)
+    timed = executor.run(TaskRequest(host="both", command="sleep 5", timeout_s=60))
+    assert (timed.status, timed.max_seconds) == (TaskStatus.TIMED_OUT, 0.5)
+    lowered = executor.run(TaskRequest(host="slow-only", command="head -c 4000 /dev/zero", max_output_bytes=10))
+    assert (lowered.max_output_bytes, lowered.stdout_truncated) == (10, True)
+
+
+# -- input limits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host, command, env, message",
+    [
+        ("a" * 300, "true", {}, "invalid host name 'aaaa"),
+        ("web\x1b[2J", "true", {}, "invalid host name"),
+        ("../../etc", "true", {}, "invalid host name '../../etc'"),
+        ("local", "echo \x1b[31mred", {}, "control character U+001B at position 5"),
+        ("local", "echo a\x00b", {}, "control character U+0000"),
+        ("local", "ls \u202eevil", {}, "control character U+202E"),
+        ("local", "echo done\r", {}, "control character U+000D"),
+        ("local", "x" * (128 * 1024 + 1), {}, "the limit is 131072"),
+        ("local", "   ", {}, "the command is empty"),
+        ("local", "true", {"BAD NAME": "x"}, "invalid environment variable name 'BAD NAME'"),
+        ("local", "true", {"OK": "a\x00b"}, "contains a NUL character"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, command, env, message):
+    executor = make_executor()
+    with pytest.raises(FleetrunError) as error:
+        executor.submit(TaskRequest(host=host, command=command, env=env))
+    assert message in str(error.value)
+    assert len(str(error.value)) < 400
+    assert executor.list() == []
+
+
+@pytest.mark.parametrize("task_id", ["../../etc/passwd", "x" * 5000, "ABCDEF123456", "", "12345"])
+def test_bad_task_ids_are_refused_without_echoing_them_whole(make_executor, task_id):
+    executor = make_executor()
+    with pytest.raises(UnknownTaskError) as error:
+        executor.get(task_id)
+    assert "invalid task id" in str(error.value) and len(str(error.value)) < 200
+    with pytest.raises(UnknownTaskError):
+        executor.read_output(task_id)
+
+
+def test_the_cli_reports_bad_input_on_one_line():
+    for args, code in [
+        (["run", "bad host!", "--", "true"], 125),
+        (["run", "local", "--", "echo \x1b[2J"], 125),
+        (["tasks", "show", "../../x"], 1),
+        (["tasks", "output", "x" * 3000], 1),
+    ]:
+        result = run_cli(*args)
+        assert result.returncode == code, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("fleetrun: error: ")
+        assert "Traceback" not in result.stderr
