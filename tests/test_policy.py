@@ -374,3 +374,20 @@ def test_cli_policy_check_and_run_name_the_rule(tmp_path):
     assert env.returncode == 126
     missing = run_cli("--policy", str(tmp_path / "nope.yaml"), "run", "local", "--", "true")
     assert missing.returncode == 125 and "policy file not found (given by --policy)" in missing.stderr
+
+
+def test_the_readme_worked_example_is_what_fleetrun_prints(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The command policy", 1)[1].split("\n### ", 1)[0]
+    policy_text = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    transcript = section.split("```yaml\n", 1)[1].split("```", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "policy.yaml").write_text(policy_text)
+    (tmp_path / "hosts.yaml").write_text("hosts:\n  web1: {tags: [web]}\n  db1: {tags: [db]}\n")
+    sessions = [chunk for chunk in transcript.split("$ fleetrun ")[1:]]
+    assert len(sessions) == 4
+    for chunk in sessions:
+        command_line, *expected = chunk.rstrip("\n").split("\n")
+        args = shlex.split(command_line)
+        result = run_cli("--hosts", "hosts.yaml", "--policy", "policy.yaml", *args, cwd=tmp_path)
+        assert result.stdout.rstrip("\n").split("\n") == expected, command_line
+        assert result.returncode == (0 if expected[0].startswith("allowed") else 126)
