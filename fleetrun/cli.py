@@ -556,6 +556,98 @@ def cmd_tasks_cancel(ctx: _Context) -> int:
     return EXIT_ERROR
 
 
+TOKEN_ENV = "FLEETRUN_MCP_TOKEN"
+
+
+def cmd_serve(ctx: _Context) -> int:
+    from fleetrun.core.executor import Executor
+    from fleetrun.core.policy import read_only_policy
+    from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
+
+    args = ctx.args
+    policy = ctx.policy or read_only_policy()
+    log.info("MCP server policy: %s", policy.source)
+    plugins = ctx.plugins
+    json_log = ctx.json_log_target()
+    if json_log:
+        plugins.register(JsonLogNotifier(json_log), name="fleetrun.notifiers.jsonlog")
+    options: dict[str, Any] = {}
+    if args.http:
+        host, port = _http_address(args.http)
+        token = _server_token(args)
+        if token is not None:
+            from mcp.server.auth.settings import AuthSettings
+
+            base = f"http://{host}:{port}"
+            options.update(
+                token_verifier=_StaticTokenVerifier(token),
+                auth=AuthSettings(issuer_url=base, resource_server_url=f"{base}/mcp", validate_token_resource=False),
+            )
+    executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins, policy=policy)
+    from fleetrun.mcp_server import create_server
+
+    server = create_server(executor, **options)
+    try:
+        if args.http:
+            _note(f"serving MCP over streamable HTTP at http://{host}:{port}/mcp (policy: {policy.source})")
+            server.run(transport="streamable-http", host=host, port=port, streamable_http_path="/mcp")
+        else:
+            server.run()
+    finally:
+        executor.close("the MCP server stopped")
+    return EXIT_OK
+
+
+def _http_address(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise FleetrunError(f"--http takes [HOST:]PORT, got {text!r}") from None
+    if not 0 < port < 65536:
+        raise FleetrunError(f"--http: port {port} is out of range")
+    return host, port
+
+
+def _server_token(args: argparse.Namespace) -> str | None:
+    from fleetrun.core.secrets import SecretError, read_secret
+
+    try:
+        if args.token_file:
+            token = read_secret(env=None, file=args.token_file, what="the MCP bearer token")
+        else:
+            token = read_secret(env=TOKEN_ENV, file=None, what="the MCP bearer token") if os.environ.get(TOKEN_ENV) else None
+    except SecretError as exc:
+        raise FleetrunError(str(exc)) from None
+    if token is None and not args.insecure_no_auth:
+        raise FleetrunError(
+            f"refusing to serve HTTP without a bearer token: set {TOKEN_ENV} or pass --token-file PATH "
+            "(or, only on a trusted network, --insecure-no-auth)"
+        )
+    if token is None:
+        _note("WARNING: serving HTTP with NO authentication (--insecure-no-auth): anyone who can reach the port can run commands")
+    return token
+
+
+class _StaticTokenVerifier:
+    """Accepts exactly one bearer token, compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def verify_token(self, token: str):  # type: ignore[no-untyped-def]
+        import hmac
+
+        from mcp.server.auth.provider import AccessToken
+
+        if hmac.compare_digest(token.encode(), self._token):
+            return AccessToken(token=token, client_id="fleetrun", scopes=[])
+        return None
+
+
 def cmd_plugins(ctx: _Context) -> int:
     plugins = ctx.plugins.plugins()
     transports = ctx.plugins.transports
@@ -709,6 +801,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--builtin", action="store_true", help="with no policy configured, use the built-in read-only policy")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.set_defaults(func=cmd_policy_check)
+
+    serve = sub.add_parser(
+        "serve", help="run the MCP server (stdio by default)",
+        description=(
+            "Serve fleetrun to an MCP client (an AI assistant): tools to list hosts, plan, run, follow and cancel "
+            "commands, under the policy (--policy, $FLEETRUN_POLICY, ~/.config/fleetrun/policy.yaml, else the "
+            "built-in read-only policy). stdio by default: stdout carries protocol messages only, logs go to stderr."
+        ),
+    )
+    serve.add_argument(
+        "--http", metavar="[HOST:]PORT",
+        help=f"serve streamable HTTP at http://HOST:PORT/mcp instead (HOST defaults to 127.0.0.1); needs a bearer token from ${TOKEN_ENV} or --token-file",
+    )
+    serve.add_argument("--token-file", metavar="PATH", help="file (mode 600) holding the bearer token HTTP clients must send")
+    serve.add_argument(
+        "--insecure-no-auth", action="store_true",
+        help="serve HTTP WITHOUT authentication (anyone reaching the port can run commands): trusted networks only",
+    )
+    serve.set_defaults(func=cmd_serve)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements", description="List plugins and hooks.")
     plugins.add_argument("--json", action="store_true", help="print JSON")

@@ -303,7 +303,17 @@ class Executor:
         return self.store.get(task_id)
 
     def list(self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50) -> list[Task]:
-        return self.store.list(status=status, host=host, limit=limit)
+        """Tasks newest first; this executor's own live tasks as they are now, not as last stored."""
+        wanted = set(status) if status is not None else None
+        fetch = wanted
+        if wanted is not None and wanted & {TaskStatus.QUEUED, TaskStatus.RUNNING}:
+            fetch = wanted | {TaskStatus.QUEUED, TaskStatus.RUNNING}  # the store may lag a live task's state
+        live = {task_id: entry.record for task_id, entry in list(self._live.items())}
+        stored = self.store.list(status=fetch, host=host, limit=limit + len(live))
+        merged = [live.get(task.id, task) for task in stored]
+        if wanted is not None:
+            merged = [task for task in merged if task.status in wanted]
+        return merged[:limit]
 
     def read_output(self, task_id: str, stream: str = "stdout", offset: int = 0, max_bytes: int = 65536) -> OutputSlice:
         return self.store.read_output(task_id, stream, offset, max_bytes)

@@ -1,0 +1,458 @@
+"""The MCP server: an AI assistant plans, runs, follows and cancels commands on the fleet.
+
+A thin front end over the executor: tools parse their arguments, call the core and
+render results as typed models. Every command goes through the policy (the configured
+one, or the built-in read-only policy); a refusal is an MCP tool error that names the
+rule. Long commands never die at a client's timeout: ``run_command`` waits a bounded
+time and otherwise hands back a task id to follow with ``get_task`` and
+``get_task_output``.
+
+Nothing but protocol messages goes to stdout: logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.subscriptions import InMemorySubscriptionBus
+
+from fleetrun import __version__
+from fleetrun.core.batch import BatchRequest, run_batch_async, select_hosts
+from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownTaskError
+from fleetrun.core.executor import Executor
+from fleetrun.core.inventory import Host
+from fleetrun.core.models import Task, TaskRequest, TaskStatus
+from fleetrun.core.policy import Policy
+from fleetrun.core.secrets import redact
+from fleetrun.plugins.notifiers.mcp import McpNotifier, task_uri
+
+log = logging.getLogger("fleetrun.mcp")
+
+MAX_WAIT_S = 60.0
+DEFAULT_WAIT_S = 10.0
+TAIL_LINES = 20
+TAIL_BYTES = 8192
+MAX_READ_BYTES = 1 << 20
+
+INSTRUCTIONS = """\
+fleetrun runs shell commands on the hosts of an inventory, under a policy that decides what
+may run. Start with list_hosts. Before running anything unfamiliar, call plan_command: it
+shows the resolved host, limits and the policy's decision (and the rule), and runs nothing.
+run_command waits up to wait_s seconds; if the command is still running you get a task id:
+follow it with get_task and get_task_output (by byte offset), and stop it with cancel_task.
+A denied command is not an error to work around: tell the user which rule denied it."""
+
+GUIDE = """\
+How to use fleetrun well:
+
+1. Find the host: list_hosts (optionally by tag), then describe_host for details.
+2. Plan first: plan_command(host, command) shows what would run, the limits, and whether
+   the policy allows it, naming the rule. It runs nothing.
+3. Run: run_command(host, command, wait_s=10) for short commands; start_task for long ones.
+   For several hosts, run_on_hosts(command, hosts=[...] or tag=..., max_parallel, stop_on_failure).
+4. Follow: get_task(task_id) for status and real progress (bytes, lines, the last line, and a
+   percentage only when the command prints one); get_task_output(task_id, offset=next_offset)
+   to read more output; the task's resource fleetrun://tasks/{id} updates when it ends.
+5. Stop: cancel_task(task_id) stops the command and everything it started.
+
+When the policy denies a command: do not try to rephrase it to slip past the policy (chains,
+wrappers and substitutions are all checked). Tell the user what was denied and by which rule,
+and suggest the policy change they could make (a policy file with an allow rule) if they want it."""
+
+
+# -- result models -----------------------------------------------------------------------------
+
+
+class LimitsInfo(BaseModel):
+    max_seconds: float | None = Field(description="time limit of a task, seconds (null: none)")
+    max_output_bytes: int = Field(description="bytes kept of stdout and of stderr each")
+    max_concurrent: int = Field(description="tasks at once on the host")
+
+
+class HostInfo(BaseModel):
+    name: str
+    transport: str
+    tags: list[str]
+    description: str | None = None
+    limits: LimitsInfo
+    details: dict[str, Any] | None = Field(default=None, description="how the host is reached (no secrets)")
+
+
+class HostList(BaseModel):
+    hosts: list[HostInfo]
+    inventory: str = Field(description="where the inventory came from")
+
+
+class PolicyInfo(BaseModel):
+    allowed: bool
+    explanation: str = Field(description="the decision in words, with the rule that made it")
+    rule: str | None = Field(description="the deciding rule (file, number, line, text); null: the default deny")
+    policy: str = Field(description="the policy's source")
+
+
+class PlanResult(BaseModel):
+    host: str
+    transport: str
+    command: str
+    limits: LimitsInfo
+    transport_details: dict[str, Any]
+    policy: PolicyInfo
+    ran: bool = Field(default=False, description="always false: planning runs nothing")
+
+
+class ProgressInfo(BaseModel):
+    elapsed_s: float
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_lines: int
+    stderr_lines: int
+    latest_line: str | None = None
+    percent: float | None = Field(default=None, description="only when the command printed a progress marker")
+
+
+class TaskInfo(BaseModel):
+    task_id: str
+    host: str
+    transport: str
+    command: str
+    status: Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"]
+    ended: bool
+    exit_code: int | None = None
+    error: str | None = None
+    error_category: str | None = None
+    cancel_reason: str | None = None
+    duration_s: float | None = None
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+    max_seconds: float | None = None
+    progress: ProgressInfo | None = None
+    policy: str | None = None
+    resource: str
+
+
+class RunResult(BaseModel):
+    finished: bool = Field(description="true: the command ended within wait_s; false: follow task.task_id")
+    task: TaskInfo
+    stdout_tail: str | None = Field(default=None, description="the last lines of stdout, when finished")
+    stderr_tail: str | None = Field(default=None, description="the last lines of stderr, when finished")
+    hint: str | None = None
+
+
+class OutputChunk(BaseModel):
+    task_id: str
+    stream: Literal["stdout", "stderr"]
+    offset: int
+    next_offset: int = Field(description="pass it as offset to read on")
+    data: str = Field(description="the bytes, decoded as UTF-8 (invalid bytes replaced)")
+    size: int = Field(description="bytes kept so far")
+    ended: bool = Field(description="the task has ended and nothing more will be written")
+    truncated: bool = Field(description="output past max_output_bytes was not kept")
+
+
+class BatchResult(BaseModel):
+    succeeded: bool
+    tasks: list[TaskInfo]
+    not_started: list[str] = Field(description="hosts skipped after a failure (stop_on_failure)")
+
+
+class TaskListing(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class CancelResult(BaseModel):
+    task_id: str
+    cancelled: bool = Field(description="false when the task had already ended")
+    status: str
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def _task_info(task: Task) -> TaskInfo:
+    progress = None
+    if task.progress is not None:
+        p = task.progress
+        progress = ProgressInfo(
+            elapsed_s=round(p.elapsed_s, 3), stdout_bytes=p.stdout_bytes, stderr_bytes=p.stderr_bytes,
+            stdout_lines=p.stdout_lines, stderr_lines=p.stderr_lines, latest_line=p.latest_line, percent=p.percent,
+        )
+    duration = task.duration_s
+    return TaskInfo(
+        task_id=task.id, host=task.host, transport=task.transport, command=task.command, status=task.status.value,
+        ended=task.status.is_terminal, exit_code=task.exit_code, error=task.error, error_category=task.error_category,
+        cancel_reason=task.cancel_reason, duration_s=round(duration, 3) if duration is not None else None,
+        stdout_bytes=task.stdout_bytes, stderr_bytes=task.stderr_bytes, stdout_truncated=task.stdout_truncated,
+        stderr_truncated=task.stderr_truncated, max_seconds=task.max_seconds, progress=progress, policy=task.policy,
+        resource=task_uri(task.id),
+    )
+
+
+def _limits(host: Host) -> LimitsInfo:
+    return LimitsInfo(
+        max_seconds=host.limits.max_seconds, max_output_bytes=host.limits.max_output_bytes,
+        max_concurrent=host.limits.max_concurrent,
+    )
+
+
+def _text(data: bytes) -> str:
+    return redact(data.decode("utf-8", errors="replace")) or ""
+
+
+class FleetrunMcp:
+    """The server's state: one executor (with the MCP notifier) and the policy it applies."""
+
+    def __init__(self, executor: Executor, notifier: McpNotifier) -> None:
+        self.executor = executor
+        self.notifier = notifier
+
+    @property
+    def policy(self) -> Policy:
+        assert self.executor.policy is not None
+        return self.executor.policy
+
+    def tail(self, task_id: str, stream: str) -> str:
+        return _text(self.executor.tail_output(task_id, stream, lines=TAIL_LINES, max_bytes=TAIL_BYTES).data)
+
+    async def submit(self, ctx: Context, host: str, command: str, timeout_s: float | None, *, open_call: bool):  # type: ignore[no-untyped-def]
+        request = TaskRequest(host=host, command=command, timeout_s=timeout_s)
+        try:
+            handle = await self.executor.submit_async(request)
+        except PolicyDenied as exc:
+            raise ToolError(f"policy: {redact(str(exc))}") from None
+        except FleetrunError as exc:
+            raise ToolError(redact(str(exc)) or "") from None
+        follower = self.notifier.follow(self.executor.get(handle.id), ctx.session, open_call=open_call)
+        return handle, follower
+
+
+def _fail(exc: FleetrunError) -> ToolError:
+    return ToolError(redact(str(exc)) or type(exc).__name__)
+
+
+def create_server(executor: Executor, *, name: str = "fleetrun", **server_options: Any) -> MCPServer:
+    """The MCP server over ``executor``, whose policy must be set (the server never runs without one)."""
+    if executor.policy is None:
+        raise ValueError("the MCP server needs a policy: pass the configured one or read_only_policy()")
+    bus = InMemorySubscriptionBus()
+    notifier = McpNotifier(bus=bus)
+    executor.plugins.register(notifier, name="fleetrun.notifiers.mcp")
+    state = FleetrunMcp(executor, notifier)
+    server = MCPServer(
+        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, **server_options
+    )
+
+    @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
+    async def list_hosts(tag: str | None = None) -> HostList:
+        inventory = executor.inventory
+        hosts = inventory.with_tag(tag) if tag else list(inventory.hosts.values())
+        return HostList(
+            hosts=[HostInfo(name=h.name, transport=h.transport, tags=list(h.tags), description=h.description, limits=_limits(h))
+                   for h in sorted(hosts, key=lambda h: h.name)],
+            inventory=inventory.source,
+        )
+
+    @server.tool(description="Describe one host: transport, tags, limits and how it is reached (never a secret).")
+    async def describe_host(host: str) -> HostInfo:
+        try:
+            found = executor.inventory.get(host)
+            plan = await asyncio.to_thread(executor.plan, TaskRequest(host=host, command="true"))
+        except FleetrunError as exc:
+            raise _fail(exc) from None
+        return HostInfo(
+            name=found.name, transport=found.transport, tags=list(found.tags), description=found.description,
+            limits=_limits(found), details=json.loads(redact(json.dumps(dict(plan.transport_details), default=str)) or "{}"),
+        )
+
+    @server.tool(description="Dry run: the resolved host, transport, limits and the policy's decision with its rule. Runs nothing.")
+    async def plan_command(host: str, command: str) -> PlanResult:
+        try:
+            plan = await asyncio.to_thread(executor.plan, TaskRequest(host=host, command=command))
+        except FleetrunError as exc:
+            raise _fail(exc) from None
+        decision = plan.decision
+        assert decision is not None
+        return PlanResult(
+            host=plan.host.name, transport=plan.transport, command=redact(plan.command) or "",
+            limits=LimitsInfo(max_seconds=plan.limits.max_seconds, max_output_bytes=plan.limits.max_output_bytes,
+                              max_concurrent=plan.limits.max_concurrent),
+            transport_details=json.loads(redact(json.dumps(dict(plan.transport_details), default=str)) or "{}"),
+            policy=PolicyInfo(
+                allowed=decision.allowed, explanation=redact(decision.explanation) or "",
+                rule=decision.rule.describe() if decision.rule else None, policy=decision.source,
+            ),
+        )
+
+    @server.tool(
+        description=(
+            "Run a command and wait up to wait_s seconds (at most 60). If it ends in time: status, exit code, "
+            "output tails and duration. If not: finished=false and the task id to follow with get_task."
+        )
+    )
+    async def run_command(
+        host: str, command: str, ctx: Context, timeout_s: float | None = None, wait_s: float = DEFAULT_WAIT_S
+    ) -> RunResult:
+        wait = min(max(wait_s, 0.0), MAX_WAIT_S)
+        handle, follower = await state.submit(ctx, host, command, timeout_s, open_call=True)
+        queue = follower.call_queue
+        assert queue is not None
+        deadline = time.monotonic() + wait
+        done = asyncio.ensure_future(handle.wait_async())
+        try:
+            while not done.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({done, getter}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                progress = getter.result()
+                if progress is None:
+                    continue
+                message = f"{progress.stdout_bytes} B out, {progress.stderr_bytes} B err"
+                if progress.latest_line:
+                    message += f"; {redact(progress.latest_line)}"
+                if progress.percent is not None:
+                    await ctx.report_progress(progress.percent, 100.0, message)
+                else:
+                    await ctx.report_progress(round(progress.elapsed_s, 3), None, message)
+        finally:
+            state.notifier.close_call(follower)
+            if not done.done():
+                done.cancel()
+        task = executor.get(handle.id)
+        if not task.status.is_terminal:
+            return RunResult(
+                finished=False, task=_task_info(task),
+                hint=f"still running after {wait:g} s: follow it with get_task('{task.id}') and "
+                     f"get_task_output('{task.id}'), or stop it with cancel_task",
+            )
+        return RunResult(
+            finished=True, task=_task_info(task),
+            stdout_tail=state.tail(task.id, "stdout"), stderr_tail=state.tail(task.id, "stderr"),
+        )
+
+    @server.tool(description="Start a command and return its task id at once; follow it with get_task.")
+    async def start_task(host: str, command: str, ctx: Context, timeout_s: float | None = None) -> TaskInfo:
+        handle, _ = await state.submit(ctx, host, command, timeout_s, open_call=False)
+        return _task_info(executor.get(handle.id))
+
+    @server.tool(
+        description=(
+            "Run one command on several hosts (a list, or every host with a tag) as a batch of tasks; "
+            "waits for all of them. max_parallel caps how many run at once; stop_on_failure starts no new "
+            "task after one fails."
+        )
+    )
+    async def run_on_hosts(
+        command: str, hosts: list[str] | None = None, tag: str | None = None, max_parallel: int = 10,
+        stop_on_failure: bool = False, timeout_s: float | None = None,
+    ) -> BatchResult:
+        try:
+            selected = select_hosts(executor.inventory, hosts or [], tag)
+            batch = BatchRequest(
+                hosts=selected, command=command, timeout_s=timeout_s, max_parallel=max_parallel,
+                stop_on_failure=stop_on_failure,
+            )
+            outcome = await run_batch_async(executor, batch)
+        except PolicyDenied as exc:
+            raise ToolError(f"policy: {redact(str(exc))}") from None
+        except FleetrunError as exc:
+            raise _fail(exc) from None
+        return BatchResult(
+            succeeded=outcome.succeeded, tasks=[_task_info(t) for t in outcome.tasks], not_started=list(outcome.not_started)
+        )
+
+    @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")
+    async def get_task(task_id: str) -> TaskInfo:
+        try:
+            return _task_info(executor.get(task_id))
+        except FleetrunError as exc:
+            raise _fail(exc) from None
+
+    @server.tool(
+        description=(
+            "Read a task's stdout or stderr: from a byte offset (then continue at next_offset), or the last "
+            "tail_lines lines. Works while the task runs."
+        )
+    )
+    async def get_task_output(
+        task_id: str, stream: Literal["stdout", "stderr"] = "stdout", offset: int = 0,
+        max_bytes: int = 65536, tail_lines: int | None = None,
+    ) -> OutputChunk:
+        if offset < 0 or max_bytes < 1:
+            raise ToolError("offset must be 0 or more and max_bytes at least 1")
+        size = min(max_bytes, MAX_READ_BYTES)
+        try:
+            task = executor.get(task_id)
+            if tail_lines is not None:
+                piece = executor.tail_output(task_id, stream, lines=max(tail_lines, 0), max_bytes=size)
+            else:
+                piece = executor.read_output(task_id, stream, offset=offset, max_bytes=size)
+        except FleetrunError as exc:
+            raise _fail(exc) from None
+        return OutputChunk(
+            task_id=task_id, stream=stream, offset=piece.offset, next_offset=piece.next_offset, data=_text(piece.data),
+            size=piece.size, ended=task.status.is_terminal and piece.next_offset >= piece.size, truncated=piece.truncated,
+        )
+
+    @server.tool(description="Cancel a queued or running task: the command and everything it started are stopped.")
+    async def cancel_task(task_id: str) -> CancelResult:
+        try:
+            cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
+            task = executor.get(task_id)
+            if cancelled and not task.status.is_terminal:
+                for _ in range(100):  # its processes take a moment to stop
+                    await asyncio.sleep(0.05)
+                    task = executor.get(task_id)
+                    if task.status.is_terminal:
+                        break
+        except FleetrunError as exc:
+            raise _fail(exc) from None
+        return CancelResult(task_id=task_id, cancelled=cancelled, status=task.status.value)
+
+    @server.tool(description="List tasks, newest first, optionally by status and host.")
+    async def list_tasks(
+        status: Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"] | None = None,
+        host: str | None = None, limit: int = 20,
+    ) -> TaskListing:
+        statuses = [TaskStatus(status)] if status else None
+        tasks = executor.list(status=statuses, host=host, limit=min(max(limit, 1), 200))
+        return TaskListing(tasks=[_task_info(t) for t in tasks])
+
+    @server.resource("fleetrun://hosts", name="hosts", description="The inventory's hosts", mime_type="application/json")
+    async def hosts_resource() -> str:
+        return (await list_hosts()).model_dump_json(indent=2)
+
+    @server.resource(
+        "fleetrun://tasks/{task_id}", name="task", description="A task's record and the tails of its output",
+        mime_type="application/json",
+    )
+    async def task_resource(task_id: str) -> str:
+        try:
+            task = executor.get(task_id)
+        except UnknownTaskError as exc:
+            raise ToolError(str(exc)) from None
+        body = {
+            "task": _task_info(task).model_dump(),
+            "stdout_tail": state.tail(task_id, "stdout"),
+            "stderr_tail": state.tail(task_id, "stderr"),
+        }
+        return json.dumps(body, indent=2)
+
+    @server.prompt(name="fleetrun_guide", description="How to plan, run, follow and cancel commands with fleetrun")
+    def fleetrun_guide() -> str:
+        return GUIDE
+
+    return server

@@ -1,0 +1,364 @@
+"""The MCP server, through the SDK's real client: in memory (both protocol modes), over stdio
+against a `fleetrun serve` process, and over authenticated streamable HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import anyio
+import pytest
+
+import mcp
+from mcp.client.stdio import StdioServerParameters
+
+from fleetrun.core.inventory import parse_inventory
+from fleetrun.core.executor import Executor
+from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.policy import parse_policy, read_only_policy
+from fleetrun.core.store import TaskStore
+from fleetrun.mcp_server import create_server
+
+from conftest import assert_none_left, hosts_file_text, processes_with, ssh_host
+
+MODES = ["legacy", "auto"]  # 2025-11-25 and 2026-07-28
+POLICY = """
+rules:
+  - allow: [uname *, "echo *", "sleep *", "printf *", "true", "seq *", "cat *", "exit *"]
+  - deny: echo forbidden*
+"""
+HOSTS = "hosts:\n  local: {tags: [dev]}\n  other: {tags: [dev]}\n"
+
+
+@pytest.fixture
+def server_for(store, tmp_path):
+    made = []
+
+    def build(policy_text: str | None = POLICY, hosts: str = HOSTS):
+        manager = PluginManager(autoload=False)
+        inventory = parse_inventory(hosts, source="hosts.yaml", transports=manager.transports)
+        policy = parse_policy(policy_text, source="policy.yaml") if policy_text else read_only_policy()
+        executor = Executor(inventory=inventory, store=store, plugins=manager, policy=policy)
+        made.append(executor)
+        return create_server(executor), executor
+
+    yield build
+    for executor in made:
+        executor.close()
+
+
+def run(scenario):
+    anyio.run(scenario)
+
+
+# -- tools -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tools_are_typed_and_run_commands_under_the_policy(server_for, mode):
+    server, executor = server_for()
+
+    async def scenario():
+        async with mcp.Client(server, mode=mode) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            assert set(tools) == {
+                "list_hosts", "describe_host", "plan_command", "run_command", "start_task", "run_on_hosts",
+                "get_task", "get_task_output", "cancel_task", "list_tasks",
+            }
+            assert all(t.output_schema is not None for t in tools.values())
+            assert tools["run_command"].input_schema["required"] == ["host", "command"]
+
+            hosts = (await client.call_tool("list_hosts", {"tag": "dev"})).structured_content
+            assert [h["name"] for h in hosts["hosts"]] == ["local", "other"]
+
+            done = (await client.call_tool("run_command", {"host": "local", "command": "echo out; echo err >&2; exit 3"})).structured_content
+            assert done["finished"] is True
+            assert (done["task"]["status"], done["task"]["exit_code"]) == ("failed", 3)
+            assert (done["stdout_tail"], done["stderr_tail"]) == ("out\n", "err\n")
+            assert done["task"]["policy"] == "allowed by rule 1 of policy.yaml, line 3: allow: echo *"
+
+            denied = await client.call_tool("run_command", {"host": "local", "command": "echo ok; rm -rf /tmp/nothing"})
+            assert denied.is_error
+            assert "'rm -rf /tmp/nothing' matches no rule [the default of policy.yaml: deny]" in denied.content[0].text
+            by_rule = await client.call_tool("run_command", {"host": "local", "command": "echo forbidden"})
+            assert "rule 2 of policy.yaml, line 4: deny: echo forbidden*" in by_rule.content[0].text
+            assert [t.command for t in executor.list()] == ["echo out; echo err >&2; exit 3"]
+
+            plan = (await client.call_tool("plan_command", {"host": "local", "command": "rm -rf /"})).structured_content
+            assert plan["ran"] is False and plan["policy"]["allowed"] is False and plan["policy"]["rule"] is None
+            assert len(executor.list()) == 1
+
+            unknown = await client.call_tool("get_task", {"task_id": "../../etc"})
+            assert unknown.is_error and "invalid task id" in unknown.content[0].text
+            bad_host = await client.call_tool("run_command", {"host": "nowhere", "command": "true"})
+            assert bad_host.is_error and "unknown host 'nowhere'" in bad_host.content[0].text
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_long_command_becomes_a_task_to_follow_read_and_cancel(server_for, mode, marker):
+    server, executor = server_for()
+
+    async def scenario():
+        async with mcp.Client(server, mode=mode) as client:
+            started = (await client.call_tool(
+                "run_command", {"host": "local", "command": f"seq 1 3; sleep {marker}", "wait_s": 0.3}
+            )).structured_content
+            assert started["finished"] is False and "get_task" in started["hint"]
+            task_id = started["task"]["task_id"]
+            info = (await client.call_tool("get_task", {"task_id": task_id})).structured_content
+            assert info["status"] == "running" and info["ended"] is False
+            first = (await client.call_tool("get_task_output", {"task_id": task_id, "max_bytes": 2})).structured_content
+            assert (first["data"], first["next_offset"], first["ended"]) == ("1\n", 2, False)
+            rest = (await client.call_tool("get_task_output", {"task_id": task_id, "offset": 2})).structured_content
+            assert rest["data"] == "2\n3\n"
+            listed = (await client.call_tool("list_tasks", {"status": "running"})).structured_content
+            assert [t["task_id"] for t in listed["tasks"]] == [task_id]
+            cancelled = (await client.call_tool("cancel_task", {"task_id": task_id})).structured_content
+            assert cancelled == {"task_id": task_id, "cancelled": True, "status": "cancelled"}
+            again = (await client.call_tool("cancel_task", {"task_id": task_id})).structured_content
+            assert again["cancelled"] is False
+            ended = (await client.call_tool("get_task_output", {"task_id": task_id, "offset": 6})).structured_content
+            assert ended["ended"] is True
+
+    run(scenario)
+    assert_none_left(marker)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cancel_is_served_while_run_command_waits(server_for, mode, marker):
+    server, executor = server_for()
+
+    async def scenario():
+        async with mcp.Client(server, mode=mode) as client:
+            result = {}
+
+            async def long_call():
+                result["run"] = await client.call_tool("run_command", {"host": "local", "command": f"sleep {marker}", "wait_s": 50})
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(long_call)
+                with anyio.fail_after(10):
+                    while not processes_with(f"sleep {marker}"):
+                        await anyio.sleep(0.02)
+                started = time.monotonic()
+                listed = (await client.call_tool("list_tasks", {"status": "running"})).structured_content
+                cancelled = await client.call_tool("cancel_task", {"task_id": listed["tasks"][0]["task_id"]})
+                assert cancelled.structured_content["status"] == "cancelled"
+            assert time.monotonic() - started < 5
+            run_result = result["run"].structured_content
+            assert run_result["finished"] is True and run_result["task"]["status"] == "cancelled"
+
+    run(scenario)
+    assert_none_left(marker)
+
+
+def test_progress_reaches_the_open_call(server_for):
+    server, _ = server_for()
+
+    async def scenario():
+        seen = []
+
+        async def on_progress(progress, total, message):
+            seen.append((progress, total, message))
+
+        async with mcp.Client(server, mode="legacy") as client:
+            result = await client.call_tool(
+                "run_command",
+                {"host": "local", "command": "printf 'progress: 25%%\\n'; sleep 0.3; printf 'progress: 75%%\\n'; sleep 0.3"},
+                progress_callback=on_progress,
+            )
+        assert result.structured_content["finished"] is True
+        assert (25.0, 100.0) in [(p, t) for p, t, _ in seen] and (75.0, 100.0) in [(p, t) for p, t, _ in seen]
+        assert any("progress: 75%" in (m or "") for _, _, m in seen)
+
+    run(scenario)
+
+
+def test_notifications_arrive_after_the_starting_call_returned_2025_11_25(server_for):
+    server, _ = server_for()
+
+    async def scenario():
+        logs, updates = [], []
+
+        async def on_log(params):
+            logs.append(params.data)
+
+        async def on_message(message):
+            if isinstance(message, mcp.types.ResourceUpdatedNotification):
+                updates.append(str(message.params.uri))
+
+        async with mcp.Client(server, mode="legacy", logging_callback=on_log, message_handler=on_message) as client:
+            task = (await client.call_tool("start_task", {"host": "local", "command": "sleep 0.4; echo done"})).structured_content
+            returned_at = time.monotonic()
+            assert task["status"] in ("queued", "running")
+            with anyio.fail_after(10):
+                while not any(d.get("event") == "task.completed" for d in logs):
+                    await anyio.sleep(0.02)
+            assert time.monotonic() - returned_at >= 0.3  # it came after the call had returned
+            completed = [d for d in logs if d.get("event") == "task.completed"][0]
+            assert (completed["task_id"], completed["status"], completed["exit_code"]) == (task["task_id"], "succeeded", 0)
+            assert [d["event"] for d in logs] == ["task.created", "task.completed"]
+            with anyio.fail_after(5):
+                while task["resource"] not in updates:
+                    await anyio.sleep(0.02)
+            body = await client.read_resource(task["resource"])
+            assert '"status": "succeeded"' in body.contents[0].text and "done" in body.contents[0].text
+
+    run(scenario)
+
+
+def test_task_resources_update_for_listeners_2026_07_28(server_for):
+    server, _ = server_for()
+
+    async def scenario():
+        async with mcp.Client(server, mode="auto") as client:
+            assert client.protocol_version == "2026-07-28"
+            task = (await client.call_tool("start_task", {"host": "local", "command": "sleep 0.5"})).structured_content
+            async with client.listen(resource_subscriptions=[task["resource"]]) as subscription:
+                with anyio.fail_after(10):
+                    async for event in subscription:
+                        assert str(event.uri) == task["resource"]
+                        break
+            final = (await client.call_tool("get_task", {"task_id": task["task_id"]})).structured_content
+            assert final["status"] == "succeeded"
+
+    run(scenario)
+
+
+def test_fan_out_resources_and_the_guide(server_for):
+    server, _ = server_for()
+
+    async def scenario():
+        async with mcp.Client(server, mode="legacy") as client:
+            batch = (await client.call_tool("run_on_hosts", {"command": "echo hi", "tag": "dev", "max_parallel": 2})).structured_content
+            assert batch["succeeded"] is True and [t["host"] for t in batch["tasks"]] == ["local", "other"]
+            denied = await client.call_tool("run_on_hosts", {"command": "rm -rf /", "hosts": ["local", "other"]})
+            assert denied.is_error and "matches no rule" in denied.content[0].text
+            hosts = await client.read_resource("fleetrun://hosts")
+            assert '"name": "local"' in hosts.contents[0].text
+            prompts = await client.list_prompts()
+            assert [p.name for p in prompts.prompts] == ["fleetrun_guide"]
+            guide = await client.get_prompt("fleetrun_guide")
+            assert "plan_command" in guide.messages[0].content.text and "policy denies" in guide.messages[0].content.text
+
+    run(scenario)
+
+
+def test_without_a_policy_file_the_server_is_read_only_and_says_how_to_change_it(server_for):
+    server, _ = server_for(policy_text=None)
+
+    async def scenario():
+        async with mcp.Client(server, mode="legacy") as client:
+            ok = await client.call_tool("run_command", {"host": "local", "command": "uname -s"})
+            assert ok.structured_content["stdout_tail"] == "Linux\n"
+            denied = await client.call_tool("run_command", {"host": "local", "command": "touch /tmp/x"})
+            assert denied.is_error and "built-in read-only policy; to allow more, write a policy file" in denied.content[0].text
+
+    run(scenario)
+
+
+def test_an_ssh_host_through_the_server(server_for, sshd_fleet, shared_sshd, tmp_path):
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
+    hosts = hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)})
+    server, _ = server_for(hosts=hosts)
+
+    async def scenario():
+        async with mcp.Client(server, mode="legacy") as client:
+            described = (await client.call_tool("describe_host", {"host": "web"})).structured_content
+            assert described["details"]["address"] == f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}"
+            result = (await client.call_tool("run_command", {"host": "web", "command": "echo $SSH_CONNECTION"})).structured_content
+            assert result["task"]["transport"] == "ssh" and result["task"]["status"] == "succeeded"
+            assert result["stdout_tail"].split()[2] == shared_sshd.address
+
+    run(scenario)
+
+
+# -- real processes: stdio and HTTP ------------------------------------------------------------
+
+
+def _server_env(tmp_path) -> dict[str, str]:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    return {**os.environ, "FLEETRUN_POLICY": str(policy)}
+
+
+def test_stdio_against_a_fleetrun_serve_process(tmp_path):
+    params = StdioServerParameters(command=sys.executable, args=["-m", "fleetrun", "serve"], env=_server_env(tmp_path))
+
+    async def scenario():
+        async with mcp.Client(params, mode="legacy") as client:
+            assert client.server_info.name == "fleetrun"
+            result = (await client.call_tool("run_command", {"host": "local", "command": "echo over stdio"})).structured_content
+            assert result["stdout_tail"] == "over stdio\n"
+            denied = await client.call_tool("run_command", {"host": "local", "command": "reboot"})
+            assert denied.is_error and "matches no rule" in denied.content[0].text
+
+    run(scenario)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_http_requires_the_bearer_token(tmp_path):
+    port = _free_port()
+    token = "tok-" + os.urandom(12).hex()
+    env = {**_server_env(tmp_path), "FLEETRUN_MCP_TOKEN": token}
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "serve", "--http", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.05)
+
+        def status(headers):
+            request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json", **headers}, method="POST")
+            try:
+                return urllib.request.urlopen(request, timeout=5).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert status({}) == 401
+        assert status({"Authorization": "Bearer wrong-token"}) == 401
+
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        async def scenario():
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+            async with mcp.Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+                result = (await client.call_tool("run_command", {"host": "local", "command": "echo over http"})).structured_content
+                assert result["stdout_tail"] == "over http\n"
+
+        run(scenario)
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+    assert token not in (tmp_path / "serve.log").read_text()
+
+
+def test_http_refuses_to_start_without_a_token(tmp_path):
+    env = {k: v for k, v in _server_env(tmp_path).items() if k != "FLEETRUN_MCP_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetrun", "serve", "--http", str(_free_port())], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert "refusing to serve HTTP without a bearer token: set FLEETRUN_MCP_TOKEN or pass --token-file PATH" in result.stderr
