@@ -21,7 +21,6 @@ from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.executor import Executor
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy, read_only_policy
-from fleetrun.core.store import TaskStore
 from fleetrun.mcp_server import create_server
 
 from conftest import assert_none_left, hosts_file_text, processes_with, ssh_host

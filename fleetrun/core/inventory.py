@@ -102,14 +102,10 @@ def find_hosts_file(explicit: str | os.PathLike[str] | None = None) -> Path | No
 
     An explicit or environment path must exist; the config-dir file is optional.
     """
-    for candidate, origin in ((explicit, "--hosts"), (os.environ.get(paths.HOSTS_ENV), paths.HOSTS_ENV)):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if not path.is_file():
-                raise InventoryError(f"hosts file not found (given by {origin})", path=str(path))
-            return path
-    configured = paths.config_dir() / "hosts.yaml"
-    return configured if configured.is_file() else None
+    return paths.find_config_file(
+        explicit, flag="--hosts", env=paths.HOSTS_ENV, name="hosts.yaml",
+        not_found=lambda path, origin: InventoryError(f"hosts file not found (given by {origin})", path=path),
+    )
 
 
 def load_inventory(

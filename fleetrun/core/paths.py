@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 HOME_ENV = "FLEETRUN_HOME"
 HOSTS_ENV = "FLEETRUN_HOSTS"
@@ -23,3 +24,26 @@ def config_dir() -> Path:
     """fleetrun's configuration directory: ``$XDG_CONFIG_HOME/fleetrun``."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
     return Path(base) / "fleetrun"
+
+
+def find_config_file(
+    explicit: str | os.PathLike[str] | None,
+    *,
+    flag: str,
+    env: str,
+    name: str,
+    not_found: Callable[[str, str], Exception],
+) -> Path | None:
+    """A configuration file: ``explicit`` (from ``flag``), then ``$env``, then ``name`` in the config dir.
+
+    A path given by flag or environment must exist (``not_found(path, origin)`` is raised);
+    the config-dir file is optional.
+    """
+    for candidate, origin in ((explicit, flag), (os.environ.get(env), env)):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise not_found(str(path), origin)
+            return path
+    configured = config_dir() / name
+    return configured if configured.is_file() else None

@@ -277,14 +277,10 @@ def read_only_policy() -> Policy:
 
 def find_policy_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """``explicit``, then ``$FLEETRUN_POLICY``, then ``policy.yaml`` in the config dir."""
-    for candidate, origin in ((explicit, "--policy"), (os.environ.get(paths.POLICY_ENV), paths.POLICY_ENV)):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if not path.is_file():
-                raise PolicyError(f"policy file not found (given by {origin})", path=str(path))
-            return path
-    configured = paths.config_dir() / "policy.yaml"
-    return configured if configured.is_file() else None
+    return paths.find_config_file(
+        explicit, flag="--policy", env=paths.POLICY_ENV, name="policy.yaml",
+        not_found=lambda path, origin: PolicyError(f"policy file not found (given by {origin})", path=path),
+    )
 
 
 def load_policy(explicit: str | os.PathLike[str] | None = None) -> Policy | None:
