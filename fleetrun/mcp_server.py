@@ -32,6 +32,8 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 from fleetrun.core.policy import Policy
 from fleetrun.core.secrets import redact
+from fleetrun.mcp_subscriptions import SubscriptionsMiddleware
+from fleetrun.mcp_tasks import TasksMiddleware
 from fleetrun.plugins.notifiers.mcp import McpNotifier, task_uri
 
 log = logging.getLogger("fleetrun.mcp")
@@ -220,6 +222,12 @@ class FleetrunMcp:
         assert self.executor.policy is not None
         return self.executor.policy
 
+    def finished_result(self, task: Task) -> RunResult:
+        return RunResult(
+            finished=True, task=_task_info(task),
+            stdout_tail=self.tail(task.id, "stdout"), stderr_tail=self.tail(task.id, "stderr"),
+        )
+
     def tail(self, task_id: str, stream: str) -> str:
         return _text(self.executor.tail_output(task_id, stream, lines=TAIL_LINES, max_bytes=TAIL_BYTES).data)
 
@@ -247,8 +255,9 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     notifier = McpNotifier(bus=bus)
     executor.plugins.register(notifier, name="fleetrun.notifiers.mcp")
     state = FleetrunMcp(executor, notifier)
+    tasks = TasksMiddleware(state, result_for=state.finished_result)
     server = MCPServer(
-        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, **server_options
+        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier), tasks], **server_options
     )
 
     @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
@@ -338,10 +347,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
                 hint=f"still running after {wait:g} s: follow it with get_task('{task.id}') and "
                      f"get_task_output('{task.id}'), or stop it with cancel_task",
             )
-        return RunResult(
-            finished=True, task=_task_info(task),
-            stdout_tail=state.tail(task.id, "stdout"), stderr_tail=state.tail(task.id, "stderr"),
-        )
+        return state.finished_result(task)
 
     @server.tool(description="Start a command and return its task id at once; follow it with get_task.")
     async def start_task(host: str, command: str, ctx: Context, timeout_s: float | None = None) -> TaskInfo:

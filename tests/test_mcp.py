@@ -361,3 +361,125 @@ def test_http_refuses_to_start_without_a_token(tmp_path):
     )
     assert result.returncode == 1
     assert "refusing to serve HTTP without a bearer token: set FLEETRUN_MCP_TOKEN or pass --token-file PATH" in result.stderr
+
+
+# -- MCP Tasks (SEP-1686, 2025-11-25) ----------------------------------------------------------
+
+
+def _task_status_listener(received: list):
+    from mcp.client.extension import ClientExtension, NotificationBinding
+
+    async def on_status(params):
+        received.append(params)
+
+    class TaskStatusListener(ClientExtension):
+        identifier = "io.fleetrun/test-task-status"
+
+        def notifications(self):
+            return [NotificationBinding(method="notifications/tasks/status", params_type=mcp.types.TaskStatusNotificationParams, handler=on_status)]
+
+    return TaskStatusListener()
+
+
+async def _create_task(client, arguments: dict, name: str = "run_command") -> dict:
+    # The SDK client has no public call for a task-augmented tools/call (its result is a
+    # CreateTaskResult, not a CallToolResult): send it through the client's own dispatcher.
+    return await client.session._dispatcher.send_raw_request(  # noqa: SLF001
+        "tools/call", {"name": name, "arguments": arguments, "task": {"ttl": 60000}}, {}
+    )
+
+
+def _task_request(cls, params_cls, task_id):
+    return cls(params=params_cls(task_id=task_id))
+
+
+def test_mcp_tasks_end_to_end(server_for):
+    server, executor = server_for()
+    types = mcp.types
+
+    async def scenario():
+        statuses: list = []
+        async with mcp.Client(server, mode="legacy", extensions=[_task_status_listener(statuses)]) as client:
+            tasks_capability = client.server_capabilities.tasks
+            assert tasks_capability.list is not None and tasks_capability.cancel is not None
+            assert tasks_capability.requests.tools.call is not None
+            support = {t.name: t.execution.task_support for t in (await client.list_tools()).tools}
+            assert support["run_command"] == "optional" and support["list_hosts"] == "forbidden"
+
+            created = types.CreateTaskResult.model_validate(
+                await _create_task(client, {"host": "local", "command": "sleep 0.4; echo from a task"})
+            )
+            task_id = created.task.task_id
+            assert (created.task.status, created.task.ttl) == ("working", 60000)
+            got = await client.session.send_request(_task_request(types.GetTaskRequest, types.GetTaskRequestParams, task_id), types.GetTaskResult)
+            assert got.status == "working"
+            same = (await client.call_tool("get_task", {"task_id": task_id})).structured_content
+            assert same["status"] in ("queued", "running")  # the MCP task is the executor task
+            result = await client.session.send_request(
+                _task_request(types.GetTaskPayloadRequest, types.GetTaskPayloadRequestParams, task_id), types.CallToolResult
+            )
+            assert result.structured_content["task"]["status"] == "succeeded"
+            assert result.structured_content["stdout_tail"] == "from a task\n"
+            assert result.meta["io.modelcontextprotocol/related-task"] == {"taskId": task_id}
+            listed = await client.session.send_request(types.ListTasksRequest(), types.ListTasksResult)
+            assert [(t.task_id, t.status) for t in listed.tasks] == [(task_id, "completed")]
+            with anyio.fail_after(5):
+                while not statuses:
+                    await anyio.sleep(0.02)
+            assert (statuses[0].task_id, statuses[0].status) == (task_id, "completed")
+            assert executor.get(task_id).command == "sleep 0.4; echo from a task"
+
+    run(scenario)
+
+
+def test_mcp_tasks_cancel_denial_and_unknown_ids(server_for, marker):
+    server, _ = server_for()
+    types = mcp.types
+
+    async def scenario():
+        statuses: list = []
+        async with mcp.Client(server, mode="legacy", extensions=[_task_status_listener(statuses)]) as client:
+            created = types.CreateTaskResult.model_validate(await _create_task(client, {"host": "local", "command": f"sleep {marker}"}))
+            with anyio.fail_after(10):
+                while not processes_with(f"sleep {marker}"):
+                    await anyio.sleep(0.02)
+            cancelled = await client.session.send_request(
+                _task_request(types.CancelTaskRequest, types.CancelTaskRequestParams, created.task.task_id), types.CancelTaskResult
+            )
+            assert cancelled.status == "cancelled"
+            with anyio.fail_after(5):
+                while not statuses:
+                    await anyio.sleep(0.02)
+            assert statuses[0].status == "cancelled"
+
+            with pytest.raises(mcp.MCPError, match="rule 2 of policy.yaml, line 4: deny: echo forbidden"):
+                await _create_task(client, {"host": "local", "command": "echo forbidden"})
+            with pytest.raises(mcp.MCPError, match="does not support task-augmented calls"):
+                await _create_task(client, {"tag": "dev"}, name="list_hosts")
+            with pytest.raises(mcp.MCPError, match="unknown task"):
+                await client.session.send_request(_task_request(types.GetTaskRequest, types.GetTaskRequestParams, "0123456789ab"), types.GetTaskResult)
+
+    run(scenario)
+    assert_none_left(marker)
+
+
+def test_resources_subscribe_for_2025_11_25_clients(server_for):
+    server, executor = server_for()
+
+    async def scenario():
+        updates: list[str] = []
+
+        async def on_message(message):
+            if isinstance(message, mcp.types.ResourceUpdatedNotification):
+                updates.append(str(message.params.uri))
+
+        async with mcp.Client(server, mode="legacy") as starter, mcp.Client(server, mode="legacy", message_handler=on_message) as watcher:
+            assert watcher.server_capabilities.resources.subscribe is True
+            task = (await starter.call_tool("start_task", {"host": "local", "command": "sleep 0.3"})).structured_content
+            with pytest.warns(Warning):
+                await watcher.subscribe_resource(task["resource"])
+            with anyio.fail_after(10):
+                while task["resource"] not in updates:
+                    await anyio.sleep(0.02)
+
+    run(scenario)

@@ -17,7 +17,7 @@ import logging
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.models import Progress, Task, TaskResult, TaskStatus
@@ -41,6 +41,8 @@ class Follower:
     loop: asyncio.AbstractEventLoop
     #: Progress for the tool call that is still waiting on the task, if any; None marks the end.
     call_queue: asyncio.Queue[Progress | None] | None = None
+    #: For an MCP Task (SEP-1686): builds the ``notifications/tasks/status`` params from the final record.
+    task_status: Callable[[Task], dict[str, Any]] | None = None
     ended: bool = field(default=False)
 
 
@@ -51,12 +53,24 @@ class McpNotifier:
         self.bus = bus
         self._lock = threading.Lock()
         self._followers: dict[str, list[Follower]] = {}
+        #: resources/subscribe (2025-11-25): URI -> {session: its event loop}.
+        self._subscribers: dict[str, dict[Any, asyncio.AbstractEventLoop]] = {}
+
+    def subscribe(self, session: Any, uri: str) -> None:
+        with self._lock:
+            self._subscribers.setdefault(uri, {})[session] = asyncio.get_running_loop()
+
+    def unsubscribe(self, session: Any, uri: str) -> None:
+        with self._lock:
+            self._subscribers.get(uri, {}).pop(session, None)
 
     # -- called by the server, on its loop ---------------------------------------------------
 
-    def follow(self, task: Task, session: Any, *, open_call: bool) -> Follower:
+    def follow(
+        self, task: Task, session: Any, *, open_call: bool, status: Callable[[Task], dict[str, Any]] | None = None
+    ) -> Follower:
         """Start relaying ``task``'s lifecycle to ``session``; announce that it was created."""
-        follower = Follower(task.id, session, asyncio.get_running_loop(), asyncio.Queue() if open_call else None)
+        follower = Follower(task.id, session, asyncio.get_running_loop(), asyncio.Queue() if open_call else None, status)
         with self._lock:
             self._followers.setdefault(task.id, []).append(follower)
         self._send(follower, "info", {"event": "task.created", **_summary(task)}, resource=False)
@@ -93,15 +107,21 @@ class McpNotifier:
     def _end(self, task: Task, level: str, data: dict[str, Any]) -> None:
         with self._lock:
             followers = self._followers.pop(task.id, [])
+            subscribers = dict(self._subscribers.get(task_uri(task.id), {}))
+        for session, loop in subscribers.items():
+            if all(f.session is not session for f in followers):  # followers are told anyway
+                asyncio.run_coroutine_threadsafe(_resource_updated(session, task_uri(task.id)), loop)
         for follower in followers:
             follower.ended = True
             queue = follower.call_queue
             if queue is not None:
                 follower.loop.call_soon_threadsafe(queue.put_nowait, None)
-            self._send(follower, level, data, resource=True)
+            self._send(follower, level, data, resource=True, final=task)
 
-    def _send(self, follower: Follower, level: str, data: dict[str, Any], *, resource: bool) -> None:
-        coroutine = self._deliver(follower, level, data, resource)
+    def _send(
+        self, follower: Follower, level: str, data: dict[str, Any], *, resource: bool, final: Task | None = None
+    ) -> None:
+        coroutine = self._deliver(follower, level, data, resource, final)
         try:
             if _running_loop() is follower.loop:
                 follower.loop.create_task(coroutine)
@@ -110,9 +130,16 @@ class McpNotifier:
         except RuntimeError:  # the server's loop is gone: nobody is left to tell
             coroutine.close()
 
-    async def _deliver(self, follower: Follower, level: str, data: dict[str, Any], resource: bool) -> None:
+    async def _deliver(
+        self, follower: Follower, level: str, data: dict[str, Any], resource: bool, final: Task | None
+    ) -> None:
         uri = task_uri(follower.task_id)
         try:
+            if final is not None and follower.task_status is not None:
+                from mcp import types
+
+                params = types.TaskStatusNotificationParams.model_validate(follower.task_status(final))
+                await follower.session.send_notification(types.TaskStatusNotification(params=params))
             with warnings.catch_warnings():
                 # Log messages are how 2025-11-25 clients hear about a task after the call returned.
                 warnings.simplefilter("ignore")
@@ -128,6 +155,13 @@ class McpNotifier:
                 await self.bus.publish(ResourceUpdated(uri=uri))
             except Exception as exc:  # noqa: BLE001
                 log.debug("could not publish the update of %s: %s", uri, exc)
+
+
+async def _resource_updated(session: Any, uri: str) -> None:
+    try:
+        await session.send_resource_updated(uri)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not tell a subscriber that %s changed: %s", uri, exc)
 
 
 def _summary(task: Task) -> dict[str, Any]:

@@ -1,0 +1,154 @@
+"""MCP Tasks (SEP-1686, protocol 2025-11-25) for the fleetrun MCP server.
+
+A client that sends a task-augmented ``tools/call`` for ``run_command`` gets a
+``CreateTaskResult`` at once; the MCP task *is* the executor task (same id, same store
+record), so ``get_task`` and ``get_task_output`` work on it too. ``tasks/get``,
+``tasks/result``, ``tasks/list`` and ``tasks/cancel`` are served, and the session gets
+``notifications/tasks/status`` when the task ends.
+
+The SDK (2.3) carries the types but does not dispatch these methods, so this is a server
+middleware: it answers the task methods itself, advertises ``capabilities.tasks`` in the
+``initialize`` result, and marks each tool's ``execution.taskSupport`` in ``tools/list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from mcp.shared.exceptions import MCPError
+
+from fleetrun.core.errors import FleetrunError, PolicyDenied
+from fleetrun.core.models import Task, TaskRequest, TaskStatus
+from fleetrun.core.secrets import redact
+
+if TYPE_CHECKING:
+    from fleetrun.mcp_server import FleetrunMcp
+
+INVALID_PARAMS = -32602
+TASK_TOOLS = {"run_command": "optional"}
+DEFAULT_TTL_MS = 24 * 3600 * 1000
+POLL_INTERVAL_MS = 500
+RELATED_TASK = "io.modelcontextprotocol/related-task"
+_METHODS = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")
+
+
+@dataclass
+class _McpTask:
+    task_id: str
+    ttl_ms: int
+    session: Any
+
+
+def _iso(timestamp: float | None) -> str:
+    moment = _dt.datetime.fromtimestamp(timestamp or 0, _dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def mcp_status(task: Task) -> tuple[str, str]:
+    """The MCP task status of an executor task, and a status message."""
+    if not task.status.is_terminal:
+        return "working", task.status.value
+    if task.status is TaskStatus.CANCELLED:
+        return "cancelled", redact(task.cancel_reason) or "cancelled"
+    if task.exit_code is None and task.status is not TaskStatus.TIMED_OUT:
+        return "failed", redact(task.error) or task.status.value
+    detail = f"exit code {task.exit_code}" if task.exit_code is not None else "timed out"
+    return "completed", f"{task.status.value} ({detail})"
+
+
+class TasksMiddleware:
+    """Serves MCP Tasks for ``run_command`` on top of the executor."""
+
+    def __init__(self, state: FleetrunMcp, result_for: Callable[[Task], Any]) -> None:
+        self.state = state
+        self.result_for = result_for
+        self.tasks: dict[str, _McpTask] = {}
+
+    def wire_task(self, task: Task, ttl_ms: int) -> dict[str, Any]:
+        status, message = mcp_status(task)
+        return {
+            "taskId": task.id, "status": status, "statusMessage": message,
+            "createdAt": _iso(task.created_at), "lastUpdatedAt": _iso(task.ended_at or task.started_at or task.created_at),
+            "ttl": ttl_ms, "pollInterval": POLL_INTERVAL_MS,
+        }
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        method, params = ctx.method, dict(ctx.params or {})
+        if ctx.request_id is None or ctx.protocol_version == "2026-07-28":
+            return await call_next(ctx)
+        if method == "initialize":
+            result = dict(await call_next(ctx))
+            capabilities = dict(result.get("capabilities") or {})
+            capabilities["tasks"] = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
+            result["capabilities"] = capabilities
+            return result
+        if method == "tools/list":
+            result = dict(await call_next(ctx))
+            result["tools"] = [
+                {**tool, "execution": {"taskSupport": TASK_TOOLS.get(tool["name"], "forbidden")}} for tool in result["tools"]
+            ]
+            return result
+        if method == "tools/call" and params.get("task") is not None:
+            return await self._create(ctx, params)
+        if method in _METHODS:
+            return await self._task_method(method, params)
+        return await call_next(ctx)
+
+    async def _create(self, ctx: Any, params: dict[str, Any]) -> dict[str, Any]:
+        name = params.get("name")
+        if name not in TASK_TOOLS:
+            raise MCPError(code=INVALID_PARAMS, message=f"tool {name!r} does not support task-augmented calls")
+        arguments = params.get("arguments") or {}
+        ttl = (params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS
+        try:
+            request = TaskRequest(host=str(arguments.get("host", "")), command=str(arguments.get("command", "")),
+                                  timeout_s=arguments.get("timeout_s"))
+            handle = await self.state.executor.submit_async(request)
+        except PolicyDenied as exc:
+            raise MCPError(code=INVALID_PARAMS, message=f"policy: {redact(str(exc))}") from None
+        except FleetrunError as exc:
+            raise MCPError(code=INVALID_PARAMS, message=redact(str(exc)) or "invalid request") from None
+        self.tasks[handle.id] = _McpTask(handle.id, int(ttl), ctx.session)
+        task = self.state.executor.get(handle.id)
+        self.state.notifier.follow(task, ctx.session, open_call=False, status=lambda t: self.wire_task(t, int(ttl)))
+        return {"task": self.wire_task(task, int(ttl))}
+
+    async def _task_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if method == "tasks/list":
+            tasks = [self.state.executor.get(task_id) for task_id in self.tasks]
+            tasks.sort(key=lambda t: t.created_at, reverse=True)
+            return {"tasks": [self.wire_task(t, self.tasks[t.id].ttl_ms) for t in tasks]}
+        task_id = params.get("taskId")
+        entry = self.tasks.get(task_id) if isinstance(task_id, str) else None
+        if entry is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"unknown task {task_id!r}")
+        executor = self.state.executor
+        if method == "tasks/get":
+            return self.wire_task(executor.get(task_id), entry.ttl_ms)
+        if method == "tasks/cancel":
+            task = executor.get(task_id)
+            if task.status.is_terminal:
+                raise MCPError(code=INVALID_PARAMS, message=f"task {task_id} has already ended ({task.status.value})")
+            await executor.cancel_async(task_id, "cancelled through tasks/cancel")
+            task = await self._ended(task_id)
+            return self.wire_task(task, entry.ttl_ms)
+        task = await self._ended(task_id)  # tasks/result blocks until the task ends
+        result = self.result_for(task)
+        body = json.loads(result.model_dump_json())
+        return {
+            "content": [{"type": "text", "text": json.dumps(body)}],
+            "structuredContent": body,
+            "isError": False,
+            "_meta": {RELATED_TASK: {"taskId": task_id}},
+        }
+
+    async def _ended(self, task_id: str) -> Task:
+        while True:
+            task = self.state.executor.get(task_id)
+            if task.status.is_terminal:
+                return task
+            await asyncio.sleep(0.02)
