@@ -711,7 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hosts", metavar="PATH", help="the hosts file (default: $FLEETRUN_HOSTS, then the config dir)")
     parser.add_argument(
         "--policy", metavar="PATH",
-        help="the command policy (default: $FLEETRUN_POLICY, then ~/.config/fleetrun/policy.yaml; none: run anything)",
+        help=(
+            "the command policy (default: $FLEETRUN_POLICY, then ~/.config/fleetrun/policy.yaml; without one "
+            "the CLI runs any command and the MCP server uses its built-in read-only policy)"
+        ),
     )
     parser.add_argument("--json-log", metavar="PATH", help="append lifecycle events as JSON lines to PATH ('-' for stderr)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more to stderr (-vv for debug)")

@@ -483,3 +483,40 @@ def test_resources_subscribe_for_2025_11_25_clients(server_for):
                     await anyio.sleep(0.02)
 
     run(scenario)
+
+
+def test_stdio_stdout_carries_protocol_messages_only(tmp_path):
+    import json as _json
+
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run_command", "arguments": {"host": "local", "command": "echo hello >&2; echo out"}}},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "run_command", "arguments": {"host": "local", "command": "reboot"}}},
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "-vv", "serve"], env=_server_env(tmp_path),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    answers, notifications = [], []
+    try:
+        for message in messages:
+            process.stdin.write(_json.dumps(message) + "\n")
+            process.stdin.flush()
+            while "id" in message:
+                received = _json.loads(process.stdout.readline())  # every stdout line parses as JSON-RPC
+                if received.get("id") == message["id"]:
+                    answers.append(received)
+                    break
+                notifications.append(received)
+    finally:
+        rest, errors = process.communicate(timeout=20)  # closes stdin: the server ends
+    assert [a["id"] for a in answers] == [1, 2, 3]
+    assert all(m["jsonrpc"] == "2.0" for m in answers + notifications)
+    assert {m["method"] for m in notifications} <= {"notifications/message", "notifications/resources/updated", "notifications/progress"}
+    assert answers[1]["result"]["structuredContent"]["stdout_tail"] == "out\n"
+    assert answers[2]["result"]["isError"] is True
+    for line in rest.splitlines():  # anything else on stdout must be protocol too
+        assert _json.loads(line)["jsonrpc"] == "2.0"
+    assert "fleetrun" in errors  # the -vv logs went to stderr
