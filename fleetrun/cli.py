@@ -9,6 +9,7 @@ Other subcommands exit 0 on success, 1 on an error and 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -169,14 +170,12 @@ class _Context:
             self._store = TaskStore()
         return self._store
 
-    @property
+    @functools.cached_property
     def policy(self):  # type: ignore[no-untyped-def]
-        """The configured policy, or None: the CLI applies one only when it is given."""
-        if not hasattr(self, "_policy"):
-            from fleetrun.core.policy import load_policy
+        """The configured policy, or None (a valid answer): the CLI applies one only when it is given."""
+        from fleetrun.core.policy import load_policy
 
-            self._policy = load_policy(self.args.policy)
-        return self._policy
+        return load_policy(self.args.policy)
 
     def json_log_target(self) -> str | None:
         return self.args.json_log or os.environ.get("FLEETRUN_JSON_LOG") or None

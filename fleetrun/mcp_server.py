@@ -16,7 +16,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, Field
 
@@ -28,9 +29,7 @@ from fleetrun import __version__
 from fleetrun.core.batch import BatchRequest, run_batch_async, select_hosts
 from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownTaskError
 from fleetrun.core.executor import Executor
-from fleetrun.core.inventory import Host
-from fleetrun.core.models import Task, TaskRequest, TaskStatus
-from fleetrun.core.policy import Policy
+from fleetrun.core.models import Limits, Task, TaskRequest, TaskStatus
 from fleetrun.core.secrets import redact
 from fleetrun.mcp_subscriptions import SubscriptionsMiddleware
 from fleetrun.mcp_tasks import TasksMiddleware
@@ -43,6 +42,8 @@ DEFAULT_WAIT_S = 10.0
 TAIL_LINES = 20
 TAIL_BYTES = 8192
 MAX_READ_BYTES = 1 << 20
+#: How long cancel_task waits for the task's processes to be gone before answering.
+CANCEL_WAIT_S = 5.0
 
 INSTRUCTIONS = """\
 fleetrun runs shell commands on the hosts of an inventory, under a policy that decides what
@@ -183,11 +184,8 @@ class CancelResult(BaseModel):
 def _task_info(task: Task) -> TaskInfo:
     progress = None
     if task.progress is not None:
-        p = task.progress
-        progress = ProgressInfo(
-            elapsed_s=round(p.elapsed_s, 3), stdout_bytes=p.stdout_bytes, stderr_bytes=p.stderr_bytes,
-            stdout_lines=p.stdout_lines, stderr_lines=p.stderr_lines, latest_line=p.latest_line, percent=p.percent,
-        )
+        # The wire model keeps a subset of Progress's fields; pydantic drops the rest.
+        progress = ProgressInfo.model_validate({**asdict(task.progress), "elapsed_s": round(task.progress.elapsed_s, 3)})
     duration = task.duration_s
     return TaskInfo(
         task_id=task.id, host=task.host, transport=task.transport, command=task.command, status=task.status.value,
@@ -199,11 +197,13 @@ def _task_info(task: Task) -> TaskInfo:
     )
 
 
-def _limits(host: Host) -> LimitsInfo:
-    return LimitsInfo(
-        max_seconds=host.limits.max_seconds, max_output_bytes=host.limits.max_output_bytes,
-        max_concurrent=host.limits.max_concurrent,
-    )
+def _limits(limits: Limits) -> LimitsInfo:
+    return LimitsInfo.model_validate(asdict(limits))
+
+
+def _details(details: Mapping[str, object]) -> dict[str, Any]:
+    """A transport's description of a host, as JSON data with any secret value redacted."""
+    return json.loads(redact(json.dumps(dict(details), default=str)) or "{}")
 
 
 def _text(data: bytes) -> str:
@@ -216,11 +216,6 @@ class FleetrunMcp:
     def __init__(self, executor: Executor, notifier: McpNotifier) -> None:
         self.executor = executor
         self.notifier = notifier
-
-    @property
-    def policy(self) -> Policy:
-        assert self.executor.policy is not None
-        return self.executor.policy
 
     def finished_result(self, task: Task) -> RunResult:
         return RunResult(
@@ -235,16 +230,16 @@ class FleetrunMcp:
         request = TaskRequest(host=host, command=command, timeout_s=timeout_s)
         try:
             handle = await self.executor.submit_async(request)
-        except PolicyDenied as exc:
-            raise ToolError(f"policy: {redact(str(exc))}") from None
         except FleetrunError as exc:
-            raise ToolError(redact(str(exc)) or "") from None
+            raise _fail(exc) from None
         follower = self.notifier.follow(self.executor.get(handle.id), ctx.session, open_call=open_call)
         return handle, follower
 
 
 def _fail(exc: FleetrunError) -> ToolError:
-    return ToolError(redact(str(exc)) or type(exc).__name__)
+    """The tool error for a refusal; a policy denial says so first."""
+    message = redact(str(exc)) or type(exc).__name__
+    return ToolError(f"policy: {message}" if isinstance(exc, PolicyDenied) else message)
 
 
 def create_server(executor: Executor, *, name: str = "fleetrun", **server_options: Any) -> MCPServer:
@@ -265,7 +260,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         inventory = executor.inventory
         hosts = inventory.with_tag(tag) if tag else list(inventory.hosts.values())
         return HostList(
-            hosts=[HostInfo(name=h.name, transport=h.transport, tags=list(h.tags), description=h.description, limits=_limits(h))
+            hosts=[HostInfo(name=h.name, transport=h.transport, tags=list(h.tags), description=h.description, limits=_limits(h.limits))
                    for h in sorted(hosts, key=lambda h: h.name)],
             inventory=inventory.source,
         )
@@ -279,7 +274,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             raise _fail(exc) from None
         return HostInfo(
             name=found.name, transport=found.transport, tags=list(found.tags), description=found.description,
-            limits=_limits(found), details=json.loads(redact(json.dumps(dict(plan.transport_details), default=str)) or "{}"),
+            limits=_limits(found.limits), details=_details(plan.transport_details),
         )
 
     @server.tool(description="Dry run: the resolved host, transport, limits and the policy's decision with its rule. Runs nothing.")
@@ -292,9 +287,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         assert decision is not None
         return PlanResult(
             host=plan.host.name, transport=plan.transport, command=redact(plan.command) or "",
-            limits=LimitsInfo(max_seconds=plan.limits.max_seconds, max_output_bytes=plan.limits.max_output_bytes,
-                              max_concurrent=plan.limits.max_concurrent),
-            transport_details=json.loads(redact(json.dumps(dict(plan.transport_details), default=str)) or "{}"),
+            limits=_limits(plan.limits), transport_details=_details(plan.transport_details),
             policy=PolicyInfo(
                 allowed=decision.allowed, explanation=redact(decision.explanation) or "",
                 rule=decision.rule.describe() if decision.rule else None, policy=decision.source,
@@ -372,8 +365,6 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
                 stop_on_failure=stop_on_failure,
             )
             outcome = await run_batch_async(executor, batch)
-        except PolicyDenied as exc:
-            raise ToolError(f"policy: {redact(str(exc))}") from None
         except FleetrunError as exc:
             raise _fail(exc) from None
         return BatchResult(
@@ -418,12 +409,11 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         try:
             cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
             task = executor.get(task_id)
-            if cancelled and not task.status.is_terminal:
-                for _ in range(100):  # its processes take a moment to stop
-                    await asyncio.sleep(0.05)
+            if cancelled:
+                try:  # its processes take a moment to stop
+                    task = await asyncio.wait_for(executor.wait_async(task_id), CANCEL_WAIT_S)
+                except asyncio.TimeoutError:
                     task = executor.get(task_id)
-                    if task.status.is_terminal:
-                        break
         except FleetrunError as exc:
             raise _fail(exc) from None
         return CancelResult(task_id=task_id, cancelled=cancelled, status=task.status.value)

@@ -13,7 +13,6 @@ middleware: it answers the task methods itself, advertises ``capabilities.tasks`
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import json
 from dataclasses import dataclass
@@ -134,9 +133,8 @@ class TasksMiddleware:
             if task.status.is_terminal:
                 raise MCPError(code=INVALID_PARAMS, message=f"task {task_id} has already ended ({task.status.value})")
             await executor.cancel_async(task_id, "cancelled through tasks/cancel")
-            task = await self._ended(task_id)
-            return self.wire_task(task, entry.ttl_ms)
-        task = await self._ended(task_id)  # tasks/result blocks until the task ends
+            return self.wire_task(await executor.wait_async(task_id), entry.ttl_ms)
+        task = await executor.wait_async(task_id)  # tasks/result blocks until the task ends
         result = self.result_for(task)
         body = json.loads(result.model_dump_json())
         return {
@@ -145,10 +143,3 @@ class TasksMiddleware:
             "isError": False,
             "_meta": {RELATED_TASK: {"taskId": task_id}},
         }
-
-    async def _ended(self, task_id: str) -> Task:
-        while True:
-            task = self.state.executor.get(task_id)
-            if task.status.is_terminal:
-                return task
-            await asyncio.sleep(0.02)

@@ -85,7 +85,7 @@ async def run_batch_async(
     if batch.max_parallel < 1:
         raise FleetrunError(f"max_parallel must be at least 1, got {batch.max_parallel}")
     # Refuse the whole batch before anything runs: an unknown host, a bad limit, a denial.
-    plans = [executor.plan(batch.task_request(host)) for host in batch.hosts]
+    plans = [executor.plan(batch.task_request(host), describe=False) for host in batch.hosts]
     denied = [p for p in plans if p.decision is not None and not p.decision.allowed]
     if denied:
         for plan in denied:

@@ -237,11 +237,15 @@ class Executor:
 
     # -- public API: planning ----------------------------------------------------------
 
-    def plan(self, request: TaskRequest) -> Plan:
-        """Resolve host, transport, limits and environment; run nothing."""
+    def plan(self, request: TaskRequest, *, describe: bool = True) -> Plan:
+        """Resolve host, transport, limits, environment and the policy's decision; run nothing.
+
+        ``describe=False`` skips asking the transport how the host would be reached.
+        """
         host = self.inventory.get(request.host)
         return plan_task(
-            request, self.inventory, self.plugins.transports, transport=self._transports.get(host.name), policy=self.policy
+            request, self.inventory, self.plugins.transports, describe=describe,
+            transport=self._transports.get(host.name), policy=self.policy,
         )
 
     # -- public API: running -----------------------------------------------------------
@@ -293,6 +297,17 @@ class Executor:
             if found is not None:
                 return found
         return await asyncio.to_thread(self.cancel, task_id, reason)
+
+    async def wait_async(self, task_id: str, *, poll_s: float = 0.1) -> Task:
+        """Await the end of any task by id: this executor's own at once, another process's by polling the store."""
+        live = self._live.get(task_id)
+        if live is not None:
+            return await asyncio.shield(asyncio.wrap_future(live.done))
+        while True:
+            task = await asyncio.to_thread(self.get, task_id)
+            if task.status.is_terminal:
+                return task
+            await asyncio.sleep(poll_s)
 
     # -- public API: reading -----------------------------------------------------------
 

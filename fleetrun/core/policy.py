@@ -25,6 +25,7 @@ be allowed. For each, the matching rule with the most specific command pattern w
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import shlex
 from dataclasses import dataclass
@@ -107,15 +108,20 @@ class Rule:
                 best = rank
         return best
 
+    @functools.cached_property
+    def words(self) -> tuple[str, ...]:
+        """The pattern as shell words, split once (decisions run on every request)."""
+        assert self.pattern is not None
+        return tuple(shlex.split(self.pattern))
+
     def command_rank(self, command: SimpleCommand) -> tuple[int, int] | None:
         """(literal words, words) of the pattern if it matches ``command``, else None."""
-        assert self.pattern is not None
         if command.privileged and not self.sudo and self.action == "allow":
             return None
-        words = shlex.split(self.pattern)
-        if words == ["*"]:
+        words = self.words
+        if words == ("*",):
             return 0, 0  # any command at all: the least specific pattern there is
-        program, arg_patterns = words[0], words[1:]
+        program, arg_patterns = words[0], list(words[1:])
         any_rest = bool(arg_patterns) and arg_patterns[-1] == "*"
         if any_rest:
             arg_patterns = arg_patterns[:-1]
@@ -211,8 +217,8 @@ class Policy:
         def deny(rule: Rule | None, reason: str, verdicts: Iterable[Verdict] = ()) -> Decision:
             return Decision(False, host.name, command, self.source, rule, reason, tuple(verdicts))
 
+        raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None) if parsed.problems else None
         if parsed.problems:
-            raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None)
             if raw is None:
                 return deny(
                     None,
@@ -231,7 +237,6 @@ class Policy:
             else:
                 verdicts.append(Verdict(simple.text, True, rule, f"{_shown(simple)} is allowed"))
         if parsed.problems:
-            raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None)
             verdicts.append(Verdict(command, True, raw, f"raw shell ({parsed.problems[0]}) is allowed"))
         denied = [v for v in verdicts if not v.allowed]
         if denied:

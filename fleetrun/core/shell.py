@@ -117,7 +117,8 @@ class _Token:
     kind: str
     value: str
     known: bool = True
-    #: For words: the raw text contained an unquoted '=' before any quote (an assignment candidate).
+    #: Words: the text as written (quotes kept), to tell NAME=value from 'NAME=value'.
+    #: Redirections: the target word's value.
     raw: str = ""
 
 
@@ -207,7 +208,6 @@ class _Lexer:
         value: list[str] = []
         known = True
         raw_start = self.pos
-        quoted_somewhere = False
         while self.pos < len(text):
             char = text[self.pos]
             if char in " \t\n;&|()<>":
@@ -222,32 +222,25 @@ class _Lexer:
                 if following == "":
                     raise _Unjudgeable("a trailing backslash")
                 value.append(following)
-                quoted_somewhere = True
             elif char == "'":
                 end = text.find("'", self.pos + 1)
                 if end < 0:
                     raise _Unjudgeable("an unterminated single quote")
                 value.append(text[self.pos + 1 : end])
                 self.pos = end + 1
-                quoted_somewhere = True
             elif char == '"':
                 piece, piece_known = self._double_quoted()
                 value.append(piece)
                 known = known and piece_known
-                quoted_somewhere = True
-            elif char == "`":
-                raise _Unjudgeable("command substitution with backticks")
-            elif char == "$":
+            elif char in "`$":
                 known = False
-                value.append(self._dollar())
+                value.append(self._expansion())
             else:
                 if char in "*?{}" or (char == "~" and self.pos == raw_start) or (char == "[" and "]" in self._rest_of_word()):
                     known = False  # globs, brace expansion and ~ are decided by the shell
                 value.append(char)
                 self.pos += 1
-        word = "".join(value)
-        raw = text[raw_start : self.pos]
-        return _Token(_WORD, word, known=known, raw=raw if not quoted_somewhere else raw)
+        return _Token(_WORD, "".join(value), known=known, raw=text[raw_start : self.pos])
 
     def _rest_of_word(self) -> str:
         end = self.pos
@@ -271,18 +264,18 @@ class _Lexer:
                 if self._peek(1) != "\n":
                     value.append(self._peek(1))
                 self.pos += 2
-            elif char == "`":
-                raise _Unjudgeable("command substitution with backticks")
-            elif char == "$":
+            elif char in "`$":
                 known = False
-                value.append(self._dollar())
+                value.append(self._expansion())
             else:
                 value.append(char)
                 self.pos += 1
 
-    def _dollar(self) -> str:
-        """Consume a $-expansion; refuse the ones that run commands."""
+    def _expansion(self) -> str:
+        """Consume a $-expansion (quoted or not); refuse the ones that run commands."""
         text = self.text
+        if text[self.pos] == "`":
+            raise _Unjudgeable("command substitution with backticks")
         following = self._peek(1)
         if following == "(":
             raise _Unjudgeable("command substitution $( … )" if self._peek(2) != "(" else "arithmetic expansion $(( … ))")
@@ -433,7 +426,7 @@ def _shell_script(args: list[Word]) -> Word | None:
 # -- wrappers: each returns (inner words, assignments, privileged) or None ------------------
 
 
-def _skip_options(args: list[Word], with_value: set[str], flags: set[str] | None = None) -> list[Word]:
+def _skip_options(args: list[Word], with_value: set[str], flags: set[str]) -> list[Word]:
     """Drop leading options; those in ``with_value`` take the next word. Unknown ones: refuse."""
     index = 0
     while index < len(args):
@@ -449,7 +442,7 @@ def _skip_options(args: list[Word], with_value: set[str], flags: set[str] | None
         if option in with_value and "=" not in text:
             index += 2
             continue
-        if option in with_value or (flags is not None and option in flags) or flags is None:
+        if option in with_value or option in flags:
             index += 1
             continue
         # Combined short options (-n5, -oL) of a value-taking option.

@@ -109,12 +109,13 @@ class SSHTransport(Transport):
 
     @classmethod
     def register_secrets(cls, host: Host) -> None:
-        from fleetrun.core.secrets import SecretError, read_secret
+        from fleetrun.core.secrets import SecretError
+        from fleetrun.plugins.transports.ssh_connect import SECRET_KINDS, SSHSettings, read_host_secret
 
-        options = host.options
-        for kind in ("password", "passphrase"):
+        settings = SSHSettings.from_host(host)
+        for kind in SECRET_KINDS:
             try:
-                read_secret(env=options.get(f"{kind}_env"), file=options.get(f"{kind}_file"), what=kind)
+                read_host_secret(settings, kind)
             except SecretError:
                 pass  # reported by the task that needs it
 
@@ -253,6 +254,7 @@ class SSHTransport(Transport):
     def _discard(self, connection: _PooledConnection) -> None:
         if connection in self._pool:
             self._pool.remove(connection)
+            connection.closed = True  # no task takes it from now on, even before it is closed
             asyncio.get_running_loop().create_task(self._close(connection))
 
     async def _close(self, connection: _PooledConnection) -> None:
@@ -275,10 +277,7 @@ class SSHTransport(Transport):
                 await asyncio.wait_for(asyncio.shield(answered), patience)
             except asyncio.TimeoutError:
                 log.warning("%s: no answer to keepalives for %g s; dropping the connection", connection.describe(), patience)
-                connection.closed = True
-                if connection in self._pool:
-                    self._pool.remove(connection)
-                await self._close(connection)
+                self._discard(connection)  # closing it fails the tasks still running on it
                 return
 
 

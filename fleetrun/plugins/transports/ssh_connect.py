@@ -242,15 +242,17 @@ def _check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
     client.set_missing_host_key_policy(_KnownHostsPolicy(settings))
 
 
+SECRET_KINDS = {"password": "the password", "passphrase": "the identity passphrase"}
+
+
+def read_host_secret(settings: SSHSettings, kind: str) -> str | None:
+    """The host's ``password`` or ``passphrase``, from the env variable or file it names (registered for redaction)."""
+    return read_secret(env=getattr(settings, f"{kind}_env"), file=getattr(settings, f"{kind}_file"), what=SECRET_KINDS[kind])
+
+
 def _secrets(settings: SSHSettings) -> dict[str, str]:
-    found = {}
-    password = read_secret(env=settings.password_env, file=settings.password_file, what="the password")
-    if password is not None:
-        found["password"] = password
-    passphrase = read_secret(env=settings.passphrase_env, file=settings.passphrase_file, what="the identity passphrase")
-    if passphrase is not None:
-        found["passphrase"] = passphrase
-    return found
+    found = {kind: read_host_secret(settings, kind) for kind in SECRET_KINDS}
+    return {kind: value for kind, value in found.items() if value is not None}
 
 
 def _tcp_connect(hostname: str, port: int, settings: SSHSettings) -> socket.socket:
