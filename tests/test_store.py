@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 from fleetrun.core.errors import UnknownTaskError
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
-from fleetrun.core.store import Retention, TaskStore, owner_token
+from fleetrun.core.store import Retention, TaskStore, _values, owner_token
 
 from conftest import assert_none_left, processes_with, run_cli, wait_until
 
@@ -112,6 +113,64 @@ def test_cancel_from_another_process_reaches_the_owner(store, marker):
     finally:
         owner.kill()
         owner.wait()
+
+
+SLOW_WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from fleetrun.core import journal
+    from fleetrun.core.executor import Executor
+    from fleetrun.core.models import TaskRequest
+    from fleetrun.core.plugin_manager import PluginManager
+    from fleetrun.core.store import TaskStore
+
+    journal.BATCH_SECONDS = 3600  # the writer waits: what this process writes stays in its journal
+    executor = Executor(store=TaskStore(sys.argv[1]), plugins=PluginManager(autoload=False), retention=None)
+    task = executor.run(TaskRequest(host="local", command="echo ended before the crash"))
+    print(task.id, task.status.value, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner(store):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER_SCRIPT, str(store.home)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        task_id, status = owner.stdout.readline().split()
+        assert status == "succeeded"
+        with sqlite3.connect(store.home / "tasks.sqlite3") as db:
+            assert db.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchall() == []
+        # The owner lives: its record is read from its journal.
+        seen = store.get(task_id)
+        assert (seen.status, seen.exit_code, seen.stdout_bytes) == (TaskStatus.SUCCEEDED, 0, 23)
+        assert store.read_output(task_id, "stdout").data == b"ended before the crash\n"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        # Dead before its writer caught up: the next process applies the journal, so the task
+        # keeps its real ending instead of becoming `interrupted`.
+        listed = run_cli("tasks", "list", "--json", env={"FLEETRUN_HOME": str(store.home)})
+        assert listed.returncode == 0, listed.stderr
+        (record,) = [t for t in json.loads(listed.stdout) if t["id"] == task_id]
+        assert (record["status"], record["exit_code"]) == ("succeeded", 0)
+        assert list((store.home / "journal").glob("*.journal")) == []
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_journal_cut_short_by_a_crash_loses_only_its_last_line(store):
+    journal_dir = store.home / "journal"
+    journal_dir.mkdir()
+    task = _ended_task("00000000abcd", time.time())
+    good = json.dumps(["insert", *_values(task), "dead-owner-token"])
+    (journal_dir / "123-dead.journal").write_text(good + "\n" + good[: len(good) // 2])
+    assert store.get(task.id).status is TaskStatus.SUCCEEDED
+    assert store.sweep_orphans() == []
+    assert not (journal_dir / "123-dead.journal").exists()
+    with sqlite3.connect(store.home / "tasks.sqlite3") as db:
+        assert db.execute("SELECT status FROM tasks WHERE id = ?", (task.id,)).fetchall() == [("succeeded",)]
 
 
 def _ended_task(task_id: str, created_at: float) -> Task:

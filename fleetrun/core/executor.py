@@ -19,13 +19,13 @@ import secrets
 import threading
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory
-from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus
-from fleetrun.core.output import OutputSlice, SpoolWriter, spool_path
+from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus, evolve
+from fleetrun.core.output import OutputSlice, SpoolWriter
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import Decision, Policy
 from fleetrun.core.secrets import redact
@@ -221,6 +221,7 @@ class Executor:
         self.heartbeat_s = heartbeat_s
         self.progress_interval_s = progress_interval_s
         self.owner = owner_token()
+        self._output_root = str(self.store.output_root)
         self._live: dict[str, _LiveTask] = {}
         self._transports: dict[str, Transport] = {}
         self._host_slots: dict[str, asyncio.Semaphore] = {}
@@ -251,7 +252,11 @@ class Executor:
     # -- public API: running -----------------------------------------------------------
 
     def submit(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
-        """Queue a task and return at once. ``created`` has fired when this returns."""
+        """Queue a task and return at once.
+
+        When this returns, ``created`` has fired and the record is in the store, where
+        other processes can look it up by the handle's id.
+        """
         live, admitted = self._admit_soon(request, on_output)
         admitted.result()
         return TaskHandle(self, live.record.id, live.done)
@@ -352,6 +357,8 @@ class Executor:
             loop.close()
         if self._owns_store:
             self.store.close()
+        else:
+            self.store.flush()
         _OPEN_EXECUTORS.discard(self)
 
     def __enter__(self) -> Executor:
@@ -448,11 +455,11 @@ class Executor:
 
     async def _execute(self, live: _LiveTask) -> None:
         loop = asyncio.get_running_loop()
-        directory = self.store.output_dir(live.record.id)
+        directory = os.path.join(self._output_root, live.record.id)
         limit = live.plan.limits.max_output_bytes
-        live.stdout = SpoolWriter(spool_path(directory, "stdout"), limit)
-        live.stderr = SpoolWriter(spool_path(directory, "stderr"), limit)
-        live.record = replace(live.record, status=TaskStatus.RUNNING, started_at=time.time())
+        live.stdout = SpoolWriter(directory, "stdout", limit)
+        live.stderr = SpoolWriter(directory, "stderr", limit)
+        live.record = evolve(live.record, status=TaskStatus.RUNNING, started_at=time.time())
         # A task that ends quickly gets one store write for its end, not two.
         persist_running = loop.call_later(_RUNNING_WRITE_DELAY, self._persist, live)
         live.tracker = ProgressTracker(
@@ -510,8 +517,8 @@ class Executor:
         if live.finished:
             return
         if progress.latest_line:
-            progress = replace(progress, latest_line=redact(progress.latest_line))
-        live.record = replace(
+            progress = evolve(progress, latest_line=redact(progress.latest_line))
+        live.record = evolve(
             live.record, progress=progress, stdout_bytes=progress.stdout_bytes, stderr_bytes=progress.stderr_bytes
         )
         if time.monotonic() - live.last_store_write >= _STORE_PROGRESS_INTERVAL:
@@ -563,7 +570,7 @@ class Executor:
         for spool in (stdout, stderr):
             if spool is not None:
                 spool.close()
-        record = replace(
+        record = evolve(
             live.record,
             status=status,
             ended_at=time.time(),
@@ -577,7 +584,7 @@ class Executor:
             stderr_truncated=stderr.truncated if stderr else False,
         )
         if record.progress is not None and live.tracker is not None:
-            record = replace(record, progress=live.tracker.snapshot())
+            record = evolve(record, progress=live.tracker.snapshot())
         live.record = record
         try:
             self.store.update(record)

@@ -16,12 +16,13 @@ _TAIL_READ = 64 * 1024
 
 
 class SpoolWriter:
-    """Appends one stream of a task to its spool file, keeping at most ``limit`` bytes."""
+    """Appends one stream of a task to its spool file in ``directory``, keeping at most ``limit`` bytes."""
 
-    __slots__ = ("path", "limit", "bytes_seen", "bytes_kept", "lines", "_fd", "_closed")
+    __slots__ = ("directory", "stream", "limit", "bytes_seen", "bytes_kept", "lines", "_fd", "_closed")
 
-    def __init__(self, path: Path, limit: int) -> None:
-        self.path = path
+    def __init__(self, directory: str, stream: str, limit: int) -> None:
+        self.directory = directory
+        self.stream = stream
         self.limit = limit
         self.bytes_seen = 0
         self.bytes_kept = 0
@@ -41,8 +42,12 @@ class SpoolWriter:
         if room <= 0 or self._closed:
             return
         if self._fd is None:
-            self.path.parent.mkdir(mode=0o700, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                os.mkdir(self.directory, 0o700)
+            except FileExistsError:
+                pass
+            path = os.path.join(self.directory, self.stream)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         view = memoryview(data)[:room]
         while view:
             written = os.write(self._fd, view)

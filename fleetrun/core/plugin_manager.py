@@ -86,6 +86,7 @@ class PluginManager:
         self._failed: list[_FailedPlugin] = []
         self._notifiers: dict[str, list[_Notifier]] | None = None
         self._transports: dict[str, type[Transport]] | None = None
+        self._tracing = False
         for name in filter(None, (n.strip() for n in env.get(DISABLE_ENV, "").split(","))):
             self._pm.set_blocked(name)
         if env.get(TRACE_ENV, "") not in ("", "0", "false", "no"):
@@ -166,6 +167,7 @@ class PluginManager:
         trace_log = logging.getLogger("fleetrun.trace")
         self._pm.trace.root.setwriter(lambda text: trace_log.info(text.rstrip("\n")))
         self._pm.enable_tracing()
+        self._tracing = True
 
     # -- introspection ---------------------------------------------------------------
 
@@ -238,9 +240,23 @@ class PluginManager:
         # pluggy calls implementations last-registered first (tryfirst/trylast respected);
         # keep that order, but give each plugin a caller of its own.
         impls = list(reversed(caller.get_hookimpls()))
+        if not self._tracing and not any(impl.wrapper or impl.hookwrapper for impl in impls):
+            # Plain implementations: call each the way pluggy would, without its per-call
+            # machinery, which would cost more than a short task's own bookkeeping.
+            return [_Notifier(impl.plugin_name, _direct_call(impl)) for impl in impls]
         plugins = [impl.plugin for impl in impls]
         notifiers = []
         for impl in impls:
             others = [p for p in plugins if p is not impl.plugin]
             notifiers.append(_Notifier(impl.plugin_name, self._pm.subset_hook_caller(hook_name, others)))
         return notifiers
+
+
+def _direct_call(impl: pluggy.HookImpl) -> Callable[..., Any]:
+    function, names = impl.function, impl.argnames
+
+    def call(**kwargs: Any) -> Any:
+        # An implementation may take fewer arguments than the spec offers, as pluggy allows.
+        return function(*[kwargs[name] for name in names])
+
+    return call

@@ -5,11 +5,18 @@ store and read, also while the owner writes (WAL mode). A task that is queued or
 running has an owner token; when that process is gone the task is ``interrupted``.
 A process that does not own a task cancels it by leaving a request in the store,
 which the owner picks up.
+
+Writes of task records go through this process's journal (:mod:`fleetrun.core.journal`):
+durable when ``insert``/``update`` return, visible to this store's reads at once and to
+other processes once the writer thread has applied them, normally within a millisecond.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,16 +25,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
-from fleetrun.core import paths
+from fleetrun.core import journal, paths
 from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.models import Progress, Task, TaskStatus
 from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
 
+log = logging.getLogger("fleetrun.store")
+
 SCHEMA_VERSION = 2
 TASK_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 DB_NAME = "tasks.sqlite3"
+JOURNAL_DIR = "journal"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -61,6 +71,16 @@ CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
 
 _TASK_COLUMNS = [f.name for f in fields(Task)]
 _LIVE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+_COLUMNS = ", ".join(_TASK_COLUMNS)
+_SELECT = f"SELECT {_COLUMNS} FROM tasks"
+_SELECT_ONE_WITH_OWNER = f"SELECT {_COLUMNS}, owner_token FROM tasks WHERE id = ?"
+_INSERT = (
+    f"INSERT INTO tasks ({_COLUMNS}, owner_token) VALUES ({', '.join('?' for _ in _TASK_COLUMNS)}, ?) "
+    "ON CONFLICT(id) DO NOTHING"  # a replayed journal may hold a record that is already in
+)
+_UPDATE = f"UPDATE tasks SET {', '.join(f'{name} = ?' for name in _TASK_COLUMNS[1:])} WHERE id = ?"
+_STATUS, _PROGRESS = _TASK_COLUMNS.index("status"), _TASK_COLUMNS.index("progress")
+_FLAGS = [_TASK_COLUMNS.index("stdout_truncated"), _TASK_COLUMNS.index("stderr_truncated")]
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,7 @@ class Retention:
     max_tasks: int = 10_000
 
 
+@functools.cache
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -134,6 +155,7 @@ class TaskStore:
         except OSError as exc:
             raise FleetrunError(f"cannot create the task store at {self.home}: {exc.strerror}") from None
         self._lock = threading.Lock()
+        self._journal: journal.Journal | None = None  # made at the first write
         try:
             self._db = sqlite3.connect(
                 self.home / DB_NAME, check_same_thread=False, isolation_level=None, timeout=10.0
@@ -161,30 +183,41 @@ class TaskStore:
         return self.output_root / check_task_id(task_id)
 
     def close(self) -> None:
+        """Apply what the journal holds, then close."""
+        if self._journal is not None:
+            self._journal.close()
         with self._lock:
             self._db.close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until this store's writes are visible to other processes; False on timeout."""
+        return self._journal.flush(timeout) if self._journal is not None else True
+
 
     # -- writing ---------------------------------------------------------------------
 
     def insert(self, task: Task, owner: str) -> None:
-        """Record a new task. Its output directory is made when output first arrives."""
+        """Record a new task (durable when this returns). Its output directory is made when output first arrives."""
         check_task_id(task.id)
-        row = self._row(task)
-        row["owner_token"] = owner
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        with self._lock:
-            self._db.execute(f"INSERT INTO tasks ({names}) VALUES ({marks})", tuple(row.values()))
+        self._journaled().append(task.id, task, ["insert", *_values(task), owner])
 
     def update(self, task: Task) -> None:
-        """Write a task's current state (all but its identity and owner)."""
-        row = self._row(task)
-        task_id = row.pop("id")
-        assignments = ", ".join(f"{name} = ?" for name in row)
+        """Write a task's current state (all but its identity and owner); durable when this returns."""
+        self._journaled().append(task.id, task, ["update", *_values(task)])
+
+    def _journaled(self) -> journal.Journal:
+        if self._journal is None:
+            with self._lock:
+                if self._journal is None:
+                    self._journal = journal.Journal(self.home / JOURNAL_DIR, self.home / DB_NAME, _apply)
+        return self._journal
+
+    def _replay_abandoned(self) -> int:
         with self._lock:
-            self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*row.values(), task_id))
+            return journal.replay_abandoned(self.home / JOURNAL_DIR, self._db, _apply)
 
     def request_cancel(self, task_id: str, reason: str) -> None:
+        self.flush()
         with self._lock:
             self._db.execute(
                 "UPDATE tasks SET cancel_requested = 1, cancel_reason = ? WHERE id = ? AND status IN (?, ?)",
@@ -202,7 +235,12 @@ class TaskStore:
         return [(task_id, reason or "cancelled by request") for task_id, reason in rows]
 
     def sweep_orphans(self) -> list[str]:
-        """Mark tasks whose owning process is gone as interrupted; returns their ids."""
+        """Mark tasks whose owning process is gone as interrupted; returns their ids.
+
+        What such a process journaled but did not apply is applied first, so a task that
+        ended before its owner died keeps its real ending.
+        """
+        self._replay_abandoned()
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, owner_token, owner_pid FROM tasks WHERE status IN (?, ?)", _LIVE
@@ -226,6 +264,7 @@ class TaskStore:
     def prune(self, retention: Retention) -> int:
         """Delete ended tasks older than the retention age or beyond its count."""
         cutoff = time.time() - retention.max_age_days * 86400
+        self.flush()
         with self._lock:
             rows = self._db.execute(
                 "SELECT id FROM tasks WHERE status NOT IN (?, ?) AND "
@@ -246,13 +285,28 @@ class TaskStore:
 
     def get(self, task_id: str) -> Task:
         check_task_id(task_id)
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
+        if self._journal is not None:
+            pending = self._journal.pending(task_id)
+            if pending is not None:
+                return pending  # type: ignore[return-value]
+        row = self._select(task_id)
+        if row is None:
+            # Just created by another process, whose writer has not applied it yet?
+            entry = journal.find_latest(self.home / JOURNAL_DIR, task_id)
+            if entry is not None and entry[0] in ("insert", "update"):
+                return _task(tuple(entry[1 : 1 + len(_TASK_COLUMNS)]))
+            row = self._select(task_id)  # applied while we looked
+        if row is None or (row[_STATUS] in _LIVE and not owner_alive(row[-1])):
+            # Its owner may have died with the record's last writes still in its journal.
+            if self._replay_abandoned():
+                row = self._select(task_id)
         if row is None:
             raise UnknownTaskError(f"no task {task_id!r} in the store at {self.home}")
-        return _task(row)
+        return _task(row[:-1])
+
+    def _select(self, task_id: str) -> tuple | None:
+        with self._lock:
+            return self._db.execute(_SELECT_ONE_WITH_OWNER, (task_id,)).fetchone()
 
     def list(
         self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50
@@ -267,9 +321,10 @@ class TaskStore:
             where.append("host = ?")
             params.append(host)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        self.flush()
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {clause} ORDER BY created_at DESC LIMIT ?",
+                f"{_SELECT} {clause} ORDER BY created_at DESC LIMIT ?",
                 (*params, max(0, int(limit))),
             ).fetchall()
         return [_task(row) for row in rows]
@@ -301,16 +356,39 @@ class TaskStore:
             truncated=task.stdout_truncated if stream == "stdout" else task.stderr_truncated,
         )
 
-    # -- rows ------------------------------------------------------------------------
 
-    @staticmethod
-    def _row(task: Task) -> dict[str, object]:
-        row: dict[str, object] = {name: getattr(task, name) for name in _TASK_COLUMNS}
-        row["status"] = task.status.value
-        row["progress"] = json.dumps(asdict(task.progress)) if task.progress is not None else None
-        for flag in ("stdout_truncated", "stderr_truncated"):
-            row[flag] = int(bool(row[flag]))
-        return row
+# -- rows ------------------------------------------------------------------------------
+
+
+def _values(task: Task) -> list[Any]:
+    """A task as column values, in ``_TASK_COLUMNS`` order."""
+    values = [getattr(task, name) for name in _TASK_COLUMNS]
+    values[_STATUS] = task.status.value
+    values[_PROGRESS] = json.dumps(asdict(task.progress)) if task.progress is not None else None
+    for index in _FLAGS:
+        values[index] = int(bool(values[index]))
+    return values
+
+
+def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
+    """Journal entries into the database (the journal runs this inside a transaction).
+
+    All inserts go first, then the updates in their order: a task's insert still comes
+    before its updates, an insert never overwrites, and an update writes a whole state, so
+    the result is the same as one entry at a time, in two statements instead of one per entry.
+    """
+    inserts, updates = [], []
+    for kind, *values in entries:
+        if kind == "insert":
+            inserts.append(values)
+        elif kind == "update":
+            updates.append((*values[1:], values[0]))
+        else:
+            log.warning("skipping a journal entry of unknown kind %r (written by another fleetrun version?)", kind)
+    if inserts:
+        db.executemany(_INSERT, inserts)
+    if updates:
+        db.executemany(_UPDATE, updates)
 
 
 def _task(row: tuple) -> Task:
@@ -326,3 +404,6 @@ def _task(row: tuple) -> Task:
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+atexit.register(journal.close_all)

@@ -1,9 +1,10 @@
 """The ``local`` transport: commands run through the shell as child processes.
 
-Each command gets a session (and so a process group) of its own; a timeout or a
+A command that is only a program and plain arguments is started without the shell,
+with the same result (see :mod:`~fleetrun.plugins.transports.local_exec`). Each command gets a session (and so a process group) of its own; a timeout or a
 cancel signals the whole group (TERM, then KILL after a grace period), so nothing it
-started is left running. Output is read without threads: the pipes and a pidfd are
-watched by the executor's event loop.
+started is left running. Output is read without threads: the executor's event loop
+watches the pipes and, for a command that runs longer than a moment, a pidfd.
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ from typing import Any, Mapping
 
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
+from fleetrun.plugins.transports.local_exec import DEFAULT_SHELL, direct_argv, direct_environment
 
 _READ_CHUNK = 1 << 20
 _PIPE_SIZE = 1 << 20
+#: A read this large found the pipe full (Linux pipes start at 64 KiB): the command is chatty.
+_GROW_PIPE_AT = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: After the command exits, how long its pipes may stay open (held by processes it left
 #: in the background) before fleetrun stops reading them.
 EXIT_DRAIN_SECONDS = 1.0
 #: Between TERM and KILL when stopping a command.
 KILL_GRACE_SECONDS = 2.0
+#: A command still running after this long gets its exit watched through a pidfd. One that
+#: ends sooner is reaped when its pipes close, which is cheaper than a pidfd per command.
+_EXIT_WATCH_DELAY = 0.02
 
 
 class LocalTransport(Transport):
@@ -42,64 +49,95 @@ class LocalTransport(Transport):
 
     @property
     def shell(self) -> str:
-        return str(self.host.options.get("shell", "/bin/sh"))
+        return str(self.host.options.get("shell", DEFAULT_SHELL))
 
     async def execute(self, execution: Execution) -> int:
         # Inheriting the environment as is (env=None) spares an encode of every variable.
         env = {**os.environ, **execution.env} if execution.env else None
+        # Plain descriptors rather than Popen's PIPE: no file objects to build and tear down per command.
+        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
+        stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
+        # Set up before the spawn, not after it: work done right after a fork and exec
+        # runs on cold CPU caches and costs a few times more.
+        watch = _ProcessWatch(execution, stdout_read, stderr_read)
         try:
-            proc = subprocess.Popen(
-                [self.shell, "-c", execution.command],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                cwd=execution.cwd,
-                env=env,
-            )
+            proc = self._spawn(execution, env, stdout_write, stderr_write)
         except OSError as exc:
+            watch.close()
             target = exc.filename if exc.filename else self.shell
             raise TransportError("spawn", f"cannot start the command: {exc.strerror}: {target}") from None
-        return await _ProcessWatch(proc, execution).run()
+        finally:
+            os.close(stdout_write)
+            os.close(stderr_write)
+        return await watch.run(proc)
+
+    def _spawn(self, execution: Execution, env: Mapping[str, str] | None, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
+        argv = direct_argv(execution.command, self.shell)
+        if argv is not None:
+            usable, direct_env = direct_environment(env, execution.cwd)
+            if usable:
+                try:
+                    return _popen(argv, direct_env, execution.cwd, stdout, stderr)
+                except OSError:
+                    pass  # not found, not executable, not a binary: the shell says so in its own words
+        return _popen([self.shell, "-c", execution.command], env, execution.cwd, stdout, stderr)
+
+
+def _popen(argv: list[str], env: Mapping[str, str] | None, cwd: str | None, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv, stdin=_devnull(), stdout=stdout, stderr=stderr, start_new_session=True, cwd=cwd, env=env
+    )
+
+
+_DEVNULL: int | None = None
+
+
+def _devnull() -> int:
+    """One read-only /dev/null for every command's stdin (the child gets a copy as its fd 0)."""
+    global _DEVNULL
+    if _DEVNULL is None:
+        _DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _DEVNULL
 
 
 class _ProcessWatch:
     """Drives one child process on the running loop until it exits and its pipes drain."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], execution: Execution) -> None:
-        self.proc = proc
+    def __init__(self, execution: Execution, stdout: int, stderr: int) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None  # set by run(), once the command is spawned
         self.loop = asyncio.get_running_loop()
         self.sinks = {}
         self.open_pipes: set[int] = set()
+        self.small_pipes: set[int] = set()
         self.exited = self.loop.create_future()
         self.drained = self.loop.create_future()
         self.pidfd: int | None = None
-        assert proc.stdout is not None and proc.stderr is not None
-        for pipe, sink in ((proc.stdout, execution.stdout), (proc.stderr, execution.stderr)):
-            fd = pipe.fileno()
+        self.watching_exit = False
+        self.watch_later: asyncio.TimerHandle | None = None
+        for fd, sink in ((stdout, execution.stdout), (stderr, execution.stderr)):
             os.set_blocking(fd, False)
-            try:
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:
-                pass  # a smaller pipe only costs more wake-ups
             self.sinks[fd] = sink
             self.open_pipes.add(fd)
+            self.small_pipes.add(fd)
             self.loop.add_reader(fd, self._on_readable, fd)
 
-    async def run(self) -> int:
-        self._watch_exit()
+    async def run(self, proc: subprocess.Popen[bytes]) -> int:
+        self.proc = proc
+        self.watch_later = self.loop.call_later(_EXIT_WATCH_DELAY, self._watch_exit)
         try:
             await self.exited
             if not self.drained.done():
+                # Background processes may hold the pipes open: the command itself is done.
+                give_up = self.loop.call_later(EXIT_DRAIN_SECONDS, self._stop_draining)
                 try:
-                    await asyncio.wait_for(asyncio.shield(self.drained), EXIT_DRAIN_SECONDS)
-                except asyncio.TimeoutError:
-                    pass  # background processes hold the pipes; the command itself is done
+                    await self.drained
+                finally:
+                    give_up.cancel()
         except asyncio.CancelledError:
             await self._stop_group()
             raise
         finally:
-            self._close()
+            self.close()
         code = self.proc.returncode
         return 128 - code if code < 0 else code
 
@@ -113,20 +151,43 @@ class _ProcessWatch:
         except OSError:
             data = b""
         if data:
+            if len(data) >= _GROW_PIPE_AT and fd in self.small_pipes:
+                self.small_pipes.discard(fd)
+                try:
+                    fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)  # fewer wake-ups for a lot of output
+                except OSError:
+                    pass
             self.sinks[fd].write(data)
             return
         self._close_pipe(fd)
+
+    def _stop_draining(self) -> None:
+        if not self.drained.done():
+            self.drained.set_result(None)
 
     def _close_pipe(self, fd: int) -> None:
         if fd in self.open_pipes:
             self.open_pipes.discard(fd)
             self.loop.remove_reader(fd)
+            os.close(fd)
         if not self.open_pipes and not self.drained.done():
             self.drained.set_result(None)
+            if self.proc is not None and not self.exited.done():
+                # Closing both pipes is nearly always the command exiting.
+                if self.proc.poll() is not None:
+                    self.exited.set_result(self.proc.returncode)
+                else:
+                    self._watch_exit()
 
     # -- exit ------------------------------------------------------------------------
 
     def _watch_exit(self) -> None:
+        if self.watch_later is not None:
+            self.watch_later.cancel()
+            self.watch_later = None
+        if self.watching_exit or self.exited.done():
+            return
+        self.watching_exit = True
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
@@ -155,6 +216,7 @@ class _ProcessWatch:
     async def _stop_group(self) -> None:
         """TERM the command's process group, KILL it after the grace period."""
         pgid = self.proc.pid  # start_new_session: the shell leads its own group
+        self._watch_exit()
         _signal_group(pgid, signal.SIGTERM)
         if not self.exited.done():
             try:
@@ -166,12 +228,13 @@ class _ProcessWatch:
         if not self.exited.done():
             await asyncio.shield(self.exited)
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Stop watching; close the pipes and the pidfd."""
+        if self.watch_later is not None:
+            self.watch_later.cancel()
+            self.watch_later = None
         for fd in list(self.open_pipes):
             self._close_pipe(fd)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
         if self.pidfd is not None:
             self.loop.remove_reader(self.pidfd)
             os.close(self.pidfd)

@@ -1,0 +1,287 @@
+"""The store's write journal: a task's record is durable at once, and reaches SQLite in batches.
+
+A short task writes its record twice on the path from request to result (when it is
+created, when it ends). A SQLite commit costs 50-100 µs there, more than everything
+else fleetrun does for the task. So a write is first appended to this process's journal
+file with one ``write()`` (which survives a crash of fleetrun just as a SQLite commit in
+WAL mode does), and a writer thread applies what the journal holds to SQLite, many
+writes to a transaction, while the engine goes on.
+
+Readers see a write at once in this process (:meth:`Journal.pending`); in other processes
+once it is applied, within a few milliseconds, and a record not applied yet can be found
+in the journals (:func:`find_latest`). The owner holds an exclusive ``flock`` on its
+journal for as long as it lives; a journal whose lock can be taken belongs to a process
+that died before its writer caught up, and any process that opens the store replays it
+(:func:`replay_abandoned`) before judging that process's tasks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+log = logging.getLogger("fleetrun.store")
+
+#: Applies journal entries (JSON-able lists) to the store's database, inside a transaction.
+Apply = Callable[[sqlite3.Connection, Sequence[list[Any]]], None]
+
+SUFFIX = ".journal"
+#: Past this size the journal is emptied as soon as everything in it is applied.
+_TRUNCATE_BYTES = 64 * 1024
+#: Past this size, a write waits for the writer to catch up first, so the journal stays bounded.
+_MAX_BYTES = 16 * 1024 * 1024
+_RETRY_SECONDS = (0.1, 0.5, 2.0)
+#: How long the writer lets writes gather into one transaction, unless someone waits for them.
+BATCH_SECONDS = 0.005
+_BATCH_MAX = 512
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+class Journal:
+    """One process's journal for one store, and the thread that applies it."""
+
+    def __init__(self, directory: Path, database: Path, apply: Apply) -> None:
+        self._database = database
+        self._apply = apply
+        directory.mkdir(mode=0o700, exist_ok=True)
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Locked before it gets the name replayers look for, so no replayer can take it for abandoned.
+        claiming = directory / f"{name}.claiming"
+        self._fd = os.open(claiming, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.path = directory / f"{name}{SUFFIX}"
+        os.rename(claiming, self.path)
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[str, object, list[Any]]] = []
+        self._pending: dict[str, object] = {}
+        self._written = 0
+        self._applied = 0
+        self._size = 0
+        self._thread: threading.Thread | None = None
+        self._urgent = False  # someone waits for what is written to be applied
+        self._closing = False
+        self._closed = False
+        _OPEN_JOURNALS.add(self)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def append(self, key: str, value: object, entry: list[Any]) -> None:
+        """Make ``entry`` durable now and apply it soon; ``value`` is what :meth:`pending` returns for ``key`` until then."""
+        line = (_ENCODER.encode(entry) + "\n").encode()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            if self._size > _MAX_BYTES:
+                self._wait_applied(self._written, timeout=None)
+                self._truncate_if_applied()
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._size += len(line)
+            self._written += 1
+            self._queue.append((key, value, entry))
+            self._pending[key] = value
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="fleetrun-store-writer", daemon=True)
+                self._thread.start()
+            if len(self._queue) == 1 or len(self._queue) >= _BATCH_MAX:
+                self._cond.notify_all()
+
+    def pending(self, key: str) -> object | None:
+        """The latest value written for ``key`` that is not in SQLite yet, if any."""
+        return self._pending.get(key)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write made so far is in SQLite; False if ``timeout`` passed first."""
+        with self._cond:
+            return self._wait_applied(self._written, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Apply what is left, stop the writer, remove the journal (kept if it could not be applied)."""
+        with self._cond:
+            if self._closed:
+                return
+            applied = self._wait_applied(self._written, timeout)
+            self._closing = self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if applied:
+            self.path.unlink(missing_ok=True)
+        else:
+            log.error("task records not yet in the store are kept in %s; the next fleetrun to open it applies them", self.path)
+        os.close(self._fd)
+        _OPEN_JOURNALS.discard(self)
+
+    def _wait_applied(self, target: int, timeout: float | None) -> bool:
+        # Called with the condition held.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._applied < target:
+            self._urgent = True
+            self._cond.notify_all()
+        while self._applied < target:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._cond.wait(remaining)
+        return True
+
+    def _truncate_if_applied(self) -> None:
+        # Called with the condition held: nothing unapplied may be cut off.
+        if self._applied == self._written and self._size:
+            os.ftruncate(self._fd, 0)
+            self._size = 0
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        db = connect(self._database)
+        failures = 0
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closing:
+                        self._cond.wait()
+                    # Let the writes of the next few milliseconds share this transaction.
+                    deadline = time.monotonic() + BATCH_SECONDS
+                    while not (self._urgent or self._closing or len(self._queue) >= _BATCH_MAX):
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    if not self._queue:
+                        return
+                    batch, self._queue = self._queue, []
+                    self._urgent = False
+                try:
+                    in_transaction(db, lambda: self._apply(db, [entry for _, _, entry in batch]))
+                except sqlite3.Error as exc:
+                    with self._cond:
+                        self._queue[:0] = batch
+                        if self._closing:
+                            return  # close() keeps the journal for the next process
+                    delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
+                    if failures == 0:
+                        log.warning("cannot write task records to the store (%s); they are kept in %s, retrying", exc, self.path)
+                    failures += 1
+                    time.sleep(delay)
+                    continue
+                if failures:
+                    log.warning("task records reach the store again")
+                    failures = 0
+                self._applied_batch(batch)
+        finally:
+            db.close()
+
+    def _applied_batch(self, batch: list[tuple[str, object, list[Any]]]) -> None:
+        with self._cond:
+            self._applied += len(batch)
+            for key, value, _ in batch:
+                if self._pending.get(key) is value:
+                    del self._pending[key]
+            if self._size > _TRUNCATE_BYTES:
+                self._truncate_if_applied()
+            self._cond.notify_all()
+
+
+def connect(database: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def in_transaction(db: sqlite3.Connection, work: Callable[[], None]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work()
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def replay_abandoned(directory: Path, db: sqlite3.Connection, apply: Apply) -> int:
+    """Apply the journals of processes that died before their writer caught up; returns how many.
+
+    ``db`` must not be in a transaction. A journal whose owner lives is left alone.
+    """
+    try:
+        paths = sorted(directory.glob(f"*{SUFFIX}"))
+    except OSError:
+        return 0
+    replayed = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # replayed by another process just now
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive
+            if os.fstat(fd).st_nlink == 0:
+                continue  # another process replayed it while we waited
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                entries = list(_entries(handle, path))
+            if entries:
+                in_transaction(db, lambda: apply(db, entries))
+            path.unlink(missing_ok=True)
+            replayed += 1
+        finally:
+            os.close(fd)
+    if replayed:
+        log.info("applied %d journal(s) left by fleetrun processes that ended early", replayed)
+    return replayed
+
+
+def find_latest(directory: Path, key: str) -> list[Any] | None:
+    """The last entry mentioning ``key`` in any journal, live or abandoned, or None.
+
+    For a reader that does not find a record in SQLite: its owner may not have applied it yet.
+    """
+    needle = key.encode()
+    latest = None
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        try:
+            with open(path, "rb") as handle:
+                lines = [line for line in handle if needle in line]
+        except OSError:
+            continue  # replayed and removed meanwhile
+        for entry in _entries(lines, path, quiet=True):
+            latest = entry
+    return latest
+
+
+def _entries(lines: Iterable[bytes], path: Path, *, quiet: bool = False) -> Iterable[list[Any]]:
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            # Only the last line can be cut short (its process died, or is still writing it); nothing was promised for it.
+            if not quiet:
+                log.warning("%s:%d: skipping an unreadable journal line", path, number)
+            continue
+        if isinstance(entry, list) and entry:
+            yield entry
+
+
+_OPEN_JOURNALS: "weakref.WeakSet[Journal]" = weakref.WeakSet()
+
+
+def close_all(timeout: float = 10.0) -> None:
+    """Apply and close every journal still open (at interpreter exit)."""
+    for journal in list(_OPEN_JOURNALS):
+        try:
+            journal.close(timeout)
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception("closing the journal %s failed", journal.path)

@@ -1,0 +1,138 @@
+"""The local transport: commands started without the shell when it adds nothing, and exits
+found whether the pipes close with the command or not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.plugins.transports.local_exec import direct_argv
+
+from conftest import processes_with, wait_until
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("sleep 1", ["sleep", "1"]),
+        ("  uname   -a\t", ["uname", "-a"]),
+        ("/usr/bin/env", ["/usr/bin/env"]),
+        ("dd if=/dev/zero of=/dev/null count=1", ["dd", "if=/dev/zero", "of=/dev/null", "count=1"]),
+        ("ls -la /tmp,/var:x@y%z+w", ["ls", "-la", "/tmp,/var:x@y%z+w"]),
+        # Everything below needs the shell: builtins and keywords, assignments, quoting,
+        # expansions, globs, operators, redirections, comments, tildes, several lines.
+        ("true", None),
+        ("echo hi", None),
+        ("cd /tmp", None),
+        ("exec sleep 1", None),
+        ("[ -e /tmp ]", None),
+        ("FOO=1 env", None),
+        ("sleep '1'", None),
+        ('sleep "1"', None),
+        ("sleep $N", None),
+        ("ls *.py", None),
+        ("ls ~", None),
+        ("sleep 1; ls", None),
+        ("sleep 1 && ls", None),
+        ("sleep 1 | cat", None),
+        ("sleep 1 &", None),
+        ("ls > out", None),
+        ("ls # comment", None),
+        ("sleep 1\nls", None),
+        ("ls a\\ b", None),
+        ("ls `pwd`", None),
+        ("ls {a,b}", None),
+    ],
+)
+def test_only_plain_words_skip_the_shell(command, argv):
+    assert direct_argv(command, "/bin/sh") == argv
+
+
+def test_a_host_that_names_its_shell_always_gets_it():
+    assert direct_argv("sleep 1", "/bin/bash") is None
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_a_plain_command_is_the_direct_child_and_leads_its_group(make_executor, marker):
+    executor = make_executor()
+    handle = executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))
+    try:
+        (pid,) = wait_until(lambda: processes_with(marker))
+        assert _parent_of(pid) == os.getpid()  # no shell in between
+        assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    finally:
+        handle.cancel()
+    task = handle.wait(10)
+    assert task.status is TaskStatus.CANCELLED
+    assert processes_with(marker) == []
+
+
+@pytest.mark.parametrize("inherited_pwd", ["right", "stale", "missing"])
+def test_the_direct_path_gives_the_program_the_pwd_the_shell_would(make_executor, tmp_path, monkeypatch, inherited_pwd):
+    here = tmp_path / "here"
+    here.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(here)
+    monkeypatch.chdir(here)
+    if inherited_pwd == "right":
+        monkeypatch.setenv("PWD", str(link))  # a logical path to the same directory is kept
+    elif inherited_pwd == "stale":
+        monkeypatch.setenv("PWD", str(tmp_path))
+    else:
+        monkeypatch.delenv("PWD", raising=False)
+    executor = make_executor()
+    for cwd in (None, str(link)):
+        task = executor.run(TaskRequest(host="local", command="printenv PWD", cwd=cwd))
+        shell = subprocess.run(["/bin/sh", "-c", "printenv PWD"], cwd=cwd, capture_output=True, check=True)
+        assert executor.read_output(task.id).data == shell.stdout, (inherited_pwd, cwd)
+
+
+def test_a_missing_program_gets_the_shells_own_error_and_status(make_executor):
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command="fleetrun-no-such-program --flag"))
+    assert task.status is TaskStatus.FAILED and task.exit_code == 127
+    shell = subprocess.run(["/bin/sh", "-c", "fleetrun-no-such-program --flag"], capture_output=True)
+    assert executor.read_output(task.id, "stderr").data == shell.stderr
+    assert shell.returncode == 127
+
+
+def test_a_script_without_an_interpreter_line_is_run_by_the_shell(make_executor, tmp_path):
+    script = tmp_path / "plain-script"
+    script.write_text("echo ran by the shell\nexit 4\n")
+    script.chmod(0o755)
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command=str(script)))
+    assert task.exit_code == 4
+    assert executor.read_output(task.id).data == b"ran by the shell\n"
+
+
+def test_an_exit_is_found_while_a_background_process_holds_the_pipes(make_executor, marker):
+    executor = make_executor()
+    started = time.monotonic()
+    try:
+        task = executor.run(TaskRequest(host="local", command=f"sleep {marker} & echo started; exit 5"))
+        elapsed = time.monotonic() - started
+        assert task.exit_code == 5 and task.status is TaskStatus.FAILED
+        assert executor.read_output(task.id).data == b"started\n"
+        assert 0.9 < elapsed < 5  # the exit, then up to a second for the pipes to drain
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_an_exit_is_found_after_the_command_closed_its_output(make_executor):
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command="echo early; exec >/dev/null 2>&1; sleep 0.3; exit 3"))
+    assert task.exit_code == 3
+    assert task.duration_s is not None and task.duration_s >= 0.3
+    assert executor.read_output(task.id).data == b"early\n"
