@@ -548,6 +548,8 @@ class Executor:
             await asyncio.sleep(_CANCEL_POLL_SECONDS)
             try:
                 requests = await asyncio.to_thread(self.store.cancel_requests, self.owner)
+            except RuntimeError:
+                break  # the interpreter is exiting (no more worker threads); close() follows
             except Exception:
                 log.exception("reading cancel requests failed")
                 continue
