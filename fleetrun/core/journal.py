@@ -40,6 +40,8 @@ _TRUNCATE_BYTES = 64 * 1024
 #: Past this size, a write waits for the writer to catch up first, so the journal stays bounded.
 _MAX_BYTES = 16 * 1024 * 1024
 _RETRY_SECONDS = (0.1, 0.5, 2.0)
+#: How long a write waits for a full journal to be applied before it fails.
+_BACKLOG_WAIT_SECONDS = 30.0
 #: How long the writer lets writes gather into one transaction, unless someone waits for them.
 BATCH_SECONDS = 0.005
 _BATCH_MAX = 512
@@ -81,7 +83,8 @@ class Journal:
             if self._closed:
                 raise RuntimeError("the store is closed")
             if self._size > _MAX_BYTES:
-                self._wait_applied(self._written, timeout=None)
+                if not self._wait_applied(self._written, timeout=_BACKLOG_WAIT_SECONDS):
+                    raise OSError(f"the task store has not accepted writes for {_BACKLOG_WAIT_SECONDS:g} s (see the log)")
                 self._truncate_if_applied()
             view = memoryview(line)
             while view:
@@ -216,6 +219,7 @@ def replay_abandoned(directory: Path, db: sqlite3.Connection, apply: Apply) -> i
     """
     try:
         paths = sorted(directory.glob(f"*{SUFFIX}"))
+        _remove_abandoned_claims(directory)
     except OSError:
         return 0
     replayed = 0
@@ -242,6 +246,24 @@ def replay_abandoned(directory: Path, db: sqlite3.Connection, apply: Apply) -> i
     if replayed:
         log.info("applied %d journal(s) left by fleetrun processes that ended early", replayed)
     return replayed
+
+
+def _remove_abandoned_claims(directory: Path) -> None:
+    # A process that died between creating its journal and naming it leaves an empty file.
+    for path in directory.glob("*.claiming"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < 60:
+                continue  # perhaps being claimed right now, before its owner could lock it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def find_latest(directory: Path, key: str) -> list[Any] | None:
