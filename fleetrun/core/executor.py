@@ -221,7 +221,6 @@ class Executor:
         self.heartbeat_s = heartbeat_s
         self.progress_interval_s = progress_interval_s
         self.owner = owner_token()
-        self._output_root = str(self.store.output_root)
         self._live: dict[str, _LiveTask] = {}
         self._transports: dict[str, Transport] = {}
         self._host_slots: dict[str, asyncio.Semaphore] = {}
@@ -455,7 +454,7 @@ class Executor:
 
     async def _execute(self, live: _LiveTask) -> None:
         loop = asyncio.get_running_loop()
-        directory = os.path.join(self._output_root, live.record.id)
+        directory = self.store.output_dir(live.record.id)
         limit = live.plan.limits.max_output_bytes
         live.stdout = SpoolWriter(directory, "stdout", limit)
         live.stderr = SpoolWriter(directory, "stderr", limit)

@@ -51,8 +51,8 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 class Journal:
     """One process's journal for one store, and the thread that applies it."""
 
-    def __init__(self, directory: Path, database: Path, apply: Apply) -> None:
-        self._database = database
+    def __init__(self, directory: Path, connect: Callable[[], sqlite3.Connection], apply: Apply) -> None:
+        self._connect = connect
         self._apply = apply
         directory.mkdir(mode=0o700, exist_ok=True)
         name = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -147,7 +147,7 @@ class Journal:
     # -- the writer thread -------------------------------------------------------------
 
     def _serve(self) -> None:
-        db = connect(self._database)
+        db = self._connect()
         failures = 0
         try:
             while True:
@@ -167,14 +167,17 @@ class Journal:
                     self._urgent = False
                 try:
                     in_transaction(db, lambda: self._apply(db, [entry for _, _, entry in batch]))
-                except sqlite3.Error as exc:
+                except Exception as exc:  # the thread must not die: flush() and close() wait on it
                     with self._cond:
                         self._queue[:0] = batch
                         if self._closing:
                             return  # close() keeps the journal for the next process
                     delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
                     if failures == 0:
-                        log.warning("cannot write task records to the store (%s); they are kept in %s, retrying", exc, self.path)
+                        log.warning(
+                            "cannot write task records to the store (%s); they are kept in %s, retrying",
+                            exc, self.path, exc_info=not isinstance(exc, sqlite3.Error),
+                        )
                     failures += 1
                     time.sleep(delay)
                     continue
@@ -194,12 +197,6 @@ class Journal:
             if self._size > _TRUNCATE_BYTES:
                 self._truncate_if_applied()
             self._cond.notify_all()
-
-
-def connect(database: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=10.0)
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
 
 
 def in_transaction(db: sqlite3.Connection, work: Callable[[], None]) -> None:

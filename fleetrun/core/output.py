@@ -20,14 +20,14 @@ class SpoolWriter:
 
     __slots__ = ("directory", "stream", "limit", "bytes_seen", "bytes_kept", "lines", "_fd", "_closed")
 
-    def __init__(self, directory: str, stream: str, limit: int) -> None:
+    def __init__(self, directory: Path, stream: str, limit: int) -> None:
         self.directory = directory
         self.stream = stream
         self.limit = limit
         self.bytes_seen = 0
         self.bytes_kept = 0
         self.lines = 0
-        # Opened on the first byte: most short commands print nothing on stderr.
+        # Opened on the first byte: most short commands print nothing on stderr, many nothing at all.
         self._fd: int | None = None
         self._closed = False
 
@@ -42,11 +42,8 @@ class SpoolWriter:
         if room <= 0 or self._closed:
             return
         if self._fd is None:
-            try:
-                os.mkdir(self.directory, 0o700)
-            except FileExistsError:
-                pass
-            path = os.path.join(self.directory, self.stream)
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            path = spool_path(self.directory, self.stream)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         view = memoryview(data)[:room]
         while view:

@@ -7,8 +7,9 @@ A process that does not own a task cancels it by leaving a request in the store,
 which the owner picks up.
 
 Writes of task records go through this process's journal (:mod:`fleetrun.core.journal`):
-durable when ``insert``/``update`` return, visible to this store's reads at once and to
-other processes once the writer thread has applied them, normally within a millisecond.
+durable when ``insert``/``update`` return, visible to this store's reads at once, and to
+other processes from the journal until the writer thread has applied them, a few
+milliseconds later.
 """
 
 from __future__ import annotations
@@ -157,11 +158,8 @@ class TaskStore:
         self._lock = threading.Lock()
         self._journal: journal.Journal | None = None  # made at the first write
         try:
-            self._db = sqlite3.connect(
-                self.home / DB_NAME, check_same_thread=False, isolation_level=None, timeout=10.0
-            )
+            self._db = _connect(self.home / DB_NAME)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -192,8 +190,6 @@ class TaskStore:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until this store's writes are visible to other processes; False on timeout."""
         return self._journal.flush(timeout) if self._journal is not None else True
-
-
     # -- writing ---------------------------------------------------------------------
 
     def insert(self, task: Task, owner: str) -> None:
@@ -209,7 +205,8 @@ class TaskStore:
         if self._journal is None:
             with self._lock:
                 if self._journal is None:
-                    self._journal = journal.Journal(self.home / JOURNAL_DIR, self.home / DB_NAME, _apply)
+                    connect = functools.partial(_connect, self.home / DB_NAME)
+                    self._journal = journal.Journal(self.home / JOURNAL_DIR, connect, _apply)
         return self._journal
 
     def _replay_abandoned(self) -> int:
@@ -355,6 +352,12 @@ class TaskStore:
             complete=task.status.is_terminal and next_offset >= size,
             truncated=task.stdout_truncated if stream == "stdout" else task.stderr_truncated,
         )
+
+
+def _connect(database: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db.execute("PRAGMA synchronous=NORMAL")  # per connection; with WAL, safe against crashes of fleetrun
+    return db
 
 
 # -- rows ------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The ``local`` transport: commands run through the shell as child processes.
 
-A command that is only a program and plain arguments is started without the shell,
-with the same result (see :mod:`~fleetrun.plugins.transports.local_exec`). Each command gets a session (and so a process group) of its own; a timeout or a
-cancel signals the whole group (TERM, then KILL after a grace period), so nothing it
+A command that is only a program and plain arguments is started without the shell, with
+the same result (see :mod:`~fleetrun.plugins.transports.local_exec`). Each command gets a
+session (and so a process group) of its own; a timeout or a cancel signals the whole group (TERM, then KILL after a grace period), so nothing it
 started is left running. Output is read without threads: the executor's event loop
 watches the pipes and, for a command that runs longer than a moment, a pidfd.
 """
@@ -37,7 +37,7 @@ _EXIT_WATCH_DELAY = 0.02
 
 
 class LocalTransport(Transport):
-    """Runs commands on this machine with ``shell -c COMMAND``."""
+    """Runs commands on this machine with ``shell -c COMMAND`` (plain ones without the shell)."""
 
     name = "local"
     host_fields = {
@@ -172,21 +172,16 @@ class _ProcessWatch:
             os.close(fd)
         if not self.open_pipes and not self.drained.done():
             self.drained.set_result(None)
-            if self.proc is not None and not self.exited.done():
-                # Closing both pipes is nearly always the command exiting.
-                if self.proc.poll() is not None:
-                    self.exited.set_result(self.proc.returncode)
-                else:
-                    self._watch_exit()
+            # Closing both pipes is nearly always the command exiting.
+            if self.proc is not None and not self.exited.done() and not self._reap():
+                self._watch_exit()
 
     # -- exit ------------------------------------------------------------------------
 
     def _watch_exit(self) -> None:
-        if self.watch_later is not None:
-            self.watch_later.cancel()
-            self.watch_later = None
         if self.watching_exit or self.exited.done():
             return
+        self._stop_watching_exit()
         self.watching_exit = True
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
@@ -194,28 +189,34 @@ class _ProcessWatch:
             self.pidfd = None
             self._poll_exit()
             return
-        self.loop.add_reader(self.pidfd, self._on_exit)
+        self.loop.add_reader(self.pidfd, self._reap)
 
-    def _on_exit(self) -> None:
+    def _reap(self) -> bool:
+        """Resolve ``exited`` if the command has exited; False while it runs."""
         if self.proc.poll() is None:
-            return
+            return False
+        self._stop_watching_exit()
+        if not self.exited.done():
+            self.exited.set_result(self.proc.returncode)
+        return True
+
+    def _poll_exit(self) -> None:
+        # Without pidfds (old kernels), look every 20 ms.
+        if not self._reap():
+            self.loop.call_later(0.02, self._poll_exit)
+
+    def _stop_watching_exit(self) -> None:
+        if self.watch_later is not None:
+            self.watch_later.cancel()
+            self.watch_later = None
         if self.pidfd is not None:
             self.loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
-        if not self.exited.done():
-            self.exited.set_result(self.proc.returncode)
-
-    def _poll_exit(self) -> None:
-        # Without pidfds (old kernels), look every 20 ms.
-        if self.proc.poll() is None:
-            self.loop.call_later(0.02, self._poll_exit)
-        elif not self.exited.done():
-            self.exited.set_result(self.proc.returncode)
 
     async def _stop_group(self) -> None:
         """TERM the command's process group, KILL it after the grace period."""
-        pgid = self.proc.pid  # start_new_session: the shell leads its own group
+        pgid = self.proc.pid  # start_new_session: the command (or its shell) leads its own group
         self._watch_exit()
         _signal_group(pgid, signal.SIGTERM)
         if not self.exited.done():
@@ -230,15 +231,9 @@ class _ProcessWatch:
 
     def close(self) -> None:
         """Stop watching; close the pipes and the pidfd."""
-        if self.watch_later is not None:
-            self.watch_later.cancel()
-            self.watch_later = None
         for fd in list(self.open_pipes):
             self._close_pipe(fd)
-        if self.pidfd is not None:
-            self.loop.remove_reader(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = None
+        self._stop_watching_exit()  # last: closing the pipes may have started a watch
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -52,7 +52,7 @@ def direct_argv(command: str, shell: str) -> list[str] | None:
     return argv
 
 
-def direct_environment(env: Mapping[str, str] | None, cwd: str | None) -> tuple[bool, dict[str, str] | None]:
+def direct_environment(env: Mapping[str, str] | None, cwd: str | None) -> tuple[bool, Mapping[str, str] | None]:
     """Whether the direct path can stand in for the shell with ``env`` (None: this process's
     environment) in ``cwd``, and the environment to give the program (None: inherit)."""
     effective = os.environ if env is None else env
@@ -61,7 +61,7 @@ def direct_environment(env: Mapping[str, str] | None, cwd: str | None) -> tuple[
     directory = cwd or os.getcwd()
     pwd = effective.get("PWD")
     if pwd and os.path.isabs(pwd) and _same_directory(pwd, directory):
-        return True, None if env is None else dict(env)
+        return True, env
     fixed = dict(effective)
     # The shell keeps an inherited PWD that names its directory, and sets the physical path otherwise.
     fixed["PWD"] = os.path.realpath(directory)
