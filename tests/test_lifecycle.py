@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from fleetrun import hookimpl
 from fleetrun.core.events import EventRecorder
 from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.store import TaskStore
 
 from conftest import wait_until
 
@@ -60,7 +62,7 @@ def test_timeout_fires_completed_with_timed_out(make_executor, recorder):
 def test_cancel_while_running_fires_cancelled_not_completed(make_executor, recorder):
     executor = make_executor()
     handle = executor.submit(TaskRequest(host="local", command="echo started; sleep 30"))
-    wait_until(lambda: executor.get(handle.id).stdout_bytes > 0 or recorder.names(handle.id)[-1] == "task.progress")
+    wait_until(lambda: executor.get(handle.id).stdout_bytes > 0 or recorder.names(handle.id)[-1:] == ["task.progress"])
     assert handle.cancel("no longer needed") is True
     task = handle.wait(10)
     assert task.status is TaskStatus.CANCELLED
@@ -87,6 +89,83 @@ def test_cancel_while_queued_never_runs_the_command(make_executor, recorder, tmp
     blocker.cancel()
     blocker.wait(10)
     assert not flag.exists()
+
+
+class _HoldsTheEngine:
+    """Blocks the engine thread in the first task's ``created`` hook until released."""
+
+    def __init__(self) -> None:
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    @hookimpl
+    def fleetrun_task_created(self, task):
+        if not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(30)
+
+
+def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_executor, recorder, store):
+    holder = _HoldsTheEngine()
+    executor = make_executor(plugins=[holder])
+    first = executor.submit(TaskRequest(host="local", command="true"))
+    assert holder.inside.wait(10)
+    try:
+        second = executor.submit(TaskRequest(host="local", command="echo second"))
+        # The engine has not taken it yet, and the task is already known and stored.
+        assert recorder.names(second.id) == []
+        assert executor.get(second.id).status is TaskStatus.QUEUED
+        assert [t.id for t in executor.list(status=[TaskStatus.QUEUED])][0] == second.id
+        another_reader = TaskStore(store.home)
+        try:
+            assert another_reader.get(second.id).status is TaskStatus.QUEUED
+        finally:
+            another_reader.close()
+    finally:
+        holder.release.set()
+    assert second.wait(10).status is TaskStatus.SUCCEEDED
+    assert first.wait(10).status is TaskStatus.SUCCEEDED
+    assert recorder.names(second.id) == ["task.created", "task.progress", "task.completed"]
+
+
+def test_a_task_cancelled_before_the_engine_takes_it_runs_nothing(make_executor, recorder, tmp_path):
+    flag = tmp_path / "ran"
+    submitted = {}
+
+    class SubmitsAndCancels:
+        """From a hook, on the engine thread: the new task cannot have been taken yet."""
+
+        @hookimpl
+        def fleetrun_task_created(self, task):
+            if not submitted:
+                handle = executor.submit(TaskRequest(host="local", command=f"touch {flag}"))
+                submitted["handle"] = handle
+                submitted["cancelled"] = executor.cancel(handle.id, "stopped before it started")
+
+    executor = make_executor(plugins=[SubmitsAndCancels()])
+    executor.run(TaskRequest(host="local", command="true"))
+    assert submitted["cancelled"] is True
+    task = submitted["handle"].wait(10)
+    assert task.status is TaskStatus.CANCELLED
+    assert task.cancel_reason == "stopped before it started"
+    assert task.started_at is None and task.exit_code is None
+    assert recorder.names(task.id) == ["task.created", "task.cancelled"]
+    assert executor.store.get(task.id).status is TaskStatus.CANCELLED
+    assert not flag.exists()
+
+
+def test_a_hook_can_cancel_its_own_running_task(make_executor, recorder):
+    class CancelsOnOutput:
+        @hookimpl
+        def fleetrun_task_progress(self, task, progress):
+            if progress.latest_line == "stop me":
+                assert executor.cancel(task.id, "the output said so") is True
+
+    executor = make_executor(plugins=[CancelsOnOutput()])
+    task = executor.run(TaskRequest(host="local", command="echo stop me; sleep 30"))
+    assert task.status is TaskStatus.CANCELLED
+    assert task.cancel_reason == "the output said so"
+    assert recorder.names(task.id)[-1] == "task.cancelled"
 
 
 def test_spawn_failure_is_a_failed_task_with_a_category(make_executor, recorder, tmp_path):

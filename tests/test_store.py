@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,14 @@ from conftest import assert_none_left, processes_with, run_cli, wait_until
 OWNER_SCRIPT = textwrap.dedent(
     """
     import sys
+    from fleetrun.core import journal
     from fleetrun.core.executor import Executor
     from fleetrun.core.models import TaskRequest
     from fleetrun.core.plugin_manager import PluginManager
     from fleetrun.core.store import TaskStore
 
+    if len(sys.argv) > 3:
+        journal.BATCH_SECONDS = float(sys.argv[3])  # records reach SQLite this late
     executor = Executor(store=TaskStore(sys.argv[1]), plugins=PluginManager(autoload=False))
     handle = executor.submit(TaskRequest(host="local", command=sys.argv[2]))
     print(handle.id, flush=True)
@@ -38,10 +42,11 @@ OWNER_SCRIPT = textwrap.dedent(
 )
 
 
-def start_owner(home: Path, command: str) -> tuple[subprocess.Popen[str], str]:
+def start_owner(home: Path, command: str, *, apply_after_s: float | None = None) -> tuple[subprocess.Popen[str], str]:
     """Another process that owns a task; returns it and the task id."""
+    extra = [] if apply_after_s is None else [str(apply_after_s)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", OWNER_SCRIPT, str(home), command], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", OWNER_SCRIPT, str(home), command, *extra], stdout=subprocess.PIPE, text=True
     )
     task_id = proc.stdout.readline().strip()
     assert len(task_id) == 12, task_id
@@ -115,6 +120,27 @@ def test_cancel_from_another_process_reaches_the_owner(store, marker):
         owner.wait()
 
 
+def test_a_cancel_asked_before_the_owner_applied_the_record_still_reaches_it(store, marker):
+    owner, task_id = start_owner(store.home, f"sleep {marker}", apply_after_s=3.0)
+    try:
+        wait_until(lambda: processes_with(marker))
+        db = sqlite3.connect(store.home / "tasks.sqlite3")
+        try:
+            assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (task_id,)).fetchone() == (0,)
+        finally:
+            db.close()
+        result = run_cli("tasks", "cancel", task_id, env={"FLEETRUN_HOME": str(store.home)})
+        assert result.returncode == 0, result.stderr
+        assert owner.stdout.readline().strip() == "cancelled"
+        task = store.get(task_id)
+        assert task.status is TaskStatus.CANCELLED
+        assert task.cancel_reason == "cancelled with `fleetrun tasks cancel`"
+        assert_none_left(marker)
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 SLOW_WRITER_SCRIPT = textwrap.dedent(
     """
     import sys, time
@@ -171,6 +197,33 @@ def test_a_journal_cut_short_by_a_crash_loses_only_its_last_line(store):
     assert not (journal_dir / "123-dead.journal").exists()
     with sqlite3.connect(store.home / "tasks.sqlite3") as db:
         assert db.execute("SELECT status FROM tasks WHERE id = ?", (task.id,)).fetchall() == [("succeeded",)]
+
+
+def test_a_replayed_journal_leaves_each_task_in_its_latest_state(store):
+    now = time.time()
+    created = Task(id="0000000000a1", host="local", transport="local", command="true",
+                   status=TaskStatus.QUEUED, created_at=now)
+    running = replace(created, status=TaskStatus.RUNNING, started_at=now)
+    ended = replace(running, status=TaskStatus.SUCCEEDED, ended_at=now, exit_code=0)
+    already_in = _ended_task("0000000000b2", now)
+    store.insert(already_in, owner_token())
+    store.flush()
+    lines = [
+        ["insert", *_values(created), "dead-owner-token"],
+        ["update", *_values(running)],
+        ["update", *_values(ended)],
+        # An insert replayed over a record that got further never takes it back.
+        ["insert", *_values(replace(already_in, status=TaskStatus.QUEUED, ended_at=None)), "dead-owner-token"],
+    ]
+    journal_dir = store.home / "journal"
+    (journal_dir / "123-dead.journal").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert store.sweep_orphans() == []
+    with sqlite3.connect(store.home / "tasks.sqlite3") as db:
+        rows = db.execute("SELECT id, status, exit_code, owner_token FROM tasks ORDER BY id").fetchall()
+    assert rows == [
+        ("0000000000a1", "succeeded", 0, "dead-owner-token"),
+        ("0000000000b2", "succeeded", 0, owner_token()),
+    ]
 
 
 def _ended_task(task_id: str, created_at: float) -> Task:

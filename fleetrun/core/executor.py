@@ -3,8 +3,9 @@
 All task work happens on one engine thread running an asyncio loop of its own, so the
 executor can be used from plain Python (``run``, ``submit``, ``TaskHandle.wait``) and
 from asyncio (``run_async``, ``submit_async``, ``TaskHandle.wait_async``) without ever
-blocking the caller's event loop. State changes, store writes and hook calls all happen
-on that thread, which is what keeps every task's hooks in order.
+blocking the caller's event loop. A task is recorded in the store by the thread that
+submits it; from then on its state changes, store writes and hook calls all happen on
+the engine thread, which is what keeps every task's hooks in order.
 """
 
 from __future__ import annotations
@@ -253,37 +254,37 @@ class Executor:
     def submit(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
         """Queue a task and return at once.
 
-        When this returns, ``created`` has fired and the record is in the store, where
-        other processes can look it up by the handle's id.
+        When this returns, the task is in the store, where other processes can look it
+        up by the handle's id, and this executor's ``get``, ``list`` and ``cancel`` know
+        it. Its hooks fire on the engine thread, ``created`` first.
         """
-        live, admitted = self._admit_soon(request, on_output)
-        admitted.result()
+        live = self._enqueue(request, on_output)
         return TaskHandle(self, live.record.id, live.done)
 
     async def submit_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
-        live, admitted = self._admit_soon(request, on_output)
-        await asyncio.wrap_future(admitted)
-        return TaskHandle(self, live.record.id, live.done)
+        """:meth:`submit` for asyncio callers. Recording the task is one append to a local
+        file, so this does not leave the caller's loop."""
+        return self.submit(request, on_output=on_output)
 
     def run(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
         """Run a task to its end and return the final record."""
-        live, loop = self._prepare(request, on_output)
-        loop.call_soon_threadsafe(self._admit, live, None)
-        return live.done.result()
+        return self._enqueue(request, on_output).done.result()
 
     async def run_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
-        handle = await self.submit_async(request, on_output=on_output)
-        return await handle.wait_async()
+        return await self.submit(request, on_output=on_output).wait_async()
 
     def cancel(self, task_id: str, reason: str = "cancelled by user") -> bool:
         """Cancel a queued or running task; False if it has already ended.
 
         A task owned by another process is cancelled through the store: its owner picks
-        the request up within a second.
+        the request up within a second. A plugin's hook may call this too.
         """
         loop = self._loop
         if loop is not None and not self._closed:
-            found = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop).result()
+            if threading.current_thread() is self._thread:
+                found = self._cancel_now(task_id, reason)  # from a hook: waiting on the engine would wait forever
+            else:
+                found = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop).result()
             if found is not None:
                 return found
         task = self.store.get(task_id)
@@ -368,27 +369,46 @@ class Executor:
 
     # -- engine ------------------------------------------------------------------------
 
-    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+    def _engine_loop(self) -> asyncio.AbstractEventLoop:
+        """The engine's loop, started on first use; called with ``_start_lock`` held."""
+        if self._closed:
+            raise FleetrunError("this executor is closed")
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def serve() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            self._thread = threading.Thread(target=serve, name="fleetrun-engine", daemon=True)
+            self._thread.start()
+            ready.wait()
+            self._loop = loop
+        return self._loop
+
+    def _enqueue(self, request: TaskRequest, listener: OutputListener | None) -> _LiveTask:
+        """Validate and record a task in the caller's thread, then hand it to the engine.
+
+        The caller does not wait for the engine: a round trip per task would cost more
+        than the task's own bookkeeping when many are submitted at once.
+        """
+        live = self._prepare(request, listener)
+        # Under the lock, close() cannot come between: every recorded task reaches the
+        # engine before the engine's shutdown, which then ends it.
         with self._start_lock:
-            if self._closed:
-                raise FleetrunError("this executor is closed")
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                ready = threading.Event()
+            loop = self._engine_loop()
+            try:
+                self.store.insert(live.record, self.owner)
+            except Exception as exc:
+                raise FleetrunError(f"cannot record the task in the store: {exc}") from exc
+            self._live[live.record.id] = live
+            loop.call_soon_threadsafe(self._admit, live)
+        return live
 
-                def serve() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(ready.set)
-                    loop.run_forever()
-
-                self._thread = threading.Thread(target=serve, name="fleetrun-engine", daemon=True)
-                self._thread.start()
-                ready.wait()
-                self._loop = loop
-            return self._loop
-
-    def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> tuple[_LiveTask, asyncio.AbstractEventLoop]:
-        """Validate a request and build its task in the caller's thread; nothing is recorded yet."""
+    def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> _LiveTask:
+        """Validate a request and build its task; nothing is recorded yet."""
         plan = plan_task(request, self.inventory, self.plugins.transports, describe=False, policy=self.policy)
         if plan.decision is not None and not plan.decision.allowed:
             self.plugins.command_denied(plan.host.name, request.command, plan.decision)
@@ -406,33 +426,19 @@ class Executor:
             owner_pid=os.getpid(),
             policy=plan.decision.summary if plan.decision is not None else None,
         )
-        return _LiveTask(record, plan, pattern, listener), self._ensure_started()
+        return _LiveTask(record, plan, pattern, listener)
 
-    def _admit_soon(
-        self, request: TaskRequest, listener: OutputListener | None
-    ) -> tuple[_LiveTask, concurrent.futures.Future[None]]:
-        """Hand a task to the engine; the future resolves once it is recorded and announced."""
-        live, loop = self._prepare(request, listener)
-        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        loop.call_soon_threadsafe(self._admit, live, admitted)
-        return live, admitted
-
-    def _admit(self, live: _LiveTask, admitted: concurrent.futures.Future[None] | None) -> None:
-        """On the engine loop: record the task, fire ``created``, start driving it."""
-        try:
-            self.store.insert(live.record, self.owner)
-        except Exception as exc:
-            target = admitted if admitted is not None else live.done
-            target.set_exception(FleetrunError(f"cannot record the task in the store: {exc}"))
-            return
-        self._live[live.record.id] = live
+    def _admit(self, live: _LiveTask) -> None:
+        """On the engine loop: fire ``created``, start driving the task."""
         self.plugins.task_created(live.record)
+        if live.ending is not None:
+            # Cancelled (from the store or by shutdown) before the engine saw it: nothing ran.
+            self._finish(live, live.ending, exit_code=None, error=None, category=None)
+            return
         loop = asyncio.get_running_loop()
         live.runner = loop.create_task(self._drive(live), name=f"fleetrun-task-{live.record.id}")
         if self._cancel_poller is None:
             self._cancel_poller = loop.create_task(self._poll_cancel_requests())
-        if admitted is not None:
-            admitted.set_result(None)
 
     async def _drive(self, live: _LiveTask) -> None:
         host_slots = self._host_slots.get(live.plan.host.name)
@@ -530,7 +536,13 @@ class Executor:
             live.runner.cancel()
 
     async def _cancel_live(self, task_id: str, reason: str) -> bool | None:
-        """True if cancelling, False if already ended here, None if not this executor's."""
+        return self._cancel_now(task_id, reason)
+
+    def _cancel_now(self, task_id: str, reason: str) -> bool | None:
+        """On the engine loop: True if cancelling, False if already ended here, None if not this executor's.
+
+        A task the engine has not taken yet has no runner: :meth:`_admit` ends it instead.
+        """
         live = self._live.get(task_id)
         if live is None:
             return None
@@ -553,7 +565,7 @@ class Executor:
                 log.exception("reading cancel requests failed")
                 continue
             for task_id, reason in requests:
-                await self._cancel_live(task_id, reason)
+                self._cancel_now(task_id, reason)
         self._cancel_poller = None
 
     def _finish(
@@ -604,7 +616,7 @@ class Executor:
     async def _shutdown(self, reason: str) -> None:
         runners = []
         for live in list(self._live.values()):
-            if await self._cancel_live(live.record.id, reason) and live.runner is not None:
+            if self._cancel_now(live.record.id, reason) and live.runner is not None:
                 runners.append(live.runner)
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)

@@ -8,7 +8,7 @@ WAL mode does), and a writer thread applies what the journal holds to SQLite, ma
 writes to a transaction, while the engine goes on.
 
 Readers see a write at once in this process (:meth:`Journal.pending`); in other processes
-once it is applied, within a few milliseconds, and a record not applied yet can be found
+once it is applied, within about 50 ms, and a record not applied yet can be found
 in the journals (:func:`find_latest`). The owner holds an exclusive ``flock`` on its
 journal for as long as it lives; a journal whose lock can be taken belongs to a process
 that died before its writer caught up, and any process that opens the store replays it
@@ -43,7 +43,7 @@ _RETRY_SECONDS = (0.1, 0.5, 2.0)
 #: How long a write waits for a full journal to be applied before it fails.
 _BACKLOG_WAIT_SECONDS = 30.0
 #: How long the writer lets writes gather into one transaction, unless someone waits for them.
-BATCH_SECONDS = 0.005
+BATCH_SECONDS = 0.05
 _BATCH_MAX = 512
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
@@ -154,7 +154,8 @@ class Journal:
                 with self._cond:
                     while not self._queue and not self._closing:
                         self._cond.wait()
-                    # Let the writes of the next few milliseconds share this transaction.
+                    # Let the writes of the next moment share this transaction: a commit
+                    # costs more than the rows it writes, and a task's two writes then become one.
                     deadline = time.monotonic() + BATCH_SECONDS
                     while not (self._urgent or self._closing or len(self._queue) >= _BATCH_MAX):
                         remaining = deadline - time.monotonic()

@@ -35,7 +35,7 @@ from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
 
 log = logging.getLogger("fleetrun.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TASK_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
@@ -62,12 +62,18 @@ CREATE TABLE IF NOT EXISTS tasks (
     max_output_bytes INTEGER,
     owner_pid INTEGER,
     owner_token TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
     progress TEXT,
     policy TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+-- Written by the process that asks, read by the owner: never a column of the task's own
+-- record, which only its owner writes (a request there would be overwritten by its next write).
+CREATE TABLE IF NOT EXISTS cancel_requests (
+    task_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    requested_at REAL NOT NULL
+);
 """
 
 _TASK_COLUMNS = [f.name for f in fields(Task)]
@@ -80,6 +86,11 @@ _INSERT = (
     "ON CONFLICT(id) DO NOTHING"  # a replayed journal may hold a record that is already in
 )
 _UPDATE = f"UPDATE tasks SET {', '.join(f'{name} = ?' for name in _TASK_COLUMNS[1:])} WHERE id = ?"
+#: An insert and a later update in one: the record's state, whether or not it is in yet.
+_UPSERT = (
+    f"INSERT INTO tasks ({_COLUMNS}, owner_token) VALUES ({', '.join('?' for _ in _TASK_COLUMNS)}, ?) "
+    f"ON CONFLICT(id) DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in _TASK_COLUMNS[1:])}"
+)
 _STATUS, _PROGRESS = _TASK_COLUMNS.index("status"), _TASK_COLUMNS.index("progress")
 _FLAGS = [_TASK_COLUMNS.index("stdout_truncated"), _TASK_COLUMNS.index("stderr_truncated")]
 
@@ -167,7 +178,8 @@ class TaskStore:
             raise FleetrunError(f"cannot open the task store {self.home / DB_NAME}: {exc}") from None
 
     def _migrate(self) -> None:
-        # Stores written by older versions lack newer columns; records are kept as they are.
+        # Stores written by older versions lack newer columns; records are kept as they are
+        # (and the cancel_requested column of a version-2 store stays, unused).
         present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
         for column, kind in (("policy", "TEXT"),):
             if column not in present:
@@ -214,22 +226,26 @@ class TaskStore:
             return journal.replay_abandoned(self.home / JOURNAL_DIR, self._db, _apply)
 
     def request_cancel(self, task_id: str, reason: str) -> None:
-        self.flush()
+        """Ask the task's owner to cancel it (the first request's reason is the one kept).
+
+        The request stands on its own, so it holds even when the owner has not applied
+        the task's record yet; the owner finds it once it has.
+        """
         with self._lock:
             self._db.execute(
-                "UPDATE tasks SET cancel_requested = 1, cancel_reason = ? WHERE id = ? AND status IN (?, ?)",
-                (reason, check_task_id(task_id), *_LIVE),
+                "INSERT INTO cancel_requests (task_id, reason, requested_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(task_id) DO NOTHING",
+                (check_task_id(task_id), reason, time.time()),
             )
 
     def cancel_requests(self, owner: str) -> list[tuple[str, str]]:
         """Cancels that other processes asked for, of tasks this owner runs."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, cancel_reason FROM tasks WHERE cancel_requested = 1 AND owner_token = ? "
-                "AND status IN (?, ?)",
+            return self._db.execute(
+                "SELECT c.task_id, c.reason FROM cancel_requests c JOIN tasks t ON t.id = c.task_id "
+                "WHERE t.owner_token = ? AND t.status IN (?, ?)",
                 (owner, *_LIVE),
             ).fetchall()
-        return [(task_id, reason or "cancelled by request") for task_id, reason in rows]
 
     def sweep_orphans(self) -> list[str]:
         """Mark tasks whose owning process is gone as interrupted; returns their ids.
@@ -271,9 +287,9 @@ class TaskStore:
             ).fetchall()
             ids = [task_id for (task_id,) in rows]
             for chunk in _chunks(ids, 500):
-                self._db.execute(
-                    f"DELETE FROM tasks WHERE id IN ({', '.join('?' for _ in chunk)})", tuple(chunk)
-                )
+                marks = ", ".join("?" for _ in chunk)
+                self._db.execute(f"DELETE FROM tasks WHERE id IN ({marks})", tuple(chunk))
+                self._db.execute(f"DELETE FROM cancel_requests WHERE task_id IN ({marks})", tuple(chunk))
         for task_id in ids:
             shutil.rmtree(self.output_root / task_id, ignore_errors=True)
         return len(ids)
@@ -376,22 +392,33 @@ def _values(task: Task) -> list[Any]:
 def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
     """Journal entries into the database (the journal runs this inside a transaction).
 
-    All inserts go first, then the updates in their order: a task's insert still comes
-    before its updates, an insert never overwrites, and an update writes a whole state, so
-    the result is the same as one entry at a time, in two statements instead of one per entry.
+    An update writes a task's whole state, so only the latest one of each task in the
+    batch is applied; a task created in the batch too is written once, with that state
+    (a short task's two writes become one row write). An insert never overwrites: a
+    replayed journal may hold a record that is already in.
     """
-    inserts, updates = [], []
+    inserted: dict[str, list[Any]] = {}
+    latest: dict[str, list[Any]] = {}
     for kind, *values in entries:
         if kind == "insert":
-            inserts.append(values)
+            inserted.setdefault(values[0], values)
         elif kind == "update":
-            updates.append((*values[1:], values[0]))
+            latest[values[0]] = values
         else:
             log.warning("skipping a journal entry of unknown kind %r (written by another fleetrun version?)", kind)
+    inserts, upserts = [], []
+    for task_id, values in inserted.items():
+        state = latest.pop(task_id, None)
+        if state is None:
+            inserts.append(values)
+        else:
+            upserts.append([*state, values[-1]])  # the owner comes only with the insert
     if inserts:
         db.executemany(_INSERT, inserts)
-    if updates:
-        db.executemany(_UPDATE, updates)
+    if upserts:
+        db.executemany(_UPSERT, upserts)
+    if latest:
+        db.executemany(_UPDATE, [(*values[1:], values[0]) for values in latest.values()])
 
 
 def _task(row: tuple) -> Task:
