@@ -13,7 +13,7 @@ from fleetrun.core.events import EventRecorder
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.store import TaskStore
 
-from conftest import wait_until
+from conftest import assert_none_left, wait_until
 
 
 def test_success_fires_created_then_completed_once(make_executor, recorder: EventRecorder):
@@ -57,6 +57,14 @@ def test_timeout_fires_completed_with_timed_out(make_executor, recorder):
     assert names.count("task.completed") == 1 and "task.cancelled" not in names
     assert recorder[-1].result.status is TaskStatus.TIMED_OUT
     assert 0.3 <= task.duration_s < 3
+
+
+def test_a_timeout_shorter_than_a_moment_still_ends_the_task(make_executor, recorder, marker):
+    task = make_executor().run(TaskRequest(host="local", command=f"sleep {marker}", timeout_s=0.02))
+    assert task.status is TaskStatus.TIMED_OUT
+    assert task.error == "timed out after 0.02 s"
+    assert recorder.names(task.id) == ["task.created", "task.completed"]
+    assert_none_left(marker)
 
 
 def test_cancel_while_running_fires_cancelled_not_completed(make_executor, recorder):

@@ -43,6 +43,9 @@ MAX_COMMAND_LENGTH = 128 * 1024
 _CANCEL_POLL_SECONDS = 0.5
 _STORE_PROGRESS_INTERVAL = 1.0
 _RUNNING_WRITE_DELAY = 0.05
+#: How long the engine may wait on its own thread for a command when it runs nothing else
+#: (see ``Execution.wait_inline_s``). New work waits at most this long for it.
+_WAIT_INLINE_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class _LiveTask:
     __slots__ = (
         "record", "plan", "pattern", "listener", "done", "runner", "ending",
         "cancel_reason", "stdout", "stderr", "tracker", "last_store_write", "finished",
+        "started", "timeout",
     )
 
     def __init__(self, record: Task, plan: Plan, pattern, listener: OutputListener | None) -> None:
@@ -157,15 +161,18 @@ class _LiveTask:
         self.tracker: ProgressTracker | None = None
         self.last_store_write = 0.0
         self.finished = False
+        self.started = 0.0  # loop time when it started running
+        self.timeout: asyncio.TimerHandle | None = None
 
 
 class _Sink:
-    __slots__ = ("live", "stream", "spool")
+    __slots__ = ("live", "stream", "spool", "track")
 
-    def __init__(self, live: _LiveTask, stream: str, spool: SpoolWriter) -> None:
+    def __init__(self, live: _LiveTask, stream: str, spool: SpoolWriter, track: Callable[[_LiveTask], ProgressTracker]) -> None:
         self.live = live
         self.stream = stream
         self.spool = spool
+        self.track = track
 
     def write(self, data: bytes) -> None:
         live = self.live
@@ -177,8 +184,7 @@ class _Sink:
                 live.listener(self.stream, data)
             except Exception:
                 log.exception("output listener of task %s failed", live.record.id)
-        if live.tracker is not None:
-            live.tracker.on_output(self.stream, data)
+        (live.tracker or self.track(live)).on_output(self.stream, data)
 
 
 class Executor:
@@ -465,27 +471,21 @@ class Executor:
         live.stdout = SpoolWriter(directory, "stdout", limit)
         live.stderr = SpoolWriter(directory, "stderr", limit)
         live.record = evolve(live.record, status=TaskStatus.RUNNING, started_at=time.time())
-        # A task that ends quickly gets one store write for its end, not two.
-        persist_running = loop.call_later(_RUNNING_WRITE_DELAY, self._persist, live)
-        live.tracker = ProgressTracker(
-            loop=loop,
-            stdout=live.stdout,
-            stderr=live.stderr,
-            emit=lambda progress: self._on_progress(live, progress),
-            pattern=live.pattern,
-            min_interval=self.progress_interval_s,
-            heartbeat=self.heartbeat_s,
-        )
-        timer = None
-        if live.plan.limits.max_seconds is not None:
-            timer = loop.call_later(live.plan.limits.max_seconds, self._expire, live)
+        live.started = loop.time()
+        # What only a task still running a moment later needs waits for that moment: most
+        # short tasks end with one store write, no progress tracker and no timeout timer.
+        settle = loop.call_later(_RUNNING_WRITE_DELAY, self._settle, live)
+        limit = live.plan.limits.max_seconds
+        if limit is not None and limit <= _RUNNING_WRITE_DELAY:
+            live.timeout = loop.call_later(limit, self._expire, live)
         execution = Execution(
             task_id=live.record.id,
             command=live.plan.command,
             env=live.plan.env,
             cwd=live.plan.cwd,
-            stdout=_Sink(live, "stdout", live.stdout),
-            stderr=_Sink(live, "stderr", live.stderr),
+            stdout=_Sink(live, "stdout", live.stdout, self._track),
+            stderr=_Sink(live, "stderr", live.stderr, self._track),
+            wait_inline_s=self._inline_wait(live),
         )
         status, exit_code, error, category = TaskStatus.FAILED, None, None, None
         try:
@@ -502,10 +502,42 @@ class Executor:
         except TransportError as exc:
             error, category = exc.message, exc.category
         finally:
-            persist_running.cancel()
-            if timer is not None:
-                timer.cancel()
+            settle.cancel()
+            if live.timeout is not None:
+                live.timeout.cancel()
         self._finish(live, status, exit_code=exit_code, error=error, category=category)
+
+    def _settle(self, live: _LiveTask) -> None:
+        """A moment after the start: record the task as running, arm its heartbeat and timeout."""
+        if live.finished:
+            return
+        self._persist(live)
+        if live.tracker is None:
+            self._track(live)
+        limit = live.plan.limits.max_seconds
+        if limit is not None and live.timeout is None:
+            live.timeout = asyncio.get_running_loop().call_at(live.started + limit, self._expire, live)
+
+    def _track(self, live: _LiveTask) -> ProgressTracker:
+        """The task's progress tracker, made at its first output or when it settles."""
+        assert live.stdout is not None and live.stderr is not None
+        live.tracker = ProgressTracker(
+            loop=asyncio.get_running_loop(),
+            stdout=live.stdout,
+            stderr=live.stderr,
+            emit=lambda progress: self._on_progress(live, progress),
+            pattern=live.pattern,
+            min_interval=self.progress_interval_s,
+            heartbeat=self.heartbeat_s,
+            started=live.started,
+        )
+        return live.tracker
+
+    def _inline_wait(self, live: _LiveTask) -> float:
+        if len(self._live) > 1:
+            return 0.0  # others need the loop
+        limit = live.plan.limits.max_seconds
+        return _WAIT_INLINE_SECONDS if limit is None else min(_WAIT_INLINE_SECONDS, limit)
 
     def _transport_for(self, host: Host) -> Transport:
         transport = self._transports.get(host.name)
@@ -555,8 +587,11 @@ class Executor:
         return True
 
     async def _poll_cancel_requests(self) -> None:
-        while self._live:
+        # Sleeps first, so that tasks which end at once share one poller instead of starting one each.
+        while True:
             await asyncio.sleep(_CANCEL_POLL_SECONDS)
+            if not self._live:
+                break
             try:
                 requests = await asyncio.to_thread(self.store.cancel_requests, self.owner)
             except RuntimeError:

@@ -88,6 +88,7 @@ class ProgressTracker:
         pattern: re.Pattern[str] | None,
         min_interval: float = 0.1,
         heartbeat: float = 5.0,
+        started: float | None = None,
     ) -> None:
         self.loop = loop
         self.spools = {"stdout": stdout, "stderr": stderr}
@@ -96,14 +97,16 @@ class ProgressTracker:
         self.pattern = pattern
         self.min_interval = min_interval
         self.heartbeat = heartbeat
-        self.started = time.monotonic()
+        now = time.monotonic()
+        # ``started`` (when the task started, in loop time) may be a while ago: the tracker
+        # is made at the first output, or when a silent task has run for a moment.
+        self.started = now if started is None else now - (loop.time() - started)
         self.last_emit = float("-inf")
         self.latest_stream: str | None = None
         self.percent: float | None = None
         self._deferred: asyncio.TimerHandle | None = None
-        self._heartbeat: asyncio.TimerHandle | None = None
         self._stopped = False
-        self._arm_heartbeat()
+        self._heartbeat: asyncio.TimerHandle | None = loop.call_at(self._loop_time(self.started + heartbeat), self._beat)
 
     def on_output(self, stream: str, data: bytes) -> None:
         """Note ``data`` (already written to the spool) and emit if the rate allows."""

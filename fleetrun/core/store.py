@@ -161,6 +161,7 @@ class TaskStore:
 
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
         self.home = Path(home) if home is not None else paths.data_dir()
+        self.output_root = self.home / "output"
         try:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.output_root.mkdir(exist_ok=True, mode=0o700)
@@ -185,9 +186,6 @@ class TaskStore:
             if column not in present:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
 
-    @property
-    def output_root(self) -> Path:
-        return self.home / "output"
 
     def output_dir(self, task_id: str) -> Path:
         return self.output_root / check_task_id(task_id)

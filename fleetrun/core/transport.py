@@ -48,6 +48,11 @@ class Execution:
     cwd: str | None
     stdout: OutputSink
     stderr: OutputSink
+    #: How long the transport may block the executor's thread right after starting the
+    #: command, waiting for it to end, before it goes back to the event loop. The
+    #: executor allows it only when this is its one task, so a quick command ends without
+    #: a trip through the loop; 0 means never block. Transports are free to ignore it.
+    wait_inline_s: float = 0.0
 
 
 class TransportError(Exception):

@@ -13,8 +13,10 @@ import asyncio
 import errno
 import fcntl
 import os
+import select
 import signal
 import subprocess
+import time
 from typing import Any, Mapping
 
 from fleetrun.core.hookspecs import hookimpl
@@ -60,6 +62,8 @@ class LocalTransport(Transport):
         # Set up before the spawn, not after it: work done right after a fork and exec
         # runs on cold CPU caches and costs a few times more.
         watch = _ProcessWatch(execution, stdout_read, stderr_read)
+        if not execution.wait_inline_s:
+            watch.watch_pipes()
         try:
             proc = self._spawn(execution, env, stdout_write, stderr_write)
         except OSError as exc:
@@ -69,7 +73,7 @@ class LocalTransport(Transport):
         finally:
             os.close(stdout_write)
             os.close(stderr_write)
-        return await watch.run(proc)
+        return await watch.run(proc, execution.wait_inline_s)
 
     def _spawn(self, execution: Execution, env: Mapping[str, str] | None, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
         argv = direct_argv(execution.command, self.shell)
@@ -114,16 +118,37 @@ class _ProcessWatch:
         self.pidfd: int | None = None
         self.watching_exit = False
         self.watch_later: asyncio.TimerHandle | None = None
+        self.pipes_watched = False
+        self.inline = False  # while _wait_inline reads the pipes
         for fd, sink in ((stdout, execution.stdout), (stderr, execution.stderr)):
             os.set_blocking(fd, False)
             self.sinks[fd] = sink
             self.open_pipes.add(fd)
             self.small_pipes.add(fd)
+
+    def watch_pipes(self) -> None:
+        """Have the loop read the pipes from now on."""
+        self.pipes_watched = True
+        for fd in self.open_pipes:
             self.loop.add_reader(fd, self._on_readable, fd)
 
-    async def run(self, proc: subprocess.Popen[bytes]) -> int:
+    async def run(self, proc: subprocess.Popen[bytes], wait_inline_s: float = 0.0) -> int:
         self.proc = proc
-        self.watch_later = self.loop.call_later(_EXIT_WATCH_DELAY, self._watch_exit)
+        try:
+            if not (wait_inline_s > 0 and self._wait_inline(wait_inline_s)):
+                if not self.pipes_watched:
+                    self.watch_pipes()
+                if not self.open_pipes:
+                    self._watch_exit()  # the output ended: so does the command, nearly always
+                else:
+                    self.watch_later = self.loop.call_later(_EXIT_WATCH_DELAY, self._watch_exit)
+                await self._wait()
+        finally:
+            self.close()
+        code = self.proc.returncode
+        return 128 - code if code < 0 else code
+
+    async def _wait(self) -> None:
         try:
             await self.exited
             if not self.drained.done():
@@ -136,10 +161,40 @@ class _ProcessWatch:
         except asyncio.CancelledError:
             await self._stop_group()
             raise
+
+    def _wait_inline(self, seconds: float) -> bool:
+        """Block this thread for up to ``seconds`` while the command runs; True if it ended
+        (exited, pipes drained) in that time. Most short commands do, and then cost the
+        loop nothing: no readers to add and remove, no trips through it."""
+        poller = select.poll()
+        for fd in self.open_pipes:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + seconds
+        self.inline = True
+        try:
+            while self.open_pipes:
+                remaining_ms = (deadline - time.monotonic()) * 1000
+                if remaining_ms <= 0:
+                    return False
+                for fd, _ in poller.poll(remaining_ms):
+                    self._on_readable(fd)
+                    if fd not in self.open_pipes:
+                        poller.unregister(fd)
         finally:
-            self.close()
-        code = self.proc.returncode
-        return 128 - code if code < 0 else code
+            self.inline = False
+        if self._reap():
+            return True
+        # The pipes closed a moment before the exit can be reaped: wait for it here too.
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            return False
+        try:
+            poller.register(pidfd, select.POLLIN)
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            return remaining_ms > 0 and bool(poller.poll(remaining_ms)) and self._reap()
+        finally:
+            os.close(pidfd)
 
     # -- output ----------------------------------------------------------------------
 
@@ -168,12 +223,13 @@ class _ProcessWatch:
     def _close_pipe(self, fd: int) -> None:
         if fd in self.open_pipes:
             self.open_pipes.discard(fd)
-            self.loop.remove_reader(fd)
+            if self.pipes_watched:
+                self.loop.remove_reader(fd)
             os.close(fd)
         if not self.open_pipes and not self.drained.done():
             self.drained.set_result(None)
             # Closing both pipes is nearly always the command exiting.
-            if self.proc is not None and not self.exited.done() and not self._reap():
+            if self.proc is not None and not self.inline and not self.exited.done() and not self._reap():
                 self._watch_exit()
 
     # -- exit ------------------------------------------------------------------------
