@@ -2,9 +2,11 @@
 
 A command that is only a program and plain arguments is started without the shell, with
 the same result (see :mod:`~fleetrun.plugins.transports.local_exec`). Each command gets a
-session (and so a process group) of its own; a timeout or a cancel signals the whole group (TERM, then KILL after a grace period), so nothing it
-started is left running. Output is read without threads: the executor's event loop
-watches the pipes and, for a command that runs longer than a moment, a pidfd.
+session (and so a process group) of its own; a timeout or a cancel signals the whole
+group (TERM, then KILL after a grace period), so nothing it started is left running.
+Output is read without threads: the executor's event loop watches the pipes and, for a
+command that runs longer than a moment, a pidfd. When the executor runs nothing else, a
+command that ends within a couple of milliseconds is waited for directly instead.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def _devnull() -> int:
 
 
 class _ProcessWatch:
-    """Drives one child process on the running loop until it exits and its pipes drain."""
+    """Drives one child process until it exits and its pipes drain: for a moment on this
+    thread if the executor allows it, then on the running loop."""
 
     def __init__(self, execution: Execution, stdout: int, stderr: int) -> None:
         self.proc: subprocess.Popen[bytes] | None = None  # set by run(), once the command is spawned
