@@ -474,7 +474,7 @@ class Executor:
         live.started = loop.time()
         # What only a task still running a moment later needs waits for that moment: most
         # short tasks end with one store write, no progress tracker and no timeout timer.
-        settle = loop.call_later(_RUNNING_WRITE_DELAY, self._settle, live)
+        settle = loop.call_later(min(_RUNNING_WRITE_DELAY, self.heartbeat_s), self._settle, live)
         limit = live.plan.limits.max_seconds
         if limit is not None and limit <= _RUNNING_WRITE_DELAY:
             live.timeout = loop.call_later(limit, self._expire, live)
