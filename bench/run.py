@@ -10,6 +10,7 @@ own. Results are printed as a table and written to bench/results/latest.json.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -124,6 +125,9 @@ def bench_big(params: dict) -> dict:
     ours, base, direct, to_file = [], [], [], []
     kept = home / "kept-by-cat"
     for _ in range(params["rounds"]):
+        # Each timed run starts with no dirty pages left by the one before it: writing them
+        # back would otherwise land in whichever run comes next.
+        os.sync()
         t = time.perf_counter()
         subprocess.run(["sh", "-c", f"{producer} | cat > /dev/null"], check=True)
         base.append(time.perf_counter() - t)
@@ -131,10 +135,12 @@ def bench_big(params: dict) -> dict:
         subprocess.run(["sh", "-c", f"{producer} > /dev/null"], check=True)
         direct.append(time.perf_counter() - t)
         # fleetrun keeps the bytes in a file: this is the same work done by cat.
+        os.sync()
         t = time.perf_counter()
         subprocess.run(["sh", "-c", f"{producer} | cat > {kept}"], check=True)
         to_file.append(time.perf_counter() - t)
         kept.unlink()
+        os.sync()
         t = time.perf_counter()
         task = executor.run(TaskRequest(host="local", command=producer))
         ours.append(time.perf_counter() - t)
