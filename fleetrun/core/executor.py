@@ -474,10 +474,10 @@ class Executor:
         live.started = loop.time()
         # What only a task still running a moment later needs waits for that moment: most
         # short tasks end with one store write, no progress tracker and no timeout timer.
-        settle = loop.call_later(min(_RUNNING_WRITE_DELAY, self.heartbeat_s), self._settle, live)
+        # The moment comes sooner for a heartbeat or a timeout that is due sooner.
         limit = live.plan.limits.max_seconds
-        if limit is not None and limit <= _RUNNING_WRITE_DELAY:
-            live.timeout = loop.call_later(limit, self._expire, live)
+        moment = min(_RUNNING_WRITE_DELAY, self.heartbeat_s, limit if limit is not None else _RUNNING_WRITE_DELAY)
+        settle = loop.call_later(moment, self._settle, live)
         execution = Execution(
             task_id=live.record.id,
             command=live.plan.command,
@@ -515,7 +515,7 @@ class Executor:
         if live.tracker is None:
             self._track(live)
         limit = live.plan.limits.max_seconds
-        if limit is not None and live.timeout is None:
+        if limit is not None:
             live.timeout = asyncio.get_running_loop().call_at(live.started + limit, self._expire, live)
 
     def _track(self, live: _LiveTask) -> ProgressTracker:

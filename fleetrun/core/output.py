@@ -13,7 +13,9 @@ from pathlib import Path
 
 STREAMS = ("stdout", "stderr")
 _TAIL_READ = 64 * 1024
-#: Chunks at least this large have their lines counted by the faster way for their density.
+#: Chunks at least this large have their lines counted the faster way for their density,
+#: judged on a sample of their first bytes.
+_COUNT_WAY_FROM = 16 * 1024
 _COUNT_SAMPLE = 4096
 #: Lines shorter than this on average (in the sample) are counted byte by byte.
 _SHORT_LINE = 32
@@ -27,7 +29,7 @@ def count_lines(data: bytes) -> int:
     64-byte lines and 7x for 1 KiB lines, but 3x slower for 8-byte lines and 17x when
     every byte is a newline. A sample of the chunk picks the way; both count the same.
     """
-    if len(data) < 4 * _COUNT_SAMPLE or data.count(b"\n", 0, _COUNT_SAMPLE) * _SHORT_LINE > _COUNT_SAMPLE:
+    if len(data) < _COUNT_WAY_FROM or data.count(b"\n", 0, _COUNT_SAMPLE) * _SHORT_LINE > _COUNT_SAMPLE:
         return data.count(b"\n")
     return len(data) - len(data.replace(b"\n", b""))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from typing import Callable
 
 from fleetrun.core.models import Progress
@@ -90,6 +89,7 @@ class ProgressTracker:
         heartbeat: float = 5.0,
         started: float | None = None,
     ) -> None:
+        # All times are the loop's (``loop.time()``), the clock its timers run on.
         self.loop = loop
         self.spools = {"stdout": stdout, "stderr": stderr}
         self.windows = {"stdout": _StreamWindow(), "stderr": _StreamWindow()}
@@ -97,16 +97,15 @@ class ProgressTracker:
         self.pattern = pattern
         self.min_interval = min_interval
         self.heartbeat = heartbeat
-        now = time.monotonic()
-        # ``started`` (when the task started, in loop time) may be a while ago: the tracker
-        # is made at the first output, or when a silent task has run for a moment.
-        self.started = now if started is None else now - (loop.time() - started)
+        # ``started`` may be a while ago: the tracker is made at the task's first output,
+        # or when a silent task has run for a moment.
+        self.started = loop.time() if started is None else started
         self.last_emit = float("-inf")
         self.latest_stream: str | None = None
         self.percent: float | None = None
         self._deferred: asyncio.TimerHandle | None = None
         self._stopped = False
-        self._heartbeat: asyncio.TimerHandle | None = loop.call_at(self._loop_time(self.started + heartbeat), self._beat)
+        self._heartbeat: asyncio.TimerHandle | None = loop.call_at(self.started + heartbeat, self._beat)
 
     def on_output(self, stream: str, data: bytes) -> None:
         """Note ``data`` (already written to the spool) and emit if the rate allows."""
@@ -114,12 +113,12 @@ class ProgressTracker:
             return
         self.windows[stream].feed(data)
         self.latest_stream = stream
-        now = time.monotonic()
+        now = self.loop.time()
         due = self.last_emit + self.min_interval
         if now >= due:
             self._emit(heartbeat=False)
         elif self._deferred is None:
-            self._deferred = self.loop.call_at(self._loop_time(due), self._emit_deferred)
+            self._deferred = self.loop.call_at(due, self._emit_deferred)
 
     def snapshot(self, *, heartbeat: bool = False) -> Progress:
         if self.pattern is not None:
@@ -136,7 +135,7 @@ class ProgressTracker:
             latest = self.windows[self.latest_stream].latest_line()
         out, err = self.spools["stdout"], self.spools["stderr"]
         return Progress(
-            elapsed_s=round(time.monotonic() - self.started, 3),
+            elapsed_s=round(self.loop.time() - self.started, 3),
             stdout_bytes=out.bytes_seen,
             stderr_bytes=err.bytes_seen,
             stdout_lines=out.lines,
@@ -157,9 +156,6 @@ class ProgressTracker:
                 handle.cancel()
         self._deferred = self._heartbeat = None
 
-    def _loop_time(self, monotonic_deadline: float) -> float:
-        return self.loop.time() + (monotonic_deadline - time.monotonic())
-
     def _emit_deferred(self) -> None:
         self._deferred = None
         if not self._stopped:
@@ -171,7 +167,7 @@ class ProgressTracker:
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None
-        self.last_emit = time.monotonic()
+        self.last_emit = self.loop.time()
         self._arm_heartbeat()
         self.emit_callback(self.snapshot(heartbeat=heartbeat))
 

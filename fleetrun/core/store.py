@@ -186,7 +186,6 @@ class TaskStore:
             if column not in present:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
 
-
     def output_dir(self, task_id: str) -> Path:
         return self.output_root / check_task_id(task_id)
 

@@ -121,8 +121,7 @@ class _ProcessWatch:
         self.pidfd: int | None = None
         self.watching_exit = False
         self.watch_later: asyncio.TimerHandle | None = None
-        self.pipes_watched = False
-        self.inline = False  # while _wait_inline reads the pipes
+        self.pipes_watched = False  # False while _wait_inline reads them itself
         for fd, sink in ((stdout, execution.stdout), (stderr, execution.stderr)):
             os.set_blocking(fd, False)
             self.sinks[fd] = sink
@@ -173,19 +172,15 @@ class _ProcessWatch:
         for fd in self.open_pipes:
             poller.register(fd, select.POLLIN)
         deadline = time.monotonic() + seconds
-        self.inline = True
-        try:
-            while self.open_pipes:
-                remaining_ms = (deadline - time.monotonic()) * 1000
-                if remaining_ms <= 0:
-                    return False
-                for fd, _ in poller.poll(remaining_ms):
-                    self._on_readable(fd)
-                    if fd not in self.open_pipes:
-                        poller.unregister(fd)
-        finally:
-            self.inline = False
-        if self._reap():
+        while self.open_pipes:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            if remaining_ms <= 0:
+                return False
+            for fd, _ in poller.poll(remaining_ms):
+                self._on_readable(fd)
+                if fd not in self.open_pipes:
+                    poller.unregister(fd)
+        if self.exited.done() or self._reap():
             return True
         # The pipes closed a moment before the exit can be reaped: wait for it here too.
         try:
@@ -231,8 +226,9 @@ class _ProcessWatch:
             os.close(fd)
         if not self.open_pipes and not self.drained.done():
             self.drained.set_result(None)
-            # Closing both pipes is nearly always the command exiting.
-            if self.proc is not None and not self.inline and not self.exited.done() and not self._reap():
+            # Closing both pipes is nearly always the command exiting. (Unwatched, the
+            # pipes are being read by _wait_inline, which waits for the exit itself.)
+            if self.proc is not None and not self.exited.done() and not self._reap() and self.pipes_watched:
                 self._watch_exit()
 
     # -- exit ------------------------------------------------------------------------
