@@ -120,10 +120,13 @@ def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_exe
     assert holder.inside.wait(10)
     try:
         second = executor.submit(TaskRequest(host="local", command="echo second"))
+        # Tasks that arrive while the engine is busy are taken together, in order.
+        later = [executor.submit(TaskRequest(host="local", command=f"echo {n}")) for n in range(5)]
         # The engine has not taken it yet, and the task is already known and stored.
         assert recorder.names(second.id) == []
         assert executor.get(second.id).status is TaskStatus.QUEUED
-        assert [t.id for t in executor.list(status=[TaskStatus.QUEUED])][0] == second.id
+        queued = [t.id for t in executor.list(status=[TaskStatus.QUEUED])]  # newest first
+        assert queued == [*(handle.id for handle in reversed(later)), second.id, first.id]
         another_reader = TaskStore(store.home)
         try:
             assert another_reader.get(second.id).status is TaskStatus.QUEUED
@@ -134,6 +137,11 @@ def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_exe
     assert second.wait(10).status is TaskStatus.SUCCEEDED
     assert first.wait(10).status is TaskStatus.SUCCEEDED
     assert recorder.names(second.id) == ["task.created", "task.progress", "task.completed"]
+    for n, handle in enumerate(later):
+        task = handle.wait(10)
+        assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{n}\n".encode())
+    created = [event.task.id for event in recorder if event.event == "task.created"]
+    assert created == [first.id, second.id, *(handle.id for handle in later)]
 
 
 def test_a_task_cancelled_before_the_engine_takes_it_runs_nothing(make_executor, recorder, tmp_path):

@@ -229,6 +229,8 @@ class Executor:
         self.progress_interval_s = progress_interval_s
         self.owner = owner_token()
         self._live: dict[str, _LiveTask] = {}
+        #: Recorded tasks the engine has not taken yet, oldest first (guarded by ``_start_lock``).
+        self._arrivals: list[_LiveTask] = []
         self._transports: dict[str, Transport] = {}
         self._host_slots: dict[str, asyncio.Semaphore] = {}
         self._global_slots: asyncio.Semaphore | None = None
@@ -410,7 +412,11 @@ class Executor:
             except Exception as exc:
                 raise FleetrunError(f"cannot record the task in the store: {exc}") from exc
             self._live[live.record.id] = live
-            loop.call_soon_threadsafe(self._admit, live)
+            self._arrivals.append(live)
+            if len(self._arrivals) == 1:
+                # One wake-up serves every task that arrives before the engine gets to them:
+                # waking another thread is dear, more so on a VM, where it costs an interrupt.
+                loop.call_soon_threadsafe(self._admit_arrivals)
         return live
 
     def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> _LiveTask:
@@ -433,6 +439,12 @@ class Executor:
             policy=plan.decision.summary if plan.decision is not None else None,
         )
         return _LiveTask(record, plan, pattern, listener)
+
+    def _admit_arrivals(self) -> None:
+        with self._start_lock:
+            arrivals, self._arrivals = self._arrivals, []
+        for live in arrivals:
+            self._admit(live)
 
     def _admit(self, live: _LiveTask) -> None:
         """On the engine loop: fire ``created``, start driving the task."""

@@ -60,7 +60,7 @@ def direct_environment(env: Mapping[str, str] | None, cwd: str | None) -> tuple[
         return False, None  # the shell's default PATH, or functions exported from bash
     directory = cwd or os.getcwd()
     pwd = effective.get("PWD")
-    if pwd and os.path.isabs(pwd) and _same_directory(pwd, directory):
+    if pwd and os.path.isabs(pwd) and (pwd == directory or _same_directory(pwd, directory)):
         return True, env
     fixed = dict(effective)
     # The shell keeps an inherited PWD that names its directory, and sets the physical path otherwise.
