@@ -144,6 +144,31 @@ def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_exe
     assert created == [first.id, second.id, *(handle.id for handle in later)]
 
 
+def test_tasks_taken_together_do_not_share_a_failure(make_executor, recorder, caplog):
+    holder = _HoldsTheEngine()
+    executor = make_executor(plugins=[holder])
+    first = executor.submit(TaskRequest(host="local", command="true"))
+    assert holder.inside.wait(10)
+    try:
+        broken = executor.submit(TaskRequest(host="local", command="echo broken"))
+        healthy = executor.submit(TaskRequest(host="local", command="echo healthy"))
+        admit = executor._admit
+
+        def admit_failing_for_one(live):  # a fault inside fleetrun, injected for one task only
+            if live.record.id == broken.id:
+                raise RuntimeError("injected")
+            admit(live)
+
+        executor._admit = admit_failing_for_one
+    finally:
+        holder.release.set()
+    assert first.wait(10).status is TaskStatus.SUCCEEDED
+    assert healthy.wait(10).status is TaskStatus.SUCCEEDED
+    assert recorder.names(healthy.id) == ["task.created", "task.progress", "task.completed"]
+    assert recorder.names(broken.id) == []
+    assert f"admitting task {broken.id} failed" in caplog.text
+
+
 def test_a_task_cancelled_before_the_engine_takes_it_runs_nothing(make_executor, recorder, tmp_path):
     flag = tmp_path / "ran"
     submitted = {}

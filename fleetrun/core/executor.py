@@ -444,7 +444,10 @@ class Executor:
         with self._start_lock:
             arrivals, self._arrivals = self._arrivals, []
         for live in arrivals:
-            self._admit(live)
+            try:
+                self._admit(live)
+            except Exception:  # taken together, one task's failure must not strand the others
+                log.exception("admitting task %s failed", live.record.id)
 
     def _admit(self, live: _LiveTask) -> None:
         """On the engine loop: fire ``created``, start driving the task."""
