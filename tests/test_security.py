@@ -161,6 +161,8 @@ hosts:
         ("a" * 300, "true", {}, "invalid host name 'aaaa"),
         ("web\x1b[2J", "true", {}, "invalid host name"),
         ("../../etc", "true", {}, "invalid host name '../../etc'"),
+        ("local\n", "true", {}, "invalid host name 'local\\n'"),
+        (None, "true", {}, "invalid host name None"),
         ("local", "echo \x1b[31mred", {}, "control character U+001B at position 5"),
         ("local", "echo a\x00b", {}, "control character U+0000"),
         ("local", "ls \u202eevil", {}, "control character U+202E"),
@@ -180,7 +182,7 @@ def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, com
     assert executor.list() == []
 
 
-@pytest.mark.parametrize("task_id", ["../../etc/passwd", "x" * 5000, "ABCDEF123456", "", "12345"])
+@pytest.mark.parametrize("task_id", ["../../etc/passwd", "x" * 5000, "ABCDEF123456", "", "12345", "abcdef012345\n"])
 def test_bad_task_ids_are_refused_without_echoing_them_whole(make_executor, task_id):
     executor = make_executor()
     with pytest.raises(UnknownTaskError) as error:

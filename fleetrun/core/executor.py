@@ -698,8 +698,8 @@ _CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066
 
 
 def _check_host_name(name: str) -> None:
-    if not isinstance(name, str) or not HOST_NAME_RE.match(name):
-        shown = repr(name[:80]) + ("…" if isinstance(name, str) and len(name) > 80 else "")
+    if not isinstance(name, str) or not HOST_NAME_RE.fullmatch(name):
+        shown = repr(name[:80]) + ("…" if len(name) > 80 else "") if isinstance(name, str) else repr(name)
         raise FleetrunError(
             f"invalid host name {shown}: names are letters, digits, '.', '_' and '-', at most 63 characters"
         )

@@ -33,7 +33,8 @@ from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
 from fleetrun.core.transport import HostField, Transport
 
-HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
+HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 TAG_RE = HOST_NAME_RE
 
 #: Fields every host may set, whatever its transport.
@@ -171,7 +172,7 @@ class _InventoryParser:
         if "tags" in top:
             specs = {name: COMMON_HOST_FIELDS[name] for name in LIMIT_FIELDS}
             for tag, (tag_node, body) in self.mapping(top["tags"][1], "'tags' must be a mapping of tag to limits").items():
-                if not TAG_RE.match(tag):
+                if not TAG_RE.fullmatch(tag):
                     raise self.error(tag_node, f"invalid tag {tag!r}")
                 entries = self.mapping(body, f"tag {tag!r} must be a mapping of limit fields")
                 tag_limits[tag] = self.fields(entries, specs, host=None, unknown=f"unknown field in tag {tag!r}")
@@ -184,7 +185,7 @@ class _InventoryParser:
             raise self.error(hosts_node, "'hosts' is empty: define at least one host")
         hosts: dict[str, Host] = {}
         for name, (name_node, body) in entries.items():
-            if not HOST_NAME_RE.match(name):
+            if not HOST_NAME_RE.fullmatch(name):
                 raise self.error(
                     name_node,
                     "invalid host name: use letters, digits, '.', '_' and '-' (at most 63, not starting with a punctuation mark)",
@@ -320,7 +321,7 @@ class _InventoryParser:
             for item_node, item in zip(node.value, value):
                 if not isinstance(item, str) or not item:
                     raise self.error(item_node, "every item must be a non-empty string", host=host, field=field)
-                if field == "tags" and not TAG_RE.match(item):
+                if field == "tags" and not TAG_RE.fullmatch(item):
                     raise self.error(item_node, f"invalid tag {item!r}", host=host, field=field)
             return value
         if kind == "string-map":

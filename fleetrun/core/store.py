@@ -36,7 +36,7 @@ from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
 log = logging.getLogger("fleetrun.store")
 
 SCHEMA_VERSION = 3
-TASK_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
 DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
 
@@ -150,7 +150,7 @@ def owner_alive(token: str | None) -> bool:
 
 
 def check_task_id(task_id: str) -> str:
-    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
         shown = repr(task_id[:40]) + ("…" if len(task_id) > 40 else "") if isinstance(task_id, str) else type(task_id).__name__
         raise UnknownTaskError(f"invalid task id {shown}: a task id is 12 lowercase hex characters")
     return task_id
