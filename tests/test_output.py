@@ -40,3 +40,16 @@ def test_the_spool_counts_lines_across_chunks_and_past_the_limit(tmp_path):
     assert spool.bytes_seen == sum(map(len, chunks))
     assert spool.bytes_kept == 100 and spool.truncated
     assert (tmp_path / "stdout").read_bytes() == SHAPES["64-byte lines"][:100]
+
+
+def test_a_full_disk_truncates_the_spool_and_loses_no_count(tmp_path, caplog):
+    directory = tmp_path / "task"
+    directory.mkdir()
+    (directory / "stdout").symlink_to("/dev/full")  # every write fails with ENOSPC
+    spool = SpoolWriter(directory, "stdout", 1 << 30)
+    spool.write(b"one\ntwo\n")
+    spool.write(b"three\n")
+    spool.close()
+    assert (spool.bytes_seen, spool.bytes_kept, spool.lines, spool.truncated) == (14, 0, 3, True)
+    assert caplog.text.count("keeping no more stdout") == 1
+    assert "No space left on device" in caplog.text

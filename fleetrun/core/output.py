@@ -7,9 +7,12 @@ command prints. Bytes past ``max_output_bytes`` are counted but not kept.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("fleetrun.output")
 
 STREAMS = ("stdout", "stderr")
 _TAIL_READ = 64 * 1024
@@ -60,15 +63,21 @@ class SpoolWriter:
         room = self.limit - self.bytes_kept
         if room <= 0 or self._closed:
             return
-        if self._fd is None:
-            self.directory.mkdir(mode=0o700, exist_ok=True)
-            path = spool_path(self.directory, self.stream)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        view = memoryview(data)[:room]
-        while view:
-            written = os.write(self._fd, view)
-            self.bytes_kept += written
-            view = view[written:]
+        try:
+            if self._fd is None:
+                self.directory.mkdir(mode=0o700, exist_ok=True)
+                path = spool_path(self.directory, self.stream)
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            view = memoryview(data)[:room]
+            while view:
+                written = os.write(self._fd, view)
+                self.bytes_kept += written
+                view = view[written:]
+        except OSError as exc:
+            # A full disk must not fail the command: what is kept stays readable, the rest is
+            # counted, and the task says its output was truncated.
+            log.warning("keeping no more %s in %s: %s", self.stream, self.directory, exc.strerror or exc)
+            self._closed = True
 
     def close(self) -> None:
         self._closed = True
