@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -113,12 +114,21 @@ class _HoldsTheEngine:
             self.release.wait(30)
 
 
-def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_executor, recorder, store):
+@contextlib.contextmanager
+def _engine_held(make_executor):
+    """An executor whose engine is blocked (in its first task's ``created`` hook) until the block ends."""
     holder = _HoldsTheEngine()
     executor = make_executor(plugins=[holder])
     first = executor.submit(TaskRequest(host="local", command="true"))
     assert holder.inside.wait(10)
     try:
+        yield executor, first
+    finally:
+        holder.release.set()
+
+
+def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_executor, recorder, store):
+    with _engine_held(make_executor) as (executor, first):
         second = executor.submit(TaskRequest(host="local", command="echo second"))
         # Tasks that arrive while the engine is busy are taken together, in order.
         later = [executor.submit(TaskRequest(host="local", command=f"echo {n}")) for n in range(5)]
@@ -132,8 +142,6 @@ def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_exe
             assert another_reader.get(second.id).status is TaskStatus.QUEUED
         finally:
             another_reader.close()
-    finally:
-        holder.release.set()
     assert second.wait(10).status is TaskStatus.SUCCEEDED
     assert first.wait(10).status is TaskStatus.SUCCEEDED
     assert recorder.names(second.id) == ["task.created", "task.progress", "task.completed"]
@@ -145,11 +153,7 @@ def test_submit_returns_with_the_task_recorded_while_the_engine_is_busy(make_exe
 
 
 def test_tasks_taken_together_do_not_share_a_failure(make_executor, recorder, caplog):
-    holder = _HoldsTheEngine()
-    executor = make_executor(plugins=[holder])
-    first = executor.submit(TaskRequest(host="local", command="true"))
-    assert holder.inside.wait(10)
-    try:
+    with _engine_held(make_executor) as (executor, first):
         broken = executor.submit(TaskRequest(host="local", command="echo broken"))
         healthy = executor.submit(TaskRequest(host="local", command="echo healthy"))
         admit = executor._admit
@@ -160,8 +164,6 @@ def test_tasks_taken_together_do_not_share_a_failure(make_executor, recorder, ca
             admit(live)
 
         executor._admit = admit_failing_for_one
-    finally:
-        holder.release.set()
     assert first.wait(10).status is TaskStatus.SUCCEEDED
     assert healthy.wait(10).status is TaskStatus.SUCCEEDED
     assert recorder.names(healthy.id) == ["task.created", "task.progress", "task.completed"]

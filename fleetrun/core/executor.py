@@ -295,11 +295,7 @@ class Executor:
                 found = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop).result()
             if found is not None:
                 return found
-        task = self.store.get(task_id)
-        if task.status.is_terminal:
-            return False
-        self.store.request_cancel(task_id, reason)
-        return True
+        return self._cancel_through_store(task_id, reason)
 
     async def cancel_async(self, task_id: str, reason: str = "cancelled by user") -> bool:
         """:meth:`cancel` for asyncio callers: never blocks the caller's event loop."""
@@ -309,7 +305,15 @@ class Executor:
             found = await asyncio.wrap_future(pending)
             if found is not None:
                 return found
-        return await asyncio.to_thread(self.cancel, task_id, reason)
+        return await asyncio.to_thread(self._cancel_through_store, task_id, reason)
+
+    def _cancel_through_store(self, task_id: str, reason: str) -> bool:
+        """A task this executor does not hold: its owner picks the request up from the store."""
+        task = self.store.get(task_id)
+        if task.status.is_terminal:
+            return False
+        self.store.request_cancel(task_id, reason)
+        return True
 
     async def wait_async(self, task_id: str, *, poll_s: float = 0.1) -> Task:
         """Await the end of any task by id: this executor's own at once, another process's by polling the store."""
@@ -482,9 +486,9 @@ class Executor:
     async def _execute(self, live: _LiveTask) -> None:
         loop = asyncio.get_running_loop()
         directory = self.store.output_dir(live.record.id)
-        limit = live.plan.limits.max_output_bytes
-        live.stdout = SpoolWriter(directory, "stdout", limit)
-        live.stderr = SpoolWriter(directory, "stderr", limit)
+        kept = live.plan.limits.max_output_bytes
+        live.stdout = SpoolWriter(directory, "stdout", kept)
+        live.stderr = SpoolWriter(directory, "stderr", kept)
         live.record = evolve(live.record, status=TaskStatus.RUNNING, started_at=time.time())
         live.started = loop.time()
         # What only a task still running a moment later needs waits for that moment: most
