@@ -196,6 +196,33 @@ def test_a_task_cancelled_before_the_engine_takes_it_runs_nothing(make_executor,
     assert executor.store.get(task.id).status is TaskStatus.CANCELLED
     assert not flag.exists()
 
+def test_a_task_recorded_just_before_close_is_ended_by_the_shutdown(make_executor, recorder, tmp_path):
+    """The caller wakes the engine after it lets go of the start lock, so close() can come
+    between the task being recorded and the wake-up: the shutdown must still end it."""
+    flag = tmp_path / "ran"
+    executor = make_executor()
+    executor.run(TaskRequest(host="local", command="true"))  # the engine is up
+    loop = executor._loop
+    wake = loop.call_soon_threadsafe
+    closer = threading.Thread(target=executor.close)
+
+    def close_before_the_wake(callback, *args, **kwargs):
+        if getattr(callback, "__name__", "") == "_admit_arrivals" and not closer.is_alive() and not executor._closed:
+            closer.start()
+            closer.join(10)  # close() has shut the engine down and closed its loop
+        return wake(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = close_before_the_wake
+    handle = executor.submit(TaskRequest(host="local", command=f"touch {flag}"))
+    assert loop.is_closed() and not closer.is_alive()
+    task = handle.wait(1)
+    assert task.status is TaskStatus.CANCELLED
+    assert task.cancel_reason == "the executor was closed"
+    assert task.started_at is None and not flag.exists()
+    assert recorder.names(task.id) == ["task.created", "task.cancelled"]
+    assert executor.store.get(task.id).status is TaskStatus.CANCELLED
+
+
 
 def test_a_hook_can_cancel_its_own_running_task(make_executor, recorder):
     class CancelsOnOutput:

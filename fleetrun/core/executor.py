@@ -407,8 +407,8 @@ class Executor:
         than the task's own bookkeeping when many are submitted at once.
         """
         live = self._prepare(request, listener)
-        # Under the lock, close() cannot come between: every recorded task reaches the
-        # engine before the engine's shutdown, which then ends it.
+        # Under the lock, close() cannot come between: every recorded task is in
+        # ``_arrivals`` before the engine's shutdown, which takes them and ends them.
         with self._start_lock:
             loop = self._engine_loop()
             try:
@@ -417,10 +417,18 @@ class Executor:
                 raise FleetrunError(f"cannot record the task in the store: {exc}") from exc
             self._live[live.record.id] = live
             self._arrivals.append(live)
-            if len(self._arrivals) == 1:
-                # One wake-up serves every task that arrives before the engine gets to them:
-                # waking another thread is dear, more so on a VM, where it costs an interrupt.
+            # One wake-up serves every task that arrives before the engine gets to them:
+            # waking another thread is dear, more so on a VM, where it costs an interrupt.
+            wake = len(self._arrivals) == 1
+        if wake:
+            # Outside the lock: the engine, woken, takes the lock at once to collect the
+            # arrivals, and would only have to wait for this thread to let go of it.
+            try:
                 loop.call_soon_threadsafe(self._admit_arrivals)
+            except RuntimeError:  # the loop is closed
+                if not self._closed:
+                    raise
+                # close() came in between: its shutdown took the task and ended it.
         return live
 
     def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> _LiveTask:
@@ -672,6 +680,9 @@ class Executor:
         for live in list(self._live.values()):
             if self._cancel_now(live.record.id, reason) and live.runner is not None:
                 runners.append(live.runner)
+        # Tasks recorded before close() whose wake-up has not come yet: cancelled above,
+        # they end as they are taken, with nothing run.
+        self._admit_arrivals()
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
         if self._cancel_poller is not None:
