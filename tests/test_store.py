@@ -152,8 +152,11 @@ SLOW_WRITER_SCRIPT = textwrap.dedent(
 
     journal.BATCH_SECONDS = 3600  # the writer waits: what this process writes stays in its journal
     executor = Executor(store=TaskStore(sys.argv[1]), plugins=PluginManager(autoload=False), retention=None)
-    task = executor.run(TaskRequest(host="local", command="echo ended before the crash"))
-    print(task.id, task.status.value, flush=True)
+    previous = ""
+    for command in sys.argv[2:] or ["echo ended before the crash"]:
+        task = executor.run(TaskRequest(host="local", command=command.format(previous=previous)))
+        print(task.id, task.status.value, flush=True)
+        previous = task.id
     time.sleep(600)
     """
 )
@@ -181,6 +184,23 @@ def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner
         (record,) = [t for t in json.loads(listed.stdout) if t["id"] == task_id]
         assert (record["status"], record["exit_code"]) == ("succeeded", 0)
         assert list((store.home / "journal").glob("*.journal")) == []
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_journal_entry_that_only_mentions_a_task_is_not_taken_for_it(store):
+    # The second command names the first task's id, so its journal lines contain that id too.
+    owner = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER_SCRIPT, str(store.home), "echo first", "echo {previous}"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        first_id, _ = owner.stdout.readline().split()
+        second_id, _ = owner.stdout.readline().split()
+        first, second = store.get(first_id), store.get(second_id)
+        assert (first.id, first.command, first.stdout_bytes) == (first_id, "echo first", 6)
+        assert (second.id, second.command, second.stdout_bytes) == (second_id, f"echo {first_id}", 13)
     finally:
         owner.kill()
         owner.wait()

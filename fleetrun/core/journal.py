@@ -76,8 +76,10 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------
 
-    def append(self, key: str, value: object, entry: list[Any]) -> None:
-        """Make ``entry`` durable now and apply it soon; ``value`` is what :meth:`pending` returns for ``key`` until then."""
+    def append(self, entry: list[Any], value: object) -> None:
+        """Make ``entry`` (``[kind, key, ...]``) durable now and apply it soon; ``value`` is
+        what :meth:`pending` returns for its key until then."""
+        key = entry[1]
         line = (_ENCODER.encode(entry) + "\n").encode()
         with self._cond:
             if self._closed:
@@ -265,7 +267,7 @@ def _remove_abandoned_claims(directory: Path) -> None:
 
 
 def find_latest(directory: Path, key: str) -> list[Any] | None:
-    """The last entry mentioning ``key`` in any journal, live or abandoned, or None.
+    """The last entry for ``key`` (``[kind, key, ...]``) in any journal, live or abandoned, or None.
 
     For a reader that does not find a record in SQLite: its owner may not have applied it yet.
     """
@@ -278,7 +280,8 @@ def find_latest(directory: Path, key: str) -> list[Any] | None:
         except OSError:
             continue  # replayed and removed meanwhile
         for entry in _entries(lines, path, quiet=True):
-            latest = entry
+            if len(entry) > 1 and entry[1] == key:  # not an entry that only mentions it (a command naming a task)
+                latest = entry
     return latest
 
 

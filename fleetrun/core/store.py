@@ -204,11 +204,11 @@ class TaskStore:
     def insert(self, task: Task, owner: str) -> None:
         """Record a new task (durable when this returns). Its output directory is made when output first arrives."""
         check_task_id(task.id)
-        self._journaled().append(task.id, task, ["insert", *_values(task), owner])
+        self._journaled().append(["insert", *_values(task), owner], task)
 
     def update(self, task: Task) -> None:
         """Write a task's current state (all but its identity and owner); durable when this returns."""
-        self._journaled().append(task.id, task, ["update", *_values(task)])
+        self._journaled().append(["update", *_values(task)], task)
 
     def _journaled(self) -> journal.Journal:
         if self._journal is None:
