@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, Field
 
@@ -226,13 +226,17 @@ class FleetrunMcp:
     def tail(self, task_id: str, stream: str) -> str:
         return _text(self.executor.tail_output(task_id, stream, lines=TAIL_LINES, max_bytes=TAIL_BYTES).data)
 
-    async def submit(self, ctx: Context, host: str, command: str, timeout_s: float | None, *, open_call: bool):  # type: ignore[no-untyped-def]
+    async def submit(  # type: ignore[no-untyped-def]
+        self, session: Any, host: str, command: str, timeout_s: float | None, *, open_call: bool,
+        status: Callable[[Task], dict[str, Any]] | None = None,
+    ):
+        """Start a task and relay its lifecycle to ``session``; a refusal is a :class:`ToolError`."""
         request = TaskRequest(host=host, command=command, timeout_s=timeout_s)
         try:
             handle = await self.executor.submit_async(request)
         except FleetrunError as exc:
             raise _fail(exc) from None
-        follower = self.notifier.follow(self.executor.get(handle.id), ctx.session, open_call=open_call)
+        follower = self.notifier.follow(self.executor.get(handle.id), session, open_call=open_call, status=status)
         return handle, follower
 
 
@@ -304,7 +308,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         host: str, command: str, ctx: Context, timeout_s: float | None = None, wait_s: float = DEFAULT_WAIT_S
     ) -> RunResult:
         wait = min(max(wait_s, 0.0), MAX_WAIT_S)
-        handle, follower = await state.submit(ctx, host, command, timeout_s, open_call=True)
+        handle, follower = await state.submit(ctx.session, host, command, timeout_s, open_call=True)
         queue = follower.call_queue
         assert queue is not None
         deadline = time.monotonic() + wait
@@ -344,7 +348,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
 
     @server.tool(description="Start a command and return its task id at once; follow it with get_task.")
     async def start_task(host: str, command: str, ctx: Context, timeout_s: float | None = None) -> TaskInfo:
-        handle, _ = await state.submit(ctx, host, command, timeout_s, open_call=False)
+        handle, _ = await state.submit(ctx.session, host, command, timeout_s, open_call=False)
         return _task_info(executor.get(handle.id))
 
     @server.tool(

@@ -13,15 +13,15 @@ middleware: it answers the task methods itself, advertises ``capabilities.tasks`
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 
-from fleetrun.core.errors import FleetrunError, PolicyDenied
-from fleetrun.core.models import Task, TaskRequest, TaskStatus
+from fleetrun.core.events import iso_time
+from fleetrun.core.models import Task, TaskStatus
 from fleetrun.core.secrets import redact
 
 if TYPE_CHECKING:
@@ -40,11 +40,6 @@ class _McpTask:
     task_id: str
     ttl_ms: int
     session: Any
-
-
-def _iso(timestamp: float | None) -> str:
-    moment = _dt.datetime.fromtimestamp(timestamp or 0, _dt.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def mcp_status(task: Task) -> tuple[str, str]:
@@ -71,7 +66,7 @@ class TasksMiddleware:
         status, message = mcp_status(task)
         return {
             "taskId": task.id, "status": status, "statusMessage": message,
-            "createdAt": _iso(task.created_at), "lastUpdatedAt": _iso(task.ended_at or task.started_at or task.created_at),
+            "createdAt": iso_time(task.created_at), "lastUpdatedAt": iso_time(task.ended_at or task.started_at or task.created_at),
             "ttl": ttl_ms, "pollInterval": POLL_INTERVAL_MS,
         }
 
@@ -102,19 +97,16 @@ class TasksMiddleware:
         if name not in TASK_TOOLS:
             raise MCPError(code=INVALID_PARAMS, message=f"tool {name!r} does not support task-augmented calls")
         arguments = params.get("arguments") or {}
-        ttl = (params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS
+        ttl = int((params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS)
         try:
-            request = TaskRequest(host=str(arguments.get("host", "")), command=str(arguments.get("command", "")),
-                                  timeout_s=arguments.get("timeout_s"))
-            handle = await self.state.executor.submit_async(request)
-        except PolicyDenied as exc:
-            raise MCPError(code=INVALID_PARAMS, message=f"policy: {redact(str(exc))}") from None
-        except FleetrunError as exc:
-            raise MCPError(code=INVALID_PARAMS, message=redact(str(exc)) or "invalid request") from None
-        self.tasks[handle.id] = _McpTask(handle.id, int(ttl), ctx.session)
-        task = self.state.executor.get(handle.id)
-        self.state.notifier.follow(task, ctx.session, open_call=False, status=lambda t: self.wire_task(t, int(ttl)))
-        return {"task": self.wire_task(task, int(ttl))}
+            handle, _ = await self.state.submit(
+                ctx.session, str(arguments.get("host", "")), str(arguments.get("command", "")),
+                arguments.get("timeout_s"), open_call=False, status=lambda t: self.wire_task(t, ttl),
+            )
+        except ToolError as exc:  # refused: a bad request or the policy, already worded and redacted
+            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
+        self.tasks[handle.id] = _McpTask(handle.id, ttl, ctx.session)
+        return {"task": self.wire_task(self.state.executor.get(handle.id), ttl)}
 
     async def _task_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "tasks/list":

@@ -452,8 +452,10 @@ def test_mcp_tasks_cancel_denial_and_unknown_ids(server_for, marker):
                     await anyio.sleep(0.02)
             assert statuses[0].status == "cancelled"
 
-            with pytest.raises(mcp.MCPError, match="rule 2 of policy.yaml, line 4: deny: echo forbidden"):
+            with pytest.raises(mcp.MCPError, match=r"policy: .*rule 2 of policy\.yaml, line 4: deny: echo forbidden"):
                 await _create_task(client, {"host": "local", "command": "echo forbidden"})
+            with pytest.raises(mcp.MCPError, match="unknown host 'nowhere'"):
+                await _create_task(client, {"host": "nowhere", "command": "true"})
             with pytest.raises(mcp.MCPError, match="does not support task-augmented calls"):
                 await _create_task(client, {"tag": "dev"}, name="list_hosts")
             with pytest.raises(mcp.MCPError, match="unknown task"):

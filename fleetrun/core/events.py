@@ -26,7 +26,8 @@ CANCELLED = "task.cancelled"
 DENIED = "command.denied"
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso_time(timestamp: float | None) -> str | None:
+    """A Unix time as UTC ISO 8601 with milliseconds (``2026-11-24T06:43:30.123Z``); None stays None."""
     if timestamp is None:
         return None
     return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -48,7 +49,7 @@ class LifecycleEvent:
         out: dict[str, Any] = {
             "v": SCHEMA_VERSION,
             "event": self.event,
-            "time": _iso(self.time),
+            "time": iso_time(self.time),
             "task_id": task.id,
             "host": task.host,
             "transport": task.transport,
@@ -57,7 +58,7 @@ class LifecycleEvent:
         }
         if self.event == CREATED:
             out.update(
-                created_at=_iso(task.created_at), max_seconds=task.max_seconds,
+                created_at=iso_time(task.created_at), max_seconds=task.max_seconds,
                 max_output_bytes=task.max_output_bytes, policy=task.policy,
             )
         elif self.event == PROGRESS and self.progress is not None:
@@ -66,8 +67,8 @@ class LifecycleEvent:
             out.update(
                 exit_code=task.exit_code,
                 duration_s=round(task.duration_s, 6) if task.duration_s is not None else None,
-                started_at=_iso(task.started_at),
-                ended_at=_iso(task.ended_at),
+                started_at=iso_time(task.started_at),
+                ended_at=iso_time(task.ended_at),
                 stdout_bytes=task.stdout_bytes,
                 stderr_bytes=task.stderr_bytes,
                 stdout_truncated=task.stdout_truncated,
@@ -108,7 +109,7 @@ def denial_to_dict(host: str, command: str, decision: Decision, when: float) -> 
     return {
         "v": SCHEMA_VERSION,
         "event": DENIED,
-        "time": _iso(when),
+        "time": iso_time(when),
         "host": host,
         "command": command,
         "status": "denied",

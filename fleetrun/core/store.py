@@ -81,16 +81,11 @@ _LIVE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 _COLUMNS = ", ".join(_TASK_COLUMNS)
 _SELECT = f"SELECT {_COLUMNS} FROM tasks"
 _SELECT_ONE_WITH_OWNER = f"SELECT {_COLUMNS}, owner_token FROM tasks WHERE id = ?"
-_INSERT = (
-    f"INSERT INTO tasks ({_COLUMNS}, owner_token) VALUES ({', '.join('?' for _ in _TASK_COLUMNS)}, ?) "
-    "ON CONFLICT(id) DO NOTHING"  # a replayed journal may hold a record that is already in
-)
+_INSERT_ROW = f"INSERT INTO tasks ({_COLUMNS}, owner_token) VALUES ({', '.join('?' for _ in _TASK_COLUMNS)}, ?)"
+_INSERT = f"{_INSERT_ROW} ON CONFLICT(id) DO NOTHING"  # a replayed journal may hold a record that is already in
 _UPDATE = f"UPDATE tasks SET {', '.join(f'{name} = ?' for name in _TASK_COLUMNS[1:])} WHERE id = ?"
 #: An insert and a later update in one: the record's state, whether or not it is in yet.
-_UPSERT = (
-    f"INSERT INTO tasks ({_COLUMNS}, owner_token) VALUES ({', '.join('?' for _ in _TASK_COLUMNS)}, ?) "
-    f"ON CONFLICT(id) DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in _TASK_COLUMNS[1:])}"
-)
+_UPSERT = f"{_INSERT_ROW} ON CONFLICT(id) DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in _TASK_COLUMNS[1:])}"
 _STATUS, _PROGRESS = _TASK_COLUMNS.index("status"), _TASK_COLUMNS.index("progress")
 _FLAGS = [_TASK_COLUMNS.index("stdout_truncated"), _TASK_COLUMNS.index("stderr_truncated")]
 
@@ -199,6 +194,7 @@ class TaskStore:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until this store's writes are visible to other processes; False on timeout."""
         return self._journal.flush(timeout) if self._journal is not None else True
+
     # -- writing ---------------------------------------------------------------------
 
     def insert(self, task: Task, owner: str) -> None:
