@@ -2,22 +2,24 @@
 
 Exit codes of ``fleetrun run``: the command's own exit status; 124 when it timed out;
 125 when fleetrun itself failed (bad hosts file, unknown host, the command could not be
-started); 130 when it was cancelled (Ctrl-C, SIGTERM or ``fleetrun tasks cancel``).
+started); 130 when it was cancelled (Ctrl-C, SIGTERM, SIGHUP or ``fleetrun tasks cancel``).
 Other subcommands exit 0 on success, 1 on an error and 2 on a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from fleetrun import __version__
 from fleetrun.core import paths
@@ -50,13 +52,13 @@ exit status, one host:
   125  fleetrun failed: bad hosts file, unknown host, the command could not start
        or the host could not be reached
   126  the policy denied the command (the message names the rule); nothing ran
-  130  the task was cancelled (Ctrl-C, SIGTERM, or `fleetrun tasks cancel`)
+  130  the task was cancelled (Ctrl-C, SIGTERM, SIGHUP, or `fleetrun tasks cancel`)
 exit status, several hosts:
   0    every host's task succeeded
   1    at least one failed, timed out, was cancelled or was not started
   125  fleetrun failed before starting anything (bad hosts file, unknown host)
   126  the policy denied the command on at least one host; nothing ran
-  130  the batch was cancelled (Ctrl-C or SIGTERM)
+  130  the batch was cancelled (Ctrl-C, SIGTERM or SIGHUP)
 
 policy: with --policy, $FLEETRUN_POLICY or ~/.config/fleetrun/policy.yaml, every command
 must pass the policy; without any, the CLI runs what it is given.
@@ -232,13 +234,11 @@ def cmd_run(ctx: _Context) -> int:
     if batch:
         return _run_batch(executor, args, request, hosts)
     request = replace(request, host=hosts[0])
-    handle = None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        handle = executor.submit(request, on_output=terminal.on_output)
-        task = _wait_interruptibly(handle)
+        with _stop_signals_interrupt():
+            handle = executor.submit(request, on_output=terminal.on_output)
+            task = _wait_interruptibly(handle)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         executor.close()
     return _run_exit_code(task)
 
@@ -289,15 +289,14 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
         max_parallel=args.max_parallel, stop_on_failure=args.stop_on_failure,
     )
     output = _PrefixedOutput(hosts)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        outcome = run_batch(executor, batch, on_output=output.write if show_output else None)
+        with _stop_signals_interrupt():
+            outcome = run_batch(executor, batch, on_output=output.write if show_output else None)
     except KeyboardInterrupt:
         output.flush()
         _note("the batch was cancelled; its running tasks were stopped")
         return EXIT_CANCELLED
     finally:
-        signal.signal(signal.SIGTERM, previous)
         executor.close()
     output.flush()
     rows = []
@@ -313,8 +312,23 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
     return EXIT_OK if outcome.succeeded else EXIT_ERROR
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, taken as Ctrl-C is: the running command is stopped, not left behind."""
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    # Commands run in sessions of their own, so a closed terminal's SIGHUP reaches only
+    # fleetrun: without this, it would die and leave them running.
+    def interrupt(signum: int, frame: object) -> None:
+        raise _StopSignal(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait_interruptibly(handle) -> Task:  # type: ignore[no-untyped-def]
@@ -324,11 +338,11 @@ def _wait_interruptibly(handle) -> Task:  # type: ignore[no-untyped-def]
             return handle.wait(timeout=None if cancelled else 0.25)
         except TimeoutError:
             continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if cancelled:
                 raise
             cancelled = True
-            handle.cancel("interrupted by the user")
+            handle.cancel(str(exc) if isinstance(exc, _StopSignal) else "interrupted by the user")
 
 
 def _run_exit_code(task: Task) -> int:
@@ -586,6 +600,7 @@ def cmd_serve(ctx: _Context) -> int:
     from fleetrun.mcp_server import create_server
 
     server = create_server(executor, **options)
+    _StopServerOnSignals(executor, ctx.store)
     try:
         if args.http:
             _note(f"serving MCP over streamable HTTP at http://{host}:{port}/mcp (policy: {policy.source})")
@@ -595,6 +610,43 @@ def cmd_serve(ctx: _Context) -> int:
     finally:
         executor.close("the MCP server stopped")
     return EXIT_OK
+
+
+class _StopServerOnSignals:
+    """SIGTERM, SIGHUP and SIGINT stop ``fleetrun serve`` cleanly: its tasks are cancelled
+    (their commands stopped), the store is written, and the process exits 0.
+
+    Over stdio the server waits for the client in a thread that nothing can interrupt, so
+    the process could not unwind to its ``finally``; over HTTP, uvicorn re-raises the
+    signal after its own shutdown, which would kill the process before it. Either way the
+    commands would be left running. The handler only writes to a pipe (it may interrupt
+    any code, locks held); a thread of its own does the work, then ends the process.
+    """
+
+    def __init__(self, executor, store) -> None:  # type: ignore[no-untyped-def]
+        self.executor = executor
+        self.store = store
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC)
+        threading.Thread(target=self._stop_when_signalled, name="fleetrun-serve-stop", daemon=True).start()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        os.write(self._wake_write, bytes([signum]))
+
+    def _stop_when_signalled(self) -> None:
+        name = signal.Signals(os.read(self._wake_read, 1)[0]).name
+        log.info("stopping on %s: cancelling the running tasks", name)
+        try:
+            self.executor.close(f"the MCP server stopped ({name})")
+            self.store.close()
+        except Exception:
+            log.exception("stopping the MCP server")
+            code = EXIT_ERROR
+        else:
+            code = EXIT_OK
+        logging.shutdown()
+        os._exit(code)
 
 
 def _http_address(text: str) -> tuple[str, int]:
@@ -809,7 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve fleetrun to an MCP client (an AI assistant): tools to list hosts, plan, run, follow and cancel "
             "commands, under the policy (--policy, $FLEETRUN_POLICY, ~/.config/fleetrun/policy.yaml, else the "
-            "built-in read-only policy). stdio by default: stdout carries protocol messages only, logs go to stderr."
+            "built-in read-only policy). stdio by default: stdout carries protocol messages only, logs go to stderr. "
+            "It stops when the client closes stdin, or on SIGTERM, SIGHUP or SIGINT: it cancels its running tasks "
+            "(stopping their commands) and exits 0."
         ),
     )
     serve.add_argument(

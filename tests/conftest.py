@@ -84,6 +84,19 @@ def processes_with(text: str) -> list[int]:
     return found
 
 
+def processes_running(*argv: str) -> list[int]:
+    """Pids of live processes whose command line is exactly ``argv``."""
+    wanted = b"".join(arg.encode() + b"\0" for arg in argv)
+    found = []
+    for pid in processes_with(argv[-1]):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == wanted:
+                found.append(pid)
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
 def assert_none_left(marker: str, within: float = 2.0) -> None:
     """No process with ``marker`` in its command line survives; a killed one may take a moment to go."""
     deadline = time.monotonic() + within

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_none_left, processes_with, run_cli, wait_until
+from conftest import assert_none_left, processes_running, processes_with, run_cli, wait_until
 
 
 def test_run_streams_output_and_exits_with_the_command_status():
@@ -49,16 +49,21 @@ def test_sigint_cancels_the_task_and_exits_130(marker, tmp_path):
     assert listed[0]["status"] == "cancelled"
 
 
-def test_sigterm_also_cancels_cleanly(marker):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=lambda sig: sig.name)
+def test_sigterm_and_sighup_also_cancel_cleanly(marker, stop):
+    # SIGHUP is the terminal closing: the command, in a session of its own, would not get it.
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetrun", "run", "local", "--", f"sleep {marker}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    wait_until(lambda: processes_with(f"sleep {marker}") and len(processes_with(marker)) >= 2)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=20)
+    wait_until(lambda: processes_running("sleep", marker))
+    proc.send_signal(stop)
+    out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130
-    assert processes_with(f"sleep {marker}") == []
+    assert err.endswith(f"was cancelled: stopped by {stop.name}\n")
+    assert_none_left(marker)
+    listed = json.loads(run_cli("tasks", "list", "--json").stdout)
+    assert (listed[0]["status"], listed[0]["cancel_reason"]) == ("cancelled", f"stopped by {stop.name}")
 
 
 def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from fleetrun.core.errors import FleetrunError, UnknownHostError
 from fleetrun.core.models import TaskRequest, TaskStatus
 
-from conftest import assert_none_left, processes_with, wait_until
+from conftest import assert_none_left, processes_running, processes_with, wait_until
 
 
 def max_overlap(tasks) -> int:
@@ -64,6 +65,23 @@ def test_closing_the_executor_cancels_what_still_runs(make_executor, recorder, m
     assert task.cancel_reason == "the executor was closed"
     assert_none_left(marker)
     assert executor.store.get(task.id).status is TaskStatus.CANCELLED
+
+
+def test_a_second_close_returns_only_once_the_first_has_ended_the_tasks(make_executor, marker):
+    # `fleetrun serve` closes from a signal thread while the main thread may close too: the
+    # one that comes second must not go on (and let the process exit) with commands running.
+    executor = make_executor()
+    handle = executor.submit(TaskRequest(host="local", command=f"trap 'sleep 0.5; exit 1' TERM; sleep {marker} & wait"))
+    wait_until(lambda: processes_running("sleep", marker))
+    first = threading.Thread(target=executor.close, args=("closed by the first",))
+    first.start()
+    wait_until(lambda: executor._closed)
+    executor.close("closed by the second")
+    assert handle.done()
+    task = handle.wait(0)
+    assert (task.status, task.cancel_reason) == (TaskStatus.CANCELLED, "closed by the first")
+    assert_none_left(marker)
+    first.join(10)
 
 
 # -- concurrency -------------------------------------------------------------------------

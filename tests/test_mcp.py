@@ -3,7 +3,9 @@ against a `fleetrun serve` process, and over authenticated streamable HTTP."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy, read_only_policy
 from fleetrun.mcp_server import create_server
 
-from conftest import assert_none_left, hosts_file_text, processes_with, ssh_host
+from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, wait_until
 
 MODES = ["legacy", "auto"]  # 2025-11-25 and 2026-07-28
 POLICY = """
@@ -302,13 +304,49 @@ def test_stdio_against_a_fleetrun_serve_process(tmp_path):
     run(scenario)
 
 
+def _parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda sig: sig.name)
+def test_a_signal_stops_the_stdio_server_and_the_commands_its_tasks_run(tmp_path, marker, stop):
+    # Over stdio the server waits for the client in a thread: it must still stop at once,
+    # and not leave its tasks' commands running.
+    params = StdioServerParameters(command=sys.executable, args=["-m", "fleetrun", "serve"], env=_server_env(tmp_path))
+    ended = {}
+
+    async def scenario():
+        with anyio.fail_after(30):
+            async with mcp.Client(params, mode="legacy") as client:
+                started = (await client.call_tool("start_task", {"host": "local", "command": f"sleep {marker}"})).structured_content
+                ended["task"] = started["task_id"]
+                command = wait_until(lambda: processes_running("sleep", marker))[0]
+                server = _parent(command)
+                os.kill(server, stop)
+                while not _gone(server):
+                    await anyio.sleep(0.02)
+                assert_none_left(marker)
+
+    run(scenario)
+    listed = run_cli("tasks", "show", ended["task"], "--json")
+    task = json.loads(listed.stdout)
+    assert (task["status"], task["cancel_reason"]) == ("cancelled", f"the MCP server stopped ({stop.name})")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def test_http_requires_the_bearer_token(tmp_path):
+def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_tasks(tmp_path, marker):
     port = _free_port()
     token = "tok-" + os.urandom(12).hex()
     env = {**_server_env(tmp_path), "FLEETRUN_MCP_TOKEN": token}
@@ -345,11 +383,18 @@ def test_http_requires_the_bearer_token(tmp_path):
             async with mcp.Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
                 result = (await client.call_tool("run_command", {"host": "local", "command": "echo over http"})).structured_content
                 assert result["stdout_tail"] == "over http\n"
+                await client.call_tool("start_task", {"host": "local", "command": f"sleep {marker}"})
 
         run(scenario)
-    finally:
+        wait_until(lambda: processes_running("sleep", marker))
+        # uvicorn shuts down, then raises the signal again: the server must still end its tasks first.
         process.terminate()
-        process.wait(10)
+        assert process.wait(20) == 0
+        assert_none_left(marker)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
         log.close()
     assert token not in (tmp_path / "serve.log").read_text()
 

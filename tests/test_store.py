@@ -17,9 +17,10 @@ import pytest
 
 from fleetrun.core.errors import UnknownTaskError
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
-from fleetrun.core.store import Retention, TaskStore, _values, owner_token
+from fleetrun.core.processes import owner_token
+from fleetrun.core.store import Retention, TaskStore, _values
 
-from conftest import assert_none_left, processes_with, run_cli, wait_until
+from conftest import assert_none_left, processes_running, processes_with, run_cli, wait_until
 
 OWNER_SCRIPT = textwrap.dedent(
     """
@@ -84,19 +85,38 @@ def test_another_process_reads_records_and_output_while_the_task_runs(tmp_path, 
     assert store.get(task_id).status is TaskStatus.SUCCEEDED
 
 
-def test_a_task_whose_owner_was_killed_becomes_interrupted(store, marker):
-    owner, task_id = start_owner(store.home, f"sleep {marker}")
+def _process_token(home: Path, task_id: str) -> str | None:
+    db = sqlite3.connect(home / "tasks.sqlite3")
     try:
-        wait_until(lambda: processes_with(marker))
+        row = db.execute("SELECT process_token FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    finally:
+        db.close()
+    return row[0] if row else None
+
+
+def test_a_task_whose_owner_was_killed_becomes_interrupted_and_its_command_is_stopped(store, marker):
+    # The shell leads the command's group; the background sleep is what it started.
+    owner, task_id = start_owner(store.home, f"sleep {marker} & sleep {marker}; wait")
+    try:
+        wait_until(lambda: len(processes_running("sleep", marker)) == 2)
+        group = os.getpgid(processes_running("sleep", marker)[0])
+        wait_until(lambda: _process_token(store.home, task_id))  # recorded with the running state
         assert store.sweep_orphans() == []  # the owner is alive: nothing to do
+        assert len(processes_running("sleep", marker)) == 2
         owner.send_signal(signal.SIGKILL)
         owner.wait()
+        assert len(processes_running("sleep", marker)) == 2  # nothing stops them but the next fleetrun
         listed = run_cli("tasks", "list", "--json", env={"FLEETRUN_HOME": str(store.home)})
         assert listed.returncode == 0, listed.stderr
         record = next(t for t in json.loads(listed.stdout) if t["id"] == task_id)
         assert record["status"] == "interrupted"
-        assert f"pid {owner.pid}" in record["error"]
+        assert record["error"] == (
+            f"the fleetrun process that owned this task (pid {owner.pid}) is gone; "
+            f"its command, still running, was stopped (process group {group})"
+        )
+        assert_none_left(marker)
         assert store.get(task_id).status is TaskStatus.INTERRUPTED
+        assert store.sweep_orphans() == []  # once is enough
     finally:
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
@@ -129,6 +149,9 @@ def test_a_cancel_asked_before_the_owner_applied_the_record_still_reaches_it(sto
             assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (task_id,)).fetchone() == (0,)
         finally:
             db.close()
+        # Read from the owner's journal, where the record's last entry is its process's.
+        wait_until(lambda: store.get(task_id).status is TaskStatus.RUNNING)
+        assert _process_token(store.home, task_id) is None  # not applied yet, still
         result = run_cli("tasks", "cancel", task_id, env={"FLEETRUN_HOME": str(store.home)})
         assert result.returncode == 0, result.stderr
         assert owner.stdout.readline().strip() == "cancelled"
@@ -274,3 +297,42 @@ def test_bad_task_ids_are_clear_errors(store):
         store.get("../etc")
     with pytest.raises(UnknownTaskError, match="no task 'abcdefabcdef'"):
         store.get("abcdefabcdef")
+
+
+def test_a_store_written_by_an_older_version_gains_the_new_columns_and_keeps_its_records(tmp_path):
+    home = tmp_path / "old"
+    home.mkdir()
+    db = sqlite3.connect(home / "tasks.sqlite3")
+    # The version-1 table: no policy, no process token.
+    db.executescript(
+        """
+        CREATE TABLE tasks (
+            id TEXT PRIMARY KEY, host TEXT NOT NULL, transport TEXT NOT NULL, command TEXT NOT NULL,
+            status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL,
+            exit_code INTEGER, error TEXT, error_category TEXT, cancel_reason TEXT,
+            stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0,
+            stdout_truncated INTEGER NOT NULL DEFAULT 0, stderr_truncated INTEGER NOT NULL DEFAULT 0,
+            max_seconds REAL, max_output_bytes INTEGER, owner_pid INTEGER, owner_token TEXT, progress TEXT
+        );
+        INSERT INTO tasks (id, host, transport, command, status, created_at, exit_code, owner_pid, owner_token)
+        VALUES ('0000000000c1', 'local', 'local', 'true', 'succeeded', 1.0, 0, 1, 'x'),
+               ('0000000000c2', 'local', 'local', 'sleep 9', 'running', 2.0, NULL, 4242, 'gone-boot:4242:1');
+        PRAGMA user_version=1;
+        """
+    )
+    db.close()
+    store = TaskStore(home)
+    try:
+        assert store.get("0000000000c1").status is TaskStatus.SUCCEEDED
+        assert store.get("0000000000c1").policy is None
+        assert store.sweep_orphans() == ["0000000000c2"]  # no process token: nothing to stop
+        assert store.get("0000000000c2").error == "the fleetrun process that owned this task (pid 4242) is gone"
+    finally:
+        store.close()
+    db = sqlite3.connect(home / "tasks.sqlite3")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+        assert {"policy", "process_token"} <= columns
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
+    finally:
+        db.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import logging
 import os
 import re
@@ -31,7 +32,8 @@ from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import Decision, Policy
 from fleetrun.core.secrets import redact
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
-from fleetrun.core.store import Retention, TaskStore, owner_token
+from fleetrun.core.processes import boot_ticks, command_token, owner_token
+from fleetrun.core.store import Retention, TaskStore
 from fleetrun.core.transport import Execution, Transport, TransportError
 
 log = logging.getLogger("fleetrun.executor")
@@ -144,7 +146,7 @@ class _LiveTask:
     __slots__ = (
         "record", "plan", "pattern", "listener", "done", "runner", "ending",
         "cancel_reason", "stdout", "stderr", "tracker", "last_store_write", "finished",
-        "started", "timeout",
+        "started", "timeout", "settled", "process",
     )
 
     def __init__(self, record: Task, plan: Plan, pattern, listener: OutputListener | None) -> None:
@@ -163,6 +165,8 @@ class _LiveTask:
         self.finished = False
         self.started = 0.0  # loop time when it started running
         self.timeout: asyncio.TimerHandle | None = None
+        self.settled = False  # recorded as running (see Executor._settle)
+        self.process: str | None = None  # the token of the local process running it, if any
 
 
 class _Sink:
@@ -238,6 +242,7 @@ class Executor:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        self._close_done = threading.Event()
         self._cancel_poller: asyncio.Task[None] | None = None
         self.store.sweep_orphans()
         if retention is not None:
@@ -356,22 +361,31 @@ class Executor:
     # -- shutdown ----------------------------------------------------------------------
 
     def close(self, reason: str = "the executor was closed") -> None:
-        """Cancel what has not ended, stop the engine thread, release connections."""
+        """Cancel what has not ended, stop the engine thread, release connections.
+
+        Returns once all that is done, also when another thread's close() is doing it.
+        """
         with self._start_lock:
-            if self._closed:
-                return
+            closing_already = self._closed
             self._closed = True
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None:
-            asyncio.run_coroutine_threadsafe(self._shutdown(reason), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-        if self._owns_store:
-            self.store.close()
-        else:
-            self.store.flush()
-        _OPEN_EXECUTORS.discard(self)
+        if closing_already:
+            if threading.current_thread() is not self._thread:  # the engine cannot wait for itself
+                self._close_done.wait()
+            return
+        try:
+            loop, thread = self._loop, self._thread
+            if loop is not None and thread is not None:
+                asyncio.run_coroutine_threadsafe(self._shutdown(reason), loop).result()
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join()
+                loop.close()
+            if self._owns_store:
+                self.store.close()
+            else:
+                self.store.flush()
+        finally:
+            _OPEN_EXECUTORS.discard(self)
+            self._close_done.set()
 
     def __enter__(self) -> Executor:
         return self
@@ -513,6 +527,7 @@ class Executor:
             stdout=_Sink(live, "stdout", live.stdout, self._track),
             stderr=_Sink(live, "stderr", live.stderr, self._track),
             wait_inline_s=self._inline_wait(live),
+            process_started=functools.partial(self._process_started, live),
         )
         status, exit_code, error, category = TaskStatus.FAILED, None, None, None
         try:
@@ -538,12 +553,22 @@ class Executor:
         """A moment after the start: record the task as running, arm its heartbeat and timeout."""
         if live.finished:
             return
+        live.settled = True
         self._persist(live)
+        if live.process is not None:
+            self.store.record_process(live.record, live.process)
         if live.tracker is None:
             self._track(live)
         limit = live.plan.limits.max_seconds
         if limit is not None:
             live.timeout = asyncio.get_running_loop().call_at(live.started + limit, self._expire, live)
+
+    def _process_started(self, live: _LiveTask, pid: int) -> None:
+        # The token is taken now, while the process cannot have been reaped (and its pid
+        # given to another); it is stored with the running record, as most tasks end sooner.
+        live.process = command_token(pid, boot_ticks())
+        if live.settled and not live.finished:
+            self.store.record_process(live.record, live.process)
 
     def _track(self, live: _LiveTask) -> ProgressTracker:
         """The task's progress tracker, made at its first output or when it settles."""

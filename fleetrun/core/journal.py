@@ -266,11 +266,13 @@ def _remove_abandoned_claims(directory: Path) -> None:
             os.close(fd)
 
 
-def find_latest(directory: Path, key: str) -> list[Any] | None:
-    """The last entry for ``key`` (``[kind, key, ...]``) in any journal, live or abandoned, or None.
+def find_latest(directory: Path, key: str, kinds: Iterable[str]) -> list[Any] | None:
+    """The last entry of one of ``kinds`` for ``key`` (``[kind, key, ...]``) in any journal,
+    live or abandoned, or None.
 
     For a reader that does not find a record in SQLite: its owner may not have applied it yet.
     """
+    kinds = frozenset(kinds)
     needle = key.encode()
     latest = None
     for path in sorted(directory.glob(f"*{SUFFIX}")):
@@ -280,7 +282,7 @@ def find_latest(directory: Path, key: str) -> list[Any] | None:
         except OSError:
             continue  # replayed and removed meanwhile
         for entry in _entries(lines, path, quiet=True):
-            if len(entry) > 1 and entry[1] == key:  # not an entry that only mentions it (a command naming a task)
+            if len(entry) > 1 and entry[1] == key and entry[0] in kinds:  # not one that only mentions it (a command naming a task)
                 latest = entry
     return latest
 

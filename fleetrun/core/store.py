@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from fleetrun.core import journal, paths
+from fleetrun.core.processes import owner_alive, stop_leftover_commands
 from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.models import Progress, Task, TaskStatus
 from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
 
 log = logging.getLogger("fleetrun.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
 DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
@@ -63,7 +64,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     owner_pid INTEGER,
     owner_token TEXT,
     progress TEXT,
-    policy TEXT
+    policy TEXT,
+    -- the local command's process, stopped if the owner dies (fleetrun.core.processes)
+    process_token TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
@@ -96,52 +99,6 @@ class Retention:
 
     max_age_days: float = 30.0
     max_tasks: int = 10_000
-
-
-@functools.cache
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown-boot"
-
-
-def _process_start(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after it.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def owner_token(pid: int | None = None) -> str:
-    """Identifies a process across pid reuse: boot id, pid and the process's start time."""
-    pid = os.getpid() if pid is None else pid
-    return f"{_boot_id()}:{pid}:{_process_start(pid) or '?'}"
-
-
-def owner_alive(token: str | None) -> bool:
-    if not token:
-        return False
-    boot, _, rest = token.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if boot != _boot_id():
-        return False
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    current = _process_start(pid)
-    if current is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return start == "?"
-    return current == start
 
 
 def check_task_id(task_id: str) -> str:
@@ -177,7 +134,7 @@ class TaskStore:
         # Stores written by older versions lack newer columns; records are kept as they are
         # (and the cancel_requested column of a version-2 store stays, unused).
         present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
-        for column, kind in (("policy", "TEXT"),):
+        for column, kind in (("policy", "TEXT"), ("process_token", "TEXT")):
             if column not in present:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
 
@@ -205,6 +162,12 @@ class TaskStore:
     def update(self, task: Task) -> None:
         """Write a task's current state (all but its identity and owner); durable when this returns."""
         self._journaled().append(["update", *_values(task)], task)
+
+    def record_process(self, task: Task, token: str) -> None:
+        """Note the local process (:func:`~fleetrun.core.processes.command_token`) that runs
+        ``task``, ``task`` being its current state: should this process die while the
+        command runs, whoever marks the task interrupted stops the command."""
+        self._journaled().append(["process", task.id, token], task)
 
     def _journaled(self) -> journal.Journal:
         if self._journal is None:
@@ -241,7 +204,8 @@ class TaskStore:
             ).fetchall()
 
     def sweep_orphans(self) -> list[str]:
-        """Mark tasks whose owning process is gone as interrupted; returns their ids.
+        """Mark tasks whose owning process is gone as interrupted, and stop their commands
+        that still run on this machine; returns the tasks' ids.
 
         What such a process journaled but did not apply is applied first, so a task that
         ended before its owner died keeps its real ending.
@@ -249,23 +213,22 @@ class TaskStore:
         self._replay_abandoned()
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, owner_token, owner_pid FROM tasks WHERE status IN (?, ?)", _LIVE
+                "SELECT id, owner_token, owner_pid, process_token FROM tasks WHERE status IN (?, ?)", _LIVE
             ).fetchall()
-        dead = [(task_id, pid) for task_id, token, pid in rows if not owner_alive(token)]
-        now = time.time()
-        with self._lock:
-            for task_id, pid in dead:
+        dead = [(task_id, pid, process) for task_id, token, pid, process in rows if not owner_alive(token)]
+        stopped_groups = stop_leftover_commands(process for _, _, process in dead)
+        for task_id, pid, process in dead:
+            error = f"the fleetrun process that owned this task (pid {pid}) is gone"
+            stopped = stopped_groups.get(process) if process else None
+            if stopped is not None:
+                error += f"; its command, still running, was stopped (process group {stopped})"
+                log.warning("task %s: %s", task_id, error)
+            with self._lock:
                 self._db.execute(
                     "UPDATE tasks SET status = ?, ended_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
-                    (
-                        TaskStatus.INTERRUPTED.value,
-                        now,
-                        f"the fleetrun process that owned this task (pid {pid}) is gone",
-                        task_id,
-                        *_LIVE,
-                    ),
+                    (TaskStatus.INTERRUPTED.value, time.time(), error, task_id, *_LIVE),
                 )
-        return [task_id for task_id, _ in dead]
+        return [task_id for task_id, _, _ in dead]
 
     def prune(self, retention: Retention) -> int:
         """Delete ended tasks older than the retention age or beyond its count."""
@@ -298,8 +261,8 @@ class TaskStore:
         row = self._select(task_id)
         if row is None:
             # Just created by another process, whose writer has not applied it yet?
-            entry = journal.find_latest(self.home / JOURNAL_DIR, task_id)
-            if entry is not None and entry[0] in ("insert", "update"):
+            entry = journal.find_latest(self.home / JOURNAL_DIR, task_id, kinds=("insert", "update"))
+            if entry is not None:
                 return _task(tuple(entry[1 : 1 + len(_TASK_COLUMNS)]))
             row = self._select(task_id)  # applied while we looked
         if row is None or (row[_STATUS] in _LIVE and not owner_alive(row[-1])):
@@ -392,11 +355,14 @@ def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
     """
     inserted: dict[str, list[Any]] = {}
     latest: dict[str, list[Any]] = {}
+    processes: dict[str, str] = {}
     for kind, *values in entries:
         if kind == "insert":
             inserted.setdefault(values[0], values)
         elif kind == "update":
             latest[values[0]] = values
+        elif kind == "process":
+            processes[values[0]] = values[1]
         else:
             log.warning("skipping a journal entry of unknown kind %r (written by another fleetrun version?)", kind)
     inserts, upserts = [], []
@@ -412,6 +378,8 @@ def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
         db.executemany(_UPSERT, upserts)
     if latest:
         db.executemany(_UPDATE, [(*values[1:], values[0]) for values in latest.values()])
+    if processes:  # last: the task's row may have come in with this batch
+        db.executemany("UPDATE tasks SET process_token = ? WHERE id = ?", [(token, task_id) for task_id, token in processes.items()])
 
 
 def _task(row: tuple) -> Task:

@@ -53,6 +53,11 @@ class Execution:
     #: executor allows it only when this is its one task, so a quick command ends without
     #: a trip through the loop; 0 means never block. Transports are free to ignore it.
     wait_inline_s: float = 0.0
+    #: For a transport that runs the command as a process on this machine, leading a
+    #: process group of its own with everything it starts: call this with its pid right
+    #: after the start. Should fleetrun's process die while the command runs, the next
+    #: fleetrun process to find the task ``interrupted`` stops that group.
+    process_started: Callable[[int], None] | None = None
 
 
 class TransportError(Exception):

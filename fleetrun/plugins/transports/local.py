@@ -12,7 +12,6 @@ command that ends within a couple of milliseconds is waited for directly instead
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import os
 import select
@@ -22,6 +21,7 @@ import time
 from typing import Any, Mapping
 
 from fleetrun.core.hookspecs import hookimpl
+from fleetrun.core.processes import KILL_GRACE_SECONDS, signal_group
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
 from fleetrun.plugins.transports.local_exec import DEFAULT_SHELL, direct_argv, direct_environment
 
@@ -33,8 +33,6 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: After the command exits, how long its pipes may stay open (held by processes it left
 #: in the background) before fleetrun stops reading them.
 EXIT_DRAIN_SECONDS = 1.0
-#: Between TERM and KILL when stopping a command.
-KILL_GRACE_SECONDS = 2.0
 #: A command still running after this long gets its exit watched through a pidfd. One that
 #: ends sooner is reaped when its pipes close, which is cheaper than a pidfd per command.
 _EXIT_WATCH_DELAY = 0.02
@@ -75,6 +73,8 @@ class LocalTransport(Transport):
         finally:
             os.close(stdout_write)
             os.close(stderr_write)
+        if execution.process_started is not None:
+            execution.process_started(proc.pid)
         return await watch.run(proc, execution.wait_inline_s)
 
     def _spawn(self, execution: Execution, env: Mapping[str, str] | None, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
@@ -273,14 +273,14 @@ class _ProcessWatch:
         """TERM the command's process group, KILL it after the grace period."""
         pgid = self.proc.pid  # start_new_session: the command (or its shell) leads its own group
         self._watch_exit()
-        _signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGTERM)
         if not self.exited.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self.exited), KILL_GRACE_SECONDS)
             except asyncio.TimeoutError:
                 pass
         # Whatever is left, the shell or its children, goes now.
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         if not self.exited.done():
             await asyncio.shield(self.exited)
 
@@ -289,16 +289,6 @@ class _ProcessWatch:
         for fd in list(self.open_pipes):
             self._close_pipe(fd)
         self._stop_watching_exit()  # last: closing the pipes may have started a watch
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-    except OSError as exc:  # pragma: no cover - EPERM would mean the group is not ours
-        if exc.errno != errno.EPERM:
-            raise
 
 
 @hookimpl

@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 import paramiko
 
+from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.transport import Execution, OutputSink, TransportError
 from fleetrun.plugins.transports.ssh_connect import exit_signal
 
@@ -29,8 +30,6 @@ _MARKER_SEARCH_LIMIT = 64 << 10
 #: After the command exits, how long its output may stay open (held by processes it left
 #: in the background) before fleetrun stops reading.
 EXIT_DRAIN_SECONDS = 1.0
-#: Between TERM and KILL when stopping a remote command.
-KILL_GRACE_SECONDS = 2.0
 
 
 def remote_script(command: str, env: Mapping[str, str], cwd: str | None) -> str:
