@@ -122,6 +122,31 @@ def test_a_task_whose_owner_was_killed_becomes_interrupted_and_its_command_is_st
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_command_whose_owner_was_killed_before_applying_its_journal_is_stopped_too(store, marker):
+    # Record, running state and process token are only in the dead owner's journal: the
+    # replay must bring in the token with the row it belongs to, before the sweep judges.
+    owner, task_id = start_owner(store.home, f"sleep {marker}", apply_after_s=30.0)
+    try:
+        wait_until(lambda: processes_running("sleep", marker))
+        group = os.getpgid(processes_running("sleep", marker)[0])
+
+        def journaled() -> str:
+            return "".join(path.read_text() for path in (store.home / "journal").glob("*.journal"))
+
+        wait_until(lambda: f'["process","{task_id}"' in journaled())
+        assert _process_token(store.home, task_id) is None
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert store.sweep_orphans() == [task_id]
+        assert_none_left(marker)
+        task = store.get(task_id)
+        assert task.status is TaskStatus.INTERRUPTED
+        assert task.error.endswith(f"its command, still running, was stopped (process group {group})")
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_cancel_from_another_process_reaches_the_owner(store, marker):
     owner, task_id = start_owner(store.home, f"sleep {marker}")
     try:
