@@ -68,6 +68,14 @@ def marker() -> str:
     return f"{300 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 10**9:09d}"
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from field 3 (the state) on; None once the process is reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def processes_with(text: str) -> list[int]:
     """Pids of live (non-zombie) processes whose command line contains ``text``."""
     found = []
@@ -76,10 +84,10 @@ def processes_with(text: str) -> list[int]:
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if text in cmdline and state != "Z":
+        fields = stat_fields(int(entry))
+        if text in cmdline and fields is not None and fields[0] != "Z":
             found.append(int(entry))
     return found
 

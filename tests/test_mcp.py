@@ -25,7 +25,7 @@ from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy, read_only_policy
 from fleetrun.mcp_server import create_server
 
-from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, wait_until
+from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
 
 MODES = ["legacy", "auto"]  # 2025-11-25 and 2026-07-28
 POLICY = """
@@ -304,17 +304,6 @@ def test_stdio_against_a_fleetrun_serve_process(tmp_path):
     run(scenario)
 
 
-def _parent(pid: int) -> int:
-    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda sig: sig.name)
 def test_a_signal_stops_the_stdio_server_and_the_commands_its_tasks_run(tmp_path, marker, stop):
     # Over stdio the server waits for the client in a thread: it must still stop at once,
@@ -328,9 +317,9 @@ def test_a_signal_stops_the_stdio_server_and_the_commands_its_tasks_run(tmp_path
                 started = (await client.call_tool("start_task", {"host": "local", "command": f"sleep {marker}"})).structured_content
                 ended["task"] = started["task_id"]
                 command = wait_until(lambda: processes_running("sleep", marker))[0]
-                server = _parent(command)
+                server = int(stat_fields(command)[1])  # the command's parent
                 os.kill(server, stop)
-                while not _gone(server):
+                while (stat_fields(server) or ["Z"])[0] != "Z":  # exited (the client reaps it)
                     await anyio.sleep(0.02)
                 assert_none_left(marker)
 

@@ -166,7 +166,7 @@ class _LiveTask:
         self.started = 0.0  # loop time when it started running
         self.timeout: asyncio.TimerHandle | None = None
         self.settled = False  # recorded as running (see Executor._settle)
-        self.process: str | None = None  # the token of the local process running it, if any
+        self.process: tuple[int, int] | None = None  # pid and start (boot ticks) of its local process, if any
 
 
 class _Sink:
@@ -555,8 +555,7 @@ class Executor:
             return
         live.settled = True
         self._persist(live)
-        if live.process is not None:
-            self.store.record_process(live.record, live.process)
+        self._record_process(live)
         if live.tracker is None:
             self._track(live)
         limit = live.plan.limits.max_seconds
@@ -564,11 +563,15 @@ class Executor:
             live.timeout = asyncio.get_running_loop().call_at(live.started + limit, self._expire, live)
 
     def _process_started(self, live: _LiveTask, pid: int) -> None:
-        # The token is taken now, while the process cannot have been reaped (and its pid
+        # Its start is taken now, while the process cannot have been reaped (and its pid
         # given to another); it is stored with the running record, as most tasks end sooner.
-        live.process = command_token(pid, boot_ticks())
-        if live.settled and not live.finished:
-            self.store.record_process(live.record, live.process)
+        live.process = (pid, boot_ticks())
+        if live.settled:
+            self._record_process(live)
+
+    def _record_process(self, live: _LiveTask) -> None:
+        if live.process is not None and not live.finished:
+            self.store.record_process(live.record, command_token(*live.process))
 
     def _track(self, live: _LiveTask) -> ProgressTracker:
         """The task's progress tracker, made at its first output or when it settles."""

@@ -14,7 +14,6 @@ SIGKILL, say), the next fleetrun process to open the store marks those tasks
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -75,17 +74,23 @@ def owner_token(pid: int | None = None) -> str:
     return f"{boot_id()}:{pid}:{process_start(pid) or '?'}"
 
 
-def owner_alive(token: str | None) -> bool:
-    if not token:
-        return False
-    boot, _, rest = token.partition(":")
+def _pid_of_this_boot(token: str | None) -> tuple[int, str] | None:
+    """The pid and start time a token names, or None for another boot's or a malformed one."""
+    boot, _, rest = (token or "").partition(":")
     pid_text, _, start = rest.partition(":")
     if boot != boot_id():
-        return False
+        return None
     try:
-        pid = int(pid_text)
+        return int(pid_text), start
     except ValueError:
+        return None
+
+
+def owner_alive(token: str | None) -> bool:
+    named = _pid_of_this_boot(token)
+    if named is None:
         return False
+    pid, start = named
     current = process_start(pid)
     if current is None:
         try:
@@ -112,15 +117,10 @@ def leftover_command(token: str | None) -> int | None:
     The process must be the one that started then (not a later one given the same pid)
     and still lead its own process group, as the local transport starts every command.
     """
-    if not token:
+    named = _pid_of_this_boot(token)
+    if named is None or not named[1].isdigit():
         return None
-    try:
-        boot, pid_text, seen_text = token.split(":")
-        pid, seen = int(pid_text), int(seen_text)
-    except ValueError:
-        return None
-    if boot != boot_id():
-        return None
+    pid, seen = named[0], int(named[1])
     fields = _stat_fields(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return None  # gone, or exited and waiting to be reaped: nothing of it runs
@@ -153,6 +153,3 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
     except PermissionError:
         log.warning("not allowed to signal process group %d", pgid)
-    except OSError as exc:  # pragma: no cover
-        if exc.errno != errno.ESRCH:
-            raise

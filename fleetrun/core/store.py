@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from fleetrun.core import journal, paths
-from fleetrun.core.processes import owner_alive, stop_leftover_commands
 from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.models import Progress, Task, TaskStatus
 from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
+from fleetrun.core.processes import owner_alive, stop_leftover_commands
 
 log = logging.getLogger("fleetrun.store")
 
@@ -219,7 +219,7 @@ class TaskStore:
         stopped_groups = stop_leftover_commands(process for _, _, process in dead)
         for task_id, pid, process in dead:
             error = f"the fleetrun process that owned this task (pid {pid}) is gone"
-            stopped = stopped_groups.get(process) if process else None
+            stopped = stopped_groups.get(process)
             if stopped is not None:
                 error += f"; its command, still running, was stopped (process group {stopped})"
                 log.warning("task %s: %s", task_id, error)
