@@ -507,6 +507,8 @@ def cmd_tasks_show(ctx: _Context) -> int:
     progress = data.pop("progress")
     for key in ("created_at", "started_at", "ended_at"):
         data[key] = _when(data[key])
+    if data["duration_s"] is not None:
+        data["duration_s"] = f"{data['duration_s']:.3f}"
     width = max(len(k) for k in data) + 1
     for key, value in data.items():
         print(f"{(key + ':').ljust(width)} {'-' if value is None else value}")
@@ -515,33 +517,55 @@ def cmd_tasks_show(ctx: _Context) -> int:
     return EXIT_OK
 
 
+#: How much ``tasks output`` reads at a time, whatever the stream's size.
+_OUTPUT_PIECE = 1 << 20
+_TAIL_MAX_BYTES = 16 << 20
+
+
 def cmd_tasks_output(ctx: _Context) -> int:
     args = ctx.args
     store = ctx.store
     out = sys.stdout.buffer
+    left = args.max_bytes  # None: the whole stream
     if args.tail is not None:
-        piece = store.tail_output(args.task_id, args.stream, lines=args.tail, max_bytes=args.max_bytes)
+        piece = store.tail_output(args.task_id, args.stream, lines=args.tail, max_bytes=left or _TAIL_MAX_BYTES)
+        out.write(piece.data)
+        offset = piece.next_offset
+        left = None  # the cap was the tail's; what --follow prints after it is not capped
     else:
-        piece = store.read_output(args.task_id, args.stream, offset=args.offset, max_bytes=args.max_bytes)
-    out.write(piece.data)
-    out.flush()
-    if not args.follow:
-        if piece.truncated and piece.complete:
-            _note(f"the {args.stream} of task {args.task_id} was truncated at its max_output_bytes")
-        return EXIT_OK
-    offset = piece.next_offset
-    while True:
-        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=1 << 20)
+        offset = args.offset
+        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=0)
+        if offset > piece.size and (piece.complete or not args.follow):
+            ended = store.get(args.task_id).status.is_terminal
+            raise FleetrunError(
+                f"offset {offset} is past the end of the {args.stream} of task {args.task_id} "
+                f"({piece.size} bytes {'kept' if ended else 'so far'})"
+            )
+    # Read in pieces, so that a stream of any size is copied in bounded memory.
+    while left is None or left > 0:
+        want = _OUTPUT_PIECE if left is None else min(_OUTPUT_PIECE, left)
+        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=want)
         if piece.data:
             out.write(piece.data)
-            out.flush()
             offset = piece.next_offset
+            if left is not None:
+                left -= len(piece.data)
             continue
-        if piece.complete:
-            return EXIT_OK
+        out.flush()
+        if piece.complete or not args.follow:
+            break
         if not store.get(args.task_id).status.is_terminal:
             store.sweep_orphans()
         time.sleep(0.1)
+    out.flush()
+    if left == 0:
+        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=0)
+        if piece.size > offset:
+            _note(f"stopped after --max-bytes {args.max_bytes}: {piece.size - offset} more bytes are kept (continue with --offset {offset})")
+            return EXIT_OK
+    if piece.truncated and piece.complete:
+        _note(f"the {args.stream} of task {args.task_id} was truncated at its max_output_bytes")
+    return EXIT_OK
 
 
 def cmd_tasks_cancel(ctx: _Context) -> int:
@@ -823,9 +847,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("task_id", metavar="ID")
     output.add_argument("--stream", choices=("stdout", "stderr"), default="stdout", help="which stream (default stdout)")
-    output.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte offset (default 0)")
-    output.add_argument("--tail", type=_non_negative_int, metavar="LINES", help="only the last LINES lines")
-    output.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="read at most this many bytes (default 16 MiB)")
+    start = output.add_mutually_exclusive_group()
+    start.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte offset (default 0)")
+    start.add_argument("--tail", type=_non_negative_int, metavar="LINES", help="only the last LINES lines")
+    output.add_argument(
+        "--max-bytes", type=_positive_int,
+        help="print at most this many bytes, and say where to continue (default: all of it; a tail: 16 MiB)",
+    )
     output.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the task ends")
     output.set_defaults(func=cmd_tasks_output)
     cancel = tasks_sub.add_parser(

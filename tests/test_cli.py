@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,9 @@ def test_tasks_list_show_and_output():
     assert table[1].startswith(f"{task_id}  succeeded  0")
     shown = json.loads(run_cli("tasks", "show", task_id, "--json").stdout)
     assert shown["stdout_bytes"] == 6 and shown["stderr_bytes"] == 4 and shown["status"] == "succeeded"
+    text = run_cli("tasks", "show", task_id).stdout
+    assert re.search(rf"^id: +{task_id}$", text, re.M) and re.search(r"^status: +succeeded$", text, re.M)
+    assert re.search(r"^duration_s: +\d+\.\d{3}$", text, re.M)  # milliseconds, not 17 digits
     assert run_cli("tasks", "output", task_id).stdout == "a\nb\nc\n"
     assert run_cli("tasks", "output", task_id, "--stream", "stderr").stdout == "err\n"
     assert run_cli("tasks", "output", task_id, "--offset", "2").stdout == "b\nc\n"
@@ -151,6 +155,29 @@ def test_tasks_list_show_and_output():
     assert invalid.returncode == 1 and "invalid task id" in invalid.stderr
 
 
+def test_tasks_output_prints_a_whole_large_stream_and_says_where_a_capped_read_stopped():
+    size = (17 << 20) + 5  # more than the 16 MiB a read once stopped at, without a word
+    ran = run_cli("run", "local", "--", f"head -c {size} /dev/zero | tr '\\0' x; echo; echo tail")
+    assert ran.returncode == 0
+    total = size + len("\ntail\n")
+    task_id = json.loads(run_cli("tasks", "list", "--json").stdout)[0]["id"]
+    whole = run_cli("tasks", "output", task_id)
+    assert whole.returncode == 0 and whole.stderr == ""
+    assert len(whole.stdout) == total and whole.stdout.endswith("x\ntail\n")
+    head = run_cli("tasks", "output", task_id, "--max-bytes", "1000")
+    assert head.returncode == 0 and head.stdout == "x" * 1000
+    assert head.stderr == f"fleetrun: stopped after --max-bytes 1000: {total - 1000} more bytes are kept (continue with --offset 1000)\n"
+    rest = run_cli("tasks", "output", task_id, "--offset", "1000")
+    assert rest.returncode == 0 and head.stdout + rest.stdout == whole.stdout
+    assert run_cli("tasks", "output", task_id, "--offset", str(total)).stdout == ""
+    past = run_cli("tasks", "output", task_id, "--offset", str(total + 1))
+    assert past.returncode == 1 and past.stdout == ""
+    assert past.stderr == f"fleetrun: error: offset {total + 1} is past the end of the stdout of task {task_id} ({total} bytes kept)\n"
+    both = run_cli("tasks", "output", task_id, "--tail", "1", "--offset", "3")
+    assert both.returncode == 2 and "argument --offset: not allowed with argument --tail" in both.stderr
+    assert run_cli("tasks", "output", task_id, "--tail", "1").stdout == "tail\n"
+
+
 def test_tasks_output_follow_streams_until_the_task_ends(tmp_path):
     flag = tmp_path / "go"
     runner = subprocess.Popen(
@@ -160,6 +187,9 @@ def test_tasks_output_follow_streams_until_the_task_ends(tmp_path):
     task_id = wait_until(lambda: (json.loads(run_cli("tasks", "list", "--json").stdout) or [{}])[0].get("id"))
     follower = subprocess.Popen([sys.executable, "-m", "fleetrun", "tasks", "output", task_id, "--follow"], stdout=subprocess.PIPE)
     assert follower.stdout.readline() == b"one\n"
+    capped = run_cli("tasks", "output", task_id, "--follow", "--max-bytes", "2")  # stops there, while the task runs on
+    assert capped.returncode == 0 and capped.stdout == "on"
+    assert capped.stderr == "fleetrun: stopped after --max-bytes 2: 2 more bytes are kept (continue with --offset 2)\n"
     flag.touch()
     assert follower.stdout.readline() == b"two\n"
     assert follower.wait(10) == 0
