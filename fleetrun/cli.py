@@ -2,7 +2,8 @@
 
 Exit codes of ``fleetrun run``: the command's own exit status; 124 when it timed out;
 125 when fleetrun itself failed (bad hosts file, unknown host, the command could not be
-started); 130 when it was cancelled (Ctrl-C, SIGTERM, SIGHUP or ``fleetrun tasks cancel``).
+started); 130 when it was cancelled (Ctrl-C, SIGTERM, SIGHUP or ``fleetrun tasks cancel``);
+141 when the reader of its output went away (``| head``) and the command was stopped.
 Other subcommands exit 0 on success, 1 on an error and 2 on a usage error.
 """
 
@@ -35,6 +36,8 @@ EXIT_TIMEOUT = 124
 EXIT_FLEETRUN_ERROR = 125
 EXIT_DENIED = 126
 EXIT_CANCELLED = 130
+#: 128 + SIGPIPE: what a command in a shell pipeline exits with when its reader goes away.
+EXIT_OUTPUT_CLOSED = 141
 
 log = logging.getLogger("fleetrun.cli")
 
@@ -53,12 +56,14 @@ exit status, one host:
        or the host could not be reached
   126  the policy denied the command (the message names the rule); nothing ran
   130  the task was cancelled (Ctrl-C, SIGTERM, SIGHUP, or `fleetrun tasks cancel`)
+  141  the reader of fleetrun's output went away (| head): the command was stopped
 exit status, several hosts:
   0    every host's task succeeded
   1    at least one failed, timed out, was cancelled or was not started
   125  fleetrun failed before starting anything (bad hosts file, unknown host)
   126  the policy denied the command on at least one host; nothing ran
   130  the batch was cancelled (Ctrl-C, SIGTERM or SIGHUP)
+  141  the reader of fleetrun's output went away: every task was stopped
 
 policy: with --policy, $FLEETRUN_POLICY or ~/.config/fleetrun/policy.yaml, every command
 must pass the policy; without any, the CLI runs what it is given.
@@ -93,13 +98,65 @@ def _task_dict(task: Task) -> dict[str, Any]:
     return data
 
 
+class _Console:
+    """fleetrun's stdout and stderr while commands run (written from the engine thread).
+
+    When the reader of either goes away (``fleetrun run ... | head``), nothing more is
+    written anywhere and the main thread, which looks at :attr:`closed` while it waits,
+    stops the run, as SIGPIPE stops a command in a shell pipeline. Without this, the command would run on with its output
+    going nowhere, and every write would log a traceback.
+    """
+
+    def __init__(self) -> None:
+        self.closed: str | None = None  # "stdout" or "stderr", once its reader has gone
+        self._lock = threading.Lock()
+
+    def write(self, stream: str, data: bytes) -> None:
+        if self.closed is not None:
+            return
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        try:
+            target.buffer.write(data)
+            target.buffer.flush()
+        except BrokenPipeError:
+            self._reader_gone(stream, target.fileno())
+
+    def text(self, stream: str) -> _ConsoleText:
+        """A text stream onto ``stream`` for a notifier."""
+        return _ConsoleText(self, stream)
+
+    def _reader_gone(self, stream: str, fd: int) -> None:
+        # What is still buffered, and the interpreter's flush at exit, go nowhere instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        with self._lock:
+            first, self.closed = self.closed is None, self.closed or stream
+        if first:
+            log.debug("the reader of fleetrun's %s went away: stopping the run", stream)
+
+
+class _ConsoleText:
+    def __init__(self, console: _Console, stream: str) -> None:
+        self.console = console
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.console.write(self.stream, text.encode("utf-8"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # every write is flushed
+
+
 class _Terminal(LifecycleEventPlugin):
     """Live output and a progress line for ``fleetrun run`` (engine thread only).
 
     With ``--json`` the command's output is not shown: stdout carries the events alone.
     """
 
-    def __init__(self, *, show_progress: bool, show_output: bool) -> None:
+    def __init__(self, console: _Console, *, show_progress: bool, show_output: bool) -> None:
+        self.console = console
         self.show_progress = show_progress
         self.show_output = show_output
         self.line_shown = False
@@ -114,9 +171,7 @@ class _Terminal(LifecycleEventPlugin):
         if not self.show_output:
             return
         self.clear_line()
-        target = sys.stdout if stream == "stdout" else sys.stderr
-        target.buffer.write(data)
-        target.buffer.flush()
+        self.console.write(stream, data)
 
     def on_event(self, event: LifecycleEvent) -> None:
         if event.event in (COMPLETED, CANCELLED):
@@ -217,13 +272,14 @@ def cmd_run(ctx: _Context) -> int:
     if args.dry_run:
         return _dry_run(ctx, request, hosts)
     batch = len(hosts) > 1 or args.tag is not None
+    console = _Console()
     terminal = _Terminal(
-        show_progress=sys.stderr.isatty() and not (args.quiet or args.json or batch), show_output=not args.json
+        console, show_progress=sys.stderr.isatty() and not (args.quiet or args.json or batch), show_output=not args.json
     )
     plugins = ctx.plugins
     plugins.register(terminal, name="fleetrun.cli.terminal")
     if args.json:
-        plugins.register(JsonLogNotifier(sys.stdout), name="fleetrun.cli.json")
+        plugins.register(JsonLogNotifier(console.text("stdout")), name="fleetrun.cli.json")
     json_log = ctx.json_log_target()
     if json_log:
         try:
@@ -232,14 +288,16 @@ def cmd_run(ctx: _Context) -> int:
             raise FleetrunError(f"cannot open the JSON log {json_log}: {exc.strerror}") from None
     executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins, policy=ctx.policy)
     if batch:
-        return _run_batch(executor, args, request, hosts)
+        return _run_batch(executor, args, request, hosts, console)
     request = replace(request, host=hosts[0])
     try:
         with _stop_signals_interrupt():
             handle = executor.submit(request, on_output=terminal.on_output)
-            task = _wait_interruptibly(handle)
+            task = _wait_interruptibly(handle, console)
     finally:
         executor.close()
+    if console.closed is not None and task.status is TaskStatus.CANCELLED:
+        return EXIT_OUTPUT_CLOSED  # quietly, as a command in a pipeline whose reader went away
     return _run_exit_code(task)
 
 
@@ -252,10 +310,28 @@ def _selected_hosts(ctx: _Context) -> tuple[str, ...]:
     return select_hosts(ctx.inventory, [args.host] if args.host else [], args.tag)
 
 
+async def _batch_until_output_closed(executor, batch, on_output, console: _Console):  # type: ignore[no-untyped-def]
+    """The batch's outcome; None if it was stopped because a reader of fleetrun's output went away."""
+    import asyncio
+
+    from fleetrun.core.batch import run_batch_async
+
+    work = asyncio.ensure_future(run_batch_async(executor, batch, on_output=on_output))
+    while not work.done():
+        await asyncio.wait([work], timeout=0.1)
+        if console.closed is not None and not work.done():
+            work.cancel()  # cancels its tasks and waits until their processes are stopped
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return None
+    return work.result()
+
+
 class _PrefixedOutput:
     """Fan-out output: whole lines, each prefixed with its host (engine thread only)."""
 
-    def __init__(self, hosts: Sequence[str]) -> None:
+    def __init__(self, hosts: Sequence[str], console: _Console) -> None:
+        self.console = console
         self.width = max(len(h) for h in hosts)
         self.partial: dict[tuple[str, str], bytes] = {}
 
@@ -274,13 +350,13 @@ class _PrefixedOutput:
         if not lines:
             return
         prefix = f"{host.ljust(self.width)} | ".encode()
-        target = (sys.stdout if stream == "stdout" else sys.stderr).buffer
-        target.write(b"".join(prefix + line + b"\n" for line in lines))
-        target.flush()
+        self.console.write(stream, b"".join(prefix + line + b"\n" for line in lines))
 
 
-def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: tuple[str, ...]) -> int:  # type: ignore[no-untyped-def]
-    from fleetrun.core.batch import BatchRequest, run_batch
+def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: tuple[str, ...], console: _Console) -> int:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from fleetrun.core.batch import BatchRequest
 
     show_output = not args.json
     batch = BatchRequest(
@@ -288,10 +364,12 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
         max_output_bytes=request.max_output_bytes, env=request.env, cwd=request.cwd,
         max_parallel=args.max_parallel, stop_on_failure=args.stop_on_failure,
     )
-    output = _PrefixedOutput(hosts)
+    output = _PrefixedOutput(hosts, console)
     try:
         with _stop_signals_interrupt():
-            outcome = run_batch(executor, batch, on_output=output.write if show_output else None)
+            outcome = asyncio.run(_batch_until_output_closed(executor, batch, output.write if show_output else None, console))
+        if outcome is None:
+            return EXIT_OUTPUT_CLOSED
     except KeyboardInterrupt:
         output.flush()
         _note("the batch was cancelled; its running tasks were stopped")
@@ -331,12 +409,15 @@ def _stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _wait_interruptibly(handle) -> Task:  # type: ignore[no-untyped-def]
+def _wait_interruptibly(handle, console: _Console) -> Task:  # type: ignore[no-untyped-def]
     cancelled = False
     while True:
         try:
-            return handle.wait(timeout=None if cancelled else 0.25)
+            return handle.wait(timeout=None if cancelled else 0.1)
         except TimeoutError:
+            if console.closed is not None:
+                cancelled = True
+                handle.cancel(f"the reader of fleetrun's {console.closed} went away (broken pipe)")
             continue
         except KeyboardInterrupt as exc:
             if cancelled:

@@ -67,6 +67,36 @@ def test_sigterm_and_sighup_also_cancel_cleanly(marker, stop):
     assert (listed[0]["status"], listed[0]["cancel_reason"]) == ("cancelled", f"stopped by {stop.name}")
 
 
+@pytest.mark.parametrize(
+    "case, options, hosts, printing",
+    [
+        ("output", [], "local", "stdout"),
+        ("json events", ["--json"], "local", "stdout"),
+        ("fan-out", ["--max-parallel", "2"], "one,two", "stdout"),
+        ("stderr", [], "local", "stderr"),
+    ],
+)
+def test_a_reader_going_away_stops_the_run_like_sigpipe(tmp_path, marker, case, options, hosts, printing):
+    """`fleetrun run ... | head -1`: fleetrun exits 141 and stops the command, as a pipeline would."""
+    inventory = tmp_path / "hosts.yaml"
+    inventory.write_text("hosts:\n  one: {transport: local}\n  two: {transport: local}\n  local: {transport: local}\n")
+    command = f"while :; do echo {marker}; sleep 0.01; done" + (" >&2" if printing == "stderr" else "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "--hosts", str(inventory), "run", *options, hosts, "--", command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    read_by_head, other = (proc.stdout, proc.stderr) if printing == "stdout" else (proc.stderr, proc.stdout)
+    assert read_by_head.readline()
+    read_by_head.close()
+    assert proc.wait(timeout=20) == 141
+    assert b"Traceback" not in other.read()
+    assert_none_left(marker)
+    tasks = json.loads(run_cli("tasks", "list", "--json").stdout)
+    assert len(tasks) == len(hosts.split(",")) and all(t["status"] == "cancelled" for t in tasks)
+    expected = "the batch was cancelled" if case == "fan-out" else f"the reader of fleetrun's {printing} went away (broken pipe)"
+    assert {t["cancel_reason"] for t in tasks} == {expected}
+
+
 def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):
     unknown = run_cli("run", "web9", "--", "true")
     assert unknown.returncode == 125
