@@ -99,17 +99,17 @@ def _task_dict(task: Task) -> dict[str, Any]:
 
 
 class _Console:
-    """fleetrun's stdout and stderr while commands run (written from the engine thread).
+    """fleetrun's stdout and stderr while commands run, written from the engine thread only.
 
     When the reader of either goes away (``fleetrun run ... | head``), nothing more is
     written anywhere and the main thread, which looks at :attr:`closed` while it waits,
-    stops the run, as SIGPIPE stops a command in a shell pipeline. Without this, the command would run on with its output
-    going nowhere, and every write would log a traceback.
+    stops the run, as SIGPIPE stops a command in a shell pipeline. Without this, the
+    command would run on with its output going nowhere, and every write would log a
+    traceback.
     """
 
     def __init__(self) -> None:
         self.closed: str | None = None  # "stdout" or "stderr", once its reader has gone
-        self._lock = threading.Lock()
 
     def write(self, stream: str, data: bytes) -> None:
         if self.closed is not None:
@@ -119,21 +119,15 @@ class _Console:
             target.buffer.write(data)
             target.buffer.flush()
         except BrokenPipeError:
-            self._reader_gone(stream, target.fileno())
+            # What is still buffered, and the interpreter's flush at exit, go nowhere instead of failing again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, target.fileno())
+            os.close(devnull)
+            self.closed = stream
 
     def text(self, stream: str) -> _ConsoleText:
         """A text stream onto ``stream`` for a notifier."""
         return _ConsoleText(self, stream)
-
-    def _reader_gone(self, stream: str, fd: int) -> None:
-        # What is still buffered, and the interpreter's flush at exit, go nowhere instead of failing again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
-        with self._lock:
-            first, self.closed = self.closed is None, self.closed or stream
-        if first:
-            log.debug("the reader of fleetrun's %s went away: stopping the run", stream)
 
 
 class _ConsoleText:
@@ -617,10 +611,9 @@ def cmd_tasks_output(ctx: _Context) -> int:
         offset = args.offset
         piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=0)
         if offset > piece.size and (piece.complete or not args.follow):
-            ended = store.get(args.task_id).status.is_terminal
             raise FleetrunError(
                 f"offset {offset} is past the end of the {args.stream} of task {args.task_id} "
-                f"({piece.size} bytes {'kept' if ended else 'so far'})"
+                f"({piece.size} bytes {'kept' if piece.complete else 'so far'})"
             )
     # Read in pieces, so that a stream of any size is copied in bounded memory.
     while left is None or left > 0:
@@ -639,11 +632,9 @@ def cmd_tasks_output(ctx: _Context) -> int:
             store.sweep_orphans()
         time.sleep(0.1)
     out.flush()
-    if left == 0:
-        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=0)
-        if piece.size > offset:
-            _note(f"stopped after --max-bytes {args.max_bytes}: {piece.size - offset} more bytes are kept (continue with --offset {offset})")
-            return EXIT_OK
+    if left == 0 and piece.size > offset:  # ``piece``, the last one read, knows the size
+        _note(f"stopped after --max-bytes {args.max_bytes}: {piece.size - offset} more bytes are kept (continue with --offset {offset})")
+        return EXIT_OK
     if piece.truncated and piece.complete:
         _note(f"the {args.stream} of task {args.task_id} was truncated at its max_output_bytes")
     return EXIT_OK
