@@ -1,8 +1,8 @@
 """The ``fleetrun`` command line: parse, call the core, render.
 
 Exit codes of ``fleetrun run``: the command's own exit status; 124 when it timed out;
-125 when fleetrun itself failed (bad hosts file, unknown host, the command could not be
-started); 130 when it was cancelled (Ctrl-C, SIGTERM, SIGHUP or ``fleetrun tasks cancel``);
+125 when fleetrun itself failed (a usage error, bad hosts file, unknown host, the command
+could not be started); 130 when it was cancelled (Ctrl-C, SIGTERM, SIGHUP or ``fleetrun tasks cancel``);
 141 when the reader of its output went away (``| head``) and the command was stopped.
 Other subcommands exit 0 on success, 1 on an error and 2 on a usage error.
 """
@@ -52,15 +52,16 @@ lines are prefixed with the host, and a summary table follows on stderr.
 exit status, one host:
   the command's own exit status (128+N when signal N killed it)
   124  the command timed out (--timeout or the host's max_seconds)
-  125  fleetrun failed: bad hosts file, unknown host, the command could not start
-       or the host could not be reached
+  125  fleetrun failed: a usage error, bad hosts file, unknown host, the command could
+       not start or the host could not be reached
   126  the policy denied the command (the message names the rule); nothing ran
   130  the task was cancelled (Ctrl-C, SIGTERM, SIGHUP, or `fleetrun tasks cancel`)
   141  the reader of fleetrun's output went away (| head): the command was stopped
 exit status, several hosts:
   0    every host's task succeeded
   1    at least one failed, timed out, was cancelled or was not started
-  125  fleetrun failed before starting anything (bad hosts file, unknown host)
+  125  fleetrun failed before starting anything (a usage error, bad hosts file,
+       unknown host)
   126  the policy denied the command on at least one host; nothing ran
   130  the batch was cancelled (Ctrl-C, SIGTERM or SIGHUP)
   141  the reader of fleetrun's output went away: every task was stopped
@@ -844,8 +845,23 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with ``usage_exit``.
+
+    ``fleetrun run`` passes the command's exit status through, and 2 is a common one
+    (grep, diff, ls), so its own usage errors exit 125, as GNU ``timeout`` and ``env`` do.
+    Subparsers are made of the same class.
+    """
+
+    usage_exit = EXIT_USAGE
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fleetrun",
         description="Run shell commands as tasks on hosts, through pluggable transports.",
         epilog=(
@@ -894,7 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="show host, transport, limits and policy decision; run nothing")
     run.add_argument("--json", action="store_true", help="print lifecycle events as JSON lines on stdout instead of the output")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
-    run.set_defaults(func=cmd_run, error_exit=EXIT_FLEETRUN_ERROR)
+    run.usage_exit = EXIT_FLEETRUN_ERROR
+    run.set_defaults(func=cmd_run, error_exit=EXIT_FLEETRUN_ERROR, usage_parser=run)
 
     hosts = sub.add_parser("hosts", help="list the hosts of the inventory", description="List the hosts of the inventory.")
     hosts.add_argument("--json", action="store_true", help="print JSON")
@@ -992,7 +1009,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, command_words = argv[:split], argv[split + 1 :]
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Reported by the subcommand's parser, so that `run` exits with its own usage code.
+        getattr(args, "usage_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if command_words is not None:
         if getattr(args, "command", None) is None:
             parser.error("'--' is only used by `fleetrun run HOST -- COMMAND` and `fleetrun policy check HOST -- COMMAND`")

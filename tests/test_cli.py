@@ -118,11 +118,19 @@ def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_usage_errors_exit_2():
-    result = run_cli("run", "local", "--timeout", "soon", "--", "true")
-    assert result.returncode == 2
-    assert "expected a number of seconds, got 'soon'" in result.stderr
+def test_usage_errors_of_run_exit_125_and_of_other_commands_2():
+    # 2 is a common exit status of commands themselves (grep, diff, ls): `run` must not use it.
+    bad_value = run_cli("run", "local", "--timeout", "soon", "--", "true")
+    assert bad_value.returncode == 125
+    assert bad_value.stderr.endswith("fleetrun run: error: argument --timeout: expected a number of seconds, got 'soon'\n")
+    unknown_option = run_cli("run", "local", "--bogus", "--", "true")
+    assert unknown_option.returncode == 125
+    assert unknown_option.stderr.endswith("fleetrun run: error: unrecognized arguments: --bogus\n")
+    command_status = run_cli("run", "local", "--", "ls", "--bogus")
+    assert command_status.returncode == 2 and "fleetrun" not in command_status.stderr
     assert run_cli("frobnicate").returncode == 2
+    other = run_cli("hosts", "--bogus")
+    assert other.returncode == 2 and other.stderr.endswith("fleetrun: error: unrecognized arguments: --bogus\n")
 
 
 def test_dry_run_shows_the_plan_and_runs_nothing(tmp_path):
