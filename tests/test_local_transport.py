@@ -54,6 +54,15 @@ def test_only_plain_words_skip_the_shell(command, argv):
     assert direct_argv(command, "/bin/sh") == argv
 
 
+@pytest.mark.parametrize("command", ["cat", 'cat; read answer; echo "read exit $?"'], ids=["direct", "shell"])
+def test_a_command_that_reads_its_input_gets_end_of_file_at_once(make_executor, command):
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command=command, timeout_s=20))
+    assert (task.status, task.exit_code) == (TaskStatus.SUCCEEDED, 0)
+    assert executor.read_output(task.id).data == (b"" if command == "cat" else b"read exit 1\n")
+    assert task.ended_at - task.started_at < 10
+
+
 def test_a_host_that_names_its_shell_always_gets_it():
     assert direct_argv("sleep 1", "/bin/bash") is None
 

@@ -67,6 +67,17 @@ def test_max_output_bytes_keeps_the_head_and_flags_truncation(ssh_executor):
     assert kept.data == "".join(f"{i}\n" for i in range(1, 400)).encode()[:1000]
 
 
+def test_a_command_that_reads_its_input_gets_end_of_file_at_once(ssh_executor):
+    # Before: the channel's stdin stayed open, so `apt-get install` without -y (or any
+    # prompt) waited for an answer until the task's timeout.
+    task = ssh_executor.run(
+        TaskRequest(host="web", command='cat; read answer; echo "read exit $?, answer [$answer]"', timeout_s=20)
+    )
+    assert (task.status, task.exit_code) == (TaskStatus.SUCCEEDED, 0)
+    assert ssh_executor.read_output(task.id).data == b"read exit 1, answer []\n"
+    assert task.ended_at - task.started_at < 10
+
+
 def test_env_and_cwd_reach_the_remote_shell(ssh_executor):
     task = ssh_executor.run(
         TaskRequest(host="web", command='pwd; printf "%s\\n" "$GREETING"', env={"GREETING": "it's a $test `x`"}, cwd="/tmp")

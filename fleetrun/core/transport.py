@@ -92,6 +92,9 @@ class Transport(abc.ABC):
     async def execute(self, execution: Execution) -> int:
         """Run ``execution.command`` and return its exit status.
 
+        The command gets no input: its stdin is at end of file from the start (nothing
+        answers a prompt, so a command that asks a question fails at once instead of
+        waiting until its timeout).
         Write output to ``execution.stdout`` and ``execution.stderr`` as it arrives.
         Return 128+N when signal N ended the command. Raise :class:`TransportError` when
         the command could not be run to an exit status. When cancelled (the executor

@@ -313,6 +313,10 @@ class _PooledConnection:
         channel = self.transport.open_session(timeout=self.settings.connect_timeout)
         try:
             channel.exec_command(script)
+            # Nothing is ever typed into a task: a command that asks a question (apt-get
+            # without -y, a password prompt) reads end of file at once, as with `ssh -n`
+            # and as local commands do, instead of waiting for an answer until its timeout.
+            channel.shutdown_write()
         except BaseException:
             channel.close()
             raise
