@@ -317,6 +317,30 @@ def test_retention_by_age_and_by_count(store):
     assert not store.output_dir(old[0].id).exists()
 
 
+def test_a_long_running_executor_applies_the_retention_by_count_as_tasks_end(make_executor, store):
+    # A prune after every tenth of max_tasks endings: here after each one.
+    executor = make_executor(retention=Retention(max_tasks=5))
+    ran = [executor.run(TaskRequest(host="local", command=f"echo {i}")) for i in range(12)]
+    newest = {task.id for task in ran[-5:]}
+    wait_until(lambda: {task.id for task in store.list(limit=100)} == newest)
+    assert all(not store.output_dir(task.id).exists() for task in ran[:-5])
+    assert executor.read_output(ran[-1].id).data == b"11\n"
+
+
+def test_a_long_running_executor_applies_the_retention_by_age_on_a_timer(make_executor, store, marker):
+    # Ended tasks older than a moment go at the next timed prune, with no task ending to
+    # trigger it; a task still running stays, however old.
+    executor = make_executor(retention=Retention(max_age_days=0.3 / 86400, every_s=0.2))
+    ended = executor.run(TaskRequest(host="local", command="echo old"))
+    running = executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))
+    wait_until(lambda: [task.id for task in store.list(limit=100)] == [running.id])
+    assert not store.output_dir(ended.id).exists()
+    assert executor.get(running.id).status is TaskStatus.RUNNING
+    running.cancel()
+    assert running.wait().status is TaskStatus.CANCELLED
+    assert_none_left(marker)
+
+
 def test_bad_task_ids_are_clear_errors(store):
     with pytest.raises(UnknownTaskError, match="invalid task id '../etc'"):
         store.get("../etc")

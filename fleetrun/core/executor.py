@@ -202,7 +202,8 @@ class Executor:
         ``total``) that finds progress markers in output; None turns percentages off.
     :param heartbeat_s: a progress event is sent after this long without output.
     :param progress_interval_s: the shortest time between two progress events of a task.
-    :param retention: ended tasks kept in the store (pruned when the executor starts).
+    :param retention: ended tasks kept in the store (applied when the executor starts,
+        then again while it runs: see :class:`~fleetrun.core.store.Retention`).
     :param policy: the command policy every request must pass (None: no policy; the
         caller decides whether that is acceptable, as the CLI does without one).
     """
@@ -244,6 +245,10 @@ class Executor:
         self._closed = False
         self._close_done = threading.Event()
         self._cancel_poller: asyncio.Task[None] | None = None
+        self._retention = retention
+        self._endings_since_prune = 0
+        self._pruning: asyncio.Future[None] | None = None
+        self._prune_again = False
         self.store.sweep_orphans()
         if retention is not None:
             self.store.prune(retention)
@@ -406,6 +411,8 @@ class Executor:
             def serve() -> None:
                 asyncio.set_event_loop(loop)
                 loop.call_soon(ready.set)
+                if self._retention is not None:
+                    loop.call_later(self._retention.every_s, self._prune_on_timer)
                 loop.run_forever()
 
             self._thread = threading.Thread(target=serve, name="fleetrun-engine", daemon=True)
@@ -702,6 +709,41 @@ class Executor:
                     TaskResult(status=status, exit_code=exit_code, duration_s=round(duration, 6), error=error, error_category=category),
                 )
             live.done.set_result(record)
+            self._endings_since_prune += 1
+            if self._retention is not None and self._endings_since_prune >= self._retention.endings_between_prunes:
+                self._prune_soon()
+
+    # -- retention -------------------------------------------------------------------
+
+    def _prune_on_timer(self) -> None:
+        assert self._retention is not None
+        self._prune_soon()
+        asyncio.get_running_loop().call_later(self._retention.every_s, self._prune_on_timer)
+
+    def _prune_soon(self) -> None:
+        """Apply the retention on a worker thread (it deletes files); one prune at a time,
+        and one more after it when another was due meanwhile."""
+        if self._pruning is not None and not self._pruning.done():
+            self._prune_again = True
+            return
+        self._endings_since_prune = 0
+        self._prune_again = False
+        self._pruning = asyncio.get_running_loop().run_in_executor(None, self._prune)
+        self._pruning.add_done_callback(self._pruned)
+
+    def _pruned(self, _: object) -> None:
+        if self._prune_again and not self._closed:
+            self._prune_soon()
+
+    def _prune(self) -> None:
+        assert self._retention is not None
+        try:
+            removed = self.store.prune(self._retention)
+        except Exception:  # the next prune tries again; the tasks are unharmed
+            log.exception("applying the task retention to the store failed")
+            return
+        if removed:
+            log.info("removed %d ended tasks past the retention (%s)", removed, self._retention)
 
     async def _shutdown(self, reason: str) -> None:
         runners = []
@@ -715,6 +757,8 @@ class Executor:
             await asyncio.gather(*runners, return_exceptions=True)
         if self._cancel_poller is not None:
             self._cancel_poller.cancel()
+        if self._pruning is not None:
+            await self._pruning  # it uses the store, which close() closes next
         for transport in self._transports.values():
             try:
                 await transport.aclose()

@@ -95,10 +95,20 @@ _FLAGS = [_TASK_COLUMNS.index("stdout_truncated"), _TASK_COLUMNS.index("stderr_t
 
 @dataclass(frozen=True)
 class Retention:
-    """How long ended tasks are kept: by age and by count (the newest are kept)."""
+    """How long ended tasks are kept: by age and by count (the newest are kept).
+
+    An executor applies it when it starts and, while it lives, every ``every_s`` seconds
+    and after every tenth of ``max_tasks`` tasks that end, so a long-running one (the
+    MCP server) keeps the store within its limits too.
+    """
 
     max_age_days: float = 30.0
     max_tasks: int = 10_000
+    every_s: float = 3600.0
+
+    @property
+    def endings_between_prunes(self) -> int:
+        return max(1, self.max_tasks // 10)
 
 
 def check_task_id(task_id: str) -> str:
