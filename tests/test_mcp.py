@@ -514,9 +514,14 @@ def test_resources_subscribe_for_2025_11_25_clients(server_for):
             task = (await starter.call_tool("start_task", {"host": "local", "command": "sleep 0.3"})).structured_content
             with pytest.warns(Warning):
                 await watcher.subscribe_resource(task["resource"])
+            notifier = executor.plugins.get("fleetrun.notifiers.mcp")
+            assert notifier.subscribed(task["resource"]) == 1
             with anyio.fail_after(10):
                 while task["resource"] not in updates:
                     await anyio.sleep(0.02)
+            # The task's last update was sent: nothing is kept for it any more.
+            assert notifier.subscribed(task["resource"]) == 0
+            assert updates.count(task["resource"]) == 1
 
     run(scenario)
 

@@ -110,6 +110,10 @@ class PluginManager:
         self._check_pending()
         return registered
 
+    def get(self, name: str) -> object | None:
+        """The plugin registered as ``name`` (``fleetrun plugins`` lists the names), or None."""
+        return self._pm.get_plugin(name)
+
     def unregister(self, plugin: object) -> None:
         self._pm.unregister(plugin)
         self._notifiers = None

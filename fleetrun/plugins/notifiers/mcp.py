@@ -53,12 +53,19 @@ class McpNotifier:
         self.bus = bus
         self._lock = threading.Lock()
         self._followers: dict[str, list[Follower]] = {}
-        #: resources/subscribe (2025-11-25): URI -> {session: its event loop}.
+        #: resources/subscribe (2025-11-25): URI -> {session: its event loop}. A task's
+        #: entry goes when the task ends (see _end). Not weak: the session object the
+        #: server hands over lives only as long as the request, and the entry keeps it usable.
         self._subscribers: dict[str, dict[Any, asyncio.AbstractEventLoop]] = {}
 
     def subscribe(self, session: Any, uri: str) -> None:
         with self._lock:
             self._subscribers.setdefault(uri, {})[session] = asyncio.get_running_loop()
+
+    def subscribed(self, uri: str) -> int:
+        """How many sessions are subscribed to ``uri``."""
+        with self._lock:
+            return len(self._subscribers.get(uri, ()))
 
     def unsubscribe(self, session: Any, uri: str) -> None:
         with self._lock:
@@ -107,7 +114,8 @@ class McpNotifier:
     def _end(self, task: Task, level: str, data: dict[str, Any]) -> None:
         with self._lock:
             followers = self._followers.pop(task.id, [])
-            subscribers = dict(self._subscribers.get(task_uri(task.id), {}))
+            # An ended task's resource changes no more: this is its subscribers' last update.
+            subscribers = dict(self._subscribers.pop(task_uri(task.id), {}))
         for session, loop in subscribers.items():
             if all(f.session is not session for f in followers):  # followers are told anyway
                 asyncio.run_coroutine_threadsafe(_resource_updated(session, task_uri(task.id)), loop)
