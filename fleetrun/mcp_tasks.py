@@ -4,7 +4,9 @@ A client that sends a task-augmented ``tools/call`` for ``run_command`` gets a
 ``CreateTaskResult`` at once; the MCP task *is* the executor task (same id, same store
 record), so ``get_task`` and ``get_task_output`` work on it too. ``tasks/get``,
 ``tasks/result``, ``tasks/list`` and ``tasks/cancel`` are served, and the session gets
-``notifications/tasks/status`` when the task ends.
+``notifications/tasks/status`` when the task ends. An MCP task is forgotten once it has
+ended and its ``ttl`` (counted from its creation, at most a day) (at least a second) has passed, or once the
+store's retention has removed its record.
 
 The SDK (2.3) carries the types but does not dispatch these methods, so this is a server
 middleware: it answers the task methods itself, advertises ``capabilities.tasks`` in the
@@ -14,12 +16,14 @@ middleware: it answers the task methods itself, advertises ``capabilities.tasks`
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 
+from fleetrun.core.errors import UnknownTaskError
 from fleetrun.core.events import iso_time
 from fleetrun.core.models import Task, TaskStatus
 from fleetrun.core.secrets import redact
@@ -29,7 +33,8 @@ if TYPE_CHECKING:
 
 INVALID_PARAMS = -32602
 TASK_TOOLS = {"run_command": "optional"}
-DEFAULT_TTL_MS = 24 * 3600 * 1000
+DEFAULT_TTL_MS = MAX_TTL_MS = 24 * 3600 * 1000
+MIN_TTL_MS = 1000
 POLL_INTERVAL_MS = 500
 RELATED_TASK = "io.modelcontextprotocol/related-task"
 _METHODS = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")
@@ -40,6 +45,7 @@ class _McpTask:
     task_id: str
     ttl_ms: int
     session: Any
+    expires: float  # time.monotonic() after which the ended task may be forgotten
 
 
 def mcp_status(task: Task) -> tuple[str, str]:
@@ -97,7 +103,9 @@ class TasksMiddleware:
         if name not in TASK_TOOLS:
             raise MCPError(code=INVALID_PARAMS, message=f"tool {name!r} does not support task-augmented calls")
         arguments = params.get("arguments") or {}
-        ttl = int((params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS)
+        # The receiver may grant a different ttl than asked; it answers with the one it keeps.
+        ttl = min(max(int((params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS), MIN_TTL_MS), MAX_TTL_MS)
+        self._forget_expired()
         try:
             handle, _ = await self.state.submit(
                 ctx.session, str(arguments.get("host", "")), str(arguments.get("command", "")),
@@ -105,23 +113,39 @@ class TasksMiddleware:
             )
         except ToolError as exc:  # refused: a bad request or the policy, already worded and redacted
             raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
-        self.tasks[handle.id] = _McpTask(handle.id, ttl, ctx.session)
+        self.tasks[handle.id] = _McpTask(handle.id, ttl, ctx.session, time.monotonic() + ttl / 1000)
         return {"task": self.wire_task(self.state.executor.get(handle.id), ttl)}
 
+    def _record(self, task_id: str) -> Task | None:
+        """The task's record; None (and the MCP task forgotten) if the store no longer has it."""
+        try:
+            return self.state.executor.get(task_id)
+        except UnknownTaskError:
+            self.tasks.pop(task_id, None)
+            return None
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        for task_id in [t.task_id for t in self.tasks.values() if t.expires <= now]:
+            task = self._record(task_id)
+            if task is not None and task.status.is_terminal:
+                del self.tasks[task_id]  # a task still running stays: it can still be cancelled
+
     async def _task_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._forget_expired()
         if method == "tasks/list":
-            tasks = [self.state.executor.get(task_id) for task_id in self.tasks]
+            tasks = [task for task in map(self._record, list(self.tasks)) if task is not None]
             tasks.sort(key=lambda t: t.created_at, reverse=True)
             return {"tasks": [self.wire_task(t, self.tasks[t.id].ttl_ms) for t in tasks]}
         task_id = params.get("taskId")
         entry = self.tasks.get(task_id) if isinstance(task_id, str) else None
-        if entry is None:
+        task = self._record(task_id) if entry is not None else None
+        if entry is None or task is None:
             raise MCPError(code=INVALID_PARAMS, message=f"unknown task {task_id!r}")
         executor = self.state.executor
         if method == "tasks/get":
-            return self.wire_task(executor.get(task_id), entry.ttl_ms)
+            return self.wire_task(task, entry.ttl_ms)
         if method == "tasks/cancel":
-            task = executor.get(task_id)
             if task.status.is_terminal:
                 raise MCPError(code=INVALID_PARAMS, message=f"task {task_id} has already ended ({task.status.value})")
             await executor.cancel_async(task_id, "cancelled through tasks/cancel")

@@ -23,6 +23,7 @@ from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.executor import Executor
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy, read_only_policy
+from fleetrun.core.store import Retention
 from fleetrun.mcp_server import create_server
 
 from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
@@ -415,11 +416,11 @@ def _task_status_listener(received: list):
     return TaskStatusListener()
 
 
-async def _create_task(client, arguments: dict, name: str = "run_command") -> dict:
+async def _create_task(client, arguments: dict, name: str = "run_command", ttl: int = 60000) -> dict:
     # The SDK client has no public call for a task-augmented tools/call (its result is a
     # CreateTaskResult, not a CallToolResult): send it through the client's own dispatcher.
     return await client.session._dispatcher.send_raw_request(  # noqa: SLF001
-        "tools/call", {"name": name, "arguments": arguments, "task": {"ttl": 60000}}, {}
+        "tools/call", {"name": name, "arguments": arguments, "task": {"ttl": ttl}}, {}
     )
 
 
@@ -464,6 +465,43 @@ def test_mcp_tasks_end_to_end(server_for):
             assert executor.get(task_id).command == "sleep 0.4; echo from a task"
 
     run(scenario)
+
+
+def test_mcp_tasks_are_forgotten_after_their_ttl_or_when_the_store_prunes_them(server_for, marker):
+    server, executor = server_for()
+    types = mcp.types
+
+    async def get(client, task_id):
+        return await client.session.send_request(_task_request(types.GetTaskRequest, types.GetTaskRequestParams, task_id), types.GetTaskResult)
+
+    async def listed(client):
+        return [t.task_id for t in (await client.session.send_request(types.ListTasksRequest(), types.ListTasksResult)).tasks]
+
+    async def scenario():
+        async with mcp.Client(server, mode="legacy") as client:
+            asked_too_much = types.CreateTaskResult.model_validate(await _create_task(client, {"host": "local", "command": "true"}, ttl=10**12))
+            assert asked_too_much.task.ttl == 24 * 3600 * 1000  # the server grants at most a day
+            short = types.CreateTaskResult.model_validate(await _create_task(client, {"host": "local", "command": "true"}, ttl=1000)).task
+            running = types.CreateTaskResult.model_validate(await _create_task(client, {"host": "local", "command": f"sleep {marker}"}, ttl=1000)).task
+            executor.get(short.task_id)  # known to the executor
+            await anyio.sleep(1.2)
+            # Past its ttl: the ended task is forgotten; the running one stays, still cancellable.
+            with pytest.raises(mcp.MCPError, match="unknown task"):
+                await get(client, short.task_id)
+            assert (await get(client, running.task_id)).status == "working"
+            assert await listed(client) == [running.task_id, asked_too_much.task.task_id]
+            cancelled = await client.session.send_request(
+                _task_request(types.CancelTaskRequest, types.CancelTaskRequestParams, running.task_id), types.CancelTaskResult
+            )
+            assert cancelled.status == "cancelled"
+            # The store's retention removes every ended record: the MCP tasks go with them.
+            executor.store.prune(Retention(max_tasks=0))
+            assert await listed(client) == []
+            with pytest.raises(mcp.MCPError, match="unknown task"):
+                await get(client, asked_too_much.task.task_id)
+
+    run(scenario)
+    assert_none_left(marker)
 
 
 def test_mcp_tasks_cancel_denial_and_unknown_ids(server_for, marker):

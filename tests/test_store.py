@@ -317,6 +317,23 @@ def test_retention_by_age_and_by_count(store):
     assert not store.output_dir(old[0].id).exists()
 
 
+def test_a_pruned_task_stays_gone_while_its_owner_runs(make_executor, store, tmp_path):
+    # Before: the owner's journal kept applied entries until it reached 64 KiB, and a
+    # lookup that found no row took the pruned task from there.
+    executor = make_executor()
+    ended = executor.run(TaskRequest(host="local", command="echo kept for a while"))
+    assert store.prune(Retention(max_tasks=0)) == 1
+    with pytest.raises(UnknownTaskError, match=f"no task '{ended.id}'"):
+        store.get(ended.id)
+    other_process = TaskStore(store.home)
+    try:
+        with pytest.raises(UnknownTaskError):
+            other_process.get(ended.id)
+    finally:
+        other_process.close()
+    assert run_cli("tasks", "show", ended.id, env={"FLEETRUN_HOME": str(store.home)}).returncode == 1
+
+
 def test_a_long_running_executor_applies_the_retention_by_count_as_tasks_end(make_executor, store):
     # A prune after every tenth of max_tasks endings: here after each one.
     executor = make_executor(retention=Retention(max_tasks=5))

@@ -35,8 +35,6 @@ log = logging.getLogger("fleetrun.store")
 Apply = Callable[[sqlite3.Connection, Sequence[list[Any]]], None]
 
 SUFFIX = ".journal"
-#: Past this size the journal is emptied as soon as everything in it is applied.
-_TRUNCATE_BYTES = 64 * 1024
 #: Past this size, a write waits for the writer to catch up first, so the journal stays bounded.
 _MAX_BYTES = 16 * 1024 * 1024
 _RETRY_SECONDS = (0.1, 0.5, 2.0)
@@ -197,8 +195,10 @@ class Journal:
             for key, value, _ in batch:
                 if self._pending.get(key) is value:
                     del self._pending[key]
-            if self._size > _TRUNCATE_BYTES:
-                self._truncate_if_applied()
+            # Emptied as soon as everything in it is in SQLite: an applied entry left here
+            # would outlive its row, and a reader that finds no row (the retention deleted
+            # it) would take the task from the journal instead.
+            self._truncate_if_applied()
             self._cond.notify_all()
 
 
