@@ -15,7 +15,7 @@ from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 
-from conftest import assert_none_left, hosts_file_text, processes_with, ssh_host, wait_until
+from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
 
@@ -87,6 +87,34 @@ def test_env_and_cwd_reach_the_remote_shell(ssh_executor):
     missing = ssh_executor.run(TaskRequest(host="web", command="true", cwd="/no/such/dir"))
     assert (missing.status, missing.exit_code) == (TaskStatus.FAILED, 1)
     assert b"/no/such/dir" in ssh_executor.read_output(missing.id, "stderr").data
+
+
+def test_any_environment_value_arrives_exactly_and_the_command_still_reads_end_of_file(ssh_executor):
+    values = {
+        "LINES_VALUE": "first\nsecond\n\n",
+        "PRINTF_VALUE": "100% \\101 %s \\n",
+        "UNICODE_VALUE": "température ✓",
+        "EMPTY_VALUE": "",
+        "QUOTES_VALUE": "'\"`$(id)`\"'",
+    }
+    shown = "; ".join(f'printf "%s|" "${name}"' for name in values)
+    task = ssh_executor.run(TaskRequest(host="web", command=f"{shown}; cat; echo end", env=values))
+    assert task.status is TaskStatus.SUCCEEDED
+    assert ssh_executor.read_output(task.id).data == ("".join(f"{v}|" for v in values.values()) + "end\n").encode()
+
+
+def test_environment_values_are_not_on_the_remote_command_line(ssh_executor, marker):
+    # The exec request becomes the remote shell's argument, which `ps` shows to every
+    # user of the host: values travel on the channel's stdin instead.
+    token = f"token-{marker.replace('.', '')}"
+    handle = ssh_executor.submit(TaskRequest(host="web", command=f"sleep {marker}", env={"API_TOKEN": token}))
+    wait_until(lambda: processes_running("sleep", marker))
+    assert processes_with(token) == []
+    (sleeper,) = processes_running("sleep", marker)
+    assert f"API_TOKEN={token}".encode() in Path(f"/proc/{sleeper}/environ").read_bytes().split(b"\0")
+    handle.cancel()
+    assert handle.wait().status is TaskStatus.CANCELLED
+    assert_none_left(marker)
 
 
 def test_a_command_killed_by_a_signal_exits_128_plus_n(ssh_executor):

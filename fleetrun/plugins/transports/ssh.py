@@ -125,10 +125,10 @@ class SSHTransport(Transport):
         return describe(self.settings)
 
     async def execute(self, execution: Execution) -> int:
-        from fleetrun.plugins.transports.ssh_channel import ChannelCommand, remote_script
+        from fleetrun.plugins.transports.ssh_channel import ChannelCommand, environment_input, remote_script
 
         script = remote_script(execution.command, execution.env, execution.cwd)
-        connection, channel, cancelled = await self._start(script)
+        connection, channel, cancelled = await self._start(script, environment_input(execution.env))
         command = ChannelCommand(channel, execution, connection.describe)
         try:
             if cancelled:
@@ -150,8 +150,8 @@ class SSHTransport(Transport):
 
     # -- starting and stopping commands -------------------------------------------------
 
-    async def _start(self, script: str) -> tuple[_PooledConnection, paramiko.Channel, bool]:
-        """A channel running ``script``, and whether the task was cancelled meanwhile.
+    async def _start(self, script: str, stdin: bytes) -> tuple[_PooledConnection, paramiko.Channel, bool]:
+        """A channel running ``script`` (given ``stdin``), and whether the task was cancelled meanwhile.
 
         A cancel that arrives while the exec request is out still gets the channel, so
         that the command it may have started can be stopped.
@@ -161,7 +161,7 @@ class SSHTransport(Transport):
         retries = 2
         while True:
             connection = await self._acquire()
-            started = asyncio.get_running_loop().run_in_executor(_threads(), connection.start_command, script)
+            started = asyncio.get_running_loop().run_in_executor(_threads(), connection.start_command, script, stdin)
             cancelled = False
             try:
                 try:
@@ -309,10 +309,12 @@ class _PooledConnection:
 
     # These block: call them from worker threads.
 
-    def start_command(self, script: str) -> paramiko.Channel:
+    def start_command(self, script: str, stdin: bytes = b"") -> paramiko.Channel:
         channel = self.transport.open_session(timeout=self.settings.connect_timeout)
         try:
             channel.exec_command(script)
+            if stdin:
+                channel.sendall(stdin)  # read by the script's preamble, before the command starts
             # Nothing is ever typed into a task: a command that asks a question (apt-get
             # without -y, a password prompt) reads end of file at once, as with `ssh -n`
             # and as local commands do, instead of waiting for an answer until its timeout.

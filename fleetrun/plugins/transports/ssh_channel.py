@@ -7,6 +7,10 @@ directory. Knowing the group is what lets a cancel or a timeout stop the remote
 command and everything it started, for any login (root included), with ``kill`` on a
 second channel: closing a channel alone leaves a command without a pty running.
 
+The environment's values come through the channel's stdin, not in the exec request:
+sshd runs that text as the shell's ``-c`` argument, which every user of the remote
+host can read in ``ps`` for as long as the command runs.
+
 Output is read without a thread per command: paramiko signals a pipe when a channel
 has data, and the loop watches that pipe.
 """
@@ -32,14 +36,39 @@ _MARKER_SEARCH_LIMIT = 64 << 10
 EXIT_DRAIN_SECONDS = 1.0
 
 
+_ENV_END = "fleetrun-env-end"
+
+
 def remote_script(command: str, env: Mapping[str, str], cwd: str | None) -> str:
-    """The text sent in the exec request: preamble, then the command unchanged."""
+    """The text sent in the exec request: preamble, then the command unchanged. The
+    preamble reads the environment from stdin (see :func:`environment_input`)."""
     lines = [f"printf '{_MARKER.decode()}%s\\n' \"$$\""]
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    if env:
+        lines.append(
+            f'while IFS= read -r __fleetrun_env && [ "$__fleetrun_env" != {_ENV_END} ]; do eval "$__fleetrun_env"; done; '
+            "unset __fleetrun_env"
+        )
     if cwd:
         lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
     lines.append(command)
     return "\n".join(lines)
+
+
+def environment_input(env: Mapping[str, str]) -> bytes:
+    """What the preamble reads from stdin: one line per variable, then an end line.
+
+    Each value is written as ``printf`` octal escapes (letters and digits as they are),
+    so that any value, newlines included, is one line of plain characters; the
+    ``x`` keeps the command substitution from dropping trailing newlines.
+    """
+    if not env:
+        return b""
+    lines = []
+    for name, value in env.items():
+        escaped = "".join(chr(byte) if chr(byte).isalnum() and byte < 128 else f"\\{byte:03o}" for byte in value.encode())
+        lines.append(f"export {name}=\"$(printf '{escaped}x')\"; {name}=\"${{{name}%x}}\"")
+    lines.append(_ENV_END)
+    return ("\n".join(lines) + "\n").encode()
 
 
 def stop_script(pgid: int) -> str:
