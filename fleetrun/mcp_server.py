@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, Field
 
@@ -44,6 +44,15 @@ TAIL_BYTES = 8192
 MAX_READ_BYTES = 1 << 20
 #: How long cancel_task waits for the task's processes to be gone before answering.
 CANCEL_WAIT_S = 5.0
+
+# Tool parameters, described for the assistant that calls the tools.
+HostName = Annotated[str, Field(description="a host of the inventory (list_hosts names them)")]
+Command = Annotated[str, Field(description="the shell command, run by the host's shell as `ssh HOST COMMAND` would run it")]
+TaskId = Annotated[str, Field(description="a task id (12 hex characters), as returned by run_command, start_task or list_tasks")]
+TimeoutS = Annotated[
+    float | None, Field(gt=0, description="time limit in seconds; it can only lower the host's max_seconds (default: the host's)")
+]
+Tag = Annotated[str | None, Field(description="only hosts with this tag")]
 
 INSTRUCTIONS = """\
 fleetrun runs shell commands on the hosts of an inventory, under a policy that decides what
@@ -260,7 +269,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     )
 
     @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
-    async def list_hosts(tag: str | None = None) -> HostList:
+    async def list_hosts(tag: Tag = None) -> HostList:
         inventory = executor.inventory
         hosts = inventory.with_tag(tag) if tag else list(inventory.hosts.values())
         return HostList(
@@ -270,7 +279,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
 
     @server.tool(description="Describe one host: transport, tags, limits and how it is reached (never a secret).")
-    async def describe_host(host: str) -> HostInfo:
+    async def describe_host(host: HostName) -> HostInfo:
         try:
             found = executor.inventory.get(host)
             plan = await asyncio.to_thread(executor.plan, TaskRequest(host=host, command="true"))
@@ -282,7 +291,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
 
     @server.tool(description="Dry run: the resolved host, transport, limits and the policy's decision with its rule. Runs nothing.")
-    async def plan_command(host: str, command: str) -> PlanResult:
+    async def plan_command(host: HostName, command: Command) -> PlanResult:
         try:
             plan = await asyncio.to_thread(executor.plan, TaskRequest(host=host, command=command))
         except FleetrunError as exc:
@@ -305,7 +314,10 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
     )
     async def run_command(
-        host: str, command: str, ctx: Context, timeout_s: float | None = None, wait_s: float = DEFAULT_WAIT_S
+        host: HostName, command: Command, ctx: Context, timeout_s: TimeoutS = None,
+        wait_s: Annotated[
+            float, Field(ge=0, description=f"how long to wait for the end, seconds (at most {MAX_WAIT_S:g}); the task goes on after it")
+        ] = DEFAULT_WAIT_S,
     ) -> RunResult:
         wait = min(max(wait_s, 0.0), MAX_WAIT_S)
         handle, follower = await state.submit(ctx.session, host, command, timeout_s, open_call=True)
@@ -347,7 +359,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         return state.finished_result(task)
 
     @server.tool(description="Start a command and return its task id at once; follow it with get_task.")
-    async def start_task(host: str, command: str, ctx: Context, timeout_s: float | None = None) -> TaskInfo:
+    async def start_task(host: HostName, command: Command, ctx: Context, timeout_s: TimeoutS = None) -> TaskInfo:
         handle, _ = await state.submit(ctx.session, host, command, timeout_s, open_call=False)
         return _task_info(executor.get(handle.id))
 
@@ -359,8 +371,12 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
     )
     async def run_on_hosts(
-        command: str, hosts: list[str] | None = None, tag: str | None = None, max_parallel: int = 10,
-        stop_on_failure: bool = False, timeout_s: float | None = None,
+        command: Command,
+        hosts: Annotated[list[str] | None, Field(description="host names; with tag too, the hosts of both")] = None,
+        tag: Annotated[str | None, Field(description="every host with this tag")] = None,
+        max_parallel: Annotated[int, Field(ge=1, description="at most this many tasks at once")] = 10,
+        stop_on_failure: Annotated[bool, Field(description="start no new task once one has failed (running ones finish)")] = False,
+        timeout_s: TimeoutS = None,
     ) -> BatchResult:
         try:
             selected = select_hosts(executor.inventory, hosts or [], tag)
@@ -376,7 +392,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
 
     @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")
-    async def get_task(task_id: str) -> TaskInfo:
+    async def get_task(task_id: TaskId) -> TaskInfo:
         try:
             return _task_info(executor.get(task_id))
         except FleetrunError as exc:
@@ -389,16 +405,17 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
     )
     async def get_task_output(
-        task_id: str, stream: Literal["stdout", "stderr"] = "stdout", offset: int = 0,
-        max_bytes: int = 65536, tail_lines: int | None = None,
+        task_id: TaskId,
+        stream: Annotated[Literal["stdout", "stderr"], Field(description="which stream")] = "stdout",
+        offset: Annotated[int, Field(ge=0, description="the byte offset to read from (the previous read's next_offset)")] = 0,
+        max_bytes: Annotated[int, Field(ge=1, description=f"read at most this many bytes (at most {MAX_READ_BYTES})")] = 65536,
+        tail_lines: Annotated[int | None, Field(ge=0, description="instead of offset: the last this many lines")] = None,
     ) -> OutputChunk:
-        if offset < 0 or max_bytes < 1:
-            raise ToolError("offset must be 0 or more and max_bytes at least 1")
         size = min(max_bytes, MAX_READ_BYTES)
         try:
             task = executor.get(task_id)
             if tail_lines is not None:
-                piece = executor.tail_output(task_id, stream, lines=max(tail_lines, 0), max_bytes=size)
+                piece = executor.tail_output(task_id, stream, lines=tail_lines, max_bytes=size)
             else:
                 piece = executor.read_output(task_id, stream, offset=offset, max_bytes=size)
         except FleetrunError as exc:
@@ -409,7 +426,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         )
 
     @server.tool(description="Cancel a queued or running task: the command and everything it started are stopped.")
-    async def cancel_task(task_id: str) -> CancelResult:
+    async def cancel_task(task_id: TaskId) -> CancelResult:
         try:
             cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
             task = executor.get(task_id)
@@ -424,11 +441,15 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
 
     @server.tool(description="List tasks, newest first, optionally by status and host.")
     async def list_tasks(
-        status: Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"] | None = None,
-        host: str | None = None, limit: int = 20,
+        status: Annotated[
+            Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"] | None,
+            Field(description="only tasks in this state"),
+        ] = None,
+        host: Annotated[str | None, Field(description="only tasks of this host")] = None,
+        limit: Annotated[int, Field(ge=1, le=200, description="at most this many, newest first")] = 20,
     ) -> TaskListing:
         statuses = [TaskStatus(status)] if status else None
-        tasks = executor.list(status=statuses, host=host, limit=min(max(limit, 1), 200))
+        tasks = executor.list(status=statuses, host=host, limit=limit)
         return TaskListing(tasks=[_task_info(t) for t in tasks])
 
     @server.resource("fleetrun://hosts", name="hosts", description="The inventory's hosts", mime_type="application/json")

@@ -74,6 +74,13 @@ def test_tools_are_typed_and_run_commands_under_the_policy(server_for, mode):
             }
             assert all(t.output_schema is not None for t in tools.values())
             assert tools["run_command"].input_schema["required"] == ["host", "command"]
+            # The assistant learns each parameter from its description and bounds.
+            undescribed = [
+                (name, parameter) for name, tool in tools.items()
+                for parameter, schema in tool.input_schema["properties"].items() if not schema.get("description")
+            ]
+            assert undescribed == []
+            assert tools["get_task_output"].input_schema["properties"]["offset"]["minimum"] == 0
 
             hosts = (await client.call_tool("list_hosts", {"tag": "dev"})).structured_content
             assert [h["name"] for h in hosts["hosts"]] == ["local", "other"]
@@ -99,6 +106,16 @@ def test_tools_are_typed_and_run_commands_under_the_policy(server_for, mode):
             assert unknown.is_error and "invalid task id" in unknown.content[0].text
             bad_host = await client.call_tool("run_command", {"host": "nowhere", "command": "true"})
             assert bad_host.is_error and "unknown host 'nowhere'" in bad_host.content[0].text
+            for tool, arguments, wrong in [
+                ("get_task_output", {"task_id": "0123456789ab", "offset": -5}, "offset"),
+                ("get_task_output", {"task_id": "0123456789ab", "tail_lines": -1}, "tail_lines"),
+                ("list_tasks", {"limit": 0}, "limit"),
+                ("run_command", {"host": "local", "command": "true", "timeout_s": 0}, "timeout_s"),
+            ]:
+                refused = await client.call_tool(tool, arguments)
+                text = refused.content[0].text
+                assert refused.is_error and f"\n{wrong}\n  Input should be greater than" in text, text
+            assert len(executor.list()) == 1
 
     run(scenario)
 
