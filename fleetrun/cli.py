@@ -825,6 +825,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _progress_pattern(text: str) -> str:
+    from fleetrun.core.progress import compile_progress_pattern
+
+    try:
+        compile_progress_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -906,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-output-bytes", type=_positive_int, metavar="N", help="bytes kept of stdout and of stderr (can only lower the host's limit)")
     run.add_argument("--env", action="append", metavar="NAME=VALUE", help="add an environment variable (repeatable)")
     run.add_argument("--cwd", metavar="DIR", help="working directory of the command")
-    run.add_argument("--progress-pattern", metavar="REGEX", help="regex with a 'percent' group that marks progress in the output")
+    run.add_argument("--progress-pattern", type=_progress_pattern, metavar="REGEX", help="regex with a 'percent' group that marks progress in the output")
     run.add_argument("--dry-run", action="store_true", help="show host, transport, limits and policy decision; run nothing")
     run.add_argument("--json", action="store_true", help="print lifecycle events as JSON lines on stdout instead of the output")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")

@@ -123,6 +123,11 @@ def test_usage_errors_of_run_exit_125_and_of_other_commands_2():
     bad_value = run_cli("run", "local", "--timeout", "soon", "--", "true")
     assert bad_value.returncode == 125
     assert bad_value.stderr.endswith("fleetrun run: error: argument --timeout: expected a number of seconds, got 'soon'\n")
+    bad_pattern = run_cli("run", "local", "--progress-pattern", "(", "--", "true")
+    assert bad_pattern.returncode == 125 and "Traceback" not in bad_pattern.stderr
+    assert bad_pattern.stderr.endswith(
+        "fleetrun run: error: argument --progress-pattern: invalid progress pattern '(': missing ), unterminated subpattern at position 0\n"
+    )
     unknown_option = run_cli("run", "local", "--bogus", "--", "true")
     assert unknown_option.returncode == 125
     assert unknown_option.stderr.endswith("fleetrun run: error: unrecognized arguments: --bogus\n")

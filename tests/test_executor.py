@@ -221,9 +221,14 @@ def test_custom_progress_pattern_with_current_and_total(make_executor, recorder)
     assert percents == [25.0]
 
 
-def test_bad_progress_pattern_is_a_clear_error(make_executor):
-    with pytest.raises(ValueError, match="needs a named group 'percent'"):
-        make_executor().submit(TaskRequest(host="local", command="true", progress_pattern=r"(\d+)%"))
+def test_bad_progress_pattern_is_a_clear_error(make_executor, recorder):
+    # A FleetrunError, like every other bad request: front ends show it as one line.
+    executor = make_executor()
+    with pytest.raises(FleetrunError, match="needs a named group 'percent'"):
+        executor.submit(TaskRequest(host="local", command="true", progress_pattern=r"(\d+)%"))
+    with pytest.raises(FleetrunError, match=r"invalid progress pattern '\(': missing \)"):
+        executor.submit(TaskRequest(host="local", command="true", progress_pattern="("))
+    assert executor.list() == [] and list(recorder) == []
 
 
 def test_heartbeats_while_silent_carry_elapsed_time(make_executor, recorder):

@@ -458,7 +458,12 @@ class Executor:
         if plan.decision is not None and not plan.decision.allowed:
             self.plugins.command_denied(plan.host.name, request.command, plan.decision)
             raise PolicyDenied(plan.decision)
-        pattern = compile_progress_pattern(request.progress_pattern) if request.progress_pattern else self.progress_pattern
+        pattern = self.progress_pattern
+        if request.progress_pattern:
+            try:
+                pattern = compile_progress_pattern(request.progress_pattern)
+            except ValueError as exc:
+                raise FleetrunError(str(exc)) from None
         record = Task(
             id=secrets.token_hex(6),
             host=plan.host.name,
