@@ -107,6 +107,10 @@ def test_lookup_order_flag_then_env_then_config_dir_then_default(tmp_path: Path,
 def test_a_named_file_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(InventoryError, match=r"missing\.yaml: hosts file not found \(given by --hosts\)"):
         load_inventory(tmp_path / "missing.yaml", TRANSPORTS)
+    with pytest.raises(InventoryError, match=rf"^{tmp_path}: hosts file is a directory \(given by --hosts\)$"):
+        load_inventory(tmp_path, TRANSPORTS)
+    with pytest.raises(InventoryError, match=r"^/dev/null: hosts file is not a regular file \(given by --hosts\)$"):
+        load_inventory("/dev/null", TRANSPORTS)
     monkeypatch.setenv("FLEETRUN_HOSTS", str(tmp_path / "gone.yaml"))
     with pytest.raises(InventoryError, match=r"gone\.yaml: hosts file not found \(given by FLEETRUN_HOSTS\)"):
         load_inventory(None, TRANSPORTS)

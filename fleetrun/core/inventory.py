@@ -105,7 +105,7 @@ def find_hosts_file(explicit: str | os.PathLike[str] | None = None) -> Path | No
     """
     return paths.find_config_file(
         explicit, flag="--hosts", env=paths.HOSTS_ENV, name="hosts.yaml",
-        not_found=lambda path, origin: InventoryError(f"hosts file not found (given by {origin})", path=path),
+        not_found=lambda path, origin, problem: InventoryError(f"hosts file {problem} (given by {origin})", path=path),
     )
 
 

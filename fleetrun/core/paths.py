@@ -32,18 +32,20 @@ def find_config_file(
     flag: str,
     env: str,
     name: str,
-    not_found: Callable[[str, str], Exception],
+    not_found: Callable[[str, str, str], Exception],
 ) -> Path | None:
     """A configuration file: ``explicit`` (from ``flag``), then ``$env``, then ``name`` in the config dir.
 
-    A path given by flag or environment must exist (``not_found(path, origin)`` is raised);
-    the config-dir file is optional.
+    A path given by flag or environment must be a file: otherwise ``not_found(path,
+    origin, problem)`` is raised, ``problem`` being "not found", "is a directory" or "is
+    not a regular file". The config-dir file is optional.
     """
     for candidate, origin in ((explicit, flag), (os.environ.get(env), env)):
         if candidate:
             path = Path(candidate).expanduser()
             if not path.is_file():
-                raise not_found(str(path), origin)
+                problem = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+                raise not_found(str(path), origin, problem)
             return path
     configured = config_dir() / name
     return configured if configured.is_file() else None

@@ -284,7 +284,7 @@ def find_policy_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     """``explicit``, then ``$FLEETRUN_POLICY``, then ``policy.yaml`` in the config dir."""
     return paths.find_config_file(
         explicit, flag="--policy", env=paths.POLICY_ENV, name="policy.yaml",
-        not_found=lambda path, origin: PolicyError(f"policy file not found (given by {origin})", path=path),
+        not_found=lambda path, origin, problem: PolicyError(f"policy file {problem} (given by {origin})", path=path),
     )
 
 
