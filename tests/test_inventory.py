@@ -71,6 +71,7 @@ def test_defaults_then_host_fields():
         ("hosts:\n  a:\n    tags: ['has space']\n", "hosts.yaml:3: host 'a', field 'tags': invalid tag 'has space'"),
         ("hosts:\n  a:\n    env: [A=1]\n", "hosts.yaml:3: field 'env' must be a mapping of strings"),
         ("hosts:\n  a:\n    env:\n      A: [1]\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string"),
+        ("hosts:\n  a:\n    env:\n      'A B': x\n", "hosts.yaml:4: host 'a', field 'env': invalid environment variable name 'A B'"),
         ("hosts:\n  a:\n    cwd: ''\n", "hosts.yaml:3: host 'a', field 'cwd': must not be empty"),
         ("hosts:\n  a:\n    shell: [bash]\n", "hosts.yaml:3: host 'a', field 'shell': expected a string, got 'list'"),
         ("defaults:\n  tags: [x]\nhosts:\n  a:\n", "hosts.yaml:2: field 'tags': unknown field in 'defaults'"),

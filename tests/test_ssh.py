@@ -404,6 +404,12 @@ def test_ssh_fields_are_checked_when_the_hosts_file_loads():
     with pytest.raises(InventoryError) as bad_port:
         parse_inventory("hosts:\n  web:\n    transport: ssh\n    port: 0\n", source="h.yaml", transports=transports)
     assert str(bad_port.value) == "h.yaml:4: host 'web', field 'port': must be at least 1, got 0"
+    with pytest.raises(InventoryError) as high_port:
+        parse_inventory("hosts:\n  web:\n    transport: ssh\n    port: 99999\n", source="h.yaml", transports=transports)
+    assert str(high_port.value) == "h.yaml:4: host 'web', field 'port': must be at most 65535, got 99999"
+    for address in ("web 1", "deploy@web1", "-oProxyCommand=x", ""):
+        with pytest.raises(InventoryError, match=f"h.yaml:4: host 'web', field 'hostname': "):
+            parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)
     with pytest.raises(InventoryError) as local_field:
         parse_inventory("hosts:\n  box:\n    hostname: x\n", source="h.yaml", transports=transports)
     assert "field 'hostname': unknown field for transport 'local'" in str(local_field.value)

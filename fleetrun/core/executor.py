@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from fleetrun.core.errors import FleetrunError, PolicyDenied
-from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory
+from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory, environment_problem
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus, evolve
 from fleetrun.core.output import OutputSlice, SpoolWriter
 from fleetrun.core.plugin_manager import PluginManager
@@ -797,16 +797,10 @@ def _check_host_name(name: str) -> None:
         )
 
 
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
 def _check_environment(env: Mapping[str, str]) -> None:
-    # Remote transports write these into a shell script: a name must be only a name.
-    for name, value in env.items():
-        if not _ENV_NAME_RE.fullmatch(name):
-            raise FleetrunError(f"invalid environment variable name {name!r}: use letters, digits and '_'")
-        if "\x00" in value:
-            raise FleetrunError(f"the value of environment variable {name!r} contains a NUL character")
+    problem = environment_problem(env)
+    if problem is not None:
+        raise FleetrunError(problem)
 
 
 _OPEN_EXECUTORS: "weakref.WeakSet[Executor]" = weakref.WeakSet()

@@ -37,6 +37,22 @@ from fleetrun.core.transport import HostField, Transport
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 TAG_RE = HOST_NAME_RE
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def environment_problem(env: Mapping[str, str]) -> str | None:
+    """What is wrong with an environment to add to commands, or None.
+
+    Remote transports have the shell set these: a name must be only a name.
+    """
+    for name, value in env.items():
+        if not _ENV_NAME_RE.fullmatch(name):
+            return f"invalid environment variable name {name!r}: use letters, digits and '_'"
+        if "\x00" in value:
+            return f"the value of environment variable {name!r} contains a NUL character"
+    return None
+
+
 #: Fields every host may set, whatever its transport.
 COMMON_HOST_FIELDS: Mapping[str, HostField] = {
     "transport": HostField("string", "how the host is reached (default: local)"),
@@ -45,7 +61,7 @@ COMMON_HOST_FIELDS: Mapping[str, HostField] = {
     "max_seconds": HostField("number", "time limit of a task, in seconds"),
     "max_output_bytes": HostField("integer", "bytes kept of each of stdout and stderr"),
     "max_concurrent": HostField("integer", "tasks running at once on this host"),
-    "env": HostField("string-map", "environment variables added to every command"),
+    "env": HostField("string-map", "environment variables added to every command", validate=environment_problem),
     "cwd": HostField("string", "working directory of every command"),
 }
 #: Fields someone might try to put a secret in; the error says where secrets go instead.

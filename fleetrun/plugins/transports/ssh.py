@@ -61,13 +61,26 @@ def _check_networks(values: list[str]) -> str | None:
     return None
 
 
+def _hostname_problem(value: str) -> str | None:
+    if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 or ch in "@/" for ch in value):
+        return f"{value!r} is not a host name or address (no spaces, '@' or '/'; the user goes in 'user')"
+    return None
+
+
+def _port_problem(value: int) -> str | None:
+    return f"must be at most 65535, got {value}" if value > 65535 else None
+
+
 class SSHTransport(Transport):
     """Runs commands on a host over SSH; connections are pooled per host."""
 
     name = "ssh"
     host_fields = {
-        "hostname": HostField("string", "address or DNS name to connect to (default: the host's name, through ~/.ssh/config)"),
-        "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1),
+        "hostname": HostField(
+            "string", "address or DNS name to connect to (default: the host's name, through ~/.ssh/config)",
+            validate=_hostname_problem,
+        ),
+        "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1, validate=_port_problem),
         "user": HostField("string", "login user (default: from ~/.ssh/config, else the local user)"),
         "identity_files": HostField("string-list", "private key files to offer (default: ~/.ssh/config, the agent, ~/.ssh/id_*)"),
         "known_hosts": HostField("string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)"),
