@@ -208,6 +208,9 @@ def test_the_example_policy_loads_and_shows_every_field():
         ("rules:\n  - allow_raw_shell: false\n", "p.yaml:2: rule 1, field 'allow_raw_shell': allow_raw_shell takes true"),
         ("rule:\n  - allow: ls\n", "p.yaml:1: unknown top-level key 'rule' (allowed: rules)"),
         ("rules: [\n", "p.yaml:2: invalid YAML"),
+        ("rules:\n  allow: ls\n", "p.yaml:2: 'rules' must be a list of rules"),
+        ("rules:\n  - allow: ls\n    hosts: ['web 1']\n", "p.yaml:3: rule 1, field 'hosts': 'web 1' can match no host"),
+        ("rules:\n  - allow: ls\n    hosts: ['tag:']\n", "p.yaml:3: rule 1, field 'hosts': 'tag:' can match no host"),
     ],
 )
 def test_a_malformed_policy_names_file_line_rule_and_field(text, message):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,12 +318,18 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
     for key, (key_node, _) in top.items():
         if key != "rules":
             raise fail(key_node, f"unknown top-level key {key!r} (allowed: rules)")
-    if "rules" not in top or not isinstance(top["rules"][1], yaml.SequenceNode):
+    if "rules" not in top:
         raise fail(root, "missing the 'rules:' list")
+    if not isinstance(top["rules"][1], yaml.SequenceNode):
+        raise fail(top["rules"][1], "'rules' must be a list of rules (each starting with '- ')")
     rules: list[Rule] = []
     for index, entry in enumerate(top["rules"][1].value, start=1):
         rules.extend(_parse_rule(entry, index, source, fail))
     return Policy(rules=tuple(rules), source=source)
+
+
+#: A host selector: *, tag:NAME, or a host name or a glob of host names.
+_SELECTOR_RE = re.compile(r"\*|tag:[A-Za-z0-9][A-Za-z0-9_.-]*|[A-Za-z0-9_.*?\[\]!-]+")
 
 
 def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Rule]:
@@ -346,6 +353,12 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
             hosts_value = [hosts_value]
         if not isinstance(hosts_value, list) or not hosts_value or not all(isinstance(h, str) and h for h in hosts_value):
             raise fail(hosts_node, "expected a list of host names, globs, tag:NAME or *", rule=index, field="hosts")
+        for selector in hosts_value:
+            if not _SELECTOR_RE.fullmatch(selector):
+                raise fail(
+                    hosts_node, f"{selector!r} can match no host: use a host name, a glob of one (web*), tag:NAME or *",
+                    rule=index, field="hosts",
+                )
         hosts = tuple(hosts_value)
     sudo = False
     if "sudo" in fields:
