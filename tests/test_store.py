@@ -339,8 +339,9 @@ def test_a_long_running_executor_applies_the_retention_by_count_as_tasks_end(mak
     executor = make_executor(retention=Retention(max_tasks=5))
     ran = [executor.run(TaskRequest(host="local", command=f"echo {i}")) for i in range(12)]
     newest = {task.id for task in ran[-5:]}
+    # A prune deletes the rows, then the output directories.
     wait_until(lambda: {task.id for task in store.list(limit=100)} == newest)
-    assert all(not store.output_dir(task.id).exists() for task in ran[:-5])
+    wait_until(lambda: not any(store.output_dir(task.id).exists() for task in ran[:-5]))
     assert executor.read_output(ran[-1].id).data == b"11\n"
 
 
@@ -351,7 +352,7 @@ def test_a_long_running_executor_applies_the_retention_by_age_on_a_timer(make_ex
     ended = executor.run(TaskRequest(host="local", command="echo old"))
     running = executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))
     wait_until(lambda: [task.id for task in store.list(limit=100)] == [running.id])
-    assert not store.output_dir(ended.id).exists()
+    wait_until(lambda: not store.output_dir(ended.id).exists())
     assert executor.get(running.id).status is TaskStatus.RUNNING
     running.cancel()
     assert running.wait().status is TaskStatus.CANCELLED
