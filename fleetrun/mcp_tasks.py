@@ -5,8 +5,8 @@ A client that sends a task-augmented ``tools/call`` for ``run_command`` gets a
 record), so ``get_task`` and ``get_task_output`` work on it too. ``tasks/get``,
 ``tasks/result``, ``tasks/list`` and ``tasks/cancel`` are served, and the session gets
 ``notifications/tasks/status`` when the task ends. An MCP task is forgotten once it has
-ended and its ``ttl`` (counted from its creation, at most a day) (at least a second) has passed, or once the
-store's retention has removed its record.
+ended and its ``ttl`` has passed (counted from its creation; the server grants between a
+second and a day), or once the store's retention has removed its record.
 
 The SDK (2.3) carries the types but does not dispatch these methods, so this is a server
 middleware: it answers the task methods itself, advertises ``capabilities.tasks`` in the

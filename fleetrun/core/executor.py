@@ -95,7 +95,9 @@ def plan_task(
             raise FleetrunError(f"{name} must be greater than 0, got {value}")
     cls.register_secrets(host)  # before anything is recorded or shown: a secret typed into the command is hidden
     env = {**host.env, **request.env}
-    _check_environment(env)
+    problem = environment_problem(env)
+    if problem is not None:
+        raise FleetrunError(problem)
     details: Mapping[str, object] = {}
     if describe:
         details = dict((transport or cls(host)).describe())
@@ -248,7 +250,6 @@ class Executor:
         self._retention = retention
         self._endings_since_prune = 0
         self._pruning: asyncio.Future[None] | None = None
-        self._prune_again = False
         self.store.sweep_orphans()
         if retention is not None:
             self.store.prune(retention)
@@ -715,8 +716,7 @@ class Executor:
                 )
             live.done.set_result(record)
             self._endings_since_prune += 1
-            if self._retention is not None and self._endings_since_prune >= self._retention.endings_between_prunes:
-                self._prune_soon()
+            self._prune_if_due()
 
     # -- retention -------------------------------------------------------------------
 
@@ -725,20 +725,19 @@ class Executor:
         self._prune_soon()
         asyncio.get_running_loop().call_later(self._retention.every_s, self._prune_on_timer)
 
+    def _prune_if_due(self, _: object = None) -> None:
+        """Prune once enough tasks have ended; also when a prune finishes (tasks that
+        ended while it ran count towards the next)."""
+        if self._retention is not None and self._endings_since_prune >= self._retention.endings_between_prunes:
+            self._prune_soon()
+
     def _prune_soon(self) -> None:
-        """Apply the retention on a worker thread (it deletes files); one prune at a time,
-        and one more after it when another was due meanwhile."""
-        if self._pruning is not None and not self._pruning.done():
-            self._prune_again = True
+        """Apply the retention on a worker thread (it deletes files), one prune at a time."""
+        if self._closed or (self._pruning is not None and not self._pruning.done()):
             return
         self._endings_since_prune = 0
-        self._prune_again = False
         self._pruning = asyncio.get_running_loop().run_in_executor(None, self._prune)
-        self._pruning.add_done_callback(self._pruned)
-
-    def _pruned(self, _: object) -> None:
-        if self._prune_again and not self._closed:
-            self._prune_soon()
+        self._pruning.add_done_callback(self._prune_if_due)
 
     def _prune(self) -> None:
         assert self._retention is not None
@@ -795,12 +794,6 @@ def _check_host_name(name: str) -> None:
         raise FleetrunError(
             f"invalid host name {shown}: names are letters, digits, '.', '_' and '-', at most 63 characters"
         )
-
-
-def _check_environment(env: Mapping[str, str]) -> None:
-    problem = environment_problem(env)
-    if problem is not None:
-        raise FleetrunError(problem)
 
 
 _OPEN_EXECUTORS: "weakref.WeakSet[Executor]" = weakref.WeakSet()

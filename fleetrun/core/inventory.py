@@ -300,6 +300,8 @@ class _InventoryParser:
             raise self.error(node, f"expected one of {allowed}, got {value!r}", host=host, field=field)
         if spec.minimum is not None and value < spec.minimum:
             raise self.error(node, f"must be at least {spec.minimum:g}, got {value}", host=host, field=field)
+        if spec.maximum is not None and value > spec.maximum:
+            raise self.error(node, f"must be at most {spec.maximum:g}, got {value}", host=host, field=field)
         problem = spec.validate(value) if spec.validate is not None else None
         if problem:
             raise self.error(node, problem, host=host, field=field)

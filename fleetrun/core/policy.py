@@ -37,7 +37,7 @@ import yaml
 
 from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
-from fleetrun.core.inventory import Host
+from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import SimpleCommand, Word, parse_command
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
@@ -328,8 +328,14 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
     return Policy(rules=tuple(rules), source=source)
 
 
-#: A host selector: *, tag:NAME, or a host name or a glob of host names.
-_SELECTOR_RE = re.compile(r"\*|tag:[A-Za-z0-9][A-Za-z0-9_.-]*|[A-Za-z0-9_.*?\[\]!-]+")
+#: A host name, or a glob of host names: the characters of a name, and the glob's own.
+_NAME_GLOB_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
+
+
+def _selector_can_match(selector: str) -> bool:
+    if selector.startswith("tag:"):
+        return TAG_RE.fullmatch(selector[4:]) is not None
+    return _NAME_GLOB_RE.fullmatch(selector) is not None  # "*" included
 
 
 def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Rule]:
@@ -354,7 +360,7 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
         if not isinstance(hosts_value, list) or not hosts_value or not all(isinstance(h, str) and h for h in hosts_value):
             raise fail(hosts_node, "expected a list of host names, globs, tag:NAME or *", rule=index, field="hosts")
         for selector in hosts_value:
-            if not _SELECTOR_RE.fullmatch(selector):
+            if not _selector_can_match(selector):
                 raise fail(
                     hosts_node, f"{selector!r} can match no host: use a host name, a glob of one (web*), tag:NAME or *",
                     rule=index, field="hosts",

@@ -27,14 +27,15 @@ class HostField:
 
     ``kind`` is one of ``string``, ``integer``, ``number``, ``boolean``,
     ``string-list`` or ``string-map``; the inventory checks it before any task runs,
-    along with ``choices`` (allowed strings), ``minimum`` (for numbers) and ``validate``
-    (returns an error message for a bad value, else None), if given.
+    along with ``choices`` (allowed strings), ``minimum`` and ``maximum`` (for numbers)
+    and ``validate`` (returns an error message for a bad value, else None), if given.
     """
 
     kind: str
     description: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
     validate: Callable[[Any], str | None] | None = None
 
 

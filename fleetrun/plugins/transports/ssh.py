@@ -67,10 +67,6 @@ def _hostname_problem(value: str) -> str | None:
     return None
 
 
-def _port_problem(value: int) -> str | None:
-    return f"must be at most 65535, got {value}" if value > 65535 else None
-
-
 class SSHTransport(Transport):
     """Runs commands on a host over SSH; connections are pooled per host."""
 
@@ -80,7 +76,7 @@ class SSHTransport(Transport):
             "string", "address or DNS name to connect to (default: the host's name, through ~/.ssh/config)",
             validate=_hostname_problem,
         ),
-        "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1, validate=_port_problem),
+        "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1, maximum=65535),
         "user": HostField("string", "login user (default: from ~/.ssh/config, else the local user)"),
         "identity_files": HostField("string-list", "private key files to offer (default: ~/.ssh/config, the agent, ~/.ssh/id_*)"),
         "known_hosts": HostField("string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)"),
