@@ -27,6 +27,7 @@ from fleetrun.core import paths
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.events import CANCELLED, COMPLETED, PROGRESS, LifecycleEvent, LifecycleEventPlugin
 from fleetrun.core.models import Progress, Task, TaskRequest, TaskStatus
+from fleetrun.core.output import check_offset
 from fleetrun.core.secrets import install_log_redaction, redact
 
 EXIT_OK = 0
@@ -593,6 +594,8 @@ def cmd_tasks_show(ctx: _Context) -> int:
     return EXIT_OK
 
 
+#: How many tasks ``tasks list`` shows unless told.
+_LIST_LIMIT = 50
 #: How much ``tasks output`` reads at a time, whatever the stream's size.
 _OUTPUT_PIECE = 1 << 20
 _TAIL_MAX_BYTES = 16 << 20
@@ -611,11 +614,8 @@ def cmd_tasks_output(ctx: _Context) -> int:
     else:
         offset = args.offset
         piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=0)
-        if offset > piece.size and (piece.complete or not args.follow):
-            raise FleetrunError(
-                f"offset {offset} is past the end of the {args.stream} of task {args.task_id} "
-                f"({piece.size} bytes {'kept' if piece.complete else 'so far'})"
-            )
+        if piece.complete or not args.follow:  # following a running task: its output may yet get there
+            check_offset(args.task_id, piece)
     # Read in pieces, so that a stream of any size is copied in bounded memory.
     while left is None or left > 0:
         want = _OUTPUT_PIECE if left is None else min(_OUTPUT_PIECE, left)
@@ -927,15 +927,19 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--json", action="store_true", help="print JSON")
     hosts.set_defaults(func=cmd_hosts)
 
-    tasks = sub.add_parser("tasks", help="list, show, read or cancel tasks in the store", description="Tasks in the store.")
+    tasks = sub.add_parser(
+        "tasks", help="list, show, read or cancel tasks in the store", usage="%(prog)s [-h] [ACTION ...]",
+        description="Tasks in the store. With no ACTION, lists the newest 50 (as `fleetrun tasks list`).",
+    )
     tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="ACTION")
-    tasks_sub.required = True
-    listing = tasks_sub.add_parser("list", help="list tasks, newest first", description="List tasks, newest first.")
+    listing = tasks_sub.add_parser("list", help="list tasks, newest first (the default)", description="List tasks, newest first.")
     listing.add_argument("--status", action="append", choices=[s.value for s in TaskStatus], help="only this status (repeatable)")
     listing.add_argument("--host", help="only tasks of this host")
-    listing.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--limit", type=_positive_int, default=_LIST_LIMIT, help=f"at most this many (default {_LIST_LIMIT})")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_tasks_list)
+    # `fleetrun tasks` alone: what `tasks list` does with its defaults.
+    tasks.set_defaults(func=cmd_tasks_list, status=None, host=None, limit=_LIST_LIMIT, json=False)
     show = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
     show.add_argument("task_id", metavar="ID")
     show.add_argument("--json", action="store_true", help="print JSON")

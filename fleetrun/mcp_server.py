@@ -30,6 +30,7 @@ from fleetrun.core.batch import BatchRequest, run_batch_async, select_hosts
 from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownTaskError
 from fleetrun.core.executor import Executor
 from fleetrun.core.models import Limits, Task, TaskRequest, TaskStatus
+from fleetrun.core.output import check_offset
 from fleetrun.core.secrets import redact
 from fleetrun.mcp_subscriptions import SubscriptionsMiddleware
 from fleetrun.mcp_tasks import TasksMiddleware
@@ -418,6 +419,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
                 piece = executor.tail_output(task_id, stream, lines=tail_lines, max_bytes=size)
             else:
                 piece = executor.read_output(task_id, stream, offset=offset, max_bytes=size)
+                check_offset(task_id, piece)
         except FleetrunError as exc:
             raise _fail(exc) from None
         return OutputChunk(

@@ -182,6 +182,10 @@ def test_tasks_list_show_and_output():
     table = run_cli("tasks", "list").stdout.splitlines()
     assert table[0].split() == ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]
     assert table[1].startswith(f"{task_id}  succeeded  0")
+    bare = run_cli("tasks")  # no action: the list, with its defaults
+    assert bare.returncode == 0 and bare.stdout.splitlines() == table
+    unknown = run_cli("tasks", "lst")
+    assert unknown.returncode == 2 and "invalid choice: 'lst'" in unknown.stderr
     shown = json.loads(run_cli("tasks", "show", task_id, "--json").stdout)
     assert shown["stdout_bytes"] == 6 and shown["stderr_bytes"] == 4 and shown["status"] == "succeeded"
     text = run_cli("tasks", "show", task_id).stdout

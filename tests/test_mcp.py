@@ -137,6 +137,9 @@ def test_a_long_command_becomes_a_task_to_follow_read_and_cancel(server_for, mod
             assert (first["data"], first["next_offset"], first["ended"]) == ("1\n", 2, False)
             rest = (await client.call_tool("get_task_output", {"task_id": task_id, "offset": 2})).structured_content
             assert rest["data"] == "2\n3\n"
+            beyond = await client.call_tool("get_task_output", {"task_id": task_id, "offset": 7})
+            assert beyond.is_error
+            assert beyond.content[0].text == f"Error executing tool get_task_output: offset 7 is past the end of the stdout of task {task_id} (6 bytes so far)"
             listed = (await client.call_tool("list_tasks", {"status": "running"})).structured_content
             assert [t["task_id"] for t in listed["tasks"]] == [task_id]
             cancelled = (await client.call_tool("cancel_task", {"task_id": task_id})).structured_content
@@ -144,7 +147,9 @@ def test_a_long_command_becomes_a_task_to_follow_read_and_cancel(server_for, mod
             again = (await client.call_tool("cancel_task", {"task_id": task_id})).structured_content
             assert again["cancelled"] is False
             ended = (await client.call_tool("get_task_output", {"task_id": task_id, "offset": 6})).structured_content
-            assert ended["ended"] is True
+            assert (ended["data"], ended["ended"]) == ("", True)
+            beyond = await client.call_tool("get_task_output", {"task_id": task_id, "offset": 7, "stream": "stderr"})
+            assert beyond.content[0].text == f"Error executing tool get_task_output: offset 7 is past the end of the stderr of task {task_id} (0 bytes kept)"
 
     run(scenario)
     assert_none_left(marker)

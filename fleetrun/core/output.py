@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetrun.core.errors import FleetrunError
+
 log = logging.getLogger("fleetrun.output")
 
 STREAMS = ("stdout", "stderr")
@@ -105,6 +107,16 @@ class OutputSlice:
     @property
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace")
+
+
+def check_offset(task_id: str, piece: OutputSlice) -> None:
+    """Refuse a read that started past the end of its stream. No read's ``next_offset`` is
+    ever there (a spool only grows), so the offset is a mistake, and empty data would hide it."""
+    if piece.offset > piece.size:
+        raise FleetrunError(
+            f"offset {piece.offset} is past the end of the {piece.stream} of task {task_id} "
+            f"({piece.size} bytes {'kept' if piece.complete else 'so far'})"
+        )
 
 
 def spool_path(output_dir: Path, stream: str) -> Path:
