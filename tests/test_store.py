@@ -317,6 +317,28 @@ def test_retention_by_age_and_by_count(store):
     assert not store.output_dir(old[0].id).exists()
 
 
+def test_a_prune_removes_output_directories_no_task_owns(store):
+    # Left by a prune that died between deleting the rows and the files.
+    now = time.time()
+    kept_task = _ended_task("00000000000a", now)
+    store.insert(kept_task, owner_token())
+    owned = store.output_dir(kept_task.id)
+    leftover, recent = store.output_dir("00000000000b"), store.output_dir("00000000000c")
+    not_a_task = store.output_root / "notes"
+    for directory in (owned, leftover, recent, not_a_task):
+        directory.mkdir()
+        (directory / "stdout").write_bytes(b"output\n")
+    day_and_more = now - 86400 - 60
+    for directory in (owned, leftover, not_a_task):
+        os.utime(directory, (day_and_more, day_and_more))
+    store.prune(Retention())
+    assert not leftover.exists()
+    # A directory changed within the day may be a new task whose row is still in another
+    # process's journal.
+    assert {p.name for p in store.output_root.iterdir()} == {owned.name, recent.name, "notes"}
+    assert store.read_output(kept_task.id, "stdout").data == b"output\n"
+
+
 def test_a_pruned_task_stays_gone_while_its_owner_runs(make_executor, store, tmp_path):
     # Before: the owner's journal kept applied entries until it reached 64 KiB, and a
     # lookup that found no row took the pruned task from there.

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +41,8 @@ SCHEMA_VERSION = 4
 TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
 DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
+#: An output directory with no task row is deleted once it has not changed for this long.
+_ORPHAN_OUTPUT_AGE_S = 86400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -258,7 +261,38 @@ class TaskStore:
                 self._db.execute(f"DELETE FROM cancel_requests WHERE task_id IN ({marks})", tuple(chunk))
         for task_id in ids:
             shutil.rmtree(self.output_root / task_id, ignore_errors=True)
+        self._remove_orphan_output()
         return len(ids)
+
+    def _remove_orphan_output(self) -> None:
+        """Delete output directories that no task owns any more: left by a prune that died
+        between deleting the rows and the files, or whose deletion failed. Only those
+        untouched for a day: a new task's row can lag behind its output (another process's
+        journal), never by that long."""
+        self._replay_abandoned()
+        try:
+            names = [entry.name for entry in os.scandir(self.output_root) if TASK_ID_RE.fullmatch(entry.name)]
+        except OSError:
+            return
+        owned: set[str] = set()
+        with self._lock:
+            for chunk in _chunks(names, 500):
+                marks = ", ".join("?" for _ in chunk)
+                owned.update(row[0] for row in self._db.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", tuple(chunk)))
+        stale = time.time() - _ORPHAN_OUTPUT_AGE_S
+        removed = 0
+        for name in set(names) - owned:
+            directory = self.output_root / name
+            try:
+                status = directory.lstat()
+            except OSError:
+                continue
+            if not stat.S_ISDIR(status.st_mode) or status.st_mtime >= stale:
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            removed += 1
+        if removed:
+            log.info("removed %d output directories of tasks no longer in the store", removed)
 
     # -- reading ---------------------------------------------------------------------
 
