@@ -335,8 +335,13 @@ def test_a_prune_removes_output_directories_no_task_owns(store):
     assert not leftover.exists()
     # A directory changed within the day may be a new task whose row is still in another
     # process's journal.
-    assert {p.name for p in store.output_root.iterdir()} == {owned.name, recent.name, "notes"}
+    assert {p.name for p in store.output_root.iterdir()} == {owned.name, recent.name, "notes", ".orphans-scanned"}
     assert store.read_output(kept_task.id, "stdout").data == b"output\n"
+    # Every fleetrun command prunes as it starts; the scan runs at most once an hour.
+    leftover.mkdir()
+    os.utime(leftover, (day_and_more, day_and_more))
+    store.prune(Retention())
+    assert leftover.exists()
 
 
 def test_a_pruned_task_stays_gone_while_its_owner_runs(make_executor, store, tmp_path):

@@ -43,6 +43,8 @@ DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
 #: An output directory with no task row is deleted once it has not changed for this long.
 _ORPHAN_OUTPUT_AGE_S = 86400.0
+_ORPHAN_SCAN_EVERY_S = 3600.0
+_ORPHAN_SCAN_MARKER = ".orphans-scanned"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -268,7 +270,19 @@ class TaskStore:
         """Delete output directories that no task owns any more: left by a prune that died
         between deleting the rows and the files, or whose deletion failed. Only those
         untouched for a day: a new task's row can lag behind its output (another process's
-        journal), never by that long."""
+        journal), never by that long. At most once an hour per store, as every `fleetrun`
+        command prunes when it starts, and a scan of a full store costs about 10 ms."""
+        marker = self.output_root / _ORPHAN_SCAN_MARKER
+        try:
+            if time.time() - marker.stat().st_mtime < _ORPHAN_SCAN_EVERY_S:
+                return
+        except OSError:
+            pass  # never scanned
+        try:
+            marker.touch(mode=0o600)
+            os.utime(marker)
+        except OSError:
+            return
         self._replay_abandoned()
         try:
             names = [entry.name for entry in os.scandir(self.output_root) if TASK_ID_RE.fullmatch(entry.name)]
