@@ -526,13 +526,15 @@ def cmd_policy_check(ctx: _Context) -> int:
 def cmd_hosts(ctx: _Context) -> int:
     inventory = ctx.inventory
     hosts = sorted(inventory.hosts.values(), key=lambda h: h.name)
+    # How each host is reached, as its transport resolves it (ssh_config included); never a secret.
+    details = {h.name: dict(ctx.plugins.transports[h.transport](h).describe()) for h in hosts}
     if ctx.args.json:
         print(json.dumps(
             {
                 "source": inventory.source,
                 "hosts": [
                     {"name": h.name, "transport": h.transport, "tags": list(h.tags), "description": h.description,
-                     "limits": asdict(h.limits)}
+                     "limits": asdict(h.limits), "details": details[h.name]}
                     for h in hosts
                 ],
             },
@@ -540,12 +542,12 @@ def cmd_hosts(ctx: _Context) -> int:
         ))
         return EXIT_OK
     rows = [
-        [h.name, h.transport, ",".join(h.tags) or "-",
-         "none" if h.limits.max_seconds is None else f"{h.limits.max_seconds:g}",
+        [h.name, h.transport, str(details[h.name].get("address") or details[h.name].get("error") or "-"),
+         ",".join(h.tags) or "-", "none" if h.limits.max_seconds is None else f"{h.limits.max_seconds:g}",
          _human_bytes(h.limits.max_output_bytes), str(h.limits.max_concurrent), h.description or ""]
         for h in hosts
     ]
-    print(_table(rows, ["HOST", "TRANSPORT", "TAGS", "MAX_SECONDS", "MAX_OUTPUT", "MAX_CONCURRENT", "DESCRIPTION"]))
+    print(_table(rows, ["HOST", "TRANSPORT", "ADDRESS", "TAGS", "MAX_SECONDS", "MAX_OUTPUT", "MAX_CONCURRENT", "DESCRIPTION"]))
     print(f"\ninventory: {inventory.source}")
     return EXIT_OK
 

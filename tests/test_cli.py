@@ -251,6 +251,14 @@ def test_hosts_and_plugins_commands(tmp_path):
     example = Path(__file__).resolve().parent.parent / "hosts.example.yaml"
     listed = json.loads(run_cli("--hosts", str(example), "hosts", "--json").stdout)
     assert [h["name"] for h in listed["hosts"]] == ["builder", "db1", "local", "web1"]
+    # Where each host is reached, as the transport resolves it, without connecting.
+    db1 = listed["hosts"][1]["details"]
+    assert (db1["address"], db1["jump_hosts"]) == ("deploy@10.0.0.12:22", ["deploy@bastion.example.com:22"])
+    assert listed["hosts"][2]["details"] == {"shell": "/bin/sh"}
+    table = run_cli("--hosts", str(example), "hosts").stdout.splitlines()
+    assert table[0].split()[:4] == ["HOST", "TRANSPORT", "ADDRESS", "TAGS"]
+    assert table[4].split()[:4] == ["web1", "ssh", "deploy@web1.example.com:22", "web,prod"]
+    assert table[3].split()[:3] == ["local", "local", "-"]
     plugins = json.loads(run_cli("plugins", "--json").stdout)
     assert {"name": "fleetrun.transports.local", "source": "built-in", "hooks": ["fleetrun_register_transports"], "error": None} in plugins["plugins"]
     assert plugins["transports"] == {
