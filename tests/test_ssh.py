@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -253,6 +255,43 @@ def test_cancel_stops_the_remote_command_of_a_root_login(make_executor, sshd_fle
     handle.cancel()
     assert handle.wait(20).status is TaskStatus.CANCELLED
     assert_none_left(marker)
+
+
+def test_a_remote_command_stops_when_its_owner_is_killed(sshd_fleet, shared_sshd, known_hosts, tmp_path, marker):
+    # The connection closes with the owner; the remote command must not outlive it.
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts)}))
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "--hosts", str(hosts), "run", "web", "--",
+         f"sleep {marker} & trap '' TERM; sleep {marker}; wait"],
+        env={**os.environ, "FLEETRUN_HOME": str(tmp_path / "home")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: len(processes_running("sleep", marker)) == 2)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        # TERM at once, KILL after the grace period for what ignores TERM.
+        assert_none_left(marker, within=10)
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_finished_command_leaves_its_background_processes_alone(ssh_executor, marker):
+    # Only a command still running when the connection goes is stopped: what a command
+    # started to outlive it (nohup, a daemon) stays, as with ssh.
+    task = ssh_executor.run(TaskRequest(host="web", command=f"nohup sleep {marker} >/dev/null 2>&1 &"))
+    assert task.status is TaskStatus.SUCCEEDED
+    ssh_executor.close()  # closes the connection too
+    try:
+        # Nothing of the task is left but what it put in the background (the remote shell's
+        # command line names the marker too).
+        wait_until(lambda: len(processes_with(marker)) == 1)
+        time.sleep(0.5)
+        assert len(processes_with(marker)) == 1 and len(processes_running("sleep", marker)) == 1
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 # -- connections: failure, reuse, pool -------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
@@ -170,7 +171,8 @@ class SSHTransport(Transport):
         retries = 2
         while True:
             connection = await self._acquire()
-            started = asyncio.get_running_loop().run_in_executor(_threads(), connection.start_command, script, stdin)
+            start = functools.partial(connection.start_command, script, stdin, keep_input_open=True)
+            started = asyncio.get_running_loop().run_in_executor(_threads(), start)
             cancelled = False
             try:
                 try:
@@ -318,16 +320,16 @@ class _PooledConnection:
 
     # These block: call them from worker threads.
 
-    def start_command(self, script: str, stdin: bytes = b"") -> paramiko.Channel:
+    def start_command(self, script: str, stdin: bytes = b"", *, keep_input_open: bool = False) -> paramiko.Channel:
+        """Run ``script`` on a new channel and send ``stdin``; then end the input, unless
+        ``keep_input_open`` (a task's preamble watches it, see ``ssh_channel.remote_script``)."""
         channel = self.transport.open_session(timeout=self.settings.connect_timeout)
         try:
             channel.exec_command(script)
             if stdin:
                 channel.sendall(stdin)  # read by the script's preamble, before the command starts
-            # Nothing is ever typed into a task: a command that asks a question (apt-get
-            # without -y, a password prompt) reads end of file at once, as with `ssh -n`
-            # and as local commands do, instead of waiting for an answer until its timeout.
-            channel.shutdown_write()
+            if not keep_input_open:
+                channel.shutdown_write()
         except BaseException:
             channel.close()
             raise

@@ -9,7 +9,8 @@ second channel: closing a channel alone leaves a command without a pty running.
 
 The environment's values come through the channel's stdin, not in the exec request:
 sshd runs that text as the shell's ``-c`` argument, which every user of the remote
-host can read in ``ps`` for as long as the command runs.
+host can read in ``ps`` for as long as the command runs. The input then stays open for a
+watchdog that stops the command should the connection close while it runs.
 
 Output is read without a thread per command: paramiko signals a pipe when a channel
 has data, and the loop watches that pipe.
@@ -48,10 +49,26 @@ def remote_script(command: str, env: Mapping[str, str], cwd: str | None) -> str:
             f'while IFS= read -r __fleetrun_env && [ "$__fleetrun_env" != {_ENV_END} ]; do eval "$__fleetrun_env"; done; '
             "unset __fleetrun_env"
         )
+    lines.append(_WATCHDOG)
     if cwd:
         lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
     lines.append(command)
     return "\n".join(lines)
+
+
+# fleetrun keeps the channel's input open while the command runs and never writes to it
+# again: a watchdog reads it (on fd 3: a background job's stdin is /dev/null) and sees its
+# end when the connection goes, with fleetrun's process killed or the network gone. If
+# the command still runs then, the watchdog stops its group as a cancel would: TERM, then
+# KILL after the grace period (ignoring TERM itself only from then on, so a cancel's TERM
+# ends it at once). Once the command has ended, it leaves what the command put in the
+# background alone. The command reads /dev/null: nothing is ever typed into a task.
+_WATCHDOG = (
+    "exec 3<&0 </dev/null\n"
+    "(read -r __fleetrun_eof <&3; kill -0 $$ 2>/dev/null || exit 0; trap '' TERM; "
+    f"kill -TERM -$$; sleep {KILL_GRACE_SECONDS:g}; kill -KILL -$$) >/dev/null 2>&1 &\n"
+    "exec 3<&-"
+)
 
 
 def environment_input(env: Mapping[str, str]) -> bytes:
