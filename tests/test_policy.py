@@ -73,14 +73,14 @@ def test_wrappers_and_unknown_words_are_recorded():
         ("ls > out.txt", "output redirection to a file (> out.txt)"),
         ("if true; then ls; fi", "shell syntax (if …)"),
         ("(ls)", "subshell"),
-        ("FOO=1 ls", "setting FOO"),
+        ("FOO=1 ls", "an environment setting that can change what a command does (FOO=…)"),
         ("$CMD -x", "a program name decided at run time"),
         ("echo 'unterminated", "unterminated single quote"),
-        ("find . -exec rm {} +", "find -exec"),
+        ("find . -exec rm {} +", "find -exec (it runs commands or writes files)"),
         ("echo ${X:-$(id)}", "parameter expansion with operators"),
         ("exec 3<>/dev/tcp/127.0.0.1/80", "network redirection"),
         ("sudo -s", "a shell, login, editor or listing through sudo (-s)"),
-        ("env -S 'rm -rf /'", "env -S"),
+        ("env -S 'rm -rf /'", "env: -S (it splits a string into a command)"),
     ],
 )
 def test_constructs_that_cannot_be_judged_are_named(line, problem):
@@ -152,7 +152,10 @@ def test_raw_shell_is_allowed_only_where_a_rule_says_so():
     assert decide(text, WEB1, "ls $(cat list)").verdicts[-1].rule.index == 2
     denied = decide(text, OTHER, "ls $(cat list)")
     assert not denied.allowed and denied.rule is None
-    assert "no rule allows raw shell on this host" in denied.reason
+    assert denied.reason == (
+        "the command contains command substitution $( … ), which the policy cannot judge, "
+        "and no rule allows raw shell on this host"
+    )
     # Raw shell does not wave through commands the reader can see.
     assert not decide(text, WEB1, "rm -rf / ; ls $(x)").allowed
 
@@ -240,9 +243,9 @@ BYPASSES = [
     ("uname >& /tmp/x", "output redirection"), ("uname <<EOF\nx\nEOF", "here-document"),
     ("exec 3<>/dev/tcp/127.0.0.1/80", "network redirection"), ("echo x | tee /etc/passwd", NO_RULE),
     # variables and environment
-    ("PATH=/tmp/evil uname", "setting PATH"), ("LD_PRELOAD=/tmp/x.so uname", "setting LD_PRELOAD"),
-    ("IFS=/ uname", "setting IFS"), ("a=1; rm -rf /", "setting a"), ("env PATH=/tmp uname", "setting PATH"),
-    ("env -S 'rm -rf /'", "env -S"), ("$SHELL -c uname", "program name decided at run time"),
+    ("PATH=/tmp/evil uname", "(PATH=…)"), ("LD_PRELOAD=/tmp/x.so uname", "(LD_PRELOAD=…)"),
+    ("IFS=/ uname", "(IFS=…)"), ("a=1; rm -rf /", "(a=…)"), ("env PATH=/tmp uname", "(env PATH=…)"),
+    ("env -S 'rm -rf /'", "env: -S (it splits a string into a command)"), ("$SHELL -c uname", "program name decided at run time"),
     ("${SHELL} -c id", "program name decided at run time"), ("{rm,-rf,/}", "program name decided at run time"),
     # wrappers
     ("sudo uname", "run through sudo"), ("sudo -s", "through sudo"), ("sudo -u root rm -rf /", NO_RULE),

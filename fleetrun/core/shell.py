@@ -86,7 +86,7 @@ def parse_command(line: str) -> ParsedCommand:
     try:
         _parse_into(line, result, depth=0)
     except Exception as exc:  # noqa: BLE001 - a reader bug must deny, not crash
-        result.problems.append(f"the command could not be read ({type(exc).__name__})")
+        result.problems.append(f"a construct the reader failed on ({type(exc).__name__})")
     return result
 
 
@@ -315,7 +315,7 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
     while words and _assignment(words[0]) is not None:
         name, value = _assignment(words[0])  # type: ignore[misc]
         if not SAFE_ASSIGNMENTS.fullmatch(name) or not words[0].known:
-            result.problems.append(f"setting {name} can change what a command does ({name}=…)")
+            result.problems.append(f"an environment setting that can change what a command does ({name}=…)")
             return
         assignments.append((name, value))
         words.pop(0)
@@ -381,7 +381,7 @@ def _judge_words(
                 return
             for key, _ in extra_assignments:
                 if not SAFE_ASSIGNMENTS.fullmatch(key):
-                    result.problems.append(f"setting {key} can change what a command does ({base} {key}=…)")
+                    result.problems.append(f"an environment setting that can change what a command does ({base} {key}=…)")
                     return
             _judge_words(
                 inner_words, assignments + tuple(extra_assignments), wrappers + (base,),
@@ -406,7 +406,7 @@ def _judge_words(
     if base == "find":
         for word in args:
             if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
-                result.problems.append(f"find {word.value} runs commands or writes files")
+                result.problems.append(f"find {word.value} (it runs commands or writes files)")
                 return
     result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
 
@@ -476,7 +476,7 @@ def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
 
 def _env(args: list[Word]):  # type: ignore[no-untyped-def]
     if any(w.value in ("-S", "--split-string") or w.value.startswith("--split-string") for w in args):
-        raise _Unjudgeable("env -S splits a string into a command")
+        raise _Unjudgeable("-S (it splits a string into a command)")
     rest = _skip_options(
         args, with_value={"-u", "--unset", "-C", "--chdir"},
         flags={"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"},
