@@ -100,7 +100,8 @@ class Transport(abc.ABC):
         Return 128+N when signal N ended the command. Raise :class:`TransportError` when
         the command could not be run to an exit status. When cancelled (the executor
         cancels for a timeout and for a cancel request), stop the command and everything
-        it started, then let :class:`asyncio.CancelledError` propagate.
+        it started, then let :class:`asyncio.CancelledError` propagate. A command run
+        elsewhere should not outlive the connection it was started through.
         """
 
     @classmethod
