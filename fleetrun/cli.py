@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -703,12 +704,27 @@ def cmd_serve(ctx: _Context) -> int:
     try:
         if args.http:
             _note(f"serving MCP over streamable HTTP at http://{host}:{port}/mcp (policy: {policy.source})")
-            server.run(transport="streamable-http", host=host, port=port, streamable_http_path="/mcp")
+            _serve_http(server, host, port)
         else:
             server.run()
     finally:
         executor.close("the MCP server stopped")
     return EXIT_OK
+
+
+def _serve_http(server, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
+    """The SDK's streamable-HTTP app under uvicorn, as ``server.run`` would serve it, but
+    with uvicorn's access log on stderr beside every other log line (uvicorn prints it on
+    stdout unless told otherwise)."""
+    import anyio
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    app = server.streamable_http_app(streamable_http_path="/mcp", host=host)
+    config = uvicorn.Config(app, host=host, port=port, log_level=server.settings.log_level.lower(), log_config=log_config)
+    anyio.run(uvicorn.Server(config).serve)
 
 
 class _StopServerOnSignals:

@@ -363,8 +363,9 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
     token = "tok-" + os.urandom(12).hex()
     env = {**_server_env(tmp_path), "FLEETRUN_MCP_TOKEN": token}
     log = (tmp_path / "serve.log").open("w")
+    out = (tmp_path / "serve.out").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "fleetrun", "serve", "--http", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "fleetrun", "serve", "--http", f"127.0.0.1:{port}"], env=env, stdout=out, stderr=log
     )
     url = f"http://127.0.0.1:{port}/mcp"
     try:
@@ -408,7 +409,12 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
             process.kill()
             process.wait(10)
         log.close()
-    assert token not in (tmp_path / "serve.log").read_text()
+        out.close()
+    logged = (tmp_path / "serve.log").read_text()
+    assert token not in logged
+    # Every log line goes to stderr, uvicorn's access log included: stdout stays empty.
+    assert '"POST /mcp HTTP/1.1" 401' in logged
+    assert (tmp_path / "serve.out").read_text() == ""
 
 
 def test_http_refuses_to_start_without_a_token(tmp_path):
