@@ -706,6 +706,9 @@ def cmd_serve(ctx: _Context) -> int:
             _note(f"serving MCP over streamable HTTP at http://{host}:{port}/mcp (policy: {policy.source})")
             _serve_http(server, host, port)
         else:
+            if sys.stdin.isatty():
+                _note("serving MCP on stdin and stdout, for an MCP client that starts this command "
+                      "(see `fleetrun serve --help`); Ctrl-D or Ctrl-C stops it")
             server.run()
     finally:
         executor.close("the MCP server stopped")

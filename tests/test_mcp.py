@@ -313,6 +313,28 @@ def _server_env(tmp_path) -> dict[str, str]:
     return {**os.environ, "FLEETRUN_POLICY": str(policy)}
 
 
+def test_started_by_hand_on_a_terminal_it_says_what_it_is_and_ctrl_d_stops_it(tmp_path):
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "serve"], env=_server_env(tmp_path),
+        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    os.close(terminal)
+    try:
+        first = process.stderr.readline().decode()
+        assert first.startswith("fleetrun: serving MCP on stdin and stdout, for an MCP client that starts this command")
+        os.write(controller, b"\x04")  # Ctrl-D: end of input
+        assert process.wait(20) == 0
+        assert process.stdout.read() == b""  # stdout is the protocol's alone
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+
+
 def test_stdio_against_a_fleetrun_serve_process(tmp_path):
     params = StdioServerParameters(command=sys.executable, args=["-m", "fleetrun", "serve"], env=_server_env(tmp_path))
 
