@@ -497,20 +497,39 @@ def _dry_run_status(plans) -> int:  # type: ignore[no-untyped-def]
     return EXIT_DENIED if any(p.decision is not None and not p.decision.allowed for p in plans) else EXIT_OK
 
 
-def cmd_policy_check(ctx: _Context) -> int:
+def _policy_to_check(ctx: _Context):  # type: ignore[no-untyped-def]
+    """The configured policy, or the built-in one when ``--builtin`` asks for it."""
     from fleetrun.core.policy import read_only_policy
 
+    policy = ctx.policy
+    if policy is None:
+        if not ctx.args.builtin:
+            raise FleetrunError(
+                "no policy configured (none given with --policy, $FLEETRUN_POLICY or ~/.config/fleetrun/policy.yaml); "
+                "add --builtin for the built-in read-only policy the MCP server uses"
+            )
+        policy = read_only_policy()
+    return policy
+
+
+def cmd_policy_show(ctx: _Context) -> int:
+    policy = _policy_to_check(ctx)
+    if ctx.args.json:
+        print(json.dumps({"policy": policy.source, "rules": [rule.to_dict() for rule in policy.rules], "default": "deny"}, indent=2))
+        return EXIT_OK
+    print(f"policy: {policy.source}")
+    for rule in policy.rules:
+        line = f", line {rule.line}" if rule.line is not None else ""
+        print(f"  rule {rule.index}{line}: {rule.text}")
+    print("  default: deny (a command no rule matches)")
+    return EXIT_OK
+
+
+def cmd_policy_check(ctx: _Context) -> int:
     args = ctx.args
     if not args.command:
         raise FleetrunError("no command given: write it after --, e.g. fleetrun policy check web1 -- systemctl status nginx")
-    policy = ctx.policy
-    if policy is None:
-        if not args.builtin:
-            raise FleetrunError(
-                "no policy configured (none given with --policy, $FLEETRUN_POLICY or ~/.config/fleetrun/policy.yaml); "
-                "add --builtin to check against the built-in read-only policy the MCP server uses"
-            )
-        policy = read_only_policy()
+    policy = _policy_to_check(ctx)
     host = ctx.inventory.get(args.host)
     decision = policy.decide(host, " ".join(args.command))
     if args.json:
@@ -990,8 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_tasks_cancel)
 
     policy = sub.add_parser(
-        "policy", help="check commands against the command policy",
-        description="Check what the command policy decides, and why, without running anything.",
+        "policy", help="check commands against the command policy, or list its rules",
+        description="Check what the command policy decides, and why, without running anything; or list its rules.",
     )
     policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION")
     policy_sub.required = True
@@ -1007,6 +1026,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--builtin", action="store_true", help="with no policy configured, use the built-in read-only policy")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.set_defaults(func=cmd_policy_check)
+    show = policy_sub.add_parser(
+        "show", help="list the policy's rules, in the order they are written",
+        description="List the rules of the policy that applies (file, rule number, line, text); the default is deny.",
+    )
+    show.add_argument("--builtin", action="store_true", help="with no policy configured, show the built-in read-only policy")
+    show.add_argument("--json", action="store_true", help="print the rules as JSON")
+    show.set_defaults(func=cmd_policy_show)
 
     serve = sub.add_parser(
         "serve", help="run the MCP server (stdio by default)",

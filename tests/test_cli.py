@@ -269,7 +269,8 @@ def test_hosts_and_plugins_commands(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["run"], ["hosts"], ["plugins"], ["tasks"], ["tasks", "list"], ["tasks", "show"], ["tasks", "output"], ["tasks", "cancel"]],
+    [[], ["run"], ["hosts"], ["plugins"], ["tasks"], ["tasks", "list"], ["tasks", "show"], ["tasks", "output"], ["tasks", "cancel"],
+     ["policy"], ["policy", "check"], ["policy", "show"], ["serve"]],
 )
 def test_every_command_has_help(args):
     result = run_cli(*args, "--help")

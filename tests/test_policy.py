@@ -382,6 +382,26 @@ def test_cli_policy_check_and_run_name_the_rule(tmp_path):
     assert missing.returncode == 125 and "policy file not found (given by --policy)" in missing.stderr
 
 
+def test_cli_policy_show_lists_the_rules_as_written(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - allow: [echo *, ls *]\n  - deny: echo secret\n    hosts: [local]\n")
+    shown = run_cli("--policy", str(policy), "policy", "show")
+    assert shown.returncode == 0
+    assert shown.stdout.splitlines() == [
+        f"policy: {policy}",
+        "  rule 1, line 2: allow: echo *",
+        "  rule 1, line 2: allow: ls *",
+        "  rule 2, line 3: deny: echo secret (hosts: local)",
+        "  default: deny (a command no rule matches)",
+    ]
+    as_json = json.loads(run_cli("--policy", str(policy), "policy", "show", "--json").stdout)
+    assert as_json["default"] == "deny" and as_json["rules"][2] == {"source": str(policy), "index": 2, "line": 3, "text": "deny: echo secret (hosts: local)"}
+    builtin = run_cli("policy", "show", "--builtin").stdout.splitlines()
+    assert builtin[0] == "policy: <built-in read-only policy>" and "  rule 1: allow: uname *" in builtin
+    no_policy = run_cli("policy", "show")
+    assert no_policy.returncode == 1 and "add --builtin for the built-in read-only policy" in no_policy.stderr
+
+
 def test_the_readme_worked_example_is_what_fleetrun_prints(tmp_path):
     readme = (REPO / "README.md").read_text()
     section = readme.split("## The command policy", 1)[1].split("\n### ", 1)[0]
