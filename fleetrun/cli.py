@@ -497,7 +497,7 @@ def _dry_run_status(plans) -> int:  # type: ignore[no-untyped-def]
     return EXIT_DENIED if any(p.decision is not None and not p.decision.allowed for p in plans) else EXIT_OK
 
 
-def _policy_to_check(ctx: _Context):  # type: ignore[no-untyped-def]
+def _configured_or_builtin_policy(ctx: _Context):  # type: ignore[no-untyped-def]
     """The configured policy, or the built-in one when ``--builtin`` asks for it."""
     from fleetrun.core.policy import read_only_policy
 
@@ -513,7 +513,7 @@ def _policy_to_check(ctx: _Context):  # type: ignore[no-untyped-def]
 
 
 def cmd_policy_show(ctx: _Context) -> int:
-    policy = _policy_to_check(ctx)
+    policy = _configured_or_builtin_policy(ctx)
     if ctx.args.json:
         print(json.dumps({"policy": policy.source, "rules": [rule.to_dict() for rule in policy.rules], "default": "deny"}, indent=2))
         return EXIT_OK
@@ -529,7 +529,7 @@ def cmd_policy_check(ctx: _Context) -> int:
     args = ctx.args
     if not args.command:
         raise FleetrunError("no command given: write it after --, e.g. fleetrun policy check web1 -- systemctl status nginx")
-    policy = _policy_to_check(ctx)
+    policy = _configured_or_builtin_policy(ctx)
     host = ctx.inventory.get(args.host)
     decision = policy.decide(host, " ".join(args.command))
     if args.json:

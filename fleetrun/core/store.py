@@ -279,8 +279,7 @@ class TaskStore:
         except OSError:
             pass  # never scanned
         try:
-            marker.touch(mode=0o600)
-            os.utime(marker)
+            marker.touch(mode=0o600)  # an existing one gets the time of now
         except OSError:
             return
         self._replay_abandoned()
