@@ -111,6 +111,35 @@ def test_a_plugin_can_add_a_transport(make_executor):
     assert executor.read_output(task.id).data == b"would run: rm -rf /\n"
 
 
+def test_a_transport_that_breaks_fails_its_task_and_nothing_else(make_executor, recorder, caplog):
+    class BrokenTransport(Transport):
+        name = "broken"
+
+        async def execute(self, execution):
+            execution.stdout.write(b"partial\n")
+            raise KeyError("token=hunter2-in-the-message")  # a bug, not a TransportError
+
+    class BrokenPlugin:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            register(BrokenTransport)
+
+    executor = make_executor(
+        plugins=[BrokenPlugin()],
+        hosts_yaml="hosts:\n  flaky:\n    transport: broken\n  local:\n    transport: local\n",
+    )
+    with caplog.at_level(logging.ERROR, logger="fleetrun.executor"):
+        task = executor.run(TaskRequest(host="flaky", command="true"))
+    assert (task.status, task.exit_code, task.error_category) == (TaskStatus.FAILED, None, "internal")
+    # Only the exception's type: its message may carry anything, the log has the traceback.
+    assert task.error == "the broken transport failed unexpectedly (KeyError; see the log)"
+    assert executor.read_output(task.id).data == b"partial\n"
+    assert recorder.names(task.id) == ["task.created", "task.progress", "task.completed"]
+    assert recorder[-1].result.error == task.error
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+    assert executor.run(TaskRequest(host="local", command="true")).status is TaskStatus.SUCCEEDED
+
+
 def test_two_transports_with_one_name_is_an_error():
     class Other(Transport):
         name = "local"

@@ -556,6 +556,11 @@ class Executor:
                 error = f"timed out after {live.plan.limits.max_seconds:g} s"
         except TransportError as exc:
             error, category = exc.message, exc.category
+        except Exception as exc:  # a bug in the transport: this task fails, the engine goes on
+            log.exception("task %s: the %s transport failed", live.record.id, live.plan.transport)
+            # The type only: the message of an unexpected error may hold anything.
+            error = f"the {live.plan.transport} transport failed unexpectedly ({type(exc).__name__}; see the log)"
+            category = "internal"
         finally:
             settle.cancel()
             if live.timeout is not None:
