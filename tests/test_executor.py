@@ -156,6 +156,23 @@ def test_output_is_readable_by_cursor_while_the_task_runs(make_executor, tmp_pat
     assert executor.tail_output(handle.id, "stdout", lines=1).data == b"second\n"
 
 
+def test_an_output_listener_sees_every_byte_and_its_failure_harms_nothing(make_executor, caplog):
+    seen = []
+
+    def listener(stream, data):
+        seen.append((stream, data))
+        raise ValueError("a listener bug")
+
+    executor = make_executor()
+    with caplog.at_level("ERROR", logger="fleetrun.executor"):
+        task = executor.run(TaskRequest(host="local", command="echo out; echo err >&2"), on_output=listener)
+    assert task.status is TaskStatus.SUCCEEDED
+    assert b"".join(d for s, d in seen if s == "stdout") == b"out\n"
+    assert b"".join(d for s, d in seen if s == "stderr") == b"err\n"
+    assert executor.read_output(task.id).data == b"out\n"
+    assert f"output listener of task {task.id} failed" in caplog.text
+
+
 def test_large_output_is_byte_exact(make_executor, tmp_path):
     source = tmp_path / "blob"
     source.write_bytes(os.urandom(8 << 20))
