@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from fleetrun.core import store as store_module
 from fleetrun.core.errors import UnknownTaskError
+from fleetrun.core.executor import Executor
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
+from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.processes import owner_token
 from fleetrun.core.store import Retention, TaskStore, _values
 
@@ -208,6 +211,35 @@ SLOW_WRITER_SCRIPT = textwrap.dedent(
     time.sleep(600)
     """
 )
+
+
+def test_while_another_process_locks_the_database_records_wait_in_the_journal_and_arrive_after(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    home = tmp_path / "locked"
+    store = TaskStore(home)
+    executor = Executor(store=store, plugins=PluginManager(autoload=False))
+    locker = sqlite3.connect(home / "tasks.sqlite3", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the busy timeout
+        with caplog.at_level("WARNING", logger="fleetrun.journal"):
+            task = executor.run(TaskRequest(host="local", command="echo kept"))
+            wait_until(lambda: "cannot write task records to the store (database is locked)" in caplog.text)
+        assert task.status is TaskStatus.SUCCEEDED
+        assert store.get(task.id) == task  # from the journal meanwhile
+        assert locker.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    with caplog.at_level("WARNING", logger="fleetrun.journal"):
+        wait_until(lambda: "task records reach the store again" in caplog.text)
+    other_process = TaskStore(home)
+    try:
+        assert [t.id for t in other_process.list()] == [task.id]
+        assert other_process.get(task.id).status is TaskStatus.SUCCEEDED
+    finally:
+        other_process.close()
+        executor.close()
+        store.close()
 
 
 def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner(store):

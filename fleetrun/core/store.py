@@ -41,6 +41,9 @@ SCHEMA_VERSION = 4
 TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
 DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
+#: How long a write waits for another process's transaction before it fails (and the
+#: journal's writer tries again later).
+BUSY_TIMEOUT_S = 10.0
 #: An output directory with no task row is deleted once it has not changed for this long.
 _ORPHAN_OUTPUT_AGE_S = 86400.0
 _ORPHAN_SCAN_EVERY_S = 3600.0
@@ -384,7 +387,7 @@ class TaskStore:
 
 
 def _connect(database: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     db.execute("PRAGMA synchronous=NORMAL")  # per connection; with WAL, safe against crashes of fleetrun
     return db
 
