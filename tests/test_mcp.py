@@ -19,8 +19,9 @@ import pytest
 import mcp
 from mcp.client.stdio import StdioServerParameters
 
-from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.executor import Executor
+from fleetrun.core.inventory import parse_inventory
+from fleetrun.core.models import TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy, read_only_policy
 from fleetrun.core.store import Retention
@@ -234,6 +235,32 @@ def test_notifications_arrive_after_the_starting_call_returned_2025_11_25(server
                     await anyio.sleep(0.02)
             body = await client.read_resource(task["resource"])
             assert '"status": "succeeded"' in body.contents[0].text and "done" in body.contents[0].text
+
+    run(scenario)
+
+
+def test_a_client_that_went_away_leaves_the_others_their_notifications(server_for):
+    server, executor = server_for()
+
+    async def scenario():
+        logs = []
+
+        async def on_log(params):
+            logs.append(params.data)
+
+        async with mcp.Client(server, mode="legacy") as leaving:
+            gone = (await leaving.call_tool("start_task", {"host": "local", "command": "sleep 0.3; echo a"})).structured_content
+        # Its task ends after it has disconnected: the session still here gets its own
+        # notifications, and only those, and the server goes on serving.
+        async with mcp.Client(server, mode="legacy", logging_callback=on_log) as staying:
+            task = (await staying.call_tool("start_task", {"host": "local", "command": "sleep 0.6; echo b"})).structured_content
+            with anyio.fail_after(10):
+                while not any(d.get("event") == "task.completed" for d in logs):
+                    await anyio.sleep(0.02)
+            assert [(d["event"], d["task_id"]) for d in logs] == [("task.created", task["task_id"]), ("task.completed", task["task_id"])]
+            assert executor.get(gone["task_id"]).status is TaskStatus.SUCCEEDED
+            again = (await staying.call_tool("run_command", {"host": "local", "command": "echo still serving"})).structured_content
+            assert again["task"]["status"] == "succeeded"
 
     run(scenario)
 
