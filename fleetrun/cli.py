@@ -183,7 +183,13 @@ class _Terminal(LifecycleEventPlugin):
         parts.append(f"out {_human_bytes(progress.stdout_bytes)}/{progress.stdout_lines} lines")
         if progress.stderr_bytes:
             parts.append(f"err {_human_bytes(progress.stderr_bytes)}")
-        sys.stderr.write("\r\x1b[K" + " · ".join(parts))
+        line = " · ".join(parts)
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns
+        except OSError:
+            width = 80
+        # One row only: a line that wraps would leave its first rows behind when cleared.
+        sys.stderr.write("\r\x1b[K" + line[: max(width - 1, 1)])
         sys.stderr.flush()
         self.line_shown = True
 

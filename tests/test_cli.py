@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -277,6 +278,48 @@ def test_every_command_has_help(args):
     assert result.returncode == 0
     assert result.stdout.startswith("usage: fleetrun")
     assert len(result.stdout.splitlines()) > 4
+
+
+def _run_on_a_terminal(*args: str, columns: int = 100) -> tuple[int, str, str]:
+    """``fleetrun ARGS`` with stderr on a terminal of ``columns`` columns: exit status, stdout, and what the terminal showed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "fleetrun", *args], stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the terminal's last writer closed it
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    out = process.stdout.read().decode()
+    return process.wait(30), out, shown.decode(errors="replace")
+
+
+def test_a_live_progress_line_on_a_terminal_only(tmp_path):
+    command = "echo progress: 40%; sleep 0.6; echo done"
+    code, out, shown = _run_on_a_terminal("run", "local", "--", command)
+    assert (code, out) == (0, "progress: 40%\ndone\n")
+    lines = [part for part in shown.split("\r\x1b[K") if part.startswith("[fleetrun]")]
+    assert lines, shown
+    assert re.fullmatch(r"\[fleetrun\] local · \d+\.\ds · 40% · out 14 B/1 lines", lines[0]), lines[0]
+    assert shown.endswith("\r\x1b[K")  # cleared at the end: the terminal keeps the output alone
+    # Never wider than the terminal: a wrapped line could not be cleared.
+    narrow = _run_on_a_terminal("run", "local", "--", command, columns=20)[2]
+    assert all(len(part) <= 19 for part in narrow.split("\r\x1b[K") if part.startswith("[fleetrun]"))
+    # -q, or stderr not a terminal: nothing but the command's own output.
+    assert "[fleetrun]" not in _run_on_a_terminal("run", "local", "-q", "--", command)[2]
+    piped = run_cli("run", "local", "--", command)
+    assert (piped.stdout, piped.stderr) == ("progress: 40%\ndone\n", "")
 
 
 def test_run_help_documents_the_exit_codes():
