@@ -214,6 +214,10 @@ def test_the_example_policy_loads_and_shows_every_field():
         ("rules:\n  allow: ls\n", "p.yaml:2: 'rules' must be a list of rules"),
         ("rules:\n  - allow: ls\n    hosts: ['web 1']\n", "p.yaml:3: rule 1, field 'hosts': 'web 1' can match no host"),
         ("rules:\n  - allow: ls\n    hosts: ['tag:']\n", "p.yaml:3: rule 1, field 'hosts': 'tag:' can match no host"),
+        # A key written twice: YAML keeps the last, so the first (an allow, a whole rules list) would vanish unseen.
+        ("rules:\n  - allow: ls *\n    allow: rm *\n", "p.yaml:3: rule 1: duplicate key 'allow'"),
+        ("rules:\n  - allow: ls\nrules:\n  - allow: rm *\n", "p.yaml:3: duplicate key 'rules'"),
+        ("rules:\n  - allow: ls\n    1: x\n", "p.yaml:3: rule 1: keys must be plain strings"),
     ],
 )
 def test_a_malformed_policy_names_file_line_rule_and_field(text, message):

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -150,6 +150,21 @@ def parse_inventory(
     return _InventoryParser(source, transports).parse(text)
 
 
+def mapping_entries(
+    node: yaml.MappingNode, error: Callable[[yaml.Node, str], Exception]
+) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """A YAML mapping's entries by key, as (key node, value node). A key written twice is
+    an error: YAML loaders keep the last one, and the first would be dropped unseen."""
+    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+            raise error(key_node, "keys must be plain strings")
+        if key_node.value in out:
+            raise error(key_node, f"duplicate key {key_node.value!r}")
+        out[key_node.value] = (key_node, value_node)
+    return out
+
+
 class _InventoryParser:
     def __init__(self, source: str, transports: Mapping[str, type[Transport]] | None) -> None:
         self.source = source
@@ -213,14 +228,7 @@ class _InventoryParser:
     def mapping(self, node: yaml.Node, message: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):
             raise self.error(node, message)
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-                raise self.error(key_node, "keys must be plain strings")
-            if key_node.value in out:
-                raise self.error(key_node, f"duplicate key {key_node.value!r}")
-            out[key_node.value] = (key_node, value_node)
-        return out
+        return mapping_entries(node, self.error)
 
     def host(self, name: str, name_node: yaml.Node, body: yaml.Node, defaults: Limits) -> Host:
         if isinstance(body, yaml.ScalarNode) and body.tag == "tag:yaml.org,2002:null":

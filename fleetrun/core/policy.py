@@ -37,7 +37,7 @@ import yaml
 
 from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
-from fleetrun.core.inventory import TAG_RE, Host
+from fleetrun.core.inventory import TAG_RE, Host, mapping_entries
 from fleetrun.core.shell import SimpleCommand, Word, parse_command
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
@@ -314,7 +314,7 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
         raise PolicyError(f"invalid YAML: {exc.problem or exc.context}", path=source, line=mark.line + 1 if mark else None) from None
     if not isinstance(root, yaml.MappingNode):
         raise fail(root, "the policy must be a mapping with a 'rules:' list")
-    top = {k.value: (k, v) for k, v in root.value}
+    top = mapping_entries(root, fail)
     for key, (key_node, _) in top.items():
         if key != "rules":
             raise fail(key_node, f"unknown top-level key {key!r} (allowed: rules)")
@@ -342,8 +342,7 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
     if not isinstance(entry, yaml.MappingNode):
         raise fail(entry, "a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)", rule=index)
     fields: dict[str, tuple[yaml.Node, Any]] = {}
-    for key_node, value_node in entry.value:
-        key = key_node.value
+    for key, (key_node, value_node) in mapping_entries(entry, lambda node, message: fail(node, message, rule=index)).items():
         if key not in _RULE_KEYS:
             raise fail(key_node, f"unknown field (allowed: {', '.join(_RULE_KEYS)})", rule=index, field=key)
         fields[key] = (value_node, yaml.safe_load(yaml.serialize(value_node)))
