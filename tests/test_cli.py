@@ -124,6 +124,10 @@ def test_usage_errors_of_run_exit_125_and_of_other_commands_2():
     bad_value = run_cli("run", "local", "--timeout", "soon", "--", "true")
     assert bad_value.returncode == 125
     assert bad_value.stderr.endswith("fleetrun run: error: argument --timeout: expected a number of seconds, got 'soon'\n")
+    for text, problem in (("0", "must be greater than 0, got 0"), ("nan", "must be greater than 0, got nan"),
+                          ("inf", "must be a finite number of seconds, got inf")):
+        refused = run_cli("run", "local", "--timeout", text, "--", "true")
+        assert refused.returncode == 125 and refused.stderr.endswith(f"argument --timeout: {problem}\n"), refused.stderr
     bad_pattern = run_cli("run", "local", "--progress-pattern", "(", "--", "true")
     assert bad_pattern.returncode == 125 and "Traceback" not in bad_pattern.stderr
     assert bad_pattern.stderr.endswith(

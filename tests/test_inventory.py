@@ -63,6 +63,8 @@ def test_defaults_then_host_fields():
         ("hosts:\n  a:\n    transport: 3\n", "hosts.yaml:3: host 'a', field 'transport': expected a string, got 3"),
         ("hosts:\n  a:\n    max_seconds: soon\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a number, got 'soon'"),
         ("hosts:\n  a:\n    max_seconds: -1\n", "hosts.yaml:3: host 'a', field 'max_seconds': must be greater than 0, got -1"),
+        ("hosts:\n  a:\n    max_seconds: .inf\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a finite number, got inf"),
+        ("hosts:\n  a:\n    transport: ssh\n    connect_timeout: .nan\n", "hosts.yaml:4: host 'a', field 'connect_timeout': expected a finite number, got nan"),
         ("hosts:\n  a:\n    max_output_bytes: 1.5\n", "hosts.yaml:3: host 'a', field 'max_output_bytes': expected an integer, got 1.5"),
         ("hosts:\n  a:\n    max_concurrent: true\n", "hosts.yaml:3: host 'a', field 'max_concurrent': expected an integer, got True"),
         ("hosts:\n  a:\n    max_concurrent: 0\n", "hosts.yaml:3: host 'a', field 'max_concurrent': must be greater than 0, got 0"),

@@ -20,6 +20,7 @@ name the file, the line, the host and the field.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -338,6 +339,8 @@ class _InventoryParser:
             allowed = (int,) if kind == "integer" else (int, float)
             if isinstance(value, bool) or not isinstance(value, allowed):
                 raise fail("an integer" if kind == "integer" else "a number")
+            if not math.isfinite(value):  # YAML's .inf and .nan: no limit or timeout means anything with them
+                raise fail("a finite number")
             if field in LIMIT_FIELDS and not value > 0:
                 raise self.error(node, f"must be greater than 0, got {value}", host=host, field=field)
             return value
