@@ -114,7 +114,17 @@ def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):
     no_command = run_cli("run", "local")
     assert no_command.returncode == 125 and "no command given" in no_command.stderr
     spawn = run_cli("run", "local", "--cwd", str(tmp_path / "nowhere"), "--", "true")
-    assert spawn.returncode == 125 and "cannot start the command" in spawn.stderr
+    assert spawn.returncode == 125
+    assert spawn.stderr.endswith(f"cannot use the working directory {tmp_path / 'nowhere'}: No such file or directory\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    not_a_directory = run_cli("run", "local", "--cwd", str(a_file), "--", "ls")
+    assert not_a_directory.stderr.endswith(f"cannot use the working directory {a_file}: Not a directory\n")
+    bad_shell = tmp_path / "shell.yaml"
+    bad_shell.write_text("hosts:\n  odd:\n    shell: /no/such/shell\n")
+    no_shell = run_cli("--hosts", str(bad_shell), "run", "odd", "--", "true")
+    assert no_shell.returncode == 125
+    assert no_shell.stderr.endswith("cannot start the command: No such file or directory: /no/such/shell\n")
     for result in (unknown, broken, no_command, spawn):
         assert "Traceback" not in result.stderr
 

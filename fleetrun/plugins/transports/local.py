@@ -68,6 +68,8 @@ class LocalTransport(Transport):
             proc = self._spawn(execution, env, stdout_write, stderr_write)
         except OSError as exc:
             watch.close()
+            if execution.cwd and exc.filename == execution.cwd:
+                raise TransportError("spawn", f"cannot use the working directory {execution.cwd}: {exc.strerror}") from None
             target = exc.filename if exc.filename else self.shell
             raise TransportError("spawn", f"cannot start the command: {exc.strerror}: {target}") from None
         finally:
