@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -88,9 +89,31 @@ def _when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
 
 
+#: What a terminal would act on: C0 and C1 controls, DEL, bidirectional overrides.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: object, *, keep_newlines: bool = False) -> str:
+    """``text`` with what a terminal would act on written as escapes (``\\x1b``).
+
+    Records hold text from commands and servers (a task's latest line, an error, a cancel
+    reason): printed as is, it could move the cursor, retitle the window or hide text.
+    A command's output itself is printed as is, as ``cat`` would.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+    return _UNPRINTABLE.sub(escape, str(text))
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    cells = [[_printable(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
@@ -445,7 +468,7 @@ def _run_exit_code(task: Task) -> int:
 
 
 def _note(message: str) -> None:
-    sys.stderr.write(f"fleetrun: {redact(message)}\n")
+    sys.stderr.write(f"fleetrun: {_printable(redact(message), keep_newlines=True)}\n")
 
 
 def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
@@ -541,11 +564,11 @@ def cmd_policy_check(ctx: _Context) -> int:
     if args.json:
         print(redact(json.dumps(decision.to_dict(), indent=2)))
     else:
-        print(redact(decision.explanation))
+        print(_printable(redact(decision.explanation)))
         if len(decision.verdicts) > 1:
             for verdict in decision.verdicts:
                 rule = verdict.rule.describe() if verdict.rule else "no rule (default: deny)"
-                print(redact(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}"))
+                print(_printable(redact(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}")))
     return EXIT_OK if decision.allowed else EXIT_DENIED
 
 
@@ -616,9 +639,9 @@ def cmd_tasks_show(ctx: _Context) -> int:
         data["duration_s"] = f"{data['duration_s']:.3f}"
     width = max(len(k) for k in data) + 1
     for key, value in data.items():
-        print(f"{(key + ':').ljust(width)} {'-' if value is None else value}")
+        print(f"{(key + ':').ljust(width)} {'-' if value is None else _printable(value)}")
     if progress:
-        print(f"{'progress:'.ljust(width)} " + ", ".join(f"{k}={v}" for k, v in progress.items() if v is not None))
+        print(f"{'progress:'.ljust(width)} " + ", ".join(f"{k}={_printable(v)}" for k, v in progress.items() if v is not None))
     return EXIT_OK
 
 

@@ -258,6 +258,31 @@ def test_tasks_output_follow_streams_until_the_task_ends(tmp_path):
     runner.communicate(timeout=10)
 
 
+def test_text_from_commands_cannot_drive_the_terminal_through_fleetruns_own_output(marker):
+    # A title change, a screen clear and a right-to-left override in a command's last line.
+    printed = "printf 'ok\\n\\033]0;pwned\\007\\033[2J\\342\\200\\256x'"
+    assert run_cli("run", "local", "--", printed).returncode == 0
+    task_id = json.loads(run_cli("tasks", "list", "--json").stdout)[0]["id"]
+    shown = run_cli("tasks", "show", task_id).stdout
+    assert "\x1b" not in shown and "\u202e" not in shown
+    assert "latest_line=\\x1b]0;pwned\\x07\\x1b[2J\\u202ex" in shown
+    # The output itself is the command's data: printed as it is, as cat would.
+    assert run_cli("tasks", "output", task_id).stdout == "ok\n\x1b]0;pwned\x07\x1b[2J\u202ex"
+    # A cancel reason comes from whoever cancels: shown escaped too.
+    running = subprocess.Popen([sys.executable, "-m", "fleetrun", "run", "local", "--", f"sleep {marker}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: processes_running("sleep", marker))
+        other = json.loads(run_cli("tasks", "list", "--json", "--status", "running").stdout)[0]["id"]
+        assert run_cli("tasks", "cancel", other, "--reason", "bye\x1b[2J").returncode == 0
+        assert running.wait(20) == 130
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert "cancel_reason:    bye\\x1b[2J" in run_cli("tasks", "show", other).stdout
+    assert running.stderr.read().endswith(f"fleetrun: task {other} was cancelled: bye\\x1b[2J\n")
+
+
 def test_hosts_and_plugins_commands(tmp_path):
     hosts = run_cli("hosts")
     assert hosts.returncode == 0
