@@ -110,6 +110,13 @@ def _printable(text: object, *, keep_newlines: bool = False) -> str:
     return _UNPRINTABLE.sub(escape, str(text))
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped: they carry plugins' and servers' text too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _printable(super().format(record), keep_newlines=True)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     cells = [[_printable(c) for c in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -1110,7 +1117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("'--' is only used by `fleetrun run HOST -- COMMAND` and `fleetrun policy check HOST -- COMMAND`")
         args.command = [*args.command, *command_words]
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="fleetrun: %(levelname)s: %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("fleetrun: %(levelname)s: %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     install_log_redaction()
     # paramiko logs every refused channel and failed handshake itself; fleetrun reports
     # them on the task, so its own lines are only wanted when debugging.

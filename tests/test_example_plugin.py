@@ -73,7 +73,8 @@ def test_a_plugin_that_fails_to_load_is_reported_and_the_others_still_run(plugin
         '[project.entry-points.fleetrun]\nbroken = "fleetrun_broken_plugin"\n\n'
         '[tool.setuptools]\npy-modules = ["fleetrun_broken_plugin"]\n'
     )
-    (package / "fleetrun_broken_plugin.py").write_text('raise RuntimeError("broken on purpose")\n')
+    # Its message also tries to clear the screen: fleetrun's log line and table show it escaped.
+    (package / "fleetrun_broken_plugin.py").write_text('raise RuntimeError("broken on purpose\\x1b[2J")\n')
     pip = [str(plugin_env / "bin" / "python"), "-m", "pip", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", str(package)], check=True, capture_output=True, text=True, timeout=600)
     try:
@@ -81,12 +82,12 @@ def test_a_plugin_that_fails_to_load_is_reported_and_the_others_still_run(plugin
         env = {"FLEETRUN_EXAMPLE_NOTIFIER_FILE": str(sink), "FLEETRUN_HOME": str(tmp_path / "home")}
         result = run_in(plugin_env, "run", "local", "--", "echo still runs", extra_env=env)
         assert (result.returncode, result.stdout) == (0, "still runs\n")
-        assert "plugin 'broken' (fleetrun-broken-plugin 0.1.0) failed to load: RuntimeError: broken on purpose" in result.stderr
+        assert "plugin 'broken' (fleetrun-broken-plugin 0.1.0) failed to load: RuntimeError: broken on purpose\\x1b[2J\n" in result.stderr
         assert [line.split("\t")[0] for line in sink.read_text().splitlines()] == ["created", "completed"]
         listed = json.loads(run_in(plugin_env, "plugins", "--json", extra_env=env).stdout)["plugins"]
         broken = next(p for p in listed if p["name"] == "broken")
-        assert (broken["source"], broken["error"]) == ("fleetrun-broken-plugin 0.1.0", "RuntimeError: broken on purpose")
+        assert (broken["source"], broken["error"]) == ("fleetrun-broken-plugin 0.1.0", "RuntimeError: broken on purpose\x1b[2J")
         table = run_in(plugin_env, "plugins", extra_env=env).stdout
-        assert "FAILED TO LOAD: RuntimeError: broken on purpose" in table
+        assert "FAILED TO LOAD: RuntimeError: broken on purpose\\x1b[2J\n" in table
     finally:
         subprocess.run([*pip, "uninstall", "--yes", "fleetrun-broken-plugin"], check=True, capture_output=True, timeout=120)
