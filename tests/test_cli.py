@@ -273,7 +273,8 @@ def test_text_from_commands_cannot_drive_the_terminal_through_fleetruns_own_outp
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: processes_running("sleep", marker))
-        other = json.loads(run_cli("tasks", "list", "--json", "--status", "running").stdout)[0]["id"]
+        # Listed once the owner's writer has put it in SQLite (within about 50 ms).
+        other = wait_until(lambda: json.loads(run_cli("tasks", "list", "--json", "--status", "running").stdout))[0]["id"]
         assert run_cli("tasks", "cancel", other, "--reason", "bye\x1b[2J").returncode == 0
         assert running.wait(20) == 130
     finally:
