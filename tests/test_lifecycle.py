@@ -10,11 +10,12 @@ import time
 import pytest
 
 from fleetrun import hookimpl
+from fleetrun.core.errors import FleetrunError
 from fleetrun.core.events import EventRecorder
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.store import TaskStore
 
-from conftest import assert_none_left, wait_until
+from conftest import assert_none_left, processes_running, wait_until
 
 
 def test_success_fires_created_then_completed_once(make_executor, recorder: EventRecorder):
@@ -236,6 +237,43 @@ def test_a_hook_can_cancel_its_own_running_task(make_executor, recorder):
     assert task.status is TaskStatus.CANCELLED
     assert task.cancel_reason == "the output said so"
     assert recorder.names(task.id)[-1] == "task.cancelled"
+
+
+def test_a_hook_may_close_the_executor_and_submit_but_not_wait(make_executor, recorder, marker):
+    # Waiting from a hook would wait for the engine thread itself: it used to hang for good.
+    seen = {}
+
+    class Plugin:
+        @hookimpl
+        def fleetrun_task_completed(self, task, result):
+            # Outcomes are kept, not asserted here: the plugin manager logs what a hook raises.
+            if task.command == "echo first":
+                for name, attempt in (("run", lambda: executor.run(TaskRequest(host="local", command="true"))),
+                                      ("submit", lambda: executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))),
+                                      ("wait", lambda: seen["submit"].wait(1))):
+                    try:
+                        seen[name] = attempt()
+                    except FleetrunError as exc:
+                        seen[name] = str(exc)
+            elif task.command == "echo last":
+                executor.close("closed by a plugin")  # starts the shutdown and returns
+
+    executor = make_executor(plugins=[Plugin()])
+    assert executor.run(TaskRequest(host="local", command="echo first")).status is TaskStatus.SUCCEEDED
+    assert seen["run"] == (
+        "run() was called from a hook, on the executor's engine thread, and would wait for that thread itself: "
+        "use submit(), which returns at once"
+    )
+    assert seen["wait"].startswith("TaskHandle.wait() was called from a hook")
+    wait_until(lambda: processes_running("sleep", marker))
+    assert executor.run(TaskRequest(host="local", command="echo last")).status is TaskStatus.SUCCEEDED
+    later = seen["submit"].wait(20)
+    assert (later.status, later.cancel_reason) == (TaskStatus.CANCELLED, "closed by a plugin")
+    assert_none_left(marker)
+    wait_until(lambda: not executor._thread.is_alive())
+    with pytest.raises(FleetrunError, match="this executor is closed"):
+        executor.submit(TaskRequest(host="local", command="true"))
+    executor.close()  # returns at once: already closed
 
 
 def test_spawn_failure_is_a_failed_task_with_a_category(make_executor, recorder, tmp_path):

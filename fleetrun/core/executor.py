@@ -128,7 +128,9 @@ class TaskHandle:
         return self._done.done()
 
     def wait(self, timeout: float | None = None) -> Task:
-        """Block until the task ends; return its final record."""
+        """Block until the task ends; return its final record (from a hook, only once it has ended)."""
+        if not self._done.done():
+            self.executor._refuse_waiting_on_engine("TaskHandle.wait()")
         return self._done.result(timeout)
 
     async def wait_async(self) -> Task:
@@ -286,7 +288,8 @@ class Executor:
         return self.submit(request, on_output=on_output)
 
     def run(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
-        """Run a task to its end and return the final record."""
+        """Run a task to its end and return the final record (not from a hook: see :meth:`submit`)."""
+        self._refuse_waiting_on_engine("run()")
         return self._enqueue(request, on_output).done.result()
 
     async def run_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
@@ -300,7 +303,7 @@ class Executor:
         """
         loop = self._loop
         if loop is not None and not self._closed:
-            if threading.current_thread() is self._thread:
+            if self._on_engine_thread():
                 found = self._cancel_now(task_id, reason)  # from a hook: waiting on the engine would wait forever
             else:
                 found = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop).result()
@@ -370,14 +373,34 @@ class Executor:
         """Cancel what has not ended, stop the engine thread, release connections.
 
         Returns once all that is done, also when another thread's close() is doing it.
+        Called from a hook (on the engine thread, which cannot wait for itself), it starts
+        all that and returns at once; it is done soon after the hook has returned.
         """
         with self._start_lock:
             closing_already = self._closed
             self._closed = True
+        from_engine = self._on_engine_thread()
         if closing_already:
-            if threading.current_thread() is not self._thread:  # the engine cannot wait for itself
+            if not from_engine:
                 self._close_done.wait()
             return
+        if from_engine:
+            threading.Thread(target=self._shut_down, args=(reason,), name="fleetrun-close", daemon=True).start()
+            return
+        self._shut_down(reason)
+
+    def _on_engine_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def _refuse_waiting_on_engine(self, what: str) -> None:
+        if self._on_engine_thread():
+            raise FleetrunError(
+                f"{what} was called from a hook, on the executor's engine thread, and would wait for that "
+                "thread itself: use submit(), which returns at once"
+            )
+
+    def _shut_down(self, reason: str) -> None:
+        """The work of :meth:`close`, on a thread other than the engine's."""
         try:
             loop, thread = self._loop, self._thread
             if loop is not None and thread is not None:
