@@ -229,6 +229,15 @@ def test_percent_comes_only_from_progress_markers(make_executor, recorder):
     assert 40.0 in percents and percents[-1] == 75.5
 
 
+def test_progress_redrawn_in_place_with_carriage_returns_is_read(make_executor, recorder):
+    # pv, curl, wget, rsync: a progress bar rewrites its line after a \r.
+    executor = make_executor(heartbeat_s=30)
+    command = "printf 'progress: 10%%\\rprogress: 20%%\\rprogress: 30%%'; sleep 0.3; printf '\\rprogress: 90%%'"
+    task = executor.run(TaskRequest(host="local", command=command))
+    events = [e.progress for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert [(p.percent, p.latest_line) for p in events] == [(30.0, "progress: 30%"), (90.0, "progress: 90%")]
+
+
 def test_custom_progress_pattern_with_current_and_total(make_executor, recorder):
     executor = make_executor(heartbeat_s=30)
     task = executor.run(

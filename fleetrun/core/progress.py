@@ -64,11 +64,14 @@ class _StreamWindow:
         self.tail = (self.tail + data[-_WINDOW:])[-_WINDOW:]
         self.dirty = True
 
+    def text(self) -> str:
+        """The window as lines. A carriage return redraws a line in place (a progress bar):
+        each redraw counts as a line of its own, the last one being what a terminal shows."""
+        return self.tail.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
     def latest_line(self) -> str | None:
-        text = self.tail.decode("utf-8", errors="replace").replace("\r\n", "\n")
-        for line in reversed(text.split("\n")):
-            # A carriage return redraws a line in place: the text after it is current.
-            line = line.rsplit("\r", 1)[-1].strip()
+        for line in reversed(self.text().split("\n")):
+            line = line.strip()
             if line:
                 return line[:_MAX_LINE_CHARS]
         return None
@@ -125,8 +128,7 @@ class ProgressTracker:
             for window in self.windows.values():
                 if window.dirty:
                     window.dirty = False
-                    text = window.tail.decode("utf-8", errors="replace")
-                    for match in self.pattern.finditer(text):
+                    for match in self.pattern.finditer(window.text()):
                         value = percent_from(match)
                         if value is not None:
                             self.percent = value
