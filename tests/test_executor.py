@@ -230,9 +230,9 @@ def test_percent_comes_only_from_progress_markers(make_executor, recorder):
 
 
 def test_progress_redrawn_in_place_with_carriage_returns_is_read(make_executor, recorder):
-    # pv, curl, wget, rsync: a progress bar rewrites its line after a \r.
+    # pv, curl, wget, rsync: a progress bar rewrites its line after a \r (and may end with one).
     executor = make_executor(heartbeat_s=30)
-    command = "printf 'progress: 10%%\\rprogress: 20%%\\rprogress: 30%%'; sleep 0.3; printf '\\rprogress: 90%%'"
+    command = "printf 'progress: 10%%\\rprogress: 20%%\\rprogress: 30%%'; sleep 0.3; printf '\\rprogress: 90%%\\r'"
     task = executor.run(TaskRequest(host="local", command=command))
     events = [e.progress for e in recorder if e.event == "task.progress" and e.task.id == task.id]
     assert [(p.percent, p.latest_line) for p in events] == [(30.0, "progress: 30%"), (90.0, "progress: 90%")]
