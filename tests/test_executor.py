@@ -238,6 +238,15 @@ def test_progress_redrawn_in_place_with_carriage_returns_is_read(make_executor, 
     assert [(p.percent, p.latest_line) for p in events] == [(30.0, "progress: 30%"), (90.0, "progress: 90%")]
 
 
+def test_coloured_progress_is_read_and_the_latest_line_has_no_escape_sequences(make_executor, recorder):
+    executor = make_executor(heartbeat_s=30)
+    command = "printf '\\033]0;title\\007\\033[1;32mprogress: 60%%\\033[0m \\033]8;;http://x\\033\\\\link\\033]8;;\\033\\\\\\n'"
+    task = executor.run(TaskRequest(host="local", command=command))
+    events = [e.progress for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert [(p.percent, p.latest_line) for p in events] == [(60.0, "progress: 60% link")]
+    assert b"\x1b[1;32m" in executor.read_output(task.id).data  # the output itself keeps them
+
+
 def test_custom_progress_pattern_with_current_and_total(make_executor, recorder):
     executor = make_executor(heartbeat_s=30)
     task = executor.run(

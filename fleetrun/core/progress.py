@@ -20,6 +20,9 @@ DEFAULT_PROGRESS_PATTERN = r"(?im)^\s*progress\s*[:=]?\s*(?P<percent>\d{1,3}(?:\
 
 _WINDOW = 4096
 _MAX_LINE_CHARS = 500
+#: Terminal escape sequences (colours, cursor moves, window titles): ECMA-48 CSI, OSC ended by
+#: BEL or ST, and the two-character ones. They style the text, they are not part of it.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 
 
 def compile_progress_pattern(pattern: str) -> re.Pattern[str]:
@@ -65,9 +68,12 @@ class _StreamWindow:
         self.dirty = True
 
     def text(self) -> str:
-        """The window as lines. A carriage return redraws a line in place (a progress bar):
-        each redraw counts as a line of its own, the last one being what a terminal shows."""
-        return self.tail.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+        """The window as lines of text, as a terminal would show them: without escape
+        sequences (a coloured `progress: 40%` is still a marker), and with a line redrawn
+        after a carriage return (a progress bar) counted as a line of its own, the last
+        one being what a terminal shows."""
+        text = _ESCAPE_SEQUENCE.sub("", self.tail.decode("utf-8", errors="replace"))
+        return text.replace("\r\n", "\n").replace("\r", "\n")
 
     def latest_line(self) -> str | None:
         for line in reversed(self.text().split("\n")):
