@@ -143,9 +143,10 @@ class _Console:
 
     def __init__(self) -> None:
         self.closed: str | None = None  # "stdout" or "stderr", once its reader has gone
+        self.unwritable: set[str] = set()
 
     def write(self, stream: str, data: bytes) -> None:
-        if self.closed is not None:
+        if self.closed is not None or stream in self.unwritable:
             return
         target = sys.stdout if stream == "stdout" else sys.stderr
         try:
@@ -157,6 +158,10 @@ class _Console:
             os.dup2(devnull, target.fileno())
             os.close(devnull)
             self.closed = stream
+        except OSError:
+            # Not a reader that went away: a descriptor closed before fleetrun started
+            # (`2>&-`). The output goes nowhere, as it would in the shell; the command runs on.
+            self.unwritable.add(stream)
 
     def text(self, stream: str) -> _ConsoleText:
         """A text stream onto ``stream`` for a notifier."""
@@ -475,7 +480,10 @@ def _run_exit_code(task: Task) -> int:
 
 
 def _note(message: str) -> None:
-    sys.stderr.write(f"fleetrun: {_printable(redact(message), keep_newlines=True)}\n")
+    try:
+        sys.stderr.write(f"fleetrun: {_printable(redact(message), keep_newlines=True)}\n")
+    except OSError:
+        pass  # stderr was closed (`2>&-`): the exit status still says what happened
 
 
 def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
@@ -1100,6 +1108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            # Started with the descriptor closed (`2>&-`): what goes there goes nowhere,
+            # and the exit status is still the one documented.
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's life
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first "--" is the command, options included (argparse would

@@ -129,6 +129,26 @@ def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "arguments, closed, code",
+    [
+        ("run local --timeout 0.2 -- 'sleep 5'", "2>&-", 124),
+        ("run nowhere -- true", "2>&-", 125),
+        ("run local --bogus -- true", "2>&-", 125),
+        ("run local -- 'echo out; echo err >&2; exit 4'", "2>&-", 4),
+        ("run local -- 'echo out; exit 3'", ">&-", 3),
+        ("run local -- 'echo out; exit 3'", ">&- 2>&-", 3),
+        ("tasks show ffffffffffff", "2>&-", 1),
+    ],
+)
+def test_exit_statuses_hold_with_stdout_or_stderr_closed(arguments, closed, code):
+    # A cron job or a daemon may start fleetrun that way: the status is all it has left.
+    result = subprocess.run(["sh", "-c", f"{sys.executable} -m fleetrun {arguments} {closed}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code
+    if "2>&-" not in closed:
+        assert result.stderr == ""
+
+
 def test_usage_errors_of_run_exit_125_and_of_other_commands_2():
     # 2 is a common exit status of commands themselves (grep, diff, ls): `run` must not use it.
     bad_value = run_cli("run", "local", "--timeout", "soon", "--", "true")
