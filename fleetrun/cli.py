@@ -1014,17 +1014,26 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.set_defaults(func=cmd_hosts)
 
     tasks = sub.add_parser(
-        "tasks", help="list, show, read or cancel tasks in the store", usage="%(prog)s [-h] [ACTION ...]",
-        description="Tasks in the store. With no ACTION, lists the newest 50 (as `fleetrun tasks list`).",
+        "tasks", help="list, show, read or cancel tasks in the store",
+        usage="%(prog)s [-h] [--status STATUS] [--host HOST] [--limit N] [--json] [ACTION ...]",
+        description="Tasks in the store. With no ACTION, lists them as `fleetrun tasks list` does, with its options.",
     )
-    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="ACTION")
+    # prog given: argparse would otherwise put the custom usage above in every action's usage.
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", prog=tasks.prog)
     listing = tasks_sub.add_parser("list", help="list tasks, newest first (the default)", description="List tasks, newest first.")
-    listing.add_argument("--status", action="append", choices=[s.value for s in TaskStatus], help="only this status (repeatable)")
-    listing.add_argument("--host", help="only tasks of this host")
-    listing.add_argument("--limit", type=_positive_int, default=_LIST_LIMIT, help=f"at most this many (default {_LIST_LIMIT})")
-    listing.add_argument("--json", action="store_true", help="print JSON")
+    # Both take the list's options (`fleetrun tasks --json` is a list too). Neither sets a
+    # default of its own, so that one given to either counts; the defaults are the tasks parser's.
+    for lister in (tasks, listing):
+        lister.add_argument(
+            "--status", action="append", choices=[s.value for s in TaskStatus], default=argparse.SUPPRESS,
+            help="only this status (repeatable)",
+        )
+        lister.add_argument("--host", default=argparse.SUPPRESS, help="only tasks of this host")
+        lister.add_argument(
+            "--limit", type=_positive_int, default=argparse.SUPPRESS, help=f"at most this many (default {_LIST_LIMIT})"
+        )
+        lister.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.set_defaults(func=cmd_tasks_list)
-    # `fleetrun tasks` alone: what `tasks list` does with its defaults.
     tasks.set_defaults(func=cmd_tasks_list, status=None, host=None, limit=_LIST_LIMIT, json=False)
     show = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
     show.add_argument("task_id", metavar="ID")

@@ -217,8 +217,12 @@ def test_tasks_list_show_and_output():
     table = run_cli("tasks", "list").stdout.splitlines()
     assert table[0].split() == ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]
     assert table[1].startswith(f"{task_id}  succeeded  0")
-    bare = run_cli("tasks")  # no action: the list, with its defaults
+    bare = run_cli("tasks")  # no action: the list, with its defaults and its options
     assert bare.returncode == 0 and bare.stdout.splitlines() == table
+    assert json.loads(run_cli("tasks", "--json", "--limit", "1").stdout) == tasks[:1]
+    assert run_cli("tasks", "--status", "failed", "--json").stdout.strip() == "[]"
+    assert json.loads(run_cli("tasks", "--limit", "5", "list", "--limit", "1", "--json").stdout) == tasks[:1]
+    assert run_cli("tasks", "show", "--help").stdout.startswith("usage: fleetrun tasks show [-h] [--json] ID\n")
     unknown = run_cli("tasks", "lst")
     assert unknown.returncode == 2 and "invalid choice: 'lst'" in unknown.stderr
     shown = json.loads(run_cli("tasks", "show", task_id, "--json").stdout)
