@@ -54,3 +54,30 @@ def test_the_log_appends_and_keeps_earlier_runs(make_executor, tmp_path):
     lines = read_lines(log_path)
     assert lines[0] == {"earlier": True}
     assert [l["event"] for l in lines[1:]] == ["task.created", "task.completed"]
+
+
+def test_processes_sharing_one_log_never_mix_their_lines(tmp_path):
+    # An audit log for every fleetrun run on a machine: lines far above any buffer size,
+    # written by processes at once, must each stay whole.
+    import subprocess
+    import sys
+
+    log_path = tmp_path / "shared.jsonl"
+    script = (
+        "import sys; from pathlib import Path; from fleetrun import Executor, TaskRequest;"
+        "from fleetrun.core.plugin_manager import PluginManager; from fleetrun.core.store import TaskStore;"
+        "from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier;"
+        "log = JsonLogNotifier(sys.argv[1]);"
+        "ex = Executor(store=TaskStore(Path(sys.argv[2])), plugins=PluginManager(plugins=[log], autoload=False));"
+        "[ex.submit(TaskRequest(host='local', command='true ' + sys.argv[3] * 40000)) for _ in range(40)];"
+        "ex.close(); log.close()"
+    )
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(log_path), str(tmp_path / f"home{n}"), letter])
+        for n, letter in enumerate("ab")
+    ]
+    assert [w.wait(120) for w in writers] == [0, 0]
+    lines = read_lines(log_path)  # every line parses
+    assert len(lines) == 2 * 40 * 2  # created and completed (or cancelled) per task
+    assert {l["command"][5] for l in lines} == {"a", "b"}
+    assert all(set(l["command"][5:]) == {l["command"][5]} and len(l["command"]) == 40005 for l in lines)

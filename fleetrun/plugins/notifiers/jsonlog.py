@@ -1,7 +1,8 @@
 """The JSON-lines notifier: one JSON object per line per lifecycle event and per denial.
 
-Suitable as an audit log: each line is written and flushed as the event happens, the
-field names are stable (see docs/plugins.md), and a file is created with mode 0600.
+Suitable as an audit log: each line is written as the event happens, the field names
+are stable (see docs/plugins.md), and a file is created with mode 0600. Several fleetrun
+processes may share one file: each line goes in with a single append, so lines never mix.
 Enable it with ``--json-log PATH`` (``-`` for stderr) or ``FLEETRUN_JSON_LOG``.
 """
 
@@ -27,17 +28,15 @@ class JsonLogNotifier(LifecycleEventPlugin):
     def __init__(self, target: str | os.PathLike[str] | IO[str], *, progress: bool = True) -> None:
         self._lock = threading.Lock()
         self.include_progress = progress
+        self._fd: int | None = None  # a file of our own: written with one append per line
+        self._stream: IO[str] | None = None
         if isinstance(target, (str, os.PathLike)):
             if str(target) == "-":
-                self._stream: IO[str] = sys.stderr
-                self._owned = False
+                self._stream = sys.stderr
             else:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                self._stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
-                self._owned = True
+                self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         else:
             self._stream = target
-            self._owned = False
 
     def on_event(self, event: LifecycleEvent) -> None:
         if event.event == PROGRESS and not self.include_progress:
@@ -49,11 +48,22 @@ class JsonLogNotifier(LifecycleEventPlugin):
         self._write(denial_to_dict(host, command, decision, time.time()))
 
     def _write(self, record: dict) -> None:  # type: ignore[type-arg]
-        line = redact(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        line = redact(json.dumps(record, ensure_ascii=False, separators=(",", ":"))) + "\n"
         with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            if self._fd is None:
+                if self._stream is None:
+                    return  # closed
+                self._stream.write(line)
+                self._stream.flush()
+                return
+            # One write with O_APPEND lands whole at the end of the file, whoever else appends.
+            data = memoryview(line.encode("utf-8"))
+            while data:
+                data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        if self._owned:
-            self._stream.close()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._stream = None
