@@ -97,6 +97,20 @@ def _process_token(home: Path, task_id: str) -> str | None:
     return row[0] if row else None
 
 
+def test_a_command_running_10_ms_has_its_process_on_record(make_executor, store):
+    # What lets another process stop it should this one die; only a command that ends
+    # sooner is spared the store write.
+    executor = make_executor()
+    quick = executor.run(TaskRequest(host="local", command="true"))
+    brief = executor.run(TaskRequest(host="local", command="sleep 0.04"))
+    store.flush()
+    assert _process_token(store.home, quick.id) is None
+    token = _process_token(store.home, brief.id)
+    assert token is not None
+    boot, pid, started = token.split(":")
+    assert int(pid) != os.getpid() and int(started) > 0  # the command's process, with its start time
+
+
 def test_a_task_whose_owner_was_killed_becomes_interrupted_and_its_command_is_stopped(store, marker):
     # The shell leads the command's group; the background sleep is what it started.
     owner, task_id = start_owner(store.home, f"sleep {marker} & sleep {marker}; wait")

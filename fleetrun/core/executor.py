@@ -44,7 +44,10 @@ OutputListener = Callable[[str, bytes], None]
 MAX_COMMAND_LENGTH = 128 * 1024
 _CANCEL_POLL_SECONDS = 0.5
 _STORE_PROGRESS_INTERVAL = 1.0
-_RUNNING_WRITE_DELAY = 0.05
+#: A task still running this long after its start is recorded as running, with its process
+#: (so that it can be stopped should this process die), and gets its timers. Shorter tasks
+#: end with one store write. Long enough for `true`, short for anything a person could notice.
+_RUNNING_WRITE_DELAY = 0.01
 #: How long the engine may wait on its own thread for a command when it runs nothing else
 #: (see ``Execution.wait_inline_s``). New work waits at most this long for it.
 _WAIT_INLINE_SECONDS = 0.002
