@@ -630,10 +630,12 @@ def cmd_tasks_list(ctx: _Context) -> int:
     rows = []
     for t in tasks:
         duration = t.duration_s
-        command = t.command if len(t.command) <= 50 else t.command[:47] + "..."
+        command = " ".join(t.command.split())  # one line: `tasks show` has it as it is
+        if len(command) > 50:
+            command = command[:47] + "..."
         rows.append([
             t.id, t.status.value, "-" if t.exit_code is None else str(t.exit_code), t.host,
-            _when(t.created_at), "-" if duration is None else f"{duration:.2f}s", command.replace("\n", " "),
+            _when(t.created_at), "-" if duration is None else f"{duration:.2f}s", command,
         ])
     print(_table(rows, ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]))
     return EXIT_OK

@@ -293,6 +293,10 @@ def test_text_from_commands_cannot_drive_the_terminal_through_fleetruns_own_outp
     assert "latest_line=\\x07bell\\x08\\u202ex\\x1b" in shown
     # The output itself is the command's data: printed as it is, as cat would.
     assert run_cli("tasks", "output", task_id).stdout == "ok\n\x07bell\x08\u202ex\x1b"
+    # A command of several lines is one line of the list, and exact (escaped) in `show`.
+    assert run_cli("run", "local", "--", "echo a\n\techo b").returncode == 0
+    assert run_cli("tasks", "list").stdout.splitlines()[1].endswith("  echo a echo b")
+    assert "command:          echo a\\x0a\\x09echo b\n" in run_cli("tasks", "show", json.loads(run_cli("tasks", "--json").stdout)[0]["id"]).stdout
     # A cancel reason comes from whoever cancels: shown escaped too.
     running = subprocess.Popen([sys.executable, "-m", "fleetrun", "run", "local", "--", f"sleep {marker}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
