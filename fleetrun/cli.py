@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -31,6 +30,7 @@ from fleetrun.core.events import CANCELLED, COMPLETED, PROGRESS, LifecycleEvent,
 from fleetrun.core.models import Progress, Task, TaskRequest, TaskStatus
 from fleetrun.core.output import check_offset
 from fleetrun.core.secrets import install_log_redaction, redact
+from fleetrun.core.text import printable
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -89,36 +89,15 @@ def _when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
 
 
-#: What a terminal would act on: C0 and C1 controls, DEL, bidirectional overrides.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _printable(text: object, *, keep_newlines: bool = False) -> str:
-    """``text`` with what a terminal would act on written as escapes (``\\x1b``).
-
-    Records hold text from commands and servers (a task's latest line, an error, a cancel
-    reason): printed as is, it could move the cursor, retitle the window or hide text.
-    A command's output itself is printed as is, as ``cat`` would.
-    """
-
-    def escape(match: re.Match[str]) -> str:
-        char = match.group()
-        if keep_newlines and char == "\n":
-            return char
-        return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
-
-    return _UNPRINTABLE.sub(escape, str(text))
-
-
 class _PrintableFormatter(logging.Formatter):
     """Log lines with control characters escaped: they carry plugins' and servers' text too."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return _printable(super().format(record), keep_newlines=True)
+        return printable(super().format(record), keep_newlines=True)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    cells = [[_printable(c) for c in row] for row in [header, *rows]]
+    cells = [[printable(c) for c in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
@@ -481,7 +460,7 @@ def _run_exit_code(task: Task) -> int:
 
 def _note(message: str) -> None:
     try:
-        sys.stderr.write(f"fleetrun: {_printable(redact(message), keep_newlines=True)}\n")
+        sys.stderr.write(f"fleetrun: {printable(redact(message), keep_newlines=True)}\n")
     except OSError:
         pass  # stderr was closed (`2>&-`): the exit status still says what happened
 
@@ -579,11 +558,11 @@ def cmd_policy_check(ctx: _Context) -> int:
     if args.json:
         print(redact(json.dumps(decision.to_dict(), indent=2)))
     else:
-        print(_printable(redact(decision.explanation)))
+        print(printable(redact(decision.explanation)))
         if len(decision.verdicts) > 1:
             for verdict in decision.verdicts:
                 rule = verdict.rule.describe() if verdict.rule else "no rule (default: deny)"
-                print(_printable(redact(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}")))
+                print(printable(redact(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}")))
     return EXIT_OK if decision.allowed else EXIT_DENIED
 
 
@@ -656,9 +635,9 @@ def cmd_tasks_show(ctx: _Context) -> int:
         data["duration_s"] = f"{data['duration_s']:.3f}"
     width = max(len(k) for k in data) + 1
     for key, value in data.items():
-        print(f"{(key + ':').ljust(width)} {'-' if value is None else _printable(value)}")
+        print(f"{(key + ':').ljust(width)} {'-' if value is None else printable(value)}")
     if progress:
-        print(f"{'progress:'.ljust(width)} " + ", ".join(f"{k}={_printable(v)}" for k, v in progress.items() if v is not None))
+        print(f"{'progress:'.ljust(width)} " + ", ".join(f"{k}={printable(v)}" for k, v in progress.items() if v is not None))
     return EXIT_OK
 
 

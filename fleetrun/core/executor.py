@@ -34,6 +34,7 @@ from fleetrun.core.secrets import redact
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
 from fleetrun.core.processes import boot_ticks, command_token, owner_token
 from fleetrun.core.store import Retention, TaskStore
+from fleetrun.core.text import CONTROL_CHARACTERS
 from fleetrun.core.transport import Execution, Transport, TransportError
 
 log = logging.getLogger("fleetrun.executor")
@@ -814,9 +815,8 @@ def _check_command(command: str) -> None:
         )
 
 
-#: C0 and C1 controls other than tab and newline, DEL, and bidirectional overrides
-#: (text that displays differently from what runs).
-_CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: What a command may not contain: the control characters other than tab and newline.
+_CONTROL_CHARACTER = re.compile(f"(?![\t\n])[{CONTROL_CHARACTERS}]")
 
 
 def _check_host_name(name: str) -> None:
