@@ -57,23 +57,28 @@ def percent_from(match: re.Match[str]) -> float | None:
 class _StreamWindow:
     """The last few KiB of a stream: for the latest line and the progress marker."""
 
-    __slots__ = ("tail", "dirty")
+    __slots__ = ("tail", "dirty", "_text")
 
     def __init__(self) -> None:
         self.tail = b""
-        self.dirty = False
+        self.dirty = False  # fed since the progress pattern last looked
+        self._text: str | None = None
 
     def feed(self, data: bytes) -> None:
         self.tail = (self.tail + data[-_WINDOW:])[-_WINDOW:]
         self.dirty = True
+        self._text = None
 
     def text(self) -> str:
         """The window as lines of text, as a terminal would show them: without escape
         sequences (a coloured `progress: 40%` is still a marker), and with a line redrawn
         after a carriage return (a progress bar) counted as a line of its own, the last
-        one being what a terminal shows."""
-        text = _ESCAPE_SEQUENCE.sub("", self.tail.decode("utf-8", errors="replace"))
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        one being what a terminal shows. Made once per feed: the pattern and the latest
+        line both read it."""
+        if self._text is None:
+            text = _ESCAPE_SEQUENCE.sub("", self.tail.decode("utf-8", errors="replace"))
+            self._text = text.replace("\r\n", "\n").replace("\r", "\n")
+        return self._text
 
     def latest_line(self) -> str | None:
         for line in reversed(self.text().split("\n")):
