@@ -320,7 +320,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             float, Field(ge=0, description=f"how long to wait for the end, seconds (at most {MAX_WAIT_S:g}); the task goes on after it")
         ] = DEFAULT_WAIT_S,
     ) -> RunResult:
-        wait = min(max(wait_s, 0.0), MAX_WAIT_S)
+        wait = min(wait_s, MAX_WAIT_S)  # the schema refuses a negative one
         handle, follower = await state.submit(ctx.session, host, command, timeout_s, open_call=True)
         queue = follower.call_queue
         assert queue is not None

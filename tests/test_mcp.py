@@ -112,6 +112,7 @@ def test_tools_are_typed_and_run_commands_under_the_policy(server_for, mode):
                 ("get_task_output", {"task_id": "0123456789ab", "tail_lines": -1}, "tail_lines"),
                 ("list_tasks", {"limit": 0}, "limit"),
                 ("run_command", {"host": "local", "command": "true", "timeout_s": 0}, "timeout_s"),
+                ("run_command", {"host": "local", "command": "true", "wait_s": -1}, "wait_s"),
             ]:
                 refused = await client.call_tool(tool, arguments)
                 text = refused.content[0].text
