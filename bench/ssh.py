@@ -188,13 +188,14 @@ def bench_fanout(params: dict) -> dict:
 
 
 def bench_cancel(params: dict) -> dict:
-    """Time from cancel() until the remote process is gone (seen on the server side)."""
+    """Time from cancel() until the remote processes are gone (seen on the server side),
+    and until the task has ended (its record says cancelled, its hooks have fired)."""
     from conftest import processes_with
 
     from fleetrun.core.models import TaskRequest
 
     rig = Rig(1)
-    delays = []
+    delays, endings = [], []
     try:
         executor = rig.executor()
         for round_ in range(params["rounds"]):
@@ -207,7 +208,8 @@ def bench_cancel(params: dict) -> dict:
             while processes_with(f"sleep {marker}"):
                 time.sleep(0.002)
             delays.append(time.perf_counter() - t)
-            handle.wait(10)
+            assert handle.wait(10).status.value == "cancelled"
+            endings.append(time.perf_counter() - t)
         executor.close()
     finally:
         rig.close()
@@ -215,6 +217,8 @@ def bench_cancel(params: dict) -> dict:
         "rounds": len(delays),
         "median_s": round(statistics.median(delays), 3),
         "max_s": round(max(delays), 3),
+        "task_ended_median_s": round(statistics.median(endings), 3),
+        "task_ended_max_s": round(max(endings), 3),
     }
 
 

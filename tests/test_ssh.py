@@ -16,8 +16,10 @@ from fleetrun.core.errors import InventoryError
 from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.processes import KILL_GRACE_SECONDS
+from fleetrun.plugins.transports.ssh_channel import stop_script
 
-from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, wait_until
+from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, stat_fields, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
 
@@ -229,6 +231,10 @@ def test_cancel_and_timeout_stop_the_remote_process_group(ssh_executor, marker, 
         handle.cancel("test cancel")
     task = handle.wait(20)
     assert task.status is (TaskStatus.CANCELLED if ending == "cancel" else TaskStatus.TIMED_OUT)
+    if ending == "cancel":
+        # Nothing ignored TERM: the task ends without waiting out the grace period (for the
+        # zombies the TERM leaves in the group, say, until the server's init reaps them).
+        assert time.monotonic() - stopped_at < KILL_GRACE_SECONDS
     assert_none_left(marker)
     assert time.monotonic() - stopped_at < 5
     assert b"never" not in ssh_executor.read_output(task.id).data
@@ -241,6 +247,63 @@ def test_a_remote_child_ignoring_sigterm_is_killed(ssh_executor, marker):
     handle.cancel()
     assert handle.wait(20).status is TaskStatus.CANCELLED
     assert_none_left(marker)
+
+
+# The stop script, run here by sh as the server's shell runs it. The group it stops is made
+# by a helper outside it that never reaps its children, as a slow init does not: what the
+# group holds when the script looks is known, whatever this machine's init does.
+_GROUP_MAKER = """
+import os, signal, sys, time
+leader = os.fork()
+if leader == 0:
+    os.setpgid(0, 0)
+    if sys.argv[1] == "with-a-survivor":
+        if os.fork() == 0:
+            os._exit(0)  # a zombie in the group: its parent, the leader, never reaps it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(60)
+    os._exit(0)
+os.setpgid(leader, leader)  # in both processes: the group exists before the pid is printed
+print(leader, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("group", ["zombies-only", "with-a-survivor"])
+def test_the_remote_stop_script_waits_for_live_processes_and_not_for_zombies(group):
+    maker = subprocess.Popen([sys.executable, "-c", _GROUP_MAKER, group], stdout=subprocess.PIPE, text=True)
+    try:
+        leader = int(maker.stdout.readline())
+        if group == "zombies-only":
+            wait_until(lambda: stat_fields(leader)[0] == "Z")
+        else:
+            wait_until(lambda: len(_group_members(leader)) == 2)
+        os.kill(-leader, 0)  # the group exists for kill -0, zombies and all
+        started = time.monotonic()
+        subprocess.run(["sh", "-c", stop_script(leader)], check=True, timeout=10)
+        took = time.monotonic() - started
+        wait_until(lambda: not _live_members(leader), timeout=1)  # a KILL takes a moment to land
+        if group == "zombies-only":
+            assert took < KILL_GRACE_SECONDS / 2  # not a round of the grace period spent on the dead
+        else:
+            assert took >= KILL_GRACE_SECONDS  # the survivor ignored TERM: KILL after the grace period
+    finally:
+        maker.kill()
+        maker.wait()
+
+
+def _group_members(pgid: int) -> dict[int, str]:
+    """The processes of a group, zombies included, with their states."""
+    members = {}
+    for entry in os.listdir("/proc"):
+        fields = stat_fields(int(entry)) if entry.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid:
+            members[int(entry)] = fields[0]
+    return members
+
+
+def _live_members(pgid: int) -> list[int]:
+    return [pid for pid, state in _group_members(pgid).items() if state != "Z"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root login needs the tests to run as root (CI does)")

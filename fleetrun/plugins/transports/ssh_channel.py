@@ -89,12 +89,22 @@ def environment_input(env: Mapping[str, str]) -> bytes:
 
 
 def stop_script(pgid: int) -> str:
-    """TERM the process group, then KILL whatever is left after the grace period."""
+    """TERM the process group, then KILL whatever is left after the grace period.
+
+    The group counts as gone once only zombies are left in it: a process orphaned by the
+    command's shell stays in the group, dead, until the server's init reaps it, which some
+    inits (a container's, a VM's) do only about once a second or never. Where ``ps`` cannot
+    say (no ``ps``, no ``stat`` field), ``kill -0`` alone decides, zombies included.
+    """
     rounds = int(KILL_GRACE_SECONDS * 10)
     # No "--" before the negative pid: dash's kill builtin rejects it.
     return (
         f"p={pgid}; kill -TERM -$p 2>/dev/null || exit 0; i=0; "
-        f"while kill -0 -$p 2>/dev/null; do i=$((i+1)); "
+        "running() { kill -0 -$p 2>/dev/null || return 1; "
+        "s=$(ps -A -o pgid= -o stat= 2>/dev/null) && [ -n \"$s\" ] || return 0; "
+        "printf '%s\\n' \"$s\" | { while read -r g st; do "
+        "if [ \"$g\" = \"$p\" ]; then case $st in Z*) ;; *) exit 0;; esac; fi; done; exit 1; }; }; "
+        f"while running; do i=$((i+1)); "
         f"if [ $i -gt {rounds} ]; then kill -KILL -$p 2>/dev/null; exit 0; fi; sleep 0.1; done"
     )
 
