@@ -216,10 +216,6 @@ def _details(details: Mapping[str, object]) -> dict[str, Any]:
     return json.loads(redact(json.dumps(dict(details), default=str)) or "{}")
 
 
-def _text(data: bytes) -> str:
-    return redact(data.decode("utf-8", errors="replace")) or ""
-
-
 class FleetrunMcp:
     """The server's state: one executor (with the MCP notifier) and the policy it applies."""
 
@@ -234,7 +230,7 @@ class FleetrunMcp:
         )
 
     def tail(self, task_id: str, stream: str) -> str:
-        return _text(self.executor.tail_output(task_id, stream, lines=TAIL_LINES, max_bytes=TAIL_BYTES).data)
+        return self.executor.tail_output_text(task_id, stream, lines=TAIL_LINES, max_bytes=TAIL_BYTES)[1]
 
     async def submit(  # type: ignore[no-untyped-def]
         self, session: Any, host: str, command: str, timeout_s: float | None, *, open_call: bool,
@@ -416,14 +412,14 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         try:
             task = executor.get(task_id)
             if tail_lines is not None:
-                piece = executor.tail_output(task_id, stream, lines=tail_lines, max_bytes=size)
+                piece, text = executor.tail_output_text(task_id, stream, lines=tail_lines, max_bytes=size)
             else:
-                piece = executor.read_output(task_id, stream, offset=offset, max_bytes=size)
+                piece, text = executor.read_output_text(task_id, stream, offset=offset, max_bytes=size)
                 check_offset(task_id, piece)
         except FleetrunError as exc:
             raise _fail(exc) from None
         return OutputChunk(
-            task_id=task_id, stream=stream, offset=piece.offset, next_offset=piece.next_offset, data=_text(piece.data),
+            task_id=task_id, stream=stream, offset=piece.offset, next_offset=piece.next_offset, data=text,
             size=piece.size, ended=task.status.is_terminal and piece.next_offset >= piece.size, truncated=piece.truncated,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 from fleetrun.core.errors import FleetrunError, UnknownHostError
 from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.secrets import register_secret
 
 from conftest import assert_none_left, processes_running, processes_with, wait_until
 
@@ -236,6 +238,24 @@ def test_progress_redrawn_in_place_with_carriage_returns_is_read(make_executor, 
     task = executor.run(TaskRequest(host="local", command=command))
     events = [e.progress for e in recorder if e.event == "task.progress" and e.task.id == task.id]
     assert [(p.percent, p.latest_line) for p in events] == [(30.0, "progress: 30%"), (90.0, "progress: 90%")]
+
+
+def test_a_character_cut_between_two_writes_reaches_the_latest_line_whole(make_executor, recorder):
+    executor = make_executor(heartbeat_s=30)
+    command = "printf 'price: \\342\\202'; sleep 0.3; printf '\\254 5\\n'"  # the euro sign, in two writes
+    task = executor.run(TaskRequest(host="local", command=command))
+    lines = [e.progress.latest_line for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert lines == ["price:", "price: € 5"]
+
+
+def test_the_latest_line_never_shows_a_secret_nor_its_beginning(make_executor, recorder):
+    secret = "S3CR3T-" + secrets.token_hex(6).upper()
+    register_secret(secret)
+    executor = make_executor(heartbeat_s=30)
+    command = f"printf 'password={secret[:9]}'; sleep 0.3; printf '{secret[9:]} ok\\n'"  # written in two pieces
+    task = executor.run(TaskRequest(host="local", command=command))
+    lines = [e.progress.latest_line for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert lines == ["password=", "password=*** ok"]
 
 
 def test_coloured_progress_is_read_and_the_latest_line_has_no_escape_sequences(make_executor, recorder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy, read_only_policy
+from fleetrun.core.secrets import register_secret
 from fleetrun.core.store import Retention
 from fleetrun.mcp_server import create_server
 
@@ -155,6 +157,86 @@ def test_a_long_command_becomes_a_task_to_follow_read_and_cancel(server_for, mod
 
     run(scenario)
     assert_none_left(marker)
+
+
+def test_output_read_in_pieces_arrives_as_whole_characters(server_for):
+    # Each piece is decoded on its own: a character cut between two pieces (or by a tail's
+    # byte limit) must not arrive as two replacement characters.
+    server, executor = server_for()
+    text = "état: ok € 😀 — fin\n" * 3
+
+    async def scenario():
+        async with mcp.Client(server) as client:
+            run = (await client.call_tool("run_command", {"host": "local", "command": f"printf '%s' '{text}'"})).structured_content
+            task_id = run["task"]["task_id"]
+            assert run["stdout_tail"] == text
+            for max_bytes in (5, 7):
+                offset, pieces = 0, []
+                while True:
+                    piece = (await client.call_tool(
+                        "get_task_output", {"task_id": task_id, "offset": offset, "max_bytes": max_bytes}
+                    )).structured_content
+                    assert piece["offset"] == offset and piece["next_offset"] > offset
+                    pieces.append(piece["data"])
+                    offset = piece["next_offset"]
+                    if piece["ended"]:
+                        break
+                assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+            tail = (await client.call_tool("get_task_output", {"task_id": task_id, "tail_lines": 1, "max_bytes": 16})).structured_content
+            size = len(text.encode())
+            assert (tail["data"], tail["offset"], tail["next_offset"]) == (" 😀 — fin\n", size - 14, size)
+
+    run(scenario)
+
+
+def test_a_secret_in_the_output_stays_hidden_however_the_output_is_read(server_for):
+    # Redacting each piece on its own would show a secret cut between two pieces, or read
+    # a byte at a time, in full. The text around the secret has none of its characters.
+    server, executor = server_for()
+    secret = "S3CR3T-" + secrets.token_hex(8).upper()
+    register_secret(secret)
+    half = len(secret) // 2
+    command = f"printf 'user=admin password={secret[:half]}'; sleep 0.4; printf '{secret[half:]} host=db\\n'"
+
+    def leaked(text: str) -> set[str]:
+        return set(secret) & set(text)
+
+    async def read_all(client, task_id, max_bytes, pieces):
+        offset = 0
+        while True:
+            piece = (await client.call_tool(
+                "get_task_output", {"task_id": task_id, "offset": offset, "max_bytes": max_bytes}
+            )).structured_content
+            pieces.append(piece["data"])
+            offset = piece["next_offset"]
+            if piece["ended"] or not piece["data"]:
+                return offset
+
+    async def scenario():
+        async with mcp.Client(server) as client:
+            started = (await client.call_tool("run_command", {"host": "local", "command": command, "wait_s": 0.2})).structured_content
+            task_id = started["task"]["task_id"]
+            assert started["finished"] is False
+            # While the task runs, the first half is the end of what was written: held back.
+            running = []
+            held_at = await read_all(client, task_id, 4, running)
+            assert "".join(running) == "user=admin password=" and held_at == len("user=admin password=")
+            await executor.wait_async(task_id)
+            for max_bytes in (1, 3, 7, 64):
+                pieces = []
+                await read_all(client, task_id, max_bytes, pieces)
+                text = "".join(pieces)
+                assert text.startswith("user=admin password=***") and text.endswith("*** host=db\n"), text
+                assert not leaked(text)
+            for max_bytes in (12, 20):
+                tail = (await client.call_tool(
+                    "get_task_output", {"task_id": task_id, "tail_lines": 1, "max_bytes": max_bytes}
+                )).structured_content
+                assert tail["data"].startswith("***") and not leaked(tail["data"])
+            latest = (await client.call_tool("get_task", {"task_id": task_id})).structured_content["progress"]["latest_line"]
+            assert latest == "user=admin password=*** host=db"
+
+    run(scenario)
 
 
 @pytest.mark.parametrize("mode", MODES)

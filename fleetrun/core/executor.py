@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Mapping
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory, environment_problem
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus, evolve
-from fleetrun.core.output import OutputSlice, SpoolWriter
+from fleetrun.core.output import OutputSlice, SpoolWriter, as_text, read_range, spool_path
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import Decision, Policy
 from fleetrun.core.secrets import redact
@@ -371,6 +371,20 @@ class Executor:
     def tail_output(self, task_id: str, stream: str = "stdout", lines: int = 20, max_bytes: int = 65536) -> OutputSlice:
         return self.store.tail_output(task_id, stream, lines, max_bytes)
 
+    def read_output_text(self, task_id: str, stream: str = "stdout", offset: int = 0, max_bytes: int = 65536) -> tuple[OutputSlice, str]:
+        """:meth:`read_output` for a reader of text, piece by piece: whole characters and
+        no secret (see :func:`~fleetrun.core.output.as_text`); go on from the slice's ``next_offset``."""
+        return as_text(self.read_output(task_id, stream, offset, max_bytes), self._spool_reader(task_id, stream))
+
+    def tail_output_text(self, task_id: str, stream: str = "stdout", lines: int = 20, max_bytes: int = 65536) -> tuple[OutputSlice, str]:
+        """:meth:`tail_output` for a reader of text, as :meth:`read_output_text`."""
+        piece = self.tail_output(task_id, stream, lines, max_bytes)
+        return as_text(piece, self._spool_reader(task_id, stream), align_start=True)
+
+    def _spool_reader(self, task_id: str, stream: str) -> Callable[[int, int], bytes]:
+        path = spool_path(self.store.output_dir(task_id), stream)
+        return lambda offset, size: read_range(path, offset, size)[0]
+
     # -- shutdown ----------------------------------------------------------------------
 
     def close(self, reason: str = "the executor was closed") -> None:
@@ -653,8 +667,6 @@ class Executor:
     def _on_progress(self, live: _LiveTask, progress: Progress) -> None:
         if live.finished:
             return
-        if progress.latest_line:
-            progress = evolve(progress, latest_line=redact(progress.latest_line))
         live.record = evolve(
             live.record, progress=progress, stdout_bytes=progress.stdout_bytes, stderr_bytes=progress.stderr_bytes
         )

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from fleetrun.core.errors import FleetrunError
+from fleetrun.core.secrets import longest_secret, redact_bytes, secret_begun_at_end
+from fleetrun.core.text import cut_character_at_end, cut_character_at_start
 
 log = logging.getLogger("fleetrun.output")
 
@@ -94,6 +97,7 @@ class OutputSlice:
 
     ``size`` is how many bytes are kept so far. ``complete`` is true when the task has
     ended and ``next_offset`` reached ``size``: there will never be more to read.
+    ``ended`` is true when the task had ended: the stream no longer grows.
     """
 
     stream: str
@@ -103,10 +107,59 @@ class OutputSlice:
     size: int
     complete: bool
     truncated: bool = False
+    ended: bool = False
 
     @property
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace")
+
+    def whole_characters(self, *, align_start: bool = False) -> OutputSlice:
+        """This slice without a UTF-8 character cut in two at its end, for a reader that
+        decodes each piece: the cut character comes whole with the next read, from
+        ``next_offset``, instead of as two replacement characters. With ``align_start``
+        (for a tail, whose start fleetrun chose), also without the rest of a character
+        cut at its start. The end of a stream that has ended stays as it is (its bytes
+        are all there is). A slice is emptied only at the end of what a running task has
+        written so far, where a reader asks again: one shorter than a character (a tiny
+        ``max_bytes``) keeps its bytes, or the reader would never get past them."""
+        data, offset = self.data, self.offset
+        if align_start and offset > 0:
+            skip = cut_character_at_start(data)
+            if skip < len(data):
+                data, offset = data[skip:], offset + skip
+        if not self.complete:
+            cut = cut_character_at_end(data)
+            if cut and (cut < len(data) or self.next_offset >= self.size):
+                data = data[:-cut]
+        if (data, offset) == (self.data, self.offset):
+            return self
+        return replace(self, offset=offset, data=data, next_offset=offset + len(data))
+
+
+def as_text(piece: OutputSlice, read: Callable[[int, int], bytes], *, align_start: bool = False) -> tuple[OutputSlice, str]:
+    """A piece of output as text for a reader that gets a stream piece by piece (the MCP
+    server): whole characters (see :meth:`OutputSlice.whole_characters`), and no secret,
+    not even one cut between two pieces or read a byte at a time. Returns the slice the
+    text shows (where it starts, where the next read goes on) and the text.
+
+    ``read(offset, size)`` reads the stream around the piece, to find a secret the piece
+    holds only part of. While the task runs, the beginning of a secret at the end of what
+    it has written so far is held back: its rest may follow.
+    """
+    piece = piece.whole_characters(align_start=align_start)
+    span = longest_secret() - 1
+    data = piece.data
+    if span <= 0 or not data:
+        return piece, data.decode("utf-8", errors="replace")
+    before = read(max(0, piece.offset - span), min(span, piece.offset)) if piece.offset else b""
+    after = read(piece.next_offset, span)
+    if not piece.ended and len(after) < span:
+        written = before + data + after  # up to the end of what is written so far
+        keep = max(0, len(written) - secret_begun_at_end(written) - len(before))
+        if keep < len(data):
+            data, after = data[:keep], data[keep:] + after
+            piece = replace(piece, data=data, next_offset=piece.offset + keep)
+    return piece, redact_bytes(data, before=before, after=after).decode("utf-8", errors="replace")
 
 
 def check_offset(task_id: str, piece: OutputSlice) -> None:

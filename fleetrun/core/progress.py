@@ -14,6 +14,8 @@ from typing import Callable
 
 from fleetrun.core.models import Progress
 from fleetrun.core.output import SpoolWriter
+from fleetrun.core.secrets import longest_secret, redact_bytes, secret_begun_at_end, secret_ended_at_start
+from fleetrun.core.text import cut_character_at_end, cut_character_at_start
 
 #: Lines such as "progress: 42%", "Progress 42.5 %" or "PROGRESS=7%".
 DEFAULT_PROGRESS_PATTERN = r"(?im)^\s*progress\s*[:=]?\s*(?P<percent>\d{1,3}(?:\.\d+)?)\s*%"
@@ -57,14 +59,16 @@ def percent_from(match: re.Match[str]) -> float | None:
 class _StreamWindow:
     """The last few KiB of a stream: for the latest line and the progress marker."""
 
-    __slots__ = ("tail", "dirty", "_text")
+    __slots__ = ("tail", "dirty", "cut", "_text")
 
     def __init__(self) -> None:
         self.tail = b""
         self.dirty = False  # fed since the progress pattern last looked
+        self.cut = False  # the window no longer starts where the stream does
         self._text: str | None = None
 
     def feed(self, data: bytes) -> None:
+        self.cut = self.cut or len(self.tail) + len(data) > _WINDOW
         self.tail = (self.tail + data[-_WINDOW:])[-_WINDOW:]
         self.dirty = True
         self._text = None
@@ -76,7 +80,15 @@ class _StreamWindow:
         one being what a terminal shows. Made once per feed: the pattern and the latest
         line both read it."""
         if self._text is None:
-            text = _ESCAPE_SEQUENCE.sub("", self.tail.decode("utf-8", errors="replace"))
+            # Whole characters only: the window's start, and a read's end, can cut one in two.
+            tail = self.tail
+            tail = tail[cut_character_at_start(tail) : len(tail) - cut_character_at_end(tail)]
+            if longest_secret():
+                # No secret, and no part of one: its rest may be in the next read, or its
+                # beginning before the window.
+                start = secret_ended_at_start(tail) if self.cut else 0
+                tail = redact_bytes(tail[start : len(tail) - secret_begun_at_end(tail)])
+            text = _ESCAPE_SEQUENCE.sub("", tail.decode("utf-8", errors="replace"))
             self._text = text.replace("\r\n", "\n").replace("\r", "\n")
         return self._text
 

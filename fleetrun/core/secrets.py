@@ -30,12 +30,15 @@ class _Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: tuple[str, ...] = ()
+        #: The same values as UTF-8, for output, which is bytes and is read in pieces.
+        self.encoded: tuple[bytes, ...] = ()
 
     def add(self, value: str) -> None:
         with self._lock:
             if value not in self._values:
                 # Longest first, so that a secret containing another is replaced whole.
                 self._values = tuple(sorted({*self._values, value}, key=len, reverse=True))
+                self.encoded = tuple(v.encode() for v in self._values)
 
     def redact(self, text: str) -> str:
         for value in self._values:
@@ -57,6 +60,69 @@ def register_secret(value: str) -> None:
 def redact(text: str | None) -> str | None:
     """``text`` with every known secret replaced by ``***``."""
     return _registry.redact(text) if text else text
+
+
+def longest_secret() -> int:
+    """The length in bytes of the longest known secret (0: none): how much of the text
+    around a piece of output :func:`redact_bytes` needs to see."""
+    encoded = _registry.encoded
+    return len(encoded[0]) if encoded else 0
+
+
+def redact_bytes(data: bytes, *, before: bytes = b"", after: bytes = b"") -> bytes:
+    """``data``, a piece of output, with each run of bytes that belong to a known secret
+    replaced by ``***``: also a secret the piece holds only part of, found in the bytes
+    ``before`` and ``after`` it (up to :func:`longest_secret` - 1 of each are enough).
+
+    Redacting each piece on its own would let a reader see a secret cut between two pieces
+    (or read one byte at a time) in full.
+    """
+    encoded = _registry.encoded
+    if not encoded or not data:
+        return data
+    text = before + data + after
+    start, end = len(before), len(before) + len(data)
+    hidden = bytearray(len(data))
+    for value in encoded:
+        found = text.find(value, max(0, start - len(value) + 1))
+        while 0 <= found < end:
+            for index in range(max(found, start), min(found + len(value), end)):
+                hidden[index - start] = 1
+            found = text.find(value, found + 1)
+    if not any(hidden):
+        return data
+    pieces, index = [], 0
+    while index < len(data):
+        run_end = index
+        while run_end < len(data) and hidden[run_end] == hidden[index]:
+            run_end += 1
+        pieces.append(REDACTED.encode() if hidden[index] else data[index:run_end])
+        index = run_end
+    return b"".join(pieces)
+
+
+def secret_begun_at_end(data: bytes) -> int:
+    """How many bytes at the end of ``data`` are the beginning of a known secret (and not
+    all of it): bytes to hold back while what follows them is not known yet."""
+    longest = 0
+    for value in _registry.encoded:
+        for length in range(min(len(value) - 1, len(data)), longest, -1):
+            if data.endswith(value[:length]):
+                longest = length
+                break
+    return longest
+
+
+def secret_ended_at_start(data: bytes) -> int:
+    """How many bytes at the start of ``data`` are the end of a known secret (and not all
+    of it): bytes to drop when what came before them is not known."""
+    longest = 0
+    for value in _registry.encoded:
+        for length in range(min(len(value) - 1, len(data)), longest, -1):
+            if data.startswith(value[-length:]):
+                longest = length
+                break
+    return longest
 
 
 def read_secret(*, env: str | None, file: str | None, what: str) -> str | None:

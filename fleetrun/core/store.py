@@ -383,6 +383,7 @@ class TaskStore:
             size=size,
             complete=task.status.is_terminal and next_offset >= size,
             truncated=task.stdout_truncated if stream == "stdout" else task.stderr_truncated,
+            ended=task.status.is_terminal,
         )
 
 

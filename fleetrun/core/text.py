@@ -30,3 +30,27 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
         return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
     return _CONTROL.sub(escape, str(text))
+
+
+def cut_character_at_end(data: bytes) -> int:
+    """How many bytes at the end of ``data`` begin a UTF-8 character whose other bytes are
+    not there (a read of output still being written, or of a piece, can end inside one).
+    0 when ``data`` ends with a whole character, or with bytes that are not UTF-8."""
+    for back in range(1, min(3, len(data)) + 1):
+        byte = data[-back]
+        if 0x80 <= byte < 0xC0:
+            continue  # a continuation byte: its lead is further back
+        if 0xC2 <= byte <= 0xF4:
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return back if back < needed else 0
+        return 0
+    return 0
+
+
+def cut_character_at_start(data: bytes) -> int:
+    """How many bytes at the start of ``data`` are the rest of a UTF-8 character whose lead
+    byte is before it (at most 3: a longer run is not UTF-8, and is left as it is)."""
+    count = 0
+    while count < min(3, len(data)) and 0x80 <= data[count] < 0xC0:
+        count += 1
+    return count
