@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -380,7 +381,7 @@ def test_a_server_dying_mid_command_fails_the_task_and_the_next_task_reconnects(
     assert executor.read_output(again.id).data == b"back\n"
 
 
-def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, sshd_fleet, tmp_path, marker):
+def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, sshd_fleet, tmp_path, marker, caplog):
     server = sshd_fleet.start()
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
     entry = ssh_host(sshd_fleet, server, known, keepalive_interval=0.2, keepalive_count_max=2)
@@ -395,6 +396,11 @@ def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, s
         task = handle.wait(20)
         assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
         assert time.monotonic() - stopped_at < 3
+        # Closed at once, the executor still waits for the dropped connection's close and its
+        # last keepalive: a task its loop had left would be reported by asyncio when collected.
+        executor.close()
+        gc.collect()
+        assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)

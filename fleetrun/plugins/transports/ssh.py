@@ -116,6 +116,8 @@ class SSHTransport(Transport):
         self.settings: SSHSettings = SSHSettings.from_host(host)
         self._pool: list[_PooledConnection] = []
         self._connecting: asyncio.Task[None] | None = None
+        #: Closes of connections dropped from the pool, which aclose() waits for too.
+        self._closing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def register_secrets(cls, host: Host) -> None:
@@ -156,7 +158,7 @@ class SSHTransport(Transport):
         if self._connecting is not None:
             self._connecting.cancel()
         pool, self._pool = self._pool, []
-        await asyncio.gather(*(self._close(c) for c in pool))
+        await asyncio.gather(*(self._close(c) for c in pool), *self._closing)
 
     # -- starting and stopping commands -------------------------------------------------
 
@@ -266,7 +268,9 @@ class SSHTransport(Transport):
         if connection in self._pool:
             self._pool.remove(connection)
             connection.closed = True  # no task takes it from now on, even before it is closed
-            asyncio.get_running_loop().create_task(self._close(connection))
+            closing = asyncio.get_running_loop().create_task(self._close(connection))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def _close(self, connection: _PooledConnection) -> None:
         connection.closed = True
@@ -275,6 +279,8 @@ class SSHTransport(Transport):
         if connection.keepalive is not None and connection.keepalive is not asyncio.current_task():
             connection.keepalive.cancel()
         await _blocking(connection.fabric.close)
+        if connection.pinging is not None:
+            await asyncio.gather(connection.pinging, return_exceptions=True)
 
     async def _keep_alive(self, connection: _PooledConnection) -> None:
         interval = self.settings.keepalive_interval
@@ -283,7 +289,9 @@ class SSHTransport(Transport):
             await asyncio.sleep(interval)
             if not connection.alive:
                 break
-            answered = _blocking(connection.ping)
+            # A task of its own, kept on the connection: a close waits for it (a ping in
+            # flight ends when the connection does) rather than leave it to the loop's end.
+            answered = connection.pinging = asyncio.ensure_future(_blocking(connection.ping))
             try:
                 await asyncio.wait_for(asyncio.shield(answered), patience)
             except asyncio.TimeoutError:
@@ -304,6 +312,7 @@ class _PooledConnection:
         self.closed = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.keepalive: asyncio.Task[None] | None = None
+        self.pinging: asyncio.Future[None] | None = None  # the keepalive's request in flight, if any
 
     @property
     def alive(self) -> bool:
