@@ -196,7 +196,8 @@ def test_a_secret_in_the_output_stays_hidden_however_the_output_is_read(server_f
     secret = "S3CR3T-" + secrets.token_hex(8).upper()
     register_secret(secret)
     half = len(secret) // 2
-    command = f"printf 'user=admin password={secret[:half]}'; sleep 0.4; printf '{secret[half:]} host=db\\n'"
+    # The pause leaves ample time to read what comes before it while the task runs.
+    command = f"printf 'user=admin password={secret[:half]}'; sleep 1.5; printf '{secret[half:]} host=db\\n'"
 
     def leaked(text: str) -> set[str]:
         return set(secret) & set(text)

@@ -264,7 +264,10 @@ if leader == 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(60)
     os._exit(0)
-os.setpgid(leader, leader)  # in both processes: the group exists before the pid is printed
+try:
+    os.setpgid(leader, leader)  # in both processes: the group exists before the pid is printed
+except OSError:
+    pass  # the leader did it and is already a zombie
 print(leader, flush=True)
 time.sleep(60)
 """
