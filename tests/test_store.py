@@ -21,6 +21,7 @@ from fleetrun.core.executor import Executor
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.processes import owner_token
+from fleetrun.core.start_log import StartLog, read_starts
 from fleetrun.core.store import Retention, TaskStore, _values
 
 from conftest import assert_none_left, processes_running, processes_with, run_cli, wait_until
@@ -28,14 +29,16 @@ from conftest import assert_none_left, processes_running, processes_with, run_cl
 OWNER_SCRIPT = textwrap.dedent(
     """
     import sys
-    from fleetrun.core import journal
+    from fleetrun.core import executor, journal
     from fleetrun.core.executor import Executor
     from fleetrun.core.models import TaskRequest
     from fleetrun.core.plugin_manager import PluginManager
     from fleetrun.core.store import TaskStore
 
-    if len(sys.argv) > 3:
+    if sys.argv[3] != "-":
         journal.BATCH_SECONDS = float(sys.argv[3])  # records reach SQLite this late
+    if sys.argv[4] != "-":
+        executor._RUNNING_WRITE_DELAY = float(sys.argv[4])  # a task is recorded as running this late
     executor = Executor(store=TaskStore(sys.argv[1]), plugins=PluginManager(autoload=False))
     handle = executor.submit(TaskRequest(host="local", command=sys.argv[2]))
     print(handle.id, flush=True)
@@ -46,9 +49,11 @@ OWNER_SCRIPT = textwrap.dedent(
 )
 
 
-def start_owner(home: Path, command: str, *, apply_after_s: float | None = None) -> tuple[subprocess.Popen[str], str]:
+def start_owner(
+    home: Path, command: str, *, apply_after_s: float | None = None, running_after_s: float | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """Another process that owns a task; returns it and the task id."""
-    extra = [] if apply_after_s is None else [str(apply_after_s)]
+    extra = ["-" if value is None else str(value) for value in (apply_after_s, running_after_s)]
     proc = subprocess.Popen(
         [sys.executable, "-c", OWNER_SCRIPT, str(home), command, *extra], stdout=subprocess.PIPE, text=True
     )
@@ -139,6 +144,17 @@ def test_a_task_whose_owner_was_killed_becomes_interrupted_and_its_command_is_st
             os.kill(pid, signal.SIGKILL)
 
 
+def _kill_and_sweep(store: TaskStore, owner: subprocess.Popen[str], task_id: str, marker: str, group: int) -> None:
+    """Kill the owner outright; the next sweep must mark its task interrupted and stop its command's group."""
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert store.sweep_orphans() == [task_id]
+    assert_none_left(marker)
+    task = store.get(task_id)
+    assert task.status is TaskStatus.INTERRUPTED
+    assert task.error.endswith(f"its command, still running, was stopped (process group {group})")
+
+
 def test_a_command_whose_owner_was_killed_before_applying_its_journal_is_stopped_too(store, marker):
     # Record, running state and process token are only in the dead owner's journal: the
     # replay must bring in the token with the row it belongs to, before the sweep judges.
@@ -152,16 +168,52 @@ def test_a_command_whose_owner_was_killed_before_applying_its_journal_is_stopped
 
         wait_until(lambda: f'["process","{task_id}"' in journaled())
         assert _process_token(store.home, task_id) is None
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-        assert store.sweep_orphans() == [task_id]
-        assert_none_left(marker)
-        task = store.get(task_id)
-        assert task.status is TaskStatus.INTERRUPTED
-        assert task.error.endswith(f"its command, still running, was stopped (process group {group})")
+        _kill_and_sweep(store, owner, task_id, marker, group)
     finally:
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_command_whose_owner_was_killed_before_recording_it_as_running_is_stopped_too(store, marker):
+    # Killed within the moment before its task is recorded as running (10 ms; stretched
+    # here to an hour so that the kill surely lands in it), the owner left no record of
+    # the command's process but its start log.
+    owner, task_id = start_owner(store.home, f"sleep {marker} & sleep {marker}; wait", running_after_s=3600.0)
+    try:
+        wait_until(lambda: len(processes_running("sleep", marker)) == 2)
+        group = os.getpgid(processes_running("sleep", marker)[0])
+        time.sleep(0.1)  # the journal's writer applies the record, as queued
+        assert store.get(task_id).status is TaskStatus.QUEUED and _process_token(store.home, task_id) is None
+        starts = list((store.home / "journal").glob("*.starts"))
+        assert len(starts) == 1
+        _kill_and_sweep(store, owner, task_id, marker, group)
+        assert not starts[0].exists()  # replayed once, with the journal
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_start_log_is_removed_when_its_owner_closes_and_skips_slots_it_cannot_trust(tmp_path, store, make_executor):
+    executor = make_executor()
+    assert executor.run(TaskRequest(host="local", command="sleep 0.001")).status is TaskStatus.SUCCEEDED
+    assert len(list((store.home / "journal").glob("*.starts"))) == 1
+    executor.close()
+    store.close()
+    assert list((store.home / "journal").glob("*.starts")) == []
+    log = StartLog(tmp_path / "x.starts")
+    log.note("0123456789ab", 4242, 99)
+    log.note("ba9876543210", 4343, 100)
+    raw = bytearray((tmp_path / "x.starts").read_bytes())
+    log.close()
+    assert read_starts(tmp_path / "x.starts") == {}  # gone with its owner's close
+    slot = raw.index(b"ba9876543210")
+    raw[slot + 12] ^= 0xFF  # a pid cut short when its writer was killed: the checksum tells
+    (tmp_path / "torn.starts").write_bytes(bytes(raw))
+    assert read_starts(tmp_path / "torn.starts") == {"0123456789ab": (4242, 99)}
+    other_boot = bytearray(raw)
+    other_boot[32:80] = b"another-boot".ljust(48, b"\0")
+    (tmp_path / "other.starts").write_bytes(bytes(other_boot))
+    assert read_starts(tmp_path / "other.starts") == {}  # its pids name nothing on this boot
 
 
 def test_cancel_from_another_process_reaches_the_owner(store, marker):

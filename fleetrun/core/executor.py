@@ -46,8 +46,9 @@ MAX_COMMAND_LENGTH = 128 * 1024
 _CANCEL_POLL_SECONDS = 0.5
 _STORE_PROGRESS_INTERVAL = 1.0
 #: A task still running this long after its start is recorded as running, with its process
-#: (so that it can be stopped should this process die), and gets its timers. Shorter tasks
-#: end with one store write. Long enough for `true`, short for anything a person could notice.
+#: (so that it can be stopped should this process die; until then the start log names it),
+#: and gets its timers. Shorter tasks end with one store write. Long enough for `true`,
+#: short for anything a person could notice.
 _RUNNING_WRITE_DELAY = 0.01
 #: How long the engine may wait on its own thread for a command when it runs nothing else
 #: (see ``Execution.wait_inline_s``). New work waits at most this long for it.
@@ -623,8 +624,10 @@ class Executor:
 
     def _process_started(self, live: _LiveTask, pid: int) -> None:
         # Its start is taken now, while the process cannot have been reaped (and its pid
-        # given to another); it is stored with the running record, as most tasks end sooner.
+        # given to another). It is stored with the running record, as most tasks end
+        # sooner; until then the start log (no store write) names it.
         live.process = (pid, boot_ticks())
+        self.store.note_start(live.record.id, *live.process)
         if live.settled:
             self._record_process(live)
 

@@ -29,6 +29,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from fleetrun.core.start_log import SUFFIX as START_LOG_SUFFIX
+from fleetrun.core.start_log import StartLog, read_starts
+
 log = logging.getLogger("fleetrun.store")
 
 #: Applies journal entries (JSON-able lists) to the store's database, inside a transaction.
@@ -70,7 +73,17 @@ class Journal:
         self._urgent = False  # someone waits for what is written to be applied
         self._closing = False
         self._closed = False
+        self._starts: StartLog | None = None  # made at the first start noted
         _OPEN_JOURNALS.add(self)
+
+    def note_start(self, task_id: str, pid: int, start_ticks: int) -> None:
+        """Note in the start log beside this journal that a task started a local process
+        (no system call: see :mod:`~fleetrun.core.start_log`)."""
+        if self._starts is None:
+            with self._cond:
+                if self._starts is None:
+                    self._starts = StartLog(self.path.with_suffix(START_LOG_SUFFIX))
+        self._starts.note(task_id, pid, start_ticks)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -120,6 +133,8 @@ class Journal:
             self._thread.join(timeout)
         if applied:
             self.path.unlink(missing_ok=True)
+            if self._starts is not None:
+                self._starts.close()  # every task it covers has ended, in the store
         else:
             log.error("task records not yet in the store are kept in %s; the next fleetrun to open it applies them", self.path)
         os.close(self._fd)
@@ -212,10 +227,15 @@ def in_transaction(db: sqlite3.Connection, work: Callable[[], None]) -> None:
     db.execute("COMMIT")
 
 
-def replay_abandoned(directory: Path, db: sqlite3.Connection, apply: Apply) -> int:
+def replay_abandoned(
+    directory: Path, db: sqlite3.Connection, apply: Apply,
+    starts_to_entries: Callable[[dict[str, tuple[int, int]]], list[list[Any]]] | None = None,
+) -> int:
     """Apply the journals of processes that died before their writer caught up; returns how many.
 
-    ``db`` must not be in a transaction. A journal whose owner lives is left alone.
+    Each one's start log is applied with it, after its own entries, as the entries
+    ``starts_to_entries`` makes of the starts it noted. ``db`` must not be in a
+    transaction. A journal whose owner lives is left alone.
     """
     try:
         paths = sorted(directory.glob(f"*{SUFFIX}"))
@@ -237,9 +257,13 @@ def replay_abandoned(directory: Path, db: sqlite3.Connection, apply: Apply) -> i
                 continue  # another process replayed it while we waited
             with os.fdopen(os.dup(fd), "rb") as handle:
                 entries = list(_entries(handle, path))
+            starts = path.with_suffix(START_LOG_SUFFIX)
+            if starts_to_entries is not None:
+                entries += starts_to_entries(read_starts(starts))
             if entries:
                 in_transaction(db, lambda: apply(db, entries))
             path.unlink(missing_ok=True)
+            starts.unlink(missing_ok=True)
             replayed += 1
         finally:
             os.close(fd)

@@ -33,7 +33,7 @@ from fleetrun.core import journal, paths
 from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.models import Progress, Task, TaskStatus
 from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
-from fleetrun.core.processes import owner_alive, stop_leftover_commands
+from fleetrun.core.processes import command_token, owner_alive, stop_leftover_commands
 
 log = logging.getLogger("fleetrun.store")
 
@@ -187,6 +187,12 @@ class TaskStore:
         command runs, whoever marks the task interrupted stops the command."""
         self._journaled().append(["process", task.id, token], task)
 
+    def note_start(self, task_id: str, pid: int, start_ticks: int) -> None:
+        """Note, without a store write, that a task started local process ``pid``: should
+        this process die before :meth:`record_process`, whoever marks the task interrupted
+        still stops the command (see :mod:`~fleetrun.core.start_log`)."""
+        self._journaled().note_start(task_id, pid, start_ticks)
+
     def _journaled(self) -> journal.Journal:
         if self._journal is None:
             with self._lock:
@@ -197,7 +203,7 @@ class TaskStore:
 
     def _replay_abandoned(self) -> int:
         with self._lock:
-            return journal.replay_abandoned(self.home / JOURNAL_DIR, self._db, _apply)
+            return journal.replay_abandoned(self.home / JOURNAL_DIR, self._db, _apply, _process_entries)
 
     def request_cancel(self, task_id: str, reason: str) -> None:
         """Ask the task's owner to cancel it (the first request's reason is the one kept).
@@ -404,6 +410,11 @@ def _values(task: Task) -> list[Any]:
     for index in _FLAGS:
         values[index] = int(bool(values[index]))
     return values
+
+
+def _process_entries(starts: dict[str, tuple[int, int]]) -> list[list[Any]]:
+    """Journal entries naming the processes that a dead owner's tasks started."""
+    return [["process", task_id, command_token(pid, ticks)] for task_id, (pid, ticks) in starts.items()]
 
 
 def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
