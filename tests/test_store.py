@@ -214,6 +214,13 @@ def test_the_start_log_is_removed_when_its_owner_closes_and_skips_slots_it_canno
     other_boot[32:80] = b"another-boot".ljust(48, b"\0")
     (tmp_path / "other.starts").write_bytes(bytes(other_boot))
     assert read_starts(tmp_path / "other.starts") == {}  # its pids name nothing on this boot
+    # One whose journal is gone (its replayer died in between) goes at the next sweep.
+    orphan = store.home / "journal" / "12345-abcd.starts"
+    orphan.write_bytes(bytes(raw))
+    reopened = TaskStore(store.home)
+    reopened.sweep_orphans()
+    reopened.close()
+    assert not orphan.exists()
 
 
 def test_cancel_from_another_process_reaches_the_owner(store, marker):

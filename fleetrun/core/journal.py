@@ -267,9 +267,18 @@ def replay_abandoned(
             replayed += 1
         finally:
             os.close(fd)
+    _remove_orphan_start_logs(directory)
     if replayed:
         log.info("applied %d journal(s) left by fleetrun processes that ended early", replayed)
     return replayed
+
+
+def _remove_orphan_start_logs(directory: Path) -> None:
+    # A start log outlives its journal only if the process that replayed the journal died
+    # before it could remove the start log too (it is made after its journal, removed after it).
+    for path in directory.glob(f"*{START_LOG_SUFFIX}"):
+        if not path.with_suffix(SUFFIX).exists():
+            path.unlink(missing_ok=True)
 
 
 def _remove_abandoned_claims(directory: Path) -> None:
