@@ -73,16 +73,14 @@ class Journal:
         self._urgent = False  # someone waits for what is written to be applied
         self._closing = False
         self._closed = False
-        self._starts: StartLog | None = None  # made at the first start noted
+        # Made now, not at the first start: a note must follow its start as closely as it
+        # can, as a process killed in between leaves its command unnamed.
+        self._starts = StartLog(self.path.with_suffix(START_LOG_SUFFIX))
         _OPEN_JOURNALS.add(self)
 
     def note_start(self, task_id: str, pid: int, start_ticks: int) -> None:
         """Note in the start log beside this journal that a task started a local process
         (no system call: see :mod:`~fleetrun.core.start_log`)."""
-        if self._starts is None:
-            with self._cond:
-                if self._starts is None:
-                    self._starts = StartLog(self.path.with_suffix(START_LOG_SUFFIX))
         self._starts.note(task_id, pid, start_ticks)
 
     # -- writing ---------------------------------------------------------------------
@@ -133,8 +131,7 @@ class Journal:
             self._thread.join(timeout)
         if applied:
             self.path.unlink(missing_ok=True)
-            if self._starts is not None:
-                self._starts.close()  # every task it covers has ended, in the store
+            self._starts.close()  # every task it covers has ended, in the store
         else:
             log.error("task records not yet in the store are kept in %s; the next fleetrun to open it applies them", self.path)
         os.close(self._fd)
