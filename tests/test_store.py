@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from fleetrun.core.executor import Executor
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.processes import owner_token
+from fleetrun.core import start_log
 from fleetrun.core.start_log import StartLog, read_starts
 from fleetrun.core.store import Retention, TaskStore, _values
 
@@ -221,6 +223,19 @@ def test_the_start_log_is_removed_when_its_owner_closes_and_skips_slots_it_canno
     reopened.sweep_orphans()
     reopened.close()
     assert not orphan.exists()
+
+
+def test_without_a_start_log_tasks_still_run_and_are_recorded(make_executor, store, monkeypatch, caplog):
+    # A file system that cannot map files (which this machine's can) loses only the start log.
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(start_log.mmap, "mmap", refuse)
+    executor = make_executor()
+    task = executor.run(TaskRequest(host="local", command="sleep 0.001"))
+    assert task.status is TaskStatus.SUCCEEDED and store.get(task.id) == task
+    assert list((store.home / "journal").glob("*.starts")) == []  # none half made
+    assert "no start log in" in caplog.text and "No such device" in caplog.text
 
 
 def test_cancel_from_another_process_reaches_the_owner(store, marker):

@@ -75,13 +75,22 @@ class Journal:
         self._closed = False
         # Made now, not at the first start: a note must follow its start as closely as it
         # can, as a process killed in between leaves its command unnamed.
-        self._starts = StartLog(self.path.with_suffix(START_LOG_SUFFIX))
+        self._starts: StartLog | None = None
+        try:
+            self._starts = StartLog(self.path.with_suffix(START_LOG_SUFFIX))
+        except (OSError, ValueError) as exc:  # a file system that cannot map files, say
+            # Tasks still run and are recorded: only the start log's extra safety is lost.
+            log.warning(
+                "no start log in %s (%s): a command whose fleetrun process dies in the task's first 10 ms "
+                "will not be stopped", directory, getattr(exc, "strerror", None) or exc,
+            )
         _OPEN_JOURNALS.add(self)
 
     def note_start(self, task_id: str, pid: int, start_ticks: int) -> None:
         """Note in the start log beside this journal that a task started a local process
         (no system call: see :mod:`~fleetrun.core.start_log`)."""
-        self._starts.note(task_id, pid, start_ticks)
+        if self._starts is not None:
+            self._starts.note(task_id, pid, start_ticks)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -131,7 +140,8 @@ class Journal:
             self._thread.join(timeout)
         if applied:
             self.path.unlink(missing_ok=True)
-            self._starts.close()  # every task it covers has ended, in the store
+            if self._starts is not None:
+                self._starts.close()  # every task it covers has ended, in the store
         else:
             log.error("task records not yet in the store are kept in %s; the next fleetrun to open it applies them", self.path)
         os.close(self._fd)

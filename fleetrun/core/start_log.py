@@ -47,6 +47,9 @@ class StartLog:
         try:
             os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, boot_id().encode())
