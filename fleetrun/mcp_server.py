@@ -34,7 +34,7 @@ from fleetrun.core.output import check_offset
 from fleetrun.core.secrets import redact
 from fleetrun.mcp_subscriptions import SubscriptionsMiddleware
 from fleetrun.mcp_tasks import TasksMiddleware
-from fleetrun.plugins.notifiers.mcp import McpNotifier, task_uri
+from fleetrun.plugins.notifiers.mcp import HOSTS_URI, McpNotifier, task_uri
 
 log = logging.getLogger("fleetrun.mcp")
 
@@ -262,7 +262,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     state = FleetrunMcp(executor, notifier)
     tasks = TasksMiddleware(state, result_for=state.finished_result)
     server = MCPServer(
-        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier), tasks], **server_options
+        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier, executor), tasks], **server_options
     )
 
     @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
@@ -450,7 +450,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         tasks = executor.list(status=statuses, host=host, limit=limit)
         return TaskListing(tasks=[_task_info(t) for t in tasks])
 
-    @server.resource("fleetrun://hosts", name="hosts", description="The inventory's hosts", mime_type="application/json")
+    @server.resource(HOSTS_URI, name="hosts", description="The inventory's hosts", mime_type="application/json")
     async def hosts_resource() -> str:
         return (await list_hosts()).model_dump_json(indent=2)
 

@@ -5,6 +5,11 @@ subscription, so this server middleware answers ``resources/subscribe`` and
 ``resources/unsubscribe``, advertises ``capabilities.resources.subscribe``, and records
 each session's URIs with the MCP notifier, which sends
 ``notifications/resources/updated`` to every subscriber when a task's resource changes.
+
+Only a task that has not ended can change, once, when it ends; then its subscriptions
+go. So a subscription is kept only for such a task. ``fleetrun://hosts`` (read once, when
+the server starts) and an ended task never change: their subscriptions are acknowledged
+and not kept, so that sessions which leave without unsubscribing leave nothing behind.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ from typing import Any
 
 from mcp.shared.exceptions import MCPError
 
-from fleetrun.plugins.notifiers.mcp import McpNotifier
+from fleetrun.core.errors import FleetrunError
+from fleetrun.core.executor import Executor
+from fleetrun.plugins.notifiers.mcp import HOSTS_URI, TASK_URI_PREFIX, McpNotifier
 
 INVALID_PARAMS = -32602
 
 
 class SubscriptionsMiddleware:
-    def __init__(self, notifier: McpNotifier) -> None:
+    def __init__(self, notifier: McpNotifier, executor: Executor) -> None:
         self.notifier = notifier
+        self.executor = executor
 
     async def __call__(self, ctx: Any, call_next: Any) -> Any:
         method = ctx.method
@@ -36,9 +44,23 @@ class SubscriptionsMiddleware:
             uri = (ctx.params or {}).get("uri")
             if not isinstance(uri, str) or not uri.startswith("fleetrun://"):
                 raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: only fleetrun:// resources")
-            if method == "resources/subscribe":
-                self.notifier.subscribe(ctx.session, uri)
-            else:
+            if method == "resources/unsubscribe":
                 self.notifier.unsubscribe(ctx.session, uri)
+            elif self._may_change(uri):
+                self.notifier.subscribe(ctx.session, uri)
+                if not self._may_change(uri):  # it ended meanwhile, and its last update is gone
+                    self.notifier.unsubscribe(ctx.session, uri)
             return {}
         return await call_next(ctx)
+
+    def _may_change(self, uri: str) -> bool:
+        """Whether the resource can still change: only a task that has not ended can."""
+        if uri == HOSTS_URI:
+            return False
+        task_id = uri.removeprefix(TASK_URI_PREFIX)
+        if task_id == uri:
+            raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: no such resource")
+        try:
+            return not self.executor.get(task_id).status.is_terminal
+        except FleetrunError as exc:
+            raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: {exc}") from None

@@ -19,6 +19,7 @@ import pytest
 
 import mcp
 from mcp.client.stdio import StdioServerParameters
+from mcp.shared.exceptions import MCPError
 
 from fleetrun.core.executor import Executor
 from fleetrun.core.inventory import parse_inventory
@@ -721,6 +722,20 @@ def test_resources_subscribe_for_2025_11_25_clients(server_for):
             # The task's last update was sent: nothing is kept for it any more.
             assert notifier.subscribed(task["resource"]) == 0
             assert updates.count(task["resource"]) == 1
+            # What can no longer change is acknowledged and not kept: a session that leaves
+            # without unsubscribing leaves nothing behind.
+            with pytest.warns(Warning):
+                await watcher.subscribe_resource(task["resource"])
+                await watcher.subscribe_resource("fleetrun://hosts")
+            assert (notifier.subscribed(task["resource"]), notifier.subscribed("fleetrun://hosts")) == (0, 0)
+            for uri, reason in (
+                ("fleetrun://tasks/0123456789ab", "no task '0123456789ab'"),
+                ("fleetrun://tasks/nope", "invalid task id 'nope'"),
+                ("fleetrun://elsewhere", "no such resource"),
+            ):
+                with pytest.warns(Warning), pytest.raises(MCPError) as refused:
+                    await watcher.subscribe_resource(uri)
+                assert f"cannot subscribe to {uri!r}" in str(refused.value) and reason in str(refused.value)
 
     run(scenario)
 

@@ -28,8 +28,12 @@ log = logging.getLogger("fleetrun.mcp")
 LOGGER_NAME = "fleetrun"
 
 
+HOSTS_URI = "fleetrun://hosts"
+TASK_URI_PREFIX = "fleetrun://tasks/"
+
+
 def task_uri(task_id: str) -> str:
-    return f"fleetrun://tasks/{task_id}"
+    return f"{TASK_URI_PREFIX}{task_id}"
 
 
 @dataclass
@@ -53,9 +57,10 @@ class McpNotifier:
         self.bus = bus
         self._lock = threading.Lock()
         self._followers: dict[str, list[Follower]] = {}
-        #: resources/subscribe (2025-11-25): URI -> {session: its event loop}. A task's
-        #: entry goes when the task ends (see _end). Not weak: the session object the
-        #: server hands over lives only as long as the request, and the entry keeps it usable.
+        #: resources/subscribe (2025-11-25): URI -> {session: its event loop}, for tasks
+        #: that have not ended; a task's entry goes when it ends (see _end). Not weak: the
+        #: session object the server hands over lives only as long as the request, and the
+        #: entry keeps it usable.
         self._subscribers: dict[str, dict[Any, asyncio.AbstractEventLoop]] = {}
 
     def subscribe(self, session: Any, uri: str) -> None:
