@@ -684,7 +684,10 @@ def cmd_tasks_output(ctx: _Context) -> int:
         _note(f"stopped after --max-bytes {args.max_bytes}: {piece.size - offset} more bytes are kept (continue with --offset {offset})")
         return EXIT_OK
     if piece.truncated and piece.complete:
-        _note(f"the {args.stream} of task {args.task_id} was truncated at its max_output_bytes")
+        task = store.get(args.task_id)
+        seen = task.stdout_bytes if args.stream == "stdout" else task.stderr_bytes
+        why = "its max_output_bytes" if piece.size >= task.max_output_bytes else "the disk took no more; see the run's log"
+        _note(f"the {args.stream} of task {args.task_id} was cut short: {piece.size} of its {seen} bytes were kept ({why})")
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -302,32 +303,54 @@ SLOW_WRITER_SCRIPT = textwrap.dedent(
 
 
 def test_while_another_process_locks_the_database_records_wait_in_the_journal_and_arrive_after(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
     home = tmp_path / "locked"
     store = TaskStore(home)
     executor = Executor(store=store, plugins=PluginManager(autoload=False))
     locker = sqlite3.connect(home / "tasks.sqlite3", isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the busy timeout
-        with caplog.at_level("WARNING", logger="fleetrun.journal"):
+        with caplog.at_level("WARNING", logger="fleetrun.store"):
             task = executor.run(TaskRequest(host="local", command="echo kept"))
+            failed = executor.run(TaskRequest(host="local", command="exit 3"))
             wait_until(lambda: "cannot write task records to the store (database is locked)" in caplog.text)
         assert task.status is TaskStatus.SUCCEEDED
         assert store.get(task.id) == task  # from the journal meanwhile
-        assert locker.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
+        # A store that keeps refusing writes is not waited for: before, each of these waited
+        # until the lock went (for ever, had it stayed).
+        assert call_with_deadline(store.flush) is False
+        listed = call_with_deadline(store.list)
+        assert [(t.id, t.status) for t in listed] == [(failed.id, TaskStatus.FAILED), (task.id, TaskStatus.SUCCEEDED)]
+        assert [t.id for t in store.list(status=[TaskStatus.FAILED])] == [failed.id]
+        assert [t.id for t in store.list(limit=1)] == [failed.id]
+        assert store.list(host="elsewhere") == []
+        assert locker.execute("SELECT count(*) FROM tasks").fetchone() == (0,)  # so they came from the journal
+        call_with_deadline(executor.close)
     finally:
         locker.execute("ROLLBACK")
         locker.close()
-    with caplog.at_level("WARNING", logger="fleetrun.journal"):
+    # The writer still tries: once the lock goes, the records arrive.
+    with caplog.at_level("WARNING", logger="fleetrun.store"):
         wait_until(lambda: "task records reach the store again" in caplog.text)
+    assert store.flush(timeout=10)
     other_process = TaskStore(home)
     try:
-        assert [t.id for t in other_process.list()] == [task.id]
+        assert [t.id for t in other_process.list()] == [failed.id, task.id]
         assert other_process.get(task.id).status is TaskStatus.SUCCEEDED
     finally:
         other_process.close()
         executor.close()
         store.close()
+
+
+def call_with_deadline(function, seconds: float = 30.0):  # type: ignore[no-untyped-def]
+    """``function()``'s result; fails the test, instead of hanging it, if that takes longer."""
+    result: list[object] = []
+    worker = threading.Thread(target=lambda: result.append(function()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{function} still waits after {seconds} s"
+    return result[0]
 
 
 def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner(store):

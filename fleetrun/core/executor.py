@@ -430,7 +430,7 @@ class Executor:
             if self._owns_store:
                 self.store.close()
             else:
-                self.store.flush()
+                self.store.flush()  # False if the store refuses writes: the journal keeps them, and says so
         finally:
             _OPEN_EXECUTORS.discard(self)
             self._close_done.set()
@@ -478,7 +478,8 @@ class Executor:
             try:
                 self.store.insert(live.record, self.owner)
             except Exception as exc:
-                raise FleetrunError(f"cannot record the task in the store: {exc}") from exc
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or exc
+                raise FleetrunError(f"cannot record the task in the store: {reason}") from exc
             self._live[live.record.id] = live
             self._arrivals.append(live)
             # One wake-up serves every task that arrives before the engine gets to them:

@@ -25,7 +25,6 @@ import secrets
 import sqlite3
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,6 +42,10 @@ _MAX_BYTES = 16 * 1024 * 1024
 _RETRY_SECONDS = (0.1, 0.5, 2.0)
 #: How long a write waits for a full journal to be applied before it fails.
 _BACKLOG_WAIT_SECONDS = 30.0
+#: After this many failed attempts in a row (about 2.6 s of retries, or more while another
+#: process holds the database past its busy timeout), a wait for the writer gives up: the
+#: store refuses writes (a full disk, a read-only file system) until someone acts.
+_GIVE_UP_AFTER_FAILURES = len(_RETRY_SECONDS)
 #: How long the writer lets writes gather into one transaction, unless someone waits for them.
 BATCH_SECONDS = 0.05
 _BATCH_MAX = 512
@@ -71,6 +74,10 @@ class Journal:
         self._size = 0
         self._thread: threading.Thread | None = None
         self._urgent = False  # someone waits for what is written to be applied
+        self._failures = 0  # the writer's failed attempts in a row
+        # Sequence numbers of writes the journal file could not take (kept in memory only).
+        self._unsaved: list[int] = []
+        self._journal_refused = False  # the last write to the journal file failed
         self._closing = False
         self._closed = False
         # Made now, not at the first start: a note must follow its start as closely as it
@@ -94,22 +101,40 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------
 
-    def append(self, entry: list[Any], value: object) -> None:
+    def append(self, entry: list[Any], value: object, *, required: bool = True) -> None:
         """Make ``entry`` (``[kind, key, ...]``) durable now and apply it soon; ``value`` is
-        what :meth:`pending` returns for its key until then."""
+        what :meth:`pending` returns for its key until then.
+
+        When the journal file cannot take it (a full disk), a ``required`` entry raises
+        :class:`OSError`. Any other is kept in memory instead and applied when the store
+        takes writes again, with a warning: it is lost if this process ends first.
+        """
         key = entry[1]
         line = (_ENCODER.encode(entry) + "\n").encode()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the store is closed")
-            if self._size > _MAX_BYTES:
-                if not self._wait_applied(self._written, timeout=_BACKLOG_WAIT_SECONDS):
-                    raise OSError(f"the task store has not accepted writes for {_BACKLOG_WAIT_SECONDS:g} s (see the log)")
-                self._truncate_if_applied()
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view):]
-            self._size += len(line)
+            try:
+                if self._size > _MAX_BYTES:
+                    if not self._wait_applied(self._written, timeout=_BACKLOG_WAIT_SECONDS):
+                        raise OSError(f"it holds {self._size} bytes the task store has not taken (see the log)")
+                    self._truncate_if_applied()
+                self._write_line(line)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                if required:
+                    raise OSError(exc.errno, f"cannot write to the journal {self.path}: {reason}") from None
+                self._unsaved.append(self._written + 1)
+                if not self._journal_refused:
+                    log.warning(
+                        "cannot write to the journal %s (%s): task records are kept in memory until the store "
+                        "takes them, and are lost if this process ends first", self.path, reason,
+                    )
+                self._journal_refused = True
+            else:
+                if self._journal_refused:
+                    log.warning("the journal %s takes writes again", self.path)
+                    self._journal_refused = False
             self._written += 1
             self._queue.append((key, value, entry))
             self._pending[key] = value
@@ -119,12 +144,31 @@ class Journal:
             if len(self._queue) == 1 or len(self._queue) >= _BATCH_MAX:
                 self._cond.notify_all()
 
+    def _write_line(self, line: bytes) -> None:
+        # Called with the condition held. A line the file took only in part is cut off
+        # again: the next line would otherwise be glued to it, and both would be unreadable.
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            if len(view) < len(line):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(line)
+
     def pending(self, key: str) -> object | None:
         """The latest value written for ``key`` that is not in SQLite yet, if any."""
         return self._pending.get(key)
 
+    def pending_values(self) -> list[object]:
+        """The latest value of every key with a write not in SQLite yet."""
+        with self._cond:
+            return list(self._pending.values())
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every write made so far is in SQLite; False if ``timeout`` passed first."""
+        """Wait until every write made so far is in SQLite; False if ``timeout`` passed
+        first, or the store keeps refusing writes (see :data:`_GIVE_UP_AFTER_FAILURES`)."""
         with self._cond:
             return self._wait_applied(self._written, timeout)
 
@@ -144,6 +188,11 @@ class Journal:
                 self._starts.close()  # every task it covers has ended, in the store
         else:
             log.error("task records not yet in the store are kept in %s; the next fleetrun to open it applies them", self.path)
+            if self._unsaved:
+                log.error(
+                    "%d task record write(s) that the journal could not take are lost: their tasks will show "
+                    "their last saved state, and running ones as interrupted", len(self._unsaved),
+                )
         os.close(self._fd)
         _OPEN_JOURNALS.discard(self)
 
@@ -155,7 +204,7 @@ class Journal:
             self._cond.notify_all()
         while self._applied < target:
             remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if (remaining is not None and remaining <= 0) or self._failures >= _GIVE_UP_AFTER_FAILURES:
                 return False
             self._cond.wait(remaining)
         return True
@@ -170,7 +219,6 @@ class Journal:
 
     def _serve(self) -> None:
         db = self._connect()
-        failures = 0
         try:
             while True:
                 with self._cond:
@@ -195,25 +243,28 @@ class Journal:
                         self._queue[:0] = batch
                         if self._closing:
                             return  # close() keeps the journal for the next process
-                    delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
+                        failures = self._failures
+                        self._failures += 1
+                        self._cond.notify_all()  # a waiter may give up now
                     if failures == 0:
                         log.warning(
                             "cannot write task records to the store (%s); they are kept in %s, retrying",
                             exc, self.path, exc_info=not isinstance(exc, sqlite3.Error),
                         )
-                    failures += 1
-                    time.sleep(delay)
+                    time.sleep(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)])
                     continue
-                if failures:
+                if self._failures:
                     log.warning("task records reach the store again")
-                    failures = 0
                 self._applied_batch(batch)
         finally:
             db.close()
 
     def _applied_batch(self, batch: list[tuple[str, object, list[Any]]]) -> None:
         with self._cond:
+            self._failures = 0
             self._applied += len(batch)
+            while self._unsaved and self._unsaved[0] <= self._applied:
+                self._unsaved.pop(0)
             for key, value, _ in batch:
                 if self._pending.get(key) is value:
                     del self._pending[key]
@@ -268,7 +319,11 @@ def replay_abandoned(
             if starts_to_entries is not None:
                 entries += starts_to_entries(read_starts(starts))
             if entries:
-                in_transaction(db, lambda: apply(db, entries))
+                try:
+                    in_transaction(db, lambda: apply(db, entries))
+                except sqlite3.Error as exc:  # a full disk, say: it stays for the next try
+                    log.warning("cannot apply the journal %s of a fleetrun process that is gone (%s); kept for later", path, exc)
+                    continue
             path.unlink(missing_ok=True)
             starts.unlink(missing_ok=True)
             replayed += 1
@@ -340,7 +395,9 @@ def _entries(lines: Iterable[bytes], path: Path, *, quiet: bool = False) -> Iter
             yield entry
 
 
-_OPEN_JOURNALS: "weakref.WeakSet[Journal]" = weakref.WeakSet()
+#: Journals not closed yet. Held strongly: a journal dropped unclosed would leave its file
+#: (and what it holds) for another process to replay, instead of applying it at exit.
+_OPEN_JOURNALS: set[Journal] = set()
 
 
 def close_all(timeout: float = 10.0) -> None:

@@ -36,7 +36,7 @@ _CHECKED = struct.Struct("<12sIQ")
 
 
 class StartLog:
-    """This process's start log, created at the first start it notes."""
+    """This process's start log, at ``path``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -45,7 +45,9 @@ class StartLog:
         size = _HEADER.size + SLOTS * _SLOT.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Allocated now, not at the first write to a page: a write to a mapped page that a
+            # full disk cannot back kills the process (SIGBUS), where this only fails.
+            os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
         except BaseException:
             path.unlink(missing_ok=True)

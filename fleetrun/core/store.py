@@ -48,6 +48,8 @@ BUSY_TIMEOUT_S = 10.0
 _ORPHAN_OUTPUT_AGE_S = 86400.0
 _ORPHAN_SCAN_EVERY_S = 3600.0
 _ORPHAN_SCAN_MARKER = ".orphans-scanned"
+#: Less free space than this, and a store that cannot be opened is blamed on its full disk.
+_NO_SPACE_BYTES = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -141,12 +143,16 @@ class TaskStore:
         self._journal: journal.Journal | None = None  # made at the first write
         try:
             self._db = _connect(self.home / DB_NAME)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # Only a new or older store is written to here: reading one must work on a full disk too.
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                self._migrate()
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
-            raise FleetrunError(f"cannot open the task store {self.home / DB_NAME}: {exc}") from None
+            # SQLite says "disk I/O error" when it cannot make its shared-memory file on a full disk.
+            full = " (its file system has no space left)" if _no_space_left(self.home) else ""
+            raise FleetrunError(f"cannot open the task store {self.home / DB_NAME}: {exc}{full}") from None
 
     def _migrate(self) -> None:
         # Stores written by older versions lack newer columns; records are kept as they are
@@ -178,14 +184,15 @@ class TaskStore:
         self._journaled().append(["insert", *_values(task), owner], task)
 
     def update(self, task: Task) -> None:
-        """Write a task's current state (all but its identity and owner); durable when this returns."""
-        self._journaled().append(["update", *_values(task)], task)
+        """Write a task's current state (all but its identity and owner); durable when this
+        returns, unless the disk refuses it: then it is applied when the store can take it."""
+        self._journaled().append(["update", *_values(task)], task, required=False)
 
     def record_process(self, task: Task, token: str) -> None:
         """Note the local process (:func:`~fleetrun.core.processes.command_token`) that runs
         ``task``, ``task`` being its current state: should this process die while the
         command runs, whoever marks the task interrupted stops the command."""
-        self._journaled().append(["process", task.id, token], task)
+        self._journaled().append(["process", task.id, token], task, required=False)
 
     def note_start(self, task_id: str, pid: int, start_ticks: int) -> None:
         """Note, without a store write, that a task started local process ``pid``: should
@@ -241,6 +248,7 @@ class TaskStore:
             ).fetchall()
         dead = [(task_id, pid, process) for task_id, token, pid, process in rows if not owner_alive(token)]
         stopped_groups = stop_leftover_commands(process for _, _, process in dead)
+        marked = []
         for task_id, pid, process in dead:
             error = f"the fleetrun process that owned this task (pid {pid}) is gone"
             stopped = stopped_groups.get(process)
@@ -248,16 +256,22 @@ class TaskStore:
                 error += f"; its command, still running, was stopped (process group {stopped})"
                 log.warning("task %s: %s", task_id, error)
             with self._lock:
-                self._db.execute(
-                    "UPDATE tasks SET status = ?, ended_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
-                    (TaskStatus.INTERRUPTED.value, time.time(), error, task_id, *_LIVE),
-                )
-        return [task_id for task_id, _, _ in dead]
+                try:
+                    self._db.execute(
+                        "UPDATE tasks SET status = ?, ended_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
+                        (TaskStatus.INTERRUPTED.value, time.time(), error, task_id, *_LIVE),
+                    )
+                except sqlite3.Error as exc:  # a full disk: the next sweep marks it
+                    log.warning("task %s: cannot mark it interrupted in the store (%s)", task_id, exc)
+                    continue
+            marked.append(task_id)
+        return marked
 
     def prune(self, retention: Retention) -> int:
         """Delete ended tasks older than the retention age or beyond its count."""
         cutoff = time.time() - retention.max_age_days * 86400
-        self.flush()
+        if not self.flush():
+            return 0  # the store refuses writes: its rows may be behind this process's records
         with self._lock:
             rows = self._db.execute(
                 "SELECT id FROM tasks WHERE status NOT IN (?, ?) AND "
@@ -356,13 +370,19 @@ class TaskStore:
             where.append("host = ?")
             params.append(host)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        self.flush()
+        limit = max(0, int(limit))
+        # What this process wrote is in SQLite after the flush; if the store refuses writes,
+        # the writes not applied are taken from the journal instead.
+        unapplied = [] if self.flush() or self._journal is None else self._journal.pending_values()
         with self._lock:
             rows = self._db.execute(
-                f"{_SELECT} {clause} ORDER BY created_at DESC LIMIT ?",
-                (*params, max(0, int(limit))),
+                f"{_SELECT} {clause} ORDER BY created_at DESC LIMIT ?", (*params, limit + len(unapplied))
             ).fetchall()
-        return [_task(row) for row in rows]
+        tasks = {task.id: task for task in map(_task, rows)}
+        tasks.update((task.id, task) for task in unapplied if isinstance(task, Task))
+        wanted = {TaskStatus(s) for s in status} if status is not None else None
+        chosen = [t for t in tasks.values() if (wanted is None or t.status in wanted) and (host is None or t.host == host)]
+        return sorted(chosen, key=lambda t: t.created_at, reverse=True)[:limit]
 
     def read_output(self, task_id: str, stream: str, offset: int = 0, max_bytes: int = 65536) -> OutputSlice:
         """A slice of a task's stream from ``offset`` (also while the task runs)."""
@@ -391,6 +411,13 @@ class TaskStore:
             truncated=task.stdout_truncated if stream == "stdout" else task.stderr_truncated,
             ended=task.status.is_terminal,
         )
+
+
+def _no_space_left(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < _NO_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def _connect(database: Path) -> sqlite3.Connection:
