@@ -171,6 +171,11 @@ hosts:
         ("local", "   ", {}, "the command is empty"),
         ("local", "true", {"BAD NAME": "x"}, "invalid environment variable name 'BAD NAME'"),
         ("local", "true", {"OK": "a\x00b"}, "contains a NUL character"),
+        # Bytes that are not UTF-8 (Python keeps them as lone surrogates) could be neither
+        # recorded nor sent: before, such a task's records blocked the store for good.
+        ("local", "echo caf\udce9", {}, "the command is not UTF-8: it has the byte 0xE9 at position 8"),
+        ("local", "echo \ud800", {}, "the command has U+D800 at position 5, which is not a character"),
+        ("local", "true", {"OK": "\udcff"}, "the value of environment variable 'OK' is not UTF-8: it has the byte 0xFF"),
     ],
 )
 def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, command, env, message):
@@ -179,6 +184,13 @@ def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, com
         executor.submit(TaskRequest(host=host, command=command, env=env))
     assert message in str(error.value)
     assert len(str(error.value)) < 400
+    assert executor.list() == []
+
+
+def test_a_working_directory_that_is_not_utf8_is_refused(make_executor):
+    executor = make_executor()
+    with pytest.raises(FleetrunError, match="the working directory is not UTF-8: it has the byte 0xE9 at position 8"):
+        executor.submit(TaskRequest(host="local", command="true", cwd="/tmp/caf\udce9"))
     assert executor.list() == []
 
 
@@ -196,6 +208,7 @@ def test_the_cli_reports_bad_input_on_one_line():
     for args, code in [
         (["run", "bad host!", "--", "true"], 125),
         (["run", "local", "--", "echo \x1b[2J"], 125),
+        (["run", "local", "--", "echo caf\udce9"], 125),  # the byte 0xE9 on the command line
         (["tasks", "show", "../../x"], 1),
         (["tasks", "output", "x" * 3000], 1),
     ]:

@@ -410,6 +410,44 @@ def test_a_journal_cut_short_by_a_crash_loses_only_its_last_line(store):
         assert db.execute("SELECT status FROM tasks WHERE id = ?", (task.id,)).fetchall() == [("succeeded",)]
 
 
+def test_a_journal_entry_the_store_can_never_take_is_dropped_and_the_others_still_arrive(store, caplog):
+    # Before: the entry failed its whole batch, every time, and every later fleetrun that
+    # replayed the journal (any `fleetrun tasks`) died of it with a traceback.
+    journal_dir = store.home / "journal"
+    journal_dir.mkdir()
+    before, after = _ended_task("0000000000c1", time.time()), _ended_task("0000000000c3", time.time())
+    bad = replace(_ended_task("0000000000c2", time.time()), command="echo caf\udce9")  # SQLite takes no lone surrogate
+    lines = [["insert", *_values(task), "dead-owner-token"] for task in (before, bad, after)]
+    (journal_dir / "123-dead.journal").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with caplog.at_level("ERROR", logger="fleetrun.store"):
+        assert store.sweep_orphans() == []
+    assert "dropped records of task 0000000000c2 that the store cannot take (UnicodeEncodeError" in caplog.text
+    assert not (journal_dir / "123-dead.journal").exists()
+    assert sorted(t.id for t in store.list()) == [before.id, after.id]
+
+
+def test_a_cancel_reason_that_is_not_text_is_recorded_escaped(make_executor, store, marker):
+    # An MCP client's JSON can hold "\ud800"; a reason passed on from a path can hold a byte that is not UTF-8.
+    executor = make_executor()
+    handle = executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    executor.cancel(handle.id, "stopped by \ud800 in caf\udce9")
+    task = handle.wait(10)
+    assert (task.status, task.cancel_reason) == (TaskStatus.CANCELLED, "stopped by \\ud800 in caf\\xe9")
+    store.flush()
+    other = TaskStore(store.home)
+    try:
+        assert other.get(task.id).cancel_reason == "stopped by \\ud800 in caf\\xe9"
+        # Asked from another process, through the store, it is escaped the same way.
+        second = executor.submit(TaskRequest(host="local", command=f"sleep {marker}"))
+        wait_until(lambda: processes_with(f"sleep {marker}"))
+        store.flush()
+        other.request_cancel(second.id, "from \udcff")
+        assert second.wait(10).cancel_reason == "from \\xff"
+    finally:
+        other.close()
+
+
 def test_a_replayed_journal_leaves_each_task_in_its_latest_state(store):
     now = time.time()
     created = Task(id="0000000000a1", host="local", transport="local", command="true",

@@ -34,7 +34,7 @@ from fleetrun.core.secrets import redact
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
 from fleetrun.core.processes import boot_ticks, command_token, owner_token
 from fleetrun.core.store import Retention, TaskStore
-from fleetrun.core.text import CONTROL_CHARACTERS
+from fleetrun.core.text import CONTROL_CHARACTERS, encodable, text_problem
 from fleetrun.core.transport import Execution, Transport, TransportError
 
 log = logging.getLogger("fleetrun.executor")
@@ -100,7 +100,7 @@ def plan_task(
             raise FleetrunError(f"{name} must be greater than 0, got {value}")
     cls.register_secrets(host)  # before anything is recorded or shown: a secret typed into the command is hidden
     env = {**host.env, **request.env}
-    problem = environment_problem(env)
+    problem = environment_problem(env) or (text_problem(request.cwd, "the working directory") if request.cwd else None)
     if problem is not None:
         raise FleetrunError(problem)
     details: Mapping[str, object] = {}
@@ -727,9 +727,10 @@ class Executor:
         if live.tracker is not None:
             live.tracker.stop()  # may emit the last progress event; before `finished` is set
         live.finished = True
-        error = redact(error)
+        # Both may quote what a user or server wrote (a path, a reason), which may not be text.
+        error = encodable(redact(error)) if error is not None else None
         if live.cancel_reason is not None:
-            live.cancel_reason = redact(live.cancel_reason)
+            live.cancel_reason = encodable(redact(live.cancel_reason))
         stdout, stderr = live.stdout, live.stderr
         for spool in (stdout, stderr):
             if spool is not None:
@@ -823,6 +824,9 @@ def _check_command(command: str) -> None:
         raise FleetrunError("the command is empty")
     if len(command) > MAX_COMMAND_LENGTH:
         raise FleetrunError(f"the command is {len(command)} characters long; the limit is {MAX_COMMAND_LENGTH}")
+    problem = text_problem(command, "the command")
+    if problem is not None:
+        raise FleetrunError(f"{problem}; fleetrun runs and records commands as UTF-8 text")
     bad = _CONTROL_CHARACTER.search(command)
     if bad is not None:
         raise FleetrunError(

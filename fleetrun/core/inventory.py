@@ -32,6 +32,7 @@ import yaml
 from fleetrun.core import paths
 from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
+from fleetrun.core.text import text_problem
 from fleetrun.core.transport import HostField, Transport
 
 #: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
@@ -51,6 +52,9 @@ def environment_problem(env: Mapping[str, str]) -> str | None:
             return f"invalid environment variable name {name!r}: use letters, digits and '_'"
         if "\x00" in value:
             return f"the value of environment variable {name!r} contains a NUL character"
+        problem = text_problem(value, f"the value of environment variable {name!r}")
+        if problem is not None:
+            return problem
     return None
 
 

@@ -237,7 +237,7 @@ class Journal:
                     batch, self._queue = self._queue, []
                     self._urgent = False
                 try:
-                    in_transaction(db, lambda: self._apply(db, [entry for _, _, entry in batch]))
+                    apply_entries(db, self._apply, [entry for _, _, entry in batch], self.path)
                 except Exception as exc:  # the thread must not die: flush() and close() wait on it
                     with self._cond:
                         self._queue[:0] = batch
@@ -273,6 +273,37 @@ class Journal:
             # it) would take the task from the journal instead.
             self._truncate_if_applied()
             self._cond.notify_all()
+
+
+def apply_entries(db: sqlite3.Connection, apply: Apply, entries: Sequence[list[Any]], source: Path) -> None:
+    """Apply ``entries`` from the journal at ``source`` in one transaction.
+
+    Raises when the store refuses writes (locked, full): they can be applied later. An
+    entry that the store can never take (a bug: a value SQLite cannot hold) is dropped,
+    with an error, so that it does not hold back every entry after it, for ever.
+    """
+    try:
+        in_transaction(db, lambda: apply(db, entries))
+        return
+    except Exception as exc:
+        if _store_refused(exc):
+            raise
+    dropped = set()
+    for entry in entries:  # again one at a time, in order, to find the bad ones
+        try:
+            in_transaction(db, lambda: apply(db, [entry]))
+        except Exception as exc:
+            if _store_refused(exc):
+                raise
+            key = entry[1] if len(entry) > 1 else "?"
+            if key not in dropped:
+                dropped.add(key)
+                log.error("%s: dropped records of task %s that the store cannot take (%s: %s)", source, key, type(exc).__name__, exc)
+
+
+def _store_refused(exc: Exception) -> bool:
+    # What the database says about itself (locked, full, an I/O error), not about an entry.
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
 def in_transaction(db: sqlite3.Connection, work: Callable[[], None]) -> None:
@@ -320,7 +351,7 @@ def replay_abandoned(
                 entries += starts_to_entries(read_starts(starts))
             if entries:
                 try:
-                    in_transaction(db, lambda: apply(db, entries))
+                    apply_entries(db, apply, entries, path)
                 except sqlite3.Error as exc:  # a full disk, say: it stays for the next try
                     log.warning("cannot apply the journal %s of a fleetrun process that is gone (%s); kept for later", path, exc)
                     continue

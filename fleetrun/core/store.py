@@ -34,6 +34,7 @@ from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.models import Progress, Task, TaskStatus
 from fleetrun.core.output import OutputSlice, read_range, read_tail, spool_path
 from fleetrun.core.processes import command_token, owner_alive, stop_leftover_commands
+from fleetrun.core.text import encodable
 
 log = logging.getLogger("fleetrun.store")
 
@@ -222,7 +223,7 @@ class TaskStore:
             self._db.execute(
                 "INSERT INTO cancel_requests (task_id, reason, requested_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(task_id) DO NOTHING",
-                (check_task_id(task_id), reason, time.time()),
+                (check_task_id(task_id), encodable(reason), time.time()),
             )
 
     def cancel_requests(self, owner: str) -> list[tuple[str, str]]:

@@ -32,6 +32,36 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
     return _CONTROL.sub(escape, str(text))
 
 
+# A lone surrogate is not a character: no encoder takes it. Python makes one (U+DC80 to
+# U+DCFF) of each byte of a command line or file name that is not UTF-8; JSON's \\udXXX
+# escapes make any of them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text: str, what: str) -> str | None:
+    """Why ``text`` cannot be run and recorded as text, or None: it holds a lone surrogate."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    code = ord(found.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"{what} is not UTF-8: it has the byte 0x{code - 0xDC00:02X} at position {found.start()}"
+    return f"{what} has U+{code:04X} at position {found.start()}, which is not a character (a lone surrogate)"
+
+
+def encodable(text: str) -> str:
+    """``text`` with each lone surrogate written as an escape (``\\xe9`` for a byte that
+    was not UTF-8), so that it can be stored, logged and sent."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+    return _SURROGATE.sub(escape, text)
+
+
 def cut_character_at_end(data: bytes) -> int:
     """How many bytes at the end of ``data`` begin a UTF-8 character whose other bytes are
     not there (a read of output still being written, or of a piece, can end inside one).
