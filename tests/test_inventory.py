@@ -119,6 +119,15 @@ def test_a_named_file_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
         load_inventory(None, TRANSPORTS)
 
 
+def test_a_file_that_is_not_utf8_is_an_error_naming_its_line_and_column(tmp_path):
+    latin1 = tmp_path / "hosts.yaml"
+    latin1.write_bytes("hosts:\n  web1:\n    description: café\n".encode("latin-1"))
+    with pytest.raises(InventoryError) as error:
+        load_inventory(latin1, TRANSPORTS)
+    # Before: "cannot read the file: 'utf-8' codec can't decode byte 0xe9 in position 35: ...".
+    assert str(error.value) == f"{latin1}:3: the file is not UTF-8: column 21 has the byte 0xE9"
+
+
 def test_unknown_host_lists_the_known_ones():
     inventory = parse("hosts:\n  web1:\n  web2:\n")
     with pytest.raises(UnknownHostError, match="unknown host 'web3' \\(known hosts: web1, web2; inventory: hosts.yaml\\)"):

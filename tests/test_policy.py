@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fleetrun.core.errors import PolicyDenied, PolicyError
 from fleetrun.core.inventory import Host
 from fleetrun.core.models import TaskRequest
-from fleetrun.core.policy import BUILTIN_SOURCE, parse_policy, read_only_policy
+from fleetrun.core.policy import BUILTIN_SOURCE, load_policy, parse_policy, read_only_policy
 from fleetrun.core.shell import parse_command
 
 from conftest import REPO, run_cli
@@ -224,6 +224,14 @@ def test_a_malformed_policy_names_file_line_rule_and_field(text, message):
     with pytest.raises(PolicyError) as error:
         parse_policy(text, source="p.yaml")
     assert str(error.value).startswith(message)
+
+
+def test_a_policy_file_that_is_not_utf8_is_an_error_naming_its_line_and_column(tmp_path):
+    latin1 = tmp_path / "policy.yaml"
+    latin1.write_bytes("rules:\n  - allow: echo café\n".encode("latin-1"))
+    with pytest.raises(PolicyError) as error:
+        load_policy(latin1)
+    assert str(error.value) == f"{latin1}:2: the file is not UTF-8: column 20 has the byte 0xE9"
 
 
 # -- bypass attempts: the built-in read-only policy must deny every one ---------------------------

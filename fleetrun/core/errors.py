@@ -6,6 +6,8 @@ mistake; front ends print it on one line, without a traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class FleetrunError(Exception):
     """A problem the user can fix: bad input, unknown names, unusable configuration."""
@@ -45,6 +47,23 @@ class ConfigFileError(FleetrunError):
             parts.append(f"field {field!r}")
         subject = (", ".join(parts) + ": ") if parts else ""
         super().__init__(f"{where}: {subject}{message}")
+
+    @classmethod
+    def read_text(cls, path: Path) -> str:
+        """The text of the configuration file at ``path``; this error if it cannot be read
+        or is not UTF-8 (naming the line and column of the first byte that is not)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise cls(f"cannot read the file: {exc.strerror or exc}", path=str(path)) from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise cls(
+                f"the file is not UTF-8: column {column} has the byte 0x{data[exc.start]:02X}", path=str(path), line=line
+            ) from None
 
 
 class InventoryError(ConfigFileError):

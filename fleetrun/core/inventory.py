@@ -138,10 +138,7 @@ def load_inventory(
     path = find_hosts_file(explicit)
     if path is None:
         return default_inventory()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InventoryError(f"cannot read the file: {exc}", path=str(path)) from None
+    text = InventoryError.read_text(path)
     return parse_inventory(text, source=str(path), transports=transports)
 
 

@@ -294,10 +294,7 @@ def load_policy(explicit: str | os.PathLike[str] | None = None) -> Policy | None
     path = find_policy_file(explicit)
     if path is None:
         return None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"cannot read the file: {exc}", path=str(path)) from None
+    text = PolicyError.read_text(path)
     return parse_policy(text, source=str(path))
 
 
