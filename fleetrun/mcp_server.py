@@ -30,7 +30,7 @@ from fleetrun.core.batch import BatchRequest, run_batch_async, select_hosts
 from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownTaskError
 from fleetrun.core.executor import Executor
 from fleetrun.core.models import Limits, Task, TaskRequest, TaskStatus
-from fleetrun.core.output import check_offset
+from fleetrun.core.output import OutputSlice, check_offset
 from fleetrun.core.secrets import redact
 from fleetrun.mcp_subscriptions import SubscriptionsMiddleware
 from fleetrun.mcp_tasks import TasksMiddleware
@@ -224,6 +224,7 @@ class FleetrunMcp:
         self.notifier = notifier
 
     def finished_result(self, task: Task) -> RunResult:
+        """The result of a task that ended (reads its output: call it off the event loop)."""
         return RunResult(
             finished=True, task=_task_info(task),
             stdout_tail=self.tail(task.id, "stdout"), stderr_tail=self.tail(task.id, "stderr"),
@@ -346,14 +347,14 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             state.notifier.close_call(follower)
             if not done.done():
                 done.cancel()
-        task = executor.get(handle.id)
+        task = await asyncio.to_thread(executor.get, handle.id)
         if not task.status.is_terminal:
             return RunResult(
                 finished=False, task=_task_info(task),
                 hint=f"still running after {wait:g} s: follow it with get_task('{task.id}') and "
                      f"get_task_output('{task.id}'), or stop it with cancel_task",
             )
-        return state.finished_result(task)
+        return await asyncio.to_thread(state.finished_result, task)
 
     @server.tool(description="Start a command and return its task id at once; follow it with get_task.")
     async def start_task(host: HostName, command: Command, ctx: Context, timeout_s: TimeoutS = None) -> TaskInfo:
@@ -391,7 +392,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")
     async def get_task(task_id: TaskId) -> TaskInfo:
         try:
-            return _task_info(executor.get(task_id))
+            return _task_info(await asyncio.to_thread(executor.get, task_id))
         except FleetrunError as exc:
             raise _fail(exc) from None
 
@@ -409,13 +410,17 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         tail_lines: Annotated[int | None, Field(ge=0, description="instead of offset: the last this many lines")] = None,
     ) -> OutputChunk:
         size = min(max_bytes, MAX_READ_BYTES)
-        try:
+
+        def read() -> tuple[Task, OutputSlice, str]:
             task = executor.get(task_id)
             if tail_lines is not None:
-                piece, text = executor.tail_output_text(task_id, stream, lines=tail_lines, max_bytes=size)
-            else:
-                piece, text = executor.read_output_text(task_id, stream, offset=offset, max_bytes=size)
-                check_offset(task_id, piece)
+                return task, *executor.tail_output_text(task_id, stream, lines=tail_lines, max_bytes=size)
+            piece, text = executor.read_output_text(task_id, stream, offset=offset, max_bytes=size)
+            check_offset(task_id, piece)
+            return task, piece, text
+
+        try:
+            task, piece, text = await asyncio.to_thread(read)
         except FleetrunError as exc:
             raise _fail(exc) from None
         return OutputChunk(
@@ -427,12 +432,12 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     async def cancel_task(task_id: TaskId) -> CancelResult:
         try:
             cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
-            task = executor.get(task_id)
+            task = await asyncio.to_thread(executor.get, task_id)
             if cancelled:
                 try:  # its processes take a moment to stop
                     task = await asyncio.wait_for(executor.wait_async(task_id), CANCEL_WAIT_S)
                 except asyncio.TimeoutError:
-                    task = executor.get(task_id)
+                    task = await asyncio.to_thread(executor.get, task_id)
         except FleetrunError as exc:
             raise _fail(exc) from None
         return CancelResult(task_id=task_id, cancelled=cancelled, status=task.status.value)
@@ -447,7 +452,8 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         limit: Annotated[int, Field(ge=1, le=200, description="at most this many, newest first")] = 20,
     ) -> TaskListing:
         statuses = [TaskStatus(status)] if status else None
-        tasks = executor.list(status=statuses, host=host, limit=limit)
+        # Off the event loop: listing first waits for this process's records to reach SQLite.
+        tasks = await asyncio.to_thread(executor.list, status=statuses, host=host, limit=limit)
         return TaskListing(tasks=[_task_info(t) for t in tasks])
 
     @server.resource(HOSTS_URI, name="hosts", description="The inventory's hosts", mime_type="application/json")
@@ -459,15 +465,17 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         mime_type="application/json",
     )
     async def task_resource(task_id: str) -> str:
+        def read() -> dict[str, Any]:
+            return {
+                "task": _task_info(executor.get(task_id)).model_dump(),
+                "stdout_tail": state.tail(task_id, "stdout"),
+                "stderr_tail": state.tail(task_id, "stderr"),
+            }
+
         try:
-            task = executor.get(task_id)
+            body = await asyncio.to_thread(read)
         except UnknownTaskError as exc:
             raise ToolError(str(exc)) from None
-        body = {
-            "task": _task_info(task).model_dump(),
-            "stdout_tail": state.tail(task_id, "stdout"),
-            "stderr_tail": state.tail(task_id, "stderr"),
-        }
         return json.dumps(body, indent=2)
 
     @server.prompt(name="fleetrun_guide", description="How to plan, run, follow and cancel commands with fleetrun")

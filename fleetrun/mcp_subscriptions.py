@@ -14,6 +14,7 @@ and not kept, so that sessions which leave without unsubscribing leave nothing b
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from mcp.shared.exceptions import MCPError
@@ -46,14 +47,14 @@ class SubscriptionsMiddleware:
                 raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: only fleetrun:// resources")
             if method == "resources/unsubscribe":
                 self.notifier.unsubscribe(ctx.session, uri)
-            elif self._may_change(uri):
+            elif await self._may_change(uri):
                 self.notifier.subscribe(ctx.session, uri)
-                if not self._may_change(uri):  # it ended meanwhile, and its last update is gone
+                if not await self._may_change(uri):  # it ended meanwhile, and its last update is gone
                     self.notifier.unsubscribe(ctx.session, uri)
             return {}
         return await call_next(ctx)
 
-    def _may_change(self, uri: str) -> bool:
+    async def _may_change(self, uri: str) -> bool:
         """Whether the resource can still change: only a task that has not ended can."""
         if uri == HOSTS_URI:
             return False
@@ -61,6 +62,7 @@ class SubscriptionsMiddleware:
         if task_id == uri:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: no such resource")
         try:
-            return not self.executor.get(task_id).status.is_terminal
+            task = await asyncio.to_thread(self.executor.get, task_id)  # the store, for a task not running here
+            return not task.status.is_terminal
         except FleetrunError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: {exc}") from None

@@ -15,6 +15,7 @@ middleware: it answers the task methods itself, advertises ``capabilities.tasks`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class TasksMiddleware:
         arguments = params.get("arguments") or {}
         # The receiver may grant a different ttl than asked; it answers with the one it keeps.
         ttl = min(max(int((params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS), MIN_TTL_MS), MAX_TTL_MS)
-        self._forget_expired()
+        await self._forget_expired()
         try:
             handle, _ = await self.state.submit(
                 ctx.session, str(arguments.get("host", "")), str(arguments.get("command", "")),
@@ -116,30 +117,30 @@ class TasksMiddleware:
         self.tasks[handle.id] = _McpTask(handle.id, ttl, ctx.session, time.monotonic() + ttl / 1000)
         return {"task": self.wire_task(self.state.executor.get(handle.id), ttl)}
 
-    def _record(self, task_id: str) -> Task | None:
+    async def _record(self, task_id: str) -> Task | None:
         """The task's record; None (and the MCP task forgotten) if the store no longer has it."""
         try:
-            return self.state.executor.get(task_id)
+            return await asyncio.to_thread(self.state.executor.get, task_id)  # the store, once it has ended
         except UnknownTaskError:
             self.tasks.pop(task_id, None)
             return None
 
-    def _forget_expired(self) -> None:
+    async def _forget_expired(self) -> None:
         now = time.monotonic()
         for task_id in [t.task_id for t in self.tasks.values() if t.expires <= now]:
-            task = self._record(task_id)
+            task = await self._record(task_id)
             if task is not None and task.status.is_terminal:
                 del self.tasks[task_id]  # a task still running stays: it can still be cancelled
 
     async def _task_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        self._forget_expired()
+        await self._forget_expired()
         if method == "tasks/list":
-            tasks = [task for task in map(self._record, list(self.tasks)) if task is not None]
+            tasks = [task for task in [await self._record(task_id) for task_id in list(self.tasks)] if task is not None]
             tasks.sort(key=lambda t: t.created_at, reverse=True)
             return {"tasks": [self.wire_task(t, self.tasks[t.id].ttl_ms) for t in tasks]}
         task_id = params.get("taskId")
         entry = self.tasks.get(task_id) if isinstance(task_id, str) else None
-        task = self._record(task_id) if entry is not None else None
+        task = await self._record(task_id) if entry is not None else None
         if entry is None or task is None:
             raise MCPError(code=INVALID_PARAMS, message=f"unknown task {task_id!r}")
         executor = self.state.executor
@@ -151,7 +152,7 @@ class TasksMiddleware:
             await executor.cancel_async(task_id, "cancelled through tasks/cancel")
             return self.wire_task(await executor.wait_async(task_id), entry.ttl_ms)
         task = await executor.wait_async(task_id)  # tasks/result blocks until the task ends
-        result = self.result_for(task)
+        result = await asyncio.to_thread(self.result_for, task)
         body = json.loads(result.model_dump_json())
         return {
             "content": [{"type": "text", "text": json.dumps(body)}],

@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -266,6 +267,45 @@ def test_cancel_is_served_while_run_command_waits(server_for, mode, marker):
             assert run_result["finished"] is True and run_result["task"]["status"] == "cancelled"
 
     run(scenario)
+    assert_none_left(marker)
+
+
+def test_while_another_process_locks_the_store_the_server_keeps_answering(server_for, store, marker):
+    # Listing waits for this process's records to reach SQLite, which another process's
+    # long write holds back. Before, it waited on the event loop, and every session waited with it.
+    server, executor = server_for()
+    locker = sqlite3.connect(store.home / "tasks.sqlite3", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    locked = True
+
+    async def scenario():
+        nonlocal locked
+        async with mcp.Client(server) as client:
+            started = (await client.call_tool("start_task", {"host": "local", "command": f"sleep {marker}"})).structured_content
+            listing = {}
+
+            async def list_tasks():
+                listing.update((await client.call_tool("list_tasks", {})).structured_content)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(list_tasks)
+                await anyio.sleep(0.3)
+                assert listing == {}  # still waiting for the store
+                with anyio.fail_after(5):
+                    got = (await client.call_tool("get_task", {"task_id": started["task_id"]})).structured_content
+                assert got["status"] == "running"
+                locker.execute("ROLLBACK")
+                locked = False
+            assert [t["task_id"] for t in listing["tasks"]] == [started["task_id"]]
+            cancelled = await client.call_tool("cancel_task", {"task_id": started["task_id"]})
+            assert cancelled.structured_content["status"] == "cancelled"
+
+    try:
+        run(scenario)
+    finally:
+        if locked:
+            locker.execute("ROLLBACK")
+        locker.close()
     assert_none_left(marker)
 
 
