@@ -187,6 +187,29 @@ def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, com
     assert executor.list() == []
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # Before: TypeErrors from inside the executor, or a task failed "in the local transport".
+        ({"timeout_s": "5"}, "timeout_s must be a number of seconds, got '5'"),
+        ({"timeout_s": True}, "timeout_s must be a number of seconds, got True"),
+        ({"timeout_s": float("nan")}, "timeout_s must be greater than 0, got nan"),
+        ({"max_output_bytes": 1.5}, "max_output_bytes must be a whole number of bytes, got 1.5"),
+        ({"max_output_bytes": -1}, "max_output_bytes must be greater than 0, got -1"),
+        ({"env": {"A": 5}}, "env must map variable names to string values, got {'A': 5}"),
+        ({"env": ["A=1"]}, "env must map variable names to string values, got ['A=1']"),
+        ({"cwd": 7}, "cwd must be a string, got 7"),
+        ({"progress_pattern": b"(\\d+)%"}, "progress_pattern must be a string, got b'"),
+    ],
+)
+def test_a_request_with_an_option_of_the_wrong_type_is_refused_clearly(make_executor, options, message):
+    executor = make_executor()
+    with pytest.raises(FleetrunError) as error:
+        executor.submit(TaskRequest(host="local", command="true", **options))
+    assert str(error.value).startswith(message)
+    assert executor.list() == []
+
+
 def test_a_working_directory_that_is_not_utf8_is_refused(make_executor):
     executor = make_executor()
     with pytest.raises(FleetrunError, match="the working directory is not UTF-8: it has the byte 0xE9 at position 8"):

@@ -95,9 +95,7 @@ def plan_task(
             f"host {host.name!r} uses transport {host.transport!r}, which no loaded plugin provides "
             f"(available: {available})"
         )
-    for name, value in (("timeout_s", request.timeout_s), ("max_output_bytes", request.max_output_bytes)):
-        if value is not None and not value > 0:
-            raise FleetrunError(f"{name} must be greater than 0, got {value}")
+    _check_options(request)
     cls.register_secrets(host)  # before anything is recorded or shown: a secret typed into the command is hidden
     env = {**host.env, **request.env}
     problem = environment_problem(env) or (text_problem(request.cwd, "the working directory") if request.cwd else None)
@@ -833,6 +831,32 @@ def _check_command(command: str) -> None:
             f"the command contains the control character U+{ord(bad.group()):04X} at position {bad.start()}: "
             "only tabs and newlines are accepted (terminal escapes, NUL and bidirectional overrides are refused)"
         )
+
+
+def _check_options(request: TaskRequest) -> None:
+    """A request made in Python can hold any type: a wrong one is an error here, not deep in a transport."""
+    for name, value, kinds, unit in (
+        ("timeout_s", request.timeout_s, (int, float), "a number of seconds"),
+        ("max_output_bytes", request.max_output_bytes, (int,), "a whole number of bytes"),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise FleetrunError(f"{name} must be {unit}, got {value!r}")
+        if not value > 0:
+            raise FleetrunError(f"{name} must be greater than 0, got {value}")
+    if not isinstance(request.env, Mapping) or not all(
+        isinstance(name, str) and isinstance(value, str) for name, value in request.env.items()
+    ):
+        raise FleetrunError(f"env must map variable names to string values, got {_shown(request.env)}")
+    for name, value in (("cwd", request.cwd), ("progress_pattern", request.progress_pattern)):
+        if value is not None and not isinstance(value, str):
+            raise FleetrunError(f"{name} must be a string, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "…"
 
 
 #: What a command may not contain: the control characters other than tab and newline.
