@@ -13,6 +13,7 @@ from fleetrun import hookimpl
 from fleetrun.core.errors import FleetrunError
 from fleetrun.core.events import EventRecorder
 from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.plugin_manager import SLOW_HOOK_SECONDS
 from fleetrun.core.store import TaskStore
 
 from conftest import assert_none_left, processes_running, wait_until
@@ -338,6 +339,23 @@ def test_a_failing_notifier_is_logged_and_isolated(make_executor, recorder, capl
     messages = [r.getMessage() for r in failures]
     assert all("_Exploding" in m for m in messages), messages
     assert {m.split(" in ")[1].split(";")[0] for m in messages} == {"fleetrun_task_created", "fleetrun_task_completed"}
+
+
+class _Slow:
+    @hookimpl
+    def fleetrun_task_completed(self, task, result):
+        time.sleep(SLOW_HOOK_SECONDS + 0.05)  # a notifier posting to a web service, say, on the engine thread
+
+
+def test_a_slow_notifier_is_named_once_in_a_warning(make_executor, recorder, caplog):
+    executor = make_executor(plugins=[_Slow()])
+    with caplog.at_level(logging.WARNING, logger="fleetrun.plugins"):
+        tasks = [executor.run(TaskRequest(host="local", command="true")) for _ in range(2)]
+    assert [t.status for t in tasks] == [TaskStatus.SUCCEEDED] * 2
+    slow = [r.getMessage() for r in caplog.records if "engine thread" in r.getMessage()]
+    assert len(slow) == 1, slow  # once, not for every task
+    assert "_Slow" in slow[0].split("' took ")[0] and " in fleetrun_task_completed: " in slow[0]
+    assert "hand slow work to a thread" in slow[0]
 
 
 def test_progress_stops_before_the_final_hook(make_executor, recorder):

@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -42,6 +43,10 @@ BUILTIN_PLUGINS = (
 )
 
 log = logging.getLogger("fleetrun.plugins")
+
+#: A lifecycle hook that runs this long holds up every task of its executor: its plugin is
+#: named in a warning (once), since nothing else shows where the time went.
+SLOW_HOOK_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class PluginManager:
         self._notifiers: dict[str, list[_Notifier]] | None = None
         self._transports: dict[str, type[Transport]] | None = None
         self._tracing = False
+        self._named_slow: set[str] = set()
         for name in filter(None, (n.strip() for n in env.get(DISABLE_ENV, "").split(","))):
             self._pm.set_blocked(name)
         if env.get(TRACE_ENV, "") not in ("", "0", "false", "no"):
@@ -229,10 +235,18 @@ class PluginManager:
 
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         for notifier in self._notifiers_for(hook_name):
+            started = time.monotonic()
             try:
                 notifier.call(**kwargs)
             except Exception:
                 log.exception("plugin %r failed in %s; the task and other plugins go on", notifier.plugin_name, hook_name)
+            took = time.monotonic() - started
+            if took >= SLOW_HOOK_SECONDS and notifier.plugin_name not in self._named_slow:
+                self._named_slow.add(notifier.plugin_name)
+                log.warning(
+                    "plugin %r took %.2f s in %s: hooks run on the executor's engine thread, and every task waits "
+                    "for them; a hook should hand slow work to a thread of its own", notifier.plugin_name, took, hook_name,
+                )
 
     def _notifiers_for(self, hook_name: str) -> list[_Notifier]:
         if self._notifiers is None:
