@@ -347,7 +347,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             state.notifier.close_call(follower)
             if not done.done():
                 done.cancel()
-        task = await asyncio.to_thread(executor.get, handle.id)
+        task = await executor.get_async(handle.id)
         if not task.status.is_terminal:
             return RunResult(
                 finished=False, task=_task_info(task),
@@ -392,7 +392,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")
     async def get_task(task_id: TaskId) -> TaskInfo:
         try:
-            return _task_info(await asyncio.to_thread(executor.get, task_id))
+            return _task_info(await executor.get_async(task_id))
         except FleetrunError as exc:
             raise _fail(exc) from None
 
@@ -432,12 +432,12 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     async def cancel_task(task_id: TaskId) -> CancelResult:
         try:
             cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
-            task = await asyncio.to_thread(executor.get, task_id)
+            task = await executor.get_async(task_id)
             if cancelled:
                 try:  # its processes take a moment to stop
                     task = await asyncio.wait_for(executor.wait_async(task_id), CANCEL_WAIT_S)
                 except asyncio.TimeoutError:
-                    task = await asyncio.to_thread(executor.get, task_id)
+                    task = await executor.get_async(task_id)
         except FleetrunError as exc:
             raise _fail(exc) from None
         return CancelResult(task_id=task_id, cancelled=cancelled, status=task.status.value)
@@ -452,8 +452,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         limit: Annotated[int, Field(ge=1, le=200, description="at most this many, newest first")] = 20,
     ) -> TaskListing:
         statuses = [TaskStatus(status)] if status else None
-        # Off the event loop: listing first waits for this process's records to reach SQLite.
-        tasks = await asyncio.to_thread(executor.list, status=statuses, host=host, limit=limit)
+        tasks = await executor.list_async(status=statuses, host=host, limit=limit)
         return TaskListing(tasks=[_task_info(t) for t in tasks])
 
     @server.resource(HOSTS_URI, name="hosts", description="The inventory's hosts", mime_type="application/json")

@@ -62,7 +62,7 @@ class SubscriptionsMiddleware:
         if task_id == uri:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: no such resource")
         try:
-            task = await asyncio.to_thread(self.executor.get, task_id)  # the store, for a task not running here
+            task = await self.executor.get_async(task_id)  # the store, for a task not running here
             return not task.status.is_terminal
         except FleetrunError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: {exc}") from None

@@ -120,7 +120,7 @@ class TasksMiddleware:
     async def _record(self, task_id: str) -> Task | None:
         """The task's record; None (and the MCP task forgotten) if the store no longer has it."""
         try:
-            return await asyncio.to_thread(self.state.executor.get, task_id)  # the store, once it has ended
+            return await self.state.executor.get_async(task_id)  # the store, once it has ended
         except UnknownTaskError:
             self.tasks.pop(task_id, None)
             return None

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fleetrun.core.errors import FleetrunError, UnknownHostError
+from fleetrun.core.errors import FleetrunError, UnknownHostError, UnknownTaskError
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.secrets import register_secret
 
@@ -319,6 +319,27 @@ def test_asyncio_callers_are_not_blocked(make_executor):
     tasks, ticks = asyncio.run(main())
     assert [t.status for t in tasks] == [TaskStatus.SUCCEEDED] * 3
     assert ticks >= 15  # the loop kept running while the tasks did
+
+
+def test_async_reads_give_what_the_blocking_ones_give(make_executor, marker):
+    executor = make_executor()
+
+    async def main():
+        ended = await executor.run_async(TaskRequest(host="local", command="echo done"))
+        running = await executor.submit_async(TaskRequest(host="local", command=f"sleep {marker}"))
+        live = await executor.get_async(running.id)
+        stored = await executor.get_async(ended.id)
+        listed = await executor.list_async(status=[TaskStatus.SUCCEEDED])
+        with pytest.raises(UnknownTaskError):
+            await executor.get_async("0123456789ab")
+        executor.cancel(running.id)
+        await running.wait_async()
+        return ended, live, stored, listed
+
+    ended, live, stored, listed = asyncio.run(main())
+    assert live.status in (TaskStatus.QUEUED, TaskStatus.RUNNING) and live.command == f"sleep {marker}"
+    assert stored == ended == executor.get(ended.id)
+    assert listed == [ended]
 
 
 def test_unknown_host_and_bad_requests_are_refused_before_anything_runs(make_executor, recorder, store):

@@ -351,6 +351,20 @@ class Executor:
             return live.record
         return self.store.get(task_id)
 
+    async def get_async(self, task_id: str) -> Task:
+        """:meth:`get` without blocking the event loop: a task this executor runs is answered
+        from memory, any other is read from the store on a worker thread."""
+        live = self._live.get(task_id)
+        if live is not None:
+            return live.record
+        return await asyncio.to_thread(self.store.get, task_id)
+
+    async def list_async(
+        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50
+    ) -> list[Task]:
+        """:meth:`list` on a worker thread: it first waits for this process's records to reach SQLite."""
+        return await asyncio.to_thread(self.list, status=status, host=host, limit=limit)
+
     def list(self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50) -> list[Task]:
         """Tasks newest first; this executor's own live tasks as they are now, not as last stored."""
         wanted = set(status) if status is not None else None
