@@ -196,8 +196,9 @@ def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, com
         ({"timeout_s": float("nan")}, "timeout_s must be greater than 0, got nan"),
         ({"max_output_bytes": 1.5}, "max_output_bytes must be a whole number of bytes, got 1.5"),
         ({"max_output_bytes": -1}, "max_output_bytes must be greater than 0, got -1"),
-        ({"env": {"A": 5}}, "env must map variable names to string values, got {'A': 5}"),
-        ({"env": ["A=1"]}, "env must map variable names to string values, got ['A=1']"),
+        ({"env": {"DB_PASSWORD": b"hunter2"}}, "env['DB_PASSWORD'] must be a string, got a bytes"),  # never its value
+        ({"env": {5: "x"}}, "env must map variable names to strings, got the name 5"),
+        ({"env": ["A=1"]}, "env must map variable names to strings, got a list"),
         ({"cwd": 7}, "cwd must be a string, got 7"),
         ({"progress_pattern": b"(\\d+)%"}, "progress_pattern must be a string, got b'"),
     ],
@@ -207,6 +208,7 @@ def test_a_request_with_an_option_of_the_wrong_type_is_refused_clearly(make_exec
     with pytest.raises(FleetrunError) as error:
         executor.submit(TaskRequest(host="local", command="true", **options))
     assert str(error.value).startswith(message)
+    assert "hunter2" not in str(error.value)
     assert executor.list() == []
 
 

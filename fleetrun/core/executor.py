@@ -859,10 +859,14 @@ def _check_options(request: TaskRequest) -> None:
             raise FleetrunError(f"{name} must be {unit}, got {value!r}")
         if not value > 0:
             raise FleetrunError(f"{name} must be greater than 0, got {value}")
-    if not isinstance(request.env, Mapping) or not all(
-        isinstance(name, str) and isinstance(value, str) for name, value in request.env.items()
-    ):
-        raise FleetrunError(f"env must map variable names to string values, got {_shown(request.env)}")
+    # The values are never shown: an environment is where secrets are passed.
+    if not isinstance(request.env, Mapping):
+        raise FleetrunError(f"env must map variable names to strings, got a {type(request.env).__name__}")
+    for name, value in request.env.items():
+        if not isinstance(name, str):
+            raise FleetrunError(f"env must map variable names to strings, got the name {_shown(name)}")
+        if not isinstance(value, str):
+            raise FleetrunError(f"env[{name!r}] must be a string, got a {type(value).__name__}")
     for name, value in (("cwd", request.cwd), ("progress_pattern", request.progress_pattern)):
         if value is not None and not isinstance(value, str):
             raise FleetrunError(f"{name} must be a string, got {_shown(value)}")
