@@ -239,6 +239,24 @@ def test_without_a_start_log_tasks_still_run_and_are_recorded(make_executor, sto
     assert "no start log in" in caplog.text and "No such device" in caplog.text
 
 
+def test_on_a_file_system_without_fallocate_the_start_log_is_allocated_by_writing_it(tmp_path, monkeypatch):
+    # Its space is taken before it is mapped, so that a full disk fails here instead of
+    # killing the process (SIGBUS) at a note (tests/test_full_disk.py). Where fallocate is
+    # not supported (which this machine's file systems do), zeros are written instead.
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(start_log.os, "posix_fallocate", unsupported)
+    log = StartLog(tmp_path / "x.starts")
+    try:
+        path = tmp_path / "x.starts"
+        assert path.stat().st_blocks * 512 >= path.stat().st_size  # written, not sparse
+        log.note("0123456789ab", 4242, 99)
+        assert read_starts(path) == {"0123456789ab": (4242, 99)}
+    finally:
+        log.close()
+
+
 def test_cancel_from_another_process_reaches_the_owner(store, marker):
     owner, task_id = start_owner(store.home, f"sleep {marker}")
     try:

@@ -18,6 +18,7 @@ than can start within the moment a task goes unrecorded.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -45,9 +46,7 @@ class StartLog:
         size = _HEADER.size + SLOTS * _SLOT.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            # Allocated now, not at the first write to a page: a write to a mapped page that a
-            # full disk cannot back kills the process (SIGBUS), where this only fails.
-            os.posix_fallocate(fd, 0, size)
+            _allocate(fd, size)
             self._map = mmap.mmap(fd, size)
         except BaseException:
             path.unlink(missing_ok=True)
@@ -71,6 +70,17 @@ class StartLog:
             if not self._map.closed:
                 self._map.close()
                 self.path.unlink(missing_ok=True)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the file its disk space now, not at the first write to each page: a write to a
+    mapped page that a full disk cannot back kills the process (SIGBUS), where this fails."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.pwrite(fd, bytes(size), 0)  # a file system without fallocate (musl does not emulate it)
 
 
 def read_starts(path: Path) -> dict[str, tuple[int, int]]:
