@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import inspect
 import logging
 import re
@@ -15,7 +17,7 @@ from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.transport import Transport
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 
 def all_hookspecs() -> list[str]:
@@ -138,6 +140,37 @@ def test_a_transport_that_breaks_fails_its_task_and_nothing_else(make_executor, 
     assert recorder[-1].result.error == task.error
     assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
     assert executor.run(TaskRequest(host="local", command="true")).status is TaskStatus.SUCCEEDED
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+def test_a_transport_that_swallows_its_cancellation_still_ends_its_task_as_stopped(make_executor, recorder, ending):
+    class StubbornTransport(Transport):
+        name = "stubborn"
+
+        async def execute(self, execution):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:  # a third-party transport that stops late, and says all went well
+                await asyncio.sleep(0.05)
+            return 0
+
+    class StubbornPlugin:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            register(StubbornTransport)
+
+    executor = make_executor(plugins=[StubbornPlugin()], hosts_yaml="hosts:\n  mule:\n    transport: stubborn\n")
+    if ending == "timeout":
+        task = executor.run(TaskRequest(host="mule", command="true", timeout_s=0.2))
+        # Before: succeeded, with exit code 0, though it was stopped for running too long.
+        assert (task.status, task.exit_code, task.error) == (TaskStatus.TIMED_OUT, None, "timed out after 0.2 s")
+    else:
+        handle = executor.submit(TaskRequest(host="mule", command="true"))
+        wait_until(lambda: executor.get(handle.id).status is TaskStatus.RUNNING)
+        executor.cancel(handle.id, "no longer needed")
+        task = handle.wait(10)
+        assert (task.status, task.exit_code, task.cancel_reason) == (TaskStatus.CANCELLED, None, "no longer needed")
+    assert recorder.names(task.id)[-1] == ("task.completed" if ending == "timeout" else "task.cancelled")
 
 
 def test_two_transports_with_one_name_is_an_error():

@@ -602,11 +602,17 @@ class Executor:
             transport = self._transport_for(live.plan.host)
             exit_code = await transport.execute(execution)
             status = TaskStatus.SUCCEEDED if exit_code == 0 else TaskStatus.FAILED
+            if live.ending is not None:
+                # Stopped, but the transport returned instead of letting the cancellation
+                # through: what it reports is not how the task ended.
+                raise asyncio.CancelledError
         except asyncio.CancelledError:
             if live.ending is None:
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            status = live.ending
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                current.uncancel()
+            status, exit_code = live.ending, None
             if status is TaskStatus.TIMED_OUT:
                 error = f"timed out after {live.plan.limits.max_seconds:g} s"
         except TransportError as exc:
