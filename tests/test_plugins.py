@@ -7,10 +7,12 @@ import asyncio
 import inspect
 import logging
 import re
+import threading
 
 import pytest
 
 from fleetrun import hookimpl
+from fleetrun.core import executor as executor_module
 from fleetrun.core import hookspecs
 from fleetrun.core.errors import PluginError
 from fleetrun.core.models import TaskRequest, TaskStatus
@@ -85,6 +87,17 @@ def test_tracing_switch_logs_hook_calls(caplog):
     assert not [r for r in caplog.records if r.name == "fleetrun.trace"]
 
 
+def _registering(transport: type[Transport]) -> object:
+    """A plugin that adds ``transport``."""
+
+    class Plugin:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            register(transport)
+
+    return Plugin()
+
+
 def _task():
     from fleetrun.core.models import Task
 
@@ -99,12 +112,7 @@ def test_a_plugin_can_add_a_transport(make_executor):
             execution.stdout.write(f"would run: {execution.command}\n".encode())
             return 0
 
-    class EchoPlugin:
-        @hookimpl
-        def fleetrun_register_transports(self, register):
-            register(EchoTransport)
-
-    executor = make_executor(plugins=[EchoPlugin()])
+    executor = make_executor(plugins=[_registering(EchoTransport)])
     executor.inventory = __import__("fleetrun.core.inventory", fromlist=["x"]).parse_inventory(
         "hosts:\n  fake:\n    transport: echo\n", transports=executor.plugins.transports
     )
@@ -121,13 +129,8 @@ def test_a_transport_that_breaks_fails_its_task_and_nothing_else(make_executor, 
             execution.stdout.write(b"partial\n")
             raise KeyError("token=hunter2-in-the-message")  # a bug, not a TransportError
 
-    class BrokenPlugin:
-        @hookimpl
-        def fleetrun_register_transports(self, register):
-            register(BrokenTransport)
-
     executor = make_executor(
-        plugins=[BrokenPlugin()],
+        plugins=[_registering(BrokenTransport)],
         hosts_yaml="hosts:\n  flaky:\n    transport: broken\n  local:\n    transport: local\n",
     )
     with caplog.at_level(logging.ERROR, logger="fleetrun.executor"):
@@ -154,12 +157,7 @@ def test_a_transport_that_swallows_its_cancellation_still_ends_its_task_as_stopp
                 await asyncio.sleep(0.05)
             return 0
 
-    class StubbornPlugin:
-        @hookimpl
-        def fleetrun_register_transports(self, register):
-            register(StubbornTransport)
-
-    executor = make_executor(plugins=[StubbornPlugin()], hosts_yaml="hosts:\n  mule:\n    transport: stubborn\n")
+    executor = make_executor(plugins=[_registering(StubbornTransport)], hosts_yaml="hosts:\n  mule:\n    transport: stubborn\n")
     if ending == "timeout":
         task = executor.run(TaskRequest(host="mule", command="true", timeout_s=0.2))
         # Before: succeeded, with exit code 0, though it was stopped for running too long.
@@ -171,6 +169,44 @@ def test_a_transport_that_swallows_its_cancellation_still_ends_its_task_as_stopp
         task = handle.wait(10)
         assert (task.status, task.exit_code, task.cancel_reason) == (TaskStatus.CANCELLED, None, "no longer needed")
     assert recorder.names(task.id)[-1] == ("task.completed" if ending == "timeout" else "task.cancelled")
+
+
+def test_a_transport_that_never_stops_does_not_hold_its_task_or_the_executor_open(make_executor, recorder, monkeypatch, caplog):
+    monkeypatch.setattr(executor_module, "_STOP_GRACE_SECONDS", 0.3)
+    released = threading.Event()
+
+    class DeafTransport(Transport):
+        name = "deaf"
+
+        async def execute(self, execution):
+            while not released.is_set():  # a third-party transport that ignores cancellation
+                try:
+                    await asyncio.sleep(0.02)
+                except asyncio.CancelledError:
+                    pass
+            return 0
+
+    executor = make_executor(plugins=[_registering(DeafTransport)], hosts_yaml="hosts:\n  deaf:\n    transport: deaf\n")
+    try:
+        with caplog.at_level(logging.ERROR, logger="fleetrun.executor"):
+            timed = executor.submit(TaskRequest(host="deaf", command="true", timeout_s=0.2)).wait(10)
+        # Before: the task never ended (and run() waited for ever).
+        assert (timed.status, timed.error_category) == (TaskStatus.TIMED_OUT, "internal")
+        assert timed.error == "timed out after 0.2 s; the deaf transport did not stop within 0.3 s (see the log)"
+        assert f"task {timed.id}: the deaf transport did not stop within 0.3 s" in caplog.text
+        handle = executor.submit(TaskRequest(host="deaf", command="true"))
+        wait_until(lambda: executor.get(handle.id).status is TaskStatus.RUNNING)
+        executor.cancel(handle.id, "enough")
+        cancelled = handle.wait(10)
+        assert (cancelled.status, cancelled.cancel_reason) == (TaskStatus.CANCELLED, "enough")
+        assert cancelled.error == "the deaf transport did not stop within 0.3 s (see the log)"
+        assert recorder.names(cancelled.id) == ["task.created", "task.cancelled"]  # once, though its runner lives on
+        stuck = executor.submit(TaskRequest(host="deaf", command="true"))
+        wait_until(lambda: executor.get(stuck.id).status is TaskStatus.RUNNING)
+        executor.close()  # before: waited for ever for that runner
+        assert stuck.wait(0).status is TaskStatus.CANCELLED
+    finally:
+        released.set()
 
 
 def test_two_transports_with_one_name_is_an_error():

@@ -32,7 +32,7 @@ from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import Decision, Policy
 from fleetrun.core.secrets import redact
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
-from fleetrun.core.processes import boot_ticks, command_token, owner_token
+from fleetrun.core.processes import KILL_GRACE_SECONDS, boot_ticks, command_token, owner_token
 from fleetrun.core.store import Retention, TaskStore
 from fleetrun.core.text import CONTROL_CHARACTERS, encodable, text_problem
 from fleetrun.core.transport import Execution, Transport, TransportError
@@ -53,6 +53,10 @@ _RUNNING_WRITE_DELAY = 0.01
 #: How long the engine may wait on its own thread for a command when it runs nothing else
 #: (see ``Execution.wait_inline_s``). New work waits at most this long for it.
 _WAIT_INLINE_SECONDS = 0.002
+#: A transport told to stop (timeout, cancel, shutdown) has this long to return; then its
+#: task ends without it. Ours stop in well under KILL_GRACE_SECONDS; one that does not is a
+#: bug (a third-party transport that ignores cancellation), which must not hold a task open.
+_STOP_GRACE_SECONDS = KILL_GRACE_SECONDS + 8.0
 
 
 @dataclass(frozen=True)
@@ -699,7 +703,26 @@ class Executor:
     def _expire(self, live: _LiveTask) -> None:
         if live.ending is None and not live.finished and live.runner is not None:
             live.ending = TaskStatus.TIMED_OUT
-            live.runner.cancel()
+            self._stop(live)
+
+    def _stop(self, live: _LiveTask) -> None:
+        """Cancel the task's runner (``live.ending`` says why), and end the task without it
+        if its transport does not return in time."""
+        assert live.runner is not None
+        live.runner.cancel()
+        asyncio.get_running_loop().call_later(_STOP_GRACE_SECONDS, self._abandon, live)
+
+    def _abandon(self, live: _LiveTask) -> None:
+        if live.finished or live.ending is None:
+            return
+        log.error(
+            "task %s: the %s transport did not stop within %g s of being told to; the task ends without it",
+            live.record.id, live.plan.transport, _STOP_GRACE_SECONDS,
+        )
+        stuck = f"the {live.plan.transport} transport did not stop within {_STOP_GRACE_SECONDS:g} s (see the log)"
+        if live.ending is TaskStatus.TIMED_OUT:
+            stuck = f"timed out after {live.plan.limits.max_seconds:g} s; {stuck}"
+        self._finish(live, live.ending, exit_code=None, error=stuck, category="internal")
 
     async def _cancel_live(self, task_id: str, reason: str) -> bool | None:
         return self._cancel_now(task_id, reason)
@@ -717,7 +740,7 @@ class Executor:
         live.ending = TaskStatus.CANCELLED
         live.cancel_reason = reason
         if live.runner is not None:
-            live.runner.cancel()
+            self._stop(live)
         return True
 
     async def _poll_cancel_requests(self) -> None:
@@ -825,7 +848,8 @@ class Executor:
         # they end as they are taken, with nothing run.
         self._admit_arrivals()
         if runners:
-            await asyncio.gather(*runners, return_exceptions=True)
+            # A runner whose transport does not stop has its task ended by _abandon meanwhile.
+            await asyncio.wait(runners, timeout=_STOP_GRACE_SECONDS + 0.5)
         if self._cancel_poller is not None:
             self._cancel_poller.cancel()
         if self._pruning is not None:
