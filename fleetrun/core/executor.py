@@ -102,7 +102,7 @@ def plan_task(
     _check_options(request)
     cls.register_secrets(host)  # before anything is recorded or shown: a secret typed into the command is hidden
     env = {**host.env, **request.env}
-    problem = environment_problem(env) or (text_problem(request.cwd, "the working directory") if request.cwd else None)
+    problem = environment_problem(env)
     if problem is not None:
         raise FleetrunError(problem)
     details: Mapping[str, object] = {}
@@ -715,14 +715,12 @@ class Executor:
     def _abandon(self, live: _LiveTask) -> None:
         if live.finished or live.ending is None:
             return
-        log.error(
-            "task %s: the %s transport did not stop within %g s of being told to; the task ends without it",
-            live.record.id, live.plan.transport, _STOP_GRACE_SECONDS,
-        )
-        stuck = f"the {live.plan.transport} transport did not stop within {_STOP_GRACE_SECONDS:g} s (see the log)"
+        stuck = f"the {live.plan.transport} transport did not stop within {_STOP_GRACE_SECONDS:g} s"
+        log.error("task %s: %s of being told to; the task ends without it", live.record.id, stuck)
+        error = f"{stuck} (see the log)"
         if live.ending is TaskStatus.TIMED_OUT:
-            stuck = f"timed out after {live.plan.limits.max_seconds:g} s; {stuck}"
-        self._finish(live, live.ending, exit_code=None, error=stuck, category="internal")
+            error = f"timed out after {live.plan.limits.max_seconds:g} s; {error}"
+        self._finish(live, live.ending, exit_code=None, error=error, category="internal")
 
     async def _cancel_live(self, task_id: str, reason: str) -> bool | None:
         return self._cancel_now(task_id, reason)
@@ -900,6 +898,9 @@ def _check_options(request: TaskRequest) -> None:
     for name, value in (("cwd", request.cwd), ("progress_pattern", request.progress_pattern)):
         if value is not None and not isinstance(value, str):
             raise FleetrunError(f"{name} must be a string, got {_shown(value)}")
+    problem = text_problem(request.cwd, "the working directory") if request.cwd else None
+    if problem is not None:
+        raise FleetrunError(problem)
 
 
 def _shown(value: object) -> str:
@@ -913,7 +914,7 @@ _CONTROL_CHARACTER = re.compile(f"(?![\t\n])[{CONTROL_CHARACTERS}]")
 
 def _check_host_name(name: str) -> None:
     if not isinstance(name, str) or not HOST_NAME_RE.fullmatch(name):
-        shown = repr(name[:80]) + ("…" if len(name) > 80 else "") if isinstance(name, str) else repr(name)
+        shown = _shown(name)
         raise FleetrunError(
             f"invalid host name {shown}: names are letters, digits, '.', '_' and '-', at most 63 characters"
         )

@@ -52,7 +52,7 @@ def text_problem(text: str, what: str) -> str | None:
 def encodable(text: str) -> str:
     """``text`` with each lone surrogate written as an escape (``\\xe9`` for a byte that
     was not UTF-8), so that it can be stored, logged and sent."""
-    if text.isascii() or _SURROGATE.search(text) is None:
+    if text.isascii():
         return text
 
     def escape(match: re.Match[str]) -> str:
