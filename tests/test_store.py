@@ -629,3 +629,58 @@ def test_a_store_written_by_an_older_version_gains_the_new_columns_and_keeps_its
         assert db.execute("PRAGMA user_version").fetchone() == (4,)
     finally:
         db.close()
+
+
+def test_a_store_location_that_is_a_file_is_named_as_not_a_directory(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept\n")
+    for home in (blocker, blocker / "below"):
+        result = run_cli("run", "local", "--", "true", env={"FLEETRUN_HOME": str(home)})
+        assert result.returncode == 125
+        assert result.stderr == (
+            f"fleetrun: error: cannot create the task store at {home}: {blocker} is not a directory "
+            "(set $FLEETRUN_HOME to a directory fleetrun may create)\n"
+        )
+    assert blocker.read_text() == "kept\n"
+
+
+def test_a_damaged_database_is_reported_with_the_way_out_and_left_as_it_was(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    damaged = os.urandom(8192)
+    (home / "tasks.sqlite3").write_bytes(damaged)
+    result = run_cli("tasks", "list", env={"FLEETRUN_HOME": str(home)})
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"fleetrun: error: cannot open the task store {home / 'tasks.sqlite3'}: file is not a database; "
+        "to start a new, empty store, move it (with any tasks.sqlite3-wal and -shm files beside it) out of the way\n"
+    )
+    assert (home / "tasks.sqlite3").read_bytes() == damaged
+    (home / "tasks.sqlite3").rename(home / "tasks.sqlite3.damaged")
+    assert run_cli("run", "local", "--", "true", env={"FLEETRUN_HOME": str(home)}).returncode == 0
+    assert (home / "tasks.sqlite3.damaged").read_bytes() == damaged
+
+
+def test_a_relative_fleetrun_home_is_made_absolute_against_the_current_directory(tmp_path, monkeypatch):
+    from fleetrun.core import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLEETRUN_HOME", "state")
+    assert paths.data_dir() == tmp_path / "state"
+    result = run_cli("run", "local", "--json", "--", "true", env={"FLEETRUN_HOME": "state"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = run_cli("tasks", "list", "--json", env={"FLEETRUN_HOME": str(tmp_path / "state")})
+    assert [task["status"] for task in json.loads(listed.stdout)] == ["succeeded"]
+
+
+def test_relative_xdg_directories_are_ignored_as_the_specification_says(tmp_path, monkeypatch):
+    from fleetrun.core import paths
+
+    monkeypatch.delenv("FLEETRUN_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/data")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/config")
+    assert paths.data_dir() == tmp_path / ".local" / "share" / "fleetrun"
+    assert paths.config_dir() == tmp_path / ".config" / "fleetrun"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert paths.data_dir() == tmp_path / "data" / "fleetrun"

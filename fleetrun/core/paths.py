@@ -12,18 +12,28 @@ POLICY_ENV = "FLEETRUN_POLICY"
 
 
 def data_dir() -> Path:
-    """The task store's directory: ``$FLEETRUN_HOME``, else ``$XDG_DATA_HOME/fleetrun``."""
+    """The task store's directory: ``$FLEETRUN_HOME``, else ``$XDG_DATA_HOME/fleetrun``.
+
+    A relative ``$FLEETRUN_HOME`` is made absolute against the current directory, so
+    records and messages name the same place whatever directory a later step runs in.
+    """
     override = os.environ.get(HOME_ENV)
     if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(base) / "fleetrun"
+        return Path(override).expanduser().absolute()
+    return _xdg_base("XDG_DATA_HOME", ".local", "share") / "fleetrun"
 
 
 def config_dir() -> Path:
     """fleetrun's configuration directory: ``$XDG_CONFIG_HOME/fleetrun``."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
-    return Path(base) / "fleetrun"
+    return _xdg_base("XDG_CONFIG_HOME", ".config") / "fleetrun"
+
+
+def _xdg_base(variable: str, *default_under_home: str) -> Path:
+    # The XDG base directory specification says a relative value is invalid and to be ignored.
+    value = os.environ.get(variable)
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path.home().joinpath(*default_under_home)
 
 
 def find_config_file(

@@ -139,7 +139,7 @@ class TaskStore:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.output_root.mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:
-            raise FleetrunError(f"cannot create the task store at {self.home}: {exc.strerror}") from None
+            raise FleetrunError(f"cannot create the task store at {self.home}: {_mkdir_problem(self.home, exc)}") from None
         self._lock = threading.Lock()
         self._journal: journal.Journal | None = None  # made at the first write
         try:
@@ -152,8 +152,14 @@ class TaskStore:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             # SQLite says "disk I/O error" when it cannot make its shared-memory file on a full disk.
-            full = " (its file system has no space left)" if _no_space_left(self.home) else ""
-            raise FleetrunError(f"cannot open the task store {self.home / DB_NAME}: {exc}{full}") from None
+            database = self.home / DB_NAME
+            if _no_space_left(self.home):
+                hint = " (its file system has no space left)"
+            elif isinstance(exc, sqlite3.DatabaseError) and _is_damaged(exc):
+                hint = f"; to start a new, empty store, move it (with any {database.name}-wal and -shm files beside it) out of the way"
+            else:
+                hint = ""
+            raise FleetrunError(f"cannot open the task store {database}: {exc}{hint}") from None
 
     def _migrate(self) -> None:
         # Stores written by older versions lack newer columns; records are kept as they are
@@ -412,6 +418,17 @@ class TaskStore:
             truncated=task.stdout_truncated if stream == "stdout" else task.stderr_truncated,
             ended=task.status.is_terminal,
         )
+
+
+def _mkdir_problem(home: Path, exc: OSError) -> str:
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        blocker = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), home)
+        return f"{blocker} is not a directory (set ${paths.HOME_ENV} to a directory fleetrun may create)"
+    return exc.strerror or str(exc)
+
+
+def _is_damaged(exc: sqlite3.DatabaseError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _no_space_left(directory: Path) -> bool:
