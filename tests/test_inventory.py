@@ -45,6 +45,21 @@ def test_defaults_then_host_fields():
     assert inventory.get("a").limits.max_output_bytes == Limits().max_output_bytes
 
 
+def test_a_merge_key_brings_in_an_anchored_mapping_and_the_hosts_own_fields_win():
+    inventory = parse(
+        "hosts:\n"
+        "  web1: &web\n    tags: [web]\n    max_seconds: 30\n    env: &env {LANG: C, TZ: UTC}\n"
+        "  web2:\n    <<: *web\n    max_seconds: 60\n"
+        "  web3:\n    <<: [*web, {max_concurrent: 2, max_seconds: 1}]\n    env:\n      <<: *env\n      TZ: CET\n"
+    )
+    web2, web3 = inventory.get("web2"), inventory.get("web3")
+    assert (web2.tags, web2.limits.max_seconds, web2.env) == (("web",), 60, {"LANG": "C", "TZ": "UTC"})
+    # The earlier-named mapping wins over the later one; the host's own keys over both.
+    assert (web3.tags, web3.limits.max_seconds, web3.limits.max_concurrent) == (("web",), 30, 2)
+    assert web3.env == {"LANG": "C", "TZ": "CET"}
+    assert inventory.get("web1").env == {"LANG": "C", "TZ": "UTC"}
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -71,7 +86,12 @@ def test_defaults_then_host_fields():
         ("hosts:\n  a:\n    tags: web\n", "hosts.yaml:3: host 'a', field 'tags': expected a list of strings, got 'web'"),
         ("hosts:\n  a:\n    tags:\n      - ok\n      - [nested]\n", "hosts.yaml:5: host 'a', field 'tags': every item must be a non-empty string"),
         ("hosts:\n  a:\n    tags: ['has space']\n", "hosts.yaml:3: host 'a', field 'tags': invalid tag 'has space'"),
-        ("hosts:\n  a:\n    env: [A=1]\n", "hosts.yaml:3: field 'env' must be a mapping of strings"),
+        ("hosts:\n  a:\n    env: [A=1]\n", "hosts.yaml:3: host 'a', field 'env': expected a mapping of names to strings"),
+        ("hosts:\n  a:\n    env:\n      A: x\n      A: y\n", "hosts.yaml:5: host 'a', field 'env': duplicate key 'A'"),
+        ("hosts:\n  a:\n    <<: [1]\n", "hosts.yaml:3: host 'a': a merge key '<<' takes a mapping (*anchor) or a list of them"),
+        ("hosts:\n  a:\n    <<: {tags: [x]}\n    <<: {cwd: /}\n", "hosts.yaml:4: host 'a': duplicate merge key '<<'"),
+        ("hosts:\n  a: &a\n    <<: *a\n", "hosts.yaml:3: host 'a': a merge key '<<' that brings in the mapping it is part of"),
+        ("hosts:\n  a: &a\n    tags: [x]\n  b:\n    <<: *a\n    prot: 22\n", "hosts.yaml:6: host 'b', field 'prot': unknown field"),
         ("hosts:\n  a:\n    env:\n      A: [1]\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string"),
         ("hosts:\n  a:\n    env:\n      'A B': x\n", "hosts.yaml:4: host 'a', field 'env': invalid environment variable name 'A B'"),
         ("hosts:\n  a:\n    cwd: ''\n", "hosts.yaml:3: host 'a', field 'cwd': must not be empty"),

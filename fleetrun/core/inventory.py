@@ -156,15 +156,43 @@ def mapping_entries(
     node: yaml.MappingNode, error: Callable[[yaml.Node, str], Exception]
 ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     """A YAML mapping's entries by key, as (key node, value node). A key written twice is
-    an error: YAML loaders keep the last one, and the first would be dropped unseen."""
-    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    an error: YAML loaders keep the last one, and the first would be dropped unseen.
+
+    A merge key (``<<: *anchor``, or a list of them) brings in the entries of the mappings
+    it names, as YAML loaders do: the mapping's own keys win, then the earlier-named mapping.
+    """
+    return _entries(node, error, merging=())
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _entries(
+    node: yaml.MappingNode, error: Callable[[yaml.Node, str], Exception], *, merging: tuple[yaml.Node, ...]
+) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    own: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    merge_key: yaml.Node | None = None
     for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
+            if merge_key is not None:
+                raise error(key_node, "duplicate merge key '<<': name several mappings in one list instead")
+            merge_key = key_node
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise error(key_node, "a merge key '<<' takes a mapping (*anchor) or a list of them")
+                if source is node or source in merging:
+                    raise error(key_node, "a merge key '<<' that brings in the mapping it is part of")
+                for key, entry in _entries(source, error, merging=(*merging, node)).items():
+                    merged.setdefault(key, entry)
+            continue
         if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
             raise error(key_node, "keys must be plain strings")
-        if key_node.value in out:
+        if key_node.value in own:
             raise error(key_node, f"duplicate key {key_node.value!r}")
-        out[key_node.value] = (key_node, value_node)
-    return out
+        own[key_node.value] = (key_node, value_node)
+    return {**merged, **own}
 
 
 class _InventoryParser:
@@ -227,10 +255,12 @@ class _InventoryParser:
             hosts[name] = self.host(name, name_node, body, defaults)
         return Inventory(hosts=hosts, source=self.source)
 
-    def mapping(self, node: yaml.Node, message: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    def mapping(
+        self, node: yaml.Node, message: str, *, host: str | None = None, field: str | None = None
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, message)
-        return mapping_entries(node, self.error)
+            raise self.error(node, message, host=host, field=field)
+        return mapping_entries(node, lambda at, problem: self.error(at, problem, host=host, field=field))
 
     def host(self, name: str, name_node: yaml.Node, body: yaml.Node, defaults: Limits) -> Host:
         if isinstance(body, yaml.ScalarNode) and body.tag == "tag:yaml.org,2002:null":
@@ -238,7 +268,7 @@ class _InventoryParser:
         else:
             if not isinstance(body, yaml.MappingNode):
                 raise self.error(body, "a host must be a mapping of fields", host=name)
-            entries = self.mapping(body, "a host must be a mapping of fields")
+            entries = self.mapping(body, "a host must be a mapping of fields", host=name)
         transport_name = "local"
         transport_key = name_node
         if "transport" in entries:
@@ -355,7 +385,7 @@ class _InventoryParser:
                     raise self.error(item_node, f"invalid tag {item!r}", host=host, field=field)
             return value
         if kind == "string-map":
-            entries = self.mapping(node, f"field {field!r} must be a mapping of strings")
+            entries = self.mapping(node, "expected a mapping of names to strings", host=host, field=field)
             out = {}
             for key, (_, value_node) in entries.items():
                 item = yaml.safe_load(yaml.serialize(value_node))
