@@ -951,16 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"fleetrun {__version__}")
-    parser.add_argument("--hosts", metavar="PATH", help="the hosts file (default: $FLEETRUN_HOSTS, then the config dir)")
-    parser.add_argument(
-        "--policy", metavar="PATH",
-        help=(
-            "the command policy (default: $FLEETRUN_POLICY, then ~/.config/fleetrun/policy.yaml; without one "
-            "the CLI runs any command and the MCP server uses its built-in read-only policy)"
-        ),
-    )
-    parser.add_argument("--json-log", metavar="PATH", help="append lifecycle events as JSON lines to PATH ('-' for stderr)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more to stderr (-vv for debug)")
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
     sub.required = True
 
@@ -1019,10 +1010,10 @@ def build_parser() -> argparse.ArgumentParser:
         lister.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.set_defaults(func=cmd_tasks_list)
     tasks.set_defaults(func=cmd_tasks_list, status=None, host=None, limit=_LIST_LIMIT, json=False)
-    show = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
-    show.add_argument("task_id", metavar="ID")
-    show.add_argument("--json", action="store_true", help="print JSON")
-    show.set_defaults(func=cmd_tasks_show)
+    show_task = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
+    show_task.add_argument("task_id", metavar="ID")
+    show_task.add_argument("--json", action="store_true", help="print JSON")
+    show_task.set_defaults(func=cmd_tasks_show)
     output = tasks_sub.add_parser(
         "output", help="print a task's output (also while it runs)",
         description="Print a task's stdout or stderr, from a byte offset or as a tail; --follow keeps reading until the task ends.",
@@ -1097,7 +1088,51 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements", description="List plugins and hooks.")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=cmd_plugins)
+    for command in (run, hosts, tasks, listing, show_task, output, cancel, check, show, serve, plugins):
+        _add_global_options(command.add_argument_group("global options (also accepted before the command)"), after_command=True)
+        raw = command.formatter_class is argparse.RawDescriptionHelpFormatter
+        command.formatter_class = _RawSubcommandHelp if raw else _SubcommandHelp
     return parser
+
+
+class _SubcommandHelp(argparse.HelpFormatter):
+    """Leaves the global options out of a subcommand's usage line (its help lists them)."""
+
+    def _format_usage(self, usage, actions, groups, prefix):  # type: ignore[no-untyped-def]
+        shown = [action for action in actions if not getattr(action, "global_option", False)]
+        return super()._format_usage(usage, shown, groups, prefix)
+
+
+class _RawSubcommandHelp(_SubcommandHelp, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, after_command: bool = False) -> None:
+    # After the command (`fleetrun serve --policy p.yaml`) they default to "not given", so
+    # that they never undo the same option given before it.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    added = [
+        parser.add_argument(
+            "--hosts", metavar="PATH", default=default(None),
+            help="the hosts file (default: $FLEETRUN_HOSTS, then the config dir)",
+        ),
+        parser.add_argument(
+            "--policy", metavar="PATH", default=default(None),
+            help=(
+                "the command policy (default: $FLEETRUN_POLICY, then ~/.config/fleetrun/policy.yaml; without one "
+                "the CLI runs any command and the MCP server uses its built-in read-only policy)"
+            ),
+        ),
+        parser.add_argument(
+            "--json-log", metavar="PATH", default=default(None),
+            help="append lifecycle events as JSON lines to PATH ('-' for stderr)",
+        ),
+        parser.add_argument("-v", "--verbose", action="count", default=default(0), help="log more to stderr (-vv for debug)"),
+    ]
+    for action in added:
+        action.global_option = after_command  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

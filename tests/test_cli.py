@@ -337,6 +337,27 @@ def test_hosts_and_plugins_commands(tmp_path):
     }
 
 
+def test_global_options_also_go_after_the_command_name(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "hosts.example.yaml"
+    before = run_cli("--hosts", str(example), "hosts", "--json")
+    after = run_cli("hosts", "--json", "--hosts", str(example))
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout
+    # Given before the command, an option is not undone by the command's own (unset) default.
+    assert json.loads(before.stdout)["source"] == str(example)
+    log = tmp_path / "audit.jsonl"
+    ran = run_cli("run", "web1", "--hosts", str(example), "--json-log", str(log), "--dry-run", "--", "uptime")
+    assert ran.returncode == 0, ran.stderr
+    assert "web1" in ran.stdout and "ssh" in ran.stdout
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - deny: 'rm *'\n")
+    denied = run_cli("policy", "check", "local", "--policy", str(policy), "--", "rm", "-rf", "/")
+    assert denied.returncode == 126
+    assert f"{policy}" in denied.stdout + denied.stderr
+    help_text = run_cli("serve", "--help").stdout
+    assert "global options (also accepted before the command)" in help_text and "--policy PATH" in help_text
+
+
 @pytest.mark.parametrize(
     "args",
     [[], ["run"], ["hosts"], ["plugins"], ["tasks"], ["tasks", "list"], ["tasks", "show"], ["tasks", "output"], ["tasks", "cancel"],
