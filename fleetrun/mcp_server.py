@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from typing import Annotated, Any, Callable, Literal, Mapping
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -253,6 +253,47 @@ def _fail(exc: FleetrunError) -> ToolError:
     return ToolError(f"policy: {message}" if isinstance(exc, PolicyDenied) else message)
 
 
+class _FleetrunServer(MCPServer):
+    """An MCP server whose tools refuse arguments they do not take.
+
+    pydantic would drop them unseen, and an assistant that misspells ``timeout_s`` would
+    believe its command runs with a time limit. A refused call names the unknown and the
+    accepted arguments, and type errors come back one line per argument.
+    """
+
+    _accepted: dict[str, tuple[str, ...]] | None = None
+
+    async def list_tools(self):  # type: ignore[no-untyped-def]
+        tools = await super().list_tools()
+        for tool in tools:
+            tool.input_schema = {**tool.input_schema, "additionalProperties": False}
+        return tools
+
+    async def check_arguments(self, name: str, arguments: Mapping[str, Any]) -> None:
+        """Raise :class:`ToolError` if ``arguments`` holds one that the tool ``name`` does not take."""
+        if self._accepted is None:
+            self._accepted = {tool.name: tuple(tool.input_schema.get("properties", {})) for tool in await super().list_tools()}
+        accepted = self._accepted.get(name)
+        unknown = [key for key in arguments if accepted is not None and key not in accepted]
+        if unknown:
+            shown = ", ".join(repr(key[:64]) for key in unknown[:5]) + (", …" if len(unknown) > 5 else "")
+            raise ToolError(
+                f"{name} takes no argument {shown} (its arguments: {', '.join(accepted or ()) or 'none'})"
+            )
+
+    async def call_tool(self, name, arguments, context=None):  # type: ignore[no-untyped-def]
+        await self.check_arguments(name, arguments)
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}" for error in exc.__cause__.errors()
+            )
+            raise ToolError(f"invalid arguments for {name}: {problems}") from exc.__cause__
+
+
 def create_server(executor: Executor, *, name: str = "fleetrun", **server_options: Any) -> MCPServer:
     """The MCP server over ``executor``, whose policy must be set (the server never runs without one)."""
     if executor.policy is None:
@@ -261,8 +302,10 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     notifier = McpNotifier(bus=bus)
     executor.plugins.register(notifier, name="fleetrun.notifiers.mcp")
     state = FleetrunMcp(executor, notifier)
-    tasks = TasksMiddleware(state, result_for=state.finished_result)
-    server = MCPServer(
+    tasks = TasksMiddleware(
+        state, result_for=state.finished_result, check_arguments=lambda tool, arguments: server.check_arguments(tool, arguments)
+    )
+    server = _FleetrunServer(
         name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier, executor), tasks], **server_options
     )
 

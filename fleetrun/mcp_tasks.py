@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
@@ -64,9 +64,15 @@ def mcp_status(task: Task) -> tuple[str, str]:
 class TasksMiddleware:
     """Serves MCP Tasks for ``run_command`` on top of the executor."""
 
-    def __init__(self, state: FleetrunMcp, result_for: Callable[[Task], Any]) -> None:
+    def __init__(
+        self,
+        state: FleetrunMcp,
+        result_for: Callable[[Task], Any],
+        check_arguments: Callable[[str, Mapping[str, Any]], Awaitable[None]],
+    ) -> None:
         self.state = state
         self.result_for = result_for
+        self.check_arguments = check_arguments
         self.tasks: dict[str, _McpTask] = {}
 
     def wire_task(self, task: Task, ttl_ms: int) -> dict[str, Any]:
@@ -108,8 +114,15 @@ class TasksMiddleware:
         ttl = min(max(int((params.get("task") or {}).get("ttl") or DEFAULT_TTL_MS), MIN_TTL_MS), MAX_TTL_MS)
         await self._forget_expired()
         try:
+            if not isinstance(arguments, dict):
+                raise ToolError(f"invalid arguments for {name}: expected an object")
+            await self.check_arguments(name, arguments)
+            for required in ("host", "command"):
+                if not isinstance(arguments.get(required), str):
+                    got = "missing" if required not in arguments else f"got {type(arguments[required]).__name__}"
+                    raise ToolError(f"invalid arguments for {name}: {required}: a string is required ({got})")
             handle, _ = await self.state.submit(
-                ctx.session, str(arguments.get("host", "")), str(arguments.get("command", "")),
+                ctx.session, arguments["host"], arguments["command"],
                 arguments.get("timeout_s"), open_call=False, status=lambda t: self.wire_task(t, ttl),
             )
         except ToolError as exc:  # refused: a bad request or the policy, already worded and redacted

@@ -120,7 +120,18 @@ def test_tools_are_typed_and_run_commands_under_the_policy(server_for, mode):
             ]:
                 refused = await client.call_tool(tool, arguments)
                 text = refused.content[0].text
-                assert refused.is_error and f"\n{wrong}\n  Input should be greater than" in text, text
+                assert refused.is_error and text.startswith(f"invalid arguments for {tool}: {wrong}: Input should be greater than"), text
+            typed = await client.call_tool("run_command", {"host": 5})
+            assert typed.content[0].text == "invalid arguments for run_command: host: Input should be a valid string; command: Field required"
+            # A misspelt argument is refused, not dropped: the assistant would think it had set a time limit.
+            assert tools["run_command"].input_schema["additionalProperties"] is False
+            misspelt = await client.call_tool("run_command", {"host": "local", "command": "true", "timeout_seconds": 5})
+            assert misspelt.is_error
+            assert misspelt.content[0].text == (
+                "run_command takes no argument 'timeout_seconds' (its arguments: host, command, timeout_s, wait_s)"
+            )
+            no_arguments = await client.call_tool("list_tasks", {"status": "failed", "hostname": "x"})
+            assert no_arguments.content[0].text.startswith("list_tasks takes no argument 'hostname' (its arguments: status, host, limit")
             assert len(executor.list()) == 1
 
     run(scenario)
@@ -707,7 +718,7 @@ def test_mcp_tasks_are_forgotten_after_their_ttl_or_when_the_store_prunes_them(s
 
 
 def test_mcp_tasks_cancel_denial_and_unknown_ids(server_for, marker):
-    server, _ = server_for()
+    server, executor = server_for()
     types = mcp.types
 
     async def scenario():
@@ -732,6 +743,18 @@ def test_mcp_tasks_cancel_denial_and_unknown_ids(server_for, marker):
                 await _create_task(client, {"host": "nowhere", "command": "true"})
             with pytest.raises(mcp.MCPError, match="does not support task-augmented calls"):
                 await _create_task(client, {"tag": "dev"}, name="list_hosts")
+            # The same argument checks as a plain call: nothing is coerced into a command.
+            for arguments, problem in [
+                ({"host": "local", "command": ["echo", "x"]}, "invalid arguments for run_command: command: a string is required (got list)"),
+                ({"host": 5, "command": "true"}, "invalid arguments for run_command: host: a string is required (got int)"),
+                ({"host": "local"}, "invalid arguments for run_command: command: a string is required (missing)"),
+                ({"host": "local", "command": "true", "timeout_seconds": 1},
+                 "run_command takes no argument 'timeout_seconds' (its arguments: host, command, timeout_s, wait_s)"),
+            ]:
+                with pytest.raises(mcp.MCPError) as refused:
+                    await _create_task(client, arguments)
+                assert refused.value.error.message == problem
+            assert [task.command for task in executor.list()] == [f"sleep {marker}"]
             with pytest.raises(mcp.MCPError, match="unknown task"):
                 await client.session.send_request(_task_request(types.GetTaskRequest, types.GetTaskRequestParams, "0123456789ab"), types.GetTaskResult)
 
