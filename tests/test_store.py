@@ -428,6 +428,23 @@ def test_a_journal_cut_short_by_a_crash_loses_only_its_last_line(store):
         assert db.execute("SELECT status FROM tasks WHERE id = ?", (task.id,)).fetchall() == [("succeeded",)]
 
 
+def test_a_damaged_journal_gives_one_warning_and_its_readable_entries_still_arrive(store, caplog):
+    journal_dir = store.home / "journal"
+    journal_dir.mkdir()
+    first, second = _ended_task("0000000000d1", time.time()), _ended_task("0000000000d2", time.time())
+    damage = b"\x00\xff garbage\n" * 40
+    (journal_dir / "123-dead.journal").write_bytes(
+        damage + json.dumps(["insert", *_values(first), "dead"]).encode() + b"\n" + damage
+        + json.dumps(["insert", *_values(second), "dead"]).encode() + b"\n"
+    )
+    with caplog.at_level("WARNING", logger="fleetrun.store"):
+        assert store.sweep_orphans() == []
+    warnings = [record.getMessage() for record in caplog.records if "journal" in record.getMessage()]
+    assert warnings == [f"{journal_dir / '123-dead.journal'}: skipping 80 journal lines that cannot be read (lines 1, 2, 3, 4, 5, …)"]
+    assert sorted(t.id for t in store.list()) == [first.id, second.id]
+    assert not (journal_dir / "123-dead.journal").exists()
+
+
 def test_a_journal_entry_the_store_can_never_take_is_dropped_and_the_others_still_arrive(store, caplog):
     # Before: the entry failed its whole batch, every time, and every later fleetrun that
     # replayed the journal (any `fleetrun tasks`) died of it with a traceback.

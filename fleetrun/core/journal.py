@@ -414,16 +414,21 @@ def find_latest(directory: Path, key: str, kinds: Iterable[str]) -> list[Any] | 
 
 
 def _entries(lines: Iterable[bytes], path: Path, *, quiet: bool = False) -> Iterable[list[Any]]:
+    unreadable: list[int] = []
     for number, line in enumerate(lines, 1):
         try:
             entry = json.loads(line)
         except ValueError:
             # Only the last line can be cut short (its process died, or is still writing it); nothing was promised for it.
-            if not quiet:
-                log.warning("%s:%d: skipping an unreadable journal line", path, number)
+            unreadable.append(number)
             continue
         if isinstance(entry, list) and entry:
             yield entry
+    if unreadable and not quiet:
+        # A damaged file would otherwise print a warning per line.
+        shown = ", ".join(map(str, unreadable[:5])) + (", …" if len(unreadable) > 5 else "")
+        count = "a journal line" if len(unreadable) == 1 else f"{len(unreadable)} journal lines"
+        log.warning("%s: skipping %s that cannot be read (%s %s)", path, count, "line" if len(unreadable) == 1 else "lines", shown)
 
 
 #: Journals not closed yet. Held strongly: a journal dropped unclosed would leave its file
