@@ -828,14 +828,19 @@ def _http_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+#: A shorter bearer token could be found by trying; 16 random hex characters are 64 bits.
+MIN_TOKEN_LENGTH = 16
+
+
 def _server_token(args: argparse.Namespace) -> str | None:
     from fleetrun.core.secrets import SecretError, read_secret
 
+    what = "the MCP bearer token"
     try:
         if args.token_file:
-            token = read_secret(env=None, file=args.token_file, what="the MCP bearer token")
+            token = read_secret(env=None, file=args.token_file, what=what, min_length=MIN_TOKEN_LENGTH)
         else:
-            token = read_secret(env=TOKEN_ENV, file=None, what="the MCP bearer token") if os.environ.get(TOKEN_ENV) else None
+            token = read_secret(env=TOKEN_ENV, file=None, what=what, min_length=MIN_TOKEN_LENGTH) if os.environ.get(TOKEN_ENV) else None
     except SecretError as exc:
         raise FleetrunError(str(exc)) from None
     if token is None and not args.insecure_no_auth:

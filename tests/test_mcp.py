@@ -602,13 +602,21 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
     assert (tmp_path / "serve.out").read_text() == ""
 
 
-def test_http_refuses_to_start_without_a_token(tmp_path):
+def test_http_refuses_to_start_without_a_token_or_with_a_guessable_one(tmp_path):
     env = {k: v for k, v in _server_env(tmp_path).items() if k != "FLEETRUN_MCP_TOKEN"}
     result = subprocess.run(
         [sys.executable, "-m", "fleetrun", "serve", "--http", str(_free_port())], env=env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 1
     assert "refusing to serve HTTP without a bearer token: set FLEETRUN_MCP_TOKEN or pass --token-file PATH" in result.stderr
+    guessable = subprocess.run(
+        [sys.executable, "-m", "fleetrun", "serve", "--http", str(_free_port())],
+        env={**env, "FLEETRUN_MCP_TOKEN": "hunter2-abc"}, capture_output=True, text=True, timeout=30,
+    )
+    assert guessable.returncode == 1
+    assert guessable.stderr == (
+        "fleetrun: error: the MCP bearer token ($FLEETRUN_MCP_TOKEN) is 11 characters long; use at least 16\n"
+    )
 
 
 # -- MCP Tasks (SEP-1686, 2025-11-25) ----------------------------------------------------------

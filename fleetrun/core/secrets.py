@@ -125,10 +125,11 @@ def secret_ended_at_start(data: bytes) -> int:
     return longest
 
 
-def read_secret(*, env: str | None, file: str | None, what: str) -> str | None:
+def read_secret(*, env: str | None, file: str | None, what: str, min_length: int = MIN_SECRET_LENGTH) -> str | None:
     """The secret in environment variable ``env`` or in ``file`` (one of them), registered.
 
-    A file must not be readable by group or others; its trailing newline is dropped.
+    A file must not be readable by group or others; its trailing newline is dropped. A
+    secret shorter than ``min_length`` (at least :data:`MIN_SECRET_LENGTH`) is refused.
     """
     if env:
         value = os.environ.get(env)
@@ -147,6 +148,10 @@ def read_secret(*, env: str | None, file: str | None, what: str) -> str | None:
         return None
     if not value:
         raise SecretError(f"{what}: the secret is empty")
+    min_length = max(min_length, MIN_SECRET_LENGTH)
+    if len(value) < min_length:
+        origin = f"${env}" if env else str(file)
+        raise SecretError(f"{what} ({origin}) is {len(value)} characters long; use at least {min_length}")
     register_secret(value)
     return value
 
