@@ -870,6 +870,8 @@ class _StaticTokenVerifier:
 
 
 def cmd_plugins(ctx: _Context) -> int:
+    from fleetrun.core.plugin_manager import DISABLE_ENV, PluginInfo
+
     plugins = ctx.plugins.plugins()
     transports = ctx.plugins.transports
     if ctx.args.json:
@@ -879,7 +881,12 @@ def cmd_plugins(ctx: _Context) -> int:
             indent=2,
         ))
         return EXIT_OK
-    rows = [[p.name, p.source, ", ".join(p.hooks) if p.error is None else f"FAILED TO LOAD: {p.error}"] for p in plugins]
+    def hooks(plugin: PluginInfo) -> str:
+        if plugin.blocked:
+            return f"blocked by ${DISABLE_ENV}"
+        return ", ".join(plugin.hooks) if plugin.error is None else f"FAILED TO LOAD: {plugin.error}"
+
+    rows = [[p.name, p.source, hooks(p)] for p in plugins]
     print(_table(rows, ["PLUGIN", "SOURCE", "HOOKS"]))
     print("\ntransports: " + (", ".join(sorted(transports)) or "none"))
     return EXIT_OK

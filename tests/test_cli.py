@@ -330,7 +330,7 @@ def test_hosts_and_plugins_commands(tmp_path):
     assert table[4].split()[:4] == ["web1", "ssh", "deploy@web1.example.com:22", "web,prod"]
     assert table[3].split()[:3] == ["local", "local", "-"]
     plugins = json.loads(run_cli("plugins", "--json").stdout)
-    assert {"name": "fleetrun.transports.local", "source": "built-in", "hooks": ["fleetrun_register_transports"], "error": None} in plugins["plugins"]
+    assert {"name": "fleetrun.transports.local", "source": "built-in", "hooks": ["fleetrun_register_transports"], "error": None, "blocked": False} in plugins["plugins"]
     assert plugins["transports"] == {
         "local": "fleetrun.plugins.transports.local.LocalTransport",
         "ssh": "fleetrun.plugins.transports.ssh.SSHTransport",

@@ -62,6 +62,9 @@ def test_a_blocked_plugin_receives_nothing(plugin_env, tmp_path):
     }
     assert run_in(plugin_env, "run", "local", "--", "true", extra_env=env).returncode == 0
     assert not sink.exists()
+    listed = run_in(plugin_env, "plugins", extra_env=env).stdout.splitlines()
+    assert [row.split(None, 1)[0] for row in listed[1:4]] == ["fleetrun.transports.local", "fleetrun.transports.ssh", "example_notifier"]
+    assert listed[3].split()[1:] == ["fleetrun-example-notifier", "0.1.0", "blocked", "by", "$FLEETRUN_DISABLE_PLUGINS"]
 
 
 def test_a_plugin_that_fails_to_load_is_reported_and_the_others_still_run(plugin_env, tmp_path):

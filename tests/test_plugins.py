@@ -52,10 +52,15 @@ def test_builtins_are_registered_and_listed():
     assert info["fleetrun.transports.local"].hooks == ("fleetrun_register_transports",)
 
 
-def test_blocked_plugins_are_not_loaded():
-    manager = PluginManager(autoload=False, environ={"FLEETRUN_DISABLE_PLUGINS": "fleetrun.transports.local"})
+def test_blocked_plugins_are_not_loaded_and_are_listed_with_what_each_name_matched():
+    manager = PluginManager(autoload=False, environ={"FLEETRUN_DISABLE_PLUGINS": "fleetrun.transports.local, fleetrun.transport.ssh"})
     assert set(manager.transports) == {"ssh"}
-    assert "fleetrun.transports.local" not in {p.name for p in manager.plugins()}
+    assert [(p.name, p.source, p.hooks, p.blocked) for p in manager.plugins()] == [
+        ("fleetrun.transports.ssh", "built-in", ("fleetrun_register_transports",), False),
+        ("fleetrun.transports.local", "built-in", (), True),
+        # A misspelt name blocks nothing; the listing shows it.
+        ("fleetrun.transport.ssh", "matched no plugin", (), True),
+    ]
 
 
 def test_unknown_hook_names_are_rejected_at_load_time():

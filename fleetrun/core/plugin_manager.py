@@ -57,6 +57,8 @@ class PluginInfo:
     source: str
     hooks: tuple[str, ...] = ()
     error: str | None = None
+    #: Named in ``$FLEETRUN_DISABLE_PLUGINS``; ``source`` says what it matched, if anything.
+    blocked: bool = False
 
 
 @dataclass
@@ -93,12 +95,17 @@ class PluginManager:
         self._transports: dict[str, type[Transport]] | None = None
         self._tracing = False
         self._named_slow: set[str] = set()
+        #: Blocked name -> what it kept out ("" until something by that name is found).
+        self._blocked: dict[str, str] = {}
         for name in filter(None, (n.strip() for n in env.get(DISABLE_ENV, "").split(","))):
             self._pm.set_blocked(name)
+            self._blocked[name] = ""
         if env.get(TRACE_ENV, "") not in ("", "0", "false", "no"):
             self._enable_tracing()
         for name, module in BUILTIN_PLUGINS:
-            if not self._pm.is_blocked(name):
+            if self._pm.is_blocked(name):
+                self._blocked[name] = "built-in"
+            else:
                 self._register(importlib.import_module(module), name, "built-in")
         if autoload is None:
             autoload = env.get(NO_AUTOLOAD_ENV, "") in ("", "0", "false", "no")
@@ -132,6 +139,8 @@ class PluginManager:
         except ValueError as exc:
             raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
         if registered is None:  # blocked
+            if name in self._blocked and not self._blocked[name]:
+                self._blocked[name] = source
             return name or ""
         self._sources[registered] = source
         self._notifiers = None
@@ -154,9 +163,12 @@ class PluginManager:
     def _load_entry_points(self) -> None:
         for dist in importlib.metadata.distributions():
             for ep in dist.entry_points:
-                if ep.group != ENTRY_POINT_GROUP or self._pm.get_plugin(ep.name) or self._pm.is_blocked(ep.name):
+                if ep.group != ENTRY_POINT_GROUP or self._pm.get_plugin(ep.name):
                     continue
                 source = f"{dist.metadata['Name']} {dist.version}"
+                if self._pm.is_blocked(ep.name):
+                    self._blocked[ep.name] = source
+                    continue
                 try:
                     plugin = ep.load()
                 except Exception as exc:  # a broken third-party plugin must not stop fleetrun
@@ -182,7 +194,8 @@ class PluginManager:
     # -- introspection ---------------------------------------------------------------
 
     def plugins(self) -> list[PluginInfo]:
-        """Every loaded plugin with the hooks it implements, then those that failed."""
+        """Every loaded plugin with the hooks it implements, then those that failed, then
+        the names ``$FLEETRUN_DISABLE_PLUGINS`` blocks (a misspelt one matches nothing)."""
         infos = []
         for name, plugin in self._pm.list_name_plugin():
             if plugin is None:
@@ -192,6 +205,10 @@ class PluginManager:
                 PluginInfo(name=name, source=self._sources.get(name, "?"), hooks=tuple(sorted(c.name for c in callers)))
             )
         infos.extend(PluginInfo(name=f.name, source=f.source, error=f.error) for f in self._failed)
+        infos.extend(
+            PluginInfo(name=name, source=source or "matched no plugin", blocked=True)
+            for name, source in self._blocked.items()
+        )
         return infos
 
     @property
