@@ -1,7 +1,7 @@
 """fleetrun benchmarks: each one against a baseline measured in the same run.
 
     python bench/run.py                 # all of them
-    python bench/run.py seq big         # some of them (seq, concurrent, big, latency)
+    python bench/run.py seq big         # some of them (seq, concurrent, big, latency, inventory)
     python bench/run.py --quick         # smaller sizes, for a smoke run
 
 Every scenario runs in a child process of its own, so that its peak RSS (VmHWM) is its
@@ -189,7 +189,39 @@ def bench_latency(params: dict) -> dict:
             "max_ms": ms[-1]}
 
 
-SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big, "latency": bench_latency}
+def bench_inventory(params: dict) -> dict:
+    """Loading and checking a hosts file of N SSH hosts vs PyYAML loading the same text."""
+    import yaml
+
+    from fleetrun.core.inventory import load_inventory
+    from fleetrun.core.plugin_manager import PluginManager
+
+    transports = PluginManager(autoload=False).transports
+    count = params["hosts"]
+    text = "hosts:\n" + "".join(
+        f"  h{i}:\n    transport: ssh\n    hostname: 10.0.{i // 250}.{i % 250}\n    user: deploy\n    tags: [t{i % 10}, all]\n"
+        f"    max_seconds: {60 + i % 7}\n"
+        for i in range(count)
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    def timed(work) -> float:
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    ours, base = [], []
+    for _ in range(params["rounds"]):
+        ours.append(timed(lambda: load_inventory(handle.name, transports)))
+        base.append(timed(lambda: yaml.load(Path(handle.name).read_text(), Loader=loader)))
+    os.unlink(handle.name)
+    med = statistics.median
+    return {"hosts": count, "fleetrun_s": med(ours), "yaml_load_s": med(base), "loader": loader.__name__, "ratio": med(ours) / med(base)}
+
+
+SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big, "latency": bench_latency, "inventory": bench_inventory}
 
 
 # -- driver ----------------------------------------------------------------------------
@@ -201,6 +233,7 @@ def plan(quick: bool) -> dict[str, list[dict]]:
         "concurrent": [{"n": 100, "rounds": 1} if quick else {"n": 1000, "rounds": 3}],
         "big": [{"size": 16 * MiB, "rounds": 1}] if quick else [{"size": 256 * MiB, "rounds": 5}, {"size": 1024 * MiB, "rounds": 3}],
         "latency": [{"lines": 10 if quick else 40}],
+        "inventory": [{"hosts": 500 if quick else 5000, "rounds": 1 if quick else 5}],
     }
 
 
@@ -232,6 +265,11 @@ def summary(results: dict) -> str:
             lines.append(
                 f"| line printed -> progress hook | median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms | - | "
                 f"{r['events']} samples | median <= 20 ms |"
+            )
+        elif name == "inventory":
+            lines.append(
+                f"| a hosts file of {r['hosts']} SSH hosts, loaded and checked | {r['fleetrun_s']:.3f} s | "
+                f"{r['yaml_load_s']:.3f} s (`yaml.load`, {r['loader']}) | {r['ratio']:.2f}x | - |"
             )
     return "\n".join(lines)
 

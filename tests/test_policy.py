@@ -218,12 +218,22 @@ def test_the_example_policy_loads_and_shows_every_field():
         ("rules:\n  - allow: ls *\n    allow: rm *\n", "p.yaml:3: rule 1: duplicate key 'allow'"),
         ("rules:\n  - allow: ls\nrules:\n  - allow: rm *\n", "p.yaml:3: duplicate key 'rules'"),
         ("rules:\n  - allow: ls\n    1: x\n", "p.yaml:3: rule 1: keys must be plain strings"),
+        # Before: a control character in the file ended `fleetrun policy show` with a traceback.
+        ("rules:\n  - allow: \"ls\x00\"\n", "p.yaml:2: invalid YAML: character 0x0000 is not allowed in YAML"),
+        ("rules:\n  - allow: !shell ls\n", "p.yaml:2: rule 1, field 'allow': could not determine a constructor for the tag '!shell'"),
+        ("rules:\n  - &r {allow: [ls, *r]}\n", "p.yaml:2: rule 1, field 'allow': a value that contains itself"),
+        ("common: &c {hosts: [web1]}\nrules:\n  - {<<: *c, allow: ls}\n", "p.yaml:1: unknown top-level key 'common'"),
     ],
 )
 def test_a_malformed_policy_names_file_line_rule_and_field(text, message):
     with pytest.raises(PolicyError) as error:
         parse_policy(text, source="p.yaml")
     assert str(error.value).startswith(message)
+
+
+def test_a_rule_can_take_fields_from_an_anchor_through_a_merge_key():
+    policy = parse_policy("rules:\n  - &web {allow: 'systemctl status *', hosts: [web*]}\n  - {<<: *web, allow: uptime}\n", source="p.yaml")
+    assert [(rule.hosts, rule.line) for rule in policy.rules] == [(("web*",), 2), (("web*",), 3)]
 
 
 def test_a_policy_file_that_is_not_utf8_is_an_error_naming_its_line_and_column(tmp_path):

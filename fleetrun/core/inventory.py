@@ -34,6 +34,7 @@ from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
 from fleetrun.core.text import text_problem
 from fleetrun.core.transport import HostField, Transport
+from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, mapping_entries, node_value
 
 #: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -152,49 +153,6 @@ def parse_inventory(
     return _InventoryParser(source, transports).parse(text)
 
 
-def mapping_entries(
-    node: yaml.MappingNode, error: Callable[[yaml.Node, str], Exception]
-) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """A YAML mapping's entries by key, as (key node, value node). A key written twice is
-    an error: YAML loaders keep the last one, and the first would be dropped unseen.
-
-    A merge key (``<<: *anchor``, or a list of them) brings in the entries of the mappings
-    it names, as YAML loaders do: the mapping's own keys win, then the earlier-named mapping.
-    """
-    return _entries(node, error, merging=())
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _entries(
-    node: yaml.MappingNode, error: Callable[[yaml.Node, str], Exception], *, merging: tuple[yaml.Node, ...]
-) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    own: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    merge_key: yaml.Node | None = None
-    for key_node, value_node in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
-            if merge_key is not None:
-                raise error(key_node, "duplicate merge key '<<': name several mappings in one list instead")
-            merge_key = key_node
-            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-            for source in sources:
-                if not isinstance(source, yaml.MappingNode):
-                    raise error(key_node, "a merge key '<<' takes a mapping (*anchor) or a list of them")
-                if source is node or source in merging:
-                    raise error(key_node, "a merge key '<<' that brings in the mapping it is part of")
-                for key, entry in _entries(source, error, merging=(*merging, node)).items():
-                    merged.setdefault(key, entry)
-            continue
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-            raise error(key_node, "keys must be plain strings")
-        if key_node.value in own:
-            raise error(key_node, f"duplicate key {key_node.value!r}")
-        own[key_node.value] = (key_node, value_node)
-    return {**merged, **own}
-
-
 class _InventoryParser:
     def __init__(self, source: str, transports: Mapping[str, type[Transport]] | None) -> None:
         self.source = source
@@ -209,14 +167,9 @@ class _InventoryParser:
 
     def parse(self, text: str) -> Inventory:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else None
-            problem = exc.problem or exc.context or "invalid YAML"
-            raise InventoryError(f"invalid YAML: {problem}", path=self.source, line=line) from None
-        except yaml.YAMLError as exc:
-            raise InventoryError(f"invalid YAML: {exc}", path=self.source) from None
+            root = compose(text)
+        except YamlSyntaxError as exc:
+            raise InventoryError(f"invalid YAML: {exc.problem}", path=self.source, line=exc.line) from None
         if root is None:
             raise InventoryError("the file is empty; it needs a 'hosts:' mapping", path=self.source, line=1)
         top = self.mapping(root, "the top level must be a mapping with a 'hosts:' key")
@@ -347,7 +300,7 @@ class _InventoryParser:
             raise self.error(node, problem, host=host, field=field)
 
     def value(self, node: yaml.Node, kind: str | None, *, host: str | None, field: str) -> Any:
-        value = yaml.safe_load(yaml.serialize(node))
+        value = node_value(node, lambda at, problem: self.error(at, problem, host=host, field=field))
         if kind is None:
             # An unknown field: host() reports it with the allowed names.
             return value
@@ -388,8 +341,7 @@ class _InventoryParser:
             entries = self.mapping(node, "expected a mapping of names to strings", host=host, field=field)
             out = {}
             for key, (_, value_node) in entries.items():
-                item = yaml.safe_load(yaml.serialize(value_node))
-                if isinstance(item, (dict, list)) or item is None:
+                if not isinstance(value_node, yaml.ScalarNode) or value_node.tag == "tag:yaml.org,2002:null":
                     raise self.error(value_node, f"the value of {key!r} must be a string", host=host, field=field)
                 out[key] = value_node.value
             return out

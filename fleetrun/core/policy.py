@@ -37,8 +37,9 @@ import yaml
 
 from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
-from fleetrun.core.inventory import TAG_RE, Host, mapping_entries
+from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import SimpleCommand, Word, parse_command
+from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, mapping_entries, node_value
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
 _GLOB_CHARS = set("*?[")
@@ -305,10 +306,9 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
         return PolicyError(message, path=source, line=node.start_mark.line + 1 if node is not None else None, **where)
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise PolicyError(f"invalid YAML: {exc.problem or exc.context}", path=source, line=mark.line + 1 if mark else None) from None
+        root = compose(text)
+    except YamlSyntaxError as exc:
+        raise PolicyError(f"invalid YAML: {exc.problem}", path=source, line=exc.line) from None
     if not isinstance(root, yaml.MappingNode):
         raise fail(root, "the policy must be a mapping with a 'rules:' list")
     top = mapping_entries(root, fail)
@@ -342,7 +342,7 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
     for key, (key_node, value_node) in mapping_entries(entry, lambda node, message: fail(node, message, rule=index)).items():
         if key not in _RULE_KEYS:
             raise fail(key_node, f"unknown field (allowed: {', '.join(_RULE_KEYS)})", rule=index, field=key)
-        fields[key] = (value_node, yaml.safe_load(yaml.serialize(value_node)))
+        fields[key] = (value_node, node_value(value_node, lambda node, message, key=key: fail(node, message, rule=index, field=key)))
     actions = [k for k in ("allow", "deny", "allow_raw_shell") if k in fields]
     if len(actions) != 1:
         raise fail(entry, "a rule needs exactly one of allow:, deny: or allow_raw_shell:", rule=index)
