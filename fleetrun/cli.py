@@ -623,7 +623,7 @@ def cmd_tasks_list(ctx: _Context) -> int:
 def cmd_tasks_show(ctx: _Context) -> int:
     store = ctx.store
     store.sweep_orphans()
-    task = store.get(ctx.args.task_id)
+    task = store.get(store.complete_id(ctx.args.task_id))
     data = _task_dict(task)
     if ctx.args.json:
         print(json.dumps(data, indent=2))
@@ -651,6 +651,7 @@ _TAIL_MAX_BYTES = 16 << 20
 def cmd_tasks_output(ctx: _Context) -> int:
     args = ctx.args
     store = ctx.store
+    args.task_id = store.complete_id(args.task_id)
     out = sys.stdout.buffer
     left = args.max_bytes  # None: the whole stream
     if args.tail is not None:
@@ -694,7 +695,7 @@ def cmd_tasks_output(ctx: _Context) -> int:
 def cmd_tasks_cancel(ctx: _Context) -> int:
     store = ctx.store
     store.sweep_orphans()
-    task = store.get(ctx.args.task_id)
+    task = store.get(store.complete_id(ctx.args.task_id))
     if task.status.is_terminal:
         _note(f"task {task.id} has already ended ({task.status.value})")
         return EXIT_ERROR
@@ -952,6 +953,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
 
 
+_ID_HELP = "the task id (`fleetrun tasks` lists them), or its first 4 or more characters if no other id starts so"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fleetrun",
@@ -1023,14 +1027,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_tasks_list)
     tasks.set_defaults(func=cmd_tasks_list, status=None, host=None, limit=_LIST_LIMIT, json=False)
     show_task = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
-    show_task.add_argument("task_id", metavar="ID")
+    show_task.add_argument("task_id", metavar="ID", help=_ID_HELP)
     show_task.add_argument("--json", action="store_true", help="print JSON")
     show_task.set_defaults(func=cmd_tasks_show)
     output = tasks_sub.add_parser(
         "output", help="print a task's output (also while it runs)",
         description="Print a task's stdout or stderr, from a byte offset or as a tail; --follow keeps reading until the task ends.",
     )
-    output.add_argument("task_id", metavar="ID")
+    output.add_argument("task_id", metavar="ID", help=_ID_HELP)
     output.add_argument("--stream", choices=("stdout", "stderr"), default="stdout", help="which stream (default stdout)")
     start = output.add_mutually_exclusive_group()
     start.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte offset (default 0)")
@@ -1045,7 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel", help="cancel a queued or running task",
         description="Cancel a queued or running task, also one run by another fleetrun process.",
     )
-    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument("task_id", metavar="ID", help=_ID_HELP)
     cancel.add_argument("--reason", default="cancelled with `fleetrun tasks cancel`", help="recorded as the cancel reason")
     cancel.add_argument("--wait", type=_positive_float, default=10.0, metavar="SECONDS", help="how long to wait for the owner to confirm (default 10)")
     cancel.set_defaults(func=cmd_tasks_cancel)

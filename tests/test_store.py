@@ -701,3 +701,24 @@ def test_relative_xdg_directories_are_ignored_as_the_specification_says(tmp_path
     assert paths.config_dir() == tmp_path / ".config" / "fleetrun"
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert paths.data_dir() == tmp_path / "data" / "fleetrun"
+
+
+def test_the_cli_takes_a_unique_start_of_a_task_id_and_names_the_candidates_of_an_ambiguous_one(store):
+    now = time.time()
+    for task_id in ("abcd12000001", "abcd12000002", "abcd99000003"):
+        store.insert(_ended_task(task_id, now), owner_token())
+    store.flush()
+    env = {"FLEETRUN_HOME": str(store.home)}
+    shown = run_cli("tasks", "show", "abcd99", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["id"] == "abcd99000003"
+    ambiguous = run_cli("tasks", "show", "abcd12", env=env)
+    assert ambiguous.returncode == 1
+    assert ambiguous.stderr == "fleetrun: error: 'abcd12' starts more than one task id (abcd12000001, abcd12000002): give more of it\n"
+    unknown = run_cli("tasks", "output", "ffff", env=env)
+    assert unknown.returncode == 1
+    assert unknown.stderr == f"fleetrun: error: no task id starts with 'ffff' in the store at {store.home}\n"
+    assert run_cli("tasks", "cancel", "abcd1200000", env=env).stderr == "fleetrun: error: 'abcd1200000' starts more than one task id (abcd12000001, abcd12000002): give more of it\n"
+    assert run_cli("tasks", "cancel", "abcd120000021", env=env).stderr.startswith("fleetrun: error: invalid task id 'abcd120000021'")
+    assert run_cli("tasks", "show", "abc", env=env).stderr.startswith("fleetrun: error: invalid task id 'abc'")
+    assert store.complete_id("abcd12000002") == "abcd12000002"

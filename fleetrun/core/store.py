@@ -40,6 +40,7 @@ log = logging.getLogger("fleetrun.store")
 
 SCHEMA_VERSION = 4
 TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
+_ID_START_RE = re.compile(r"[0-9a-f]{4,12}")
 DB_NAME = "tasks.sqlite3"
 JOURNAL_DIR = "journal"
 #: How long a write waits for another process's transaction before it fails (and the
@@ -359,6 +360,21 @@ class TaskStore:
         if row is None:
             raise UnknownTaskError(f"no task {task_id!r} in the store at {self.home}")
         return _task(row[:-1])
+
+    def complete_id(self, text: str) -> str:
+        """The task id that ``text`` is, or is the start of (at least 4 of its characters),
+        as ``git`` takes a commit's; an unknown or ambiguous start is an :class:`UnknownTaskError`."""
+        if not isinstance(text, str) or not _ID_START_RE.fullmatch(text) or len(text) == 12:
+            return check_task_id(text)
+        with self._lock:
+            # The ids are hex: every id that starts with `text` sorts between it and `text` + "g".
+            ids = [row[0] for row in self._db.execute("SELECT id FROM tasks WHERE id > ? AND id < ? ORDER BY id LIMIT 4", (text, text + "g"))]
+        if not ids:
+            raise UnknownTaskError(f"no task id starts with {text!r} in the store at {self.home}")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:3]) + (", …" if len(ids) > 3 else "")
+            raise UnknownTaskError(f"{text!r} starts more than one task id ({shown}): give more of it")
+        return ids[0]
 
     def _select(self, task_id: str) -> tuple | None:
         with self._lock:
