@@ -251,6 +251,11 @@ class _Context:
 
         return load_policy(self.args.policy)
 
+    @functools.cached_property
+    def task_id(self) -> str:
+        """The task the command names: its ID argument, or the one id in the store that starts so."""
+        return self.store.complete_id(self.args.task_id)
+
     def json_log_target(self) -> str | None:
         return self.args.json_log or os.environ.get("FLEETRUN_JSON_LOG") or None
 
@@ -623,7 +628,7 @@ def cmd_tasks_list(ctx: _Context) -> int:
 def cmd_tasks_show(ctx: _Context) -> int:
     store = ctx.store
     store.sweep_orphans()
-    task = store.get(store.complete_id(ctx.args.task_id))
+    task = store.get(ctx.task_id)
     data = _task_dict(task)
     if ctx.args.json:
         print(json.dumps(data, indent=2))
@@ -651,23 +656,23 @@ _TAIL_MAX_BYTES = 16 << 20
 def cmd_tasks_output(ctx: _Context) -> int:
     args = ctx.args
     store = ctx.store
-    args.task_id = store.complete_id(args.task_id)
+    task_id = ctx.task_id
     out = sys.stdout.buffer
     left = args.max_bytes  # None: the whole stream
     if args.tail is not None:
-        piece = store.tail_output(args.task_id, args.stream, lines=args.tail, max_bytes=left or _TAIL_MAX_BYTES)
+        piece = store.tail_output(task_id, args.stream, lines=args.tail, max_bytes=left or _TAIL_MAX_BYTES)
         out.write(piece.data)
         offset = piece.next_offset
         left = None  # the cap was the tail's; what --follow prints after it is not capped
     else:
         offset = args.offset
-        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=0)
+        piece = store.read_output(task_id, args.stream, offset=offset, max_bytes=0)
         if piece.complete or not args.follow:  # following a running task: its output may yet get there
-            check_offset(args.task_id, piece)
+            check_offset(task_id, piece)
     # Read in pieces, so that a stream of any size is copied in bounded memory.
     while left is None or left > 0:
         want = _OUTPUT_PIECE if left is None else min(_OUTPUT_PIECE, left)
-        piece = store.read_output(args.task_id, args.stream, offset=offset, max_bytes=want)
+        piece = store.read_output(task_id, args.stream, offset=offset, max_bytes=want)
         if piece.data:
             out.write(piece.data)
             offset = piece.next_offset
@@ -677,7 +682,7 @@ def cmd_tasks_output(ctx: _Context) -> int:
         out.flush()
         if piece.complete or not args.follow:
             break
-        if not store.get(args.task_id).status.is_terminal:
+        if not store.get(task_id).status.is_terminal:
             store.sweep_orphans()
         time.sleep(0.1)
     out.flush()
@@ -685,17 +690,17 @@ def cmd_tasks_output(ctx: _Context) -> int:
         _note(f"stopped after --max-bytes {args.max_bytes}: {piece.size - offset} more bytes are kept (continue with --offset {offset})")
         return EXIT_OK
     if piece.truncated and piece.complete:
-        task = store.get(args.task_id)
+        task = store.get(task_id)
         seen = task.stdout_bytes if args.stream == "stdout" else task.stderr_bytes
         why = "its max_output_bytes" if piece.size >= task.max_output_bytes else "the disk took no more; see the run's log"
-        _note(f"the {args.stream} of task {args.task_id} was cut short: {piece.size} of its {seen} bytes were kept ({why})")
+        _note(f"the {args.stream} of task {task_id} was cut short: {piece.size} of its {seen} bytes were kept ({why})")
     return EXIT_OK
 
 
 def cmd_tasks_cancel(ctx: _Context) -> int:
     store = ctx.store
     store.sweep_orphans()
-    task = store.get(store.complete_id(ctx.args.task_id))
+    task = store.get(ctx.task_id)
     if task.status.is_terminal:
         _note(f"task {task.id} has already ended ({task.status.value})")
         return EXIT_ERROR

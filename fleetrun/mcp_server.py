@@ -274,12 +274,12 @@ class _FleetrunServer(MCPServer):
         if self._accepted is None:
             self._accepted = {tool.name: tuple(tool.input_schema.get("properties", {})) for tool in await super().list_tools()}
         accepted = self._accepted.get(name)
-        unknown = [key for key in arguments if accepted is not None and key not in accepted]
+        if accepted is None:
+            return  # an unknown tool: the SDK says so
+        unknown = [key for key in arguments if key not in accepted]
         if unknown:
             shown = ", ".join(repr(key[:64]) for key in unknown[:5]) + (", …" if len(unknown) > 5 else "")
-            raise ToolError(
-                f"{name} takes no argument {shown} (its arguments: {', '.join(accepted or ()) or 'none'})"
-            )
+            raise ToolError(f"{name} takes no argument {shown} (its arguments: {', '.join(accepted) or 'none'})")
 
     async def call_tool(self, name, arguments, context=None):  # type: ignore[no-untyped-def]
         await self.check_arguments(name, arguments)

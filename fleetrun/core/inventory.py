@@ -34,7 +34,7 @@ from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
 from fleetrun.core.text import text_problem
 from fleetrun.core.transport import HostField, Transport
-from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_null, mapping_entries, node_value
 
 #: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -216,7 +216,7 @@ class _InventoryParser:
         return mapping_entries(node, lambda at, problem: self.error(at, problem, host=host, field=field))
 
     def host(self, name: str, name_node: yaml.Node, body: yaml.Node, defaults: Limits) -> Host:
-        if isinstance(body, yaml.ScalarNode) and body.tag == "tag:yaml.org,2002:null":
+        if is_null(body):
             entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         else:
             if not isinstance(body, yaml.MappingNode):
@@ -341,7 +341,7 @@ class _InventoryParser:
             entries = self.mapping(node, "expected a mapping of names to strings", host=host, field=field)
             out = {}
             for key, (_, value_node) in entries.items():
-                if not isinstance(value_node, yaml.ScalarNode) or value_node.tag == "tag:yaml.org,2002:null":
+                if not isinstance(value_node, yaml.ScalarNode) or is_null(value_node):
                     raise self.error(value_node, f"the value of {key!r} must be a string", host=host, field=field)
                 out[key] = value_node.value
             return out

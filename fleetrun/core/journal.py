@@ -426,9 +426,11 @@ def _entries(lines: Iterable[bytes], path: Path, *, quiet: bool = False) -> Iter
             yield entry
     if unreadable and not quiet:
         # A damaged file would otherwise print a warning per line.
-        shown = ", ".join(map(str, unreadable[:5])) + (", …" if len(unreadable) > 5 else "")
-        count = "a journal line" if len(unreadable) == 1 else f"{len(unreadable)} journal lines"
-        log.warning("%s: skipping %s that cannot be read (%s %s)", path, count, "line" if len(unreadable) == 1 else "lines", shown)
+        if len(unreadable) == 1:
+            log.warning("%s: skipping a journal line that cannot be read (line %d)", path, unreadable[0])
+        else:
+            shown = ", ".join(map(str, unreadable[:5])) + (", …" if len(unreadable) > 5 else "")
+            log.warning("%s: skipping %d journal lines that cannot be read (lines %s)", path, len(unreadable), shown)
 
 
 #: Journals not closed yet. Held strongly: a journal dropped unclosed would leave its file

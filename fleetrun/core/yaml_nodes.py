@@ -16,6 +16,7 @@ import yaml.constructor
 _FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_NULL_TAG = "tag:yaml.org,2002:null"
 
 #: Makes the error for a node: (node, message) -> the exception to raise.
 NodeError = Callable[[yaml.Node, str], Exception]
@@ -47,6 +48,11 @@ def compose(text: str) -> yaml.Node | None:
         raise YamlSyntaxError(f"character {exc.character:#06x} is not allowed in YAML", line) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(" ".join(str(exc).split()), None) from None
+
+
+def is_null(node: yaml.Node) -> bool:
+    """Whether ``node`` is YAML's null: an empty value, ``~`` or ``null``."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
 
 
 def mapping_entries(node: yaml.MappingNode, error: NodeError) -> dict[str, tuple[yaml.Node, yaml.Node]]:
