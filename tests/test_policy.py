@@ -45,6 +45,9 @@ def commands(line: str) -> list[tuple[str, list[str]]]:
         ("uname \\\n  -a", [("uname", ["-a"])]),
         ("[ -d /tmp ] && ls", [("[", ["-d", "/tmp", "]"]), ("ls", [])]),
         ("grep -c x <<< 'x y'", [("grep", ["-c", "x"])]),
+        ("wc -l < /dev/null", [("wc", ["-l"])]),
+        ("time -f %e -o /dev/null -p uname", [("uname", [])]),
+        ("echo x | xargs -a /dev/null -0 echo", [("echo", ["x"]), ("echo", ["<arguments from input>"])]),
     ],
 )
 def test_the_reader_finds_every_simple_command(line, expected):
@@ -81,6 +84,10 @@ def test_wrappers_and_unknown_words_are_recorded():
         ("exec 3<>/dev/tcp/127.0.0.1/80", "network redirection"),
         ("sudo -s", "a shell, login, editor or listing through sudo (-s)"),
         ("env -S 'rm -rf /'", "env: -S (it splits a string into a command)"),
+        ("wc -l < ~/.ssh/id_rsa", "input redirection from a file (< ~/.ssh/id_rsa)"),
+        ("time -f %e -o ~/.bashrc true", "time: -o ~/.bashrc (writes its report to a file)"),
+        ("time --output=/etc/passwd true", "time: --output /etc/passwd (writes its report to a file)"),
+        ("xargs -a/etc/shadow echo", "xargs: -a /etc/shadow (reads the arguments from a file)"),
     ],
 )
 def test_constructs_that_cannot_be_judged_are_named(line, problem):
@@ -264,6 +271,9 @@ BYPASSES = [
     ("uname 2>/etc/shadow", "output redirection"), ("cat /proc/loadavg > /tmp/x", "output redirection"),
     ("uname >& /tmp/x", "output redirection"), ("uname <<EOF\nx\nEOF", "here-document"),
     ("exec 3<>/dev/tcp/127.0.0.1/80", "network redirection"), ("echo x | tee /etc/passwd", NO_RULE),
+    ("xargs echo < /etc/shadow", "input redirection"), ("echo 0</etc/shadow", "input redirection"),
+    ("time -o ~/.bashrc true", "time: -o"), ("time -p --output=/etc/passwd uname", "time: --output"),
+    ("xargs -a /etc/shadow echo", "xargs: -a"), ("xargs --arg-file=/root/.ssh/id_rsa echo", "xargs: --arg-file"),
     # variables and environment
     ("PATH=/tmp/evil uname", "(PATH=…)"), ("LD_PRELOAD=/tmp/x.so uname", "(LD_PRELOAD=…)"),
     ("IFS=/ uname", "(IFS=…)"), ("a=1; rm -rf /", "(a=…)"), ("env PATH=/tmp uname", "(env PATH=…)"),
@@ -272,7 +282,7 @@ BYPASSES = [
     # wrappers
     ("sudo uname", "run through sudo"), ("sudo -s", "through sudo"), ("sudo -u root rm -rf /", NO_RULE),
     ("doas rm -rf /", NO_RULE), ("sh -c 'rm -rf /'", NO_RULE), ('bash -c "uname; rm -rf /"', NO_RULE),
-    ("/bin/sh -c 'rm -rf /'", NO_RULE), ("xargs rm < /etc/hosts", NO_RULE), ("nohup rm -rf / &", NO_RULE),
+    ("/bin/sh -c 'rm -rf /'", NO_RULE), ("echo / | xargs rm -rf", NO_RULE), ("nohup rm -rf / &", NO_RULE),
     ("timeout 5 rm -rf /", NO_RULE), ("nice -n 5 rm -rf /", NO_RULE), ("command rm -rf /", NO_RULE),
     ("exec rm -rf /", NO_RULE), ("time rm -rf /", NO_RULE), ("stdbuf -oL rm -rf /", NO_RULE),
     ("find / -delete", "find -delete"), ("ps aux | awk '{system(\"rm -rf /\")}'", NO_RULE),

@@ -4,8 +4,9 @@ It splits a command line into the simple commands the shell would run and, for e
 the program and its arguments after quote removal, so that a policy judges
 ``'r'm -rf /`` as ``rm`` and sees every command of ``a; b && c | d``. It does not try
 to understand everything a shell can do: whatever it cannot judge with certainty is
-reported as a *problem* (command substitution, control structures, redirection into a
-file, …), and the policy denies it unless raw shell is allowed for the host.
+reported as a *problem* (command substitution, control structures, redirection into or
+from a file, a wrapper's own file such as ``time -o FILE``, …), and the policy denies it
+unless raw shell is allowed for the host.
 
 Words whose final value depends on the shell at run time (parameter expansion, globs,
 brace expansion, ``~``) are kept but marked *unknown*: such a word can only be matched
@@ -338,12 +339,14 @@ def _redirection_problem(token: _Token) -> str | None:
         return None  # duplicating or closing a descriptor
     if target.startswith(("/dev/tcp/", "/dev/udp/")):
         return f"a network redirection ({target})"
-    if operator == "<":
-        return None if token.known else "input redirection from a name decided at run time"
     if operator == "<<<":
         return None
     if token.known and target in _HARMLESS_TARGETS:
         return None
+    if operator == "<":
+        # A rule judges the files a command is given as arguments; one it reads through
+        # stdin would be a file no rule was asked about (xargs echo < ~/.ssh/id_rsa).
+        return f"input redirection from a file ({operator} {target})"
     return f"output redirection to a file ({operator} {target})"
 
 
@@ -426,9 +429,19 @@ def _shell_script(args: list[Word]) -> Word | None:
 # -- wrappers: each returns (inner words, assignments, privileged) or None ------------------
 
 
-def _skip_options(args: list[Word], with_value: set[str], flags: set[str]) -> list[Word]:
-    """Drop leading options; those in ``with_value`` take the next word. Unknown ones: refuse."""
+def _skip_options(
+    args: list[Word], with_value: set[str], flags: set[str], values: dict[str, list[Word]] | None = None
+) -> list[Word]:
+    """Drop leading options; those in ``with_value`` take the next word. Unknown ones: refuse.
+
+    ``values``, when given, collects each value-taking option's values under the option's name.
+    """
     index = 0
+
+    def keep(option: str, value: Word) -> None:
+        if values is not None:
+            values.setdefault(option, []).append(value)
+
     while index < len(args):
         word = args[index]
         if not word.known:
@@ -440,13 +453,21 @@ def _skip_options(args: list[Word], with_value: set[str], flags: set[str]) -> li
             return args[index:]
         option = text.split("=", 1)[0]
         if option in with_value and "=" not in text:
+            if index + 1 < len(args):
+                keep(option, args[index + 1])
             index += 2
             continue
-        if option in with_value or option in flags:
+        if option in with_value:
+            keep(option, Word(text.split("=", 1)[1]))
+            index += 1
+            continue
+        if option in flags:
             index += 1
             continue
         # Combined short options (-n5, -oL) of a value-taking option.
-        if any(text.startswith(short) for short in with_value if len(short) == 2):
+        short = text[:2]
+        if short in with_value:
+            keep(short, Word(text[2:]))
             index += 1
             continue
         raise _Unjudgeable(f"an option it does not know ({text})")
@@ -503,17 +524,38 @@ def _simple_wrapper(with_value: set[str], flags: set[str], positional: int = 0):
     return unwrap
 
 
+def _time(args: list[Word]):  # type: ignore[no-untyped-def]
+    values: dict[str, list[Word]] = {}
+    rest = _skip_options(
+        args, with_value={"-f", "--format", "-o", "--output"},
+        flags={"-p", "-v", "--verbose", "-a", "--append", "-q", "--quiet", "--portability"}, values=values,
+    )
+    _refuse_files(values, ("-o", "--output"), "writes its report to a file")
+    return rest, [], False
+
+
 def _xargs(args: list[Word]):  # type: ignore[no-untyped-def]
+    values: dict[str, list[Word]] = {}
     rest = _skip_options(
         args,
         with_value={"-I", "-i", "-n", "--max-args", "-P", "--max-procs", "-d", "--delimiter", "-L", "--max-lines",
                     "-s", "--max-chars", "-E", "-e", "--eof", "-a", "--arg-file"},
         flags={"-0", "--null", "-r", "--no-run-if-empty", "-t", "--verbose", "-x", "--exit", "-p", "--interactive"},
+        values=values,
     )
+    # Like input redirection: the file would reach the command without a rule seeing its name.
+    _refuse_files(values, ("-a", "--arg-file"), "reads the arguments from a file")
     if not rest:
         rest = [Word("echo")]
     # What xargs reads becomes more arguments, decided at run time.
     return [*rest, Word("<arguments from input>", known=False)], [], False
+
+
+def _refuse_files(values: dict[str, list[Word]], options: tuple[str, ...], what: str) -> None:
+    for option in options:
+        for target in values.get(option, []):
+            if not (target.known and target.value in _HARMLESS_TARGETS):
+                raise _Unjudgeable(f"{option} {target.value} ({what})")
 
 
 _WRAPPERS = {
@@ -522,7 +564,7 @@ _WRAPPERS = {
     "env": _env,
     "nice": _simple_wrapper({"-n", "--adjustment"}, set()),
     "nohup": _simple_wrapper(set(), set()),
-    "time": _simple_wrapper({"-f", "--format", "-o", "--output"}, {"-p", "-v", "--verbose", "-a", "--append", "-q"}),
+    "time": _time,
     "timeout": _simple_wrapper({"-s", "--signal", "-k", "--kill-after"}, {"--preserve-status", "--foreground", "-v", "--verbose"}, positional=1),
     "command": _simple_wrapper(set(), {"-p", "-v", "-V"}),
     "exec": _simple_wrapper({"-a"}, {"-c", "-l"}),
