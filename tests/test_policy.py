@@ -13,7 +13,7 @@ from fleetrun.core.errors import PolicyDenied, PolicyError
 from fleetrun.core.inventory import Host
 from fleetrun.core.models import TaskRequest
 from fleetrun.core.policy import BUILTIN_SOURCE, load_policy, parse_policy, read_only_policy
-from fleetrun.core.shell import parse_command
+from fleetrun.core.shell import parse_command, pattern_problem
 
 from conftest import REPO, run_cli
 
@@ -236,6 +236,50 @@ def test_a_malformed_policy_names_file_line_rule_and_field(text, message):
     with pytest.raises(PolicyError) as error:
         parse_policy(text, source="p.yaml")
     assert str(error.value).startswith(message)
+
+
+# Before: each of these loaded, and the rule silently never matched (a deny that denied nothing).
+@pytest.mark.parametrize(
+    "pattern, why",
+    [
+        ("sudo apt-get update", "the policy looks through sudo and judges the command it runs: write 'apt-get update' with sudo: true"),
+        ("/usr/bin/sudo -u root ls *", "the policy looks through sudo and judges the command it runs: write 'ls *' with sudo: true"),
+        ("nice -n 5 tar *", "the policy looks through nice and judges the command it runs: write 'tar *'"),
+        ("timeout * uptime", "the policy looks through timeout and judges the command it runs: write 'uptime'"),
+        ("xargs rm", "the policy looks through xargs and judges the command it runs: write 'rm *'"),
+        ("sh -c uptime", "the policy looks through sh and judges the command it runs: write 'uptime'"),
+        ("bash -c *", "the policy reads the script of bash -c and judges each of its commands on its own"),
+        ("LC_ALL=C ls *", "it starts with the variable setting LC_ALL=C, which is not part of the command"),
+        ("env PATH=/opt/bin make", "a command with an environment setting that can change what a command does (env PATH=…) is allowed only by allow_raw_shell: true"),
+        ("find * -exec *", "a command with find -exec (it runs commands or writes files) is allowed only by allow_raw_shell: true"),
+        ("sudo -s", "a command with sudo: a shell, login, editor or listing through sudo (-s)"),
+        ("uptime; df -h", "it contains the operator ';': each command of a line is judged on its own"),
+        ("grep -E a|b *", "it contains the operator '|'"),
+        ("ls > /tmp/out", "it contains the redirection >/tmp/out, which is not part of the command a pattern matches"),
+        ("echo $(id)", "it contains command substitution $( … )"),
+    ],
+)
+def test_a_pattern_that_can_never_match_is_an_error_saying_what_to_write(pattern, why):
+    for action in ("allow", "deny"):
+        with pytest.raises(PolicyError) as error:
+            parse_policy(f"rules:\n  - {action}: {json.dumps(pattern)}\n", source="p.yaml")
+        assert str(error.value).startswith(f"p.yaml:2: rule 1, field '{action}': pattern {pattern!r} can never match: {why}")
+
+
+@pytest.mark.parametrize(
+    "pattern, command",
+    [
+        ("grep -E 'a|b' *", "grep -E 'a|b' /var/log/syslog"), ("echo '>'", "echo '>'"), ("env", "env"), ("env *", "env -i"),
+        ("sudo *", "sudo"), ("find *", "find /var/log -name '*.gz'"), ("python3* *", "python3.11 -V"), ("[ -d * ]", "[ -d /tmp ]"),
+    ],
+)
+def test_patterns_around_wrappers_and_quoted_operators_still_load_and_match(pattern, command):
+    policy = parse_policy(f"rules:\n  - allow: {json.dumps(pattern)}\n", source="p.yaml")
+    assert policy.decide(WEB1, command).allowed
+
+
+def test_every_built_in_pattern_can_match():
+    assert [rule.pattern for rule in READ_ONLY.rules if pattern_problem(rule.pattern, list(rule.words))] == []
 
 
 def test_a_rule_can_take_fields_from_an_anchor_through_a_merge_key():

@@ -38,7 +38,7 @@ import yaml
 from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
 from fleetrun.core.inventory import TAG_RE, Host
-from fleetrun.core.shell import SimpleCommand, Word, parse_command
+from fleetrun.core.shell import SimpleCommand, Word, parse_command, pattern_problem
 from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, mapping_entries, node_value
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
@@ -377,7 +377,10 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
         raise fail(node, "expected a command pattern or a list of them, e.g. 'systemctl status *'", rule=index, field=action)
     for pattern in patterns:
         try:
-            shlex.split(pattern)
+            words = shlex.split(pattern)
         except ValueError as exc:
             raise fail(node, f"cannot read pattern {pattern!r}: {exc}", rule=index, field=action) from None
+        problem = pattern_problem(pattern, words)
+        if problem is not None:
+            raise fail(node, f"pattern {pattern!r} can never match: {problem}", rule=index, field=action)
     return [Rule(source, index, line, action, pattern.strip(), hosts, sudo) for pattern in patterns]

@@ -106,6 +106,50 @@ def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
             _judge_segment(tokens, result, depth)
 
 
+def pattern_problem(pattern: str, words: list[str]) -> str | None:
+    """Why a policy pattern (``words``: its shell words) can match no command line, or None.
+
+    The reader hands the policy one program and its arguments, after taking away what is
+    around them (operators, redirections, variable settings, wrappers, ``sh -c``); a pattern
+    written with any of those describes a command the policy is never asked about.
+    """
+    if words == ["*"]:
+        return None
+    lexer = _Lexer(pattern)
+    try:
+        lexer.read()
+    except _Unjudgeable as exc:
+        return f"it contains {exc} (quote a character to match it literally)"
+    if lexer.operators:
+        return (f"it contains the operator {lexer.operators[0]!r}: each command of a line is judged "
+                "on its own, so write a pattern for each (or quote the character to match it literally)")
+    tokens = lexer.complete[0] if lexer.complete else []
+    redirect = next((t for t in tokens if t.kind == _REDIRECT), None)
+    if redirect is not None:
+        return (f"it contains the redirection {redirect.value}{redirect.raw}, which is not part of the "
+                "command a pattern matches (quote the character to match it literally)")
+    if tokens and _assignment(tokens[0]) is not None:
+        return (f"it starts with the variable setting {tokens[0].raw}, which is not part of the command "
+                "a pattern matches: start the pattern with the program")
+    literal = words[:-1] if len(words) > 1 and words[-1] == "*" else words
+    judged = ParsedCommand()
+    _judge_words([Word(w) for w in literal], (), (), False, judged, depth=0)
+    if judged.problems:
+        return f"a command with {judged.problems[0]} is allowed only by allow_raw_shell: true"
+    if len(judged.commands) != 1:
+        return (f"the policy reads the script of {words[0]} -c and judges each of its commands on its own: "
+                "write a pattern for each")
+    inner = judged.commands[0]
+    if inner.wrappers:
+        shown = [inner.program, *(a.value if a.known else "*" for a in inner.args)]
+        if literal is not words and shown[-1] != "*":
+            shown.append("*")
+        sudo = " with sudo: true" if inner.privileged else ""
+        return (f"the policy looks through {' and '.join(inner.wrappers)} and judges the command it runs: "
+                f"write {' '.join(shown)!r}{sudo}")
+    return None
+
+
 # -- lexing ------------------------------------------------------------------------------
 
 _OPERATOR = "op"
@@ -132,6 +176,7 @@ class _Lexer:
         #: Segments ended by an operator (or the end of the text), in order.
         self.complete: list[list[_Token]] = []
         self.current: list[_Token] = []
+        self.operators: list[str] = []
 
     def read(self) -> None:
         """Fill :attr:`complete`; on a construct it cannot judge, raise with what it has so far."""
@@ -140,6 +185,7 @@ class _Lexer:
             if token is None:
                 break
             if token.kind == _OPERATOR:
+                self.operators.append(token.value)
                 if self.current:
                     self.complete.append(self.current)
                     self.current = []
