@@ -1022,11 +1022,12 @@ def build_parser() -> argparse.ArgumentParser:
     for lister in (tasks, listing):
         lister.add_argument(
             "--status", action="append", choices=[s.value for s in TaskStatus], default=argparse.SUPPRESS,
-            help="only this status (repeatable)",
+            metavar="STATUS", help=f"only this status (repeatable): {', '.join(s.value for s in TaskStatus)}",
         )
         lister.add_argument("--host", default=argparse.SUPPRESS, help="only tasks of this host")
         lister.add_argument(
-            "--limit", type=_positive_int, default=argparse.SUPPRESS, help=f"at most this many (default {_LIST_LIMIT})"
+            "--limit", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+            help=f"at most this many (default {_LIST_LIMIT})",
         )
         lister.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.set_defaults(func=cmd_tasks_list)

@@ -720,5 +720,8 @@ def test_the_cli_takes_a_unique_start_of_a_task_id_and_names_the_candidates_of_a
     assert unknown.stderr == f"fleetrun: error: no task id starts with 'ffff' in the store at {store.home}\n"
     assert run_cli("tasks", "cancel", "abcd1200000", env=env).stderr == "fleetrun: error: 'abcd1200000' starts more than one task id (abcd12000001, abcd12000002): give more of it\n"
     assert run_cli("tasks", "cancel", "abcd120000021", env=env).stderr.startswith("fleetrun: error: invalid task id 'abcd120000021'")
-    assert run_cli("tasks", "show", "abc", env=env).stderr.startswith("fleetrun: error: invalid task id 'abc'")
+    assert run_cli("tasks", "show", "abc", env=env).stderr == (
+        "fleetrun: error: invalid task id 'abc': a task id is 12 lowercase hex characters, or a unique start of one (4 or more of them)\n"
+    )
+    assert store.complete_id(" ABCD99\n") == "abcd99000003"
     assert store.complete_id("abcd12000002") == "abcd12000002"

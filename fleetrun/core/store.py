@@ -125,9 +125,13 @@ class Retention:
 
 def check_task_id(task_id: str) -> str:
     if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
-        shown = repr(task_id[:40]) + ("…" if len(task_id) > 40 else "") if isinstance(task_id, str) else type(task_id).__name__
-        raise UnknownTaskError(f"invalid task id {shown}: a task id is 12 lowercase hex characters")
+        raise UnknownTaskError(_invalid_id(task_id))
     return task_id
+
+
+def _invalid_id(task_id: object) -> str:
+    shown = repr(task_id[:40]) + ("…" if len(task_id) > 40 else "") if isinstance(task_id, str) else type(task_id).__name__
+    return f"invalid task id {shown}: a task id is 12 lowercase hex characters"
 
 
 class TaskStore:
@@ -364,8 +368,12 @@ class TaskStore:
     def complete_id(self, text: str) -> str:
         """The task id that ``text`` is, or is the start of (at least 4 of its characters),
         as ``git`` takes a commit's; an unknown or ambiguous start is an :class:`UnknownTaskError`."""
-        if not isinstance(text, str) or not _ID_START_RE.fullmatch(text) or len(text) == 12:
-            return check_task_id(text)
+        if isinstance(text, str):
+            text = text.strip().lower()  # as copied from a terminal or a log
+        if not isinstance(text, str) or not _ID_START_RE.fullmatch(text):
+            raise UnknownTaskError(f"{_invalid_id(text)}, or a unique start of one (4 or more of them)")
+        if len(text) == 12:
+            return text
         with self._lock:
             # The ids are hex: every id that starts with `text` sorts between it and `text` + "g".
             ids = [row[0] for row in self._db.execute("SELECT id FROM tasks WHERE id > ? AND id < ? ORDER BY id LIMIT 4", (text, text + "g"))]
