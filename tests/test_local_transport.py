@@ -3,9 +3,11 @@ found whether the pipes close with the command or not."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +147,61 @@ def test_an_exit_is_found_after_the_command_closed_its_output(make_executor):
     assert task.exit_code == 3
     assert task.duration_s is not None and task.duration_s >= 0.3
     assert executor.read_output(task.id).data == b"early\n"
+
+
+# -- open files ------------------------------------------------------------------------------
+
+_MANY_AT_ONCE = r"""
+import collections, json, os, resource, sys, tempfile
+from fleetrun.core.executor import Executor
+from fleetrun.core.inventory import parse_inventory
+from fleetrun.core.models import TaskRequest
+from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.store import TaskStore
+
+soft, hard, tasks = (int(a) for a in sys.argv[1:])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+plugins = PluginManager(autoload=False)
+inventory = parse_inventory(f"hosts:\n  local: {{max_concurrent: {tasks}}}\n", source="h", transports=plugins.transports)
+with Executor(store=TaskStore(tempfile.mkdtemp()), inventory=inventory, plugins=plugins, max_concurrent=tasks) as executor:
+    executor.run(TaskRequest(host="local", command="true"))
+    before = len(os.listdir("/proc/self/fd"))
+    handles = [executor.submit(TaskRequest(host="local", command="sleep 1")) for _ in range(tasks)]
+    ended = [h.wait(60) for h in handles]
+    after_all = len(os.listdir("/proc/self/fd"))
+    next_task = executor.run(TaskRequest(host="local", command="echo next"))
+print(json.dumps({
+    "endings": collections.Counter(f"{t.status.value}|{t.error_category}|{t.error}" for t in ended),
+    "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "leaked": after_all - before,
+    "next": [next_task.status.value, next_task.exit_code],
+}))
+"""
+
+
+def _many_at_once(soft: int, hard: int, tasks: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _MANY_AT_ONCE, str(soft), str(hard), str(tasks)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_an_executor_raises_the_soft_open_file_limit_as_far_as_its_tasks_need():
+    # 300 descriptors hold about 90 running commands: before, 59 of these 200 failed to start.
+    outcome = _many_at_once(soft=300, hard=4096, tasks=200)
+    assert outcome["endings"] == {"succeeded|None|None": 200}
+    assert outcome["limit"] == 256 + 5 * 200
+    assert outcome["next"] == ["succeeded", 0]
+
+
+def test_tasks_beyond_the_hard_open_file_limit_fail_saying_so_and_leak_nothing():
+    outcome = _many_at_once(soft=200, hard=200, tasks=150)
+    message = ("cannot start the command: too many open files in this process (its limit: 200): "
+               "run fewer tasks at once (max_concurrent), or raise the limit (ulimit -n)")
+    failed = outcome["endings"].get(f"failed|spawn|{message}", 0)
+    assert failed > 0 and outcome["endings"]["succeeded|None|None"] > 0
+    assert failed + outcome["endings"]["succeeded|None|None"] == 150, outcome["endings"]
+    assert outcome["limit"] == 200
+    assert outcome["leaked"] == 0
+    assert outcome["next"] == ["succeeded", 0]

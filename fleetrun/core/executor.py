@@ -24,6 +24,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+from fleetrun.core import open_files
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory, environment_problem
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus, evolve
@@ -464,6 +465,7 @@ class Executor:
         if self._closed:
             raise FleetrunError("this executor is closed")
         if self._loop is None:
+            open_files.make_room_for(self.max_concurrent)
             loop = asyncio.new_event_loop()
             ready = threading.Event()
 

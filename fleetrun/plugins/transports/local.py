@@ -20,6 +20,7 @@ import subprocess
 import time
 from typing import Any, Mapping
 
+from fleetrun.core import open_files
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.processes import KILL_GRACE_SECONDS, signal_group
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
@@ -57,8 +58,13 @@ class LocalTransport(Transport):
         # Inheriting the environment as is (env=None) spares an encode of every variable.
         env = {**os.environ, **execution.env} if execution.env else None
         # Plain descriptors rather than Popen's PIPE: no file objects to build and tear down per command.
-        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
-        stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
+        stdout_read, stdout_write = self._pipe()
+        try:
+            stderr_read, stderr_write = self._pipe()
+        except TransportError:
+            os.close(stdout_read)
+            os.close(stdout_write)
+            raise
         # Set up before the spawn, not after it: work done right after a fork and exec
         # runs on cold CPU caches and costs a few times more.
         watch = _ProcessWatch(execution, stdout_read, stderr_read)
@@ -68,6 +74,8 @@ class LocalTransport(Transport):
             proc = self._spawn(execution, env, stdout_write, stderr_write)
         except OSError as exc:
             watch.close()
+            if exc.errno in open_files.EXHAUSTED:
+                raise TransportError("spawn", f"cannot start the command: {open_files.exhausted_message()}") from None
             if execution.cwd and exc.filename == execution.cwd:
                 raise TransportError("spawn", f"cannot use the working directory {execution.cwd}: {exc.strerror}") from None
             target = exc.filename if exc.filename else self.shell
@@ -78,6 +86,14 @@ class LocalTransport(Transport):
         if execution.process_started is not None:
             execution.process_started(proc.pid)
         return await watch.run(proc, execution.wait_inline_s)
+
+    @staticmethod
+    def _pipe() -> tuple[int, int]:
+        try:
+            return os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            reason = open_files.exhausted_message() if exc.errno in open_files.EXHAUSTED else exc.strerror
+            raise TransportError("spawn", f"cannot start the command: {reason}") from None
 
     def _spawn(self, execution: Execution, env: Mapping[str, str] | None, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
         argv = direct_argv(execution.command, self.shell)
