@@ -738,6 +738,11 @@ def cmd_serve(ctx: _Context) -> int:
     if json_log:
         plugins.register(JsonLogNotifier(json_log), name="fleetrun.notifiers.jsonlog")
     options: dict[str, Any] = {}
+    if not args.http:
+        given = [flag for flag, value in (("--token-file", args.token_file), ("--insecure-no-auth", args.insecure_no_auth),
+                                          ("--allow-host", args.allow_host)) if value]
+        if given:
+            raise FleetrunError(f"{given[0]} applies to HTTP only: add --http [HOST:]PORT, or leave it out to serve stdio")
     if args.http:
         host, port = _http_address(args.http)
         token = _server_token(args)
@@ -756,8 +761,10 @@ def cmd_serve(ctx: _Context) -> int:
     _StopServerOnSignals(executor, ctx.store)
     try:
         if args.http:
-            _note(f"serving MCP over streamable HTTP at http://{host}:{port}/mcp (policy: {policy.source})")
-            _serve_http(server, host, port)
+            names = _http_host_names(host, port, args.allow_host)
+            _note(f"serving MCP over streamable HTTP at http://{_url_host(host)}:{port}/mcp (policy: {policy.source}); "
+                  f"requests must name the server as {', '.join(names)} (--allow-host NAME adds a name)")
+            _serve_http(server, host, port, names)
         else:
             if sys.stdin.isatty():
                 _note("serving MCP on stdin and stdout, for an MCP client that starts this command "
@@ -768,17 +775,25 @@ def cmd_serve(ctx: _Context) -> int:
     return EXIT_OK
 
 
-def _serve_http(server, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
+def _serve_http(server, host: str, port: int, names: list[str]) -> None:  # type: ignore[no-untyped-def]
     """The SDK's streamable-HTTP app under uvicorn, as ``server.run`` would serve it, but
     with uvicorn's access log on stderr beside every other log line (uvicorn prints it on
-    stdout unless told otherwise)."""
+    stdout unless told otherwise), and with the Host and Origin of every request checked
+    against ``names`` whatever the address (the SDK checks them only on 127.0.0.1,
+    localhost and ::1, leaving 127.0.0.2 or a LAN address open to DNS rebinding)."""
     import anyio
     import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
     from uvicorn.config import LOGGING_CONFIG
 
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    app = server.streamable_http_app(streamable_http_path="/mcp", host=host)
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=names,
+        allowed_origins=[f"{scheme}://{name}" for name in names for scheme in ("http", "https")],
+    )
+    app = server.streamable_http_app(streamable_http_path="/mcp", host=host, transport_security=security)
     config = uvicorn.Config(app, host=host, port=port, log_level=server.settings.log_level.lower(), log_config=log_config)
     anyio.run(uvicorn.Server(config).serve)
 
@@ -818,6 +833,36 @@ class _StopServerOnSignals:
             code = EXIT_OK
         logging.shutdown()
         os._exit(code)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _http_host_names(host: str, port: int, extra: list[str]) -> list[str]:
+    """The Host header values (and so origins) a request to the HTTP server may carry.
+
+    A web page can make a browser send requests to any address, by pointing a name of its
+    own at it (DNS rebinding); such a request names the page's host, which is not here.
+    """
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+        local = address.is_loopback or address.is_unspecified
+    except ValueError:
+        local = host == "localhost"
+    names: list[str] = []
+    for name in [host, *(("127.0.0.1", "localhost", "::1") if local else ())]:
+        if name not in ("0.0.0.0", "::"):  # an address to listen on, never one a request names
+            # A client leaves out the scheme's own port (http://localhost/mcp sends "localhost").
+            names += [f"{_url_host(name)}:{port}"] + ([_url_host(name)] if port == 80 else [])
+    for name in extra:
+        if name.startswith("[") or name.count(":") == 1:  # given with its port, or a bracketed address
+            names.append(name)
+        else:  # reached directly, or through a proxy on the scheme's own port
+            names += [_url_host(name), f"{_url_host(name)}:{port}"]
+    return list(dict.fromkeys(names))
 
 
 def _http_address(text: str) -> tuple[str, int]:
@@ -1104,6 +1149,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure-no-auth", action="store_true",
         help="serve HTTP WITHOUT authentication (anyone reaching the port can run commands): trusted networks only",
+    )
+    serve.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help="(HTTP) a name clients reach the server by, besides its address (and, on loopback or all "
+             "addresses, 127.0.0.1, localhost and [::1]); requests naming any other host, or coming from a "
+             "web page of any other origin, are refused (DNS rebinding); repeatable",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -543,6 +543,29 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _wait_for_port(address: str, port: int, process: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+
+
+def _http_status(url: str, headers: dict[str, str], body: bytes = b"{}") -> int:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_tasks(tmp_path, marker):
     port = _free_port()
     token = "tok-" + os.urandom(12).hex()
@@ -554,24 +577,9 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
     )
     url = f"http://127.0.0.1:{port}/mcp"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "serve.log").read_text()
-                time.sleep(0.05)
-
-        def status(headers):
-            request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json", **headers}, method="POST")
-            try:
-                return urllib.request.urlopen(request, timeout=5).status
-            except urllib.error.HTTPError as exc:
-                return exc.code
-
-        assert status({}) == 401
-        assert status({"Authorization": "Bearer wrong-token"}) == 401
+        _wait_for_port("127.0.0.1", port, process, tmp_path / "serve.log")
+        assert _http_status(url, {}) == 401
+        assert _http_status(url, {"Authorization": "Bearer wrong-token"}) == 401
 
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
@@ -600,6 +608,51 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
     # Every log line goes to stderr, uvicorn's access log included: stdout stays empty.
     assert '"POST /mcp HTTP/1.1" 401' in logged
     assert (tmp_path / "serve.out").read_text() == ""
+
+
+def test_http_refuses_requests_naming_another_host_or_from_another_origin_on_any_address(tmp_path):
+    # Before, only 127.0.0.1, localhost and ::1 were checked: served on 127.0.0.2 without a token,
+    # a web page that pointed a name of its own at that address could run commands (DNS rebinding).
+    port = _free_port()
+    with (tmp_path / "serve.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleetrun", "serve", "--http", f"127.0.0.2:{port}", "--insecure-no-auth",
+             "--allow-host", "mcp.example.test"],
+            env=_server_env(tmp_path), stdout=subprocess.DEVNULL, stderr=log,
+        )
+    url = f"http://127.0.0.2:{port}/mcp"
+    initialize = json.dumps({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}},
+    }).encode()
+    try:
+        _wait_for_port("127.0.0.2", port, process, tmp_path / "serve.log")
+        codes = {
+            (host, origin): _http_status(url, {"Host": host, **({"Origin": origin} if origin else {})}, initialize)
+            for host in (f"127.0.0.2:{port}", f"localhost:{port}", "mcp.example.test", f"attacker.test:{port}")
+            for origin in (None, "https://mcp.example.test", f"http://attacker.test:{port}")
+        }
+    finally:
+        process.terminate()
+        process.wait(20)
+    assert codes == {
+        (host, origin): 421 if host.startswith("attacker") else 403 if origin and "attacker" in origin else 200
+        for host, origin in codes
+    }
+    assert (
+        f"requests must name the server as 127.0.0.2:{port}, 127.0.0.1:{port}, localhost:{port}, [::1]:{port}, "
+        f"mcp.example.test, mcp.example.test:{port} (--allow-host NAME adds a name)"
+    ) in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("option", [["--token-file", "token"], ["--insecure-no-auth"], ["--allow-host", "mcp.example.test"]])
+def test_http_options_without_http_are_an_error_not_a_stdio_server(tmp_path, option):
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetrun", "serve", *option], env=_server_env(tmp_path), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"fleetrun: error: {option[0]} applies to HTTP only: add --http [HOST:]PORT, or leave it out to serve stdio\n"
 
 
 def test_http_refuses_to_start_without_a_token_or_with_a_guessable_one(tmp_path):
