@@ -81,3 +81,31 @@ def test_processes_sharing_one_log_never_mix_their_lines(tmp_path):
     assert len(lines) == 2 * 40 * 2  # created and completed (or cancelled) per task
     assert {l["command"][5] for l in lines} == {"a", "b"}
     assert all(set(l["command"][5:]) == {l["command"][5]} and len(l["command"]) == 40005 for l in lines)
+
+
+def test_a_log_moved_or_deleted_away_is_followed_by_a_new_file_at_its_path(make_executor, tmp_path, caplog):
+    # Before, a long-running server wrote on into the rotated file, or into a deleted one: lines lost.
+    log_path = tmp_path / "audit.jsonl"
+    notifier = JsonLogNotifier(log_path, progress=False)
+    executor = make_executor(plugins=[notifier])
+    first = executor.run(TaskRequest(host="local", command="echo one"))
+    log_path.rename(tmp_path / "audit.jsonl.1")  # logrotate's default: move, then a new file
+    second = executor.run(TaskRequest(host="local", command="echo two"))
+    assert [(l["task_id"], l["event"]) for l in read_lines(log_path)] == [(second.id, "task.created"), (second.id, "task.completed")]
+    log_path.unlink()
+    third = executor.run(TaskRequest(host="local", command="echo three"))
+    (tmp_path / "gone").mkdir()
+    log_path.rename(tmp_path / "gone" / "audit.jsonl")
+    (tmp_path / "gone").rename(tmp_path / "gone-too")
+    log_path.mkdir()  # the path can no longer be a file: the lines go on into the old one
+    fourth = executor.run(TaskRequest(host="local", command="echo four"))
+    fifth = executor.run(TaskRequest(host="local", command="echo five"))
+    notifier.close()
+    assert [(l["task_id"], l["event"]) for l in read_lines(tmp_path / "audit.jsonl.1")] == [
+        (first.id, "task.created"), (first.id, "task.completed"),
+    ]
+    assert [(l["task_id"], l["event"]) for l in read_lines(tmp_path / "gone-too" / "audit.jsonl")] == [
+        (task.id, event) for task in (third, fourth, fifth) for event in ("task.created", "task.completed")
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fleetrun.jsonlog"]
+    assert warnings == [f"the JSON log {log_path} was moved and cannot be opened again (Is a directory): writing on to the old file"]
