@@ -88,6 +88,8 @@ def test_wrappers_and_unknown_words_are_recorded():
         ("time -f %e -o ~/.bashrc true", "time: -o ~/.bashrc (writes its report to a file)"),
         ("time --output=/etc/passwd true", "time: --output /etc/passwd (writes its report to a file)"),
         ("xargs -a/etc/shadow echo", "xargs: -a /etc/shadow (reads the arguments from a file)"),
+        ('"" -a', "an empty program name ('')"),  # found by the property test below
+        ("sudo '' x", "an empty program name ('')"),
     ],
 )
 def test_constructs_that_cannot_be_judged_are_named(line, problem):

@@ -408,6 +408,9 @@ def _judge_words(
     if not program.known:
         result.problems.append(f"a program name decided at run time ({program.value})")
         return
+    if not program.value:
+        result.problems.append("an empty program name ('')")
+        return
     if program.value in _RESERVED:
         result.problems.append(f"shell syntax ({program.value} …)")
         return
