@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from fleetrun import __version__
 from fleetrun.core import paths
@@ -722,6 +722,21 @@ def cmd_tasks_cancel(ctx: _Context) -> int:
     return EXIT_ERROR
 
 
+def cmd_tasks_retention(ctx: _Context) -> int:
+    store = ctx.store
+    args = ctx.args
+    if args.days is None and args.max_tasks is None:
+        retention = store.retention()
+        print(f"ended tasks are kept {retention.max_age_days:g} days, at most {retention.max_tasks} of them "
+              f"(store: {store.home})")
+        return EXIT_OK
+    retention = store.set_retention(max_age_days=args.days, max_tasks=args.max_tasks)
+    removed = store.prune(retention)
+    print(f"ended tasks are now kept {retention.max_age_days:g} days, at most {retention.max_tasks} of them "
+          f"(store: {store.home}); {removed} removed now")
+    return EXIT_OK
+
+
 TOKEN_ENV = "FLEETRUN_MCP_TOKEN"
 
 
@@ -946,16 +961,22 @@ def cmd_plugins(ctx: _Context) -> int:
 # -- parser ----------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    if value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text}")
-    return value
+def _positive_number_of(unit: str) -> Callable[[str], float]:
+    def positive(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number of {unit}, got {text}")
+        return value
+
+    return positive
+
+
+_positive_float = _positive_number_of("seconds")
 
 
 def _progress_pattern(text: str) -> str:
@@ -1104,6 +1125,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled with `fleetrun tasks cancel`", help="recorded as the cancel reason")
     cancel.add_argument("--wait", type=_positive_float, default=10.0, metavar="SECONDS", help="how long to wait for the owner to confirm (default 10)")
     cancel.set_defaults(func=cmd_tasks_cancel)
+    keep = tasks_sub.add_parser(
+        "retention", help="how long ended tasks are kept in the store; change it",
+        description=(
+            "Show how long ended tasks (their records and output) are kept in the store, or change it. "
+            "The setting belongs to the store: every fleetrun process that opens it applies it when it "
+            "starts, and a long-running one (the MCP server) also while it runs. A change is applied at once."
+        ),
+    )
+    keep.add_argument("--days", type=_positive_number_of("days"), metavar="N", help="keep ended tasks N days (default 30)")
+    keep.add_argument("--max-tasks", type=_positive_int, metavar="N", help="keep at most the N newest ended tasks (default 10000)")
+    keep.set_defaults(func=cmd_tasks_retention)
 
     policy = sub.add_parser(
         "policy", help="check commands against the command policy, or list its rules",

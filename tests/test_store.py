@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fleetrun.core import store as store_module
-from fleetrun.core.errors import UnknownTaskError
+from fleetrun.core.errors import FleetrunError, UnknownTaskError
 from fleetrun.core.executor import Executor
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
@@ -602,6 +602,55 @@ def test_a_long_running_executor_applies_the_retention_by_age_on_a_timer(make_ex
     assert_none_left(marker)
 
 
+def test_the_retention_belongs_to_the_store_and_every_executor_applies_it(make_executor, store):
+    # Before, each process pruned by its own built-in 30 days and 10,000 tasks: none could keep more.
+    now = time.time()
+    for i in range(6):
+        store.insert(_ended_task(f"{0xd00 + i:012x}", now - 40 * 86400 + i), owner_token())
+    store.flush()
+    assert store.retention() == Retention()
+    assert store.set_retention(max_age_days=90) == Retention(max_age_days=90, max_tasks=10_000)
+    # 10 tasks at most: the executor prunes after every tenth of that many endings, each one here.
+    assert store.set_retention(max_tasks=10) == Retention(max_age_days=90, max_tasks=10)
+    executor = make_executor()  # prunes by the store's retention as it starts: 40 days is within 90
+    assert len(store.list(limit=100)) == 6
+    # Changed by another process while the executor runs: applied at the executor's next prune.
+    other_process = TaskStore(store.home)
+    try:
+        assert other_process.retention() == Retention(max_age_days=90, max_tasks=10)
+        other_process.set_retention(max_tasks=2)
+    finally:
+        other_process.close()
+    ran = [executor.run(TaskRequest(host="local", command=f"echo {i}")) for i in range(3)]
+    wait_until(lambda: {t.id for t in store.list(limit=100)} == {t.id for t in ran[-2:]})
+    with pytest.raises(FleetrunError, match="the days to keep tasks must be a number above 0, got 0"):
+        store.set_retention(max_age_days=0)
+    with pytest.raises(FleetrunError, match="the number of tasks to keep must be at least 1, got 0"):
+        store.set_retention(max_tasks=0)
+    assert store.retention() == Retention(max_age_days=90, max_tasks=2)
+
+
+def test_the_cli_shows_and_changes_the_retention_and_applies_a_change_at_once(store):
+    now = time.time()
+    for i in range(5):
+        store.insert(_ended_task(f"{0xe00 + i:012x}", now - 10 * 86400 + i), owner_token())
+    store.flush()
+    env = {"FLEETRUN_HOME": str(store.home)}
+    shown = run_cli("tasks", "retention", env=env)
+    assert (shown.returncode, shown.stdout) == (0, f"ended tasks are kept 30 days, at most 10000 of them (store: {store.home})\n")
+    changed = run_cli("tasks", "retention", "--days", "7.5", "--max-tasks", "3", env=env)
+    assert (changed.returncode, changed.stdout) == (
+        0, f"ended tasks are now kept 7.5 days, at most 3 of them (store: {store.home}); 5 removed now\n"
+    )
+    assert store.list(limit=100) == []
+    assert run_cli("tasks", "retention", env=env).stdout.startswith("ended tasks are kept 7.5 days, at most 3 of them")
+    for bad, message in (("--days=0", "argument --days: must be greater than 0, got 0"),
+                         ("--days=a week", "argument --days: expected a number of days, got 'a week'"),
+                         ("--max-tasks=-1", "argument --max-tasks: must be greater than 0, got -1")):
+        refused = run_cli("tasks", "retention", bad, env=env)
+        assert refused.returncode == 2 and refused.stderr.endswith(f"fleetrun tasks retention: error: {message}\n")
+
+
 def test_bad_task_ids_are_clear_errors(store):
     with pytest.raises(UnknownTaskError, match="invalid task id '../etc'"):
         store.get("../etc")
@@ -643,7 +692,8 @@ def test_a_store_written_by_an_older_version_gains_the_new_columns_and_keeps_its
     try:
         columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
         assert {"policy", "process_token"} <= columns
-        assert db.execute("PRAGMA user_version").fetchone() == (4,)
+        assert db.execute("PRAGMA user_version").fetchone() == (5,)
+        assert db.execute("SELECT count(*) FROM settings").fetchone() == (0,)
     finally:
         db.close()
 

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 from fleetrun.core import open_files
 from fleetrun.core.errors import FleetrunError, PolicyDenied
@@ -215,7 +215,9 @@ class Executor:
     :param heartbeat_s: a progress event is sent after this long without output.
     :param progress_interval_s: the shortest time between two progress events of a task.
     :param retention: ended tasks kept in the store (applied when the executor starts,
-        then again while it runs: see :class:`~fleetrun.core.store.Retention`).
+        then again while it runs: see :class:`~fleetrun.core.store.Retention`). By default
+        the store's own (:meth:`~fleetrun.core.store.TaskStore.set_retention`), read again
+        at each prune; None: never prune.
     :param policy: the command policy every request must pass (None: no policy; the
         caller decides whether that is acceptable, as the CLI does without one).
     """
@@ -230,7 +232,7 @@ class Executor:
         progress_pattern: str | None = DEFAULT_PROGRESS_PATTERN,
         heartbeat_s: float = 5.0,
         progress_interval_s: float = 0.1,
-        retention: Retention | None = Retention(),
+        retention: Retention | None | Literal["store"] = "store",
         policy: Policy | None = None,
     ) -> None:
         if max_concurrent < 1:
@@ -257,12 +259,13 @@ class Executor:
         self._closed = False
         self._close_done = threading.Event()
         self._cancel_poller: asyncio.Task[None] | None = None
-        self._retention = retention
+        self._retention_of_store = retention == "store"
+        self._retention = self.store.retention() if retention == "store" else retention
         self._endings_since_prune = 0
         self._pruning: asyncio.Future[None] | None = None
         self.store.sweep_orphans()
-        if retention is not None:
-            self.store.prune(retention)
+        if self._retention is not None:
+            self.store.prune(self._retention)
         _OPEN_EXECUTORS.add(self)
 
     # -- public API: planning ----------------------------------------------------------
@@ -832,6 +835,8 @@ class Executor:
     def _prune(self) -> None:
         assert self._retention is not None
         try:
+            if self._retention_of_store:  # changed by another process meanwhile, perhaps
+                self._retention = self.store.retention()
             removed = self.store.prune(self._retention)
         except Exception:  # the next prune tries again; the tasks are unharmed
             log.exception("applying the task retention to the store failed")

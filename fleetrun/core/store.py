@@ -18,6 +18,7 @@ import atexit
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from fleetrun.core.text import encodable
 
 log = logging.getLogger("fleetrun.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
 _ID_START_RE = re.compile(r"[0-9a-f]{4,12}")
 DB_NAME = "tasks.sqlite3"
@@ -88,6 +89,12 @@ CREATE TABLE IF NOT EXISTS cancel_requests (
     task_id TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
     requested_at REAL NOT NULL
+);
+-- The store's own settings, the same for every process that opens it: the retention
+-- (a process that kept tasks for less time would delete what the others keep).
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 
@@ -278,6 +285,41 @@ class TaskStore:
                     continue
             marked.append(task_id)
         return marked
+
+    def retention(self) -> Retention:
+        """The retention set for this store (:meth:`set_retention`), else the default one."""
+        default = Retention()
+        with self._lock:
+            try:
+                stored = dict(self._db.execute("SELECT name, value FROM settings WHERE name IN ('max_age_days', 'max_tasks')"))
+            except sqlite3.OperationalError:  # a store last opened by a version without settings, read-only
+                stored = {}
+        try:
+            return Retention(
+                max_age_days=float(stored.get("max_age_days", default.max_age_days)),
+                max_tasks=int(stored.get("max_tasks", default.max_tasks)),
+            )
+        except ValueError:
+            log.warning("the store's retention setting %r is unreadable: using the default", stored)
+            return default
+
+    def set_retention(self, *, max_age_days: float | None = None, max_tasks: int | None = None) -> Retention:
+        """Keep ended tasks ``max_age_days`` and at most ``max_tasks`` of them, in every
+        process that opens this store (each applies it when it starts); return the result."""
+        if max_age_days is not None and not (max_age_days > 0 and math.isfinite(max_age_days)):
+            raise FleetrunError(f"the days to keep tasks must be a number above 0, got {max_age_days}")
+        if max_tasks is not None and max_tasks < 1:
+            raise FleetrunError(f"the number of tasks to keep must be at least 1, got {max_tasks}")
+        values = [(name, str(value)) for name, value in (("max_age_days", max_age_days), ("max_tasks", max_tasks)) if value is not None]
+        with self._lock:
+            try:
+                self._db.executemany(
+                    "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    values,
+                )
+            except sqlite3.Error as exc:
+                raise FleetrunError(f"cannot change the retention of the store at {self.home}: {exc}") from None
+        return self.retention()
 
     def prune(self, retention: Retention) -> int:
         """Delete ended tasks older than the retention age or beyond its count."""
