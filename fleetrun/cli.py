@@ -758,7 +758,7 @@ def cmd_serve(ctx: _Context) -> int:
                                           ("--allow-host", args.allow_host)) if value]
         if given:
             raise FleetrunError(f"{given[0]} applies to HTTP only: add --http [HOST:]PORT, or leave it out to serve stdio")
-    if args.http:
+    else:
         host, port = _http_address(args.http)
         token = _server_token(args)
         if token is not None:

@@ -131,7 +131,8 @@ def pattern_problem(pattern: str, words: list[str]) -> str | None:
     if tokens and _assignment(tokens[0]) is not None:
         return (f"it starts with the variable setting {tokens[0].raw}, which is not part of the command "
                 "a pattern matches: start the pattern with the program")
-    literal = words[:-1] if len(words) > 1 and words[-1] == "*" else words
+    any_rest = len(words) > 1 and words[-1] == "*"
+    literal = words[:-1] if any_rest else words
     judged = ParsedCommand()
     _judge_words([Word(w) for w in literal], (), (), False, judged, depth=0)
     if judged.problems:
@@ -142,7 +143,7 @@ def pattern_problem(pattern: str, words: list[str]) -> str | None:
     inner = judged.commands[0]
     if inner.wrappers:
         shown = [inner.program, *(a.value if a.known else "*" for a in inner.args)]
-        if literal is not words and shown[-1] != "*":
+        if any_rest and shown[-1] != "*":
             shown.append("*")
         sudo = " with sudo: true" if inner.privileged else ""
         return (f"the policy looks through {' and '.join(inner.wrappers)} and judges the command it runs: "

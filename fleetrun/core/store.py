@@ -290,10 +290,7 @@ class TaskStore:
         """The retention set for this store (:meth:`set_retention`), else the default one."""
         default = Retention()
         with self._lock:
-            try:
-                stored = dict(self._db.execute("SELECT name, value FROM settings WHERE name IN ('max_age_days', 'max_tasks')"))
-            except sqlite3.OperationalError:  # a store last opened by a version without settings, read-only
-                stored = {}
+            stored = dict(self._db.execute("SELECT name, value FROM settings WHERE name IN ('max_age_days', 'max_tasks')"))
         try:
             return Retention(
                 max_age_days=float(stored.get("max_age_days", default.max_age_days)),
@@ -410,8 +407,7 @@ class TaskStore:
     def complete_id(self, text: str) -> str:
         """The task id that ``text`` is, or is the start of (at least 4 of its characters),
         as ``git`` takes a commit's; an unknown or ambiguous start is an :class:`UnknownTaskError`."""
-        if isinstance(text, str):
-            text = text.strip().lower()  # as copied from a terminal or a log
+        text = text.strip().lower() if isinstance(text, str) else text  # as copied from a terminal or a log
         if not isinstance(text, str) or not _ID_START_RE.fullmatch(text):
             raise UnknownTaskError(f"{_invalid_id(text)}, or a unique start of one (4 or more of them)")
         if len(text) == 12:

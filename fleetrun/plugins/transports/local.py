@@ -58,13 +58,16 @@ class LocalTransport(Transport):
         # Inheriting the environment as is (env=None) spares an encode of every variable.
         env = {**os.environ, **execution.env} if execution.env else None
         # Plain descriptors rather than Popen's PIPE: no file objects to build and tear down per command.
-        stdout_read, stdout_write = self._pipe()
         try:
-            stderr_read, stderr_write = self._pipe()
-        except TransportError:
-            os.close(stdout_read)
-            os.close(stdout_write)
-            raise
+            stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
+            try:
+                stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
+            except OSError:
+                os.close(stdout_read)
+                os.close(stdout_write)
+                raise
+        except OSError as exc:
+            raise self._start_error(exc, execution) from None
         # Set up before the spawn, not after it: work done right after a fork and exec
         # runs on cold CPU caches and costs a few times more.
         watch = _ProcessWatch(execution, stdout_read, stderr_read)
@@ -74,12 +77,7 @@ class LocalTransport(Transport):
             proc = self._spawn(execution, env, stdout_write, stderr_write)
         except OSError as exc:
             watch.close()
-            if exc.errno in open_files.EXHAUSTED:
-                raise TransportError("spawn", f"cannot start the command: {open_files.exhausted_message()}") from None
-            if execution.cwd and exc.filename == execution.cwd:
-                raise TransportError("spawn", f"cannot use the working directory {execution.cwd}: {exc.strerror}") from None
-            target = exc.filename if exc.filename else self.shell
-            raise TransportError("spawn", f"cannot start the command: {exc.strerror}: {target}") from None
+            raise self._start_error(exc, execution) from None
         finally:
             os.close(stdout_write)
             os.close(stderr_write)
@@ -87,13 +85,13 @@ class LocalTransport(Transport):
             execution.process_started(proc.pid)
         return await watch.run(proc, execution.wait_inline_s)
 
-    @staticmethod
-    def _pipe() -> tuple[int, int]:
-        try:
-            return os.pipe2(os.O_CLOEXEC)
-        except OSError as exc:
-            reason = open_files.exhausted_message() if exc.errno in open_files.EXHAUSTED else exc.strerror
-            raise TransportError("spawn", f"cannot start the command: {reason}") from None
+    def _start_error(self, exc: OSError, execution: Execution) -> TransportError:
+        if exc.errno in open_files.EXHAUSTED:
+            return TransportError("spawn", f"cannot start the command: {open_files.exhausted_message()}")
+        if execution.cwd and exc.filename == execution.cwd:
+            return TransportError("spawn", f"cannot use the working directory {execution.cwd}: {exc.strerror}")
+        target = exc.filename if exc.filename else self.shell
+        return TransportError("spawn", f"cannot start the command: {exc.strerror}: {target}")
 
     def _spawn(self, execution: Execution, env: Mapping[str, str] | None, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
         argv = direct_argv(execution.command, self.shell)
