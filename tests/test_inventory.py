@@ -33,7 +33,10 @@ def test_example_file_is_valid_and_shows_every_field():
 
     web1 = inventory.get("web1")
     assert (web1.transport, web1.options["host_key_checking"], web1.options["port"]) == ("ssh", "strict", 22)
-    assert inventory.get("db1").options["jump_host"] == "deploy@bastion.example.com:22"
+    db1 = inventory.get("db1")
+    assert db1.options["jump_host"] == "deploy@bastion.example.com:22"
+    # db1 brings in x-ssh-defaults: shared fields written once.
+    assert (db1.transport, db1.options["user"], db1.options["known_hosts"]) == ("ssh", "deploy", "~/.ssh/known_hosts")
     for field in [*COMMON_HOST_FIELDS, *TRANSPORTS["local"].host_fields, *TRANSPORTS["ssh"].host_fields, "defaults", "tags"]:
         assert f"{field}:" in text, f"hosts.example.yaml does not show {field!r}"
 
@@ -60,13 +63,51 @@ def test_a_merge_key_brings_in_an_anchored_mapping_and_the_hosts_own_fields_win(
     assert inventory.get("web1").env == {"LANG": "C", "TZ": "UTC"}
 
 
+def test_shared_fields_live_under_an_x_key_that_is_otherwise_ignored():
+    inventory = parse(
+        "x-ssh: &ssh\n  transport: ssh\n  user: deploy\n  port: 2222\n"
+        "x-notes: [anything, {at: all}]\n"
+        "hosts:\n"
+        "  web1:\n    <<: *ssh\n    hostname: 10.0.0.11\n"
+        "  web2:\n    <<: *ssh\n    hostname: 10.0.0.12\n    port: 22\n"
+    )
+    assert list(inventory.hosts) == ["web1", "web2"]
+    web1, web2 = inventory.get("web1"), inventory.get("web2")
+    assert web1.transport == web2.transport == "ssh"
+    assert (web1.options["user"], web1.options["port"], web1.options["hostname"]) == ("deploy", 2222, "10.0.0.11")
+    assert (web2.options["port"], web2.options["hostname"]) == (22, "10.0.0.12")
+    # What an x- key holds is checked where a host brings it in, on the line it is written.
+    with pytest.raises(InventoryError) as info:
+        parse("x-ssh: &ssh\n  transport: ssh\n  usr: deploy\nhosts:\n  web1:\n    <<: *ssh\n")
+    assert str(info.value).startswith("hosts.yaml:3: host 'web1', field 'usr': unknown field for transport 'ssh'")
+
+
+def test_names_and_text_fields_are_taken_as_written_not_as_yaml_numbers_or_booleans():
+    inventory = parse(
+        "hosts:\n"
+        "  1:\n    tags: [2024, yes]\n    description: no\n"
+        "  yes:\n    env: {DEBUG: yes, MODE: 0755, RATIO: 1.50, DAY: 2024-01-02, EMPTY: ''}\n"
+        "  on:\n    transport: ssh\n    user: 1000\n    hostname: 10.0.0.1\n"
+    )
+    assert list(inventory.hosts) == ["1", "yes", "on"]
+    assert (inventory.get("1").tags, inventory.get("1").description) == (("2024", "yes"), "no")
+    assert inventory.get("yes").env == {"DEBUG": "yes", "MODE": "0755", "RATIO": "1.50", "DAY": "2024-01-02", "EMPTY": ""}
+    assert inventory.get("on").options["user"] == "1000"
+    # Numbers and booleans stay typed where the field is one.
+    assert parse("hosts:\n  a:\n    transport: ssh\n    port: 22\n").get("a").options["port"] == 22
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("hosts: [\n", "hosts.yaml:2: invalid YAML"),
         ("", "hosts.yaml:1: the file is empty"),
         ("- a\n- b\n", "hosts.yaml:1: the top level must be a mapping"),
-        ("host:\n  a: {}\n", "hosts.yaml:1: unknown top-level key 'host' (allowed: defaults, tags, hosts)"),
+        ("host:\n  a: {}\n", "hosts.yaml:1: unknown top-level key 'host' (allowed: defaults, tags, hosts, and x-NAME for anchors)"),
+        ("x-: {}\nhosts:\n  a:\n", "hosts.yaml:1: unknown top-level key 'x-'"),
+        ("hosts:\n\ta:\n", "hosts.yaml:2: invalid YAML: found character '\\t' that cannot start any token (YAML indents with spaces, never tabs)"),
+        ("hosts:\n  ? [a, b]\n  : {}\n", "hosts.yaml:2: a key must be a name, not a list or a mapping"),
+        ("hosts:\n  1:\n  '1':\n", "hosts.yaml:3: duplicate key '1'"),
         ("defaults:\n  max_seconds: 3\n", "hosts.yaml:1: missing the 'hosts:' mapping"),
         ("hosts: [a, b]\n", "hosts.yaml:1: 'hosts' must be a mapping"),
         ("hosts: {}\n", "hosts.yaml:1: 'hosts' is empty"),
@@ -75,7 +116,8 @@ def test_a_merge_key_brings_in_an_anchored_mapping_and_the_hosts_own_fields_win(
         ("hosts:\n  a:\n    tags: [x]\n  a:\n    tags: [y]\n", "hosts.yaml:4: duplicate key 'a'"),
         ("hosts:\n  a:\n    prot: 22\n", "hosts.yaml:3: host 'a', field 'prot': unknown field for transport 'local'"),
         ("hosts:\n  a:\n    transport: ftp\n", "hosts.yaml:3: host 'a', field 'transport': unknown transport 'ftp' (available: local, ssh)"),
-        ("hosts:\n  a:\n    transport: 3\n", "hosts.yaml:3: host 'a', field 'transport': expected a string, got 3"),
+        ("hosts:\n  a:\n    transport: 3\n", "hosts.yaml:3: host 'a', field 'transport': unknown transport '3'"),
+        ("hosts:\n  a:\n    transport: [ssh]\n", "hosts.yaml:3: host 'a', field 'transport': expected a string, got 'list'"),
         ("hosts:\n  a:\n    max_seconds: soon\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a number, got 'soon'"),
         ("hosts:\n  a:\n    max_seconds: -1\n", "hosts.yaml:3: host 'a', field 'max_seconds': must be greater than 0, got -1"),
         ("hosts:\n  a:\n    max_seconds: .inf\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a finite number, got inf"),
@@ -97,10 +139,16 @@ def test_a_merge_key_brings_in_an_anchored_mapping_and_the_hosts_own_fields_win(
         ("hosts:\n  a: &a\n    <<: *a\n", "hosts.yaml:3: host 'a': a merge key '<<' that brings in the mapping it is part of"),
         ("hosts:\n  a: &a\n    tags: [x]\n  b:\n    <<: *a\n    prot: 22\n", "hosts.yaml:6: host 'b', field 'prot': unknown field"),
         ("hosts:\n  a:\n    env:\n      A: [1]\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string"),
+        ("hosts:\n  a:\n    env:\n      A: ~\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string (write '' for an empty one)"),
         ("hosts:\n  a:\n    env:\n      'A B': x\n", "hosts.yaml:4: host 'a', field 'env': invalid environment variable name 'A B'"),
         ("hosts:\n  a:\n    cwd: ''\n", "hosts.yaml:3: host 'a', field 'cwd': must not be empty"),
         ("hosts:\n  a:\n    shell: [bash]\n", "hosts.yaml:3: host 'a', field 'shell': expected a string, got 'list'"),
         ("defaults:\n  tags: [x]\nhosts:\n  a:\n", "hosts.yaml:2: field 'tags': unknown field in 'defaults'"),
+        (
+            "tags:\n  web:\n    user: deploy\nhosts:\n  a:\n",
+            "hosts.yaml:3: field 'user': unknown field in tag 'web' (allowed: max_concurrent, max_output_bytes, max_seconds); "
+            "to give several hosts the same other fields, write them once under x-NAME: &NAME and bring them in with <<: *NAME",
+        ),
         ("defaults:\n  max_seconds: x\nhosts:\n  a:\n", "hosts.yaml:2: field 'max_seconds': expected a number, got 'x'"),
     ],
 )

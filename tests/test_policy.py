@@ -218,7 +218,7 @@ def test_the_example_policy_loads_and_shows_every_field():
         ("rules:\n  - allow: [ls, 3]\n", "p.yaml:2: rule 1, field 'allow': expected a command pattern"),
         ("rules:\n  - allow: \"echo 'x\"\n", "p.yaml:2: rule 1, field 'allow': cannot read pattern"),
         ("rules:\n  - allow_raw_shell: false\n", "p.yaml:2: rule 1, field 'allow_raw_shell': allow_raw_shell takes true"),
-        ("rule:\n  - allow: ls\n", "p.yaml:1: unknown top-level key 'rule' (allowed: rules)"),
+        ("rule:\n  - allow: ls\n", "p.yaml:1: unknown top-level key 'rule' (allowed: rules, and x-NAME for anchors)"),
         ("rules: [\n", "p.yaml:2: invalid YAML"),
         ("rules:\n  allow: ls\n", "p.yaml:2: 'rules' must be a list of rules"),
         ("rules:\n  - allow: ls\n    hosts: ['web 1']\n", "p.yaml:3: rule 1, field 'hosts': 'web 1' can match no host"),
@@ -226,12 +226,14 @@ def test_the_example_policy_loads_and_shows_every_field():
         # A key written twice: YAML keeps the last, so the first (an allow, a whole rules list) would vanish unseen.
         ("rules:\n  - allow: ls *\n    allow: rm *\n", "p.yaml:3: rule 1: duplicate key 'allow'"),
         ("rules:\n  - allow: ls\nrules:\n  - allow: rm *\n", "p.yaml:3: duplicate key 'rules'"),
-        ("rules:\n  - allow: ls\n    1: x\n", "p.yaml:3: rule 1: keys must be plain strings"),
+        ("rules:\n  - allow: ls\n    1: x\n", "p.yaml:3: rule 1, field '1': unknown field"),
+        ("rules:\n  - allow: ls\n    [a]: x\n", "p.yaml:3: rule 1: a key must be a name, not a list or a mapping"),
         # Before: a control character in the file ended `fleetrun policy show` with a traceback.
         ("rules:\n  - allow: \"ls\x00\"\n", "p.yaml:2: invalid YAML: character 0x0000 is not allowed in YAML"),
         ("rules:\n  - allow: !shell ls\n", "p.yaml:2: rule 1, field 'allow': could not determine a constructor for the tag '!shell'"),
         ("rules:\n  - &r {allow: [ls, *r]}\n", "p.yaml:2: rule 1, field 'allow': a value that contains itself"),
-        ("common: &c {hosts: [web1]}\nrules:\n  - {<<: *c, allow: ls}\n", "p.yaml:1: unknown top-level key 'common'"),
+        ("common: &c {hosts: [web1]}\nrules:\n  - {<<: *c, allow: ls}\n", "p.yaml:1: unknown top-level key 'common' (allowed: rules, and x-NAME for anchors)"),
+        ("x-c: &c {hosts: [web1]}\nrules:\n  - {<<: *c, allow: ls, sudo: 1}\n", "p.yaml:3: rule 1, field 'sudo': expected true or false"),
     ],
 )
 def test_a_malformed_policy_names_file_line_rule_and_field(text, message):

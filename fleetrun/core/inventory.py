@@ -34,7 +34,7 @@ from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
 from fleetrun.core.text import text_problem
 from fleetrun.core.transport import HostField, Transport
-from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_null, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, is_null, mapping_entries, node_value
 
 #: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -153,6 +153,19 @@ def parse_inventory(
     return _InventoryParser(source, transports).parse(text)
 
 
+#: Said when a field other than a limit is put in 'defaults' or under a tag.
+_SHARE_HINT = "; to give several hosts the same other fields, write them once under x-NAME: &NAME and bring them in with <<: *NAME"
+
+
+def _text(node: yaml.Node) -> str | None:
+    """A scalar's text as written, or None for null, a list or a mapping. Names, users and
+    environment values are text: ``user: 1000`` means "1000" and ``AUTO: yes`` means "yes",
+    not YAML 1.1's number and boolean."""
+    if isinstance(node, yaml.ScalarNode) and not is_null(node):
+        return node.value
+    return None
+
+
 class _InventoryParser:
     def __init__(self, source: str, transports: Mapping[str, type[Transport]] | None) -> None:
         self.source = source
@@ -174,13 +187,15 @@ class _InventoryParser:
             raise InventoryError("the file is empty; it needs a 'hosts:' mapping", path=self.source, line=1)
         top = self.mapping(root, "the top level must be a mapping with a 'hosts:' key")
         for key, key_node in ((k, kn) for k, (kn, _) in top.items()):
-            if key not in TOP_LEVEL_KEYS:
-                raise self.error(key_node, f"unknown top-level key {key!r} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+            if key not in TOP_LEVEL_KEYS and not is_extension_key(key):
+                raise self.error(
+                    key_node, f"unknown top-level key {key!r} (allowed: {', '.join(TOP_LEVEL_KEYS)}, and x-NAME for anchors)"
+                )
         defaults = Limits()
         if "defaults" in top:
             specs = {name: COMMON_HOST_FIELDS[name] for name in LIMIT_FIELDS}
             entries = self.mapping(top["defaults"][1], "'defaults' must be a mapping of fields")
-            values = self.fields(entries, specs, host=None, unknown="unknown field in 'defaults'")
+            values = self.fields(entries, specs, host=None, unknown="unknown field in 'defaults'", hint=_SHARE_HINT)
             defaults = self.limits(values, Limits())
         tag_limits: dict[str, dict[str, Any]] = {}
         if "tags" in top:
@@ -189,7 +204,7 @@ class _InventoryParser:
                 if not TAG_RE.fullmatch(tag):
                     raise self.error(tag_node, f"invalid tag {tag!r}")
                 entries = self.mapping(body, f"tag {tag!r} must be a mapping of limit fields")
-                tag_limits[tag] = self.fields(entries, specs, host=None, unknown=f"unknown field in tag {tag!r}")
+                tag_limits[tag] = self.fields(entries, specs, host=None, unknown=f"unknown field in tag {tag!r}", hint=_SHARE_HINT)
         self.tag_limits = tag_limits
         if "hosts" not in top:
             raise self.error(root, "missing the 'hosts:' mapping")
@@ -265,6 +280,7 @@ class _InventoryParser:
         *,
         host: str | None,
         unknown: str,
+        hint: str = "",
     ) -> dict[str, Any]:
         """Check each field against its spec; return field -> value.
 
@@ -281,7 +297,7 @@ class _InventoryParser:
                     host=host, field=key,
                 )
             if spec is None and specs is not None:
-                raise self.error(key_node, f"{unknown} (allowed: {', '.join(sorted(specs))})", host=host, field=key)
+                raise self.error(key_node, f"{unknown} (allowed: {', '.join(sorted(specs))}){hint}", host=host, field=key)
             out[key] = self.value(value_node, spec.kind if spec else None, host=host, field=key)
             if spec is not None:
                 self.check_bounds(value_node, out[key], spec, host=host, field=key)
@@ -310,11 +326,12 @@ class _InventoryParser:
             return self.error(node, f"expected {expected}, got {shown!r}", host=host, field=field)
 
         if kind == "string":
-            if not isinstance(value, str):
+            text = _text(node)
+            if text is None:
                 raise fail("a string")
-            if not value:
+            if not text:
                 raise self.error(node, "must not be empty", host=host, field=field)
-            return value
+            return text
         if kind == "boolean":
             if not isinstance(value, bool):
                 raise fail("true or false")
@@ -331,19 +348,24 @@ class _InventoryParser:
         if kind == "string-list":
             if not isinstance(node, yaml.SequenceNode):
                 raise fail("a list of strings")
-            for item_node, item in zip(node.value, value):
-                if not isinstance(item, str) or not item:
+            items = []
+            for item_node in node.value:
+                item = _text(item_node)
+                if not item:
                     raise self.error(item_node, "every item must be a non-empty string", host=host, field=field)
                 if field == "tags" and not TAG_RE.fullmatch(item):
                     raise self.error(item_node, f"invalid tag {item!r}", host=host, field=field)
-            return value
+                items.append(item)
+            return items
         if kind == "string-map":
             entries = self.mapping(node, "expected a mapping of names to strings", host=host, field=field)
             out = {}
             for key, (_, value_node) in entries.items():
-                if not isinstance(value_node, yaml.ScalarNode) or is_null(value_node):
-                    raise self.error(value_node, f"the value of {key!r} must be a string", host=host, field=field)
-                out[key] = value_node.value
+                text = _text(value_node)
+                if text is None:
+                    hint = " (write '' for an empty one)" if is_null(value_node) else ""
+                    raise self.error(value_node, f"the value of {key!r} must be a string{hint}", host=host, field=field)
+                out[key] = text
             return out
         raise ValueError(f"unknown host field kind {kind!r}")
 

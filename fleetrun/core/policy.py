@@ -39,7 +39,7 @@ from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
 from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import SimpleCommand, Word, parse_command, pattern_problem
-from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, mapping_entries, node_value
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
 _GLOB_CHARS = set("*?[")
@@ -313,8 +313,8 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
         raise fail(root, "the policy must be a mapping with a 'rules:' list")
     top = mapping_entries(root, fail)
     for key, (key_node, _) in top.items():
-        if key != "rules":
-            raise fail(key_node, f"unknown top-level key {key!r} (allowed: rules)")
+        if key != "rules" and not is_extension_key(key):
+            raise fail(key_node, f"unknown top-level key {key!r} (allowed: rules, and x-NAME for anchors)")
     if "rules" not in top:
         raise fail(root, "missing the 'rules:' list")
     if not isinstance(top["rules"][1], yaml.SequenceNode):

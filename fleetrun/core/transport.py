@@ -29,6 +29,7 @@ class HostField:
     ``string-list`` or ``string-map``; the inventory checks it before any task runs,
     along with ``choices`` (allowed strings), ``minimum`` and ``maximum`` (for numbers)
     and ``validate`` (returns an error message for a bad value, else None), if given.
+    The string kinds take a value as written (``user: 1000`` is ``"1000"``).
     """
 
     kind: str

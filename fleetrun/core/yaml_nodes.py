@@ -14,7 +14,6 @@ import yaml
 import yaml.constructor
 
 _FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NULL_TAG = "tag:yaml.org,2002:null"
 
@@ -41,13 +40,22 @@ def compose(text: str) -> yaml.Node | None:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise YamlSyntaxError(exc.problem or exc.context or "invalid YAML", mark.line + 1 if mark else None) from None
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem:
+            problem += " (YAML indents with spaces, never tabs)"
+        raise YamlSyntaxError(problem, mark.line + 1 if mark else None) from None
     except yaml.reader.ReaderError as exc:
         # A control character, say: its message spans lines and counts characters, not lines.
         line = text.count("\n", 0, exc.position) + 1
         raise YamlSyntaxError(f"character {exc.character:#06x} is not allowed in YAML", line) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(" ".join(str(exc).split()), None) from None
+
+
+def is_extension_key(key: str) -> bool:
+    """Whether a top-level ``key`` is one the program ignores: ``x-NAME``, a place for anchors
+    that several entries bring in (``<<: *ssh-defaults``), as Docker Compose files have."""
+    return key.startswith("x-") and len(key) > 2
 
 
 def is_null(node: yaml.Node) -> bool:
@@ -58,6 +66,8 @@ def is_null(node: yaml.Node) -> bool:
 def mapping_entries(node: yaml.MappingNode, error: NodeError) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     """A YAML mapping's entries by key, as (key node, value node). A key written twice is
     an error: YAML loaders keep the last one, and the first would be dropped unseen.
+
+    Keys are taken as written (``1:`` is the name ``"1"``).
 
     A merge key (``<<: *anchor``, or a list of them) brings in the entries of the mappings
     it names, as YAML loaders do: the mapping's own keys win, then the earlier-named mapping.
@@ -83,8 +93,10 @@ def _entries(node: yaml.MappingNode, error: NodeError, *, merging: tuple[yaml.No
                 for key, entry in _entries(source, error, merging=(*merging, node)).items():
                     merged.setdefault(key, entry)
             continue
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
-            raise error(key_node, "keys must be plain strings")
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise error(key_node, "a key must be a name, not a list or a mapping")
+        # Every key in these files is a name: a host called `1` or `yes` is meant as the
+        # text written, not as YAML 1.1's number or boolean.
         if key_node.value in own:
             raise error(key_node, f"duplicate key {key_node.value!r}")
         own[key_node.value] = (key_node, value_node)
