@@ -193,6 +193,92 @@ def test_a_key_the_server_does_not_accept_is_an_auth_failure(make_executor, sshd
     assert not any(line in task.error for line in private.splitlines()[1:-1])
 
 
+@pytest.fixture
+def ssh_agent(tmp_path, monkeypatch):
+    """A real ssh-agent of the test's own, as $SSH_AUTH_SOCK, in a home without keys; call it
+    with a key file to add the key."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # no ~/.ssh/id_*: only the agent and the hosts file offer keys
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(socket_path.exists)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+
+        def add(key: Path) -> None:
+            subprocess.run(["ssh-add", str(key)], check=True, capture_output=True)
+
+        yield add
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+def _encrypted_copy(key: Path, path: Path) -> Path:
+    """The same private key in a file of its own, encrypted with a passphrase."""
+    path.write_bytes(key.read_bytes())
+    path.chmod(0o600)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "a passphrase", "-f", str(path)], check=True, capture_output=True)
+    return path
+
+
+def test_keys_in_ssh_agent_log_in_and_identity_files_limit_them_to_their_own(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent):
+    from sshd import generate_key
+
+    ssh_agent(sshd_fleet.client_key)
+    encrypted = _encrypted_copy(sshd_fleet.client_key, tmp_path / "encrypted_key")
+    public_only = tmp_path / "public_only.pub"
+    public_only.write_text(Path(f"{sshd_fleet.client_key}.pub").read_text())
+    stranger = generate_key(tmp_path / "stranger_key")
+    hosts = {
+        # No identity_files: the agent's keys are offered.
+        "by-agent": ssh_host(sshd_fleet, shared_sshd, known_hosts, identity_files=None),
+        # An encrypted file and no passphrase: its key, unlocked in the agent, is used.
+        "encrypted": ssh_host(sshd_fleet, shared_sshd, known_hosts, identity_files=[str(encrypted)]),
+        # Only the public half on disk, the private half in the agent (as ssh's IdentityFile allows).
+        "public-only": ssh_host(sshd_fleet, shared_sshd, known_hosts, identity_files=[str(public_only)]),
+        # identity_files names another key: the agent's key is not offered, though the
+        # server would take it (OpenSSH's IdentitiesOnly). Before, it logged in with it.
+        "other-key": ssh_host(sshd_fleet, shared_sshd, known_hosts, identity_files=[str(stranger)]),
+    }
+    hosts["by-agent"].pop("identity_files")
+    executor = make_executor(hosts_yaml=hosts_file_text(hosts))
+    for name in ("by-agent", "encrypted", "public-only"):
+        task = executor.run(TaskRequest(host=name, command="whoami"))
+        assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+    refused = executor.run(TaskRequest(host="other-key", command="whoami"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "auth")
+    assert f"tried: {stranger}" in refused.error
+
+    # IdentitiesOnly in ssh_config limits the agent the same way.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host pinned\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {stranger}\n  IdentitiesOnly yes\n"
+        f"Host unpinned\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {stranger}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"pinned": entry, "unpinned": entry}))
+    assert executor.run(TaskRequest(host="pinned", command="true")).error_category == "auth"
+    assert executor.run(TaskRequest(host="unpinned", command="true")).status is TaskStatus.SUCCEEDED
+
+
+def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    entry = ssh_host(sshd_fleet, shared_sshd, known_hosts)
+    entry.pop("identity_files")
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "auth")
+    # Before: "unreachable: SSH negotiation ... failed: No authentication methods available".
+    assert task.error.endswith(
+        "failed: there was no key or password to offer (no identity_files, none in ~/.ssh/id_*, "
+        "no ssh-agent (SSH_AUTH_SOCK is not set); no password_env or password_file)"
+    ), task.error
+
+
 def test_nothing_listening_is_unreachable(make_executor, sshd_fleet, shared_sshd, known_hosts):
     from sshd import free_port
 

@@ -79,7 +79,7 @@ class SSHTransport(Transport):
         ),
         "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1, maximum=65535),
         "user": HostField("string", "login user (default: from ~/.ssh/config, else the local user)"),
-        "identity_files": HostField("string-list", "private key files to offer (default: ~/.ssh/config, the agent, ~/.ssh/id_*)"),
+        "identity_files": HostField("string-list", "the only keys to offer, from these files or ssh-agent (default: ~/.ssh/config, every agent key, ~/.ssh/id_*)"),
         "known_hosts": HostField("string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)"),
         "host_key_checking": HostField(
             "string",

@@ -196,6 +196,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
         where = f"{hop.user}@{hop.host}:{hop.port}"
         try:
             hop.connect_kwargs.update(secrets)
+            _offer_only_identity_files(hop, settings)
             if not hop.gateway:
                 hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings)
             hop.open()
@@ -206,6 +207,81 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             connection.close()
             raise connect_error(exc, where, settings) from None
     return connection
+
+
+def _offer_only_identity_files(hop: fabric.Connection, settings: SSHSettings) -> None:
+    """With identity files named (the host's ``identity_files``, or ``IdentitiesOnly yes``
+    in ssh_config), offer those keys only, as OpenSSH does under IdentitiesOnly: of the
+    agent's keys, the ones that are those files' (an encrypted file's key unlocked in the
+    agent), and no other. Without, paramiko offers every agent key, and a server that
+    allows few attempts (MaxAuthTries) may refuse the connection before the right key."""
+    identities_only = str(hop.ssh_config.get("identitiesonly", "no")).lower() == "yes"
+    if not (settings.identity_files or identities_only):
+        return
+    # paramiko 5.1 takes the agent's keys from the client's _agent (get_keys(), close()).
+    hop.client._agent = _AgentKeysOf(hop.connect_kwargs.get("key_filename") or [])  # noqa: SLF001
+
+
+class _AgentKeysOf:
+    """The keys of the user's ssh-agent that belong to some of the given identity files."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self._agent: paramiko.Agent | None = None
+        self._keys: tuple[paramiko.AgentKey, ...] = ()
+        if not os.environ.get("SSH_AUTH_SOCK"):
+            return
+        wanted = set().union(*(public_key_blobs(path) for path in paths))
+        if not wanted:
+            return
+        try:
+            self._agent = paramiko.Agent()
+            self._keys = tuple(key for key in self._agent.get_keys() if key.blob in wanted)
+        except (paramiko.SSHException, OSError) as exc:
+            log.debug("ssh-agent not usable: %s", exc)
+
+    def get_keys(self) -> tuple[paramiko.AgentKey, ...]:
+        return self._keys
+
+    def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+
+
+_OPENSSH_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----"
+_OPENSSH_KEY_MAGIC = b"openssh-key-v1\0"
+
+
+def public_key_blobs(path: str) -> set[bytes]:
+    """The public key of an identity file, found without its passphrase: from ``PATH.pub``,
+    from PATH itself when it is a public key (its private half then lives in the agent), or
+    from the clear header of an OpenSSH-format private key."""
+    path_ = Path(path).expanduser()
+    blobs = set()
+    for candidate in (path_, path_.with_name(path_.name + ".pub")):
+        try:
+            text = candidate.read_text(encoding="ascii").strip()
+        except (OSError, ValueError):
+            continue
+        blob = _public_key_blob(text)
+        if blob:
+            blobs.add(blob)
+    return blobs
+
+
+def _public_key_blob(text: str) -> bytes | None:
+    try:
+        if text.startswith(_OPENSSH_PRIVATE_KEY):
+            data = base64.b64decode("".join(text.splitlines()[1:-1]))
+            if not data.startswith(_OPENSSH_KEY_MAGIC):
+                return None
+            header = paramiko.Message(data[len(_OPENSSH_KEY_MAGIC) :])
+            for _ in range(3):  # cipher name, KDF name, KDF options
+                header.get_binary()
+            return header.get_binary() if header.get_int() >= 1 else None
+        words = text.split()
+        return base64.b64decode(words[1], validate=True) if len(words) >= 2 and not text.startswith("-----") else None
+    except (ValueError, IndexError, paramiko.SSHException):
+        return None
 
 
 def _chain(connection: fabric.Connection) -> list[fabric.Connection]:
@@ -355,6 +431,12 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
         return TransportError("unreachable", f"cannot connect to {where}: {reason}")
     if isinstance(exc, paramiko.ChannelException):
         return TransportError("unreachable", f"the jump host could not reach {where}: {exc.text}")
+    if isinstance(exc, paramiko.SSHException) and str(exc) == "No authentication methods available":
+        return TransportError(
+            "auth",
+            f"authentication to {where} failed: there was no key or password to offer "
+            f"({_what_could_be_offered(settings)})",
+        )
     if isinstance(exc, paramiko.SSHException) and "key" in str(exc).lower():
         # paramiko's words for an identity file it could not decrypt or parse ("Invalid key", ...).
         keys = ", ".join(settings.identity_files) or "the default keys"
@@ -365,6 +447,16 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
             return TransportError("unreachable", f"{where} did not answer as an SSH server: {text}")
         return TransportError("unreachable", f"SSH negotiation with {where} failed: {text}")
     return TransportError("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+
+
+def _what_could_be_offered(settings: SSHSettings) -> str:
+    if settings.identity_files:
+        keys = f"identity_files {', '.join(settings.identity_files)}: none readable, none of their keys in ssh-agent"
+    else:
+        agent = "none in ssh-agent" if os.environ.get("SSH_AUTH_SOCK") else "no ssh-agent (SSH_AUTH_SOCK is not set)"
+        config = "~/.ssh/config or " if settings.use_ssh_config else ""
+        keys = f"no identity_files, none in {config}~/.ssh/id_*, {agent}"
+    return f"{keys}; no password_env or password_file"
 
 
 def _caused_by_timeout(exc: BaseException | None) -> bool:
