@@ -71,6 +71,45 @@ def test_a_secret_in_play_is_written_nowhere(tmp_path, sshd_fleet, shared_sshd):
         assert wrong not in text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="sets a password on the tests' own login user, which needs root")
+def test_a_login_password_logs_in_and_is_written_nowhere(tmp_path, sshd_fleet):
+    from sshd import TEST_USER
+
+    password = "pw-" + secrets.token_hex(12)
+    wrong = "wrong-" + secrets.token_hex(12)
+    subprocess.run(["chpasswd"], input=f"{TEST_USER}:{password}\n", text=True, check=True)
+    try:
+        server = sshd_fleet.start(extra_config="PasswordAuthentication yes\nPubkeyAuthentication no")
+        known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+        wrong_file = tmp_path / "wrong-password"
+        wrong_file.write_text(wrong + "\n")
+        wrong_file.chmod(0o600)
+        right = ssh_host(sshd_fleet, server, known, password_env="TEST_LOGIN_PASSWORD")
+        bad = ssh_host(sshd_fleet, server, known, password_file=str(wrong_file))
+        for entry in (right, bad):
+            entry.pop("identity_files")  # the server takes passwords only
+        hosts = tmp_path / "hosts.yaml"
+        hosts.write_text(hosts_file_text({"pw": right, "badpw": bad}))
+        audit = tmp_path / "audit.jsonl"
+        env = {"TEST_LOGIN_PASSWORD": password, "HOME": str(tmp_path), "SSH_AUTH_SOCK": ""}
+        common = ["-vv", "--hosts", str(hosts), "--json-log", str(audit)]
+        good = run_cli(*common, "run", "pw", "--", "whoami", env=env)
+        refused = run_cli(*common, "run", "badpw", "--", "whoami", env=env)
+        listing = run_cli("tasks", "list", "--json", env=env)
+    finally:
+        subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
+    assert (good.returncode, good.stdout) == (0, f"{TEST_USER}\n"), good.stderr
+    assert "Accepted password for " + TEST_USER in server.log.read_text()
+    assert refused.returncode == 125 and "authentication to " in refused.stderr
+    records = {r["host"]: r for r in json.loads(listing.stdout)}
+    assert (records["pw"]["status"], records["badpw"]["error_category"]) == ("succeeded", "auth")
+    written = [good.stdout + good.stderr, refused.stdout + refused.stderr, listing.stdout, audit.read_text()]
+    written += [p.read_bytes().decode("latin-1") for p in Path(os.environ["FLEETRUN_HOME"]).rglob("*") if p.is_file()]
+    assert any("paramiko" in text for text in written), "debug logs were part of what was searched"
+    for text in written:
+        assert password not in text and wrong not in text
+
+
 def test_secrets_in_the_hosts_file_are_refused_with_where_they_go():
     with pytest.raises(InventoryError) as error:
         parse_inventory("hosts:\n  web:\n    transport: ssh\n    password: hunter22\n", source="h.yaml", transports=TRANSPORTS)
