@@ -50,7 +50,7 @@ def fingerprint(public_key_line: str) -> str:
 
 
 def free_port(address: str) -> int:
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
         probe.bind((address, 0))
         return probe.getsockname()[1]
 

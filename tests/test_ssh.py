@@ -593,6 +593,31 @@ def test_hosts_are_resolved_through_an_ssh_config_file(make_executor, sshd_fleet
     assert executor.read_output(task.id).data == f"{sshd_fleet.user}\n".encode()
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+def test_a_server_on_an_ipv6_address(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start(address="::1")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "v6": ssh_host(sshd_fleet, server, known),
+        "v6-unknown-key": ssh_host(sshd_fleet, server, tmp_path / "empty_known_hosts"),
+    }))
+    where = f"{sshd_fleet.user}@[::1]:{server.port}"  # as ssh writes it; before: user@::1:PORT
+    assert executor.plan(TaskRequest(host="v6", command="true")).transport_details["address"] == where
+    task = executor.run(TaskRequest(host="v6", command="whoami"))
+    assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+    refused = executor.run(TaskRequest(host="v6-unknown-key", command="true"))
+    assert refused.error_category == "host_key" and f"the host key of [::1]:{server.port} is unknown" in refused.error
+
+
 def test_ssh_fields_are_checked_when_the_hosts_file_loads():
     transports = PluginManager(autoload=False).transports
     with pytest.raises(InventoryError) as bad_choice:
@@ -604,6 +629,10 @@ def test_ssh_fields_are_checked_when_the_hosts_file_loads():
     with pytest.raises(InventoryError) as high_port:
         parse_inventory("hosts:\n  web:\n    transport: ssh\n    port: 99999\n", source="h.yaml", transports=transports)
     assert str(high_port.value) == "h.yaml:4: host 'web', field 'port': must be at most 65535, got 99999"
+    for address, problem in (("[::1]", "write an IPv6 address without brackets (::1)"), ("web1:2222", "the port goes in 'port'")):
+        with pytest.raises(InventoryError) as bad_address:
+            parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)
+        assert str(bad_address.value).startswith(f"h.yaml:4: host 'web', field 'hostname': '{address}': {problem}")
     for address in ("web 1", "deploy@web1", "-oProxyCommand=x", ""):
         with pytest.raises(InventoryError, match=f"h.yaml:4: host 'web', field 'hostname': "):
             parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)

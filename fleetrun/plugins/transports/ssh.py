@@ -65,6 +65,10 @@ def _check_networks(values: list[str]) -> str | None:
 def _hostname_problem(value: str) -> str | None:
     if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 or ch in "@/" for ch in value):
         return f"{value!r} is not a host name or address (no spaces, '@' or '/'; the user goes in 'user')"
+    if value.startswith("[") or value.endswith("]"):
+        return f"{value!r}: write an IPv6 address without brackets ({value.strip('[]')}); the port goes in 'port'"
+    if value.count(":") == 1:
+        return f"{value!r}: the port goes in 'port', not after the name"
     return None
 
 
@@ -319,7 +323,9 @@ class _PooledConnection:
         return not self.closed and self.transport.is_active()
 
     def describe(self) -> str:
-        return f"host {self.settings.alias!r} ({self.fabric.user}@{self.fabric.host}:{self.fabric.port})"
+        from fleetrun.plugins.transports.ssh_connect import address
+
+        return f"host {self.settings.alias!r} ({address(self.fabric)})"
 
     def take(self) -> None:
         self.channels += 1

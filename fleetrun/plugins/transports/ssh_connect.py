@@ -193,7 +193,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
     except SecretError as exc:
         raise TransportError("auth", str(exc)) from None
     for hop in hops:
-        where = f"{hop.user}@{hop.host}:{hop.port}"
+        where = address(hop)
         try:
             hop.connect_kwargs.update(secrets)
             _offer_only_identity_files(hop, settings)
@@ -282,6 +282,12 @@ def _public_key_blob(text: str) -> bytes | None:
         return base64.b64decode(words[1], validate=True) if len(words) >= 2 and not text.startswith("-----") else None
     except (ValueError, IndexError, paramiko.SSHException):
         return None
+
+
+def address(connection: fabric.Connection) -> str:
+    """``user@host:port``, an IPv6 address in brackets (``user@[::1]:2222``) as ssh writes it."""
+    host = f"[{connection.host}]" if ":" in connection.host else connection.host
+    return f"{connection.user}@{host}:{connection.port}"
 
 
 def _chain(connection: fabric.Connection) -> list[fabric.Connection]:
@@ -475,9 +481,9 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
         connection = build_connection(settings)
     except TransportError as exc:
         return {"error": exc.message}
-    hops = [f"{c.user}@{c.host}:{c.port}" for c in reversed(_chain(connection)[1:])]
+    hops = [address(c) for c in reversed(_chain(connection)[1:])]
     return {
-        "address": f"{connection.user}@{connection.host}:{connection.port}",
+        "address": address(connection),
         "jump_hosts": hops or None,
         "known_hosts": str(settings.known_hosts_path),
         "host_key_checking": settings.host_key_checking,
