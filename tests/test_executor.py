@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 
@@ -361,3 +364,80 @@ def test_closed_executor_refuses_new_tasks(make_executor):
     executor.close()
     with pytest.raises(FleetrunError, match="closed"):
         executor.submit(TaskRequest(host="local", command="true"))
+
+
+# Runs in a Python process of its own: it forks, and a forked pytest would go on testing.
+_FORKS = r"""
+import multiprocessing, os, sys, json
+from fleetrun import Executor, TaskRequest
+from fleetrun.core.errors import FleetrunError
+from fleetrun.core.inventory import parse_inventory
+from fleetrun.core.plugin_manager import PluginManager
+
+def executor():
+    manager = PluginManager(autoload=False)
+    return Executor(plugins=manager, inventory=parse_inventory("hosts:\n  local:\n", transports=manager.transports))
+
+parent = executor()
+first = parent.run(TaskRequest(host="local", command="echo parent"))
+slow = parent.submit(TaskRequest(host="local", command="sleep 0.5; echo slow"))
+
+def use_parents(_):
+    try:
+        parent.run(TaskRequest(host="local", command="echo child"))
+        return "ran"
+    except FleetrunError as exc:
+        # The store itself is the child's to read, through a connection of its own.
+        return [str(exc), parent.store.get(first.id).status.value]
+
+def use_own(n):
+    with executor() as own:
+        task = own.run(TaskRequest(host="local", command=f"echo own {n}"))
+        return [task.status.value, own.read_output(task.id).data.decode(), own.get(first.id).status.value]
+
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    refused = pool.map(use_parents, range(2))
+    owned = pool.map(use_own, range(3))
+
+pid = os.fork()
+if pid == 0:
+    parent.close()  # a with-block or a cleanup in the child: it must not touch the parent's tasks
+    sys.exit(0)  # and exit runs the atexit handlers, which must not wait for the parent's engine
+_, status = os.waitpid(pid, 0)
+
+print(json.dumps({
+    "refused": refused, "owned": owned, "child_exit": os.waitstatus_to_exitcode(status),
+    "slow": [parent.get(slow.id).status.value, slow.wait(10).status.value, parent.read_output(slow.id).data.decode()],
+    "after": parent.run(TaskRequest(host="local", command="true")).status.value,
+    "parent_pid": os.getpid(),
+    "tasks": len(parent.list(limit=100)),
+}))
+parent.close()
+"""
+
+
+def test_a_forked_child_neither_uses_nor_stops_the_parents_executor_and_can_make_its_own(tmp_path):
+    # Before: in a child forked from a process with an executor (multiprocessing's default
+    # on Linux), the executor's calls waited forever for an engine thread that stayed in
+    # the parent, and so did the child's exit (its atexit handler closed that executor).
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKS], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLEETRUN_HOME": str(tmp_path / "home")},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    pid = result["parent_pid"]
+    for message, first_status in result["refused"]:
+        assert first_status == "succeeded"
+        assert message.startswith(f"this executor belongs to process {pid}, and process "), message
+        assert message.endswith(
+            "is a fork of it: its tasks, engine thread and connections stayed there. Make an Executor in this "
+            "process (with multiprocessing: in the worker, or use the 'spawn' or 'forkserver' start method)"
+        )
+    # A child's own executor works, on the same store, and sees the parent's tasks.
+    assert result["owned"] == [["succeeded", f"own {n}\n", "succeeded"] for n in range(3)]
+    assert result["child_exit"] == 0
+    # The parent's task that ran across the forks ended as it would have, and the parent goes on.
+    assert result["slow"][1:] == ["succeeded", "slow\n"] and result["after"] == "succeeded"
+    assert result["tasks"] == 1 + 1 + 3 + 1
+    assert list((tmp_path / "home" / "journal").glob("*.jsonl")) == []  # every journal applied and removed

@@ -259,6 +259,8 @@ class Executor:
         self._closed = False
         self._close_done = threading.Event()
         self._cancel_poller: asyncio.Task[None] | None = None
+        #: Set in a child forked from this process: see :func:`_after_fork_in_child`.
+        self._forked_from: int | None = None
         self._retention_of_store = retention == "store"
         self._retention = self.store.retention() if retention == "store" else retention
         self._endings_since_prune = 0
@@ -275,6 +277,7 @@ class Executor:
 
         ``describe=False`` skips asking the transport how the host would be reached.
         """
+        self._check_process()
         host = self.inventory.get(request.host)
         return plan_task(
             request, self.inventory, self.plugins.transports, describe=describe,
@@ -312,6 +315,7 @@ class Executor:
         A task owned by another process is cancelled through the store: its owner picks
         the request up within a second. A plugin's hook may call this too.
         """
+        self._check_process()
         loop = self._loop
         if loop is not None and not self._closed:
             if self._on_engine_thread():
@@ -324,6 +328,7 @@ class Executor:
 
     async def cancel_async(self, task_id: str, reason: str = "cancelled by user") -> bool:
         """:meth:`cancel` for asyncio callers: never blocks the caller's event loop."""
+        self._check_process()
         loop = self._loop
         if loop is not None and not self._closed:
             pending = asyncio.run_coroutine_threadsafe(self._cancel_live(task_id, reason), loop)
@@ -342,6 +347,7 @@ class Executor:
 
     async def wait_async(self, task_id: str, *, poll_s: float = 0.1) -> Task:
         """Await the end of any task by id: this executor's own at once, another process's by polling the store."""
+        self._check_process()
         live = self._live.get(task_id)
         if live is not None:
             return await asyncio.shield(asyncio.wrap_future(live.done))
@@ -354,6 +360,7 @@ class Executor:
     # -- public API: reading -----------------------------------------------------------
 
     def get(self, task_id: str) -> Task:
+        self._check_process()
         live = self._live.get(task_id)
         if live is not None:
             return live.record
@@ -362,6 +369,7 @@ class Executor:
     async def get_async(self, task_id: str) -> Task:
         """:meth:`get` without blocking the event loop: a task this executor runs is answered
         from memory, any other is read from the store on a worker thread."""
+        self._check_process()
         live = self._live.get(task_id)
         if live is not None:
             return live.record
@@ -375,6 +383,7 @@ class Executor:
 
     def list(self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50) -> list[Task]:
         """Tasks newest first; this executor's own live tasks as they are now, not as last stored."""
+        self._check_process()
         wanted = set(status) if status is not None else None
         fetch = wanted
         if wanted is not None and wanted & {TaskStatus.QUEUED, TaskStatus.RUNNING}:
@@ -387,9 +396,11 @@ class Executor:
         return merged[:limit]
 
     def read_output(self, task_id: str, stream: str = "stdout", offset: int = 0, max_bytes: int = 65536) -> OutputSlice:
+        self._check_process()
         return self.store.read_output(task_id, stream, offset, max_bytes)
 
     def tail_output(self, task_id: str, stream: str = "stdout", lines: int = 20, max_bytes: int = 65536) -> OutputSlice:
+        self._check_process()
         return self.store.tail_output(task_id, stream, lines, max_bytes)
 
     def read_output_text(self, task_id: str, stream: str = "stdout", offset: int = 0, max_bytes: int = 65536) -> tuple[OutputSlice, str]:
@@ -414,7 +425,12 @@ class Executor:
         Returns once all that is done, also when another thread's close() is doing it.
         Called from a hook (on the engine thread, which cannot wait for itself), it starts
         all that and returns at once; it is done soon after the hook has returned.
+
+        In a child forked from the executor's process it does nothing: the tasks, the
+        engine thread and the connections are the parent's.
         """
+        if self._forked_from is not None:
+            return
         with self._start_lock:
             closing_already = self._closed
             self._closed = True
@@ -427,6 +443,14 @@ class Executor:
             threading.Thread(target=self._shut_down, args=(reason,), name="fleetrun-close", daemon=True).start()
             return
         self._shut_down(reason)
+
+    def _check_process(self) -> None:
+        if self._forked_from is not None:
+            raise FleetrunError(
+                f"this executor belongs to process {self._forked_from}, and process {os.getpid()} is a fork of it: "
+                "its tasks, engine thread and connections stayed there. Make an Executor in this process "
+                "(with multiprocessing: in the worker, or use the 'spawn' or 'forkserver' start method)"
+            )
 
     def _on_engine_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
@@ -491,6 +515,7 @@ class Executor:
         The caller does not wait for the engine: a round trip per task would cost more
         than the task's own bookkeeping when many are submitted at once.
         """
+        self._check_process()
         live = self._prepare(request, listener)
         # Under the lock, close() cannot come between: every recorded task is in
         # ``_arrivals`` before the engine's shutdown, which takes them and ends them.
@@ -928,6 +953,19 @@ def _check_host_name(name: str) -> None:
 
 
 _OPEN_EXECUTORS: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child has none of the engine threads; the tasks and connections are the parent's.
+    # Closing an executor here would wait forever for its thread (at exit too), and
+    # cancelling its tasks would stop the parent's commands.
+    parent = os.getppid()
+    for executor in list(_OPEN_EXECUTORS):
+        executor._forked_from = parent
+    _OPEN_EXECUTORS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -438,6 +438,15 @@ def _entries(lines: Iterable[bytes], path: Path, *, quiet: bool = False) -> Iter
 _OPEN_JOURNALS: set[Journal] = set()
 
 
+def _forget_all_in_child() -> None:
+    # A forked child's copies of the parent's journals have no writer thread, and closing
+    # one would remove the parent's file: they stay the parent's.
+    _OPEN_JOURNALS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_all_in_child)
+
+
 def close_all(timeout: float = 10.0) -> None:
     """Apply and close every journal still open (at interpreter exit)."""
     for journal in list(_OPEN_JOURNALS):

@@ -26,6 +26,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -172,6 +173,7 @@ class TaskStore:
             else:
                 hint = ""
             raise FleetrunError(f"cannot open the task store {database}: {exc}{hint}") from None
+        _OPEN_STORES.add(self)
 
     def _migrate(self) -> None:
         # Stores written by older versions lack newer columns; records are kept as they are
@@ -186,10 +188,24 @@ class TaskStore:
 
     def close(self) -> None:
         """Apply what the journal holds, then close."""
+        _OPEN_STORES.discard(self)
         if self._journal is not None:
             self._journal.close()
         with self._lock:
             self._db.close()
+
+    def _reopen_in_forked_child(self) -> None:
+        """A connection and (at the first write) a journal of the child's own: an SQLite
+        connection must not be used across a fork, and the journal's writer thread stayed
+        with the parent. The inherited connection is kept, unused: closing it could undo
+        the parent's locks on the database."""
+        _INHERITED_CONNECTIONS.append(self._db)
+        self._lock = threading.Lock()  # another thread of the parent may have held it
+        self._journal = None
+        try:
+            self._db = _connect(self.home / DB_NAME)
+        except sqlite3.Error as exc:
+            log.warning("cannot open the task store %s again in forked process %d: %s", self.home, os.getpid(), exc)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until this store's writes are visible to other processes; False on timeout."""
@@ -576,4 +592,14 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
         yield items[start : start + size]
 
 
+_OPEN_STORES: "weakref.WeakSet[TaskStore]" = weakref.WeakSet()
+_INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
+
+
+def _reopen_stores_in_child() -> None:
+    for store in list(_OPEN_STORES):
+        store._reopen_in_forked_child()
+
+
+os.register_at_fork(after_in_child=_reopen_stores_in_child)
 atexit.register(journal.close_all)
