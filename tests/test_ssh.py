@@ -430,6 +430,65 @@ def test_a_remote_command_stops_when_its_owner_is_killed(sshd_fleet, shared_sshd
             os.kill(pid, signal.SIGKILL)
 
 
+# Runs as a process of its own: it forks (a forked pytest would go on testing), and is killed.
+_OWNER_WITH_A_FORKED_CHILD = r"""
+import os, sys, time
+from fleetrun import Executor, TaskRequest
+from fleetrun.core.inventory import load_inventory
+from fleetrun.core.plugin_manager import PluginManager
+
+hosts, report = sys.argv[1:]
+marker = os.environ["TEST_MARKER"]  # not in argv: the forked child's command line must not name it
+
+def executor():
+    manager = PluginManager(autoload=False)
+    return Executor(plugins=manager, inventory=load_inventory(hosts, manager.transports))
+
+parent = executor()
+parent.submit(TaskRequest(host="web", command=f"sleep {marker}"))
+time.sleep(0.5)
+if os.fork() == 0:
+    # A worker forked meanwhile: its own executor reaches the host too.
+    with executor() as own:
+        task = own.run(TaskRequest(host="web", command="echo from the child"))
+        with open(report, "w") as out:
+            out.write(f"{task.status.value} {own.read_output(task.id).data.decode()}")
+    time.sleep(60)
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_neither_keeps_the_parents_connections_nor_shares_its_threads(sshd_fleet, known_hosts, shared_sshd, tmp_path, marker):
+    # Before: the child's copy of the parent's connection kept it open, so the server saw no
+    # end when the parent was killed, and the command ran on; and an executor the child
+    # made waited forever for the SSH thread pool's threads, which stayed in the parent.
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts)}))
+    report = tmp_path / "report"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER_WITH_A_FORKED_CHILD, str(hosts), str(report)],
+        env={**os.environ, "FLEETRUN_HOME": str(tmp_path / "home"), "TEST_MARKER": marker}, stderr=subprocess.PIPE,
+    )
+    children: list[int] = []
+    try:
+        wait_until(lambda: report.exists() and report.read_text())
+        assert report.read_text() == "succeeded from the child\n"
+        assert len(processes_running("sleep", marker)) == 1
+        children = [int(pid) for pid in Path(f"/proc/{owner.pid}/task/{owner.pid}/children").read_text().split()]
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert all(Path(f"/proc/{pid}").exists() for pid in children)  # the forked child lives on
+        assert_none_left(marker, within=10)
+    finally:
+        owner.kill()
+        for pid in processes_with(marker) + children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_finished_command_leaves_its_background_processes_alone(ssh_executor, marker):
     # Only a command still running when the connection goes is stopped: what a command
     # started to outlive it (nohup, a daemon) stays, as with ssh.

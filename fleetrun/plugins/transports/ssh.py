@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
@@ -45,6 +46,17 @@ def _threads() -> concurrent.futures.ThreadPoolExecutor:
         if _thread_pool is None:
             _thread_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fleetrun-ssh")
         return _thread_pool
+
+
+def _forget_threads_in_child() -> None:
+    # The pool's threads stayed in the parent; its bookkeeping, copied, would count them
+    # as idle and never start one, and its lock may have been held at the fork.
+    global _thread_pool, _threads_lock
+    _thread_pool = None
+    _threads_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
 async def _blocking(function: Callable[..., T], *args: Any) -> T:

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -365,9 +366,26 @@ def _tcp_connect(hostname: str, port: int, settings: SSHSettings) -> socket.sock
             error = exc
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _SOCKETS.add(sock)
         return sock
     assert error is not None
     raise error
+
+
+#: The sockets of this process's connections, for :func:`_close_inherited_sockets`.
+_SOCKETS: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+
+
+def _close_inherited_sockets() -> None:
+    # A forked child holds copies of the parent's connections. While it lived, a server
+    # would see none of them end (the parent closing one, or dying), and the watchdog of a
+    # remote command would wait for the child. The child's copies go; the parent's stay.
+    for sock in list(_SOCKETS):
+        sock.close()
+    _SOCKETS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_sockets)
 
 
 def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
