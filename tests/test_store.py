@@ -301,7 +301,7 @@ def test_a_cancel_asked_before_the_owner_applied_the_record_still_reaches_it(sto
 
 SLOW_WRITER_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from fleetrun.core import journal
     from fleetrun.core.executor import Executor
     from fleetrun.core.models import TaskRequest
@@ -315,6 +315,9 @@ SLOW_WRITER_SCRIPT = textwrap.dedent(
         task = executor.run(TaskRequest(host="local", command=command.format(previous=previous)))
         print(task.id, task.status.value, flush=True)
         previous = task.id
+    if os.environ.get("TEST_FORK_A_CHILD") and os.fork() == 0:
+        time.sleep(600)  # a worker forked meanwhile, that outlives its parent
+        os._exit(0)
     time.sleep(600)
     """
 )
@@ -371,10 +374,16 @@ def call_with_deadline(function, seconds: float = 30.0):  # type: ignore[no-unty
     return result[0]
 
 
-def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner(store):
+@pytest.mark.parametrize("forked_child", [False, True], ids=["alone", "with-a-forked-child"])
+def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner(store, forked_child):
+    # With a forked child alive, the child's copy of the journal's file kept the owner's
+    # lock on it after the owner's death: the journal was taken for a live process's and
+    # was not applied (nor its start log read) until the child ended too.
     owner = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITER_SCRIPT, str(store.home)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLOW_WRITER_SCRIPT, str(store.home)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TEST_FORK_A_CHILD": "1" if forked_child else ""},
     )
+    children: list[int] = []
     try:
         task_id, status = owner.stdout.readline().split()
         assert status == "succeeded"
@@ -384,6 +393,8 @@ def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner
         seen = store.get(task_id)
         assert (seen.status, seen.exit_code, seen.stdout_bytes) == (TaskStatus.SUCCEEDED, 0, 23)
         assert store.read_output(task_id, "stdout").data == b"ended before the crash\n"
+        if forked_child:
+            children = wait_until(lambda: [int(p) for p in Path(f"/proc/{owner.pid}/task/{owner.pid}/children").read_text().split()])
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         # Dead before its writer caught up: the next process applies the journal, so the task
@@ -393,9 +404,12 @@ def test_writes_not_yet_in_sqlite_are_found_in_the_journal_and_survive_the_owner
         (record,) = [t for t in json.loads(listed.stdout) if t["id"] == task_id]
         assert (record["status"], record["exit_code"]) == ("succeeded", 0)
         assert list((store.home / "journal").glob("*.journal")) == []
+        assert all(Path(f"/proc/{pid}").exists() for pid in children)  # the child still lives
     finally:
         owner.kill()
         owner.wait()
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_journal_entry_that_only_mentions_a_task_is_not_taken_for_it(store):

@@ -196,6 +196,14 @@ class Journal:
         os.close(self._fd)
         _OPEN_JOURNALS.discard(self)
 
+    def let_go_in_forked_child(self) -> None:
+        """In a child forked from the journal's process: write nothing more to it, and close
+        the child's copy of its file. The lock on it then ends with the parent, so a parent
+        killed while the child lives is seen as dead (its tasks marked interrupted, its
+        commands stopped) without waiting for the child."""
+        self._closed = True
+        os.close(self._fd)
+
     def _wait_applied(self, target: int, timeout: float | None) -> bool:
         # Called with the condition held.
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -441,6 +449,8 @@ _OPEN_JOURNALS: set[Journal] = set()
 def _forget_all_in_child() -> None:
     # A forked child's copies of the parent's journals have no writer thread, and closing
     # one would remove the parent's file: they stay the parent's.
+    for journal in _OPEN_JOURNALS:
+        journal.let_go_in_forked_child()
     _OPEN_JOURNALS.clear()
 
 
