@@ -279,6 +279,38 @@ def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fl
     ), task.error
 
 
+def test_an_identity_file_that_cannot_be_used_is_refused_saying_why(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    shared = tmp_path / "shared_key"
+    shared.write_bytes(sshd_fleet.client_key.read_bytes())
+    shared.chmod(0o644)
+    cases = {
+        # Before: "unreachable: cannot connect to ...: No such file or directory".
+        "~/no_such_key": "identity file ~/no_such_key does not exist",
+        "$HOME/no_such_key": "identity file $HOME/no_such_key does not exist (environment variables are not expanded in it; write ~ for the home directory)",
+        str(tmp_path): f"identity file {tmp_path} is not a file",
+        # Before: offered and taken, where ssh refuses a private key that others may read.
+        str(shared): f"identity file {shared} is readable by others (mode 644); chmod 600 it, as ssh requires",
+    }
+    hosts = {f"h{i}": ssh_host(sshd_fleet, shared_sshd, known_hosts, identity_files=[path]) for i, path in enumerate(cases)}
+    executor = make_executor(hosts_yaml=hosts_file_text(hosts))
+    where = f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}"
+    for name, expected in zip(hosts, cases.values()):
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "auth", f"cannot log in to {where}: {expected}")
+
+    # An IdentityFile of ssh_config that does not exist is skipped, as ssh skips it.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host web\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile ~/gone_key\n  IdentityFile {sshd_fleet.client_key}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+
+
 def test_nothing_listening_is_unreachable(make_executor, sshd_fleet, shared_sshd, known_hosts):
     from sshd import free_port
 

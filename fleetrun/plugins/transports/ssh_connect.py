@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 import threading
 import weakref
 from dataclasses import dataclass
@@ -197,6 +198,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
         where = address(hop)
         try:
             hop.connect_kwargs.update(secrets)
+            _keep_usable_identity_files(hop, settings)
             _offer_only_identity_files(hop, settings)
             if not hop.gateway:
                 hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings)
@@ -208,6 +210,50 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             connection.close()
             raise connect_error(exc, where, settings) from None
     return connection
+
+
+def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -> None:
+    """Refuse an identity file of the hosts file that cannot be used, saying why; drop one of
+    ssh_config's that does not exist, as ssh does. paramiko would fail the connection with
+    a bare "No such file or directory", or offer a private key that anyone may read."""
+    as_written = {str(Path(p).expanduser()): p for p in settings.identity_files}
+    kept = []
+    for path in hop.connect_kwargs.get("key_filename") or []:
+        written = as_written.get(str(Path(path).expanduser()))
+        problem = identity_file_problem(written or path)
+        if problem is None:
+            kept.append(path)
+        elif written is not None:
+            raise TransportError("auth", f"cannot log in to {address(hop)}: {problem}")
+        else:
+            log.debug("skipping ssh_config's %s", problem)
+    if kept or "key_filename" in hop.connect_kwargs:
+        hop.connect_kwargs["key_filename"] = kept
+
+
+def identity_file_problem(path: str) -> str | None:
+    """Why the identity file at ``path`` cannot be offered, or None."""
+    expanded = Path(path).expanduser()
+    try:
+        info = expanded.stat()
+    except FileNotFoundError:
+        hint = " (environment variables are not expanded in it; write ~ for the home directory)" if "$" in path else ""
+        return f"identity file {path} does not exist{hint}"
+    except OSError as exc:
+        return f"identity file {path}: {exc.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"identity file {path} is not a file"
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077 and _holds_a_private_key(expanded):
+        return f"identity file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); chmod 600 it, as ssh requires"
+    return None
+
+
+def _holds_a_private_key(path: Path) -> bool:
+    try:
+        with path.open("rb") as key:
+            return b"PRIVATE KEY" in key.read(64)
+    except OSError:
+        return False
 
 
 def _offer_only_identity_files(hop: fabric.Connection, settings: SSHSettings) -> None:
