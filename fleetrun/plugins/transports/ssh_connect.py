@@ -220,18 +220,18 @@ def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -
     kept = []
     for path in hop.connect_kwargs.get("key_filename") or []:
         written = as_written.get(str(Path(path).expanduser()))
-        problem = identity_file_problem(written or path)
+        problem = _identity_file_problem(written or path)
         if problem is None:
             kept.append(path)
         elif written is not None:
             raise TransportError("auth", f"cannot log in to {address(hop)}: {problem}")
         else:
             log.debug("skipping ssh_config's %s", problem)
-    if kept or "key_filename" in hop.connect_kwargs:
+    if "key_filename" in hop.connect_kwargs:
         hop.connect_kwargs["key_filename"] = kept
 
 
-def identity_file_problem(path: str) -> str | None:
+def _identity_file_problem(path: str) -> str | None:
     """Why the identity file at ``path`` cannot be offered, or None."""
     expanded = Path(path).expanduser()
     try:
@@ -277,7 +277,7 @@ class _AgentKeysOf:
         self._keys: tuple[paramiko.AgentKey, ...] = ()
         if not os.environ.get("SSH_AUTH_SOCK"):
             return
-        wanted = set().union(*(public_key_blobs(path) for path in paths))
+        wanted = set().union(*(_public_key_blobs(path) for path in paths))
         if not wanted:
             return
         try:
@@ -298,7 +298,7 @@ _OPENSSH_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----"
 _OPENSSH_KEY_MAGIC = b"openssh-key-v1\0"
 
 
-def public_key_blobs(path: str) -> set[bytes]:
+def _public_key_blobs(path: str) -> set[bytes]:
     """The public key of an identity file, found without its passphrase: from ``PATH.pub``,
     from PATH itself when it is a public key (its private half then lives in the agent), or
     from the clear header of an OpenSSH-format private key."""
