@@ -380,15 +380,20 @@ def executor():
 
 parent = executor()
 first = parent.run(TaskRequest(host="local", command="echo parent"))
-slow = parent.submit(TaskRequest(host="local", command="sleep 0.5; echo slow"))
+slow = parent.submit(TaskRequest(host="local", command="sleep 1; echo slow"))
 
 def use_parents(_):
     try:
         parent.run(TaskRequest(host="local", command="echo child"))
         return "ran"
     except FleetrunError as exc:
+        try:
+            slow.wait(5)  # the parent's task, which the child's copy of its handle would wait for forever
+            waited = "waited"
+        except FleetrunError as again:
+            waited = str(again)
         # The store itself is the child's to read, through a connection of its own.
-        return [str(exc), parent.store.get(first.id).status.value]
+        return [str(exc), waited, parent.store.get(first.id).status.value]
 
 def use_own(n):
     with executor() as own:
@@ -427,8 +432,8 @@ def test_a_forked_child_neither_uses_nor_stops_the_parents_executor_and_can_make
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     pid = result["parent_pid"]
-    for message, first_status in result["refused"]:
-        assert first_status == "succeeded"
+    for message, waited, first_status in result["refused"]:
+        assert first_status == "succeeded" and waited == message
         assert message.startswith(f"this executor belongs to process {pid}, and process "), message
         assert message.endswith(
             "is a fork of it: its tasks, engine thread and connections stayed there. Make an Executor in this "

@@ -143,6 +143,8 @@ class TaskHandle:
 
     async def wait_async(self) -> Task:
         """Await the task's end without blocking the caller's event loop."""
+        if not self._done.done():
+            self.executor._check_process()
         return await asyncio.shield(asyncio.wrap_future(self._done))
 
     def cancel(self, reason: str = "cancelled by user") -> bool:
@@ -456,6 +458,7 @@ class Executor:
         return self._thread is not None and threading.current_thread() is self._thread
 
     def _refuse_waiting_on_engine(self, what: str) -> None:
+        self._check_process()  # a forked child's engine is the parent's: nothing would answer
         if self._on_engine_thread():
             raise FleetrunError(
                 f"{what} was called from a hook, on the executor's engine thread, and would wait for that "

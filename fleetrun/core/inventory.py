@@ -316,6 +316,8 @@ class _InventoryParser:
             raise self.error(node, problem, host=host, field=field)
 
     def value(self, node: yaml.Node, kind: str | None, *, host: str | None, field: str) -> Any:
+        # Read for every kind, also those taken as text below: this is what refuses a tag
+        # YAML cannot read (!vault) and an alias inside its own anchor.
         value = node_value(node, lambda at, problem: self.error(at, problem, host=host, field=field))
         if kind is None:
             # An unknown field: host() reports it with the allowed names.
