@@ -741,12 +741,18 @@ TOKEN_ENV = "FLEETRUN_MCP_TOKEN"
 
 
 def cmd_serve(ctx: _Context) -> int:
+    from fleetrun.core.config_files import ConfigFiles
     from fleetrun.core.executor import Executor
     from fleetrun.core.policy import read_only_policy
     from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
 
     args = ctx.args
-    policy = ctx.policy or read_only_policy()
+    # The server lives as long as its client: it follows edits of both files (no restart).
+    config_files = ConfigFiles(
+        hosts=args.hosts, policy=args.policy, transports=ctx.plugins.transports, fallback_policy=read_only_policy
+    )
+    policy = config_files.current.policy
+    assert policy is not None
     log.info("MCP server policy: %s", policy.source)
     plugins = ctx.plugins
     json_log = ctx.json_log_target()
@@ -769,7 +775,7 @@ def cmd_serve(ctx: _Context) -> int:
                 token_verifier=_StaticTokenVerifier(token),
                 auth=AuthSettings(issuer_url=base, resource_server_url=f"{base}/mcp", validate_token_resource=False),
             )
-    executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins, policy=policy)
+    executor = Executor(config_files=config_files, store=ctx.store, plugins=plugins)
     from fleetrun.mcp_server import create_server
 
     server = create_server(executor, **options)
@@ -1168,7 +1174,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve fleetrun to an MCP client (an AI assistant): tools to list hosts, plan, run, follow and cancel "
             "commands, under the policy (--policy, $FLEETRUN_POLICY, ~/.config/fleetrun/policy.yaml, else the "
-            "built-in read-only policy). stdio by default: stdout carries protocol messages only, logs go to stderr. "
+            "built-in read-only policy). The hosts file and the policy are read again when they change: an edit "
+            "applies to the next request, no restart needed (a file that changes into a mistake stops new tasks, "
+            "with its error, until it is fixed). "
+            "stdio by default: stdout carries protocol messages only, logs go to stderr. "
             "It stops when the client closes stdin, or on SIGTERM, SIGHUP or SIGINT: it cancels its running tasks "
             "(stopping their commands) and exits 0."
         ),

@@ -311,7 +311,10 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
 
     @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
     async def list_hosts(tag: Tag = None) -> HostList:
-        inventory = executor.inventory
+        try:
+            inventory = executor.inventory
+        except FleetrunError as exc:  # the hosts file or the policy changed into a mistake
+            raise _fail(exc) from None
         hosts = inventory.with_tag(tag) if tag else list(inventory.hosts.values())
         return HostList(
             hosts=[HostInfo(name=h.name, transport=h.transport, tags=list(h.tags), description=h.description, limits=_limits(h.limits))

@@ -7,9 +7,10 @@ each session's URIs with the MCP notifier, which sends
 ``notifications/resources/updated`` to every subscriber when a task's resource changes.
 
 Only a task that has not ended can change, once, when it ends; then its subscriptions
-go. So a subscription is kept only for such a task. ``fleetrun://hosts`` (read once, when
-the server starts) and an ended task never change: their subscriptions are acknowledged
-and not kept, so that sessions which leave without unsubscribing leave nothing behind.
+go. So a subscription is kept only for such a task. An ended task never changes, and
+``fleetrun://hosts`` changes unannounced (an edit of the hosts file is noticed only when a
+request looks): their subscriptions are acknowledged and not kept, so that sessions which
+leave without unsubscribing leave nothing behind.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import mcp
 from mcp.client.stdio import StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
+from fleetrun.core.config_files import ConfigFiles
 from fleetrun.core.executor import Executor
 from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskStatus
@@ -467,6 +468,62 @@ def test_an_ssh_host_through_the_server(server_for, sshd_fleet, shared_sshd, tmp
     run(scenario)
 
 
+def test_edits_of_the_policy_and_the_hosts_file_reach_the_next_call(tmp_path, store):
+    # The assistant is refused, the person edits the policy, the assistant asks again: no restart.
+    manager = PluginManager(autoload=False)
+    hosts, policy = tmp_path / "hosts.yaml", tmp_path / "policy.yaml"
+    hosts.write_text(HOSTS)
+    policy.write_text(POLICY)
+    past = time.time() - 60
+    for path in (hosts, policy):
+        os.utime(path, (past, past))
+    files = ConfigFiles(hosts=hosts, policy=policy, transports=manager.transports, fallback_policy=read_only_policy)
+    executor = Executor(config_files=files, store=store, plugins=manager)
+
+    def edit(path, text: str) -> None:
+        path.write_text(text)
+        edit.age += 1
+        os.utime(path, (past - edit.age, past - edit.age))  # saved a while ago: no longer being written
+
+    edit.age = 0
+
+    async def scenario():
+        async with mcp.Client(create_server(executor), mode="legacy") as client:
+            denied = await client.call_tool("run_command", {"host": "local", "command": "id -u"})
+            assert denied.is_error and "'id -u' matches no rule" in denied.content[0].text
+
+            edit(policy, POLICY + "  - allow: id *\n")
+            allowed = (await client.call_tool("run_command", {"host": "local", "command": "id -u"})).structured_content
+            assert (allowed["task"]["status"], allowed["stdout_tail"]) == ("succeeded", f"{os.getuid()}\n")
+            assert allowed["task"]["policy"] == f"allowed by rule 3 of {policy}, line 5: allow: id *"
+
+            edit(hosts, HOSTS + "  third: {description: added}\n")
+            listed = (await client.call_tool("list_hosts", {})).structured_content
+            assert [h["name"] for h in listed["hosts"]] == ["local", "other", "third"]
+
+            edit(policy, "rules:\n  - allow: id *\n  - deny echo *\n")
+            for tool, arguments in [
+                ("run_command", {"host": "local", "command": "id -u"}),
+                ("plan_command", {"host": "local", "command": "id -u"}),
+                ("list_hosts", {}),
+                ("run_on_hosts", {"command": "id -u", "tag": "dev"}),
+            ]:
+                broken = await client.call_tool(tool, arguments)
+                assert broken.is_error, tool
+                assert f": {policy}:3: rule 2: a rule must be a mapping" in broken.content[0].text
+                assert "nothing new runs until it is fixed, and no restart is needed" in broken.content[0].text
+            # What has started can still be followed.
+            task = (await client.call_tool("get_task", {"task_id": allowed["task"]["task_id"]})).structured_content
+            assert task["status"] == "succeeded"
+            edit(policy, POLICY)
+            assert (await client.call_tool("run_command", {"host": "third", "command": "echo back"})).structured_content["stdout_tail"] == "back\n"
+
+    try:
+        run(scenario)
+    finally:
+        executor.close()
+
+
 # -- real processes: stdio and HTTP ------------------------------------------------------------
 
 
@@ -508,6 +565,13 @@ def test_stdio_against_a_fleetrun_serve_process(tmp_path):
             assert result["stdout_tail"] == "over stdio\n"
             denied = await client.call_tool("run_command", {"host": "local", "command": "reboot"})
             assert denied.is_error and "matches no rule" in denied.content[0].text
+            # `fleetrun serve` follows its policy file: an edit reaches the next call.
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(POLICY + "  - allow: id *\n")
+            past = time.time() - 60
+            os.utime(policy, (past, past))
+            allowed = (await client.call_tool("run_command", {"host": "local", "command": "id -u"})).structured_content
+            assert allowed["stdout_tail"] == f"{os.getuid()}\n"
 
     run(scenario)
 

@@ -14,6 +14,7 @@ from fleetrun import hookimpl
 from fleetrun.core import executor as executor_module
 from fleetrun.core import hookspecs
 from fleetrun.core.errors import PluginError
+from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.transport import Transport
@@ -117,8 +118,9 @@ def test_a_plugin_can_add_a_transport(make_executor):
             return 0
 
     executor = make_executor(plugins=[_registering(EchoTransport)])
-    executor.inventory = __import__("fleetrun.core.inventory", fromlist=["x"]).parse_inventory(
-        "hosts:\n  fake:\n    transport: echo\n", transports=executor.plugins.transports
+    executor.reconfigure(
+        inventory=parse_inventory("hosts:\n  fake:\n    transport: echo\n", transports=executor.plugins.transports),
+        policy=None,
     )
     task = executor.run(TaskRequest(host="fake", command="rm -rf /"))
     assert task.status is TaskStatus.SUCCEEDED and task.transport == "echo"

@@ -213,6 +213,8 @@ def test_the_example_policy_loads_and_shows_every_field():
     [
         ("rules:\n  - allow: ls\n    host: [a]\n", "p.yaml:3: rule 1, field 'host': unknown field (allowed: allow, deny, allow_raw_shell, hosts, sudo, comment)"),
         ("rules:\n  - allow: ls\n  - hosts: [a]\n", "p.yaml:3: rule 2: a rule needs exactly one of allow:, deny: or allow_raw_shell:"),
+        ("rules:\n  - allow: ls\n  - deny rm *\n", "p.yaml:3: rule 2: a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:); a colon is missing: write deny: rm *"),
+        ("rules:\n  - [ls]\n", "p.yaml:2: rule 1: a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)"),
         ("rules:\n  - allow: ls\n    deny: rm\n", "p.yaml:2: rule 1: a rule needs exactly one of"),
         ("rules:\n  - allow: ls\n    sudo: yes please\n", "p.yaml:3: rule 1, field 'sudo': expected true or false, got 'yes please'"),
         ("rules:\n  - allow: [ls, 3]\n", "p.yaml:2: rule 1, field 'allow': expected a command pattern"),

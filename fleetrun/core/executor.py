@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Mapping
 
 from fleetrun.core import open_files
+from fleetrun.core.config_files import ConfigFiles, Configuration
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory, environment_problem
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus, evolve
@@ -32,6 +33,7 @@ from fleetrun.core.output import OutputSlice, SpoolWriter, as_text, read_range, 
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import Decision, Policy
 from fleetrun.core.secrets import redact
+from fleetrun.core.slots import Slots
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
 from fleetrun.core.processes import KILL_GRACE_SECONDS, boot_ticks, command_token, owner_token
 from fleetrun.core.store import Retention, TaskStore
@@ -160,12 +162,14 @@ class _LiveTask:
     __slots__ = (
         "record", "plan", "pattern", "listener", "done", "runner", "ending",
         "cancel_reason", "stdout", "stderr", "tracker", "last_store_write", "finished",
-        "started", "timeout", "settled", "process",
+        "started", "timeout", "settled", "process", "generation",
     )
 
-    def __init__(self, record: Task, plan: Plan, pattern, listener: OutputListener | None) -> None:
+    def __init__(self, record: Task, plan: Plan, pattern, listener: OutputListener | None, generation: int) -> None:
         self.record = record
         self.plan = plan
+        #: Which configuration of the executor planned it (see Executor.reconfigure).
+        self.generation = generation
         self.pattern = pattern
         self.listener = listener
         self.done: concurrent.futures.Future[Task] = concurrent.futures.Future()
@@ -222,6 +226,8 @@ class Executor:
         at each prune; None: never prune.
     :param policy: the command policy every request must pass (None: no policy; the
         caller decides whether that is acceptable, as the CLI does without one).
+    :param config_files: instead of ``inventory`` and ``policy``: the hosts and policy
+        files, read again whenever they change (a long-running process, like the MCP server).
     """
 
     def __init__(
@@ -236,15 +242,23 @@ class Executor:
         progress_interval_s: float = 0.1,
         retention: Retention | None | Literal["store"] = "store",
         policy: Policy | None = None,
+        config_files: ConfigFiles | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
+        if config_files is not None and (inventory is not None or policy is not None):
+            raise ValueError("pass config_files, or inventory and policy, not both")
         self.plugins = plugins if plugins is not None else PluginManager()
-        self.inventory = inventory if inventory is not None else default_inventory()
+        self._config_files = config_files
+        if config_files is not None:
+            inventory, policy = config_files.current.inventory, config_files.current.policy
+        #: What requests are planned with and its generation (how many times it was replaced),
+        #: one tuple so that a reader never sees one without the other (see reconfigure).
+        self._configuration = (Configuration(inventory if inventory is not None else default_inventory(), policy), 0)
+        self._reconfigure_lock = threading.Lock()
         self.store = store if store is not None else TaskStore()
         self._owns_store = store is None
         self.max_concurrent = max_concurrent
-        self.policy = policy
         self.progress_pattern = compile_progress_pattern(progress_pattern) if progress_pattern else None
         self.heartbeat_s = heartbeat_s
         self.progress_interval_s = progress_interval_s
@@ -253,7 +267,12 @@ class Executor:
         #: Recorded tasks the engine has not taken yet, oldest first (guarded by ``_start_lock``).
         self._arrivals: list[_LiveTask] = []
         self._transports: dict[str, Transport] = {}
-        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        #: Tasks running on each transport, so that one replaced by a changed host is closed after its last.
+        self._transport_users: dict[Transport, int] = {}
+        self._replaced_transports: set[Transport] = set()
+        self._closing_transports: set[asyncio.Task[None]] = set()
+        #: Per host name: the slots, and the configuration generation that sized them.
+        self._host_slots: dict[str, tuple[Slots, int]] = {}
         self._global_slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -272,6 +291,39 @@ class Executor:
             self.store.prune(self._retention)
         _OPEN_EXECUTORS.add(self)
 
+    # -- public API: configuration -----------------------------------------------------
+
+    @property
+    def inventory(self) -> Inventory:
+        """The hosts requests are planned with now."""
+        return self._current()[0].inventory
+
+    @property
+    def policy(self) -> Policy | None:
+        """The policy requests must pass now (None: no policy)."""
+        return self._current()[0].policy
+
+    def reconfigure(self, *, inventory: Inventory, policy: Policy | None) -> None:
+        """Plan requests with ``inventory`` and ``policy`` from now on.
+
+        Tasks already submitted keep what they were planned with: host entry, limits and
+        the policy's decision. A host whose entry changed gets a new transport (for SSH, a
+        new connection) for its next task, and the old one is closed after its last task;
+        a changed ``max_concurrent`` applies from the host's next task on, to its queued
+        tasks too.
+        """
+        self._check_process()
+        with self._reconfigure_lock:
+            self._configuration = (Configuration(inventory, policy), self._configuration[1] + 1)
+
+    def _current(self) -> tuple[Configuration, int]:
+        """The configuration to plan with, and its generation; a changed file is taken first."""
+        if self._config_files is not None:
+            changed = self._config_files.poll()
+            if changed is not None:
+                self.reconfigure(inventory=changed.inventory, policy=changed.policy)
+        return self._configuration
+
     # -- public API: planning ----------------------------------------------------------
 
     def plan(self, request: TaskRequest, *, describe: bool = True) -> Plan:
@@ -280,10 +332,13 @@ class Executor:
         ``describe=False`` skips asking the transport how the host would be reached.
         """
         self._check_process()
-        host = self.inventory.get(request.host)
+        configuration, _ = self._current()
+        host = configuration.inventory.get(request.host)
+        transport = self._transports.get(host.name)
         return plan_task(
-            request, self.inventory, self.plugins.transports, describe=describe,
-            transport=self._transports.get(host.name), policy=self.policy,
+            request, configuration.inventory, self.plugins.transports, describe=describe,
+            transport=transport if transport is not None and transport.host == host else None,
+            policy=configuration.policy,
         )
 
     # -- public API: running -----------------------------------------------------------
@@ -547,7 +602,8 @@ class Executor:
 
     def _prepare(self, request: TaskRequest, listener: OutputListener | None) -> _LiveTask:
         """Validate a request and build its task; nothing is recorded yet."""
-        plan = plan_task(request, self.inventory, self.plugins.transports, describe=False, policy=self.policy)
+        configuration, generation = self._current()
+        plan = plan_task(request, configuration.inventory, self.plugins.transports, describe=False, policy=configuration.policy)
         if plan.decision is not None and not plan.decision.allowed:
             self.plugins.command_denied(plan.host.name, request.command, plan.decision)
             raise PolicyDenied(plan.decision)
@@ -569,7 +625,7 @@ class Executor:
             owner_pid=os.getpid(),
             policy=plan.decision.summary if plan.decision is not None else None,
         )
-        return _LiveTask(record, plan, pattern, listener)
+        return _LiveTask(record, plan, pattern, listener, generation)
 
     def _admit_arrivals(self) -> None:
         with self._start_lock:
@@ -593,9 +649,7 @@ class Executor:
             self._cancel_poller = loop.create_task(self._poll_cancel_requests())
 
     async def _drive(self, live: _LiveTask) -> None:
-        host_slots = self._host_slots.get(live.plan.host.name)
-        if host_slots is None:
-            host_slots = self._host_slots[live.plan.host.name] = asyncio.Semaphore(live.plan.limits.max_concurrent)
+        host_slots = self._slots_of(live)
         if self._global_slots is None:
             self._global_slots = asyncio.Semaphore(self.max_concurrent)
         try:
@@ -635,8 +689,10 @@ class Executor:
             process_started=functools.partial(self._process_started, live),
         )
         status, exit_code, error, category = TaskStatus.FAILED, None, None, None
+        transport: Transport | None = None
         try:
             transport = self._transport_for(live.plan.host)
+            self._transport_users[transport] = self._transport_users.get(transport, 0) + 1
             exit_code = await transport.execute(execution)
             status = TaskStatus.SUCCEEDED if exit_code == 0 else TaskStatus.FAILED
             if live.ending is not None:
@@ -663,6 +719,10 @@ class Executor:
             settle.cancel()
             if live.timeout is not None:
                 live.timeout.cancel()
+            if transport is not None:
+                self._transport_users[transport] -= 1
+                if not self._transport_users[transport] and transport in self._replaced_transports:
+                    self._close_replaced(transport)
         self._finish(live, status, exit_code=exit_code, error=error, category=category)
 
     def _settle(self, live: _LiveTask) -> None:
@@ -712,11 +772,47 @@ class Executor:
         limit = live.plan.limits.max_seconds
         return _WAIT_INLINE_SECONDS if limit is None else min(_WAIT_INLINE_SECONDS, limit)
 
+    def _slots_of(self, live: _LiveTask) -> Slots:
+        """The host's slots, sized by the newest configuration that planned one of its tasks."""
+        name, limit = live.plan.host.name, live.plan.limits.max_concurrent
+        found = self._host_slots.get(name)
+        if found is None:
+            slots = Slots(limit)
+            self._host_slots[name] = (slots, live.generation)
+            return slots
+        slots, generation = found
+        if live.generation > generation:
+            self._host_slots[name] = (slots, live.generation)
+            if slots.limit != limit:
+                slots.resize(limit)
+        return slots
+
     def _transport_for(self, host: Host) -> Transport:
         transport = self._transports.get(host.name)
+        if transport is not None and transport.host is not host and transport.host != host:
+            # The host's entry changed: its next tasks go through a transport made for the new
+            # one, and the old one is closed once the tasks that use it end.
+            self._replaced_transports.add(transport)
+            if not self._transport_users.get(transport):
+                self._close_replaced(transport)
+            transport = None
         if transport is None:
             transport = self._transports[host.name] = self.plugins.transports[host.transport](host)
         return transport
+
+    def _close_replaced(self, transport: Transport) -> None:
+        self._replaced_transports.discard(transport)
+        self._transport_users.pop(transport, None)
+
+        async def close() -> None:
+            try:
+                await transport.aclose()
+            except Exception:
+                log.exception("closing the replaced transport of host %r failed", transport.host.name)
+
+        closing = asyncio.get_running_loop().create_task(close(), name=f"fleetrun-close-{transport.host.name}")
+        self._closing_transports.add(closing)
+        closing.add_done_callback(self._closing_transports.discard)
 
     def _persist(self, live: _LiveTask) -> None:
         if not live.finished:
@@ -887,11 +983,13 @@ class Executor:
             self._cancel_poller.cancel()
         if self._pruning is not None:
             await self._pruning  # it uses the store, which close() closes next
-        for transport in self._transports.values():
+        for transport in [*self._transports.values(), *self._replaced_transports]:
             try:
                 await transport.aclose()
             except Exception:
                 log.exception("closing transport of host %r failed", transport.host.name)
+        if self._closing_transports:
+            await asyncio.wait(self._closing_transports)
 
 
 def _check_command(command: str) -> None:

@@ -36,6 +36,14 @@ def _xdg_base(variable: str, *default_under_home: str) -> Path:
     return Path.home().joinpath(*default_under_home)
 
 
+def config_file_location(explicit: str | os.PathLike[str] | None, *, env: str, name: str) -> Path:
+    """The file :func:`find_config_file` reads, whether or not it is there now."""
+    for candidate in (explicit, os.environ.get(env)):
+        if candidate:
+            return Path(candidate).expanduser()
+    return config_dir() / name
+
+
 def find_config_file(
     explicit: str | os.PathLike[str] | None,
     *,

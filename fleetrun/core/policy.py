@@ -337,7 +337,12 @@ def _selector_can_match(selector: str) -> bool:
 
 def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Rule]:
     if not isinstance(entry, yaml.MappingNode):
-        raise fail(entry, "a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)", rule=index)
+        message = "a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)"
+        if isinstance(entry, yaml.ScalarNode):
+            verb, _, rest = str(entry.value).partition(" ")
+            if verb in ("allow", "deny") and rest.strip():
+                message += f"; a colon is missing: write {verb}: {rest.strip()}"
+        raise fail(entry, message, rule=index)
     fields: dict[str, tuple[yaml.Node, Any]] = {}
     for key, (key_node, value_node) in mapping_entries(entry, lambda node, message: fail(node, message, rule=index)).items():
         if key not in _RULE_KEYS:

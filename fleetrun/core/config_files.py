@@ -1,0 +1,168 @@
+"""The hosts file and the policy file of a long-running process, followed as they change.
+
+The MCP server runs for as long as the assistant that started it. People edit their
+policy while it runs, often because the assistant has just been refused a command, and
+expect the next request to be judged by what they wrote, not by what the file said when
+the server started. So every plan reads the files' metadata (two ``stat`` calls) and, when
+either file has changed, the executor takes both files as they are now.
+
+A file that changed into something fleetrun cannot use (a slip in the YAML, a file given by
+path and then deleted) stops all planning with the file's own error until it is fixed:
+the person has just changed what may run, and keeping the previous policy would go on
+allowing what they may have meant to forbid. Tasks already started go on, and can still
+be followed and cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from fleetrun.core import paths
+from fleetrun.core.errors import FleetrunError
+from fleetrun.core.inventory import Inventory, load_inventory
+from fleetrun.core.policy import Policy, load_policy
+from fleetrun.core.transport import Transport
+
+log = logging.getLogger("fleetrun.config")
+
+#: A file changed more recently than this may still be being written (most editors write
+#: in place), and is read once it has been still for this long. Until then the previous
+#: version applies, as it did a moment before the save.
+SETTLE_SECONDS = 0.05
+
+#: What a file looks like from outside: enough to notice any write or replacement.
+_Signature = tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """What an executor plans requests with."""
+
+    inventory: Inventory
+    #: None: no policy applies (the CLI without one).
+    policy: Policy | None
+
+
+class ConfigFiles:
+    """The hosts file and the policy file, found as at start (``--hosts``/``--policy``, the
+    environment, the config directory) and read again whenever either changes on disk.
+
+    :param hosts: the hosts file given on the command line, if any.
+    :param policy: the policy file given on the command line, if any.
+    :param transports: the transports that hosts may name (checked when the file is read).
+    :param fallback_policy: the policy when no policy file is found (None: no policy).
+
+    Reading the files at construction raises their errors, as a process starting on a bad
+    file should fail. Afterwards, :meth:`poll` reports a change.
+    """
+
+    def __init__(
+        self,
+        *,
+        hosts: str | os.PathLike[str] | None = None,
+        policy: str | os.PathLike[str] | None = None,
+        transports: Mapping[str, type[Transport]] | None = None,
+        fallback_policy: Callable[[], Policy] | None = None,
+    ) -> None:
+        self._hosts = hosts
+        self._policy = policy
+        self._transports = transports
+        self._fallback_policy = fallback_policy
+        self._lock = threading.Lock()
+        self._seen = self._signature()
+        self._problem: FleetrunError | None = None
+        #: The configuration in force.
+        self.current = self._load()
+
+    def poll(self) -> Configuration | None:
+        """The configuration to adopt when a file has changed since the last call, else None.
+
+        Raises :class:`FleetrunError` for as long as a changed file cannot be used; the
+        message is the file's own error (file, line, field) and says that no restart is needed.
+        """
+        signature = self._signature()
+        if signature == self._seen:
+            if self._problem is not None:
+                raise self._problem
+            return None
+        with self._lock:
+            if signature == self._seen:  # another thread took this change meanwhile
+                if self._problem is not None:
+                    raise self._problem
+                return None
+            if not self._settled():
+                if self._problem is not None:  # the fix may be half written: still nothing runs
+                    raise self._problem
+                return None
+            try:
+                configuration = self._load()
+            except FleetrunError as exc:
+                if self._problem is None or str(self._problem) != self._explained(exc):
+                    log.error("the configuration changed and cannot be used: %s", exc)
+                self._problem = FleetrunError(self._explained(exc))
+                self._seen = signature
+                raise self._problem from None
+            if self._problem is not None:
+                log.info("the configuration is usable again")
+            self._problem = None
+            self._seen = signature
+            self._report(configuration)
+            self.current = configuration
+            return configuration
+
+    def _locations(self) -> tuple[Path, Path]:
+        return (
+            paths.config_file_location(self._hosts, env=paths.HOSTS_ENV, name="hosts.yaml"),
+            paths.config_file_location(self._policy, env=paths.POLICY_ENV, name="policy.yaml"),
+        )
+
+    def _signature(self) -> _Signature:
+        signature: list[object] = []
+        for path in self._locations():
+            try:
+                found = path.stat()
+            except OSError as exc:
+                signature.append((path, type(exc).__name__))
+            else:
+                signature.append((path, found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
+        return tuple(signature)
+
+    def _settled(self) -> bool:
+        now = time.time()
+        for path in self._locations():
+            try:
+                age = now - path.stat().st_mtime
+            except OSError:
+                continue
+            if 0 <= age < SETTLE_SECONDS:  # a clock behind the file's (a network disk) must not hold it back
+                return False
+        return True
+
+    def _load(self) -> Configuration:
+        inventory = load_inventory(self._hosts, self._transports)
+        policy = load_policy(self._policy)
+        if policy is None and self._fallback_policy is not None:
+            policy = self._fallback_policy()
+        return Configuration(inventory, policy)
+
+    @staticmethod
+    def _explained(exc: FleetrunError) -> str:
+        return (
+            f"{exc} (the file changed while fleetrun was running: nothing new runs until it is fixed, "
+            "and no restart is needed; tasks already started go on)"
+        )
+
+    def _report(self, configuration: Configuration) -> None:
+        before = self.current
+        if configuration.inventory != before.inventory:
+            log.info("hosts changed: %d hosts from %s", len(configuration.inventory.hosts), configuration.inventory.source)
+        if configuration.policy != before.policy:
+            source = configuration.policy.source if configuration.policy is not None else "none"
+            count = len(configuration.policy.rules) if configuration.policy is not None else 0
+            log.info("policy changed: %d rules from %s", count, source)
