@@ -168,7 +168,7 @@ class OutputChunk(BaseModel):
     next_offset: int = Field(description="pass it as offset to read on")
     data: str = Field(description="the bytes, decoded as UTF-8 (invalid bytes replaced)")
     size: int = Field(description="bytes kept so far")
-    ended: bool = Field(description="the task has ended and nothing more will be written")
+    ended: bool = Field(description="true when the task has ended and this read reached the end of the stream: nothing more to read")
     truncated: bool = Field(description="output past max_output_bytes was not kept")
 
 
