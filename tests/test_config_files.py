@@ -248,10 +248,15 @@ def test_a_changed_max_concurrent_applies_to_the_hosts_queued_tasks(following, t
     wait_until(lambda: statuses(last) == ["running", "running"])
 
 
-def test_reconfigure_replaces_hosts_and_policy_and_config_files_stand_for_both(following):
+def test_reconfigure_by_hand_holds_until_the_files_change_again(following, tmp_path):
     executor = following()
     executor.reconfigure(inventory=executor.inventory, policy=read_only_policy())
     assert executor.policy == read_only_policy()
+    with pytest.raises(PolicyDenied, match="built-in read-only policy"):
+        executor.submit(TaskRequest(host="local", command="sleep 0"))
+    write(tmp_path / "policy.yaml", "rules:\n  - allow: sleep *\n")
+    assert executor.policy is not None and executor.policy.source == str(tmp_path / "policy.yaml")
+    assert executor.run(TaskRequest(host="local", command="sleep 0")).status is TaskStatus.SUCCEEDED
     with pytest.raises(ValueError, match="not both"):
         Executor(config_files=ConfigFiles(), inventory=executor.inventory)
 

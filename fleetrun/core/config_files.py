@@ -59,7 +59,7 @@ class ConfigFiles:
     :param fallback_policy: the policy when no policy file is found (None: no policy).
 
     Reading the files at construction raises their errors, as a process starting on a bad
-    file should fail. Afterwards, :meth:`poll` reports a change.
+    file should fail. Afterwards, :meth:`refresh` takes a change.
     """
 
     def __init__(
@@ -76,45 +76,45 @@ class ConfigFiles:
         self._fallback_policy = fallback_policy
         self._lock = threading.Lock()
         self._seen = self._signature()
-        self._problem: FleetrunError | None = None
-        #: The configuration in force.
+        #: Why the changed files cannot be used, while they cannot.
+        self._problem: str | None = None
+        #: The configuration in force: replaced (never changed) when the files change.
         self.current = self._load()
 
-    def poll(self) -> Configuration | None:
-        """The configuration to adopt when a file has changed since the last call, else None.
+    def refresh(self) -> Configuration:
+        """The configuration in force, read again first if a file has changed since the last call.
 
         Raises :class:`FleetrunError` for as long as a changed file cannot be used; the
         message is the file's own error (file, line, field) and says that no restart is needed.
         """
         signature = self._signature()
-        if signature == self._seen:
-            if self._problem is not None:
-                raise self._problem
-            return None
-        with self._lock:
-            if signature == self._seen:  # another thread took this change meanwhile
-                if self._problem is not None:
-                    raise self._problem
-                return None
-            if not self._settled():
-                if self._problem is not None:  # the fix may be half written: still nothing runs
-                    raise self._problem
-                return None
-            try:
-                configuration = self._load()
-            except FleetrunError as exc:
-                if self._problem is None or str(self._problem) != self._explained(exc):
-                    log.error("the configuration changed and cannot be used: %s", exc)
-                self._problem = FleetrunError(self._explained(exc))
-                self._seen = signature
-                raise self._problem from None
+        if signature != self._seen:
+            with self._lock:
+                if signature != self._seen:  # else another thread took this change meanwhile
+                    self._take(signature)
+        problem = self._problem
+        if problem is not None:
+            raise FleetrunError(problem)
+        return self.current
+
+    def _take(self, signature: _Signature) -> None:
+        if not self._settled():
+            return  # the previous version (or its problem: a fix may be half written) applies a moment longer
+        try:
+            configuration = self._load()
+        except FleetrunError as exc:
+            if self._problem != self._explained(exc):
+                log.error("the configuration changed and cannot be used: %s", exc)
+            self._problem = self._explained(exc)
+        else:
             if self._problem is not None:
                 log.info("the configuration is usable again")
-            self._problem = None
-            self._seen = signature
             self._report(configuration)
+            # In this order: a thread that finds the new signature (without the lock) finds
+            # the new configuration too.
             self.current = configuration
-            return configuration
+            self._problem = None
+        self._seen = signature
 
     def _locations(self) -> tuple[Path, Path]:
         return (

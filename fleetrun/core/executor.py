@@ -250,6 +250,8 @@ class Executor:
             raise ValueError("pass config_files, or inventory and policy, not both")
         self.plugins = plugins if plugins is not None else PluginManager()
         self._config_files = config_files
+        #: The files' configuration last taken: a newer one replaces what reconfigure() set.
+        self._taken_from_files = config_files.current if config_files is not None else None
         if config_files is not None:
             inventory, policy = config_files.current.inventory, config_files.current.policy
         #: What requests are planned with and its generation (how many times it was replaced),
@@ -310,7 +312,7 @@ class Executor:
         the policy's decision. A host whose entry changed gets a new transport (for SSH, a
         new connection) for its next task, and the old one is closed after its last task;
         a changed ``max_concurrent`` applies from the host's next task on, to its queued
-        tasks too.
+        tasks too. An executor that follows ``config_files`` keeps this until they change.
         """
         self._check_process()
         with self._reconfigure_lock:
@@ -319,9 +321,12 @@ class Executor:
     def _current(self) -> tuple[Configuration, int]:
         """The configuration to plan with, and its generation; a changed file is taken first."""
         if self._config_files is not None:
-            changed = self._config_files.poll()
-            if changed is not None:
-                self.reconfigure(inventory=changed.inventory, policy=changed.policy)
+            latest = self._config_files.refresh()
+            if latest is not self._taken_from_files:
+                with self._reconfigure_lock:
+                    if latest is not self._taken_from_files:
+                        self._taken_from_files = latest
+                        self._configuration = (latest, self._configuration[1] + 1)
         return self._configuration
 
     # -- public API: planning ----------------------------------------------------------
