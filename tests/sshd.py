@@ -37,6 +37,22 @@ def login_user() -> str:
     return TEST_USER
 
 
+def user_with_login_shell(shell: str) -> str | None:
+    """An account whose login shell is ``shell`` (a name: fish, tcsh, nologin...), made when
+    we are root and the shell is installed; None otherwise."""
+    path = shutil.which(shell) or shutil.which(shell, path="/usr/sbin:/sbin")
+    if os.geteuid() != 0 or path is None:
+        return None
+    user = f"fleetrun-{shell}"
+    try:
+        if pwd.getpwnam(user).pw_shell == path:
+            return user
+        subprocess.run(["usermod", "-s", path, user], check=True)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", path, "-p", "*", user], check=True)
+    return user
+
+
 def generate_key(path: Path, kind: str = "ed25519") -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "fleetrun-test", "-f", str(path)], check=True)
     path.chmod(0o600)

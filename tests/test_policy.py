@@ -346,6 +346,9 @@ BYPASSES = [
     # shell syntax
     ("if true; then rm -rf /; fi", "shell syntax"), ("for i in 1; do rm -rf /; done", "shell syntax"),
     ("(rm -rf /)", "subshell"), ("{ rm -rf /; }", "program name decided at run time"), ("! rm -rf /", "shell syntax"),
+    # what fish, csh and tcsh read as substitutions and redirections (the login shell reads the command)
+    ("echo (rm -rf /)", "subshell"), ("uname >! /etc/motd", "output redirection"), ("uname >>& /tmp/x", "redirection"),
+    ("echo hi; and rm -rf /", NO_RULE), ("uname >? /tmp/x", "output redirection"),
 ]
 
 

@@ -18,7 +18,7 @@ from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.processes import KILL_GRACE_SECONDS
-from fleetrun.plugins.transports.ssh_channel import stop_script
+from fleetrun.plugins.transports.ssh_channel import login_shell, reads_posix, stop_script
 
 from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, stat_fields, wait_until
 
@@ -134,6 +134,81 @@ def test_progress_markers_are_seen_remotely(ssh_executor, recorder):
 
 
 # -- host keys ---------------------------------------------------------------------------
+
+
+# -- login shells ----------------------------------------------------------------------------
+
+#: A command in each login shell's own language, which sh would not read (or read otherwise).
+_IN_ITS_OWN_LANGUAGE = {
+    "fish": "set greeting hello; echo $greeting from (basename $SHELL)",
+    "tcsh": "set greeting = hello; echo $greeting from `basename $SHELL`",
+    "csh": "set greeting = hello; echo $greeting from `basename $SHELL`",
+    "zsh": "greeting=(hello there); echo $greeting[1] from ${SHELL:t}",
+}
+
+
+@pytest.fixture
+def shell_host(make_executor, sshd_fleet, shared_sshd, known_hosts):
+    """An executor with host 'box' on the shared server, logging in as a user whose login
+    shell is the one named."""
+    from sshd import user_with_login_shell
+
+    def make(shell: str):  # type: ignore[no-untyped-def]
+        user = user_with_login_shell(shell)
+        if user is None:
+            pytest.skip(f"needs root and the {shell} shell (.ci/run installs it)")
+        sshd_fleet.authorize(user, sshd_fleet.client_key)
+        return make_executor(hosts_yaml=hosts_file_text({"box": ssh_host(sshd_fleet, shared_sshd, known_hosts, user=user)}))
+
+    return make
+
+
+@pytest.mark.parametrize("shell", sorted(_IN_ITS_OWN_LANGUAGE))
+def test_a_command_is_read_by_the_users_login_shell_whatever_it_is(shell_host, shell):
+    # fish, csh and tcsh cannot read the POSIX preamble: before, fish reported success for
+    # a command that never ran, and csh ran it without its environment or its watchdog.
+    executor = shell_host(shell)
+    task = executor.run(TaskRequest(host="box", command=f"{_IN_ITS_OWN_LANGUAGE[shell]}\necho 'two words'\nexit 3"))
+    assert (task.status, task.exit_code) == (TaskStatus.FAILED, 3)
+    assert executor.read_output(task.id).data == f"hello from {shell}\ntwo words\n".encode()
+    assert executor.read_output(task.id, "stderr").data == b""
+
+    value = "it's a $test `x` \\n %s!\nsecond line"
+    placed = executor.run(TaskRequest(host="box", command="pwd; printenv GREETING", env={"GREETING": value}, cwd="/tmp"))
+    assert placed.status is TaskStatus.SUCCEEDED
+    assert executor.read_output(placed.id).data == f"/tmp\n{value}\n".encode()
+    missing = executor.run(TaskRequest(host="box", command="pwd", cwd="/no/such/dir"))
+    assert (missing.status, missing.exit_code) == (TaskStatus.FAILED, 1)
+
+
+@pytest.mark.parametrize("shell", sorted(_IN_ITS_OWN_LANGUAGE))
+def test_cancel_stops_the_remote_command_whatever_the_login_shell(shell_host, shell, marker):
+    executor = shell_host(shell)
+    handle = executor.submit(TaskRequest(host="box", command=f"sleep {marker}"))
+    wait_until(lambda: processes_running("sleep", marker))
+    handle.cancel("test cancel")
+    assert handle.wait(20).status is TaskStatus.CANCELLED
+    assert_none_left(marker)
+
+
+def test_a_login_shell_that_runs_nothing_fails_the_task_instead_of_faking_an_exit_status(shell_host):
+    executor = shell_host("nologin")
+    task = executor.run(TaskRequest(host="box", command="echo never"))
+    assert (task.status, task.exit_code, task.error_category) == (TaskStatus.FAILED, None, "spawn")
+    assert task.error is not None and task.error.endswith(
+        "did not run the command: the user's login shell (unknown) did not start it "
+        "(exit status 1; its output may say why)"
+    )
+    assert executor.read_output(task.id).data == b"This account is currently not available.\n"
+
+
+def test_the_login_shell_is_found_after_what_start_up_files_print():
+    assert login_shell(b"Welcome!\nfleetrun-shell not this one\nfleetrun-shell /usr/bin/fish\n") == "/usr/bin/fish"
+    assert login_shell(b"nu: variable not found: SHELL\n") is None
+    assert login_shell(b"fleetrun-shell \n") is None
+    assert [reads_posix(s) for s in ("/bin/bash", "/usr/bin/zsh", "/bin/sh", "/usr/bin/fish", "/bin/tcsh", None)] == [
+        True, True, True, False, False, False,
+    ]
 
 
 def test_an_unknown_host_key_is_refused_naming_host_and_fingerprint(make_executor, sshd_fleet, shared_sshd, tmp_path):
@@ -442,13 +517,21 @@ def test_cancel_stops_the_remote_command_of_a_root_login(make_executor, sshd_fle
     assert_none_left(marker)
 
 
-def test_a_remote_command_stops_when_its_owner_is_killed(sshd_fleet, shared_sshd, known_hosts, tmp_path, marker):
+@pytest.mark.parametrize("shell", ["sh", "fish"])
+def test_a_remote_command_stops_when_its_owner_is_killed(sshd_fleet, shared_sshd, known_hosts, tmp_path, marker, shell):
     # The connection closes with the owner; the remote command must not outlive it.
+    from sshd import user_with_login_shell
+
+    user = sshd_fleet.user if shell == "sh" else user_with_login_shell(shell)
+    if user is None:
+        pytest.skip(f"needs root and the {shell} shell (.ci/run installs it)")
+    sshd_fleet.authorize(user, sshd_fleet.client_key)
     hosts = tmp_path / "hosts.yaml"
-    hosts.write_text(hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts)}))
+    hosts.write_text(hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts, user=user)}))
+    ignoring_term = {"sh": "trap '' TERM", "fish": "function ignore --on-signal TERM; end"}[shell]
     owner = subprocess.Popen(
         [sys.executable, "-m", "fleetrun", "--hosts", str(hosts), "run", "web", "--",
-         f"sleep {marker} & trap '' TERM; sleep {marker}; wait"],
+         f"sleep {marker} & {ignoring_term}; sleep {marker}; wait"],
         env={**os.environ, "FLEETRUN_HOME": str(tmp_path / "home")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:

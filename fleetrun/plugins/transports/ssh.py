@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetrun.ssh")
 T = TypeVar("T")
 
+#: How much of the login-shell question's answer is read (start-up files may print first).
+_PROBE_OUTPUT_LIMIT = 64 << 10
+
 _threads_lock = threading.Lock()
 _thread_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -153,11 +156,15 @@ class SSHTransport(Transport):
         return describe(self.settings)
 
     async def execute(self, execution: Execution) -> int:
-        from fleetrun.plugins.transports.ssh_channel import ChannelCommand, environment_input, remote_script
+        from fleetrun.plugins.transports.ssh_channel import ChannelCommand, remote_command
 
-        script = remote_script(execution.command, execution.env, execution.cwd)
-        connection, channel, cancelled = await self._start(script, environment_input(execution.env))
-        command = ChannelCommand(channel, execution, connection.describe)
+        def request(connection: _PooledConnection) -> tuple[str, bytes]:
+            return remote_command(
+                execution.command, execution.env, execution.cwd, posix_login_shell=connection.posix_login_shell
+            )
+
+        connection, channel, cancelled = await self._start(request)
+        command = ChannelCommand(channel, execution, connection.describe, connection.login_shell)
         try:
             if cancelled:
                 raise asyncio.CancelledError
@@ -178,8 +185,11 @@ class SSHTransport(Transport):
 
     # -- starting and stopping commands -------------------------------------------------
 
-    async def _start(self, script: str, stdin: bytes) -> tuple[_PooledConnection, paramiko.Channel, bool]:
-        """A channel running ``script`` (given ``stdin``), and whether the task was cancelled meanwhile.
+    async def _start(
+        self, request: Callable[[_PooledConnection], tuple[str, bytes]]
+    ) -> tuple[_PooledConnection, paramiko.Channel, bool]:
+        """A channel running the exec request and input that ``request`` makes for the
+        connection it is on, and whether the task was cancelled meanwhile.
 
         A cancel that arrives while the exec request is out still gets the channel, so
         that the command it may have started can be stopped.
@@ -189,7 +199,7 @@ class SSHTransport(Transport):
         retries = 2
         while True:
             connection = await self._acquire()
-            start = functools.partial(connection.start_command, script, stdin, keep_input_open=True)
+            start = functools.partial(connection.start_command, *request(connection), keep_input_open=True)
             started = asyncio.get_running_loop().run_in_executor(_threads(), start)
             cancelled = False
             try:
@@ -264,6 +274,11 @@ class SSHTransport(Transport):
 
         opened = await _blocking(open_connection, self.settings)
         connection = _PooledConnection(opened, self.settings)
+        try:
+            await _blocking(connection.ask_login_shell)
+        except BaseException:
+            await _blocking(opened.close)
+            raise
         self._pool.append(connection)
         log.debug("connected to %s", connection.describe())
         if self.settings.keepalive_interval > 0:
@@ -329,6 +344,9 @@ class _PooledConnection:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.keepalive: asyncio.Task[None] | None = None
         self.pinging: asyncio.Future[None] | None = None  # the keepalive's request in flight, if any
+        #: The user's login shell, and whether it reads fleetrun's preamble (see ask_login_shell).
+        self.login_shell: str | None = None
+        self.posix_login_shell = False
 
     @property
     def alive(self) -> bool:
@@ -361,6 +379,30 @@ class _PooledConnection:
             channel.close()
             raise
         return channel
+
+    def ask_login_shell(self) -> None:
+        """Learn the user's login shell: one that is not POSIX is sent commands another way
+        (see ``ssh_channel``). Unknown (the question failed or went unanswered): that way too,
+        which works with every shell."""
+        from fleetrun.plugins.transports.ssh_channel import SHELL_PROBE, login_shell, reads_posix
+
+        channel = self.start_command(SHELL_PROBE)
+        try:
+            channel.settimeout(self.settings.connect_timeout)
+            output = b""
+            try:
+                while len(output) < _PROBE_OUTPUT_LIMIT:
+                    data = channel.recv(_PROBE_OUTPUT_LIMIT)
+                    if not data:
+                        break
+                    output += data
+            except TimeoutError:
+                log.warning("%s: no answer to which login shell the user has; assuming it is not POSIX", self.describe())
+        finally:
+            channel.close()
+        self.login_shell = login_shell(output)
+        self.posix_login_shell = reads_posix(self.login_shell)
+        log.debug("%s: login shell %s", self.describe(), self.login_shell or "unknown")
 
     def run_quiet(self, script: str) -> int:
         channel = self.start_command(script)

@@ -7,6 +7,13 @@ directory. Knowing the group is what lets a cancel or a timeout stop the remote
 command and everything it started, for any login (root included), with ``kill`` on a
 second channel: closing a channel alone leaves a command without a pty running.
 
+The preamble is POSIX shell. A login shell that is not (fish, csh, tcsh, nushell: the
+connection asks which one it is, see :data:`SHELL_PROBE`) is sent one line that every
+shell reads alike, ``exec /bin/sh -c '...'``, with nothing of the task's in it. That
+``sh`` runs the preamble, reading the command from stdin with the environment, and then
+hands the command to the login shell (``exec "$SHELL" -c COMMAND``), so the command is
+read as its user expects, as ``ssh`` would have it read. The shell keeps the pid.
+
 The environment's values come through the channel's stdin, not in the exec request:
 sshd runs that text as the shell's ``-c`` argument, which every user of the remote
 host can read in ``ps`` for as long as the command runs. The input then stays open for a
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+from pathlib import PurePosixPath
 from typing import Callable, Mapping
 
 import paramiko
@@ -39,23 +47,21 @@ EXIT_DRAIN_SECONDS = 1.0
 
 _ENV_END = "fleetrun-env-end"
 
+#: Sent on a new connection: which login shell the user has (sshd sets ``SHELL`` to it).
+#: Every shell runs it; one that has no ``$SHELL`` (nushell) fails it, and is not POSIX.
+SHELL_PROBE = "echo fleetrun-shell $SHELL"
+_SHELL_LINE = b"fleetrun-shell "
 
-def remote_script(command: str, env: Mapping[str, str], cwd: str | None) -> str:
-    """The text sent in the exec request: preamble, then the command unchanged. The
-    preamble reads the environment from stdin (see :func:`environment_input`)."""
-    lines = [f"printf '{_MARKER.decode()}%s\\n' \"$$\""]
-    if env:
-        lines.append(
-            f'while IFS= read -r __fleetrun_env && [ "$__fleetrun_env" != {_ENV_END} ]; do eval "$__fleetrun_env"; done; '
-            "unset __fleetrun_env"
-        )
-    lines.append(_WATCHDOG)
-    if cwd:
-        lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
-    lines.append(command)
-    return "\n".join(lines)
+#: Login shells that read the preamble as written: sh and its kin.
+POSIX_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh", "busybox"})
 
-
+# Each part of the preamble is one line without ', \\, ! or a newline, so that it can also
+# be sent inside single quotes to a shell that is not POSIX (see _through_sh).
+_PRINT_PID = f'echo "{_MARKER.decode()}$$"'
+_READ_INPUT = (
+    f'while IFS= read -r __fleetrun_env; do [ "$__fleetrun_env" = {_ENV_END} ] && break; eval "$__fleetrun_env"; done; '
+    "unset __fleetrun_env"
+)
 # fleetrun keeps the channel's input open while the command runs and never writes to it
 # again: a watchdog reads it (on fd 3: a background job's stdin is /dev/null) and sees its
 # end when the connection goes, with fleetrun's process killed or the network gone. If
@@ -64,26 +70,74 @@ def remote_script(command: str, env: Mapping[str, str], cwd: str | None) -> str:
 # ends it at once). Once the command has ended, it leaves what the command put in the
 # background alone. The command reads /dev/null: nothing is ever typed into a task.
 _WATCHDOG = (
-    "exec 3<&0 </dev/null\n"
-    "(read -r __fleetrun_eof <&3; kill -0 $$ 2>/dev/null || exit 0; trap '' TERM; "
-    f"kill -TERM -$$; sleep {KILL_GRACE_SECONDS:g}; kill -KILL -$$) >/dev/null 2>&1 &\n"
+    "exec 3<&0 </dev/null; "
+    '(read -r __fleetrun_eof <&3; kill -0 $$ 2>/dev/null || exit 0; trap "" TERM; '
+    f"kill -TERM -$$; sleep {KILL_GRACE_SECONDS:g}; kill -KILL -$$) >/dev/null 2>&1 & "
     "exec 3<&-"
 )
 
 
-def environment_input(env: Mapping[str, str]) -> bytes:
-    """What the preamble reads from stdin: one line per variable, then an end line.
+def login_shell(probe_output: bytes) -> str | None:
+    """The login shell named by :data:`SHELL_PROBE`'s output (after whatever start-up files printed)."""
+    for line in reversed(probe_output.splitlines()):
+        if line.startswith(_SHELL_LINE):
+            return line[len(_SHELL_LINE):].decode(errors="replace").strip() or None
+    return None
+
+
+def reads_posix(shell: str | None) -> bool:
+    """Whether the login shell ``shell`` (a path) reads the preamble itself."""
+    return shell is not None and PurePosixPath(shell).name in POSIX_SHELLS
+
+
+def remote_command(command: str, env: Mapping[str, str], cwd: str | None, *, posix_login_shell: bool) -> tuple[str, bytes]:
+    """The exec request and the input that run ``command`` behind the preamble.
+
+    To a POSIX login shell: the preamble, then the command unchanged; the input holds
+    the environment. To another: a fixed line that runs the preamble in ``sh``; the input
+    holds the environment, the working directory and the command.
+    """
+    if not posix_login_shell:
+        internal = {"__fleetrun_command": command, **({"__fleetrun_cwd": cwd} if cwd else {})}
+        steps = [_PRINT_PID, _READ_INPUT, _WATCHDOG]
+        if cwd:
+            steps.append('cd -- "$__fleetrun_cwd" || exit 1')
+        steps.append('exec "${SHELL:-/bin/sh}" -c "$__fleetrun_command"')
+        return _through_sh("; ".join(steps)), _input_lines(env, internal)
+    lines = [_PRINT_PID]
+    if env:
+        lines.append(_READ_INPUT)
+    lines.append(_WATCHDOG)
+    if cwd:
+        lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
+    lines.append(command)
+    return "\n".join(lines), _input_lines(env, {})
+
+
+def _through_sh(script: str) -> str:
+    """``script`` run by /bin/sh, in a form that any login shell reads alike: inside single
+    quotes sh, bash, zsh, fish, csh, tcsh and nushell all take every character but ', \\,
+    ! and a newline as it is, and the script has none of them."""
+    unsafe = set(script) & {"'", "\\", "!", "\n"}
+    assert not unsafe, f"cannot send {sorted(unsafe)} through any login shell"
+    return f"exec /bin/sh -c '{script}'"
+
+
+def _input_lines(env: Mapping[str, str], internal: Mapping[str, str]) -> bytes:
+    """What the preamble reads from stdin: one line per variable (``env`` exported,
+    ``internal`` not), then an end line; nothing when there are none.
 
     Each value is written as ``printf`` octal escapes (letters and digits as they are),
     so that any value, newlines included, is one line of plain characters; the
     ``x`` keeps the command substitution from dropping trailing newlines.
     """
-    if not env:
+    if not env and not internal:
         return b""
     lines = []
-    for name, value in env.items():
-        escaped = "".join(chr(byte) if chr(byte).isalnum() and byte < 128 else f"\\{byte:03o}" for byte in value.encode())
-        lines.append(f"export {name}=\"$(printf '{escaped}x')\"; {name}=\"${{{name}%x}}\"")
+    for export, variables in (("export ", env), ("", internal)):
+        for name, value in variables.items():
+            escaped = "".join(chr(byte) if chr(byte).isalnum() and byte < 128 else f"\\{byte:03o}" for byte in value.encode())
+            lines.append(f"{export}{name}=\"$(printf '{escaped}x')\"; {name}=\"${{{name}%x}}\"")
     lines.append(_ENV_END)
     return ("\n".join(lines) + "\n").encode()
 
@@ -97,12 +151,13 @@ def stop_script(pgid: int) -> str:
     say (no ``ps``, no ``stat`` field), ``kill -0`` alone decides, zombies included.
     """
     rounds = int(KILL_GRACE_SECONDS * 10)
-    # No "--" before the negative pid: dash's kill builtin rejects it.
-    return (
+    # No "--" before the negative pid: dash's kill builtin rejects it. Run by sh whatever
+    # the login shell is: the connection that sends it may not have asked which that is.
+    return _through_sh(
         f"p={pgid}; kill -TERM -$p 2>/dev/null || exit 0; i=0; "
         "running() { kill -0 -$p 2>/dev/null || return 1; "
         "s=$(ps -A -o pgid= -o stat= 2>/dev/null) && [ -n \"$s\" ] || return 0; "
-        "printf '%s\\n' \"$s\" | { while read -r g st; do "
+        "echo \"$s\" | { while read -r g st; do "
         "if [ \"$g\" = \"$p\" ]; then case $st in Z*) ;; *) exit 0;; esac; fi; done; exit 1; }; }; "
         f"while running; do i=$((i+1)); "
         f"if [ $i -gt {rounds} ]; then kill -KILL -$p 2>/dev/null; exit 0; fi; sleep 0.1; done"
@@ -117,6 +172,8 @@ class _PgidFilter:
         self.on_pgid = on_pgid
         self.head = b""
         self.searching = True
+        #: The output ended without the pid line: the preamble never ran, nor the command.
+        self.never_printed = False
 
     def write(self, data: bytes) -> None:
         if not self.searching:
@@ -135,6 +192,7 @@ class _PgidFilter:
 
     def flush(self) -> None:
         if self.searching:
+            self.never_printed = True
             self._finish(self.head, None)
 
     def _finish(self, rest: bytes, pgid: int | None) -> None:
@@ -148,8 +206,11 @@ class _PgidFilter:
 class ChannelCommand:
     """Streams a started command's output into its sinks and reports how it ended."""
 
-    def __init__(self, channel: paramiko.Channel, execution: Execution, describe_peer: Callable[[], str]) -> None:
+    def __init__(
+        self, channel: paramiko.Channel, execution: Execution, describe_peer: Callable[[], str], login_shell: str | None
+    ) -> None:
         self.channel = channel
+        self.login_shell = login_shell
         self.loop = asyncio.get_running_loop()
         self.describe_peer = describe_peer
         self.pgid_known = self.loop.create_future()
@@ -183,7 +244,16 @@ class ChannelCommand:
         while not self.status.done() and not self.channel.closed:
             await asyncio.wait({self.status}, timeout=0.05)
         self.stop_reading()
-        return self._exit_code()
+        code = self._exit_code()
+        if self.stdout.never_printed:
+            # Reporting the shell's status would call a command that never ran a success or
+            # a failure of its own (a shell that cannot read the preamble may even exit 0).
+            raise TransportError(
+                "spawn",
+                f"{self.describe_peer()} did not run the command: the user's login shell "
+                f"({self.login_shell or 'unknown'}) did not start it (exit status {code}; its output may say why)",
+            )
+        return code
 
     def _exit_code(self) -> int:
         signal = exit_signal(self.channel)
