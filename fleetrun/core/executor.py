@@ -796,7 +796,9 @@ class Executor:
         transport = self._transports.get(host.name)
         if transport is not None and transport.host is not host and transport.host != host:
             # The host's entry changed: its next tasks go through a transport made for the new
-            # one, and the old one is closed once the tasks that use it end.
+            # one, and the old one is closed once the tasks that use it end. (A host's tasks
+            # get here in the order they were planned, through its slots: an entry never
+            # comes back after a newer one.)
             self._replaced_transports.add(transport)
             if not self._transport_users.get(transport):
                 self._close_replaced(transport)
