@@ -697,6 +697,18 @@ def test_a_server_allowing_fewer_sessions_gets_more_connections(make_executor, s
     server.stop()
 
 
+def test_a_server_that_allows_no_session_fails_the_task_saying_so(make_executor, sshd_fleet, tmp_path):
+    # The login succeeds; the question which login shell the user has, and then the
+    # command, are refused.
+    server = sshd_fleet.start(extra_config="MaxSessions 0")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known)}))
+    task = executor.run(TaskRequest(host="web", command="echo hi"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
+    assert task.error is not None and "refused a new channel" in task.error
+    server.stop()
+
+
 def test_an_idle_connection_is_closed_and_reopened_on_demand(make_executor, sshd_fleet, tmp_path):
     server = sshd_fleet.start()
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])

@@ -384,22 +384,26 @@ class _PooledConnection:
         """Learn the user's login shell: one that is not POSIX is sent commands another way
         (see ``ssh_channel``). Unknown (the question failed or went unanswered): that way too,
         which works with every shell."""
+        import paramiko
+
         from fleetrun.plugins.transports.ssh_channel import SHELL_PROBE, login_shell, reads_posix
 
-        channel = self.start_command(SHELL_PROBE)
+        output = b""
         try:
-            channel.settimeout(self.settings.connect_timeout)
-            output = b""
+            channel = self.start_command(SHELL_PROBE)
             try:
+                channel.settimeout(self.settings.connect_timeout)
                 while len(output) < _PROBE_OUTPUT_LIMIT:
                     data = channel.recv(_PROBE_OUTPUT_LIMIT)
                     if not data:
                         break
                     output += data
-            except TimeoutError:
-                log.warning("%s: no answer to which login shell the user has; assuming it is not POSIX", self.describe())
-        finally:
-            channel.close()
+            finally:
+                channel.close()
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # a timeout is an OSError
+            if not self.transport.is_active():
+                raise TransportError("disconnected", f"{self.describe()} closed the connection after the login: {exc}") from None
+            log.warning("%s: no answer to which login shell the user has (%s); taking it as not POSIX", self.describe(), exc)
         self.login_shell = login_shell(output)
         self.posix_login_shell = reads_posix(self.login_shell)
         log.debug("%s: login shell %s", self.describe(), self.login_shell or "unknown")
