@@ -119,4 +119,5 @@ class Transport(abc.ABC):
         return {}
 
     async def aclose(self) -> None:
-        """Release connections; called when the executor closes."""
+        """Release connections; called when the executor closes, and when the host's entry
+        changed (see ``Executor.reconfigure``), after the last task that used this one."""
