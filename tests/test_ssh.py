@@ -196,10 +196,21 @@ def test_a_login_shell_that_runs_nothing_fails_the_task_instead_of_faking_an_exi
     task = executor.run(TaskRequest(host="box", command="echo never"))
     assert (task.status, task.exit_code, task.error_category) == (TaskStatus.FAILED, None, "spawn")
     assert task.error is not None and task.error.endswith(
-        "did not run the command: the user's login shell (unknown) did not start it "
-        "(exit status 1; its output may say why)"
+        "did not run the command: the user's login shell (unknown) did not start it, as a shell that runs "
+        "nothing (nologin) or the server's ForceCommand would not (exit status 1; its output may say why)"
     )
     assert executor.read_output(task.id).data == b"This account is currently not available.\n"
+
+
+def test_a_server_that_forces_its_own_command_fails_the_task_instead_of_faking_an_exit_status(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start(extra_config="ForceCommand /bin/echo only this")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known)}))
+    task = executor.run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.exit_code, task.error_category) == (TaskStatus.FAILED, None, "spawn")
+    assert "or the server's ForceCommand would not (exit status 0;" in (task.error or "")
+    assert executor.read_output(task.id).data == b"only this\n"
+    server.stop()
 
 
 def test_the_login_shell_is_found_after_what_start_up_files_print():
