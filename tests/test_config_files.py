@@ -84,14 +84,16 @@ def following(tmp_path, store):  # type: ignore[no-untyped-def]
     made: list[Executor] = []
     hosts, policy = tmp_path / "hosts.yaml", tmp_path / "policy.yaml"
 
-    def build(hosts_text: str = HOSTS, policy_text: str | None = ALLOW_ECHO, **options):  # type: ignore[no-untyped-def]
-        write(hosts, hosts_text)
+    def build(hosts_text: str | None = HOSTS, policy_text: str | None = ALLOW_ECHO):  # type: ignore[no-untyped-def]
+        """None for a file: none given, so the config dir's is used, if there is one."""
+        if hosts_text is not None:
+            write(hosts, hosts_text)
         if policy_text is not None:
             write(policy, policy_text)
         manager = PluginManager(plugins=[_RegisterHeld()], autoload=False)
         files = ConfigFiles(
-            hosts=hosts, policy=policy if policy_text is not None else None, transports=manager.transports,
-            fallback_policy=read_only_policy, **options,
+            hosts=hosts if hosts_text is not None else None, policy=policy if policy_text is not None else None,
+            transports=manager.transports, fallback_policy=read_only_policy,
         )
         executor = Executor(config_files=files, store=store, plugins=manager)
         made.append(executor)
@@ -177,6 +179,23 @@ def test_a_file_changed_a_moment_ago_is_taken_once_it_has_been_still(following, 
     assert executor.run(TaskRequest(host="local", command="echo hi")).status is TaskStatus.SUCCEEDED
 
 
+def test_a_file_missing_for_the_moment_of_a_save_keeps_its_previous_version(following, tmp_path, monkeypatch):
+    # vim saves by renaming the file away and writing a new one: for a moment there is none,
+    # which must not bring in the default inventory (a host `local` the file left out).
+    hosts = tmp_path / "config" / "fleetrun" / "hosts.yaml"
+    hosts.parent.mkdir(parents=True)
+    write(hosts, "hosts:\n  web: {}\n")
+    executor = following(hosts_text=None)
+    write(hosts, "hosts:\n  web: {description: edited}\n")
+    assert executor.inventory.hosts["web"].description == "edited"
+    monkeypatch.setattr(config_files_module, "SETTLE_SECONDS", 5.0)  # write() dates files >= 10 s ago
+    hosts.rename(hosts.with_name("hosts.yaml~"))  # the directory changes now
+    assert sorted(executor.inventory.hosts) == ["web"]
+    past = time.time() - 60
+    os.utime(hosts.parent, (past, past))  # gone for good
+    assert sorted(executor.inventory.hosts) == ["local"]
+
+
 def test_the_config_dir_policy_may_appear_and_go_and_a_given_one_must_stay(following, tmp_path, store):
     executor = following(policy_text=None)  # none given: the config dir's, else the built-in one
     assert executor.policy == read_only_policy()
@@ -187,11 +206,14 @@ def test_the_config_dir_policy_may_appear_and_go_and_a_given_one_must_stay(follo
     write(configured, "rules:\n  - allow: sleep *\n")
     assert executor.run(TaskRequest(host="local", command="sleep 0")).status is TaskStatus.SUCCEEDED
     configured.unlink()
+    past = time.time() - 60
+    os.utime(configured.parent, (past, past))  # gone a while ago, not in the middle of a save
     with pytest.raises(PolicyDenied, match="built-in read-only policy"):
         executor.submit(TaskRequest(host="local", command="sleep 0"))
 
     given = following()
     (tmp_path / "policy.yaml").unlink()
+    os.utime(tmp_path, (past, past))
     with pytest.raises(FleetrunError) as gone:
         given.submit(TaskRequest(host="local", command="echo hi"))
     assert str(gone.value).startswith(f"{tmp_path / 'policy.yaml'}: policy file not found (given by --policy)")

@@ -139,7 +139,12 @@ class ConfigFiles:
             try:
                 age = now - path.stat().st_mtime
             except OSError:
-                continue
+                # Gone: for good, or for the moment an editor takes to save (vim renames the
+                # old file away, then writes the new one). The directory says when it changed.
+                try:
+                    age = now - path.parent.stat().st_mtime
+                except OSError:
+                    continue
             if 0 <= age < SETTLE_SECONDS:  # a clock behind the file's (a network disk) must not hold it back
                 return False
         return True
