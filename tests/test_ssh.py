@@ -197,7 +197,7 @@ def test_a_login_shell_that_runs_nothing_fails_the_task_instead_of_faking_an_exi
     assert (task.status, task.exit_code, task.error_category) == (TaskStatus.FAILED, None, "spawn")
     assert task.error is not None and task.error.endswith(
         "did not run the command: the user's login shell (unknown) did not start it, as a shell that runs "
-        "nothing (nologin) or the server's ForceCommand would not (exit status 1; its output may say why)"
+        "nothing (nologin), a restricted one (rbash) or the server's ForceCommand would not (exit status 1; its output may say why)"
     )
     assert executor.read_output(task.id).data == b"This account is currently not available.\n"
 

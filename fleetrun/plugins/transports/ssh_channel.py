@@ -251,8 +251,8 @@ class ChannelCommand:
             raise TransportError(
                 "spawn",
                 f"{self.describe_peer()} did not run the command: the user's login shell "
-                f"({self.login_shell or 'unknown'}) did not start it, as a shell that runs nothing (nologin) "
-                f"or the server's ForceCommand would not (exit status {code}; its output may say why)",
+                f"({self.login_shell or 'unknown'}) did not start it, as a shell that runs nothing (nologin), "
+                f"a restricted one (rbash) or the server's ForceCommand would not (exit status {code}; its output may say why)",
             )
         return code
 
