@@ -18,7 +18,7 @@ from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.processes import KILL_GRACE_SECONDS
-from fleetrun.plugins.transports.ssh_channel import login_shell, reads_posix, stop_script
+from fleetrun.plugins.transports.ssh_channel import login_shell, reads_posix, remote_command, stop_script
 
 from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, stat_fields, wait_until
 
@@ -211,6 +211,15 @@ def test_a_server_that_forces_its_own_command_fails_the_task_instead_of_faking_a
     assert "or the server's ForceCommand would not (exit status 0;" in (task.error or "")
     assert executor.read_output(task.id).data == b"only this\n"
     server.stop()
+
+
+def test_to_a_shell_that_is_not_posix_the_exec_request_carries_nothing_of_the_task():
+    # What sshd runs is visible in `ps`, and the one line must read alike in every shell.
+    request, given = remote_command("uptime 'it''s' \\ !x", {"API_TOKEN": "t0ken"}, "/srv/app", posix_login_shell=False)
+    assert request.startswith("exec /bin/sh -c '") and request.count("'") == 2
+    assert not {"\\", "!", "\n"} & set(request)
+    assert not any(text in request for text in ("uptime", "t0ken", "/srv/app"))
+    assert b"t0ken" in given and b"/srv/app" not in given  # the cwd is escaped like the rest
 
 
 def test_the_login_shell_is_found_after_what_start_up_files_print():

@@ -119,7 +119,8 @@ def _through_sh(script: str) -> str:
     quotes sh, bash, zsh, fish, csh, tcsh and nushell all take every character but ', \\,
     ! and a newline as it is, and the script has none of them."""
     unsafe = set(script) & {"'", "\\", "!", "\n"}
-    assert not unsafe, f"cannot send {sorted(unsafe)} through any login shell"
+    if unsafe:
+        raise ValueError(f"cannot send {sorted(unsafe)} through any login shell")
     return f"exec /bin/sh -c '{script}'"
 
 
