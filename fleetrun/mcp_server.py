@@ -78,7 +78,9 @@ How to use fleetrun well:
 
 When the policy denies a command: do not try to rephrase it to slip past the policy (chains,
 wrappers and substitutions are all checked). Tell the user what was denied and by which rule,
-and suggest the policy change they could make (a policy file with an allow rule) if they want it."""
+and suggest the policy change they could make (a policy file with an allow rule) if they want it.
+The server reads the policy file again when it changes: once the user has saved the change,
+ask again; no restart is needed."""
 
 
 # -- result models -----------------------------------------------------------------------------

@@ -452,6 +452,28 @@ def test_without_a_policy_file_the_server_is_read_only_and_says_how_to_change_it
     run(scenario)
 
 
+def test_a_policy_written_where_the_read_only_server_says_applies_to_its_next_call(tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "FLEETRUN_POLICY"}
+    params = StdioServerParameters(command=sys.executable, args=["-m", "fleetrun", "serve"], env=env)
+
+    async def scenario():
+        async with mcp.Client(params, mode="legacy") as client:
+            denied = await client.call_tool("run_command", {"host": "local", "command": "sleep 0"})
+            where = tmp_path / "config" / "fleetrun" / "policy.yaml"  # $XDG_CONFIG_HOME/fleetrun (conftest)
+            assert denied.is_error and f"write a policy file (policy.example.yaml shows every field) at {where}, " \
+                "which a running `fleetrun serve` takes up at its next request" in denied.content[0].text
+            where.parent.mkdir(parents=True)
+            where.write_text("rules:\n  - allow: sleep *\n")
+            past = time.time() - 60
+            os.utime(where, (past, past))
+            answer = await client.call_tool("run_command", {"host": "local", "command": "sleep 0"})
+            assert not answer.is_error, answer.content[0].text
+            allowed = answer.structured_content
+            assert (allowed["task"]["status"], allowed["task"]["policy"]) == ("succeeded", f"allowed by rule 1 of {where}, line 2: allow: sleep *")
+
+    run(scenario)
+
+
 def test_an_ssh_host_through_the_server(server_for, sshd_fleet, shared_sshd, tmp_path):
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
     hosts = hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)})

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, cast
 
 from fleetrun.core import paths
 from fleetrun.core.errors import FleetrunError
@@ -36,8 +36,9 @@ log = logging.getLogger("fleetrun.config")
 #: version applies, as it did a moment before the save.
 SETTLE_SECONDS = 0.05
 
-#: What a file looks like from outside: enough to notice any write or replacement.
-_Signature = tuple[object, ...]
+#: What the files look like from outside, one entry per file (its path first): enough to
+#: notice any write or replacement.
+_Signature = tuple[tuple[object, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class ConfigFiles:
         return self.current
 
     def _take(self, signature: _Signature) -> None:
-        if not self._settled():
+        if not self._settled(signature):
             return  # the previous version (or its problem: a fix may be half written) applies a moment longer
         try:
             configuration = self._load()
@@ -123,7 +124,7 @@ class ConfigFiles:
         )
 
     def _signature(self) -> _Signature:
-        signature: list[object] = []
+        signature: list[tuple[object, ...]] = []
         for path in self._locations():
             try:
                 found = path.stat()
@@ -133,9 +134,13 @@ class ConfigFiles:
                 signature.append((path, found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
         return tuple(signature)
 
-    def _settled(self) -> bool:
+    def _settled(self, signature: _Signature) -> bool:
+        """Whether each file that changed since the last look has been still long enough."""
         now = time.time()
-        for path in self._locations():
+        for entry, seen in zip(signature, self._seen):
+            if entry == seen:
+                continue
+            path = cast(Path, entry[0])
             try:
                 age = now - path.stat().st_mtime
             except OSError:

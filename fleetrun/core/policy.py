@@ -52,11 +52,13 @@ READ_ONLY_COMMANDS = (
     "lscpu *", "who *", "w *", "pwd", "echo *", "true", "cat /proc/loadavg", "cat /proc/meminfo", "cat /proc/cpuinfo",
 )  # fmt: skip
 
-HOW_TO_WRITE_A_POLICY = (
-    "fleetrun is using its built-in read-only policy; to allow more, write a policy file "
-    "(policy.example.yaml shows every field) and pass it with --policy, set FLEETRUN_POLICY, "
-    "or put it at ~/.config/fleetrun/policy.yaml"
-)
+def how_to_write_a_policy() -> str:
+    """What a denial by the built-in policy tells the user to do."""
+    return (
+        "fleetrun is using its built-in read-only policy; to allow more, write a policy file "
+        f"(policy.example.yaml shows every field) at {paths.config_dir() / 'policy.yaml'}, which a running "
+        "`fleetrun serve` takes up at its next request, or pass one with --policy or FLEETRUN_POLICY"
+    )
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class Decision:
         verb = "allowed" if self.allowed else "denied"
         text = f"{verb} on host {self.host!r}: {self.reason} [{self.rule_text}]"
         if not self.allowed and self.source == BUILTIN_SOURCE:
-            text += f". {HOW_TO_WRITE_A_POLICY}"
+            text += f". {how_to_write_a_policy()}"
         return text
 
     @property
