@@ -53,7 +53,7 @@ SHELL_PROBE = "echo fleetrun-shell $SHELL"
 _SHELL_LINE = b"fleetrun-shell "
 
 #: Login shells that read the preamble as written: sh and its kin.
-POSIX_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh", "busybox"})
+POSIX_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh"})
 
 # Each part of the preamble is one line without ', \\, ! or a newline, so that it can also
 # be sent inside single quotes to a shell that is not POSIX (see _through_sh).
