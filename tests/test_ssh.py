@@ -147,6 +147,12 @@ _IN_ITS_OWN_LANGUAGE = {
 }
 
 
+def _why_no_user_with(shell: str) -> str:
+    if os.geteuid() != 0:
+        return f"making a user whose login shell is {shell} needs root (CI runs as root)"
+    return f"{shell} is not installed (.ci/run installs fish, tcsh, csh and zsh)"
+
+
 @pytest.fixture
 def shell_host(make_executor, sshd_fleet, shared_sshd, known_hosts):
     """An executor with host 'box' on the shared server, logging in as a user whose login
@@ -156,7 +162,7 @@ def shell_host(make_executor, sshd_fleet, shared_sshd, known_hosts):
     def make(shell: str):  # type: ignore[no-untyped-def]
         user = user_with_login_shell(shell)
         if user is None:
-            pytest.skip(f"needs root and the {shell} shell (.ci/run installs it)")
+            pytest.skip(_why_no_user_with(shell))
         sshd_fleet.authorize(user, sshd_fleet.client_key)
         return make_executor(hosts_yaml=hosts_file_text({"box": ssh_host(sshd_fleet, shared_sshd, known_hosts, user=user)}))
 
@@ -544,7 +550,7 @@ def test_a_remote_command_stops_when_its_owner_is_killed(sshd_fleet, shared_sshd
 
     user = sshd_fleet.user if shell == "sh" else user_with_login_shell(shell)
     if user is None:
-        pytest.skip(f"needs root and the {shell} shell (.ci/run installs it)")
+        pytest.skip(_why_no_user_with(shell))
     sshd_fleet.authorize(user, sshd_fleet.client_key)
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts, user=user)}))
