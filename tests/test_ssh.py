@@ -17,6 +17,7 @@ from fleetrun.core.errors import InventoryError
 from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.policy import parse_policy
 from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.plugins.transports.ssh_channel import login_shell, reads_posix, remote_command, stop_script
 
@@ -138,13 +139,11 @@ def test_progress_markers_are_seen_remotely(ssh_executor, recorder):
 
 # -- login shells ----------------------------------------------------------------------------
 
-#: A command in each login shell's own language, which sh would not read (or read otherwise).
-_IN_ITS_OWN_LANGUAGE = {
-    "fish": "set greeting hello; echo $greeting from (basename $SHELL)",
-    "tcsh": "set greeting = hello; echo $greeting from `basename $SHELL`",
-    "csh": "set greeting = hello; echo $greeting from `basename $SHELL`",
-    "zsh": "greeting=(hello there); echo $greeting[1] from ${SHELL:t}",
-}
+#: Login shells to try: zsh reads commands itself (it is of the sh family); the others do not.
+_LOGIN_SHELLS = ["csh", "fish", "tcsh", "zsh"]
+
+
+READ_LOGS = parse_policy("rules:\n  - allow: cat /var/log/*\n", source="logs.yaml")
 
 
 def _why_no_user_with(shell: str) -> str:
@@ -169,15 +168,23 @@ def shell_host(make_executor, sshd_fleet, shared_sshd, known_hosts):
     return make
 
 
-@pytest.mark.parametrize("shell", sorted(_IN_ITS_OWN_LANGUAGE))
-def test_a_command_is_read_by_the_users_login_shell_whatever_it_is(shell_host, shell):
+@pytest.mark.parametrize("shell", _LOGIN_SHELLS)
+def test_a_command_is_posix_shell_whatever_the_login_shell(shell_host, shell):
     # fish, csh and tcsh cannot read the POSIX preamble: before, fish reported success for
     # a command that never ran, and csh ran it without its environment or its watchdog.
     executor = shell_host(shell)
-    task = executor.run(TaskRequest(host="box", command=f"{_IN_ITS_OWN_LANGUAGE[shell]}\necho 'two words'\nexit 3"))
+    command = 'greeting=hello; if [ -n "$greeting" ]; then echo "$greeting from $(basename "$SHELL")"; fi\necho \'two words\'\nexit 3'
+    task = executor.run(TaskRequest(host="box", command=command))
     assert (task.status, task.exit_code) == (TaskStatus.FAILED, 3)
     assert executor.read_output(task.id).data == f"hello from {shell}\ntwo words\n".encode()
     assert executor.read_output(task.id, "stderr").data == b""
+
+    # The command means what the policy read: fish would make `..` of this, sh does not.
+    escaped = executor.run(TaskRequest(host="box", command="printf '%s\\n' /var/log/\\x2e\\x2e/etc"))
+    assert executor.read_output(escaped.id).data == b"/var/log/x2ex2e/etc\n"
+    assert READ_LOGS.decide(executor.inventory.get("box"), "cat /var/log/\\x2e\\x2e/etc").reason == (
+        "'cat /var/log/x2ex2e/etc' is allowed"
+    )
 
     value = "it's a $test `x` \\n %s!\nsecond line"
     placed = executor.run(TaskRequest(host="box", command="pwd; printenv GREETING", env={"GREETING": value}, cwd="/tmp"))
@@ -187,7 +194,7 @@ def test_a_command_is_read_by_the_users_login_shell_whatever_it_is(shell_host, s
     assert (missing.status, missing.exit_code) == (TaskStatus.FAILED, 1)
 
 
-@pytest.mark.parametrize("shell", sorted(_IN_ITS_OWN_LANGUAGE))
+@pytest.mark.parametrize("shell", _LOGIN_SHELLS)
 def test_cancel_stops_the_remote_command_whatever_the_login_shell(shell_host, shell, marker):
     executor = shell_host(shell)
     handle = executor.submit(TaskRequest(host="box", command=f"sleep {marker}"))
@@ -554,10 +561,9 @@ def test_a_remote_command_stops_when_its_owner_is_killed(sshd_fleet, shared_sshd
     sshd_fleet.authorize(user, sshd_fleet.client_key)
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known_hosts, user=user)}))
-    ignoring_term = {"sh": "trap '' TERM", "fish": "function ignore --on-signal TERM; end"}[shell]
     owner = subprocess.Popen(
         [sys.executable, "-m", "fleetrun", "--hosts", str(hosts), "run", "web", "--",
-         f"sleep {marker} & {ignoring_term}; sleep {marker}; wait"],
+         f"sleep {marker} & trap '' TERM; sleep {marker}; wait"],
         env={**os.environ, "FLEETRUN_HOME": str(tmp_path / "home")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:

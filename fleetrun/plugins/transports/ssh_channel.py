@@ -7,12 +7,15 @@ directory. Knowing the group is what lets a cancel or a timeout stop the remote
 command and everything it started, for any login (root included), with ``kill`` on a
 second channel: closing a channel alone leaves a command without a pty running.
 
-The preamble is POSIX shell. A login shell that is not (fish, csh, tcsh, nushell: the
-connection asks which one it is, see :data:`SHELL_PROBE`) is sent one line that every
-shell reads alike, ``exec /bin/sh -c '...'``, with nothing of the task's in it. That
-``sh`` runs the preamble, reading the command from stdin with the environment, and then
-hands the command to the login shell (``exec "$SHELL" -c COMMAND``), so the command is
-read as its user expects, as ``ssh`` would have it read. The shell keeps the pid.
+The preamble is POSIX shell, and so is the command: the policy judges commands as sh
+reads them, and an assistant writes them so for every host. A login shell of the sh
+family (bash, zsh, ksh, dash) reads both as ssh would have it. Any other (fish, csh, tcsh,
+nushell: the connection asks which one it is, see :data:`SHELL_PROBE`) would read the
+command otherwise (fish turns ``\\x2e\\x2e`` into ``..``, where sh and the policy see
+``x2ex2e``), so it is sent only one line that every shell reads alike,
+``exec /bin/sh -c '...'``, with nothing of the task's in it. That ``sh`` runs the
+preamble, reading the command from stdin with the environment, and then runs the command
+with ``sh -c``. The pid stays the same throughout.
 
 The environment's values come through the channel's stdin, not in the exec request:
 sshd runs that text as the shell's ``-c`` argument, which every user of the remote
@@ -102,7 +105,7 @@ def remote_command(command: str, env: Mapping[str, str], cwd: str | None, *, pos
         steps = [_PRINT_PID, _READ_INPUT, _WATCHDOG]
         if cwd:
             steps.append('cd -- "$__fleetrun_cwd" || exit 1')
-        steps.append('exec "${SHELL:-/bin/sh}" -c "$__fleetrun_command"')
+        steps.append('exec /bin/sh -c "$__fleetrun_command"')
         return _through_sh("; ".join(steps)), _input_lines(env, internal)
     lines = [_PRINT_PID]
     if env:
