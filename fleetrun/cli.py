@@ -559,7 +559,9 @@ def cmd_policy_check(ctx: _Context) -> int:
         raise FleetrunError("no command given: write it after --, e.g. fleetrun policy check web1 -- systemctl status nginx")
     policy = _configured_or_builtin_policy(ctx)
     host = ctx.inventory.get(args.host)
-    decision = policy.decide(host, " ".join(args.command))
+    transport = ctx.plugins.transports.get(host.transport)
+    foreign_shell = transport.foreign_shell(host) if transport is not None else None
+    decision = policy.decide(host, " ".join(args.command), foreign_shell=foreign_shell)
     if args.json:
         print(redact(json.dumps(decision.to_dict(), indent=2)))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -443,6 +444,35 @@ def test_a_denied_request_runs_nothing_and_is_reported_to_plugins(make_executor,
     assert lines[0]["decision"]["rule"] == {"source": "p.yaml", "index": 2, "line": 3, "text": "deny: rm *"}
     assert [line["event"] for line in lines[1:]][0] == "task.created"
     assert lines[1]["policy"] == task.policy
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="needs the fish shell (.ci/run installs it)")
+def test_a_host_whose_shell_reads_commands_otherwise_than_sh_is_judged_only_under_raw_shell(make_executor, tmp_path):
+    # fish makes `..` of \x2e\x2e, where sh (and so the policy) reads x2ex2e: a rule for
+    # /var/log/* would have let it read any file.
+    fish, command = shutil.which("fish"), "cat /var/log/\\x2e\\x2e/\\x2e\\x2e/etc/hostname"
+    hosts = f"hosts:\n  fishy:\n    shell: {fish}\n  plain:\n    shell: /bin/bash\n"
+    policy = parse_policy("rules:\n  - allow: cat /var/log/*\n  - allow: printf *\n", source="p.yaml")
+    executor = make_executor(hosts_yaml=hosts, policy=policy)
+    with pytest.raises(PolicyDenied) as denied:
+        executor.submit(TaskRequest(host="fishy", command=command))
+    assert str(denied.value) == (
+        f"denied on host 'fishy': host 'fishy' runs commands with {fish}, which does not read them as sh does, "
+        "so the policy cannot judge them, and no rule allows raw shell on this host [the default of p.yaml: deny]"
+    )
+    assert executor.plan(TaskRequest(host="plain", command=command)).decision.allowed  # bash reads it as sh does
+
+    hosts_file, policy_file = tmp_path / "hosts.yaml", tmp_path / "policy.yaml"
+    hosts_file.write_text(hosts)
+    policy_file.write_text("rules:\n  - allow: cat /var/log/*\n")
+    checked = run_cli("--hosts", str(hosts_file), "--policy", str(policy_file), "policy", "check", "fishy", "--", command)
+    assert checked.returncode == 126 and f"runs commands with {fish}, which does not read them as sh does" in checked.stdout
+
+    # Where raw shell is allowed, the host's own shell runs what the rules allow.
+    raw = parse_policy(f"rules:\n  - allow: printf *\n  - allow_raw_shell: true\n    hosts: [fishy]\n", source="raw.yaml")
+    executor.reconfigure(inventory=executor.inventory, policy=raw)
+    task = executor.run(TaskRequest(host="fishy", command="printf '%s\\n' (string upper fish)"))
+    assert executor.read_output(task.id).data == b"FISH\n"
 
 
 def test_cli_policy_check_and_run_name_the_rule(tmp_path):

@@ -215,13 +215,24 @@ class Policy:
     rules: tuple[Rule, ...]
     source: str = BUILTIN_SOURCE
 
-    def decide(self, host: Host, command: str) -> Decision:
+    def decide(self, host: Host, command: str, *, foreign_shell: str | None = None) -> Decision:
+        """The decision on ``command`` for ``host``. ``foreign_shell``: the shell that reads
+        commands there when it is not of the sh family (see ``Transport.foreign_shell``);
+        the policy cannot judge what such a shell will make of a command."""
         parsed = parse_command(command)
+        if foreign_shell is not None:
+            parsed.problems.insert(0, f"{foreign_shell}, which does not read commands as sh does")
 
         def deny(rule: Rule | None, reason: str, verdicts: Iterable[Verdict] = ()) -> Decision:
             return Decision(False, host.name, command, self.source, rule, reason, tuple(verdicts))
 
         raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None) if parsed.problems else None
+        if foreign_shell is not None and raw is None:
+            return deny(
+                None,
+                f"host {host.name!r} runs commands with {foreign_shell}, which does not read them as sh does, so "
+                "the policy cannot judge them, and no rule allows raw shell on this host",
+            )
         if parsed.problems:
             if raw is None:
                 return deny(

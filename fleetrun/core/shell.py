@@ -29,7 +29,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IO_NUMBER = re.compile(r"\d+")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
              "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
-_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash"}
+#: Shells that read a command line as POSIX sh does (the names of their programs): this
+#: reader speaks for them, and reads their ``-c`` scripts too. Others (fish, csh, tcsh,
+#: nushell) read the same text otherwise: fish turns ``\\x2e`` into ``.``.
+SH_FAMILY = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh"})
 #: Where a wrapper or shell named by path is trusted to be the real one.
 _SYSTEM_DIRS = ("/bin/", "/usr/bin/", "/sbin/", "/usr/sbin/", "/usr/local/bin/")
 _HARMLESS_TARGETS = {"/dev/null"}
@@ -441,7 +444,7 @@ def _judge_words(
                 privileged or makes_privileged, result, depth,
             )
             return
-    if system and base in _SHELLS:
+    if system and base in SH_FAMILY:
         script = _shell_script(args)
         if script is not None:
             if not script.known:

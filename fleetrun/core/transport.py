@@ -114,6 +114,14 @@ class Transport(abc.ABC):
         read is ignored here; the task that needs it fails with the reason.
         """
 
+    @classmethod
+    def foreign_shell(cls, host: Host) -> str | None:
+        """The shell that reads commands on ``host`` when it is not of the sh family (fish,
+        say), else None. The policy reads commands as sh does, so it judges nothing on a
+        host that names a shell here (unless a rule allows raw shell there). The default,
+        None, says that commands are read as sh reads them."""
+        return None
+
     def describe(self) -> Mapping[str, Any]:
         """What a dry run shows about how this host would be reached."""
         return {}

@@ -36,6 +36,7 @@ from typing import Callable, Mapping
 import paramiko
 
 from fleetrun.core.processes import KILL_GRACE_SECONDS
+from fleetrun.core.shell import SH_FAMILY
 from fleetrun.core.transport import Execution, OutputSink, TransportError
 from fleetrun.plugins.transports.ssh_connect import exit_signal
 
@@ -54,9 +55,6 @@ _ENV_END = "fleetrun-env-end"
 #: Every shell runs it; one that has no ``$SHELL`` (nushell) fails it, and is not POSIX.
 SHELL_PROBE = "echo fleetrun-shell $SHELL"
 _SHELL_LINE = b"fleetrun-shell "
-
-#: Login shells that read the preamble as written: sh and its kin.
-POSIX_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh"})
 
 # Each part of the preamble is one line without ', \\, ! or a newline, so that it can also
 # be sent inside single quotes to a shell that is not POSIX (see _through_sh).
@@ -89,8 +87,8 @@ def login_shell(probe_output: bytes) -> str | None:
 
 
 def reads_posix(shell: str | None) -> bool:
-    """Whether the login shell ``shell`` (a path) reads the preamble itself."""
-    return shell is not None and PurePosixPath(shell).name in POSIX_SHELLS
+    """Whether the login shell ``shell`` (a path) reads the preamble, and commands, as sh does."""
+    return shell is not None and PurePosixPath(shell).name in SH_FAMILY
 
 
 def remote_command(command: str, env: Mapping[str, str], cwd: str | None, *, posix_login_shell: bool) -> tuple[str, bytes]:
