@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fleetrun.core.errors import PolicyDenied, PolicyError
 from fleetrun.core.inventory import Host
-from fleetrun.core.models import TaskRequest
+from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.policy import BUILTIN_SOURCE, load_policy, parse_policy, read_only_policy
 from fleetrun.core.shell import parse_command, pattern_problem
 
@@ -458,7 +458,7 @@ def test_a_host_whose_shell_reads_commands_otherwise_than_sh_is_judged_only_unde
         executor.submit(TaskRequest(host="fishy", command=command))
     assert str(denied.value) == (
         f"denied on host 'fishy': host 'fishy' runs commands with {fish}, which does not read them as sh does, "
-        "so the policy cannot judge them, and no rule allows raw shell on this host [the default of p.yaml: deny]"
+        "so the policy cannot judge the command, and no rule allows raw shell on this host [the default of p.yaml: deny]"
     )
     assert executor.plan(TaskRequest(host="plain", command=command)).decision.allowed  # bash reads it as sh does
 
@@ -473,6 +473,31 @@ def test_a_host_whose_shell_reads_commands_otherwise_than_sh_is_judged_only_unde
     executor.reconfigure(inventory=executor.inventory, policy=raw)
     task = executor.run(TaskRequest(host="fishy", command="printf '%s\\n' (string upper fish)"))
     assert executor.read_output(task.id).data == b"FISH\n"
+
+
+def test_an_environment_a_request_sets_is_judged_like_one_written_inline(make_executor, tmp_path):
+    # `PATH=/tmp/evil uname` is denied; so is uname with PATH=/tmp/evil given beside it.
+    policy = parse_policy("rules:\n  - allow: uname *\n", source="p.yaml")
+    executor = make_executor(policy=policy)
+    for env in ({"PATH": "/tmp/evil"}, {"LC_ALL": "C", "LD_PRELOAD": "/tmp/x.so"}):
+        with pytest.raises(PolicyDenied) as denied:
+            executor.submit(TaskRequest(host="local", command="uname", env=env))
+        name = next(name for name in env if name != "LC_ALL")
+        assert str(denied.value) == (
+            f"denied on host 'local': the request sets {name}, which can change what a command does, so the policy "
+            "cannot judge the command, and no rule allows raw shell on this host [the default of p.yaml: deny]"
+        )
+    assert executor.list() == []
+    task = executor.run(TaskRequest(host="local", command="uname", env={"LC_ALL": "C", "TZ": "UTC"}))
+    assert task.status is TaskStatus.SUCCEEDED
+
+    raw = parse_policy("rules:\n  - allow: uname *\n  - allow_raw_shell: true\n", source="raw.yaml")
+    executor.reconfigure(inventory=executor.inventory, policy=raw)
+    decision = executor.plan(TaskRequest(host="local", command="uname", env={"PATH": "/usr/bin:/bin"})).decision
+    assert decision is not None and decision.allowed
+    assert [v.reason for v in decision.verdicts] == [
+        "'uname' is allowed", "raw shell (the request sets PATH, which can change what a command does) is allowed",
+    ]
 
 
 def test_cli_policy_check_and_run_name_the_rule(tmp_path):

@@ -119,7 +119,10 @@ def plan_task(
         env=env,
         cwd=request.cwd or host.cwd,
         transport_details=details,
-        decision=policy.decide(host, request.command, foreign_shell=cls.foreign_shell(host)) if policy is not None else None,
+        decision=(
+            policy.decide(host, request.command, foreign_shell=cls.foreign_shell(host), environment=request.env)
+            if policy is not None else None
+        ),
     )
 
 

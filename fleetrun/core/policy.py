@@ -31,14 +31,14 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
 from fleetrun.core.inventory import TAG_RE, Host
-from fleetrun.core.shell import SimpleCommand, Word, parse_command, pattern_problem
+from fleetrun.core.shell import SAFE_ASSIGNMENTS, SimpleCommand, Word, parse_command, pattern_problem
 from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, mapping_entries, node_value
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
@@ -215,24 +215,32 @@ class Policy:
     rules: tuple[Rule, ...]
     source: str = BUILTIN_SOURCE
 
-    def decide(self, host: Host, command: str, *, foreign_shell: str | None = None) -> Decision:
-        """The decision on ``command`` for ``host``. ``foreign_shell``: the shell that reads
-        commands there when it is not of the sh family (see ``Transport.foreign_shell``);
-        the policy cannot judge what such a shell will make of a command."""
+    def decide(
+        self, host: Host, command: str, *, foreign_shell: str | None = None, environment: Mapping[str, str] | None = None
+    ) -> Decision:
+        """The decision on ``command`` for ``host``.
+
+        What is around the command counts too: ``foreign_shell``, the shell that reads
+        commands on the host when it is not of the sh family (see ``Transport.foreign_shell``),
+        and ``environment``, the variables the request sets (the host's own are configuration).
+        The policy cannot judge what such a shell makes of a command, nor what ``PATH`` or
+        ``LD_PRELOAD`` make of it, as it cannot for the same settings written inline.
+        """
         parsed = parse_command(command)
+        around = []
         if foreign_shell is not None:
-            parsed.problems.insert(0, f"{foreign_shell}, which does not read commands as sh does")
+            around.append(f"host {host.name!r} runs commands with {foreign_shell}, which does not read them as sh does")
+        unsafe = sorted(name for name in (environment or {}) if not SAFE_ASSIGNMENTS.fullmatch(name))
+        if unsafe:
+            around.append(f"the request sets {unsafe[0]}, which can change what a command does")
 
         def deny(rule: Rule | None, reason: str, verdicts: Iterable[Verdict] = ()) -> Decision:
             return Decision(False, host.name, command, self.source, rule, reason, tuple(verdicts))
 
-        raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None) if parsed.problems else None
-        if foreign_shell is not None and raw is None:
-            return deny(
-                None,
-                f"host {host.name!r} runs commands with {foreign_shell}, which does not read them as sh does, so "
-                "the policy cannot judge them, and no rule allows raw shell on this host",
-            )
+        unjudged = [*around, *parsed.problems]
+        raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None) if unjudged else None
+        if around and raw is None:
+            return deny(None, f"{around[0]}, so the policy cannot judge the command, and no rule allows raw shell on this host")
         if parsed.problems:
             if raw is None:
                 return deny(
@@ -251,8 +259,8 @@ class Policy:
                 verdicts.append(Verdict(simple.text, False, rule, f"{_shown(simple)} is denied"))
             else:
                 verdicts.append(Verdict(simple.text, True, rule, f"{_shown(simple)} is allowed"))
-        if parsed.problems:
-            verdicts.append(Verdict(command, True, raw, f"raw shell ({parsed.problems[0]}) is allowed"))
+        if unjudged:
+            verdicts.append(Verdict(command, True, raw, f"raw shell ({unjudged[0]}) is allowed"))
         denied = [v for v in verdicts if not v.allowed]
         if denied:
             first = denied[0]
