@@ -227,7 +227,7 @@ class Policy:
         ``LD_PRELOAD`` make of it, as it cannot for the same settings written inline.
         """
         parsed = parse_command(command)
-        around = []
+        around: list[str] = []
         if foreign_shell is not None:
             around.append(f"host {host.name!r} runs commands with {foreign_shell}, which does not read them as sh does")
         unsafe = sorted(name for name in (environment or {}) if not SAFE_ASSIGNMENTS.fullmatch(name))
@@ -239,15 +239,12 @@ class Policy:
 
         unjudged = [*around, *parsed.problems]
         raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None) if unjudged else None
-        if around and raw is None:
-            return deny(None, f"{around[0]}, so the policy cannot judge the command, and no rule allows raw shell on this host")
-        if parsed.problems:
-            if raw is None:
-                return deny(
-                    None,
-                    f"the command contains {parsed.problems[0]}, which the policy cannot judge, "
-                    f"and no rule allows raw shell on this host",
-                )
+        if unjudged and raw is None:
+            why = (
+                f"{around[0]}, so the policy cannot judge the command" if around
+                else f"the command contains {parsed.problems[0]}, which the policy cannot judge"
+            )
+            return deny(None, f"{why}, and no rule allows raw shell on this host")
         if not parsed.commands and not parsed.problems:
             return deny(None, "there is no command in it")
         verdicts: list[Verdict] = []
