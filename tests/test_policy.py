@@ -500,6 +500,20 @@ def test_an_environment_a_request_sets_is_judged_like_one_written_inline(make_ex
     ]
 
 
+def test_a_working_directory_the_request_sets_is_judged_too(make_executor):
+    # `make test` runs what the Makefile of its directory says: a directory of the
+    # requester's choosing decides what runs. The host's own cwd is configuration.
+    policy = parse_policy("rules:\n  - allow: pwd\n", source="p.yaml")
+    executor = make_executor(hosts_yaml="hosts:\n  local:\n    cwd: /tmp\n", policy=policy)
+    with pytest.raises(PolicyDenied) as denied:
+        executor.submit(TaskRequest(host="local", command="pwd", cwd="/etc"))
+    assert "the request sets the working directory (/etc), which can change what a command does, so the policy " \
+        "cannot judge the command, and no rule allows raw shell on this host" in str(denied.value)
+    for cwd in (None, "/tmp"):  # the host's own
+        task = executor.run(TaskRequest(host="local", command="pwd", cwd=cwd))
+        assert executor.read_output(task.id).data == b"/tmp\n"
+
+
 def test_cli_policy_check_and_run_name_the_rule(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("rules:\n  - allow: echo *\n  - deny: echo secret\n")

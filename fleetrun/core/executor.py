@@ -120,7 +120,9 @@ def plan_task(
         cwd=request.cwd or host.cwd,
         transport_details=details,
         decision=(
-            policy.decide(host, request.command, foreign_shell=cls.foreign_shell(host), environment=request.env)
+            policy.decide(
+                host, request.command, foreign_shell=cls.foreign_shell(host), environment=request.env, cwd=request.cwd
+            )
             if policy is not None else None
         ),
     )

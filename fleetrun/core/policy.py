@@ -216,15 +216,23 @@ class Policy:
     source: str = BUILTIN_SOURCE
 
     def decide(
-        self, host: Host, command: str, *, foreign_shell: str | None = None, environment: Mapping[str, str] | None = None
+        self,
+        host: Host,
+        command: str,
+        *,
+        foreign_shell: str | None = None,
+        environment: Mapping[str, str] | None = None,
+        cwd: str | None = None,
     ) -> Decision:
         """The decision on ``command`` for ``host``.
 
         What is around the command counts too: ``foreign_shell``, the shell that reads
-        commands on the host when it is not of the sh family (see ``Transport.foreign_shell``),
-        and ``environment``, the variables the request sets (the host's own are configuration).
-        The policy cannot judge what such a shell makes of a command, nor what ``PATH`` or
-        ``LD_PRELOAD`` make of it, as it cannot for the same settings written inline.
+        commands on the host when it is not of the sh family (see ``Transport.foreign_shell``);
+        ``environment`` and ``cwd``, the variables and working directory the request sets
+        (the host's own are configuration). The policy cannot judge what such a shell makes
+        of a command, what ``PATH`` or ``LD_PRELOAD`` make of it (as it cannot for the same
+        settings written inline), nor what ``make test`` runs in a directory of the
+        requester's choosing.
         """
         parsed = parse_command(command)
         around: list[str] = []
@@ -233,6 +241,8 @@ class Policy:
         unsafe = sorted(name for name in (environment or {}) if not SAFE_ASSIGNMENTS.fullmatch(name))
         if unsafe:
             around.append(f"the request sets {unsafe[0]}, which can change what a command does")
+        if cwd is not None and cwd != host.cwd:
+            around.append(f"the request sets the working directory ({cwd}), which can change what a command does")
 
         def deny(rule: Rule | None, reason: str, verdicts: Iterable[Verdict] = ()) -> Decision:
             return Decision(False, host.name, command, self.source, rule, reason, tuple(verdicts))
