@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, cast
+from typing import Callable, Mapping, NamedTuple
 
 from fleetrun.core import paths
 from fleetrun.core.errors import FleetrunError
@@ -36,9 +36,17 @@ log = logging.getLogger("fleetrun.config")
 #: version applies, as it did a moment before the save.
 SETTLE_SECONDS = 0.05
 
-#: What the files look like from outside, one entry per file (its path first): enough to
-#: notice any write or replacement.
-_Signature = tuple[tuple[object, ...], ...]
+class _FileState(NamedTuple):
+    """What a file looks like from outside: enough to notice any write or replacement."""
+
+    path: Path
+    #: When it was last written; None when it is not there (or cannot be looked at).
+    mtime_ns: int | None
+    #: Device, inode, size and change time; or why it could not be looked at.
+    identity: tuple[object, ...]
+
+
+_Signature = tuple[_FileState, ...]
 
 
 @dataclass(frozen=True)
@@ -124,30 +132,30 @@ class ConfigFiles:
         )
 
     def _signature(self) -> _Signature:
-        signature: list[tuple[object, ...]] = []
+        states = []
         for path in self._locations():
             try:
                 found = path.stat()
             except OSError as exc:
-                signature.append((path, type(exc).__name__))
+                states.append(_FileState(path, None, (type(exc).__name__,)))
             else:
-                signature.append((path, found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
-        return tuple(signature)
+                identity = (found.st_dev, found.st_ino, found.st_size, found.st_ctime_ns)
+                states.append(_FileState(path, found.st_mtime_ns, identity))
+        return tuple(states)
 
     def _settled(self, signature: _Signature) -> bool:
         """Whether each file that changed since the last look has been still long enough."""
         now = time.time()
-        for entry, seen in zip(signature, self._seen):
-            if entry == seen:
+        for state, seen in zip(signature, self._seen):
+            if state == seen:
                 continue
-            path = cast(Path, entry[0])
-            try:
-                age = now - path.stat().st_mtime
-            except OSError:
+            if state.mtime_ns is not None:
+                age = now - state.mtime_ns / 1e9
+            else:
                 # Gone: for good, or for the moment an editor takes to save (vim renames the
                 # old file away, then writes the new one). The directory says when it changed.
                 try:
-                    age = now - path.parent.stat().st_mtime
+                    age = now - state.path.parent.stat().st_mtime
                 except OSError:
                     continue
             if 0 <= age < SETTLE_SECONDS:  # a clock behind the file's (a network disk) must not hold it back

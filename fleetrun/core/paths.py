@@ -58,12 +58,11 @@ def find_config_file(
     origin, problem)`` is raised, ``problem`` being "not found", "is a directory" or "is
     not a regular file". The config-dir file is optional.
     """
-    for candidate, origin in ((explicit, flag), (os.environ.get(env), env)):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if not path.is_file():
-                problem = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
-                raise not_found(str(path), origin, problem)
-            return path
-    configured = config_dir() / name
-    return configured if configured.is_file() else None
+    path = config_file_location(explicit, env=env, name=name)
+    origin = flag if explicit else env if os.environ.get(env) else None
+    if origin is None:
+        return path if path.is_file() else None
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise not_found(str(path), origin, problem)
+    return path
