@@ -257,11 +257,12 @@ class Executor:
         self._config_files = config_files
         #: The files' configuration last taken: a newer one replaces what reconfigure() set.
         self._taken_from_files = config_files.current if config_files is not None else None
-        if config_files is not None:
-            inventory, policy = config_files.current.inventory, config_files.current.policy
         #: What requests are planned with and its generation (how many times it was replaced),
         #: one tuple so that a reader never sees one without the other (see reconfigure).
-        self._configuration = (Configuration(inventory if inventory is not None else default_inventory(), policy), 0)
+        self._configuration = (
+            self._taken_from_files or Configuration(inventory if inventory is not None else default_inventory(), policy),
+            0,
+        )
         self._reconfigure_lock = threading.Lock()
         self.store = store if store is not None else TaskStore()
         self._owns_store = store is None
@@ -815,14 +816,7 @@ class Executor:
     def _close_replaced(self, transport: Transport) -> None:
         self._replaced_transports.discard(transport)
         self._transport_users.pop(transport, None)
-
-        async def close() -> None:
-            try:
-                await transport.aclose()
-            except Exception:
-                log.exception("closing the replaced transport of host %r failed", transport.host.name)
-
-        closing = asyncio.get_running_loop().create_task(close(), name=f"fleetrun-close-{transport.host.name}")
+        closing = asyncio.get_running_loop().create_task(_close(transport), name=f"fleetrun-close-{transport.host.name}")
         self._closing_transports.add(closing)
         closing.add_done_callback(self._closing_transports.discard)
 
@@ -996,12 +990,16 @@ class Executor:
         if self._pruning is not None:
             await self._pruning  # it uses the store, which close() closes next
         for transport in [*self._transports.values(), *self._replaced_transports]:
-            try:
-                await transport.aclose()
-            except Exception:
-                log.exception("closing transport of host %r failed", transport.host.name)
+            await _close(transport)
         if self._closing_transports:
             await asyncio.wait(self._closing_transports)
+
+
+async def _close(transport: Transport) -> None:
+    try:
+        await transport.aclose()
+    except Exception:  # the others still get closed
+        log.exception("closing transport of host %r failed", transport.host.name)
 
 
 def _check_command(command: str) -> None:
