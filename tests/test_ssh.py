@@ -19,7 +19,8 @@ from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.policy import parse_policy
 from fleetrun.core.processes import KILL_GRACE_SECONDS
-from fleetrun.plugins.transports.ssh_channel import login_shell, reads_posix, remote_command, stop_script
+from fleetrun.core.shell import reads_like_sh
+from fleetrun.plugins.transports.ssh_channel import login_shell, remote_command, stop_script
 
 from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, stat_fields, wait_until
 
@@ -239,7 +240,7 @@ def test_the_login_shell_is_found_after_what_start_up_files_print():
     assert login_shell(b"Welcome!\nfleetrun-shell not this one\nfleetrun-shell /usr/bin/fish\n") == "/usr/bin/fish"
     assert login_shell(b"nu: variable not found: SHELL\n") is None
     assert login_shell(b"fleetrun-shell \n") is None
-    assert [reads_posix(s) for s in ("/bin/bash", "/usr/bin/zsh", "/bin/sh", "/usr/bin/fish", "/bin/tcsh", None)] == [
+    assert [reads_like_sh(s) for s in ("/bin/bash", "/usr/bin/zsh", "/bin/sh", "/usr/bin/fish", "/bin/tcsh", None)] == [
         True, True, True, False, False, False,
     ]
 

@@ -31,7 +31,7 @@ _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "
              "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
 #: Shells that read a command line as POSIX sh does (the names of their programs): this
 #: reader speaks for them, and reads their ``-c`` scripts too. Others (fish, csh, tcsh,
-#: nushell) read the same text otherwise: fish turns ``\\x2e`` into ``.``.
+#: nushell) read the same text otherwise: fish turns ``\x2e`` into ``.``.
 SH_FAMILY = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh"})
 #: Where a wrapper or shell named by path is trusted to be the real one.
 _SYSTEM_DIRS = ("/bin/", "/usr/bin/", "/sbin/", "/usr/sbin/", "/usr/local/bin/")
@@ -107,6 +107,11 @@ def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
     for tokens in lexer.complete:
         if tokens:
             _judge_segment(tokens, result, depth)
+
+
+def reads_like_sh(shell: str | None) -> bool:
+    """Whether the shell at path ``shell`` reads command lines as this reader does."""
+    return shell is not None and shell.rsplit("/", 1)[-1] in SH_FAMILY
 
 
 def pattern_problem(pattern: str, words: list[str]) -> str | None:

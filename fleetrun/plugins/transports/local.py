@@ -18,14 +18,13 @@ import select
 import signal
 import subprocess
 import time
-from pathlib import PurePosixPath
 from typing import Any, Mapping
 
 from fleetrun.core import open_files
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.inventory import Host
 from fleetrun.core.processes import KILL_GRACE_SECONDS, signal_group
-from fleetrun.core.shell import SH_FAMILY
+from fleetrun.core.shell import reads_like_sh
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
 from fleetrun.plugins.transports.local_exec import DEFAULT_SHELL, direct_argv, direct_environment
 
@@ -64,7 +63,7 @@ class LocalTransport(Transport):
     @classmethod
     def foreign_shell(cls, host: Host) -> str | None:
         shell = cls.shell_of(host)
-        return None if PurePosixPath(shell).name in SH_FAMILY else shell
+        return None if reads_like_sh(shell) else shell
 
     async def execute(self, execution: Execution) -> int:
         # Inheriting the environment as is (env=None) spares an encode of every variable.

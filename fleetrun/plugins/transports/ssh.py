@@ -386,7 +386,8 @@ class _PooledConnection:
         which works with every shell."""
         import paramiko
 
-        from fleetrun.plugins.transports.ssh_channel import SHELL_PROBE, login_shell, reads_posix
+        from fleetrun.core.shell import reads_like_sh
+        from fleetrun.plugins.transports.ssh_channel import SHELL_PROBE, login_shell
 
         output = b""
         try:
@@ -405,7 +406,7 @@ class _PooledConnection:
                 raise TransportError("disconnected", f"{self.describe()} closed the connection after the login: {exc}") from None
             log.warning("%s: no answer to which login shell the user has (%s); taking it as not POSIX", self.describe(), exc)
         self.login_shell = login_shell(output)
-        self.posix_login_shell = reads_posix(self.login_shell)
+        self.posix_login_shell = reads_like_sh(self.login_shell)
         log.debug("%s: login shell %s", self.describe(), self.login_shell or "unknown")
 
     def run_quiet(self, script: str) -> int:

@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from pathlib import PurePosixPath
 from typing import Callable, Mapping
 
 import paramiko
 
 from fleetrun.core.processes import KILL_GRACE_SECONDS
-from fleetrun.core.shell import SH_FAMILY
 from fleetrun.core.transport import Execution, OutputSink, TransportError
 from fleetrun.plugins.transports.ssh_connect import exit_signal
 
@@ -84,11 +82,6 @@ def login_shell(probe_output: bytes) -> str | None:
         if line.startswith(_SHELL_LINE):
             return line[len(_SHELL_LINE):].decode(errors="replace").strip() or None
     return None
-
-
-def reads_posix(shell: str | None) -> bool:
-    """Whether the login shell ``shell`` (a path) reads the preamble, and commands, as sh does."""
-    return shell is not None and PurePosixPath(shell).name in SH_FAMILY
 
 
 def remote_command(command: str, env: Mapping[str, str], cwd: str | None, *, posix_login_shell: bool) -> tuple[str, bytes]:
