@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.inventory import Host
+from fleetrun.core.shell import reads_like_sh
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
 
 if TYPE_CHECKING:
@@ -344,9 +345,13 @@ class _PooledConnection:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.keepalive: asyncio.Task[None] | None = None
         self.pinging: asyncio.Future[None] | None = None  # the keepalive's request in flight, if any
-        #: The user's login shell, and whether it reads fleetrun's preamble (see ask_login_shell).
+        #: The user's login shell (see ask_login_shell); None: unknown.
         self.login_shell: str | None = None
-        self.posix_login_shell = False
+
+    @property
+    def posix_login_shell(self) -> bool:
+        """Whether the login shell reads fleetrun's preamble, and commands, as sh does."""
+        return reads_like_sh(self.login_shell)
 
     @property
     def alive(self) -> bool:
@@ -386,7 +391,6 @@ class _PooledConnection:
         which works with every shell."""
         import paramiko
 
-        from fleetrun.core.shell import reads_like_sh
         from fleetrun.plugins.transports.ssh_channel import SHELL_PROBE, login_shell
 
         output = b""
@@ -406,7 +410,6 @@ class _PooledConnection:
                 raise TransportError("disconnected", f"{self.describe()} closed the connection after the login: {exc}") from None
             log.warning("%s: no answer to which login shell the user has (%s); taking it as not POSIX", self.describe(), exc)
         self.login_shell = login_shell(output)
-        self.posix_login_shell = reads_like_sh(self.login_shell)
         log.debug("%s: login shell %s", self.describe(), self.login_shell or "unknown")
 
     def run_quiet(self, script: str) -> int:

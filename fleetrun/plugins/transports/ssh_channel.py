@@ -91,21 +91,18 @@ def remote_command(command: str, env: Mapping[str, str], cwd: str | None, *, pos
     the environment. To another: a fixed line that runs the preamble in ``sh``; the input
     holds the environment, the working directory and the command.
     """
-    if not posix_login_shell:
-        internal = {"__fleetrun_command": command, **({"__fleetrun_cwd": cwd} if cwd else {})}
-        steps = [_PRINT_PID, _READ_INPUT, _WATCHDOG]
-        if cwd:
-            steps.append('cd -- "$__fleetrun_cwd" || exit 1')
-        steps.append('exec /bin/sh -c "$__fleetrun_command"')
-        return _through_sh("; ".join(steps)), _input_lines(env, internal)
-    lines = [_PRINT_PID]
-    if env:
-        lines.append(_READ_INPUT)
-    lines.append(_WATCHDOG)
+    through_sh = not posix_login_shell
+    internal = {"__fleetrun_command": command, **({"__fleetrun_cwd": cwd} if cwd else {})} if through_sh else {}
+    steps = [_PRINT_PID]
+    if env or internal:
+        steps.append(_READ_INPUT)
+    steps.append(_WATCHDOG)
     if cwd:
-        lines.append(f"cd -- {shlex.quote(cwd)} || exit 1")
-    lines.append(command)
-    return "\n".join(lines), _input_lines(env, {})
+        directory = '"$__fleetrun_cwd"' if through_sh else shlex.quote(cwd)
+        steps.append(f"cd -- {directory} || exit 1")
+    steps.append('exec /bin/sh -c "$__fleetrun_command"' if through_sh else command)
+    request = _through_sh("; ".join(steps)) if through_sh else "\n".join(steps)
+    return request, _input_lines(env, internal)
 
 
 def _through_sh(script: str) -> str:
