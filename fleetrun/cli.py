@@ -557,11 +557,13 @@ def cmd_policy_check(ctx: _Context) -> int:
     args = ctx.args
     if not args.command:
         raise FleetrunError("no command given: write it after --, e.g. fleetrun policy check web1 -- systemctl status nginx")
+    from fleetrun.core.executor import plan_task
+
     policy = _configured_or_builtin_policy(ctx)
-    host = ctx.inventory.get(args.host)
-    transport = ctx.plugins.transports.get(host.transport)
-    foreign_shell = transport.foreign_shell(host) if transport is not None else None
-    decision = policy.decide(host, " ".join(args.command), foreign_shell=foreign_shell)
+    # Planned as `run` plans it, so that the two always agree (the host's shell included).
+    request = TaskRequest(host=args.host, command=" ".join(args.command))
+    decision = plan_task(request, ctx.inventory, ctx.plugins.transports, describe=False, policy=policy).decision
+    assert decision is not None
     if args.json:
         print(redact(json.dumps(decision.to_dict(), indent=2)))
     else:
@@ -1204,7 +1206,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements", description="List plugins and hooks.")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=cmd_plugins)
-    for command in (run, hosts, tasks, listing, show_task, output, cancel, check, show, serve, plugins):
+    for command in (run, hosts, tasks, listing, show_task, output, cancel, keep, check, show, serve, plugins):
         _add_global_options(command.add_argument_group("global options (also accepted before the command)"), after_command=True)
         raw = command.formatter_class is argparse.RawDescriptionHelpFormatter
         command.formatter_class = _RawSubcommandHelp if raw else _SubcommandHelp
