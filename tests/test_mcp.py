@@ -474,6 +474,30 @@ def test_a_policy_written_where_the_read_only_server_says_applies_to_its_next_ca
     run(scenario)
 
 
+def test_the_read_only_server_shows_the_assistant_no_secret_from_its_environment(tmp_path):
+    # The MCP client starts the server with the variables the hosts file names as secrets.
+    password = "pw-" + secrets.token_hex(12)
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({"local": {}, "web1": {"transport": "ssh", "hostname": "127.0.0.1", "port": 9,
+                                                            "password_env": "WEB1_PASSWORD"}}))
+    env = {name: value for name, value in os.environ.items() if name != "FLEETRUN_POLICY"}
+    env.update(FLEETRUN_HOSTS=str(hosts), WEB1_PASSWORD=password)
+    params = StdioServerParameters(command=sys.executable, args=["-m", "fleetrun", "serve"], env=env)
+    answers = []
+
+    async def scenario():
+        async with mcp.Client(params, mode="legacy") as client:
+            echoed = await client.call_tool("run_command", {"host": "local", "command": 'echo "[$WEB1_PASSWORD]"'})
+            assert echoed.structured_content["stdout_tail"] == "[]\n"
+            environments = await client.call_tool("run_command", {"host": "local", "command": "ps eww"})
+            assert environments.is_error
+            assert "ps eww (it shows processes' environments, where secrets are kept)" in environments.content[0].text
+            answers.extend([echoed, environments])
+
+    run(scenario)
+    assert not any(password in answer.model_dump_json() for answer in answers)
+
+
 def test_an_ssh_host_through_the_server(server_for, sshd_fleet, shared_sshd, tmp_path):
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
     hosts = hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)})

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -91,6 +93,8 @@ def test_wrappers_and_unknown_words_are_recorded():
         ("xargs -a/etc/shadow echo", "xargs: -a /etc/shadow (reads the arguments from a file)"),
         ('"" -a', "an empty program name ('')"),  # found by the property test below
         ("sudo '' x", "an empty program name ('')"),
+        ("ps eww", "ps eww (it shows processes' environments, where secrets are kept)"),
+        ("ps $OPTS", "ps $OPTS (an option decided at run time could show processes' environments"),
     ],
 )
 def test_constructs_that_cannot_be_judged_are_named(line, problem):
@@ -350,6 +354,9 @@ BYPASSES = [
     # what fish, csh and tcsh read as substitutions and redirections (the login shell reads the command)
     ("echo (rm -rf /)", "subshell"), ("uname >! /etc/motd", "output redirection"), ("uname >>& /tmp/x", "redirection"),
     ("echo hi; and rm -rf /", NO_RULE), ("uname >? /tmp/x", "output redirection"),
+    # reading what other processes keep in their environment (tokens, passwords)
+    ("ps eww", "processes' environments"), ("ps auxe", "processes' environments"), ("ps -o args -p 1 e", "processes' environments"),
+    ("sudo ps -E", "processes' environments"),
 ]
 
 
@@ -373,6 +380,35 @@ def test_the_read_only_policy_denies_a_bypass_attempt(line, why):
 )
 def test_the_read_only_policy_allows_looking_around(line):
     assert READ_ONLY.decide(WEB1, line).allowed, READ_ONLY.decide(WEB1, line).explanation
+
+
+# Each with the env of the process it looks at (on this machine's procps) and without it.
+PS_FORMS = [
+    ("ps p {pid} e", True), ("ps -o args -p {pid} e", True), ("ps -p {pid} -o args eww", True),
+    ("ps --sort=user -o args e -p {pid}", True), ("ps ewwf -p {pid}", True), ("ps -p {pid} auxe", True),
+    ("ps -p {pid} -o args", False), ("ps ww -o args -p {pid}", False), ("ps axo user,pid,args", False),
+    ("ps -C sleep -o args", False), ("ps opid,user,args p {pid}", False), ("ps -opid,user,args -p {pid}", False),
+    ("ps kuser -o args -p {pid}", False), ("ps aux --sort -rss", False), ("ps -ef", False), ("ps -eo pid,user,args", False),
+    ("ps -p {pid} -ww -o user,args --no-headers", False),
+]
+
+
+@pytest.mark.parametrize("form, shows_environment", PS_FORMS)
+def test_ps_is_denied_exactly_when_it_would_show_environments(form, shows_environment, tmp_path):
+    marker = "FLEETRUN_PS_MARKER=" + tmp_path.name
+    process = subprocess.Popen(["sleep", "60"], env={**os.environ, "FLEETRUN_PS_MARKER": tmp_path.name})
+    try:
+        line = form.format(pid=process.pid)
+        wide = {**os.environ, "COLUMNS": "100000"}  # not cut at 80 columns, as when stdout is not a terminal
+        printed = subprocess.run(line, shell=True, capture_output=True, text=True, check=True, env=wide).stdout
+        assert (marker in printed) is shows_environment, f"procps reads {line!r} otherwise than this test says"
+        decision = READ_ONLY.decide(WEB1, line)
+        assert decision.allowed is not shows_environment, decision.explanation
+        if shows_environment:
+            assert "it shows processes' environments, where secrets are kept" in decision.explanation
+    finally:
+        process.kill()
+        process.wait()
 
 
 # -- properties -----------------------------------------------------------------------------------

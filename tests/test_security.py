@@ -6,14 +6,17 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from fleetrun.core.config_files import ConfigFiles
 from fleetrun.core.errors import FleetrunError, InventoryError, UnknownTaskError
 from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
+from fleetrun.core.secrets import redact
 
 from conftest import hosts_file_text, run_cli, ssh_host
 
@@ -69,6 +72,65 @@ def test_a_secret_in_play_is_written_nowhere(tmp_path, sshd_fleet, shared_sshd):
     for text in written:
         assert passphrase not in text
         assert wrong not in text
+
+
+def _secret_in(tmp_path: Path, monkeypatch, name: str) -> tuple[str, str, Path]:
+    """A new variable and a new mode-600 file, each holding a secret of its own."""
+    variable = f"FLEETRUN_TEST_{name.upper()}_{secrets.token_hex(4).upper()}"
+    monkeypatch.setenv(variable, f"{name}-pw-" + secrets.token_hex(10))
+    path = tmp_path / f"{name}.passphrase"
+    path.write_text(f"{name}-pp-" + secrets.token_hex(10) + "\n")
+    path.chmod(0o600)
+    return variable, os.environ[variable], path
+
+
+def _unused_ssh_host(variable: str, passphrase_file: Path) -> dict[str, object]:
+    # Never connected to: the secrets it names are what matters.
+    return {"transport": "ssh", "hostname": "127.0.0.1", "port": 9, "password_env": variable,
+            "passphrase_file": str(passphrase_file)}
+
+
+def _printed_on_local(executor, command: str) -> str:
+    task = executor.run(TaskRequest(host="local", command=command))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    return executor.read_output(task.id).data.decode()
+
+
+def test_a_command_on_one_host_never_sees_the_secrets_of_another(make_executor, tmp_path, monkeypatch):
+    # An MCP client starts `fleetrun serve` with the variables a hosts file names as secrets;
+    # before, a command on `local` inherited them (`echo $VAR` is read-only) and another
+    # host's secrets were known for redaction only once a task had run there.
+    variable, password, passphrase_file = _secret_in(tmp_path, monkeypatch, "web1")
+    passphrase = passphrase_file.read_text().strip()
+    executor = make_executor(hosts_yaml=hosts_file_text({"local": {}, "web1": _unused_ssh_host(variable, passphrase_file)}))
+    assert (redact(password), redact(passphrase)) == ("***", "***")  # before any task on web1
+    assert _printed_on_local(executor, f'printf "[%s]" "${variable}"') == "[]"
+    assert _printed_on_local(executor, f"printenv {variable}; echo exit=$?") == "exit=1\n"
+    # Only those variables are withheld; the rest of the environment is inherited as before.
+    assert _printed_on_local(executor, 'printf "%s" "$HOME"') == os.environ["HOME"]
+    # A host's own env: is configuration, written in the hosts file, and is given as written.
+    executor.reconfigure(inventory=parse_inventory(hosts_file_text({
+        "local": {"env": {variable: "set-by-the-hosts-file"}}, "web1": _unused_ssh_host(variable, passphrase_file),
+    }), source="hosts.yaml", transports=TRANSPORTS), policy=None)
+    assert _printed_on_local(executor, f'printf "%s" "${variable}"') == "set-by-the-hosts-file"
+
+    # A host added later, by reconfigure() or by an edit of the hosts file, is read at once too.
+    added, added_password, added_file = _secret_in(tmp_path, monkeypatch, "web2")
+    executor.reconfigure(inventory=parse_inventory(hosts_file_text({"local": {}, "web2": _unused_ssh_host(added, added_file)}),
+                                                   source="hosts.yaml", transports=TRANSPORTS), policy=None)
+    assert (redact(added_password), redact(added_file.read_text().strip())) == ("***", "***")
+    assert _printed_on_local(executor, f'printf "[%s]" "${added}"') == "[]"
+
+    edited, edited_password, edited_file = _secret_in(tmp_path, monkeypatch, "web3")
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({"local": {}}))
+    followed = make_executor(config_files=ConfigFiles(hosts=hosts, transports=TRANSPORTS))
+    assert _printed_on_local(followed, f'printf "[%s]" "${edited}"') == f"[{edited_password}]"  # not a secret yet
+    hosts.write_text(hosts_file_text({"local": {}, "web3": _unused_ssh_host(edited, edited_file)}))
+    past = time.time() - 60
+    os.utime(hosts, (past, past))
+    assert _printed_on_local(followed, f'printf "[%s]" "${edited}"') == "[]"
+    assert redact(edited_file.read_text().strip()) == "***"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sets a password on the tests' own login user, which needs root")

@@ -263,6 +263,7 @@ class Executor:
             self._taken_from_files or Configuration(inventory if inventory is not None else default_inventory(), policy),
             0,
         )
+        self._register_secrets(self._configuration[0])
         self._reconfigure_lock = threading.Lock()
         self.store = store if store is not None else TaskStore()
         self._owns_store = store is None
@@ -321,8 +322,10 @@ class Executor:
         tasks too. An executor that follows ``config_files`` keeps this until they change.
         """
         self._check_process()
+        configuration = Configuration(inventory, policy)
+        self._register_secrets(configuration)
         with self._reconfigure_lock:
-            self._configuration = (Configuration(inventory, policy), self._configuration[1] + 1)
+            self._configuration = (configuration, self._configuration[1] + 1)
 
     def _current(self) -> tuple[Configuration, int]:
         """The configuration to plan with, and its generation; a changed file is taken first."""
@@ -331,9 +334,20 @@ class Executor:
             if latest is not self._taken_from_files:
                 with self._reconfigure_lock:
                     if latest is not self._taken_from_files:
+                        self._register_secrets(latest)
                         self._taken_from_files = latest
                         self._configuration = (latest, self._configuration[1] + 1)
         return self._configuration
+
+    def _register_secrets(self, configuration: Configuration) -> None:
+        """Read the secrets of every host, not only of those tasks run on: a command on one
+        host must not print another's from this process's environment (see
+        :func:`~fleetrun.core.secrets.secret_variables`) or in output that is kept."""
+        transports = self.plugins.transports
+        for host in configuration.inventory.hosts.values():
+            cls = transports.get(host.transport)
+            if cls is not None:
+                cls.register_secrets(host)
 
     # -- public API: planning ----------------------------------------------------------
 

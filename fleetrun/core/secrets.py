@@ -4,7 +4,9 @@ A secret (an SSH password, an identity file's passphrase) never sits in the host
 a host names an environment variable or a file that holds it. Every value read through
 :func:`read_secret` is remembered for this process, and :func:`redact` replaces it with
 ``***`` wherever fleetrun writes text: task records, errors, the JSON log, notifications,
-log lines (through :class:`RedactingFilter`) and the CLI's own messages.
+log lines (through :class:`RedactingFilter`) and the CLI's own messages. The environment
+variables secrets are read from are remembered too (:func:`secret_variables`): a command
+run on this machine does not inherit them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class _Registry:
         self._values: tuple[str, ...] = ()
         #: The same values as UTF-8, for output, which is bytes and is read in pieces.
         self.encoded: tuple[bytes, ...] = ()
+        self.variables: frozenset[str] = frozenset()
 
     def add(self, value: str) -> None:
         with self._lock:
@@ -39,6 +42,10 @@ class _Registry:
                 # Longest first, so that a secret containing another is replaced whole.
                 self._values = tuple(sorted({*self._values, value}, key=len, reverse=True))
                 self.encoded = tuple(v.encode() for v in self._values)
+
+    def add_variable(self, name: str) -> None:
+        with self._lock:
+            self.variables = self.variables | {name}
 
     def redact(self, text: str) -> str:
         for value in self._values:
@@ -60,6 +67,13 @@ def register_secret(value: str) -> None:
 def redact(text: str | None) -> str | None:
     """``text`` with every known secret replaced by ``***``."""
     return _registry.redact(text) if text else text
+
+
+def secret_variables() -> frozenset[str]:
+    """The names of the environment variables that secrets were read from (or were to be:
+    also one that held too short a value). Commands started on this machine do not inherit
+    them; they are there for fleetrun."""
+    return _registry.variables
 
 
 def longest_secret() -> int:
@@ -132,6 +146,7 @@ def read_secret(*, env: str | None, file: str | None, what: str, min_length: int
     secret shorter than ``min_length`` (at least :data:`MIN_SECRET_LENGTH`) is refused.
     """
     if env:
+        _registry.add_variable(env)
         value = os.environ.get(env)
         if value is None:
             raise SecretError(f"{what}: environment variable {env} is not set")

@@ -469,6 +469,12 @@ def _judge_words(
             if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
                 result.problems.append(f"find {word.value} (it runs commands or writes files)")
                 return
+    if base == "ps":
+        option = _ps_environment_option(args)
+        if option is not None:
+            why = "it shows" if option.known else "an option decided at run time could show"
+            result.problems.append(f"ps {option.value} ({why} processes' environments, where secrets are kept)")
+            return
     result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
 
 
@@ -481,6 +487,43 @@ def _shell_script(args: list[Word]) -> Word | None:
             return args[index + 1] if index + 1 < len(args) else Word("", True)
         if not word.value.startswith("-"):
             return None
+    return None
+
+
+# ps options that take a value, attached or as the next word: their values are not options.
+# Only real ones belong here: a letter taken for one wrongly would hide the word after it.
+_PS_DASH_WITH_VALUE = frozenset("CGgOopqstUu")
+_PS_BSD_WITH_VALUE = frozenset("OopqtUk")
+_PS_LONG_WITH_VALUE = frozenset(
+    {"--Group", "--group", "--pid", "--ppid", "--quick-pid", "--sid", "--tty", "--User", "--user", "--format",
+     "--sort", "--cols", "--columns", "--width", "--rows", "--lines", "--help"}
+)
+
+
+def _ps_environment_option(args: list[Word]) -> Word | None:
+    """The option that makes ``ps`` print processes' environments, if one is given: the
+    BSD-style ``e`` of procps (``ps eww``, ``ps auxe``) and of the BSDs, macOS's ``-E``. A
+    word decided at run time counts as one, since it could be."""
+    index = 0
+    while index < len(args):
+        word = args[index]
+        index += 1
+        if not word.known:
+            return word
+        value = word.value
+        if value.startswith("--"):
+            if "=" not in value and value in _PS_LONG_WITH_VALUE:
+                index += 1
+            continue
+        dashed = value.startswith("-")
+        letters = value[1:] if dashed else value
+        for position, letter in enumerate(letters):
+            if letter == ("E" if dashed else "e"):
+                return word
+            if letter in (_PS_DASH_WITH_VALUE if dashed else _PS_BSD_WITH_VALUE):
+                if position == len(letters) - 1:
+                    index += 1  # the value is the next word
+                break  # the rest of the word is the value
     return None
 
 

@@ -4,6 +4,8 @@ A command that is only a program and plain arguments is started without the shel
 the same result (see :mod:`~fleetrun.plugins.transports.local_exec`). Each command gets a
 session (and so a process group) of its own; a timeout or a cancel signals the whole
 group (TERM, then KILL after a grace period), so nothing it started is left running.
+A command inherits fleetrun's environment, less the variables that fleetrun reads secrets
+from (a host's ``password_env``, say): those are there for fleetrun, not for commands.
 Output is read without threads: the executor's event loop watches the pipes and, for a
 command that runs longer than a moment, a pidfd. When the executor runs nothing else, a
 command that ends within a couple of milliseconds is waited for directly instead.
@@ -24,6 +26,7 @@ from fleetrun.core import open_files
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.inventory import Host
 from fleetrun.core.processes import KILL_GRACE_SECONDS, signal_group
+from fleetrun.core.secrets import secret_variables
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
 from fleetrun.plugins.transports.local_exec import DEFAULT_SHELL, direct_argv, direct_environment
@@ -39,6 +42,17 @@ EXIT_DRAIN_SECONDS = 1.0
 #: A command still running after this long gets its exit watched through a pidfd. One that
 #: ends sooner is reaped when its pipes close, which is cheaper than a pidfd per command.
 _EXIT_WATCH_DELAY = 0.02
+
+
+def command_environment(extra: Mapping[str, str]) -> dict[str, str] | None:
+    """This process's environment without the variables secrets are read from, with
+    ``extra`` on top; None when that is the environment as it is."""
+    withheld = [name for name in secret_variables() if name in os.environ]
+    if not withheld and not extra:
+        return None  # inheriting it as it is spares an encode of every variable
+    env = {name: value for name, value in os.environ.items() if name not in withheld}
+    env.update(extra)
+    return env
 
 
 class LocalTransport(Transport):
@@ -66,8 +80,7 @@ class LocalTransport(Transport):
         return None if reads_like_sh(shell) else shell
 
     async def execute(self, execution: Execution) -> int:
-        # Inheriting the environment as is (env=None) spares an encode of every variable.
-        env = {**os.environ, **execution.env} if execution.env else None
+        env = command_environment(execution.env)
         # Plain descriptors rather than Popen's PIPE: no file objects to build and tear down per command.
         try:
             stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
