@@ -27,7 +27,7 @@ from fleetrun import __version__
 from fleetrun.core import paths
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.events import CANCELLED, COMPLETED, PROGRESS, LifecycleEvent, LifecycleEventPlugin
-from fleetrun.core.models import Progress, Task, TaskRequest, TaskStatus
+from fleetrun.core.models import ORIGIN_CLI, Progress, Task, TaskRequest, TaskStatus
 from fleetrun.core.output import check_offset
 from fleetrun.core.secrets import install_log_redaction, redact
 from fleetrun.core.text import printable
@@ -281,6 +281,7 @@ def _request(args: argparse.Namespace) -> TaskRequest:
         env=env,
         cwd=args.cwd,
         progress_pattern=args.progress_pattern,
+        origin=ORIGIN_CLI,
     )
 
 
@@ -384,7 +385,7 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
     batch = BatchRequest(
         hosts=hosts, command=request.command, timeout_s=request.timeout_s,
         max_output_bytes=request.max_output_bytes, env=request.env, cwd=request.cwd,
-        max_parallel=args.max_parallel, stop_on_failure=args.stop_on_failure,
+        max_parallel=args.max_parallel, stop_on_failure=args.stop_on_failure, origin=request.origin,
     )
     output = _PrefixedOutput(hosts, console)
     try:

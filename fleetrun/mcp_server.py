@@ -22,14 +22,14 @@ from typing import Annotated, Any, Callable, Literal, Mapping
 from pydantic import BaseModel, Field, ValidationError
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from fleetrun import __version__
 from fleetrun.core.batch import BatchRequest, run_batch_async, select_hosts
 from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownTaskError
 from fleetrun.core.executor import Executor
-from fleetrun.core.models import Limits, Task, TaskRequest, TaskStatus
+from fleetrun.core.models import ORIGIN_MCP, Limits, Task, TaskRequest, TaskStatus
 from fleetrun.core.output import OutputSlice, check_offset
 from fleetrun.core.secrets import redact
 from fleetrun.mcp_subscriptions import SubscriptionsMiddleware
@@ -226,6 +226,16 @@ class FleetrunMcp:
         self.executor = executor
         self.notifier = notifier
 
+    async def task(self, task_id: str) -> Task:
+        """The task, if it was started through an MCP server (this one or another, earlier):
+        the assistant sees no other. What the user ran with ``fleetrun run`` is the user's:
+        its output may hold what the policy would not let the assistant read, and cancelling
+        it is not the assistant's to do."""
+        task = await self.executor.get_async(task_id)
+        if task.origin != ORIGIN_MCP:
+            raise UnknownTaskError(f"no task {task_id!r} was started through the MCP server (the assistant sees only those)")
+        return task
+
     def finished_result(self, task: Task) -> RunResult:
         """The result of a task that ended (reads its output: call it off the event loop)."""
         return RunResult(
@@ -241,7 +251,7 @@ class FleetrunMcp:
         status: Callable[[Task], dict[str, Any]] | None = None,
     ):
         """Start a task and relay its lifecycle to ``session``; a refusal is a :class:`ToolError`."""
-        request = TaskRequest(host=host, command=command, timeout_s=timeout_s)
+        request = TaskRequest(host=host, command=command, timeout_s=timeout_s, origin=ORIGIN_MCP)
         try:
             handle = await self.executor.submit_async(request)
         except FleetrunError as exc:
@@ -309,7 +319,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         state, result_for=state.finished_result, check_arguments=lambda tool, arguments: server.check_arguments(tool, arguments)
     )
     server = _FleetrunServer(
-        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier, executor), tasks], **server_options
+        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier, state.task), tasks], **server_options
     )
 
     @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
@@ -429,7 +439,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             selected = select_hosts(executor.inventory, hosts or [], tag)
             batch = BatchRequest(
                 hosts=selected, command=command, timeout_s=timeout_s, max_parallel=max_parallel,
-                stop_on_failure=stop_on_failure,
+                stop_on_failure=stop_on_failure, origin=ORIGIN_MCP,
             )
             outcome = await run_batch_async(executor, batch)
         except FleetrunError as exc:
@@ -441,7 +451,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")
     async def get_task(task_id: TaskId) -> TaskInfo:
         try:
-            return _task_info(await executor.get_async(task_id))
+            return _task_info(await state.task(task_id))
         except FleetrunError as exc:
             raise _fail(exc) from None
 
@@ -460,8 +470,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     ) -> OutputChunk:
         size = min(max_bytes, MAX_READ_BYTES)
 
-        def read() -> tuple[Task, OutputSlice, str]:
-            task = executor.get(task_id)
+        def read(task: Task) -> tuple[Task, OutputSlice, str]:
             if tail_lines is not None:
                 return task, *executor.tail_output_text(task_id, stream, lines=tail_lines, max_bytes=size)
             piece, text = executor.read_output_text(task_id, stream, offset=offset, max_bytes=size)
@@ -469,7 +478,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             return task, piece, text
 
         try:
-            task, piece, text = await asyncio.to_thread(read)
+            task, piece, text = await asyncio.to_thread(read, await state.task(task_id))
         except FleetrunError as exc:
             raise _fail(exc) from None
         return OutputChunk(
@@ -480,6 +489,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(description="Cancel a queued or running task: the command and everything it started are stopped.")
     async def cancel_task(task_id: TaskId) -> CancelResult:
         try:
+            await state.task(task_id)
             cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
             task = await executor.get_async(task_id)
             if cancelled:
@@ -491,7 +501,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             raise _fail(exc) from None
         return CancelResult(task_id=task_id, cancelled=cancelled, status=task.status.value)
 
-    @server.tool(description="List tasks, newest first, optionally by status and host.")
+    @server.tool(description="List the tasks started through the MCP server, newest first, optionally by status and host.")
     async def list_tasks(
         status: Annotated[
             Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"] | None,
@@ -501,7 +511,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         limit: Annotated[int, Field(ge=1, le=200, description="at most this many, newest first")] = 20,
     ) -> TaskListing:
         statuses = [TaskStatus(status)] if status else None
-        tasks = await executor.list_async(status=statuses, host=host, limit=limit)
+        tasks = await executor.list_async(status=statuses, host=host, limit=limit, origin=ORIGIN_MCP)
         return TaskListing(tasks=[_task_info(t) for t in tasks])
 
     @server.resource(HOSTS_URI, name="hosts", description="The inventory's hosts", mime_type="application/json")
@@ -513,17 +523,18 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         mime_type="application/json",
     )
     async def task_resource(task_id: str) -> str:
-        def read() -> dict[str, Any]:
+        def read(task: Task) -> dict[str, Any]:
             return {
-                "task": _task_info(executor.get(task_id)).model_dump(),
+                "task": _task_info(task).model_dump(),
                 "stdout_tail": state.tail(task_id, "stdout"),
                 "stderr_tail": state.tail(task_id, "stderr"),
             }
 
         try:
-            body = await asyncio.to_thread(read)
+            body = await asyncio.to_thread(read, await state.task(task_id))
         except UnknownTaskError as exc:
-            raise ToolError(str(exc)) from None
+            # Not found (the SDK's invalid-params answer, with this message), not a server failure.
+            raise ResourceNotFoundError(str(exc)) from None
         return json.dumps(body, indent=2)
 
     @server.prompt(name="fleetrun_guide", description="How to plan, run, follow and cancel commands with fleetrun")

@@ -15,22 +15,22 @@ leave without unsubscribing leave nothing behind.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from mcp.shared.exceptions import MCPError
 
 from fleetrun.core.errors import FleetrunError
-from fleetrun.core.executor import Executor
+from fleetrun.core.models import Task
 from fleetrun.plugins.notifiers.mcp import HOSTS_URI, TASK_URI_PREFIX, McpNotifier
 
 INVALID_PARAMS = -32602
 
 
 class SubscriptionsMiddleware:
-    def __init__(self, notifier: McpNotifier, executor: Executor) -> None:
+    def __init__(self, notifier: McpNotifier, task: Callable[[str], Awaitable[Task]]) -> None:
         self.notifier = notifier
-        self.executor = executor
+        #: The task of an id, as the assistant may see it (it raises for one it may not).
+        self.task = task
 
     async def __call__(self, ctx: Any, call_next: Any) -> Any:
         method = ctx.method
@@ -63,7 +63,7 @@ class SubscriptionsMiddleware:
         if task_id == uri:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: no such resource")
         try:
-            task = await self.executor.get_async(task_id)  # the store, for a task not running here
+            task = await self.task(task_id)  # the store, for a task not running here
             return not task.status.is_terminal
         except FleetrunError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: {exc}") from None

@@ -32,12 +32,13 @@ def test_events_are_json_lines_with_documented_fields(make_executor, tmp_path):
         (cancelled.id, "task.created"), (cancelled.id, "task.cancelled"),
     ]
     created, progress, completed, _, cancel = lines
-    assert set(created) == COMMON | {"created_at", "max_seconds", "max_output_bytes", "policy"}
+    assert set(created) == COMMON | {"created_at", "max_seconds", "max_output_bytes", "policy", "origin"}
     assert set(progress) == COMMON | {"elapsed_s", "stdout_bytes", "stderr_bytes", "stdout_lines", "stderr_lines",
                                       "latest_line", "latest_stream", "percent", "heartbeat"}
     assert set(completed) == COMMON | ENDING
     assert set(cancel) == COMMON | ENDING | {"reason"}
     assert created["v"] == 1 and created["status"] == "queued" and created["command"] == ok.command
+    assert created["origin"] is None  # a Python caller that names none
     assert progress["percent"] == 50.0 and progress["latest_line"] == "progress: 50%"
     assert completed["status"] == "failed" and completed["exit_code"] == 4
     assert cancel["status"] == "cancelled" and cancel["reason"] == "audit test"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -496,6 +497,50 @@ def test_the_read_only_server_shows_the_assistant_no_secret_from_its_environment
 
     run(scenario)
     assert not any(password in answer.model_dump_json() for answer in answers)
+
+
+def test_the_assistant_sees_only_the_tasks_started_through_the_mcp_server(server_for, store, marker):
+    # Before, list_tasks and get_task_output handed the assistant the output of whatever the
+    # user had run with `fleetrun run` (no policy there), and cancel_task stopped it.
+    server, executor = server_for(policy_text=None)  # the read-only policy: `cat` is not allowed
+    private = "user-only-" + secrets.token_hex(6)
+    env = {"FLEETRUN_HOME": str(store.home)}
+    assert run_cli("run", "local", "--", f"echo {private}", env=env).returncode == 0
+    running = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "run", "local", "--", f"sleep {marker}"], env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: len(executor.list(status=[TaskStatus.RUNNING])) == 1)  # in SQLite, out of its journal
+        users = {task.command: task.id for task in executor.list()}
+        assert set(users) == {f"echo {private}", f"sleep {marker}"}
+        answers = []
+
+        async def scenario():
+            async with mcp.Client(server, mode="legacy") as client:
+                own = (await client.call_tool("run_command", {"host": "local", "command": "echo mine"})).structured_content
+                listed = (await client.call_tool("list_tasks", {})).structured_content
+                assert [t["task_id"] for t in listed["tasks"]] == [own["task"]["task_id"]]
+                for task_id in users.values():
+                    hidden = f"no task '{task_id}' was started through the MCP server (the assistant sees only those)"
+                    for tool, arguments in [("get_task", {}), ("get_task_output", {}), ("get_task_output", {"tail_lines": 5}),
+                                            ("cancel_task", {})]:
+                        answer = await client.call_tool(tool, {"task_id": task_id, **arguments})
+                        answers.append(answer)
+                        assert answer.is_error and answer.content[0].text == f"Error executing tool {tool}: {hidden}"
+                    with pytest.raises(MCPError, match=re.escape(hidden)):
+                        await client.read_resource(f"fleetrun://tasks/{task_id}")
+                    with pytest.warns(Warning), pytest.raises(MCPError, match=re.escape(hidden)):
+                        await client.subscribe_resource(f"fleetrun://tasks/{task_id}")
+
+        run(scenario)
+        assert not any(private in answer.model_dump_json() for answer in answers)
+        assert store.get(users[f"sleep {marker}"]).status is TaskStatus.RUNNING  # not the assistant's to cancel
+        assert {task.origin for task in executor.list()} == {"cli", "mcp"}
+    finally:
+        running.terminate()
+        running.wait(10)
+    assert_none_left(marker)
 
 
 def test_an_ssh_host_through_the_server(server_for, sshd_fleet, shared_sshd, tmp_path):

@@ -505,7 +505,7 @@ def test_a_host_whose_shell_reads_commands_otherwise_than_sh_is_judged_only_unde
     assert checked.returncode == 126 and f"runs commands with {fish}, which does not read them as sh does" in checked.stdout
 
     # Where raw shell is allowed, the host's own shell runs what the rules allow.
-    raw = parse_policy(f"rules:\n  - allow: printf *\n  - allow_raw_shell: true\n    hosts: [fishy]\n", source="raw.yaml")
+    raw = parse_policy("rules:\n  - allow: printf *\n  - allow_raw_shell: true\n    hosts: [fishy]\n", source="raw.yaml")
     executor.reconfigure(inventory=executor.inventory, policy=raw)
     task = executor.run(TaskRequest(host="fishy", command="printf '%s\\n' (string upper fish)"))
     assert executor.read_output(task.id).data == b"FISH\n"

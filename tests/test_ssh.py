@@ -853,7 +853,7 @@ def test_ssh_fields_are_checked_when_the_hosts_file_loads():
             parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)
         assert str(bad_address.value).startswith(f"h.yaml:4: host 'web', field 'hostname': '{address}': {problem}")
     for address in ("web 1", "deploy@web1", "-oProxyCommand=x", ""):
-        with pytest.raises(InventoryError, match=f"h.yaml:4: host 'web', field 'hostname': "):
+        with pytest.raises(InventoryError, match="h.yaml:4: host 'web', field 'hostname': "):
             parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)
     with pytest.raises(InventoryError) as local_field:
         parse_inventory("hosts:\n  box:\n    hostname: x\n", source="h.yaml", transports=transports)

@@ -524,6 +524,29 @@ def test_a_replayed_journal_leaves_each_task_in_its_latest_state(store):
     ]
 
 
+def test_a_journal_left_by_another_version_is_read_with_its_own_columns(store):
+    # A journal is positional. One written before Task gained its newest column (origin)
+    # has one value fewer in each entry; one written by a newer version has more.
+    journal_dir = store.home / "journal"
+    journal_dir.mkdir()
+    older, newer = _ended_task("0000000000e1", time.time()), _ended_task("0000000000e2", time.time())
+    older_values = _values(older)[:-1]  # as the version before origin wrote them
+    lines = [
+        ["insert", *older_values, "dead-owner-token"],
+        ["update", *older_values[:3], "echo updated", *older_values[4:]],
+        ["insert", *_values(replace(newer, origin="cli")), "a-column-of-later", "dead-owner-token"],
+    ]
+    (journal_dir / "123-dead.journal").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # Read from the journal before it is replayed, then from SQLite after.
+    assert (store.get(older.id).command, store.get(older.id).origin) == ("echo updated", None)
+    assert store.get(newer.id).origin == "cli"
+    assert store.sweep_orphans() == []
+    assert not (journal_dir / "123-dead.journal").exists()
+    with sqlite3.connect(store.home / "tasks.sqlite3") as db:
+        rows = db.execute("SELECT id, command, origin, owner_token FROM tasks ORDER BY id").fetchall()
+    assert rows == [("0000000000e1", "echo updated", None, "dead-owner-token"), ("0000000000e2", "true", "cli", "dead-owner-token")]
+
+
 def _ended_task(task_id: str, created_at: float) -> Task:
     return Task(
         id=task_id, host="local", transport="local", command="true", status=TaskStatus.SUCCEEDED,
@@ -705,8 +728,8 @@ def test_a_store_written_by_an_older_version_gains_the_new_columns_and_keeps_its
     db = sqlite3.connect(home / "tasks.sqlite3")
     try:
         columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-        assert {"policy", "process_token"} <= columns
-        assert db.execute("PRAGMA user_version").fetchone() == (5,)
+        assert {"policy", "process_token", "origin"} <= columns
+        assert db.execute("PRAGMA user_version").fetchone() == (6,)
         assert db.execute("SELECT count(*) FROM settings").fetchone() == (0,)
     finally:
         db.close()

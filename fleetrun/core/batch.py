@@ -36,11 +36,12 @@ class BatchRequest:
     cwd: str | None = None
     max_parallel: int = DEFAULT_MAX_PARALLEL
     stop_on_failure: bool = False
+    origin: str | None = None
 
     def task_request(self, host: str) -> TaskRequest:
         return TaskRequest(
             host=host, command=self.command, timeout_s=self.timeout_s,
-            max_output_bytes=self.max_output_bytes, env=self.env, cwd=self.cwd,
+            max_output_bytes=self.max_output_bytes, env=self.env, cwd=self.cwd, origin=self.origin,
         )
 
 

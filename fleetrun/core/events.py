@@ -59,7 +59,7 @@ class LifecycleEvent:
         if self.event == CREATED:
             out.update(
                 created_at=iso_time(task.created_at), max_seconds=task.max_seconds,
-                max_output_bytes=task.max_output_bytes, policy=task.policy,
+                max_output_bytes=task.max_output_bytes, policy=task.policy, origin=task.origin,
             )
         elif self.event == PROGRESS and self.progress is not None:
             out.update(asdict(self.progress))

@@ -458,20 +458,25 @@ class Executor:
         return await asyncio.to_thread(self.store.get, task_id)
 
     async def list_async(
-        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50
+        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50,
+        origin: str | None = None,
     ) -> list[Task]:
         """:meth:`list` on a worker thread: it first waits for this process's records to reach SQLite."""
-        return await asyncio.to_thread(self.list, status=status, host=host, limit=limit)
+        return await asyncio.to_thread(self.list, status=status, host=host, limit=limit, origin=origin)
 
-    def list(self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50) -> list[Task]:
-        """Tasks newest first; this executor's own live tasks as they are now, not as last stored."""
+    def list(
+        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50,
+        origin: str | None = None,
+    ) -> list[Task]:
+        """Tasks newest first (only those of ``host``, or of ``origin``, when given); this
+        executor's own live tasks as they are now, not as last stored."""
         self._check_process()
         wanted = set(status) if status is not None else None
         fetch = wanted
         if wanted is not None and wanted & {TaskStatus.QUEUED, TaskStatus.RUNNING}:
             fetch = wanted | {TaskStatus.QUEUED, TaskStatus.RUNNING}  # the store may lag a live task's state
         live = {task_id: entry.record for task_id, entry in list(self._live.items())}
-        stored = self.store.list(status=fetch, host=host, limit=limit + len(live))
+        stored = self.store.list(status=fetch, host=host, limit=limit + len(live), origin=origin)
         merged = [live.get(task.id, task) for task in stored]
         if wanted is not None:
             merged = [task for task in merged if task.status in wanted]
@@ -649,6 +654,7 @@ class Executor:
             max_output_bytes=plan.limits.max_output_bytes,
             owner_pid=os.getpid(),
             policy=plan.decision.summary if plan.decision is not None else None,
+            origin=request.origin,
         )
         return _LiveTask(record, plan, pattern, listener, generation)
 

@@ -74,6 +74,11 @@ class Limits:
         return replace(self, max_seconds=seconds, max_output_bytes=output)
 
 
+#: The origins fleetrun's own front ends give their tasks (see :attr:`Task.origin`).
+ORIGIN_CLI = "cli"
+ORIGIN_MCP = "mcp"
+
+
 @dataclass(frozen=True)
 class TaskRequest:
     """What a caller asks for: run ``command`` through the shell on ``host``.
@@ -81,6 +86,7 @@ class TaskRequest:
     ``timeout_s`` and ``max_output_bytes`` can only lower the host's limits. ``env`` is
     added to the host's environment; ``cwd`` replaces the host's working directory.
     ``progress_pattern`` overrides the executor's progress-marker pattern for this task.
+    ``origin`` says who asks, and is kept with the task (see :attr:`Task.origin`).
     """
 
     host: str
@@ -90,6 +96,7 @@ class TaskRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     progress_pattern: str | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,10 @@ class Task:
     progress: Progress | None = None
     #: The policy decision that let the task run (e.g. "allowed by rule 2 of FILE: …"), if a policy applied.
     policy: str | None = None
+    #: Who asked for the task: the front end that submitted it (``cli``, ``mcp``), or what a
+    #: Python caller named in :attr:`TaskRequest.origin`; None when nobody said. The MCP
+    #: server shows the assistant only the tasks whose origin is ``mcp``.
+    origin: str | None = None
 
     @property
     def duration_s(self) -> float | None:

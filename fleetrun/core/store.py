@@ -40,7 +40,7 @@ from fleetrun.core.text import encodable
 
 log = logging.getLogger("fleetrun.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 TASK_ID_RE = re.compile(r"[0-9a-f]{12}")  # with fullmatch: "$" would let a trailing newline through
 _ID_START_RE = re.compile(r"[0-9a-f]{4,12}")
 DB_NAME = "tasks.sqlite3"
@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     owner_token TEXT,
     progress TEXT,
     policy TEXT,
+    origin TEXT,
     -- the local command's process, stopped if the owner dies (fleetrun.core.processes)
     process_token TEXT
 );
@@ -179,7 +180,7 @@ class TaskStore:
         # Stores written by older versions lack newer columns; records are kept as they are
         # (and the cancel_requested column of a version-2 store stays, unused).
         present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
-        for column, kind in (("policy", "TEXT"), ("process_token", "TEXT")):
+        for column, kind in (("policy", "TEXT"), ("process_token", "TEXT"), ("origin", "TEXT")):
             if column not in present:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
 
@@ -410,7 +411,8 @@ class TaskStore:
             # Just created by another process, whose writer has not applied it yet?
             entry = journal.find_latest(self.home / JOURNAL_DIR, task_id, kinds=("insert", "update"))
             if entry is not None:
-                return _task(tuple(entry[1 : 1 + len(_TASK_COLUMNS)]))
+                state = entry[1:-1] if entry[0] == "insert" else entry[1:]  # an insert ends with the owner
+                return _task(tuple(_task_state(state)))
             row = self._select(task_id)  # applied while we looked
         if row is None or (row[_STATUS] in _LIVE and not owner_alive(row[-1])):
             # Its owner may have died with the record's last writes still in its journal.
@@ -443,17 +445,19 @@ class TaskStore:
             return self._db.execute(_SELECT_ONE_WITH_OWNER, (task_id,)).fetchone()
 
     def list(
-        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50
+        self, *, status: Iterable[TaskStatus] | None = None, host: str | None = None, limit: int = 50,
+        origin: str | None = None,
     ) -> list[Task]:
-        """Tasks, newest first."""
+        """Tasks, newest first; only those of ``host``, or of ``origin``, when given."""
         where, params = [], []
         if status is not None:
             values = [TaskStatus(s).value for s in status]
             where.append(f"status IN ({', '.join('?' for _ in values)})")
             params.extend(values)
-        if host is not None:
-            where.append("host = ?")
-            params.append(host)
+        for column, value in (("host", host), ("origin", origin)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         limit = max(0, int(limit))
         # What this process wrote is in SQLite after the flush; if the store refuses writes,
@@ -466,7 +470,10 @@ class TaskStore:
         tasks = {task.id: task for task in map(_task, rows)}
         tasks.update((task.id, task) for task in unapplied if isinstance(task, Task))
         wanted = {TaskStatus(s) for s in status} if status is not None else None
-        chosen = [t for t in tasks.values() if (wanted is None or t.status in wanted) and (host is None or t.host == host)]
+        chosen = [
+            t for t in tasks.values()
+            if (wanted is None or t.status in wanted) and host in (None, t.host) and origin in (None, t.origin)
+        ]
         return sorted(chosen, key=lambda t: t.created_at, reverse=True)[:limit]
 
     def read_output(self, task_id: str, stream: str, offset: int = 0, max_bytes: int = 65536) -> OutputSlice:
@@ -553,9 +560,9 @@ def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
     processes: dict[str, str] = {}
     for kind, *values in entries:
         if kind == "insert":
-            inserted.setdefault(values[0], values)
+            inserted.setdefault(values[0], [*_task_state(values[:-1]), values[-1]])
         elif kind == "update":
-            latest[values[0]] = values
+            latest[values[0]] = _task_state(values)
         elif kind == "process":
             processes[values[0]] = values[1]
         else:
@@ -575,6 +582,14 @@ def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
         db.executemany(_UPDATE, [(*values[1:], values[0]) for values in latest.values()])
     if processes:  # last: the task's row may have come in with this batch
         db.executemany("UPDATE tasks SET process_token = ? WHERE id = ?", [(token, task_id) for task_id, token in processes.items()])
+
+
+def _task_state(values: list[Any]) -> list[Any]:
+    """A journal entry's task columns, as many as this version has. New columns are only
+    ever appended to :class:`Task`: a journal left by an older version lacks the newest
+    ones (they stay NULL), and one by a newer version has more, which this one drops."""
+    missing = len(_TASK_COLUMNS) - len(values)
+    return [*values, *[None] * missing] if missing > 0 else values[: len(_TASK_COLUMNS)]
 
 
 def _task(row: tuple) -> Task:
