@@ -469,7 +469,7 @@ def test_a_denied_request_runs_nothing_and_is_reported_to_plugins(make_executor,
     policy = parse_policy("rules:\n  - allow: echo *\n  - deny: rm *\n", source="p.yaml")
     executor = make_executor(plugins=[JsonLogNotifier(log)], policy=policy)
     with pytest.raises(PolicyDenied) as denied:
-        executor.submit(TaskRequest(host="local", command="echo hi && rm -rf /tmp/nothing-here"))
+        executor.submit(TaskRequest(host="local", command="echo hi && rm -rf /tmp/nothing-here", origin="mcp"))
     assert "rule 2 of p.yaml, line 3: deny: rm *" in str(denied.value)
     assert executor.list() == []
     task = executor.run(TaskRequest(host="local", command="echo hi"))
@@ -478,8 +478,9 @@ def test_a_denied_request_runs_nothing_and_is_reported_to_plugins(make_executor,
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert lines[0]["event"] == "command.denied" and lines[0]["status"] == "denied"
     assert lines[0]["decision"]["rule"] == {"source": "p.yaml", "index": 2, "line": 3, "text": "deny: rm *"}
+    assert lines[0]["origin"] == "mcp"  # who was refused: here, as if the assistant
     assert [line["event"] for line in lines[1:]][0] == "task.created"
-    assert lines[1]["policy"] == task.policy
+    assert (lines[1]["policy"], lines[1]["origin"]) == (task.policy, None)
 
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="needs the fish shell (.ci/run installs it)")
@@ -556,9 +557,19 @@ def test_cli_policy_check_and_run_name_the_rule(tmp_path):
     allowed = run_cli("--policy", str(policy), "policy", "check", "local", "--", "echo", "hi")
     assert allowed.returncode == 0
     assert f"allowed on host 'local': 'echo hi' is allowed [rule 1 of {policy}, line 2: allow: echo *]" in allowed.stdout
-    denied = run_cli("--policy", str(policy), "run", "local", "--", "echo", "secret")
+    audit = tmp_path / "audit.jsonl"
+    denied = run_cli("--policy", str(policy), "--json-log", str(audit), "run", "local", "--", "echo", "secret")
     assert denied.returncode == 126 and denied.stdout == ""
     assert f"rule 2 of {policy}, line 3: deny: echo secret" in denied.stderr
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("hosts:\n  local: {}\n  other: {}\n")
+    assert run_cli("--policy", str(policy), "--hosts", str(hosts), "--json-log", str(audit),
+                   "run", "local,other", "--", "echo", "secret").returncode == 126  # a batch
+    assert run_cli("--policy", str(policy), "--json-log", str(audit), "run", "local", "--", "echo", "hi").returncode == 0
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(e["event"], e["origin"]) for e in events if e["event"] in ("command.denied", "task.created")] == [
+        ("command.denied", "cli"), ("command.denied", "cli"), ("command.denied", "cli"), ("task.created", "cli"),
+    ]
     dry = run_cli("--policy", str(policy), "run", "local", "--dry-run", "--json", "--", "rm", "-rf", "/")
     assert dry.returncode == 126
     assert json.loads(dry.stdout)["policy"]["allowed"] is False

@@ -90,7 +90,7 @@ async def run_batch_async(
     denied = [p for p in plans if p.decision is not None and not p.decision.allowed]
     if denied:
         for plan in denied:
-            executor.plugins.command_denied(plan.host.name, batch.command, plan.decision)
+            executor.plugins.command_denied(plan.host.name, batch.command, plan.decision, batch.origin)
         raise PolicyDenied(denied[0].decision)
     slots = asyncio.Semaphore(batch.max_parallel)
     finished: dict[str, Task] = {}

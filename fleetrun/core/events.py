@@ -104,7 +104,7 @@ class LifecycleEventPlugin:
         self.on_event(LifecycleEvent(CANCELLED, task, time.time(), reason=reason))
 
 
-def denial_to_dict(host: str, command: str, decision: Decision, when: float) -> dict[str, Any]:
+def denial_to_dict(host: str, command: str, decision: Decision, when: float, origin: str | None) -> dict[str, Any]:
     """The ``command.denied`` record: what was asked for, and the decision (see docs/plugins.md)."""
     return {
         "v": SCHEMA_VERSION,
@@ -114,6 +114,7 @@ def denial_to_dict(host: str, command: str, decision: Decision, when: float) -> 
         "command": command,
         "status": "denied",
         "decision": decision.to_dict(),
+        "origin": origin,
     }
 
 

@@ -635,7 +635,7 @@ class Executor:
         configuration, generation = self._current()
         plan = plan_task(request, configuration.inventory, self.plugins.transports, describe=False, policy=configuration.policy)
         if plan.decision is not None and not plan.decision.allowed:
-            self.plugins.command_denied(plan.host.name, request.command, plan.decision)
+            self.plugins.command_denied(plan.host.name, request.command, plan.decision, request.origin)
             raise PolicyDenied(plan.decision)
         pattern = self.progress_pattern
         if request.progress_pattern:

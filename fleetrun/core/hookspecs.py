@@ -106,7 +106,7 @@ def fleetrun_task_cancelled(task: Task, reason: str) -> None:
 
 
 @hookspec
-def fleetrun_command_denied(host: str, command: str, decision: Decision) -> None:
+def fleetrun_command_denied(host: str, command: str, decision: Decision, origin: str | None) -> None:
     """The policy refused a command: no task was created and nothing ran.
 
     Called once per refused request, before the caller gets the refusal. Audit logs use
@@ -117,6 +117,8 @@ def fleetrun_command_denied(host: str, command: str, decision: Decision) -> None
     :param decision: the policy's decision: ``decision.rule`` is the rule that denied it
         (None for the policy's default), ``decision.reason`` says why in words, and
         ``decision.to_dict()`` gives it with stable field names.
+    :param origin: who asked, as a task's ``origin`` would have said: ``"cli"``, ``"mcp"``
+        (the assistant), what a Python caller named, or None.
 
     The return value is ignored.
     """

@@ -247,8 +247,8 @@ class PluginManager:
     def task_cancelled(self, task: Task, reason: str) -> None:
         self._notify("fleetrun_task_cancelled", task=task, reason=reason)
 
-    def command_denied(self, host: str, command: str, decision: Decision) -> None:
-        self._notify("fleetrun_command_denied", host=host, command=command, decision=decision)
+    def command_denied(self, host: str, command: str, decision: Decision, origin: str | None) -> None:
+        self._notify("fleetrun_command_denied", host=host, command=command, decision=decision, origin=origin)
 
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         for notifier in self._notifiers_for(hook_name):

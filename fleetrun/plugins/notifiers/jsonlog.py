@@ -83,8 +83,8 @@ class JsonLogNotifier(LifecycleEventPlugin):
         self._write(event.to_dict())
 
     @hookimpl
-    def fleetrun_command_denied(self, host, command, decision):  # type: ignore[no-untyped-def]
-        self._write(denial_to_dict(host, command, decision, time.time()))
+    def fleetrun_command_denied(self, host, command, decision, origin):  # type: ignore[no-untyped-def]
+        self._write(denial_to_dict(host, command, decision, time.time(), origin))
 
     def _write(self, record: dict) -> None:  # type: ignore[type-arg]
         line = redact(json.dumps(record, ensure_ascii=False, separators=(",", ":"))) + "\n"
