@@ -609,7 +609,7 @@ def cmd_tasks_list(ctx: _Context) -> int:
     store = ctx.store
     store.sweep_orphans()
     statuses = [TaskStatus(s) for s in ctx.args.status] if ctx.args.status else None
-    tasks = store.list(status=statuses, host=ctx.args.host, limit=ctx.args.limit)
+    tasks = store.list(status=statuses, host=ctx.args.host, limit=ctx.args.limit, origin=ctx.args.origin)
     if ctx.args.json:
         print(json.dumps([_task_dict(t) for t in tasks], indent=2))
         return EXIT_OK
@@ -623,10 +623,10 @@ def cmd_tasks_list(ctx: _Context) -> int:
         if len(command) > 50:
             command = command[:47] + "..."
         rows.append([
-            t.id, t.status.value, "-" if t.exit_code is None else str(t.exit_code), t.host,
+            t.id, t.status.value, "-" if t.exit_code is None else str(t.exit_code), t.host, t.origin or "-",
             _when(t.created_at), "-" if duration is None else f"{duration:.2f}s", command,
         ])
-    print(_table(rows, ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]))
+    print(_table(rows, ["ID", "STATUS", "EXIT", "HOST", "ORIGIN", "CREATED", "DURATION", "COMMAND"]))
     return EXIT_OK
 
 
@@ -1088,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = sub.add_parser(
         "tasks", help="list, show, read or cancel tasks in the store",
-        usage="%(prog)s [-h] [--status STATUS] [--host HOST] [--limit N] [--json] [ACTION ...]",
+        usage="%(prog)s [-h] [--status STATUS] [--host HOST] [--origin ORIGIN] [--limit N] [--json] [ACTION ...]",
         description="Tasks in the store. With no ACTION, lists them as `fleetrun tasks list` does, with its options.",
     )
     # prog given: argparse would otherwise put the custom usage above in every action's usage.
@@ -1103,12 +1103,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         lister.add_argument("--host", default=argparse.SUPPRESS, help="only tasks of this host")
         lister.add_argument(
+            "--origin", default=argparse.SUPPRESS,
+            help="only tasks asked for by ORIGIN: cli (fleetrun run), mcp (the MCP server's assistant)",
+        )
+        lister.add_argument(
             "--limit", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
             help=f"at most this many (default {_LIST_LIMIT})",
         )
         lister.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.set_defaults(func=cmd_tasks_list)
-    tasks.set_defaults(func=cmd_tasks_list, status=None, host=None, limit=_LIST_LIMIT, json=False)
+    tasks.set_defaults(func=cmd_tasks_list, status=None, host=None, origin=None, limit=_LIST_LIMIT, json=False)
     show_task = tasks_sub.add_parser("show", help="show one task's record", description="Show one task's record.")
     show_task.add_argument("task_id", metavar="ID", help=_ID_HELP)
     show_task.add_argument("--json", action="store_true", help="print JSON")

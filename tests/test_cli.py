@@ -215,12 +215,14 @@ def test_tasks_list_show_and_output():
     tasks = json.loads(run_cli("tasks", "list", "--json").stdout)
     task_id = tasks[0]["id"]
     table = run_cli("tasks", "list").stdout.splitlines()
-    assert table[0].split() == ["ID", "STATUS", "EXIT", "HOST", "CREATED", "DURATION", "COMMAND"]
-    assert table[1].startswith(f"{task_id}  succeeded  0")
+    assert table[0].split() == ["ID", "STATUS", "EXIT", "HOST", "ORIGIN", "CREATED", "DURATION", "COMMAND"]
+    assert table[1].split()[:5] == [task_id, "succeeded", "0", "local", "cli"]
     bare = run_cli("tasks")  # no action: the list, with its defaults and its options
     assert bare.returncode == 0 and bare.stdout.splitlines() == table
     assert json.loads(run_cli("tasks", "--json", "--limit", "1").stdout) == tasks[:1]
     assert run_cli("tasks", "--status", "failed", "--json").stdout.strip() == "[]"
+    assert json.loads(run_cli("tasks", "--origin", "cli", "--json").stdout) == tasks
+    assert run_cli("tasks", "list", "--origin", "mcp").stdout.startswith("no tasks")
     assert json.loads(run_cli("tasks", "--limit", "5", "list", "--limit", "1", "--json").stdout) == tasks[:1]
     assert run_cli("tasks", "show", "--help").stdout.startswith("usage: fleetrun tasks show [-h] [--json] ID\n")
     unknown = run_cli("tasks", "lst")
