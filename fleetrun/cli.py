@@ -231,9 +231,11 @@ class _Context:
     @property
     def inventory(self):  # type: ignore[no-untyped-def]
         if self._inventory is None:
+            from fleetrun.core.executor import register_inventory_secrets
             from fleetrun.core.inventory import load_inventory
 
             self._inventory = load_inventory(self.args.hosts, self.plugins.transports)
+            register_inventory_secrets(self._inventory, self.plugins.transports)  # before anything is shown
         return self._inventory
 
     @property

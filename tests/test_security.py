@@ -133,6 +133,21 @@ def test_a_command_on_one_host_never_sees_the_secrets_of_another(make_executor, 
     assert redact(edited_file.read_text().strip()) == "***"
 
 
+def test_the_cli_hides_every_hosts_secret_whatever_host_it_is_asked_about(tmp_path, monkeypatch):
+    variable, password, passphrase_file = _secret_in(tmp_path, monkeypatch, "web1")
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({"local": {}, "web1": _unused_ssh_host(variable, passphrase_file)}))
+    command = f"echo {password}"
+    shown = [
+        run_cli("--hosts", str(hosts), "policy", "check", "--builtin", "local", "--", command),
+        run_cli("--hosts", str(hosts), "run", "--dry-run", "local", "--", command),
+        run_cli("--hosts", str(hosts), "run", "--dry-run", "--json", "local", "--", command),
+    ]
+    assert [run.returncode for run in shown] == [0, 0, 0]
+    assert "'echo ***' is allowed" in shown[0].stdout
+    assert all(password not in run.stdout + run.stderr for run in shown)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="sets a password on the tests' own login user, which needs root")
 def test_a_login_password_logs_in_and_is_written_nowhere(tmp_path, sshd_fleet):
     from sshd import TEST_USER

@@ -77,6 +77,17 @@ class Plan:
     decision: Decision | None = None
 
 
+def register_inventory_secrets(inventory: Inventory, transports: Mapping[str, type[Transport]]) -> None:
+    """Read the secrets of every host, not only of those tasks run on, so that they are
+    redacted whatever host a command runs on or names, and so that a command on one host
+    cannot print another's from this process's environment (see
+    :func:`~fleetrun.core.secrets.secret_variables`)."""
+    for host in inventory.hosts.values():
+        cls = transports.get(host.transport)
+        if cls is not None:
+            cls.register_secrets(host)
+
+
 def plan_task(
     request: TaskRequest,
     inventory: Inventory,
@@ -340,14 +351,7 @@ class Executor:
         return self._configuration
 
     def _register_secrets(self, configuration: Configuration) -> None:
-        """Read the secrets of every host, not only of those tasks run on: a command on one
-        host must not print another's from this process's environment (see
-        :func:`~fleetrun.core.secrets.secret_variables`) or in output that is kept."""
-        transports = self.plugins.transports
-        for host in configuration.inventory.hosts.values():
-            cls = transports.get(host.transport)
-            if cls is not None:
-                cls.register_secrets(host)
+        register_inventory_secrets(configuration.inventory, self.plugins.transports)
 
     # -- public API: planning ----------------------------------------------------------
 
