@@ -94,6 +94,8 @@ def test_wrappers_and_unknown_words_are_recorded():
         ('"" -a', "an empty program name ('')"),  # found by the property test below
         ("sudo '' x", "an empty program name ('')"),
         ("ps eww", "ps eww (it shows processes' environments, where secrets are kept)"),
+        ("env -C /tmp/evil make test", "env: -C /tmp/evil (a working directory chosen so is not judged; write cd DIR && COMMAND)"),
+        ("sudo --chdir=/srv make test", "sudo: --chdir /srv (a working directory chosen so is not judged"),
         ("ps $OPTS", "ps $OPTS (an option decided at run time could show processes' environments"),
     ],
 )
@@ -357,6 +359,8 @@ BYPASSES = [
     # reading what other processes keep in their environment (tokens, passwords)
     ("ps eww", "processes' environments"), ("ps auxe", "processes' environments"), ("ps -o args -p 1 e", "processes' environments"),
     ("sudo ps -E", "processes' environments"),
+    # a working directory no rule sees (`make` there runs what its Makefile says)
+    ("env -C /tmp/evil uname", "a working directory chosen so is not judged"), ("env --chdir / id", "a working directory"),
 ]
 
 

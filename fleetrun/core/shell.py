@@ -581,6 +581,7 @@ def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
             break
         if word.value in ("-s", "--shell", "-i", "--login", "-e", "--edit", "-l", "--list", "-v", "--validate"):
             raise _Unjudgeable(f"a shell, login, editor or listing through sudo ({word.value})")
+    values: dict[str, list[Word]] = {}
     rest = _skip_options(
         args,
         with_value={"-u", "--user", "-g", "--group", "-C", "--close-from", "-h", "--host", "-p", "--prompt",
@@ -588,7 +589,9 @@ def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
         flags={"-n", "--non-interactive", "-H", "--set-home", "-k", "--reset-timestamp", "-P", "--preserve-groups",
                "-S", "--stdin", "-b", "--background", "-A", "--askpass", "-B", "--bell", "-E", "--preserve-env",
                "-K", "-N", "--no-update"},
+        values=values,
     )
+    _refuse_directories(values, ("-D", "--chdir"))
     env: list[tuple[str, str]] = []
     while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
         key, _, value = rest.pop(0).value.partition("=")
@@ -599,10 +602,12 @@ def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
 def _env(args: list[Word]):  # type: ignore[no-untyped-def]
     if any(w.value in ("-S", "--split-string") or w.value.startswith("--split-string") for w in args):
         raise _Unjudgeable("-S (it splits a string into a command)")
+    values: dict[str, list[Word]] = {}
     rest = _skip_options(
         args, with_value={"-u", "--unset", "-C", "--chdir"},
-        flags={"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"},
+        flags={"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"}, values=values,
     )
+    _refuse_directories(values, ("-C", "--chdir"))
     env: list[tuple[str, str]] = []
     while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
         if not rest[0].known:
@@ -650,6 +655,14 @@ def _xargs(args: list[Word]):  # type: ignore[no-untyped-def]
         rest = [Word("echo")]
     # What xargs reads becomes more arguments, decided at run time.
     return [*rest, Word("<arguments from input>", known=False)], [], False
+
+
+def _refuse_directories(values: dict[str, list[Word]], options: tuple[str, ...]) -> None:
+    # Like a working directory a request sets: `make test` runs what the Makefile there says,
+    # and no rule would see the directory. `cd DIR && make test` is judged (cd needs a rule).
+    for option in options:
+        for target in values.get(option, []):
+            raise _Unjudgeable(f"{option} {target.value} (a working directory chosen so is not judged; write cd DIR && COMMAND)")
 
 
 def _refuse_files(values: dict[str, list[Word]], options: tuple[str, ...], what: str) -> None:
