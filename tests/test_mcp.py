@@ -663,7 +663,15 @@ def test_stdio_against_a_fleetrun_serve_process(tmp_path):
             os.utime(policy, (past, past))
             allowed = (await client.call_tool("run_command", {"host": "local", "command": "id -u"})).structured_content
             assert allowed["stdout_tail"] == f"{os.getuid()}\n"
+            first.append(result["task"]["task_id"])
+        # The next server (the client restarted it) shows the assistant what the last one ran.
+        async with mcp.Client(params, mode="legacy") as client:
+            listed = (await client.call_tool("list_tasks", {})).structured_content["tasks"]
+            assert [t["task_id"] for t in listed][-1] == first[0]
+            output = (await client.call_tool("get_task_output", {"task_id": first[0]})).structured_content
+            assert (output["data"], output["ended"]) == ("over stdio\n", True)
 
+    first: list[str] = []
     run(scenario)
 
 
