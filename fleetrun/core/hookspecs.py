@@ -50,7 +50,8 @@ def fleetrun_task_created(task: Task) -> None:
 
     :param task: the new task's record: ``status`` is ``queued``; ``id``, ``host``,
         ``transport``, ``command`` and the resolved limits (``max_seconds``,
-        ``max_output_bytes``) are set.
+        ``max_output_bytes``) are set; ``policy`` is the decision that let it run (None
+        without a policy), ``origin`` who asked for it (see :attr:`Task.origin`).
 
     The return value is ignored.
     """
