@@ -44,6 +44,10 @@ def commands(line: str) -> list[tuple[str, list[str]]]:
         ("sudo -u root -- systemctl status nginx", [("systemctl", ["status", "nginx"])]),
         ("timeout -s KILL 5 nice -n 3 uname", [("uname", [])]),
         ("sh -c 'uname; id' && bash -lc \"whoami\"", [("uname", []), ("id", []), ("whoami", [])]),
+        # sh reads options after -c too, and the script after `--`
+        ("sh -c -- 'rm -rf /'", [("rm", ["-rf", "/"])]), ("sh -c -e 'id -u'", [("id", ["-u"])]),
+        ("bash -o errexit -eo pipefail -O extglob --norc -c 'uname' name arg", [("uname", [])]),
+        ("sh -- -c 'id'", [("sh", ["--", "-c", "id"])]),  # a script file named -c
         ("uname # a comment; rm -rf /", [("uname", [])]),
         ("uname \\\n  -a", [("uname", ["-a"])]),
         ("[ -d /tmp ] && ls", [("[", ["-d", "/tmp", "]"]), ("ls", [])]),
@@ -96,6 +100,7 @@ def test_wrappers_and_unknown_words_are_recorded():
         ("ps eww", "ps eww (it shows processes' environments, where secrets are kept)"),
         ("env -C /tmp/evil make test", "env: -C /tmp/evil (a working directory chosen so is not judged; write cd DIR && COMMAND)"),
         ("sudo --chdir=/srv make test", "sudo: --chdir /srv (a working directory chosen so is not judged"),
+        ("bash --rcfile /tmp/x -i -c id", "bash: --rcfile /tmp/x (a file the shell runs before the command)"),
         ("ps $OPTS", "ps $OPTS (an option decided at run time could show processes' environments"),
     ],
 )
@@ -384,6 +389,24 @@ def test_the_read_only_policy_denies_a_bypass_attempt(line, why):
 )
 def test_the_read_only_policy_allows_looking_around(line):
     assert READ_ONLY.decide(WEB1, line).allowed, READ_ONLY.decide(WEB1, line).explanation
+
+
+@pytest.mark.parametrize("line", [
+    "sh -c -- 'echo M'", "sh -c -e 'echo M'", "sh -ce -- 'echo M'", "bash -o errexit -c 'echo M'", "sh -eo nounset -c 'echo M'",
+    "sh +o errexit -c 'echo M'", "sh -c 'echo M' -- x", "bash --norc -lc 'echo M'", "sh -- -c 'echo M'", "sh -x ./-c",
+])
+def test_the_reader_takes_the_script_that_sh_runs(line):
+    ran = subprocess.run(line, shell=True, capture_output=True, text=True).stdout == "M\n"
+    assert (commands(line) == [("echo", ["M"])]) is ran, (line, commands(line))
+
+
+def test_any_command_is_still_no_raw_shell_however_sh_is_given_its_script():
+    # Before, `sh -c -- SCRIPT` was read as the command `--`, which `allow: "*"` allowed,
+    # and SCRIPT ran unjudged.
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    for line in ["sh -c -- 'uname > /etc/motd'", "sh -c -e 'uname > /etc/motd'", "bash -o errexit -c 'echo $(id)'"]:
+        decision = anything.decide(WEB1, line)
+        assert not decision.allowed and "no rule allows raw shell" in decision.reason, (line, decision.reason)
 
 
 # Each with the env of the process it looks at (on this machine's procps) and without it.

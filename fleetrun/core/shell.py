@@ -450,7 +450,11 @@ def _judge_words(
             )
             return
     if system and base in SH_FAMILY:
-        script = _shell_script(args)
+        try:
+            script = _shell_script(args)
+        except _Unjudgeable as exc:
+            result.problems.append(f"{base}: {exc}")
+            return
         if script is not None:
             if not script.known:
                 result.problems.append(f"{base} -c with a script decided at run time")
@@ -478,16 +482,42 @@ def _judge_words(
     result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
 
 
+# Shell options that take the next word as their value (-o errexit, bash's -O extglob).
+_SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O"})
+#: bash runs this file before the script when the shell is interactive (-i).
+_SHELL_STARTUP_FILE_OPTIONS = frozenset({"--rcfile", "--init-file"})
+
+
 def _shell_script(args: list[Word]) -> Word | None:
-    """The script of ``sh -c SCRIPT`` (options before -c allowed), else None."""
-    for index, word in enumerate(args):
+    """The script of ``sh -c SCRIPT``, else None. As sh reads its arguments: options come
+    first, ``-c`` among them (alone or in a group such as ``-ec``), and may follow it
+    (``sh -c -e SCRIPT``); the script is the first word after them, or after ``--``."""
+    takes_script = False
+    index = 0
+    while index < len(args):
+        word = args[index]
         if not word.known:
             return Word(word.value, False)
-        if word.value == "-c" or (word.value.startswith("-") and "c" in word.value[1:] and not word.value.startswith("--")):
-            return args[index + 1] if index + 1 < len(args) else Word("", True)
-        if not word.value.startswith("-"):
-            return None
-    return None
+        value = word.value
+        index += 1
+        if value == "--":
+            break
+        if value.split("=", 1)[0] in _SHELL_STARTUP_FILE_OPTIONS:
+            named = value if "=" in value or index >= len(args) else f"{value} {args[index].value}"
+            raise _Unjudgeable(f"{named} (a file the shell runs before the command)")
+        if value in _SHELL_OPTIONS_WITH_VALUE:
+            index += 1
+        elif value.startswith("--"):
+            pass  # bash's long flags (--login, --norc, --posix)
+        elif len(value) > 1 and value[0] in "-+":
+            takes_script = takes_script or (value[0] == "-" and "c" in value)
+            index += value.count("o") + value.count("O")  # -eo pipefail: each o takes a word
+        else:
+            index -= 1
+            break
+    if not takes_script:
+        return None
+    return args[index] if index < len(args) else Word("", True)
 
 
 # ps options that take a value, attached or as the next word: their values are not options.
