@@ -752,6 +752,9 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
             async with mcp.Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
                 result = (await client.call_tool("run_command", {"host": "local", "command": "echo over http"})).structured_content
                 assert result["stdout_tail"] == "over http\n"
+                # The token the server was given is not passed on to the commands it runs.
+                token_seen = (await client.call_tool("run_command", {"host": "local", "command": 'echo "[$FLEETRUN_MCP_TOKEN]"'}))
+                assert token_seen.structured_content["stdout_tail"] == "[]\n"
                 await client.call_tool("start_task", {"host": "local", "command": f"sleep {marker}"})
 
         run(scenario)
