@@ -317,6 +317,8 @@ def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, com
         ({"env": ["A=1"]}, "env must map variable names to strings, got a list"),
         ({"cwd": 7}, "cwd must be a string, got 7"),
         ({"progress_pattern": b"(\\d+)%"}, "progress_pattern must be a string, got b'"),
+        ({"origin": "ci\njob"}, "origin must be a short name (letters, digits, '.', '_', '-'; at most 32), got 'ci\\njob'"),
+        ({"origin": 5}, "origin must be a short name"),
     ],
 )
 def test_a_request_with_an_option_of_the_wrong_type_is_refused_clearly(make_executor, options, message):

@@ -1042,6 +1042,10 @@ def _check_command(command: str) -> None:
         )
 
 
+#: What an origin may be: a name shown in tables and kept in audit logs.
+_ORIGIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
 def _check_options(request: TaskRequest) -> None:
     """A request made in Python can hold any type: a wrong one is an error here, not deep in a transport."""
     for name, value, kinds, unit in (
@@ -1068,6 +1072,8 @@ def _check_options(request: TaskRequest) -> None:
     problem = text_problem(request.cwd, "the working directory") if request.cwd else None
     if problem is not None:
         raise FleetrunError(problem)
+    if request.origin is not None and not (isinstance(request.origin, str) and _ORIGIN_RE.fullmatch(request.origin)):
+        raise FleetrunError(f"origin must be a short name (letters, digits, '.', '_', '-'; at most 32), got {_shown(request.origin)}")
 
 
 def _shown(value: object) -> str:
