@@ -102,6 +102,8 @@ def test_wrappers_and_unknown_words_are_recorded():
         ("sudo --chdir=/srv make test", "sudo: --chdir /srv (a working directory chosen so is not judged"),
         ("bash --rcfile /tmp/x -i -c id", "bash: --rcfile /tmp/x (a file the shell runs before the command)"),
         ("ps $OPTS", "ps $OPTS (an option decided at run time could show processes' environments"),
+        ("ps -p $PIDS", "ps $PIDS (an option decided at run time could show"),  # unquoted, `1 e` is two words
+        ("sh -o $OPT -c id", "sh -c with a script decided at run time"),
     ],
 )
 def test_constructs_that_cannot_be_judged_are_named(line, problem):

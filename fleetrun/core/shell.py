@@ -491,8 +491,10 @@ _SHELL_STARTUP_FILE_OPTIONS = frozenset({"--rcfile", "--init-file"})
 def _shell_script(args: list[Word]) -> Word | None:
     """The script of ``sh -c SCRIPT``, else None. As sh reads its arguments: options come
     first, ``-c`` among them (alone or in a group such as ``-ec``), and may follow it
-    (``sh -c -e SCRIPT``); the script is the first word after them, or after ``--``."""
+    (``sh -c -e SCRIPT``); the script is the first word after them, or after ``--``.
+    A word decided at run time among them is returned as the script: it could be one."""
     takes_script = False
+    values_due = 0  # option values still to come (-o errexit)
     index = 0
     while index < len(args):
         word = args[index]
@@ -500,18 +502,21 @@ def _shell_script(args: list[Word]) -> Word | None:
             return Word(word.value, False)
         value = word.value
         index += 1
+        if values_due:
+            values_due -= 1
+            continue
         if value == "--":
             break
         if value.split("=", 1)[0] in _SHELL_STARTUP_FILE_OPTIONS:
             named = value if "=" in value or index >= len(args) else f"{value} {args[index].value}"
             raise _Unjudgeable(f"{named} (a file the shell runs before the command)")
         if value in _SHELL_OPTIONS_WITH_VALUE:
-            index += 1
+            values_due = 1
         elif value.startswith("--"):
             pass  # bash's long flags (--login, --norc, --posix)
         elif len(value) > 1 and value[0] in "-+":
             takes_script = takes_script or (value[0] == "-" and "c" in value)
-            index += value.count("o") + value.count("O")  # -eo pipefail: each o takes a word
+            values_due = value.count("o") + value.count("O")  # -eo pipefail: each o takes a word
         else:
             index -= 1
             break
@@ -534,16 +539,16 @@ def _ps_environment_option(args: list[Word]) -> Word | None:
     """The option that makes ``ps`` print processes' environments, if one is given: the
     BSD-style ``e`` of procps (``ps eww``, ``ps auxe``) and of the BSDs, macOS's ``-E``. A
     word decided at run time counts as one, since it could be."""
-    index = 0
-    while index < len(args):
-        word = args[index]
-        index += 1
+    value_due = False  # the next word is an option's value (ps -p 1)
+    for word in args:
         if not word.known:
-            return word
+            return word  # unquoted, it could even be several words
         value = word.value
+        if value_due:
+            value_due = False
+            continue
         if value.startswith("--"):
-            if "=" not in value and value in _PS_LONG_WITH_VALUE:
-                index += 1
+            value_due = "=" not in value and value in _PS_LONG_WITH_VALUE
             continue
         dashed = value.startswith("-")
         letters = value[1:] if dashed else value
@@ -551,9 +556,8 @@ def _ps_environment_option(args: list[Word]) -> Word | None:
             if letter == ("E" if dashed else "e"):
                 return word
             if letter in (_PS_DASH_WITH_VALUE if dashed else _PS_BSD_WITH_VALUE):
-                if position == len(letters) - 1:
-                    index += 1  # the value is the next word
-                break  # the rest of the word is the value
+                value_due = position == len(letters) - 1  # else the rest of the word is the value
+                break
     return None
 
 
