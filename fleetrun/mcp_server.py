@@ -226,7 +226,7 @@ class FleetrunMcp:
         self.executor = executor
         self.notifier = notifier
 
-    async def task(self, task_id: str) -> Task:
+    async def visible_task(self, task_id: str) -> Task:
         """The task, if it was started through an MCP server (this one or another, earlier):
         the assistant sees no other. What the user ran with ``fleetrun run`` is the user's:
         its output may hold what the policy would not let the assistant read, and cancelling
@@ -319,7 +319,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         state, result_for=state.finished_result, check_arguments=lambda tool, arguments: server.check_arguments(tool, arguments)
     )
     server = _FleetrunServer(
-        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier, state.task), tasks], **server_options
+        name, version=__version__, instructions=INSTRUCTIONS, subscriptions=bus, middleware=[SubscriptionsMiddleware(notifier, state.visible_task), tasks], **server_options
     )
 
     @server.tool(description="List the hosts of the inventory (optionally those with a tag).")
@@ -451,7 +451,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")
     async def get_task(task_id: TaskId) -> TaskInfo:
         try:
-            return _task_info(await state.task(task_id))
+            return _task_info(await state.visible_task(task_id))
         except FleetrunError as exc:
             raise _fail(exc) from None
 
@@ -478,7 +478,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             return task, piece, text
 
         try:
-            task, piece, text = await asyncio.to_thread(read, await state.task(task_id))
+            task, piece, text = await asyncio.to_thread(read, await state.visible_task(task_id))
         except FleetrunError as exc:
             raise _fail(exc) from None
         return OutputChunk(
@@ -489,7 +489,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(description="Cancel a queued or running task: the command and everything it started are stopped.")
     async def cancel_task(task_id: TaskId) -> CancelResult:
         try:
-            await state.task(task_id)
+            await state.visible_task(task_id)
             cancelled = await executor.cancel_async(task_id, "cancelled through the MCP server")
             task = await executor.get_async(task_id)
             if cancelled:
@@ -531,7 +531,7 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
             }
 
         try:
-            body = await asyncio.to_thread(read, await state.task(task_id))
+            body = await asyncio.to_thread(read, await state.visible_task(task_id))
         except UnknownTaskError as exc:
             # Not found (the SDK's invalid-params answer, with this message), not a server failure.
             raise ResourceNotFoundError(str(exc)) from None

@@ -27,10 +27,10 @@ INVALID_PARAMS = -32602
 
 
 class SubscriptionsMiddleware:
-    def __init__(self, notifier: McpNotifier, task: Callable[[str], Awaitable[Task]]) -> None:
+    def __init__(self, notifier: McpNotifier, visible_task: Callable[[str], Awaitable[Task]]) -> None:
         self.notifier = notifier
         #: The task of an id, as the assistant may see it (it raises for one it may not).
-        self.task = task
+        self.visible_task = visible_task
 
     async def __call__(self, ctx: Any, call_next: Any) -> Any:
         method = ctx.method
@@ -63,7 +63,7 @@ class SubscriptionsMiddleware:
         if task_id == uri:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: no such resource")
         try:
-            task = await self.task(task_id)  # the store, for a task not running here
+            task = await self.visible_task(task_id)  # the store, for a task not running here
             return not task.status.is_terminal
         except FleetrunError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot subscribe to {uri!r}: {exc}") from None
