@@ -36,6 +36,7 @@ log = logging.getLogger("fleetrun.config")
 #: version applies, as it did a moment before the save.
 SETTLE_SECONDS = 0.05
 
+
 class _FileState(NamedTuple):
     """What a file looks like from outside: enough to notice any write or replacement."""
 
@@ -112,9 +113,10 @@ class ConfigFiles:
         try:
             configuration = self._load()
         except FleetrunError as exc:
-            if self._problem != self._explained(exc):
+            problem = self._explained(exc)
+            if self._problem != problem:
                 log.error("the configuration changed and cannot be used: %s", exc)
-            self._problem = self._explained(exc)
+            self._problem = problem
         else:
             if self._problem is not None:
                 log.info("the configuration is usable again")

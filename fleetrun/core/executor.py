@@ -100,6 +100,10 @@ def plan_task(
     """Resolve a request against the inventory: host, transport, limits, environment,
     and the policy's decision when ``policy`` is given.
 
+    The inventory's secrets must have been read (:func:`register_inventory_secrets`, as an
+    executor and the CLI do when they take an inventory), so that a secret typed into the
+    command is hidden from the first record on; planning does not read them again per task.
+
     Raises :class:`FleetrunError` for anything that would stop the task from being run,
     except a policy denial, which is returned in ``Plan.decision`` for the caller to show.
     """
@@ -114,7 +118,6 @@ def plan_task(
             f"(available: {available})"
         )
     _check_options(request)
-    cls.register_secrets(host)  # before anything is recorded or shown: a secret typed into the command is hidden
     env = {**host.env, **request.env}
     problem = environment_problem(env)
     if problem is not None:

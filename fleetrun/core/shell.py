@@ -468,17 +468,11 @@ def _judge_words(
                 for c in nested.commands
             )
             return
-    if base == "find":
-        for word in args:
-            if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
-                result.problems.append(f"find {word.value} (it runs commands or writes files)")
-                return
-    if base == "ps":
-        option = _ps_environment_option(args)
-        if option is not None:
-            why = "it shows" if option.known else "an option decided at run time could show"
-            result.problems.append(f"ps {option.value} ({why} processes' environments, where secrets are kept)")
-            return
+    check = _OPTION_CHECKS.get(base)
+    problem = check(args) if check is not None else None
+    if problem is not None:
+        result.problems.append(problem)
+        return
     result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
 
 
@@ -533,6 +527,26 @@ _PS_LONG_WITH_VALUE = frozenset(
     {"--Group", "--group", "--pid", "--ppid", "--quick-pid", "--sid", "--tty", "--User", "--user", "--format",
      "--sort", "--cols", "--columns", "--width", "--rows", "--lines", "--help"}
 )
+
+
+def _find_problem(args: list[Word]) -> str | None:
+    for word in args:
+        if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
+            return f"find {word.value} (it runs commands or writes files)"
+    return None
+
+
+def _ps_problem(args: list[Word]) -> str | None:
+    option = _ps_environment_option(args)
+    if option is None:
+        return None
+    why = "it shows" if option.known else "an option decided at run time could show"
+    return f"ps {option.value} ({why} processes' environments, where secrets are kept)"
+
+
+#: Programs with options that a rule for the program would not expect to allow: each
+#: check returns the problem (the command is then judged only under raw shell), or None.
+_OPTION_CHECKS = {"find": _find_problem, "ps": _ps_problem}
 
 
 def _ps_environment_option(args: list[Word]) -> Word | None:
@@ -625,7 +639,7 @@ def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
                "-K", "-N", "--no-update"},
         values=values,
     )
-    _refuse_directories(values, ("-D", "--chdir"))
+    _refuse(values, ("-D", "--chdir"), _CHOSEN_DIRECTORY)
     env: list[tuple[str, str]] = []
     while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
         key, _, value = rest.pop(0).value.partition("=")
@@ -641,7 +655,7 @@ def _env(args: list[Word]):  # type: ignore[no-untyped-def]
         args, with_value={"-u", "--unset", "-C", "--chdir"},
         flags={"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"}, values=values,
     )
-    _refuse_directories(values, ("-C", "--chdir"))
+    _refuse(values, ("-C", "--chdir"), _CHOSEN_DIRECTORY)
     env: list[tuple[str, str]] = []
     while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
         if not rest[0].known:
@@ -670,7 +684,7 @@ def _time(args: list[Word]):  # type: ignore[no-untyped-def]
         args, with_value={"-f", "--format", "-o", "--output"},
         flags={"-p", "-v", "--verbose", "-a", "--append", "-q", "--quiet", "--portability"}, values=values,
     )
-    _refuse_files(values, ("-o", "--output"), "writes its report to a file")
+    _refuse(values, ("-o", "--output"), "writes its report to a file", harmless=_HARMLESS_TARGETS)
     return rest, [], False
 
 
@@ -684,25 +698,23 @@ def _xargs(args: list[Word]):  # type: ignore[no-untyped-def]
         values=values,
     )
     # Like input redirection: the file would reach the command without a rule seeing its name.
-    _refuse_files(values, ("-a", "--arg-file"), "reads the arguments from a file")
+    _refuse(values, ("-a", "--arg-file"), "reads the arguments from a file", harmless=_HARMLESS_TARGETS)
     if not rest:
         rest = [Word("echo")]
     # What xargs reads becomes more arguments, decided at run time.
     return [*rest, Word("<arguments from input>", known=False)], [], False
 
 
-def _refuse_directories(values: dict[str, list[Word]], options: tuple[str, ...]) -> None:
-    # Like a working directory a request sets: `make test` runs what the Makefile there says,
-    # and no rule would see the directory. `cd DIR && make test` is judged (cd needs a rule).
-    for option in options:
-        for target in values.get(option, []):
-            raise _Unjudgeable(f"{option} {target.value} (a working directory chosen so is not judged; write cd DIR && COMMAND)")
+# Like a working directory a request sets: `make test` runs what the Makefile there says,
+# and no rule would see the directory. `cd DIR && make test` is judged (cd needs a rule).
+_CHOSEN_DIRECTORY = "a working directory chosen so is not judged; write cd DIR && COMMAND"
 
 
-def _refuse_files(values: dict[str, list[Word]], options: tuple[str, ...], what: str) -> None:
+def _refuse(values: dict[str, list[Word]], options: tuple[str, ...], what: str, *, harmless: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse a wrapper's option value (a file, a directory) that no rule would see, unless it is ``harmless``."""
     for option in options:
         for target in values.get(option, []):
-            if not (target.known and target.value in _HARMLESS_TARGETS):
+            if not (target.known and target.value in harmless):
                 raise _Unjudgeable(f"{option} {target.value} ({what})")
 
 

@@ -18,11 +18,9 @@ class Slots:
     __slots__ = ("limit", "held", "_waiting")
 
     def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("a limit of slots must be at least 1")
-        self.limit = limit
         self.held = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self.resize(limit)
 
     async def __aenter__(self) -> None:
         if self.held < self.limit and not self._waiting:
@@ -43,6 +41,7 @@ class Slots:
         self._release()
 
     def resize(self, limit: int) -> None:
+        """Allow ``limit`` holders from now on (waiters come in at once if it grew)."""
         if limit < 1:
             raise ValueError("a limit of slots must be at least 1")
         self.limit = limit

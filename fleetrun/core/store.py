@@ -560,7 +560,9 @@ def _apply(db: sqlite3.Connection, entries: Sequence[list[Any]]) -> None:
     processes: dict[str, str] = {}
     for kind, *values in entries:
         if kind == "insert":
-            inserted.setdefault(values[0], [*_task_state(values[:-1]), values[-1]])
+            if len(values) != len(_TASK_COLUMNS) + 1:  # another version's journal
+                values = [*_task_state(values[:-1]), values[-1]]
+            inserted.setdefault(values[0], values)
         elif kind == "update":
             latest[values[0]] = _task_state(values)
         elif kind == "process":
@@ -589,6 +591,8 @@ def _task_state(values: list[Any]) -> list[Any]:
     ever appended to :class:`Task`: a journal left by an older version lacks the newest
     ones (they stay NULL), and one by a newer version has more, which this one drops."""
     missing = len(_TASK_COLUMNS) - len(values)
+    if not missing:
+        return values  # this version's: the entries of every batch the journal applies
     return [*values, *[None] * missing] if missing > 0 else values[: len(_TASK_COLUMNS)]
 
 

@@ -109,10 +109,10 @@ class Transport(abc.ABC):
     def register_secrets(cls, host: Host) -> None:
         """Read the secrets ``host`` names (see :mod:`fleetrun.core.secrets`) so they are redacted.
 
-        An executor calls this for every host of its inventory when it takes the inventory
-        (at its start and whenever the inventory changes), and planning calls it for the
-        task's host before anything is recorded or shown: a secret typed into a command,
-        or printed by a command on another host, is hidden from the first record on. Read
+        An executor (and the CLI) calls this for every host of its inventory when it takes
+        the inventory (at its start and whenever the inventory changes), before any task is
+        planned: a secret typed into a command, or printed by a command on another host, is
+        hidden from the first record on. Read
         secrets through :func:`~fleetrun.core.secrets.read_secret`, which also keeps the
         variables they come from out of the environment of local commands. A secret that
         cannot be read is ignored here; the task that needs it fails with the reason.
