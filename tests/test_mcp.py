@@ -477,26 +477,32 @@ def test_a_policy_written_where_the_read_only_server_says_applies_to_its_next_ca
 
 def test_the_read_only_server_shows_the_assistant_no_secret_from_its_environment(tmp_path):
     # The MCP client starts the server with the variables the hosts file names as secrets.
-    password = "pw-" + secrets.token_hex(12)
+    # Any other variable of its environment can hold a token too (GITHUB_TOKEN).
+    password, token = "pw-" + secrets.token_hex(12), "tok-" + secrets.token_hex(12)
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(hosts_file_text({"local": {}, "web1": {"transport": "ssh", "hostname": "127.0.0.1", "port": 9,
                                                             "password_env": "WEB1_PASSWORD"}}))
     env = {name: value for name, value in os.environ.items() if name != "FLEETRUN_POLICY"}
-    env.update(FLEETRUN_HOSTS=str(hosts), WEB1_PASSWORD=password)
+    env.update(FLEETRUN_HOSTS=str(hosts), WEB1_PASSWORD=password, FLEETRUN_TEST_TOKEN=token)
     params = StdioServerParameters(command=sys.executable, args=["-m", "fleetrun", "serve"], env=env)
     answers = []
 
     async def scenario():
         async with mcp.Client(params, mode="legacy") as client:
-            echoed = await client.call_tool("run_command", {"host": "local", "command": 'echo "[$WEB1_PASSWORD]"'})
-            assert echoed.structured_content["stdout_tail"] == "[]\n"
+            for command, variable in [('echo "[$WEB1_PASSWORD]"', "WEB1_PASSWORD"), ("id $FLEETRUN_TEST_TOKEN", "FLEETRUN_TEST_TOKEN")]:
+                refused = await client.call_tool("run_command", {"host": "local", "command": command})
+                assert refused.is_error
+                assert f"the command expands ${variable}, a variable that can hold a secret" in refused.content[0].text
+                answers.append(refused)
             environments = await client.call_tool("run_command", {"host": "local", "command": "ps eww"})
             assert environments.is_error
             assert "ps eww (it shows processes' environments, where secrets are kept)" in environments.content[0].text
-            answers.extend([echoed, environments])
+            home = await client.call_tool("run_command", {"host": "local", "command": 'echo "$HOME"'})
+            assert home.structured_content["stdout_tail"] == os.environ["HOME"] + "\n"
+            answers.extend([environments, home])
 
     run(scenario)
-    assert not any(password in answer.model_dump_json() for answer in answers)
+    assert not any(secret in answer.model_dump_json() for answer in answers for secret in (password, token))
 
 
 def test_the_assistant_sees_only_the_tasks_started_through_the_mcp_server(server_for, store, marker):
@@ -733,6 +739,8 @@ def test_http_requires_the_bearer_token_and_sigterm_stops_the_commands_of_its_ta
     port = _free_port()
     token = "tok-" + os.urandom(12).hex()
     env = {**_server_env(tmp_path), "FLEETRUN_MCP_TOKEN": token}
+    # A policy that lets the assistant expand any variable (raw shell) still does not reach the token.
+    (tmp_path / "policy.yaml").write_text(POLICY + "  - allow_raw_shell: true\n")
     log = (tmp_path / "serve.log").open("w")
     out = (tmp_path / "serve.out").open("w")
     process = subprocess.Popen(

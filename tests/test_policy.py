@@ -368,6 +368,14 @@ BYPASSES = [
     ("sudo ps -E", "processes' environments"),
     # a working directory no rule sees (`make` there runs what its Makefile says)
     ("env -C /tmp/evil uname", "a working directory chosen so is not judged"), ("env --chdir / id", "a working directory"),
+    # a variable of the environment, which can hold a token, printed or put in an error message
+    ("echo $GITHUB_TOKEN", "expands $GITHUB_TOKEN"), ('id "${AWS_SECRET_ACCESS_KEY}"', "expands $AWS_SECRET_ACCESS_KEY"),
+    ("echo ${#GITHUB_TOKEN}", "expands $GITHUB_TOKEN"), ("sh -c 'uname $API_KEY'", "expands $API_KEY"),
+    ("echo $USER\\\n_TOKEN", "expands $USER_TOKEN"), ("echo $[API_KEY]", "arithmetic expansion $["),
+    ("echo $=API_KEY", "the expansion $=… (zsh)"), ("echo $~API_KEY", "(zsh)"),
+    # a line continuation inside what the shell reads as one construct
+    ('echo "$\\\n(rm -rf /)"', "command substitution"), ("echo $\\\n(rm -rf /)", "command substitution"),
+    ("PATH\\\n=/tmp/evil uname", "(PATH=…)"), ("echo \"${\\\nX:-$(id)}\"", "parameter expansion with operators"),
 ]
 
 
@@ -400,6 +408,87 @@ def test_the_read_only_policy_allows_looking_around(line):
 def test_the_reader_takes_the_script_that_sh_runs(line):
     ran = subprocess.run(line, shell=True, capture_output=True, text=True).stdout == "M\n"
     assert (commands(line) == [("echo", ["M"])]) is ran, (line, commands(line))
+
+
+def test_a_command_expands_only_variables_that_hold_no_secret(make_executor):
+    # `echo *` and `id *` let an assistant print the server's GITHUB_TOKEN (id through its error).
+    decision = READ_ONLY.decide(WEB1, "id $GITHUB_TOKEN")
+    assert decision.reason == (
+        "the command expands $GITHUB_TOKEN, a variable that can hold a secret (only the shell's own, such as HOME, "
+        "USER and PATH, and those the host's env: sets are expanded without raw shell), and no rule allows raw shell "
+        "on this host"
+    )
+    allowed = ['echo "$HOME" ${USER} $PATH $LANG $LC_ALL $PWD $1 "$@" $# $? $$ $-', "uname $HOSTNAME", "echo ${#PATH}"]
+    for line in allowed:
+        assert READ_ONLY.decide(WEB1, line).allowed, line
+    assert parse_command("echo $A ${B} ${#A} \"$C\" '$D' \\$E $1 $@; sh -c 'echo $F'").variables == ["A", "B", "C", "F"]
+
+    # A variable the host's own env: sets is configuration, not a secret.
+    executor = make_executor(hosts_yaml="hosts:\n  app:\n    env: {APP_DIR: /srv/app}\n")
+    app = executor.inventory.get("app")
+    assert READ_ONLY.decide(app, "echo $APP_DIR").allowed
+    assert not READ_ONLY.decide(WEB1, "echo $APP_DIR").allowed
+
+    raw = parse_policy("rules:\n  - allow: echo *\n  - allow_raw_shell: true\n", source="raw.yaml")
+    decision = raw.decide(WEB1, "echo $GITHUB_TOKEN")
+    assert decision.allowed
+    assert [v.reason for v in decision.verdicts] == ["'echo $GITHUB_TOKEN' is allowed", "raw shell (the expansion of $GITHUB_TOKEN) is allowed"]
+
+
+def test_a_denied_expansion_keeps_the_token_from_the_output_of_a_real_run(make_executor, monkeypatch):
+    monkeypatch.setenv("FLEETRUN_TEST_API_TOKEN", "tok-8f2c0e")
+    executor = make_executor(policy=READ_ONLY)
+    with pytest.raises(PolicyDenied, match=r"expands \$FLEETRUN_TEST_API_TOKEN"):
+        executor.submit(TaskRequest(host="local", command="echo $FLEETRUN_TEST_API_TOKEN"))
+    with pytest.raises(PolicyDenied, match="command substitution"):
+        executor.submit(TaskRequest(host="local", command='echo "$\\\n(echo $FLEETRUN_TEST_API_TOKEN)"'))
+    assert executor.list() == []
+    task = executor.run(TaskRequest(host="local", command='echo "$HOME"'))
+    assert executor.read_output(task.id).data == os.environ["HOME"].encode() + b"\n"
+
+
+def test_bash_and_zsh_expand_what_the_reader_refuses():
+    # Proof that the refused forms are expansions in the shells that read them so.
+    env = {**os.environ, "API_KEY": "k1 k2"}
+    assert subprocess.run(["bash", "-c", "echo $[1+2]"], capture_output=True, text=True).stdout == "3\n"
+    if shutil.which("zsh"):
+        assert subprocess.run(["zsh", "-c", "printf '%s|' $=API_KEY"], capture_output=True, text=True, env=env).stdout == "k1|k2|"
+    for shell in ("sh", "bash"):
+        printed = subprocess.run([shell, "-c", 'echo "$\\\n(echo ran)" $USER\\\n_X'], capture_output=True, text=True,
+                                 env={**env, "USER_X": "ux"}).stdout
+        assert printed == "ran ux\n", shell
+
+
+# Pieces of command lines that the reader and sh must read alike, continuations included.
+_PIECES = ["show ", " ", "$", "$X", "$USER", "${", "\\\n", "\\", '"', "'", "X", "_TOKEN", "}", "#", "(", ")",
+           ";", "\n", "|", "[", "]", "=", "~", "+", "*"]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=9))
+def test_what_the_policy_allows_is_what_sh_runs(tmp_path_factory, pieces):
+    """Whatever a policy of `allow: "*"` allows runs as the reader said, and expands no other variable."""
+    workdir = tmp_path_factory.mktemp("sh")
+    (workdir / "bin").mkdir()
+    show = workdir / "bin" / "show"
+    show.write_text('#!/bin/sh\nprintf "%s\\0" show "$@" > "$LOGS/$$"\n')
+    show.chmod(0o755)
+    (workdir / "logs").mkdir()
+    line = "show " + "".join(pieces)
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    if not anything.decide(WEB1, line).allowed:
+        return
+    env = {"PATH": f"{workdir / 'bin'}:/usr/bin:/bin", "LOGS": str(workdir / "logs"), "HOME": str(workdir),
+           "USER": "u", "X": "secret-x", "USER_TOKEN": "secret-ut"}
+    subprocess.run(["sh", "-c", line], env=env, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    runs = [log.read_text().split("\0")[:-1] for log in (workdir / "logs").iterdir()]
+    expected = parse_command(line).commands
+    for run in runs:
+        assert not any("secret" in arg for arg in run), (line, run)
+        same = [c for c in expected if c.program == run[0] and [a.value for a in c.args] == run[1:]]
+        decided = [c for c in expected if c.program == run[0] and not all(a.known for a in c.args)]
+        assert same or decided, (line, run, [c.text for c in expected])
+        expected.remove((same or decided)[0])
 
 
 def test_any_command_is_still_no_raw_shell_however_sh_is_given_its_script():

@@ -38,7 +38,7 @@ import yaml
 from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
 from fleetrun.core.inventory import TAG_RE, Host
-from fleetrun.core.shell import SAFE_ASSIGNMENTS, SimpleCommand, Word, parse_command, pattern_problem
+from fleetrun.core.shell import SAFE_ASSIGNMENTS, SAFE_EXPANSIONS, SimpleCommand, Word, parse_command, pattern_problem
 from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, mapping_entries, node_value
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
@@ -243,17 +243,24 @@ class Policy:
             around.append(f"the request sets {unsafe[0]}, which can change what a command does")
         if cwd is not None and cwd != host.cwd:
             around.append(f"the request sets the working directory ({cwd}), which can change what a command does")
+        # What a variable holds reaches whoever reads the output (echo $X, or id $X's error).
+        exposed = [name for name in parsed.variables if not SAFE_EXPANSIONS.fullmatch(name) and name not in host.env]
 
         def deny(rule: Rule | None, reason: str, verdicts: Iterable[Verdict] = ()) -> Decision:
             return Decision(False, host.name, command, self.source, rule, reason, tuple(verdicts))
 
-        unjudged = [*around, *parsed.problems]
+        unjudged = [*around, *parsed.problems, *(f"the expansion of ${name}" for name in exposed)]
         raw = self._best(host, (r for r in self.rules if r.action == "raw_shell"), None) if unjudged else None
         if unjudged and raw is None:
-            why = (
-                f"{around[0]}, so the policy cannot judge the command" if around
-                else f"the command contains {parsed.problems[0]}, which the policy cannot judge"
-            )
+            if around:
+                why = f"{around[0]}, so the policy cannot judge the command"
+            elif parsed.problems:
+                why = f"the command contains {parsed.problems[0]}, which the policy cannot judge"
+            else:
+                why = (
+                    f"the command expands ${exposed[0]}, a variable that can hold a secret (only the shell's own, "
+                    "such as HOME, USER and PATH, and those the host's env: sets are expanded without raw shell)"
+                )
             return deny(None, f"{why}, and no rule allows raw shell on this host")
         if not parsed.commands and not parsed.problems:
             return deny(None, "there is no command in it")

@@ -10,7 +10,8 @@ unless raw shell is allowed for the host.
 
 Words whose final value depends on the shell at run time (parameter expansion, globs,
 brace expansion, ``~``) are kept but marked *unknown*: such a word can only be matched
-by a pattern that accepts anything, and never stands as the program name.
+by a pattern that accepts anything, and never stands as the program name. The names of
+the variables a line expands are reported as well: what they hold reaches the output.
 
 Wrappers are looked through: ``sudo``/``doas`` (marked privileged), ``env``, ``nice``,
 ``nohup``, ``timeout``, ``time``, ``command``, ``exec``, ``stdbuf``, ``ionice``,
@@ -25,6 +26,16 @@ from dataclasses import dataclass, field
 
 #: Variables a command may be given inline without a policy rule saying so.
 SAFE_ASSIGNMENTS = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE|TZ|COLUMNS|LINES|TERM|NO_COLOR)")
+#: Variables a command may expand without a policy rule saying so: the shell's own and
+#: those of a login, which hold no secrets. Any other may (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY):
+#: ``echo $NAME``, or ``id $NAME`` through its error message, would hand it to whoever
+#: reads the output.
+SAFE_EXPANSIONS = re.compile(
+    r"LC_[A-Z]+|LANG|LANGUAGE|TZ|COLUMNS|LINES|TERM|NO_COLOR|HOME|USER|LOGNAME|SHELL|PATH|PWD|OLDPWD"
+    r"|HOSTNAME|HOSTTYPE|OSTYPE|MACHTYPE|TMPDIR|MAIL|SHLVL|UID|EUID|PPID|IFS|RANDOM|LINENO|SECONDS|_"
+    r"|BASH_VERSION|ZSH_VERSION|KSH_VERSION|SSH_CONNECTION|SSH_CLIENT|SSH_TTY"
+    r"|XDG_CONFIG_HOME|XDG_DATA_HOME|XDG_CACHE_HOME|XDG_STATE_HOME|XDG_RUNTIME_DIR"
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IO_NUMBER = re.compile(r"\d+")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
@@ -74,6 +85,8 @@ class ParsedCommand:
 
     commands: list[SimpleCommand] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Names of the variables the line expands ($NAME, ${NAME}, ${#NAME}), in order, once each.
+    variables: list[str] = field(default_factory=list)
 
     @property
     def judgeable(self) -> bool:
@@ -104,6 +117,7 @@ def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
     except _Unjudgeable as exc:
         # The commands before the construct are still judged; the rest is raw shell.
         result.problems.append(str(exc))
+    result.variables.extend(name for name in lexer.variables if name not in result.variables)
     for tokens in lexer.complete:
         if tokens:
             _judge_segment(tokens, result, depth)
@@ -180,8 +194,10 @@ class _Lexer:
     """Turns a command line into segments (lists of word and redirection tokens)."""
 
     def __init__(self, text: str) -> None:
-        self.text = text
+        self.text = _join_continued_lines(text)
         self.pos = 0
+        #: Names of the variables expanded so far.
+        self.variables: list[str] = []
         #: Segments ended by an operator (or the end of the text), in order.
         self.complete: list[list[_Token]] = []
         self.current: list[_Token] = []
@@ -216,8 +232,6 @@ class _Lexer:
             char = text[self.pos]
             if char in " \t":
                 self.pos += 1
-            elif char == "\\" and self._peek(1) == "\n":
-                self.pos += 2
             elif char == "#":
                 while self.pos < len(text) and text[self.pos] != "\n":
                     self.pos += 1
@@ -273,8 +287,6 @@ class _Lexer:
             if char == "\\":
                 following = self._peek(1)
                 self.pos += 2
-                if following == "\n":
-                    continue
                 if following == "":
                     raise _Unjudgeable("a trailing backslash")
                 value.append(following)
@@ -292,8 +304,8 @@ class _Lexer:
                 known = False
                 value.append(self._expansion())
             else:
-                if char in "*?{}" or (char == "~" and self.pos == raw_start) or (char == "[" and "]" in self._rest_of_word()):
-                    known = False  # globs, brace expansion and ~ are decided by the shell
+                if char in "*?{}" or (char in "~=" and not "".join(value)) or (char == "[" and "]" in self._rest_of_word()):
+                    known = False  # globs, brace expansion, ~ and zsh's =program are decided by the shell
                 value.append(char)
                 self.pos += 1
         return _Token(_WORD, "".join(value), known=known, raw=text[raw_start : self.pos])
@@ -316,9 +328,8 @@ class _Lexer:
             if char == '"':
                 self.pos += 1
                 return "".join(value), known
-            if char == "\\" and self._peek(1) in ('"', "\\", "$", "`", "\n"):
-                if self._peek(1) != "\n":
-                    value.append(self._peek(1))
+            if char == "\\" and self._peek(1) in ('"', "\\", "$", "`"):
+                value.append(self._peek(1))
                 self.pos += 2
             elif char in "`$":
                 known = False
@@ -337,6 +348,10 @@ class _Lexer:
             raise _Unjudgeable("command substitution $( … )" if self._peek(2) != "(" else "arithmetic expansion $(( … ))")
         if following in ("'", '"'):
             raise _Unjudgeable(f"ANSI-C or locale quoting (${following}…{following})")
+        if following == "[":
+            raise _Unjudgeable("arithmetic expansion $[ … ] (bash)")
+        if following in _ZSH_EXPANSION_FLAGS:
+            raise _Unjudgeable(f"the expansion ${following}… (zsh)")
         if following == "{":
             end = text.find("}", self.pos + 2)
             if end < 0:
@@ -344,14 +359,75 @@ class _Lexer:
             inner = text[self.pos + 2 : end]
             if any(c in inner for c in "$`(") or not re.fullmatch(r"#?[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]", inner):
                 raise _Unjudgeable(f"parameter expansion with operators (${{{inner}}})")
+            self._expanded(inner.lstrip("#"))
             self.pos = end + 1
             return f"${{{inner}}}"
         match = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]").match(text, self.pos + 1)
         if match is None:
             self.pos += 1
             return "$"
+        self._expanded(match.group(0))
         self.pos = match.end()
         return "$" + match.group(0)
+
+    def _expanded(self, parameter: str) -> None:
+        if _NAME.fullmatch(parameter) and parameter not in self.variables:
+            self.variables.append(parameter)
+
+
+#: What follows ``$`` in zsh's forms of expanding a variable ($=NAME, $~NAME, $^NAME, $+NAME).
+_ZSH_EXPANSION_FLAGS = frozenset("=~^+")
+_WORD_START = frozenset(" \t\n;&|()<>")
+
+
+def _join_continued_lines(text: str) -> str:
+    """``text`` with its line continuations (backslash, newline) taken out, as the shell does first.
+
+    The shell joins them before it reads anything else, except inside single quotes and
+    comments: ``"$\\<newline>(id)"`` is a command substitution. A quote that the shell
+    would end elsewhere (inside ``$( … )``) can only follow a construct the reader refuses,
+    so what it reads after that does not matter.
+    """
+    if "\\\n" not in text:
+        return text
+    out: list[str] = []
+    index, length = 0, len(text)
+    word_start = True
+    while index < length:
+        char = text[index]
+        if char == "\\":
+            if text.startswith("\n", index + 1):
+                index += 2
+                continue
+            out.append(text[index : index + 2])
+            index += 2
+        elif char == "'":
+            end = text.find("'", index + 1)
+            end = length if end < 0 else end + 1
+            out.append(text[index:end])
+            index = end
+        elif char == '"':
+            out.append(char)
+            index += 1
+            while index < length and text[index] != '"':
+                if text.startswith("\\\n", index):
+                    index += 2
+                    continue
+                step = 2 if text[index] == "\\" else 1
+                out.append(text[index : index + step])
+                index += step
+            out.append(text[index : index + 1])
+            index += 1
+        elif char == "#" and word_start:
+            end = text.find("\n", index)
+            end = length if end < 0 else end
+            out.append(text[index:end])
+            index = end
+        else:
+            out.append(char)
+            index += 1
+        word_start = char in _WORD_START
+    return "".join(out)
 
 
 # -- judging one simple command ------------------------------------------------------------
@@ -462,6 +538,7 @@ def _judge_words(
             nested = ParsedCommand()
             _parse_into(script.value, nested, depth + 1)
             result.problems.extend(nested.problems)
+            result.variables.extend(name for name in nested.variables if name not in result.variables)
             result.commands.extend(
                 SimpleCommand(c.program, c.args, wrappers + (base,) + c.wrappers, privileged or c.privileged,
                               assignments + c.assignments)
