@@ -47,6 +47,8 @@ log = logging.getLogger("fleetrun.cli")
 EPILOG_RUN = """\
 The words after -- are joined with spaces and run by the host's shell, as ssh does:
 quote the whole command to keep it one string, e.g. fleetrun run local -- 'ls | wc -l'.
+Commands run unattended: their stdin is at end of file (as with ssh -n), and what is piped
+into fleetrun is not passed on.
 
 Several hosts (a fan-out): name them with commas (fleetrun run web1,web2 -- uptime) or
 pick them by tag (fleetrun run --tag web -- uptime). Each host gets its own task; output
@@ -296,6 +298,8 @@ def cmd_run(ctx: _Context) -> int:
     hosts = _selected_hosts(ctx)
     if args.dry_run:
         return _dry_run(ctx, request, hosts)
+    if _input_is_waiting():
+        _note("note: fleetrun does not pass its input on: the command's stdin is at end of file (as with ssh -n)")
     batch = len(hosts) > 1 or args.tag is not None
     console = _Console()
     terminal = _Terminal(
@@ -324,6 +328,24 @@ def cmd_run(ctx: _Context) -> int:
     if console.closed is not None and task.status is TaskStatus.CANCELLED:
         return EXIT_OUTPUT_CLOSED  # quietly, as a command in a pipeline whose reader went away
     return _run_exit_code(task)
+
+
+def _input_is_waiting() -> bool:
+    """Whether data was piped or redirected into fleetrun, which no command will read."""
+    import select
+    import stat
+
+    try:
+        descriptor = sys.stdin.fileno()
+        status = os.fstat(descriptor)
+        if stat.S_ISREG(status.st_mode):
+            return status.st_size > os.lseek(descriptor, 0, os.SEEK_CUR)
+        if stat.S_ISFIFO(status.st_mode):
+            # Reading cannot block once select says so, and the byte is not wanted anyway.
+            return bool(select.select([descriptor], [], [], 0)[0]) and os.read(descriptor, 1) != b""
+    except (AttributeError, OSError, ValueError):
+        pass  # no stdin at all (closed, or replaced by something without a descriptor)
+    return False
 
 
 def _selected_hosts(ctx: _Context) -> tuple[str, ...]:

@@ -127,7 +127,9 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Run the installed `fleetrun` command in a child process."""
+    """Run the installed `fleetrun` command in a child process (stdin: /dev/null unless given)."""
+    if "input" not in kwargs:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run(
         [sys.executable, "-m", "fleetrun", *args],
         capture_output=True,

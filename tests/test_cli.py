@@ -24,6 +24,22 @@ def test_run_streams_output_and_exits_with_the_command_status():
     assert failed.returncode == 7 and failed.stderr == ""
 
 
+def test_input_piped_into_run_is_not_passed_on_and_it_says_so(tmp_path):
+    # Commands run with stdin at end of file (as with ssh -n); the user is told, once.
+    note = "fleetrun: note: fleetrun does not pass its input on: the command's stdin is at end of file (as with ssh -n)\n"
+    piped = run_cli("run", "local", "--", "cat; echo done", input="data for cat\n")
+    assert (piped.returncode, piped.stdout, piped.stderr) == (0, "done\n", note)
+    data = tmp_path / "data"
+    data.write_text("x")
+    with data.open() as redirected:
+        from_file = run_cli("run", "local", "--", "cat; echo done", stdin=redirected)
+    assert (from_file.stdout, from_file.stderr) == ("done\n", note)
+    for quiet in ("", None):  # an empty pipe, /dev/null
+        result = run_cli("run", "local", "--", "true", input=quiet) if quiet is not None else run_cli("run", "local", "--", "true")
+        assert (result.returncode, result.stderr) == (0, "")
+    assert "what is piped\ninto fleetrun is not passed on" in run_cli("run", "--help").stdout
+
+
 def test_options_after_the_double_dash_belong_to_the_command():
     result = run_cli("run", "local", "--", "ls", "-d", "--", "/")
     assert result.returncode == 0 and result.stdout == "/\n"
