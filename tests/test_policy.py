@@ -500,6 +500,64 @@ def test_any_command_is_still_no_raw_shell_however_sh_is_given_its_script():
         assert not decision.allowed and "no rule allows raw shell" in decision.reason, (line, decision.reason)
 
 
+# The shell's own commands that run code or set variables, each with a shell that runs
+# the marker through it ({marker}: a file it creates; {bin}: a directory with a uname that does).
+SHELL_CODE_THROUGH_BUILTINS = [
+    ("eval 'echo $(touch {marker})'", "sh", "command substitution"),
+    ("builtin eval 'echo $(touch {marker})'", "bash", "command substitution"),
+    ("trap 'echo $(touch {marker})' EXIT", "sh", "command substitution"),
+    ("eval \"$HOME\" && touch {marker}", "sh", None),  # eval of a variable: its value is code
+    ("alias x='echo $(touch {marker})'\nx", "sh", "alias x=… (an alias changes what later commands mean)"),
+    ("test -v 'a[$(touch {marker})]'", "bash", "bash and zsh run what an array subscript expands"),
+    ("[ -v 'a[$(touch {marker})]' ]", "bash", "array subscript"),
+    ("printf -v 'a[$(touch {marker})]' x", "bash", "array subscript"),
+    ("read 'a[$(touch {marker})]' <<< x", "bash", "array subscript"),
+    ("declare 'a[$(touch {marker})]=1'", "bash", "array subscript"),
+    ("let 'a[$(touch {marker})]=1'", "bash", "array subscript"),
+    ("typeset 'a[$(touch {marker})]=1'", "zsh", "array subscript"),
+    ("export 'a[$(touch {marker})]=1'", "zsh", "array subscript"),
+    ("print -v 'a[$(touch {marker})]' x", "zsh", "array subscript"),
+    ("true; - eval 'echo $(touch {marker})'", "zsh", "command substitution"),
+    ("noglob eval 'echo $(touch {marker})'", "zsh", "command substitution"),
+    ("export PATH={bin}; uname", "sh", "(export PATH=…)"),
+    ("declare -x PATH={bin}; uname", "bash", "(declare PATH=…)"),
+    ("read PATH <<< {bin}; uname", "bash", "read (it sets shell variables, which can change what later commands do)"),
+    ("printf -v PATH %s {bin}; uname", "bash", "printf -v (it sets shell variables"),
+]
+
+
+@pytest.mark.parametrize("form, shell, why", SHELL_CODE_THROUGH_BUILTINS)
+def test_any_command_is_still_no_raw_shell_through_the_shells_own_commands(form, shell, why, tmp_path):
+    # Under `allow: "*"`, eval ran what sh -c would have had judged, `test -v 'a[$(…)]'` ran
+    # the substitution in bash, and `export PATH=DIR` did what `PATH=DIR uname` may not.
+    if shutil.which(shell) is None:
+        pytest.skip(f"needs {shell} (.ci/run installs it)")
+    marker, bin_dir = tmp_path / "ran", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uname").write_text(f"#!/bin/sh\n/usr/bin/touch {marker}\n")
+    (bin_dir / "uname").chmod(0o755)
+    line = form.format(marker=marker, bin=bin_dir)
+    subprocess.run([shell, "-c", line], env={**os.environ, "HOME": f"touch {marker}"}, capture_output=True, timeout=30)
+    assert marker.exists(), f"{shell} does not run the marker through {line!r}: the test proves nothing"
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    decision = anything.decide(WEB1, line)
+    assert not decision.allowed and "no rule allows raw shell" in decision.reason, decision.explanation
+    assert why is None or why in decision.reason, decision.reason
+
+
+def test_the_shells_own_commands_are_judged_by_what_they_run():
+    assert commands("eval uname -a") == [("uname", ["-a"])]
+    assert commands("trap 'uname; id' EXIT") == [("uname", []), ("id", [])]
+    assert commands("builtin echo x && noglob ls") == [("echo", ["x"]), ("ls", [])]
+    for harmless in ["trap - INT", "trap '' HUP", "trap -p", "trap 2 15", "alias", "alias ll", "export HOME LC_ALL=C",
+                     "printf '%s\\n' -v", "printf -- -v", "test -v HOME", "unset x"]:
+        assert parse_command(harmless).problems == [], harmless
+    assert parse_command("sleep 1 & wait -n -p PID").problems == ["wait -p (it sets shell variables, which can change what later commands do)"]
+    assert READ_ONLY.decide(WEB1, "eval uname -a").allowed
+    assert not READ_ONLY.decide(WEB1, "eval rm -rf /").allowed
+    assert pattern_problem("eval *", ["eval", "*"]).startswith("the policy reads the code eval runs")
+
+
 # Each with the env of the process it looks at (on this machine's procps) and without it.
 PS_FORMS = [
     ("ps p {pid} e", True), ("ps -o args -p {pid} e", True), ("ps -p {pid} -o args eww", True),
@@ -551,10 +609,11 @@ _word = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_c
 @settings(max_examples=300)
 @given(st.lists(_word, min_size=1, max_size=6))
 def test_quoting_is_read_back_exactly(words):
-    from fleetrun.core.shell import _RESERVED, _WRAPPERS, SH_FAMILY
+    from fleetrun.core.shell import _OPTION_CHECKS, _RESERVED, _SHELL_CODE_READERS, _WRAPPERS, SH_FAMILY
 
     program = words[0]
-    if program in _RESERVED or program in _WRAPPERS or program in SH_FAMILY or "=" in program or program == "find":
+    special = (_RESERVED, _WRAPPERS, SH_FAMILY, _OPTION_CHECKS, _SHELL_CODE_READERS)
+    if any(program in names for names in special) or "=" in program:
         return
     parsed = parse_command(shlex.join(words))
     assert parsed.problems == []

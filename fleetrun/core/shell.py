@@ -14,13 +14,15 @@ by a pattern that accepts anything, and never stands as the program name. The na
 the variables a line expands are reported as well: what they hold reaches the output.
 
 Wrappers are looked through: ``sudo``/``doas`` (marked privileged), ``env``, ``nice``,
-``nohup``, ``timeout``, ``time``, ``command``, ``exec``, ``stdbuf``, ``ionice``,
-``setsid``, ``xargs`` (its input becomes unknown arguments) and ``sh -c``-style shells
-(their script is read recursively).
+``nohup``, ``timeout``, ``time``, ``command``, ``builtin``, ``exec``, ``stdbuf``, ``ionice``,
+``setsid``, ``xargs`` (its input becomes unknown arguments), zsh's precommand modifiers, and
+what runs shell code: ``sh -c``-style shells, ``eval`` and ``trap`` (their code is read
+recursively).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -153,6 +155,8 @@ def pattern_problem(pattern: str, words: list[str]) -> str | None:
     if tokens and _assignment(tokens[0]) is not None:
         return (f"it starts with the variable setting {tokens[0].raw}, which is not part of the command "
                 "a pattern matches: start the pattern with the program")
+    if words[0] == "eval" and len(words) > 1:
+        return "the policy reads the code eval runs and judges each of its commands on its own: write a pattern for each"
     any_rest = len(words) > 1 and words[-1] == "*"
     literal = words[:-1] if any_rest else words
     judged = ParsedCommand()
@@ -525,15 +529,17 @@ def _judge_words(
                 privileged or makes_privileged, result, depth,
             )
             return
-    if system and base in SH_FAMILY:
+    code_reader = _shell_script if system and base in SH_FAMILY else _SHELL_CODE_READERS.get(name)
+    if code_reader is not None:
         try:
-            script = _shell_script(args)
+            script = code_reader(args)
         except _Unjudgeable as exc:
             result.problems.append(f"{base}: {exc}")
             return
         if script is not None:
             if not script.known:
-                result.problems.append(f"{base} -c with a script decided at run time")
+                result.problems.append(f"{base} -c with a script decided at run time" if base in SH_FAMILY
+                                       else f"{base} with code decided at run time")
                 return
             nested = ParsedCommand()
             _parse_into(script.value, nested, depth + 1)
@@ -596,6 +602,76 @@ def _shell_script(args: list[Word]) -> Word | None:
     return args[index] if index < len(args) else Word("", True)
 
 
+# -- the shell's own commands that run shell code or set its variables --------------------
+
+
+def _eval_code(args: list[Word]) -> Word | None:
+    """What ``eval`` runs: its arguments joined with spaces, read again as a command line."""
+    if not args:
+        return None
+    return Word(" ".join(word.value for word in args), all(word.known for word in args))
+
+
+def _trap_action(args: list[Word]) -> Word | None:
+    """What ``trap ACTION CONDITION…`` runs when a condition occurs; None when it sets no
+    action (``trap``, ``trap -p``, ``trap -l``, ``trap - INT``, ``trap '' INT``, ``trap INT``,
+    and ``trap 2 15``, which resets)."""
+    operands = args[1:] if args and args[0].value == "--" else args
+    if len(operands) < 2:
+        return None
+    action = operands[0]
+    if action.known and (action.value in ("", "-", "-p", "-l", "-P") or action.value.isdigit()):
+        return None
+    return action
+
+
+#: The shell's own commands that run a string as shell code: it is read like ``sh -c``'s script.
+_SHELL_CODE_READERS = {"eval": _eval_code, "trap": _trap_action}
+
+#: bash and zsh evaluate the subscript of an array element named to these (``test -v
+#: 'a[$(id)]'``, ``printf -v``, ``read``, ``declare``), and run the substitutions in it.
+_TAKE_VARIABLE_NAMES = frozenset(
+    {"test", "[", "printf", "print", "read", "mapfile", "readarray", "getopts", "let", "vared", "unset", "wait",
+     "export", "readonly", "declare", "typeset", "local", "integer", "float"}
+)
+_SUBSCRIPT_WITH_EXPANSION = re.compile(r"\[[^\]]*[$`]")
+#: They set variables from what they read or compute: PATH or IFS set so changes what later commands do.
+_SET_VARIABLES = frozenset({"read", "mapfile", "readarray", "getopts", "let", "vared"})
+#: The option letter with which these set a variable (printf -v NAME, zsh's print -v, wait -p NAME).
+_SET_VARIABLE_OPTION = {"printf": "v", "print": "v", "wait": "p"}
+#: They set variables given as NAME=value, as an assignment before a command does.
+_DECLARATIONS = frozenset({"export", "readonly", "declare", "typeset", "local", "integer", "float"})
+_SETS_VARIABLES = "it sets shell variables, which can change what later commands do"
+
+
+def _builtin_problem(name: str, args: list[Word]) -> str | None:
+    for word in args:
+        if _SUBSCRIPT_WITH_EXPANSION.search(word.value):
+            return f"{name} {word.value} (bash and zsh run what an array subscript expands)"
+    if name in _SET_VARIABLES:
+        return f"{name} ({_SETS_VARIABLES})"
+    letter = _SET_VARIABLE_OPTION.get(name)
+    if letter is not None:
+        for word in args:
+            if word.value == "--" or not word.value.startswith("-"):
+                break
+            if letter in word.value[1:]:
+                return f"{name} {word.value} ({_SETS_VARIABLES})"
+    if name in _DECLARATIONS:
+        for word in args:
+            variable, assigns, _ = word.value.partition("=")
+            if not word.known or (assigns and not SAFE_ASSIGNMENTS.fullmatch(variable)):
+                return f"an environment setting that can change what a command does ({name} {variable}=…)"
+    return None
+
+
+def _alias_problem(args: list[Word]) -> str | None:
+    for word in args:
+        if "=" in word.value or not word.known:
+            return f"alias {word.value.split('=', 1)[0]}=… (an alias changes what later commands mean)"
+    return None
+
+
 # ps options that take a value, attached or as the next word: their values are not options.
 # Only real ones belong here: a letter taken for one wrongly would hide the word after it.
 _PS_DASH_WITH_VALUE = frozenset("CGgOopqstUu")
@@ -623,7 +699,10 @@ def _ps_problem(args: list[Word]) -> str | None:
 
 #: Programs with options that a rule for the program would not expect to allow: each
 #: check returns the problem (the command is then judged only under raw shell), or None.
-_OPTION_CHECKS = {"find": _find_problem, "ps": _ps_problem}
+_OPTION_CHECKS = {
+    "find": _find_problem, "ps": _ps_problem, "alias": _alias_problem,
+    **{name: functools.partial(_builtin_problem, name) for name in _TAKE_VARIABLE_NAMES},
+}
 
 
 def _ps_environment_option(args: list[Word]) -> Word | None:
@@ -809,4 +888,9 @@ _WRAPPERS = {
     "ionice": _simple_wrapper({"-c", "--class", "-n", "--classdata"}, {"-t", "--ignore"}),
     "setsid": _simple_wrapper(set(), {"-c", "--ctty", "-f", "--fork", "-w", "--wait"}),
     "xargs": _xargs,
+    # The shell's own: bash's and zsh's builtin, zsh's precommand modifiers.
+    "builtin": _simple_wrapper(set(), set()),
+    "noglob": _simple_wrapper(set(), set()),
+    "nocorrect": _simple_wrapper(set(), set()),
+    "-": _simple_wrapper(set(), set()),
 }
