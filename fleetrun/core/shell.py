@@ -39,7 +39,7 @@ SAFE_EXPANSIONS = re.compile(
     r"|XDG_CONFIG_HOME|XDG_DATA_HOME|XDG_CACHE_HOME|XDG_STATE_HOME|XDG_RUNTIME_DIR"
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_IO_NUMBER = re.compile(r"\d+")
+_DESCRIPTOR_VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
              "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
 #: Shells that read a command line as POSIX sh does (the names of their programs): this
@@ -268,6 +268,9 @@ class _Lexer:
             return None
         self.pos = match.end()
         operator = match.group(2)
+        if len(match.group(1)) > 1:
+            # sh and bash open descriptor 22 for 22>&2; zsh passes 22 as an argument.
+            raise _Unjudgeable(f"a descriptor number of more than one digit ({match.group(0)}…)")
         if operator in ("<<", "<<-"):
             raise _Unjudgeable("a here-document (<<)")
         if self._peek() == "(":
@@ -287,6 +290,9 @@ class _Lexer:
             if char in " \t\n;&|()<>":
                 if char in "<>" and self._peek(1) == "(":
                     raise _Unjudgeable(f"process substitution ({char}( … ))")
+                if char in "<>" and _DESCRIPTOR_VARIABLE.fullmatch(text, raw_start, self.pos):
+                    # bash, zsh and ksh open a descriptor and keep its number in NAME: {PATH}>/dev/null
+                    raise _Unjudgeable(f"a descriptor number stored in a variable ({text[raw_start:self.pos]}{char}…)")
                 break
             if char == "\\":
                 following = self._peek(1)
@@ -308,7 +314,9 @@ class _Lexer:
                 known = False
                 value.append(self._expansion())
             else:
-                if char in "*?{}" or (char in "~=" and not "".join(value)) or (char == "[" and "]" in self._rest_of_word()):
+                starts = not "".join(value)
+                if (char in "*?{}" or (char == "~" and starts) or (char == "=" and starts and self._rest_of_word() != "=")
+                        or (char == "[" and "]" in self._rest_of_word())):
                     known = False  # globs, brace expansion, ~ and zsh's =program are decided by the shell
                 value.append(char)
                 self.pos += 1
