@@ -1,7 +1,7 @@
 """fleetrun benchmarks: each one against a baseline measured in the same run.
 
     python bench/run.py                 # all of them
-    python bench/run.py seq big         # some of them (seq, concurrent, big, latency, inventory)
+    python bench/run.py seq big         # some of them (seq, concurrent, big, shapes, latency, inventory)
     python bench/run.py --quick         # smaller sizes, for a smoke run
 
 Every scenario runs in a child process of its own, so that its peak RSS (VmHWM) is its
@@ -162,6 +162,46 @@ def bench_big(params: dict) -> dict:
     }
 
 
+#: Output shapes the progress tracker reads differently from plain lines (the `big`
+#: scenario): each a producer of SIZE bytes.
+OUTPUT_SHAPES = {
+    "text lines": "yes 'fleetrun benchmark line of text, sixty-four bytes long..........'",
+    "blank lines": "yes ''",
+    "carriage returns": "yes 'progress: 50% [=========>          ]' | tr '\\n' '\\r'",
+    "escape sequences": "yes \"$(printf '\\033[1;31mred\\033[0m \\033]0;title\\007text')\"",
+    "one long line": "tr '\\0' a < /dev/zero",
+}
+
+
+def bench_shapes(params: dict) -> dict:
+    """One task printing SIZE bytes of each output shape vs the same producer piped into `cat > /dev/null`."""
+    from fleetrun.core.models import TaskRequest
+
+    size = params["size"]
+    home = Path(tempfile.mkdtemp(prefix="fleetrun-bench-"))
+    executor = make_executor(home, max_output=size + MiB)
+    shapes = {}
+    for shape, source in OUTPUT_SHAPES.items():
+        producer = f"{source} | head -c {size}"
+        ours, base = [], []
+        for _ in range(params["rounds"]):
+            os.sync()  # as in `big`: no dirty pages of one run written back during the next
+            t = time.perf_counter()
+            subprocess.run(["sh", "-c", f"{producer} | cat > /dev/null"], check=True)
+            base.append(time.perf_counter() - t)
+            os.sync()
+            t = time.perf_counter()
+            task = executor.run(TaskRequest(host="local", command=producer))
+            ours.append(time.perf_counter() - t)
+            assert task.stdout_bytes == size, task
+            shutil.rmtree(executor.store.output_dir(task.id))
+        shapes[shape] = {"fleetrun_wall_s": statistics.median(ours), "baseline_wall_s": statistics.median(base),
+                         "ratio": statistics.median(ours) / statistics.median(base)}
+    executor.close()
+    shutil.rmtree(home, ignore_errors=True)
+    return {"bytes": size, "rounds": params["rounds"], "shapes": shapes}
+
+
 def bench_latency(params: dict) -> dict:
     """A line printed (with its own timestamp) to its progress event reaching a hook."""
     from fleetrun import hookimpl
@@ -221,7 +261,8 @@ def bench_inventory(params: dict) -> dict:
     return {"hosts": count, "fleetrun_s": med(ours), "yaml_load_s": med(base), "loader": loader.__name__, "ratio": med(ours) / med(base)}
 
 
-SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big, "latency": bench_latency, "inventory": bench_inventory}
+SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big, "shapes": bench_shapes,
+             "latency": bench_latency, "inventory": bench_inventory}
 
 
 # -- driver ----------------------------------------------------------------------------
@@ -232,6 +273,7 @@ def plan(quick: bool) -> dict[str, list[dict]]:
         "seq": [{"n": 100 if quick else 500}],
         "concurrent": [{"n": 100, "rounds": 1} if quick else {"n": 1000, "rounds": 3}],
         "big": [{"size": 16 * MiB, "rounds": 1}] if quick else [{"size": 256 * MiB, "rounds": 5}, {"size": 1024 * MiB, "rounds": 3}],
+        "shapes": [{"size": 16 * MiB, "rounds": 1} if quick else {"size": 512 * MiB, "rounds": 3}],
         "latency": [{"lines": 10 if quick else 40}],
         "inventory": [{"hosts": 500 if quick else 5000, "rounds": 1 if quick else 5}],
     }
@@ -261,6 +303,12 @@ def summary(results: dict) -> str:
                 f"{r['producer_pipe_cat_file_wall_s']:.3f} s (`\\| cat > file`) | "
                 f"{r['ratio_vs_cat']:.2f}x vs /dev/null, {r['ratio_vs_cat_to_file']:.2f}x vs file | <= 1.5x, <= 100 MiB |"
             )
+        elif name == "shapes":
+            for shape, figures in r["shapes"].items():
+                lines.append(
+                    f"| one task printing {r['bytes'] // MiB} MiB of {shape} | {figures['fleetrun_wall_s']:.3f} s | "
+                    f"{figures['baseline_wall_s']:.3f} s (`\\| cat > /dev/null`) | {figures['ratio']:.2f}x | - |"
+                )
         elif name == "latency":
             lines.append(
                 f"| line printed -> progress hook | median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms | - | "

@@ -234,6 +234,14 @@ def test_percent_comes_only_from_progress_markers(make_executor, recorder):
     assert 40.0 in percents and percents[-1] == 75.5
 
 
+def test_a_progress_marker_is_one_line(make_executor, recorder):
+    # "progress:" then "50%" on the next line is not a marker; blank lines around one are fine.
+    executor = make_executor(heartbeat_s=30)
+    task = executor.run(TaskRequest(host="local", command="printf 'progress:\\n50%%\\n\\n\\n'; sleep 0.15; printf '\\n\\n  progress: 20%%\\n\\n'"))
+    percents = [e.progress.percent for e in recorder if e.event == "task.progress" and e.task.id == task.id]
+    assert percents[0] is None and percents[-1] == 20.0, percents
+
+
 def test_progress_redrawn_in_place_with_carriage_returns_is_read(make_executor, recorder):
     # pv, curl, wget, rsync: a progress bar rewrites its line after a \r (and may end with one).
     executor = make_executor(heartbeat_s=30)

@@ -461,13 +461,16 @@ def test_bash_and_zsh_expand_what_the_reader_refuses():
 
 # Pieces of command lines that the reader and sh must read alike, continuations included.
 _PIECES = ["show ", " ", "$", "$X", "$USER", "${", "\\\n", "\\", '"', "'", "X", "_TOKEN", "}", "#", "(", ")",
-           ";", "\n", "|", "[", "]", "=", "~", "+", "*"]
+           ";", "\n", "|", "[", "]", "=", "~", "+", "*", "{PATH}", ">&", "1", "2", "eval ", "export "]
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("shell", ["sh", "bash", "zsh"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=9))
-def test_what_the_policy_allows_is_what_sh_runs(tmp_path_factory, pieces):
+def test_what_the_policy_allows_is_what_the_shell_runs(tmp_path_factory, shell, pieces):
     """Whatever a policy of `allow: "*"` allows runs as the reader said, and expands no other variable."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"needs {shell} (.ci/run installs it)")
     workdir = tmp_path_factory.mktemp("sh")
     (workdir / "bin").mkdir()
     show = workdir / "bin" / "show"
@@ -480,7 +483,7 @@ def test_what_the_policy_allows_is_what_sh_runs(tmp_path_factory, pieces):
         return
     env = {"PATH": f"{workdir / 'bin'}:/usr/bin:/bin", "LOGS": str(workdir / "logs"), "HOME": str(workdir),
            "USER": "u", "X": "secret-x", "USER_TOKEN": "secret-ut"}
-    subprocess.run(["sh", "-c", line], env=env, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    subprocess.run([shell, "-c", line], env=env, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
     runs = [log.read_text().split("\0")[:-1] for log in (workdir / "logs").iterdir()]
     expected = parse_command(line).commands
     for run in runs:
