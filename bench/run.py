@@ -1,7 +1,7 @@
 """fleetrun benchmarks: each one against a baseline measured in the same run.
 
     python bench/run.py                 # all of them
-    python bench/run.py seq big         # some of them (seq, concurrent, big, shapes, latency, inventory)
+    python bench/run.py seq big         # some of them (seq, concurrent, big, shapes, latency, inventory, reader)
     python bench/run.py --quick         # smaller sizes, for a smoke run
 
 Every scenario runs in a child process of its own, so that its peak RSS (VmHWM) is its
@@ -202,6 +202,40 @@ def bench_shapes(params: dict) -> dict:
     return {"bytes": size, "rounds": params["rounds"], "shapes": shapes}
 
 
+#: Command lines as long as a request may be (128 KiB), each of one shape.
+READER_SHAPES = {
+    "words": "echo " + "word " * 26000,
+    "one word of [": "echo " + "[" * 131000,
+    "quoted words": "echo " + "'a b' " * 21800,
+    "expansions": "echo " + '"$HOME" ' * 16300,
+    "a chain of 1,000 commands": "uname -a; " * 1000,
+    "line continuations": "echo " + "a\\\n" * 43600,
+}
+
+
+def bench_reader(params: dict) -> dict:
+    """The built-in policy deciding on a 128 KiB command line vs `shlex.split` of the same line."""
+    import shlex
+
+    from fleetrun.core.inventory import Host
+    from fleetrun.core.policy import read_only_policy
+
+    policy, host = read_only_policy(), Host(name="local", transport="local")
+    shapes = {}
+    for shape, line in READER_SHAPES.items():
+        ours, base = [], []
+        for _ in range(params["rounds"]):
+            t = time.perf_counter()
+            policy.decide(host, line)
+            ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            shlex.split(line)
+            base.append(time.perf_counter() - t)
+        shapes[shape] = {"bytes": len(line), "decide_s": statistics.median(ours), "shlex_split_s": statistics.median(base),
+                         "ratio": statistics.median(ours) / statistics.median(base)}
+    return {"rounds": params["rounds"], "shapes": shapes}
+
+
 def bench_latency(params: dict) -> dict:
     """A line printed (with its own timestamp) to its progress event reaching a hook."""
     from fleetrun import hookimpl
@@ -262,7 +296,7 @@ def bench_inventory(params: dict) -> dict:
 
 
 SCENARIOS = {"seq": bench_seq, "concurrent": bench_concurrent, "big": bench_big, "shapes": bench_shapes,
-             "latency": bench_latency, "inventory": bench_inventory}
+             "latency": bench_latency, "inventory": bench_inventory, "reader": bench_reader}
 
 
 # -- driver ----------------------------------------------------------------------------
@@ -276,6 +310,7 @@ def plan(quick: bool) -> dict[str, list[dict]]:
         "shapes": [{"size": 16 * MiB, "rounds": 1} if quick else {"size": 512 * MiB, "rounds": 3}],
         "latency": [{"lines": 10 if quick else 40}],
         "inventory": [{"hosts": 500 if quick else 5000, "rounds": 1 if quick else 5}],
+        "reader": [{"rounds": 1 if quick else 5}],
     }
 
 
@@ -314,6 +349,12 @@ def summary(results: dict) -> str:
                 f"| line printed -> progress hook | median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms | - | "
                 f"{r['events']} samples | median <= 20 ms |"
             )
+        elif name == "reader":
+            for shape, figures in r["shapes"].items():
+                lines.append(
+                    f"| the built-in policy deciding on {figures['bytes'] // 1024} KiB of {shape} | {figures['decide_s'] * 1000:.1f} ms | "
+                    f"{figures['shlex_split_s'] * 1000:.1f} ms (`shlex.split`) | {figures['ratio']:.2f}x | - |"
+                )
         elif name == "inventory":
             lines.append(
                 f"| a hosts file of {r['hosts']} SSH hosts, loaded and checked | {r['fleetrun_s']:.3f} s | "

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fleetrun.core.errors import FleetrunError, UnknownHostError, UnknownTaskError
+from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownHostError, UnknownTaskError
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.secrets import register_secret
 
@@ -330,6 +330,24 @@ def test_asyncio_callers_are_not_blocked(make_executor):
     tasks, ticks = asyncio.run(main())
     assert [t.status for t in tasks] == [TaskStatus.SUCCEEDED] * 3
     assert ticks >= 15  # the loop kept running while the tasks did
+
+
+def test_a_long_command_is_submitted_from_asyncio_like_a_short_one(make_executor):
+    # Longer than 4 KiB: the policy reads it on a worker thread, not on the caller's loop.
+    from fleetrun.core.policy import parse_policy
+
+    executor = make_executor(policy=parse_policy("rules:\n  - allow: echo *\n", source="p.yaml"))
+    words = " ".join(f"w{i}" for i in range(1500))
+
+    async def main():
+        task = await executor.run_async(TaskRequest(host="local", command=f"echo {words}"))
+        with pytest.raises(PolicyDenied, match="'rm -rf /tmp/nothing' matches no rule"):
+            await executor.submit_async(TaskRequest(host="local", command=f"echo {words}; rm -rf /tmp/nothing"))
+        return task
+
+    task = asyncio.run(main())
+    assert len(task.command) > 4096 and task.status is TaskStatus.SUCCEEDED
+    assert executor.read_output(task.id).data == words.encode() + b"\n"
 
 
 def test_async_reads_give_what_the_blocking_ones_give(make_executor, marker):

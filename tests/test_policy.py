@@ -570,6 +570,16 @@ def test_a_descriptor_of_two_digits_is_not_read_as_either_shell_reads_it():
     assert parse_command(line).problems == ["a descriptor number of more than one digit (11>&…)"]
 
 
+def test_the_reader_has_limits_on_what_no_person_writes():
+    assert len(parse_command("true;" * 1000).commands) == 1000
+    assert parse_command("true;" * 1001).problems == ["more than 1000 commands in one line"]
+    assert commands("env " * 16 + "uname") == [("uname", [])]
+    assert parse_command("env " * 17 + "uname").problems == ["wrappers nested too deeply inside each other"]
+    # A line as long as a command may be is read to its end (bench/run.py reader: in linear time).
+    assert [a.known for a in parse_command("echo " + "[" * 131000).commands[0].args] == [True]
+    assert [a.known for a in parse_command("echo " + "[" * 65000 + "]" + "[" * 65000).commands[0].args] == [False]
+
+
 def test_the_shells_own_commands_are_judged_by_what_they_run():
     assert commands("eval uname -a") == [("uname", ["-a"])]
     assert commands("trap 'uname; id' EXIT") == [("uname", []), ("id", [])]

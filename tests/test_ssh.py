@@ -205,9 +205,12 @@ def test_cancel_stops_the_remote_command_whatever_the_login_shell(shell_host, sh
     assert_none_left(marker)
 
 
-def test_a_login_shell_that_runs_nothing_fails_the_task_instead_of_faking_an_exit_status(shell_host):
+@pytest.mark.parametrize("environment", [{}, {"LARGE": "x" * (4 << 20)}], ids=["small input", "input beyond the window"])
+def test_a_login_shell_that_runs_nothing_fails_the_task_instead_of_faking_an_exit_status(shell_host, environment):
+    # The variables go over the channel's input. One larger than the server's window is
+    # still being sent when nologin has exited: that is the same failure, not a lost connection.
     executor = shell_host("nologin")
-    task = executor.run(TaskRequest(host="box", command="echo never"))
+    task = executor.run(TaskRequest(host="box", command="echo never", env=environment))
     assert (task.status, task.exit_code, task.error_category) == (TaskStatus.FAILED, None, "spawn")
     assert task.error is not None and task.error.endswith(
         "did not run the command: the user's login shell (unknown) did not start it, as a shell that runs "

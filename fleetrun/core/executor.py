@@ -46,6 +46,8 @@ log = logging.getLogger("fleetrun.executor")
 OutputListener = Callable[[str, bytes], None]
 
 MAX_COMMAND_LENGTH = 128 * 1024
+#: Longer commands are submitted from a worker thread by the asyncio API (see submit_async).
+_LONG_COMMAND = 4096
 _CANCEL_POLL_SECONDS = 0.5
 _STORE_PROGRESS_INTERVAL = 1.0
 #: A task still running this long after its start is recorded as running, with its process
@@ -387,7 +389,10 @@ class Executor:
 
     async def submit_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> TaskHandle:
         """:meth:`submit` for asyncio callers. Recording the task is one append to a local
-        file, so this does not leave the caller's loop."""
+        file, so this does not leave the caller's loop, unless the command is long: the
+        policy reads it first, a tenth of a second for 128 KiB."""
+        if len(request.command) > _LONG_COMMAND:
+            return await asyncio.to_thread(self.submit, request, on_output=on_output)
         return self.submit(request, on_output=on_output)
 
     def run(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
@@ -396,7 +401,7 @@ class Executor:
         return self._enqueue(request, on_output).done.result()
 
     async def run_async(self, request: TaskRequest, *, on_output: OutputListener | None = None) -> Task:
-        return await self.submit(request, on_output=on_output).wait_async()
+        return await (await self.submit_async(request, on_output=on_output)).wait_async()
 
     def cancel(self, task_id: str, reason: str = "cancelled by user") -> bool:
         """Cancel a queued or running task; False if it has already ended.

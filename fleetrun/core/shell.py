@@ -39,6 +39,7 @@ SAFE_EXPANSIONS = re.compile(
     r"|XDG_CONFIG_HOME|XDG_DATA_HOME|XDG_CACHE_HOME|XDG_STATE_HOME|XDG_RUNTIME_DIR"
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WORD_END = re.compile(r"[ \t\n;&|()<>]")
 _DESCRIPTOR_VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
              "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
@@ -50,6 +51,9 @@ SH_FAMILY = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh
 _SYSTEM_DIRS = ("/bin/", "/usr/bin/", "/sbin/", "/usr/sbin/", "/usr/local/bin/")
 _HARMLESS_TARGETS = {"/dev/null"}
 _MAX_DEPTH = 4
+_MAX_WRAPPERS = 16
+#: No line written for a person has more; judging each against every rule takes time.
+_MAX_COMMANDS = 1000
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
         result.problems.append(str(exc))
     result.variables.extend(name for name in lexer.variables if name not in result.variables)
     for tokens in lexer.complete:
+        if len(result.commands) >= _MAX_COMMANDS:
+            result.problems.append(f"more than {_MAX_COMMANDS} commands in one line")
+            return
         if tokens:
             _judge_segment(tokens, result, depth)
 
@@ -200,6 +207,9 @@ class _Lexer:
     def __init__(self, text: str) -> None:
         self.text = _join_continued_lines(text)
         self.pos = 0
+        # The end of the stretch of text that _scan_rest looked at last, and its last ].
+        self._rest_end = 0
+        self._last_bracket = -1
         #: Names of the variables expanded so far.
         self.variables: list[str] = []
         #: Segments ended by an operator (or the end of the text), in order.
@@ -314,19 +324,31 @@ class _Lexer:
                 known = False
                 value.append(self._expansion())
             else:
-                starts = not "".join(value)
-                if (char in "*?{}" or (char == "~" and starts) or (char == "=" and starts and self._rest_of_word() != "=")
-                        or (char == "[" and "]" in self._rest_of_word())):
-                    known = False  # globs, brace expansion, ~ and zsh's =program are decided by the shell
+                # Globs, brace expansion, ~ and zsh's =program are decided by the shell.
+                if known and (char in "*?{}" or (char == "[" and self._bracket_closes())
+                              or (char in "~=" and not any(value) and (char == "~" or self._rest_of_word() != "="))):
+                    known = False
                 value.append(char)
                 self.pos += 1
         return _Token(_WORD, "".join(value), known=known, raw=text[raw_start : self.pos])
 
     def _rest_of_word(self) -> str:
-        end = self.pos
-        while end < len(self.text) and self.text[end] not in " \t\n;&|()<>":
-            end += 1
-        return self.text[self.pos : end]
+        """The text from here to the next character that ends a word (quotes not minded)."""
+        self._scan_rest()
+        return self.text[self.pos : self._rest_end]
+
+    def _bracket_closes(self) -> bool:
+        """Whether a ``]`` follows in the rest of the word (then ``[`` starts a glob)."""
+        self._scan_rest()
+        return self._last_bracket > self.pos
+
+    def _scan_rest(self) -> None:
+        # Once per stretch without an end of word: a line of 128 KiB of [ would otherwise
+        # take minutes to read.
+        if self.pos >= self._rest_end:
+            found = _WORD_END.search(self.text, self.pos)
+            self._rest_end = found.start() if found else len(self.text)
+            self._last_bracket = self.text.rfind("]", self.pos, self._rest_end)
 
     def _double_quoted(self) -> tuple[str, bool]:
         text = self.text
@@ -502,6 +524,9 @@ def _judge_words(
     depth: int,
 ) -> None:
     program = words[0]
+    if len(wrappers) > _MAX_WRAPPERS:
+        result.problems.append("wrappers nested too deeply inside each other")
+        return
     if not program.known:
         result.problems.append(f"a program name decided at run time ({program.value})")
         return

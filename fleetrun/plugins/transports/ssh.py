@@ -377,7 +377,14 @@ class _PooledConnection:
         try:
             channel.exec_command(script)
             if stdin:
-                channel.sendall(stdin)  # read by the script's preamble, before the command starts
+                try:
+                    channel.sendall(stdin)  # read by the script's preamble, before the command starts
+                except OSError:
+                    if not (channel.closed and self.transport.is_active()):
+                        raise
+                    # The server ended the channel before its input was sent: a login shell
+                    # that runs nothing (nologin) exits at once. Its exit status says so.
+                    return channel
             if not keep_input_open:
                 channel.shutdown_write()
         except BaseException:
