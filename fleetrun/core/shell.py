@@ -39,7 +39,9 @@ SAFE_EXPANSIONS = re.compile(
     r"|XDG_CONFIG_HOME|XDG_DATA_HOME|XDG_CACHE_HOME|XDG_STATE_HOME|XDG_RUNTIME_DIR"
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_WORD_END = re.compile(r"[ \t\n;&|()<>]")
+#: Characters that end a word that is not quoted (and start the next one).
+_ENDS_WORD = " \t\n;&|()<>"
+_WORD_END = re.compile(f"[{re.escape(_ENDS_WORD)}]")
 _DESCRIPTOR_VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
              "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
@@ -98,6 +100,9 @@ class ParsedCommand:
     def judgeable(self) -> bool:
         return not self.problems
 
+    def add_variables(self, names: list[str]) -> None:
+        self.variables.extend(name for name in names if name not in self.variables)
+
 
 class _Unjudgeable(Exception):
     pass
@@ -123,7 +128,7 @@ def _parse_into(line: str, result: ParsedCommand, depth: int) -> None:
     except _Unjudgeable as exc:
         # The commands before the construct are still judged; the rest is raw shell.
         result.problems.append(str(exc))
-    result.variables.extend(name for name in lexer.variables if name not in result.variables)
+    result.add_variables(lexer.variables)
     for tokens in lexer.complete:
         if len(result.commands) >= _MAX_COMMANDS:
             result.problems.append(f"more than {_MAX_COMMANDS} commands in one line")
@@ -279,7 +284,7 @@ class _Lexer:
         self.pos = match.end()
         operator = match.group(2)
         if len(match.group(1)) > 1:
-            # sh and bash open descriptor 22 for 22>&2; zsh passes 22 as an argument.
+            # bash opens descriptor 22 for 22>&2; dash, zsh and ksh pass 22 as an argument.
             raise _Unjudgeable(f"a descriptor number of more than one digit ({match.group(0)}…)")
         if operator in ("<<", "<<-"):
             raise _Unjudgeable("a here-document (<<)")
@@ -297,7 +302,7 @@ class _Lexer:
         raw_start = self.pos
         while self.pos < len(text):
             char = text[self.pos]
-            if char in " \t\n;&|()<>":
+            if char in _ENDS_WORD:
                 if char in "<>" and self._peek(1) == "(":
                     raise _Unjudgeable(f"process substitution ({char}( … ))")
                 if char in "<>" and _DESCRIPTOR_VARIABLE.fullmatch(text, raw_start, self.pos):
@@ -411,7 +416,6 @@ class _Lexer:
 
 #: What follows ``$`` in zsh's forms of expanding a variable ($=NAME, $~NAME, $^NAME, $+NAME).
 _ZSH_EXPANSION_FLAGS = frozenset("=~^+")
-_WORD_START = frozenset(" \t\n;&|()<>")
 
 
 def _join_continued_lines(text: str) -> str:
@@ -460,7 +464,7 @@ def _join_continued_lines(text: str) -> str:
         else:
             out.append(char)
             index += 1
-        word_start = char in _WORD_START
+        word_start = char in _ENDS_WORD
     return "".join(out)
 
 
@@ -577,7 +581,7 @@ def _judge_words(
             nested = ParsedCommand()
             _parse_into(script.value, nested, depth + 1)
             result.problems.extend(nested.problems)
-            result.variables.extend(name for name in nested.variables if name not in result.variables)
+            result.add_variables(nested.variables)
             result.commands.extend(
                 SimpleCommand(c.program, c.args, wrappers + (base,) + c.wrappers, privileged or c.privileged,
                               assignments + c.assignments)
