@@ -448,7 +448,8 @@ _OPEN_JOURNALS: set[Journal] = set()
 
 def _forget_all_in_child() -> None:
     # A forked child's copies of the parent's journals have no writer thread, and closing
-    # one would remove the parent's file: they stay the parent's.
+    # one (Journal.close) would remove the parent's file: the child only lets go of its
+    # descriptors, and the journals stay the parent's.
     for journal in _OPEN_JOURNALS:
         journal.let_go_in_forked_child()
     _OPEN_JOURNALS.clear()

@@ -485,13 +485,18 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
     while words and _assignment(words[0]) is not None:
         name, value = _assignment(words[0])  # type: ignore[misc]
         if not SAFE_ASSIGNMENTS.fullmatch(name) or not words[0].known:
-            result.problems.append(f"an environment setting that can change what a command does ({name}=…)")
+            result.problems.append(_setting_problem(name))
             return
         assignments.append((name, value))
         words.pop(0)
     if not words:
         return  # only safe assignments, or only redirections to /dev/null: nothing runs
     _judge_words([Word(t.value, t.known) for t in words], tuple(assignments), (), False, result, depth)
+
+
+def _setting_problem(setting: str) -> str:
+    """The problem of a variable set so, other than a locale-like one (``PATH=…``, ``export PATH=…``)."""
+    return f"an environment setting that can change what a command does ({setting}=…)"
 
 
 def _assignment(token: _Token) -> tuple[str, str] | None:
@@ -546,48 +551,42 @@ def _judge_words(
     # ./sudo or /tmp/x/sh are whatever someone put there: judged as themselves.
     system = base == name or name[: -len(base)] in _SYSTEM_DIRS
     unwrap = _WRAPPERS.get(base) if system else None
-    if unwrap is not None:
-        try:
-            inner = unwrap(args)
-        except _Unjudgeable as exc:
-            result.problems.append(f"{base}: {exc}")
-            return
-        if inner is not None:
-            inner_words, extra_assignments, makes_privileged = inner
-            if not inner_words:
-                result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
-                return
-            for key, _ in extra_assignments:
-                if not SAFE_ASSIGNMENTS.fullmatch(key):
-                    result.problems.append(f"an environment setting that can change what a command does ({base} {key}=…)")
-                    return
-            _judge_words(
-                inner_words, assignments + tuple(extra_assignments), wrappers + (base,),
-                privileged or makes_privileged, result, depth,
-            )
-            return
     code_reader = _shell_script if system and base in SH_FAMILY else _SHELL_CODE_READERS.get(name)
-    if code_reader is not None:
-        try:
-            script = code_reader(args)
-        except _Unjudgeable as exc:
-            result.problems.append(f"{base}: {exc}")
+    try:
+        inner = unwrap(args) if unwrap is not None else None
+        script = code_reader(args) if code_reader is not None else None
+    except _Unjudgeable as exc:
+        result.problems.append(f"{base}: {exc}")
+        return
+    if inner is not None:
+        inner_words, extra_assignments, makes_privileged = inner
+        if not inner_words:
+            result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
             return
-        if script is not None:
-            if not script.known:
-                result.problems.append(f"{base} -c with a script decided at run time" if base in SH_FAMILY
-                                       else f"{base} with code decided at run time")
+        for key, _ in extra_assignments:
+            if not SAFE_ASSIGNMENTS.fullmatch(key):
+                result.problems.append(_setting_problem(f"{base} {key}"))
                 return
-            nested = ParsedCommand()
-            _parse_into(script.value, nested, depth + 1)
-            result.problems.extend(nested.problems)
-            result.add_variables(nested.variables)
-            result.commands.extend(
-                SimpleCommand(c.program, c.args, wrappers + (base,) + c.wrappers, privileged or c.privileged,
-                              assignments + c.assignments)
-                for c in nested.commands
-            )
+        _judge_words(
+            inner_words, assignments + tuple(extra_assignments), wrappers + (base,),
+            privileged or makes_privileged, result, depth,
+        )
+        return
+    if script is not None:
+        if not script.known:
+            result.problems.append(f"{base} -c with a script decided at run time" if base in SH_FAMILY
+                                   else f"{base} with code decided at run time")
             return
+        nested = ParsedCommand()
+        _parse_into(script.value, nested, depth + 1)
+        result.problems.extend(nested.problems)
+        result.add_variables(nested.variables)
+        result.commands.extend(
+            SimpleCommand(c.program, c.args, wrappers + (base,) + c.wrappers, privileged or c.privileged,
+                          assignments + c.assignments)
+            for c in nested.commands
+        )
+        return
     check = _OPTION_CHECKS.get(base)
     problem = check(args) if check is not None else None
     if problem is not None:
@@ -698,7 +697,7 @@ def _builtin_problem(name: str, args: list[Word]) -> str | None:
         for word in args:
             variable, assigns, _ = word.value.partition("=")
             if not word.known or (assigns and not SAFE_ASSIGNMENTS.fullmatch(variable)):
-                return f"an environment setting that can change what a command does ({name} {variable}=…)"
+                return _setting_problem(f"{name} {variable}")
     return None
 
 
@@ -734,8 +733,9 @@ def _ps_problem(args: list[Word]) -> str | None:
     return f"ps {option.value} ({why} processes' environments, where secrets are kept)"
 
 
-#: Programs with options that a rule for the program would not expect to allow: each
-#: check returns the problem (the command is then judged only under raw shell), or None.
+#: What a rule for a program would not expect to allow: options of find and ps, and the
+#: shell's own commands that set variables or aliases. Each check returns the problem (the
+#: command is then judged only under raw shell), or None.
 _OPTION_CHECKS = {
     "find": _find_problem, "ps": _ps_problem, "alias": _alias_problem,
     **{name: functools.partial(_builtin_problem, name) for name in _TAKE_VARIABLE_NAMES},

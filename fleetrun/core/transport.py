@@ -112,10 +112,10 @@ class Transport(abc.ABC):
         An executor (and the CLI) calls this for every host of its inventory when it takes
         the inventory (at its start and whenever the inventory changes), before any task is
         planned: a secret typed into a command, or printed by a command on another host, is
-        hidden from the first record on. Read
-        secrets through :func:`~fleetrun.core.secrets.read_secret`, which also keeps the
-        variables they come from out of the environment of local commands. A secret that
-        cannot be read is ignored here; the task that needs it fails with the reason.
+        hidden from the first record on. Read secrets through
+        :func:`~fleetrun.core.secrets.read_secret`, which also keeps the variables they come
+        from out of the environment of local commands. A secret that cannot be read is
+        ignored here; the task that needs it fails with the reason.
         """
 
     @classmethod
