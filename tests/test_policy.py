@@ -526,6 +526,25 @@ SHELL_CODE_THROUGH_BUILTINS = [
     ("declare -x PATH={bin}; uname", "bash", "(declare PATH=…)"),
     ("read PATH <<< {bin}; uname", "bash", "read (it sets shell variables, which can change what later commands do)"),
     ("printf -v PATH %s {bin}; uname", "bash", "printf -v (it sets shell variables"),
+    # bash's history: any text that `history -s` stores, fc runs
+    ("set -o history\nhistory -s 'echo $(touch {marker})'\nfc -s", "bash", "fc (it runs commands from the shell's history"),
+    ("set -o history\nhistory -s 'touch {marker}'\nfc -e :", "bash", "fc (it runs commands from the shell's history"),
+    # the keyword option: PATH=DIR after the program name is its environment
+    ("set -k; uname PATH={bin}", "bash", "set -k (NAME=value words anywhere on a command line become its environment)"),
+    ("set -o keyword\nuname PATH={bin}", "bash", "set -o keyword (NAME=value words"),
+    ("bash -k -c 'uname PATH={bin}'", "sh", "bash: -k (NAME=value words"),
+    ("ksh -k -c 'uname PATH={bin}'", "sh", "ksh: -k (NAME=value words"),
+    ("bash -eo keyword -c 'uname PATH={bin}'", "sh", "bash: -eo keyword (NAME=value words"),
+    # a name made to run another program
+    ("hash -p {bin}/uname uname; uname", "bash", "hash with a path (it changes which program or directory a name means)"),
+    ("hash uname={bin}/uname; uname", "zsh", "hash with a path"),
+    # zsh's own: code under other options, a loop, variables set by builtins zsh loads when used
+    ("emulate sh -c 'echo $(touch {marker})'", "zsh", "(it runs code under other shell options"),
+    ("repeat 1 PATH={bin} uname", "zsh", "shell syntax (repeat …)"),
+    ("zformat -f PATH {bin}; uname", "zsh", "zformat (it sets shell variables"),
+    ("zstyle -e :x y 'reply=($(touch {marker}))'; zstyle -a :x y r", "zsh", "zstyle ("),
+    ("zmodload zsh/datetime; strftime -s PATH {bin} 0; uname", "zsh", "zmodload zsh/datetime (it adds commands to the shell"),
+    ("private PATH={bin}; uname", "zsh", "(private PATH=…)"),
 ]
 
 
@@ -546,6 +565,30 @@ def test_any_command_is_still_no_raw_shell_through_the_shells_own_commands(form,
     decision = anything.decide(WEB1, line)
     assert not decision.allowed and "no rule allows raw shell" in decision.reason, decision.explanation
     assert why is None or why in decision.reason, decision.reason
+
+
+@pytest.mark.parametrize("line", [
+    "fc -l", "fc -ln -5", "set -euo pipefail", "set -o errexit -o xtrace", "set +k", "set +o keyword", "set -- -k x",
+    "hash", "hash -r", "shopt -s nullglob", "shopt -so pipefail", "set -o", "setopt", "emulate", "zmodload",
+])
+def test_the_shells_own_commands_that_list_or_set_plain_options_are_commands(line):
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
+
+
+@pytest.mark.parametrize("option", ["setopt extendedglob", "set -o extendedglob", "emulate zsh -o extendedglob"])
+def test_an_option_that_changes_how_zsh_reads_later_commands_needs_raw_shell(option, tmp_path):
+    if shutil.which("zsh") is None:
+        pytest.skip("needs zsh (.ci/run installs it)")
+    (tmp_path / "secret.key").touch()
+    line = f"{option}\nprintf '%s,' ^nothing"
+    # The reader says printf is given ^nothing; zsh, with extendedglob, gives it every file but one.
+    assert commands(line.split("\n")[1]) == [("printf", ["%s,", "^nothing"])]
+    printed = subprocess.run(["zsh", "-c", line], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert printed == "secret.key,", printed
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    decision = anything.decide(WEB1, line)
+    assert not decision.allowed and "(it changes how the shell reads later commands)" in decision.reason, decision.reason
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "ksh"])

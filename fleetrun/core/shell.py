@@ -44,7 +44,7 @@ _ENDS_WORD = " \t\n;&|()<>"
 _WORD_END = re.compile(f"[{re.escape(_ENDS_WORD)}]")
 _DESCRIPTOR_VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
-             "function", "select", "{", "}", "!", "[[", "]]", "coproc"}  # fmt: skip
+             "function", "select", "{", "}", "!", "[[", "]]", "coproc", "repeat", "foreach"}  # fmt: skip
 #: Shells that read a command line as POSIX sh does (the names of their programs): this
 #: reader speaks for them, and reads their ``-c`` scripts too. Others (fish, csh, tcsh,
 #: nushell) read the same text otherwise: fish turns ``\x2e`` into ``.``.
@@ -595,6 +595,21 @@ def _judge_words(
     result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
 
 
+#: What bash's and ksh's -k (``-o keyword``) does: ``uname PATH=DIR`` then runs DIR/uname.
+_KEYWORD_OPTION = "NAME=value words anywhere on a command line become its environment"
+
+
+def _keyword_option(option: str, values: list[Word]) -> str | None:
+    """The problem if the shell option word ``option`` (with the names it takes, as
+    ``-eo keyword`` does) turns the keyword option on; else None."""
+    if option[0] != "-" or option.startswith("--"):
+        return None
+    if "k" in option:
+        return f"{option} ({_KEYWORD_OPTION})"
+    if any(value.value == "keyword" for value in values):
+        return f"{option} keyword ({_KEYWORD_OPTION})"
+    return None
+
 # Shell options that take the next word as their value (-o errexit, bash's -O extglob).
 _SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O"})
 #: bash runs this file before the script when the shell is interactive (-i).
@@ -626,13 +641,16 @@ def _shell_script(args: list[Word]) -> Word | None:
         if value in _SHELL_OPTIONS_WITH_VALUE:
             values_due = 1
         elif value.startswith("--"):
-            pass  # bash's long flags (--login, --norc, --posix)
+            continue  # bash's long flags (--login, --norc, --posix)
         elif len(value) > 1 and value[0] in "-+":
             takes_script = takes_script or (value[0] == "-" and "c" in value)
             values_due = value.count("o") + value.count("O")  # -eo pipefail: each o takes a word
         else:
             index -= 1
             break
+        problem = _keyword_option(value, args[index : index + values_due])
+        if problem is not None:
+            raise _Unjudgeable(problem)
     if not takes_script:
         return None
     return args[index] if index < len(args) else Word("", True)
@@ -664,19 +682,22 @@ def _trap_action(args: list[Word]) -> Word | None:
 #: The shell's own commands that run a string as shell code: it is read like ``sh -c``'s script.
 _SHELL_CODE_READERS = {"eval": _eval_code, "trap": _trap_action}
 
+#: They set variables from what they read or compute: PATH or IFS set so changes what later commands do.
+#: zsh loads zformat, zparseopts, zregexparse and zstyle (whose -e values are code) when first used.
+_SET_VARIABLES = frozenset(
+    {"read", "mapfile", "readarray", "getopts", "let", "vared", "zformat", "zparseopts", "zregexparse", "zstyle"}
+)
 #: bash and zsh evaluate the subscript of an array element named to these (``test -v
 #: 'a[$(id)]'``, ``printf -v``, ``read``, ``declare``), and run the substitutions in it.
 _TAKE_VARIABLE_NAMES = frozenset(
     {"test", "[", "printf", "print", "read", "mapfile", "readarray", "getopts", "let", "vared", "unset", "wait",
-     "export", "readonly", "declare", "typeset", "local", "integer", "float"}
-)
+     "export", "readonly", "declare", "typeset", "local", "integer", "float", "private"}
+) | _SET_VARIABLES
 _SUBSCRIPT_WITH_EXPANSION = re.compile(r"\[[^\]]*[$`]")
-#: They set variables from what they read or compute: PATH or IFS set so changes what later commands do.
-_SET_VARIABLES = frozenset({"read", "mapfile", "readarray", "getopts", "let", "vared"})
 #: The option letter with which these set a variable (printf -v NAME, zsh's print -v, wait -p NAME).
 _SET_VARIABLE_OPTION = {"printf": "v", "print": "v", "wait": "p"}
 #: They set variables given as NAME=value, as an assignment before a command does.
-_DECLARATIONS = frozenset({"export", "readonly", "declare", "typeset", "local", "integer", "float"})
+_DECLARATIONS = frozenset({"export", "readonly", "declare", "typeset", "local", "integer", "float", "private"})
 _SETS_VARIABLES = "it sets shell variables, which can change what later commands do"
 
 
@@ -708,6 +729,99 @@ def _alias_problem(args: list[Word]) -> str | None:
     return None
 
 
+def _options(args: list[Word]) -> list[str]:
+    """The leading option words (``-x``, ``+x``), up to the first operand or ``--``."""
+    options = []
+    for word in args:
+        if word.value == "--" or len(word.value) < 2 or word.value[0] not in "-+":
+            break
+        options.append(word.value)
+    return options
+
+
+def _hash_problem(args: list[Word]) -> str | None:
+    # bash's `hash -p FILE NAME` and zsh's `hash NAME=FILE` make NAME run FILE; zsh's
+    # `hash -d NAME=DIR` makes ~NAME mean DIR.
+    if any("p" in option[1:] for option in _options(args)) or any("=" in word.value or not word.known for word in args):
+        return "hash with a path (it changes which program or directory a name means)"
+    return None
+
+
+#: Options of set that change nothing in how later commands are read, as bash and zsh name
+#: them; any other can (bash's -k, zsh's -o extendedglob, which makes ^ a glob).
+_PLAIN_SET_LETTERS = frozenset("abefhmnuvxBCEFHPT")
+_PLAIN_SET_NAMES = frozenset(
+    {"allexport", "braceexpand", "emacs", "errexit", "errtrace", "functrace", "hashall", "histexpand", "history",
+     "ignoreeof", "monitor", "noclobber", "noexec", "noglob", "nolog", "notify", "nounset", "onecmd", "physical",
+     "pipefail", "posix", "privileged", "verbose", "vi", "xtrace"}
+)
+_CHANGES_READING = "it changes how the shell reads later commands"
+
+
+def _set_problem(args: list[Word]) -> str | None:
+    index = 0
+    while index < len(args):
+        word = args[index]
+        index += 1
+        option = word.value
+        if word.known and (option == "--" or len(option) < 2 or option[0] not in "-+"):
+            return None  # positional parameters follow
+        names = args[index : index + option.count("o")]  # set -o errexit -o pipefail
+        index += len(names)
+        turns_off = option[0] == "+"  # set +k, set +o keyword: back to how the reader reads
+        plain_names = _PLAIN_SET_NAMES | {"keyword"} if turns_off else _PLAIN_SET_NAMES
+        if not word.known or any(not name.known or name.value not in plain_names for name in names):
+            shown = " ".join(w.value for w in (word, *names))
+            return f"set {shown} ({_KEYWORD_OPTION if 'keyword' in shown else _CHANGES_READING})"
+        if not set(option[1:].replace("o", "")) <= (_PLAIN_SET_LETTERS | {"k"} if turns_off else _PLAIN_SET_LETTERS):
+            return f"set {option} ({_KEYWORD_OPTION if 'k' in option else _CHANGES_READING})"
+    return None
+
+
+def _shopt_problem(args: list[Word]) -> str | None:
+    # shopt -o names set's options.
+    options = "".join(word.value[1:] for word in args if word.value.startswith("-"))
+    names = [word for word in args if not word.value.startswith("-")]
+    if any(not word.known for word in args) or (
+        "o" in options and any(name.value not in _PLAIN_SET_NAMES for name in names)
+    ):
+        shown = " ".join(word.value for word in args)
+        return f"shopt {shown} ({_KEYWORD_OPTION if 'keyword' in shown else _CHANGES_READING})"
+    return None
+
+
+#: Options of fc that only list the history (-l, with -n and -r); any other runs from it.
+_FC_LISTING = re.compile(r"-[lnr]*l[lnr]*")
+
+
+def _history_problem(name: str, args: list[Word]) -> str | None:
+    # bash's fc (and ksh's hist) run commands of the shell's history, which `history -s`
+    # fills with any text: the policy sees none of it.
+    options = [word.value for word in args if word.value.startswith("-") and not word.value[1:].isdigit()]
+    if options and all(_FC_LISTING.fullmatch(option) for option in options) and all(word.known for word in args):
+        return None
+    return f"{name} (it runs commands from the shell's history, which the policy cannot see)"
+
+
+def _zsh_options_problem(name: str, args: list[Word]) -> str | None:
+    # zsh's setopt, unsetopt and emulate (whose -c runs code) change how later commands are
+    # read: with extendedglob, `ls ^x` lists every file but x.
+    if not args:
+        return None
+    runs_code = name == "emulate" and any(word.value.startswith(("-", "+")) and "c" in word.value for word in args)
+    why = "it runs code under other shell options, which the policy cannot judge" if runs_code else _CHANGES_READING
+    return f"{name} {' '.join(word.value for word in args)} ({why})"
+
+
+def _zmodload_problem(args: list[Word]) -> str | None:
+    # A module adds the shell's own commands: zsh/system's sysread sets variables,
+    # zsh/zpty runs a command line, zsh/mapfile writes files through an assignment.
+    modules = [word.value for word in args if not word.value.startswith("-") or not word.known]
+    if modules:
+        return f"zmodload {' '.join(modules)} (it adds commands to the shell that set variables, write files or run code)"
+    return None
+
+
 # ps options that take a value, attached or as the next word: their values are not options.
 # Only real ones belong here: a letter taken for one wrongly would hide the word after it.
 _PS_DASH_WITH_VALUE = frozenset("CGgOopqstUu")
@@ -734,10 +848,14 @@ def _ps_problem(args: list[Word]) -> str | None:
 
 
 #: What a rule for a program would not expect to allow: options of find and ps, and the
-#: shell's own commands that set variables or aliases. Each check returns the problem (the
-#: command is then judged only under raw shell), or None.
+#: shell's own commands that set variables, aliases or what a name runs, run its history,
+#: or change how it reads later commands. Each check returns the problem (the command is
+#: then judged only under raw shell), or None.
 _OPTION_CHECKS = {
-    "find": _find_problem, "ps": _ps_problem, "alias": _alias_problem,
+    "find": _find_problem, "ps": _ps_problem, "alias": _alias_problem, "hash": _hash_problem, "set": _set_problem,
+    "shopt": _shopt_problem, "zmodload": _zmodload_problem,
+    **{name: functools.partial(_zsh_options_problem, name) for name in ("setopt", "unsetopt", "emulate")},
+    "fc": functools.partial(_history_problem, "fc"), "hist": functools.partial(_history_problem, "hist"),
     **{name: functools.partial(_builtin_problem, name) for name in _TAKE_VARIABLE_NAMES},
 }
 
