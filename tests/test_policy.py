@@ -459,6 +459,18 @@ def test_bash_and_zsh_expand_what_the_reader_refuses():
         assert printed == "ran ux\n", shell
 
 
+def test_a_tilde_after_the_equals_sign_of_an_argument_is_decided_by_bash():
+    # bash (not in POSIX mode) expands ~ in an argument that looks like an assignment: the
+    # hypothesis test below found `show X=~` given bash's home directory.
+    line = "printf '%s|' X=~ X=a:~/b Y+=~ a:~ 'X='~ X=\\~"
+    printed = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={**os.environ, "HOME": "/home/h"}).stdout
+    assert printed == "X=/home/h|X=a:/home/h/b|Y+=/home/h|a:~|X=~|X=~|"
+    args = parse_command(line).commands[0].args
+    assert [(a.value, a.known) for a in args] == [
+        ("%s|", True), ("X=~", False), ("X=a:~/b", False), ("Y+=~", False), ("a:~", True), ("X=~", True), ("X=~", True)
+    ]
+
+
 # Pieces of command lines that the reader and sh must read alike, continuations included.
 _PIECES = ["show ", " ", "$", "$X", "$USER", "${", "\\\n", "\\", '"', "'", "X", "_TOKEN", "}", "#", "(", ")",
            ";", "\n", "|", "[", "]", "=", "~", "+", "*", "{PATH}", ">&", "1", "2", "eval ", "export "]

@@ -299,6 +299,7 @@ class _Lexer:
         text = self.text
         value: list[str] = []
         known = True
+        equals_seen = False  # bash expands ~ after = or : in an argument such as X=~ or X=a:~
         raw_start = self.pos
         while self.pos < len(text):
             char = text[self.pos]
@@ -331,8 +332,10 @@ class _Lexer:
             else:
                 # Globs, brace expansion, ~ and zsh's =program are decided by the shell.
                 if known and (char in "*?{}" or (char == "[" and self._bracket_closes())
-                              or (char in "~=" and not any(value) and (char == "~" or self._rest_of_word() != "="))):
+                              or (char in "~=" and not any(value) and (char == "~" or self._rest_of_word() != "="))
+                              or (char == "~" and equals_seen and text[self.pos - 1] in "=:")):
                     known = False
+                equals_seen = equals_seen or char == "="
                 value.append(char)
                 self.pos += 1
         return _Token(_WORD, "".join(value), known=known, raw=text[raw_start : self.pos])
