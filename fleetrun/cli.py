@@ -531,7 +531,8 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
             (
                 "limits",
                 f"max_seconds={'none' if limits.max_seconds is None else f'{limits.max_seconds:g}'} "
-                f"max_output_bytes={limits.max_output_bytes} max_concurrent={limits.max_concurrent}",
+                f"max_output_bytes={limits.max_output_bytes} max_concurrent={limits.max_concurrent} "
+                f"max_queued={limits.max_queued}",
             ),
             ("environment", ", ".join(sorted(plan.env)) or "(nothing added)"),
             ("cwd", plan.cwd or "(inherited)"),

@@ -91,6 +91,7 @@ class LimitsInfo(BaseModel):
     max_seconds: float | None = Field(description="time limit of a task, seconds (null: none)")
     max_output_bytes: int = Field(description="bytes kept of stdout and of stderr each")
     max_concurrent: int = Field(description="tasks at once on the host")
+    max_queued: int = Field(description="tasks that may wait for their turn on the host; more are refused")
 
 
 class HostInfo(BaseModel):

@@ -197,7 +197,7 @@ def test_dry_run_shows_the_plan_and_runs_nothing(tmp_path):
     assert lines["host"].strip() == "local"
     assert lines["transport"].strip() == "local (shell: /bin/sh)"
     assert lines["command"].strip() == f"touch {flag}"
-    assert "max_seconds=5 max_output_bytes=104857600 max_concurrent=8" in lines["limits"]
+    assert lines["limits"].strip() == "max_seconds=5 max_output_bytes=104857600 max_concurrent=8 max_queued=1000"
     assert "none configured" in lines["policy"]
     assert lines["dry run"].strip() == "nothing was run"
     time.sleep(0.2)

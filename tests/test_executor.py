@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fleetrun.core.errors import FleetrunError, PolicyDenied, UnknownHostError, UnknownTaskError
+from fleetrun.core.errors import FleetrunError, HostBusyError, PolicyDenied, UnknownHostError, UnknownTaskError
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.secrets import register_secret
 
@@ -98,6 +98,30 @@ def test_per_host_limit_queues_the_rest(make_executor):
     tasks = [h.wait(20) for h in handles]
     assert all(t.status is TaskStatus.SUCCEEDED for t in tasks)
     assert max_overlap(tasks) == 2
+
+
+def test_a_host_refuses_tasks_beyond_its_queue_and_takes_them_again_once_there_is_room(make_executor, store, recorder, marker):
+    executor = make_executor(hosts_yaml="hosts:\n  box: {max_concurrent: 1, max_queued: 2}\n  other: {max_concurrent: 1}\n")
+    held = [executor.submit(TaskRequest(host="box", command=f"sleep {marker}")) for _ in range(3)]  # 1 runs, 2 wait
+    wait_until(lambda: executor.get(held[0].id).status is TaskStatus.RUNNING)
+    created = len(recorder.events)
+    with pytest.raises(HostBusyError) as refused:
+        executor.submit(TaskRequest(host="box", command="true"))
+    assert str(refused.value) == (
+        "host 'box' already has 2 tasks waiting for a turn (its max_queued; 1 runs at once): "
+        "wait for some to end or cancel some"
+    )
+    assert len(recorder.events) == created, "a refused task fires no hook"
+    assert sorted(t.id for t in store.list()) == sorted(h.id for h in held), "and is not recorded"
+    assert executor.run(TaskRequest(host="other", command="true")).status is TaskStatus.SUCCEEDED  # another host's queue
+
+    assert executor.cancel(held[2].id)
+    assert held[2].wait(10).status is TaskStatus.CANCELLED
+    again = executor.submit(TaskRequest(host="box", command="true"))
+    for handle in held[:2]:
+        executor.cancel(handle.id)
+    assert again.wait(20).status is TaskStatus.SUCCEEDED
+    assert [executor.get(h.id).status for h in held] == [TaskStatus.CANCELLED] * 3
 
 
 def test_global_limit_spans_hosts(make_executor):

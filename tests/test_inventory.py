@@ -24,7 +24,7 @@ def test_example_file_is_valid_and_shows_every_field():
     inventory = load_inventory(REPO / "hosts.example.yaml", TRANSPORTS)
     local = inventory.get("local")
     assert local.transport == "local" and local.tags == ("dev", "local")
-    assert local.limits == Limits(max_seconds=600, max_output_bytes=10485760, max_concurrent=4)
+    assert local.limits == Limits(max_seconds=600, max_output_bytes=10485760, max_concurrent=4, max_queued=1000)
     assert local.env == {"LC_ALL": "C.UTF-8"} and local.cwd == "/tmp"
     assert local.options == {"shell": "/bin/sh"}
     assert inventory.get("builder").limits.max_concurrent == 8  # from defaults
@@ -125,6 +125,7 @@ def test_names_and_text_fields_are_taken_as_written_not_as_yaml_numbers_or_boole
         ("hosts:\n  a:\n    max_output_bytes: 1.5\n", "hosts.yaml:3: host 'a', field 'max_output_bytes': expected an integer, got 1.5"),
         ("hosts:\n  a:\n    max_concurrent: true\n", "hosts.yaml:3: host 'a', field 'max_concurrent': expected an integer, got True"),
         ("hosts:\n  a:\n    max_concurrent: 0\n", "hosts.yaml:3: host 'a', field 'max_concurrent': must be greater than 0, got 0"),
+        ("hosts:\n  a:\n    max_queued: -5\n", "hosts.yaml:3: host 'a', field 'max_queued': must be greater than 0, got -5"),
         ("hosts:\n  a:\n    tags: web\n", "hosts.yaml:3: host 'a', field 'tags': expected a list of strings, got 'web'"),
         ("hosts:\n  a:\n    tags:\n      - ok\n      - [nested]\n", "hosts.yaml:5: host 'a', field 'tags': every item must be a non-empty string"),
         ("hosts:\n  a:\n    tags: ['has space']\n", "hosts.yaml:3: host 'a', field 'tags': invalid tag 'has space'"),
@@ -146,7 +147,7 @@ def test_names_and_text_fields_are_taken_as_written_not_as_yaml_numbers_or_boole
         ("defaults:\n  tags: [x]\nhosts:\n  a:\n", "hosts.yaml:2: field 'tags': unknown field in 'defaults'"),
         (
             "tags:\n  web:\n    user: deploy\nhosts:\n  a:\n",
-            "hosts.yaml:3: field 'user': unknown field in tag 'web' (allowed: max_concurrent, max_output_bytes, max_seconds); "
+            "hosts.yaml:3: field 'user': unknown field in tag 'web' (allowed: max_concurrent, max_output_bytes, max_queued, max_seconds); "
             "to give several hosts the same other fields, write them once under x-NAME: &NAME and bring them in with <<: *NAME",
         ),
         ("defaults:\n  max_seconds: x\nhosts:\n  a:\n", "hosts.yaml:2: field 'max_seconds': expected a number, got 'x'"),

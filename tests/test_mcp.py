@@ -256,6 +256,31 @@ def test_a_secret_in_the_output_stays_hidden_however_the_output_is_read(server_f
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_an_assistant_that_starts_tasks_in_a_loop_is_stopped_at_the_hosts_queue(server_for, mode, marker):
+    server, executor = server_for(hosts="hosts:\n  local: {max_concurrent: 1, max_queued: 1}\n")
+
+    async def scenario():
+        async with mcp.Client(server, mode=mode) as client:
+            started = [(await client.call_tool("start_task", {"host": "local", "command": f"sleep {marker}"})).structured_content
+                       for _ in range(2)]
+            refused = await client.call_tool("start_task", {"host": "local", "command": "true"})
+            assert refused.is_error
+            assert refused.content[0].text == (
+                "Error executing tool start_task: host 'local' already has 1 task waiting for a turn (its max_queued; "
+                "1 runs at once): wait for some to end or cancel some"
+            )
+            listed = (await client.call_tool("list_tasks", {})).structured_content["tasks"]
+            assert sorted(t["task_id"] for t in listed) == sorted(t["task_id"] for t in started)
+            limits = (await client.call_tool("describe_host", {"host": "local"})).structured_content["limits"]
+            assert (limits["max_concurrent"], limits["max_queued"]) == (1, 1)
+            for task in started:
+                await client.call_tool("cancel_task", {"task_id": task["task_id"]})
+
+    run(scenario)
+    assert_none_left(marker)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_cancel_is_served_while_run_command_waits(server_for, mode, marker):
     server, executor = server_for()
 

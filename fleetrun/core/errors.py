@@ -90,6 +90,10 @@ class UnknownHostError(FleetrunError):
     """A task named a host that the inventory does not have."""
 
 
+class HostBusyError(FleetrunError):
+    """A host already has as many tasks waiting for their turn as its ``max_queued`` allows."""
+
+
 class UnknownTaskError(FleetrunError):
     """A task id that the store does not know."""
 

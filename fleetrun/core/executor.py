@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Literal, Mapping
 
 from fleetrun.core import open_files
 from fleetrun.core.config_files import ConfigFiles, Configuration
-from fleetrun.core.errors import FleetrunError, PolicyDenied
+from fleetrun.core.errors import FleetrunError, HostBusyError, PolicyDenied
 from fleetrun.core.inventory import HOST_NAME_RE, Host, Inventory, default_inventory, environment_problem
 from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus, evolve
 from fleetrun.core.output import OutputSlice, SpoolWriter, as_text, read_range, spool_path
@@ -291,6 +291,8 @@ class Executor:
         self._live: dict[str, _LiveTask] = {}
         #: Recorded tasks the engine has not taken yet, oldest first (guarded by ``_start_lock``).
         self._arrivals: list[_LiveTask] = []
+        #: Per host name: its tasks that have not ended, queued or running (guarded by ``_start_lock``).
+        self._unfinished: dict[str, int] = {}
         self._transports: dict[str, Transport] = {}
         #: Tasks running on each transport, so that one replaced by a changed host is closed after its last.
         self._transport_users: dict[Transport, int] = {}
@@ -617,15 +619,25 @@ class Executor:
         """
         self._check_process()
         live = self._prepare(request, listener)
+        host, limits = live.plan.host.name, live.plan.limits
         # Under the lock, close() cannot come between: every recorded task is in
         # ``_arrivals`` before the engine's shutdown, which takes them and ends them.
         with self._start_lock:
+            unfinished = self._unfinished.get(host, 0)
+            waiting = unfinished - limits.max_concurrent
+            if waiting >= limits.max_queued:
+                raise HostBusyError(
+                    f"host {host!r} already has {waiting} task{'s' if waiting > 1 else ''} waiting for a turn "
+                    f"(its max_queued; {limits.max_concurrent} run{'s' if limits.max_concurrent == 1 else ''} at once): "
+                    "wait for some to end or cancel some"
+                )
             loop = self._engine_loop()
             try:
                 self.store.insert(live.record, self.owner)
             except Exception as exc:
                 reason = (exc.strerror if isinstance(exc, OSError) else None) or exc
                 raise FleetrunError(f"cannot record the task in the store: {reason}") from exc
+            self._unfinished[host] = unfinished + 1
             self._live[live.record.id] = live
             self._arrivals.append(live)
             # One wake-up serves every task that arrives before the engine gets to them:
@@ -961,6 +973,8 @@ class Executor:
             self.store.update(record)
         finally:
             del self._live[record.id]
+            with self._start_lock:
+                self._unfinished[record.host] -= 1
             if status is TaskStatus.CANCELLED:
                 self.plugins.task_cancelled(record, live.cancel_reason or "cancelled")
             else:

@@ -67,12 +67,13 @@ COMMON_HOST_FIELDS: Mapping[str, HostField] = {
     "max_seconds": HostField("number", "time limit of a task, in seconds"),
     "max_output_bytes": HostField("integer", "bytes kept of each of stdout and stderr"),
     "max_concurrent": HostField("integer", "tasks running at once on this host"),
+    "max_queued": HostField("integer", "tasks that may wait for their turn on this host; more are refused"),
     "env": HostField("string-map", "environment variables added to every command", validate=environment_problem),
     "cwd": HostField("string", "working directory of every command"),
 }
 #: Fields someone might try to put a secret in; the error says where secrets go instead.
 SECRET_FIELD_NAMES = ("password", "passphrase", "secret", "token")
-LIMIT_FIELDS = ("max_seconds", "max_output_bytes", "max_concurrent")
+LIMIT_FIELDS = ("max_seconds", "max_output_bytes", "max_concurrent", "max_queued")
 TOP_LEVEL_KEYS = ("defaults", "tags", "hosts")
 
 DEFAULT_SOURCE = "<embedded default inventory>"
@@ -377,4 +378,5 @@ class _InventoryParser:
             max_seconds=float(values["max_seconds"]) if "max_seconds" in values else base.max_seconds,
             max_output_bytes=int(values.get("max_output_bytes", base.max_output_bytes)),
             max_concurrent=int(values.get("max_concurrent", base.max_concurrent)),
+            max_queued=int(values.get("max_queued", base.max_queued)),
         )

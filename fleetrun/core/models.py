@@ -49,15 +49,19 @@ class TaskStatus(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Limits:
-    """How long a task may run, how much output is kept, how many run at once on a host.
+    """How long a task may run, how much output is kept, how many run at once on a host
+    and how many more may wait for their turn there.
 
     ``max_seconds=None`` means no time limit. ``max_output_bytes`` applies to stdout and
-    stderr separately: bytes past it are drained and counted but not kept.
+    stderr separately: bytes past it are drained and counted but not kept. A task submitted
+    while ``max_queued`` already wait is refused: a loop that submits without waiting
+    would otherwise fill the memory of a long-lived server.
     """
 
     max_seconds: float | None = 3600.0
     max_output_bytes: int = 100 * MiB
     max_concurrent: int = 8
+    max_queued: int = 1000
 
     def lowered_by(
         self, *, max_seconds: float | None = None, max_output_bytes: int | None = None
