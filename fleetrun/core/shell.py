@@ -613,6 +613,7 @@ def _keyword_option(option: str, values: list[Word]) -> str | None:
         return f"{option} keyword ({_KEYWORD_OPTION})"
     return None
 
+
 # Shell options that take the next word as their value (-o errexit, bash's -O extglob).
 _SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O"})
 #: bash runs this file before the script when the shell is interactive (-i).
