@@ -122,6 +122,7 @@ def test_a_host_refuses_tasks_beyond_its_queue_and_takes_them_again_once_there_i
         executor.cancel(handle.id)
     assert again.wait(20).status is TaskStatus.SUCCEEDED
     assert [executor.get(h.id).status for h in held] == [TaskStatus.CANCELLED] * 3
+    assert_none_left(marker)
 
 
 def test_global_limit_spans_hosts(make_executor):
