@@ -588,14 +588,19 @@ def test_the_shells_own_commands_that_list_or_set_plain_options_are_commands(lin
     assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
 
 
-@pytest.mark.parametrize("option", ["setopt extendedglob", "set -o extendedglob", "emulate zsh -o extendedglob"])
-def test_an_option_that_changes_how_zsh_reads_later_commands_needs_raw_shell(option, tmp_path):
+_EVERY_FILE_BUT_NOTHING = "printf '%s,' ^nothing"
+
+
+@pytest.mark.parametrize("line", [
+    f"setopt extendedglob\n{_EVERY_FILE_BUT_NOTHING}", f"set -o extendedglob\n{_EVERY_FILE_BUT_NOTHING}",
+    f"emulate zsh -o extendedglob\n{_EVERY_FILE_BUT_NOTHING}", f'zsh -o extendedglob -c "{_EVERY_FILE_BUT_NOTHING}"',
+])
+def test_an_option_that_changes_how_zsh_reads_later_commands_needs_raw_shell(line, tmp_path):
     if shutil.which("zsh") is None:
         pytest.skip("needs zsh (.ci/run installs it)")
     (tmp_path / "secret.key").touch()
-    line = f"{option}\nprintf '%s,' ^nothing"
     # The reader says printf is given ^nothing; zsh, with extendedglob, gives it every file but one.
-    assert commands(line.split("\n")[1]) == [("printf", ["%s,", "^nothing"])]
+    assert commands(_EVERY_FILE_BUT_NOTHING) == [("printf", ["%s,", "^nothing"])]
     printed = subprocess.run(["zsh", "-c", line], cwd=tmp_path, capture_output=True, text=True).stdout
     assert printed == "secret.key,", printed
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")

@@ -51,7 +51,7 @@ _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "
 SH_FAMILY = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "lksh", "pdksh", "yash", "posh"})
 #: Where a wrapper or shell named by path is trusted to be the real one.
 _SYSTEM_DIRS = ("/bin/", "/usr/bin/", "/sbin/", "/usr/sbin/", "/usr/local/bin/")
-_HARMLESS_TARGETS = {"/dev/null"}
+_HARMLESS_TARGETS = frozenset({"/dev/null"})
 _MAX_DEPTH = 4
 _MAX_WRAPPERS = 16
 #: No line written for a person has more; judging each against every rule takes time.
@@ -598,26 +598,13 @@ def _judge_words(
     result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
 
 
-#: What bash's and ksh's -k (``-o keyword``) does: ``uname PATH=DIR`` then runs DIR/uname.
-_KEYWORD_OPTION = "NAME=value words anywhere on a command line become its environment"
-
-
-def _keyword_option(option: str, values: list[Word]) -> str | None:
-    """The problem if the shell option word ``option`` (with the names it takes, as
-    ``-eo keyword`` does) turns the keyword option on; else None."""
-    if option[0] != "-" or option.startswith("--"):
-        return None
-    if "k" in option:
-        return f"{option} ({_KEYWORD_OPTION})"
-    if any(value.value == "keyword" for value in values):
-        return f"{option} keyword ({_KEYWORD_OPTION})"
-    return None
-
-
 # Shell options that take the next word as their value (-o errexit, bash's -O extglob).
 _SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O"})
 #: bash runs this file before the script when the shell is interactive (-i).
 _SHELL_STARTUP_FILE_OPTIONS = frozenset({"--rcfile", "--init-file"})
+#: Letters a shell takes when it starts, besides set's: a script (-c), interactive, login,
+#: commands from stdin, restricted, and bash's -O (a shopt name, which is not judged).
+_SHELL_START_LETTERS = frozenset("cilsrO")
 
 
 def _shell_script(args: list[Word]) -> Word | None:
@@ -652,9 +639,12 @@ def _shell_script(args: list[Word]) -> Word | None:
         else:
             index -= 1
             break
-        problem = _keyword_option(value, args[index : index + values_due])
-        if problem is not None:
-            raise _Unjudgeable(problem)
+        names = args[index : index + values_due]
+        # A name decided at run time is returned as the script when the loop gets to it.
+        if all(name.known for name in names):
+            problem = _option_problem(word, names, _SHELL_START_LETTERS)
+            if problem is not None:
+                raise _Unjudgeable(problem)
     if not takes_script:
         return None
     return args[index] if index < len(args) else Word("", True)
@@ -691,17 +681,14 @@ _SHELL_CODE_READERS = {"eval": _eval_code, "trap": _trap_action}
 _SET_VARIABLES = frozenset(
     {"read", "mapfile", "readarray", "getopts", "let", "vared", "zformat", "zparseopts", "zregexparse", "zstyle"}
 )
-#: bash and zsh evaluate the subscript of an array element named to these (``test -v
-#: 'a[$(id)]'``, ``printf -v``, ``read``, ``declare``), and run the substitutions in it.
-_TAKE_VARIABLE_NAMES = frozenset(
-    {"test", "[", "printf", "print", "read", "mapfile", "readarray", "getopts", "let", "vared", "unset", "wait",
-     "export", "readonly", "declare", "typeset", "local", "integer", "float", "private"}
-) | _SET_VARIABLES
-_SUBSCRIPT_WITH_EXPANSION = re.compile(r"\[[^\]]*[$`]")
 #: The option letter with which these set a variable (printf -v NAME, zsh's print -v, wait -p NAME).
 _SET_VARIABLE_OPTION = {"printf": "v", "print": "v", "wait": "p"}
 #: They set variables given as NAME=value, as an assignment before a command does.
 _DECLARATIONS = frozenset({"export", "readonly", "declare", "typeset", "local", "integer", "float", "private"})
+#: bash and zsh evaluate the subscript of an array element named to these (``test -v
+#: 'a[$(id)]'``, ``printf -v``, ``read``, ``declare``), and run the substitutions in it.
+_TAKE_VARIABLE_NAMES = frozenset({"test", "[", "unset", *_SET_VARIABLE_OPTION}) | _SET_VARIABLES | _DECLARATIONS
+_SUBSCRIPT_WITH_EXPANSION = re.compile(r"\[[^\]]*[$`]")
 _SETS_VARIABLES = "it sets shell variables, which can change what later commands do"
 
 
@@ -762,23 +749,38 @@ _PLAIN_SET_NAMES = frozenset(
 _CHANGES_READING = "it changes how the shell reads later commands"
 
 
+#: What bash's and ksh's -k (``-o keyword``) does: ``uname PATH=DIR`` then runs DIR/uname.
+_KEYWORD_OPTION = "NAME=value words anywhere on a command line become its environment"
+
+
+def _option_problem(option: Word, names: list[Word], also: frozenset[str] = frozenset()) -> str | None:
+    """The problem if the option word ``option`` of set or of a shell starting (``-e``,
+    ``+k``, ``-eo`` with the option names it takes) changes how later commands are read;
+    None for the plain options, the letters ``also``, and the keyword option turned off."""
+    value = option.value
+    turns_off = value[:1] == "+"
+    letters = _PLAIN_SET_LETTERS | also | {"k"} if turns_off else _PLAIN_SET_LETTERS | also
+    plain_names = _PLAIN_SET_NAMES | {"keyword"} if turns_off else _PLAIN_SET_NAMES
+    checked = names if "o" in value[1:] else []  # -O takes a shopt name
+    if option.known and set(value[1:]) - {"o"} <= letters and all(n.known and n.value in plain_names for n in checked):
+        return None
+    keyword = ("k" in value[1:] and not turns_off) or any(name.value == "keyword" for name in checked)
+    shown = " ".join(word.value for word in (option, *names))
+    return f"{shown} ({_KEYWORD_OPTION if keyword else _CHANGES_READING})"
+
+
 def _set_problem(args: list[Word]) -> str | None:
     index = 0
     while index < len(args):
         word = args[index]
         index += 1
-        option = word.value
-        if word.known and (option == "--" or len(option) < 2 or option[0] not in "-+"):
+        if word.known and (word.value == "--" or len(word.value) < 2 or word.value[0] not in "-+"):
             return None  # positional parameters follow
-        names = args[index : index + option.count("o")]  # set -o errexit -o pipefail
+        names = args[index : index + word.value.count("o")]  # set -o errexit -o pipefail
         index += len(names)
-        turns_off = option[0] == "+"  # set +k, set +o keyword: back to how the reader reads
-        plain_names = _PLAIN_SET_NAMES | {"keyword"} if turns_off else _PLAIN_SET_NAMES
-        if not word.known or any(not name.known or name.value not in plain_names for name in names):
-            shown = " ".join(w.value for w in (word, *names))
-            return f"set {shown} ({_KEYWORD_OPTION if 'keyword' in shown else _CHANGES_READING})"
-        if not set(option[1:].replace("o", "")) <= (_PLAIN_SET_LETTERS | {"k"} if turns_off else _PLAIN_SET_LETTERS):
-            return f"set {option} ({_KEYWORD_OPTION if 'k' in option else _CHANGES_READING})"
+        problem = _option_problem(word, names)
+        if problem is not None:
+            return f"set {problem}"
     return None
 
 
@@ -1025,7 +1027,9 @@ def _xargs(args: list[Word]):  # type: ignore[no-untyped-def]
 _CHOSEN_DIRECTORY = "a working directory chosen so is not judged; write cd DIR && COMMAND"
 
 
-def _refuse(values: dict[str, list[Word]], options: tuple[str, ...], what: str, *, harmless: frozenset[str] | set[str] = frozenset()) -> None:
+def _refuse(
+    values: dict[str, list[Word]], options: tuple[str, ...], what: str, *, harmless: frozenset[str] = frozenset()
+) -> None:
     """Refuse a wrapper's option value (a file, a directory) that no rule would see, unless it is ``harmless``."""
     for option in options:
         for target in values.get(option, []):
