@@ -430,7 +430,7 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
             task.host, task.status.value, "-" if task.exit_code is None else str(task.exit_code),
             "-" if task.duration_s is None else f"{task.duration_s:.2f}s", task.id, task.error or "",
         ])
-    rows += [[host, "not started", "-", "-", "-", "an earlier task failed (--stop-on-failure)"] for host in outcome.not_started]
+    rows += [[host, "not started", "-", "-", "-", outcome.why_not_started[host]] for host in outcome.not_started]
     sys.stderr.write("\n" + redact(_table(rows, ["HOST", "STATUS", "EXIT", "DURATION", "TASK", "ERROR"])) + "\n")
     good = sum(1 for t in outcome.tasks if t.status is TaskStatus.SUCCEEDED)
     _note(f"{good} of {len(hosts)} hosts succeeded")

@@ -179,7 +179,10 @@ class OutputChunk(BaseModel):
 class BatchResult(BaseModel):
     succeeded: bool
     tasks: list[TaskInfo]
-    not_started: list[str] = Field(description="hosts skipped after a failure (stop_on_failure)")
+    not_started: list[str] = Field(
+        description="hosts that got no task: refused when their turn came (a full queue), or skipped after a failure (stop_on_failure)"
+    )
+    why_not_started: dict[str, str] = Field(description="for each host in not_started, why")
 
 
 class TaskListing(BaseModel):
@@ -446,7 +449,8 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
         except FleetrunError as exc:
             raise _fail(exc) from None
         return BatchResult(
-            succeeded=outcome.succeeded, tasks=[_task_info(t) for t in outcome.tasks], not_started=list(outcome.not_started)
+            succeeded=outcome.succeeded, tasks=[_task_info(t) for t in outcome.tasks],
+            not_started=list(outcome.not_started), why_not_started=dict(outcome.why_not_started),
         )
 
     @server.tool(description="A task's status, real progress (bytes, lines, last line, percent if printed) and exit code.")

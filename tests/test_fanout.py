@@ -10,7 +10,7 @@ import pytest
 from fleetrun.core.batch import BatchRequest, run_batch, run_batch_async, select_hosts
 from fleetrun.core.errors import FleetrunError, UnknownHostError
 from fleetrun.core.inventory import parse_inventory
-from fleetrun.core.models import TaskStatus
+from fleetrun.core.models import TaskRequest, TaskStatus
 
 from conftest import hosts_file_text, run_cli, ssh_host
 
@@ -68,6 +68,33 @@ def test_stop_on_failure_launches_nothing_after_the_first_failure(make_executor)
     )
     assert [(t.host, t.status, t.exit_code) for t in outcome.tasks] == [("a", TaskStatus.FAILED, 1)]
     assert outcome.not_started == ("b", "c") and not outcome.succeeded
+    assert outcome.why_not_started == dict.fromkeys("bc", "an earlier host did not succeed, and the batch stops on failure")
+
+
+def test_a_host_whose_queue_is_full_is_not_started_and_the_others_run_to_their_end(make_executor, marker):
+    executor = make_executor(hosts_yaml="hosts:\n  a: {}\n  busy: {max_concurrent: 1, max_queued: 1}\n  c: {}\n")
+    waiting = [executor.submit(TaskRequest(host="busy", command=f"sleep {marker}")) for _ in range(2)]
+    outcome = run_batch(executor, BatchRequest(hosts=("a", "busy", "c"), command="sleep 0.3; echo done", max_parallel=1))
+    assert [(t.host, t.status, t.stdout_bytes) for t in outcome.tasks] == [("a", TaskStatus.SUCCEEDED, 5), ("c", TaskStatus.SUCCEEDED, 5)]
+    assert outcome.not_started == ("busy",) and not outcome.succeeded
+    assert outcome.why_not_started == {
+        "busy": "host 'busy' already has 1 task waiting for a turn (its max_queued; 1 runs at once): "
+        "wait for some to end or cancel some"
+    }
+    assert sorted(t.host for t in executor.list()) == ["a", "busy", "busy", "c"]  # the refused host recorded nothing
+    for handle in waiting:
+        executor.cancel(handle.id)
+
+
+def test_under_stop_on_failure_a_refused_host_stops_the_launches_after_it(make_executor, marker):
+    executor = make_executor(hosts_yaml="hosts:\n  busy: {max_concurrent: 1, max_queued: 1}\n  b: {}\n")
+    waiting = [executor.submit(TaskRequest(host="busy", command=f"sleep {marker}")) for _ in range(2)]
+    outcome = run_batch(executor, BatchRequest(hosts=("busy", "b"), command="true", max_parallel=1, stop_on_failure=True))
+    assert outcome.tasks == () and outcome.not_started == ("busy", "b")
+    assert outcome.why_not_started["busy"].startswith("host 'busy' already has 1 task waiting")
+    assert outcome.why_not_started["b"] == "an earlier host did not succeed, and the batch stops on failure"
+    for handle in waiting:
+        executor.cancel(handle.id)
 
 
 def test_cancelling_a_batch_cancels_its_running_tasks(make_executor, marker):
@@ -143,6 +170,7 @@ def test_cli_stop_on_failure_reports_hosts_not_started(fleet_hosts_file):
     assert result.returncode == 1
     rows = {line.split()[0]: line for line in result.stderr.splitlines() if line.startswith(("web", "stranger"))}
     assert "not started" in rows["web1"] and "not started" in rows["web2"]
+    assert rows["web2"].split(None, 6)[6] == "an earlier host did not succeed, and the batch stops on failure"
     assert "0 of 3 hosts succeeded" in result.stderr
 
 

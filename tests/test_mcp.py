@@ -257,7 +257,7 @@ def test_a_secret_in_the_output_stays_hidden_however_the_output_is_read(server_f
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_assistant_that_starts_tasks_in_a_loop_is_stopped_at_the_hosts_queue(server_for, mode, marker):
-    server, executor = server_for(hosts="hosts:\n  local: {max_concurrent: 1, max_queued: 1}\n")
+    server, executor = server_for(hosts="hosts:\n  local: {max_concurrent: 1, max_queued: 1}\n  other: {}\n")
 
     async def scenario():
         async with mcp.Client(server, mode=mode) as client:
@@ -273,6 +273,11 @@ def test_an_assistant_that_starts_tasks_in_a_loop_is_stopped_at_the_hosts_queue(
             assert sorted(t["task_id"] for t in listed) == sorted(t["task_id"] for t in started)
             limits = (await client.call_tool("describe_host", {"host": "local"})).structured_content["limits"]
             assert (limits["max_concurrent"], limits["max_queued"]) == (1, 1)
+            # In a batch, the full host is left out with the reason; the other host's command runs.
+            batch = (await client.call_tool("run_on_hosts", {"command": "echo hi", "hosts": ["local", "other"]})).structured_content
+            assert [(t["host"], t["status"]) for t in batch["tasks"]] == [("other", "succeeded")]
+            assert batch["succeeded"] is False and batch["not_started"] == ["local"]
+            assert batch["why_not_started"]["local"].startswith("host 'local' already has 1 task waiting for a turn")
             for task in started:
                 await client.call_tool("cancel_task", {"task_id": task["task_id"]})
 

@@ -2,7 +2,10 @@
 
 Each host gets its own task (with its own record, hooks, output and limits); the batch
 adds a cap on how many run at once and, optionally, stops launching new ones after the
-first task that does not succeed. Tasks already running are left to finish.
+first task that does not succeed. Tasks already running are left to finish. A host whose
+task is refused when its turn comes (its queue is full, a policy changed since the batch
+was planned) is not started, with the reason; the other hosts' commands go on, since
+stopping them half-way would do more harm than one host left out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
 BatchOutputListener = Callable[[str, str, bytes], None]
 
 DEFAULT_MAX_PARALLEL = 10
+
+#: Why a host got no task under ``stop_on_failure``.
+STOPPED_ON_FAILURE = "an earlier host did not succeed, and the batch stops on failure"
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,11 @@ class BatchOutcome:
     """How a batch ended: each launched task's final record, in the order of the hosts."""
 
     tasks: tuple[Task, ...]
-    #: Hosts never launched because an earlier task failed (with ``stop_on_failure``).
+    #: Hosts that got no task: refused when their turn came, or left out after a failure
+    #: (with ``stop_on_failure``), in the order of the hosts.
     not_started: tuple[str, ...] = ()
+    #: For each host in ``not_started``, why.
+    why_not_started: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -94,7 +103,7 @@ async def run_batch_async(
         raise PolicyDenied(denied[0].decision)
     slots = asyncio.Semaphore(batch.max_parallel)
     finished: dict[str, Task] = {}
-    launched: list[str] = []
+    refused: dict[str, str] = {}
     stopping = False
 
     async def one(host: str) -> None:
@@ -105,8 +114,12 @@ async def run_batch_async(
             listener = None
             if on_output is not None:
                 listener = lambda stream, data: on_output(host, stream, data)  # noqa: E731
-            handle = await executor.submit_async(batch.task_request(host), on_output=listener)
-            launched.append(handle.id)
+            try:
+                handle = await executor.submit_async(batch.task_request(host), on_output=listener)
+            except FleetrunError as exc:  # nothing was recorded or started for this host
+                refused[host] = str(exc)
+                stopping = stopping or batch.stop_on_failure
+                return
             try:
                 task = await handle.wait_async()
             except asyncio.CancelledError:
@@ -126,9 +139,11 @@ async def run_batch_async(
                 worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         raise
+    not_started = tuple(h for h in batch.hosts if h not in finished)
     return BatchOutcome(
         tasks=tuple(finished[h] for h in batch.hosts if h in finished),
-        not_started=tuple(h for h in batch.hosts if h not in finished),
+        not_started=not_started,
+        why_not_started={h: refused.get(h, STOPPED_ON_FAILURE) for h in not_started},
     )
 
 
