@@ -15,6 +15,7 @@ import pytest
 
 from fleetrun import hookimpl
 from fleetrun.core import config_files as config_files_module
+from fleetrun.core.batch import BatchOutcome, BatchRequest, run_batch
 from fleetrun.core.config_files import ConfigFiles
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.executor import Executor
@@ -120,6 +121,22 @@ def test_an_edited_policy_judges_the_next_request(following, tmp_path):
     write(tmp_path / "policy.yaml", ALLOW_ECHO)
     assert executor.run(TaskRequest(host="local", command="echo again")).status is TaskStatus.SUCCEEDED
     assert [t.command for t in executor.list()] == ["echo again", "echo before"]
+
+
+def test_a_policy_edited_during_a_batch_leaves_out_the_hosts_it_now_denies(following, tmp_path, held):
+    executor = following(hosts_text="hosts:\n  a: {transport: held}\n  b: {transport: held}\n", policy_text="rules:\n  - allow: hold *\n")
+    batch = BatchRequest(hosts=("a", "b"), command="hold go", max_parallel=1)
+    outcome: list[BatchOutcome] = []
+    runner = threading.Thread(target=lambda: outcome.append(run_batch(executor, batch)))
+    runner.start()
+    wait_until(lambda: [t.status for t in executor.list()] == [TaskStatus.RUNNING])
+    write(tmp_path / "policy.yaml", "rules:\n  - allow: hold *\n    hosts: [a]\n")
+    held.events.setdefault("go", threading.Event()).set()
+    runner.join(10)
+    (ended,) = outcome
+    assert [(t.host, t.status) for t in ended.tasks] == [("a", TaskStatus.SUCCEEDED)]
+    assert ended.not_started == ("b",)
+    assert ended.why_not_started["b"].startswith("denied on host 'b': 'hold go' matches no rule")
 
 
 def test_a_file_edited_into_a_mistake_stops_new_tasks_until_fixed_and_started_ones_go_on(following, tmp_path, marker, caplog):
