@@ -7,13 +7,14 @@ import os
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetrun.core.errors import PolicyDenied, PolicyError
-from fleetrun.core.inventory import Host
+from fleetrun.core.inventory import Host, parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.policy import BUILTIN_SOURCE, load_policy, parse_policy, read_only_policy
 from fleetrun.core.shell import parse_command, pattern_problem
@@ -557,6 +558,9 @@ SHELL_CODE_THROUGH_BUILTINS = [
     ("zstyle -e :x y 'reply=($(touch {marker}))'; zstyle -a :x y r", "zsh", "zstyle ("),
     ("zmodload zsh/datetime; strftime -s PATH {bin} 0; uname", "zsh", "zmodload zsh/datetime (it adds commands to the shell"),
     ("private PATH={bin}; uname", "zsh", "(private PATH=…)"),
+    # an append is an assignment in bash, zsh and ksh (dash looks for a program so named)
+    ("PS4+='$(touch {marker})'; set -x; true", "bash", "(PS4+=…)"),
+    ("PS4+='$(touch {marker})'; set -x; true", "ksh", "(PS4+=…)"),
 ]
 
 
@@ -586,6 +590,64 @@ def test_any_command_is_still_no_raw_shell_through_the_shells_own_commands(form,
 def test_the_shells_own_commands_that_list_or_set_plain_options_are_commands(line):
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
     assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
+
+
+@pytest.fixture(scope="module")
+def legacy_locales(tmp_path_factory) -> Path:
+    """A LOCPATH holding zh_CN.GBK, zh_TW.BIG5 and ja_JP.SJIS, made with localedef."""
+    if shutil.which("localedef") is None or not Path("/usr/share/i18n/charmaps/GBK.gz").exists():
+        pytest.skip("needs localedef and the locales package (.ci/run installs it)")
+    path = tmp_path_factory.mktemp("locales")
+    for source, charmap, name in (("zh_CN", "GBK", "zh_CN.GBK"), ("zh_TW", "BIG5", "zh_TW.BIG5"), ("ja_JP", "SHIFT_JIS", "ja_JP.SJIS")):
+        subprocess.run(["localedef", "--no-warnings=ascii", "-i", source, "-f", charmap, str(path / name)], check=True, capture_output=True)
+    return path
+
+
+# 中 (E4 B8 AD in UTF-8) ends in AD, which GBK and Big5 take with a backslash after it as
+# one character; Á (C3 81) ends in 81, which Shift_JIS takes so. What the reader reads as
+# an escaped `;` or `$`, bash and ksh then read as a separator or an expansion.
+@pytest.mark.parametrize("shell", ["bash", "ksh"])
+@pytest.mark.parametrize("setting, character", [
+    ("export LC_ALL=zh_CN.GBK", "中"), ("LANG=zh_TW.BIG5", "中"), ("LC_ALL= LC_CTYPE=ja_JP.SJIS", "Á"),
+    ("typeset -x LC_ALL=zh_CN.GBK", "中"),
+])
+def test_a_locale_whose_characters_may_end_in_a_backslash_needs_raw_shell(shell, setting, character, legacy_locales, tmp_path):
+    if shutil.which(shell) is None:
+        pytest.skip(f"needs {shell} (.ci/run installs it)")
+    marker = tmp_path / "ran"
+    separator, expansion = f"echo {character}\\;touch {marker}", f'echo "{character}\\$(touch {marker})"'
+    assert commands(separator) == [("echo", [f"{character};touch", str(marker)])]
+    assert commands(expansion) == [("echo", [f"{character}$(touch {marker})"])]
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    for line in (f"{setting}\n{separator}", f"{setting}\n{expansion}"):
+        subprocess.run([shell, "-c", line], env={**os.environ, "LOCPATH": str(legacy_locales)}, capture_output=True, timeout=30)
+        assert marker.exists(), f"{shell} does not run the marker through {line!r}: the test proves nothing"
+        marker.unlink()
+        decision = anything.decide(WEB1, line)
+        assert not decision.allowed and "no rule allows raw shell" in decision.reason, decision.explanation
+        assert "a locale other than C or UTF-8 (" in decision.reason, decision.reason
+        assert f"{setting.split()[-1]}; in BIG5, GBK or Shift_JIS, bash and ksh read some backslashes" in decision.reason
+
+
+@pytest.mark.parametrize("line", [
+    "LANG=en_US.UTF-8 sort x", "LC_ALL=C ls", "LC_ALL=C.utf8 ls", "export LANG=de_DE.utf8@euro", "LC_ALL= ls",
+    "LC_TIME=en_GB date", "export LC_ALL", "env LANG=C.UTF-8 ls", "LANGUAGE=fr ls", "env LC_ALL=POSIX ls",
+])
+def test_a_c_or_utf8_locale_is_a_plain_setting(line):
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
+
+
+def test_a_legacy_locale_in_the_request_or_the_hosts_env_needs_raw_shell():
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    decision = anything.decide(WEB1, "ls", environment={"LC_ALL": "zh_TW.BIG5"})
+    assert not decision.allowed and decision.reason.startswith(
+        "the request sets a locale other than C or UTF-8 (LC_ALL=zh_TW.BIG5"), decision.reason
+    assert anything.decide(WEB1, "ls", environment={"LC_ALL": "C.UTF-8"}).allowed
+    host = parse_inventory("hosts:\n  old:\n    env: {LANG: ja_JP.SJIS}\n", source="hosts.yaml").get("old")
+    decision = anything.decide(host, "ls")
+    assert not decision.allowed and decision.reason.startswith(
+        "host 'old''s env: sets a locale other than C or UTF-8 (LANG=ja_JP.SJIS"), decision.reason
 
 
 _EVERY_FILE_BUT_NOTHING = "printf '%s,' ^nothing"

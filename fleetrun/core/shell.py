@@ -28,6 +28,12 @@ from dataclasses import dataclass, field
 
 #: Variables a command may be given inline without a policy rule saying so.
 SAFE_ASSIGNMENTS = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE|TZ|COLUMNS|LINES|TERM|NO_COLOR)")
+#: The variables that choose the character set a shell reads the rest of a command in.
+CHARACTER_SET_VARIABLES = frozenset({"LC_ALL", "LC_CTYPE", "LANG"})
+#: Locales this reader reads as the shell does: C and UTF-8 ones. In BIG5, GBK, GB18030
+#: or Shift_JIS a backslash or a backtick can be the second byte of a character, so bash
+#: and ksh read ``中\$(cmd)`` (UTF-8 bytes) as a character and a command substitution.
+_READABLE_LOCALE = re.compile(r"|C|POSIX|[A-Za-z]+(?:_[A-Za-z0-9]+)?\.(?i:utf-?8)(?:@[A-Za-z0-9_-]+)?")
 #: Variables a command may expand without a policy rule saying so: the shell's own and
 #: those of a login, which hold no secrets. Any other may (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY):
 #: ``echo $NAME``, or ``id $NAME`` through its error message, would hand it to whoever
@@ -487,8 +493,9 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
     assignments: list[tuple[str, str]] = []
     while words and _assignment(words[0]) is not None:
         name, value = _assignment(words[0])  # type: ignore[misc]
-        if not SAFE_ASSIGNMENTS.fullmatch(name) or not words[0].known:
-            result.problems.append(_setting_problem(name))
+        problem = assignment_problem(name, value if words[0].known else None)
+        if problem is not None:
+            result.problems.append(problem)
             return
         assignments.append((name, value))
         words.pop(0)
@@ -497,14 +504,24 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
     _judge_words([Word(t.value, t.known) for t in words], tuple(assignments), (), False, result, depth)
 
 
-def _setting_problem(setting: str) -> str:
-    """The problem of a variable set so, other than a locale-like one (``PATH=…``, ``export PATH=…``)."""
-    return f"an environment setting that can change what a command does ({setting}=…)"
+def assignment_problem(name: str, value: str | None, shown: str | None = None) -> str | None:
+    """Why setting variable ``name`` to ``value`` (None: a value decided at run time) leaves
+    what runs unjudgeable, or None; ``shown`` is how the problem names the setting."""
+    shown = shown or name
+    if not SAFE_ASSIGNMENTS.fullmatch(name) or value is None:
+        return f"an environment setting that can change what a command does ({shown}=…)"
+    if name in CHARACTER_SET_VARIABLES and not _READABLE_LOCALE.fullmatch(value):
+        return (f"a locale other than C or UTF-8 ({shown}={value}; in BIG5, GBK or Shift_JIS, bash and ksh "
+                "read some backslashes as part of a character)")
+    return None
 
 
 def _assignment(token: _Token) -> tuple[str, str] | None:
+    """The variable and value a word sets, if the shell reads it as an assignment. An
+    append (bash, zsh and ksh read ``PS4+='$(cmd)'`` as one) keeps its ``+`` in the name,
+    which no safe variable has."""
     name, sep, value = token.raw.partition("=")
-    if sep and _NAME.fullmatch(name):
+    if sep and _NAME.fullmatch(name.removesuffix("+")):
         return name, token.value.partition("=")[2]
     return None
 
@@ -566,9 +583,10 @@ def _judge_words(
         if not inner_words:
             result.commands.append(SimpleCommand(name, tuple(args), wrappers, privileged, assignments))
             return
-        for key, _ in extra_assignments:
-            if not SAFE_ASSIGNMENTS.fullmatch(key):
-                result.problems.append(_setting_problem(f"{base} {key}"))
+        for key, value in extra_assignments:
+            problem = assignment_problem(key, value, f"{base} {key}")
+            if problem is not None:
+                result.problems.append(problem)
                 return
         _judge_words(
             inner_words, assignments + tuple(extra_assignments), wrappers + (base,),
@@ -707,9 +725,13 @@ def _builtin_problem(name: str, args: list[Word]) -> str | None:
                 return f"{name} {word.value} ({_SETS_VARIABLES})"
     if name in _DECLARATIONS:
         for word in args:
-            variable, assigns, _ = word.value.partition("=")
-            if not word.known or (assigns and not SAFE_ASSIGNMENTS.fullmatch(variable)):
-                return _setting_problem(f"{name} {variable}")
+            variable, assigns, value = word.value.partition("=")
+            if not word.known:
+                return assignment_problem(variable, None, f"{name} {variable}")
+            if assigns:
+                problem = assignment_problem(variable, value, f"{name} {variable}")
+                if problem is not None:
+                    return problem
     return None
 
 
@@ -957,10 +979,7 @@ def _sudo(args: list[Word]):  # type: ignore[no-untyped-def]
         values=values,
     )
     _refuse(values, ("-D", "--chdir"), _CHOSEN_DIRECTORY)
-    env: list[tuple[str, str]] = []
-    while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
-        key, _, value = rest.pop(0).value.partition("=")
-        env.append((key, value))
+    env = _leading_assignments(rest)
     return rest, env, True
 
 
@@ -973,13 +992,19 @@ def _env(args: list[Word]):  # type: ignore[no-untyped-def]
         flags={"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"}, values=values,
     )
     _refuse(values, ("-C", "--chdir"), _CHOSEN_DIRECTORY)
+    env = _leading_assignments(rest)
+    return rest, env, False
+
+
+def _leading_assignments(rest: list[Word]) -> list[tuple[str, str]]:
+    """Take the NAME=VALUE words that env and sudo set before their command off ``rest``."""
     env: list[tuple[str, str]] = []
     while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
         if not rest[0].known:
             raise _Unjudgeable("an assignment decided at run time")
         key, _, value = rest.pop(0).value.partition("=")
         env.append((key, value))
-    return rest, env, False
+    return env
 
 
 def _simple_wrapper(with_value: set[str], flags: set[str], positional: int = 0):  # type: ignore[no-untyped-def]
