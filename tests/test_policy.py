@@ -472,6 +472,16 @@ def test_a_tilde_after_the_equals_sign_of_an_argument_is_decided_by_bash():
     ]
 
 
+def test_a_word_that_ksh_reads_as_a_compound_assignment_is_no_program():
+    if shutil.which("ksh") is None:
+        pytest.skip("needs ksh (.ci/run installs it)")
+    line = ".sh.value=5; echo ${.sh.value}"
+    printed = subprocess.run(["ksh", "-c", line], capture_output=True, text=True)
+    assert (printed.stdout, printed.stderr) == ("5\n", "")
+    assert parse_command(".sh.value=5").problems == ["an environment setting that can change what a command does (.sh.value=…)"]
+    assert parse_command("V.x=1 uname").problems == ["an environment setting that can change what a command does (V.x=…)"]
+
+
 # Pieces of command lines that the reader and sh must read alike, continuations included.
 _PIECES = ["show ", " ", "$", "$X", "$USER", "${", "\\\n", "\\", '"', "'", "X", "_TOKEN", "}", "#", "(", ")",
            ";", "\n", "|", "[", "]", "=", "~", "+", "*", "{PATH}", ">&", "1", "2", "eval ", "export "]
@@ -561,6 +571,12 @@ SHELL_CODE_THROUGH_BUILTINS = [
     # an append is an assignment in bash, zsh and ksh (dash looks for a program so named)
     ("PS4+='$(touch {marker})'; set -x; true", "bash", "(PS4+=…)"),
     ("PS4+='$(touch {marker})'; set -x; true", "ksh", "(PS4+=…)"),
+    # after a keyword, a shell still takes assignments
+    ("time PATH={bin} uname", "bash", "(PATH=…)"),
+    ("time -p PATH={bin} uname", "bash", "(PATH=…)"),
+    ("time PATH={bin} uname", "ksh", "(PATH=…)"),
+    ("time PATH={bin} uname", "zsh", "(PATH=…)"),
+    ("nocorrect PATH={bin} uname", "zsh", "(PATH=…)"),
 ]
 
 
@@ -636,6 +652,7 @@ def test_a_locale_whose_characters_may_end_in_a_backslash_needs_raw_shell(shell,
 def test_a_c_or_utf8_locale_is_a_plain_setting(line):
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
     assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
+    assert commands("time LC_ALL=C sort x") == [("sort", ["x"])]
 
 
 def test_a_legacy_locale_in_the_request_or_the_hosts_env_needs_raw_shell():

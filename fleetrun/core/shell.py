@@ -45,6 +45,7 @@ SAFE_EXPANSIONS = re.compile(
     r"|XDG_CONFIG_HOME|XDG_DATA_HOME|XDG_CACHE_HOME|XDG_STATE_HOME|XDG_RUNTIME_DIR"
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ASSIGNED_NAME = re.compile(r"\.?[A-Za-z_][A-Za-z0-9_.]*\+?")
 #: Characters that end a word that is not quoted (and start the next one).
 _ENDS_WORD = " \t\n;&|()<>"
 _WORD_END = re.compile(f"[{re.escape(_ENDS_WORD)}]")
@@ -517,11 +518,11 @@ def assignment_problem(name: str, value: str | None, shown: str | None = None) -
 
 
 def _assignment(token: _Token) -> tuple[str, str] | None:
-    """The variable and value a word sets, if the shell reads it as an assignment. An
-    append (bash, zsh and ksh read ``PS4+='$(cmd)'`` as one) keeps its ``+`` in the name,
-    which no safe variable has."""
+    """The variable and value a word sets, if a shell reads it as an assignment. An append
+    (bash, zsh and ksh read ``PS4+='$(cmd)'`` as one) keeps its ``+`` in the name, and a
+    ksh93 compound or ``.sh`` variable (``.sh.value=5``) its dots: no safe variable has either."""
     name, sep, value = token.raw.partition("=")
-    if sep and _NAME.fullmatch(name.removesuffix("+")):
+    if sep and _ASSIGNED_NAME.fullmatch(name):
         return name, token.value.partition("=")[2]
     return None
 
@@ -555,6 +556,16 @@ def _judge_words(
     program = words[0]
     if len(wrappers) > _MAX_WRAPPERS:
         result.problems.append("wrappers nested too deeply inside each other")
+        return
+    variable, equals, value = program.value.partition("=")
+    if equals and _ASSIGNED_NAME.fullmatch(variable):
+        # After a keyword the shell still takes assignments: bash, zsh and ksh run
+        # `time PATH=DIR uname` as DIR/uname, and zsh `nocorrect PATH=DIR uname`.
+        problem = assignment_problem(variable, value if program.known else None)
+        if problem is not None:
+            result.problems.append(problem)
+        elif len(words) > 1:
+            _judge_words(words[1:], assignments + ((variable, value),), wrappers, privileged, result, depth)
         return
     if not program.known:
         result.problems.append(f"a program name decided at run time ({program.value})")
