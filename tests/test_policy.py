@@ -571,6 +571,13 @@ SHELL_CODE_THROUGH_BUILTINS = [
     # an append is an assignment in bash, zsh and ksh (dash looks for a program so named)
     ("PS4+='$(touch {marker})'; set -x; true", "bash", "(PS4+=…)"),
     ("PS4+='$(touch {marker})'; set -x; true", "ksh", "(PS4+=…)"),
+    # bash's compgen expands its word list as code and runs -C's command
+    ("compgen -W '$(touch {marker})' x", "bash", "compgen -W (it runs code"),
+    ("compgen -o default -aW '$(touch {marker})' x", "bash", "compgen -W (it runs code"),
+    ("compgen -C 'touch {marker}' x", "bash", "compgen -C (it runs code"),
+    # zsh: getln takes what pushln put on the buffer stack; autoload DIR/NAME makes NAME run that file
+    ("pushln {bin}; getln PATH; uname", "zsh", "getln (it sets shell variables"),
+    ("autoload -U {bin}/uname; uname", "zsh", "autoload with a path (it changes which program"),
     # after a keyword, a shell still takes assignments
     ("time PATH={bin} uname", "bash", "(PATH=…)"),
     ("time -p PATH={bin} uname", "bash", "(PATH=…)"),
@@ -602,6 +609,7 @@ def test_any_command_is_still_no_raw_shell_through_the_shells_own_commands(form,
 @pytest.mark.parametrize("line", [
     "fc -l", "fc -ln -5", "set -euo pipefail", "set -o errexit -o xtrace", "set +k", "set +o keyword", "set -- -k x",
     "hash", "hash -r", "shopt -s nullglob", "shopt -so pipefail", "set -o", "setopt", "emulate", "zmodload",
+    "compgen -c ls", "compgen -A file -X '*.o' src/", "compgen -oW x", "autoload -Uz compinit",
 ])
 def test_the_shells_own_commands_that_list_or_set_plain_options_are_commands(line):
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")

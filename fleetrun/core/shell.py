@@ -706,9 +706,11 @@ def _trap_action(args: list[Word]) -> Word | None:
 _SHELL_CODE_READERS = {"eval": _eval_code, "trap": _trap_action}
 
 #: They set variables from what they read or compute: PATH or IFS set so changes what later commands do.
-#: zsh loads zformat, zparseopts, zregexparse and zstyle (whose -e values are code) when first used.
+#: zsh loads zformat, zparseopts, zregexparse and zstyle (whose -e values are code) when first used;
+#: its getln takes what pushln or print -z put on the buffer stack.
 _SET_VARIABLES = frozenset(
-    {"read", "mapfile", "readarray", "getopts", "let", "vared", "zformat", "zparseopts", "zregexparse", "zstyle"}
+    {"read", "mapfile", "readarray", "getopts", "let", "vared", "getln", "zformat", "zparseopts", "zregexparse",
+     "zstyle"}
 )
 #: The option letter with which these set a variable (printf -v NAME, zsh's print -v, wait -p NAME).
 _SET_VARIABLE_OPTION = {"printf": "v", "print": "v", "wait": "p"}
@@ -768,6 +770,36 @@ def _hash_problem(args: list[Word]) -> str | None:
     # `hash -d NAME=DIR` makes ~NAME mean DIR.
     if any("p" in option[1:] for option in _options(args)) or any("=" in word.value or not word.known for word in args):
         return "hash with a path (it changes which program or directory a name means)"
+    return None
+
+
+def _autoload_problem(args: list[Word]) -> str | None:
+    # zsh's `autoload DIR/NAME` makes NAME run the function in that file.
+    if any("/" in word.value or not word.known for word in args):
+        return "autoload with a path (it changes which program or directory a name means)"
+    return None
+
+
+#: bash's compgen expands its -W word list as code (command substitutions run), runs -C's
+#: command and -F's function, and (5.3) sets -V's variable. Its options that take a value.
+_COMPGEN_CODE_LETTERS = frozenset("WCFV")
+_COMPGEN_VALUE_LETTERS = frozenset("oAGWXPSCFV")
+
+
+def _compgen_problem(args: list[Word]) -> str | None:
+    words = iter(args)
+    for word in words:
+        if not word.known:
+            return f"compgen {word.value} (an option decided at run time)"
+        if word.value == "--" or len(word.value) < 2 or not word.value.startswith("-"):
+            return None
+        for index, letter in enumerate(word.value[1:], start=1):
+            if letter in _COMPGEN_CODE_LETTERS:
+                return f"compgen -{letter} (it runs code: a word list's command substitutions, a command or a function)"
+            if letter in _COMPGEN_VALUE_LETTERS:
+                if index == len(word.value) - 1:
+                    next(words, None)  # the value is the next word
+                break
     return None
 
 
@@ -892,6 +924,7 @@ def _ps_problem(args: list[Word]) -> str | None:
 #: then judged only under raw shell), or None.
 _OPTION_CHECKS = {
     "find": _find_problem, "ps": _ps_problem, "alias": _alias_problem, "hash": _hash_problem, "set": _set_problem,
+    "autoload": _autoload_problem, "compgen": _compgen_problem,
     "shopt": _shopt_problem, "zmodload": _zmodload_problem,
     **{name: functools.partial(_zsh_options_problem, name) for name in ("setopt", "unsetopt", "emulate")},
     "fc": functools.partial(_history_problem, "fc"), "hist": functools.partial(_history_problem, "hist"),
