@@ -660,7 +660,13 @@ def test_a_locale_whose_characters_may_end_in_a_backslash_needs_raw_shell(shell,
 def test_a_c_or_utf8_locale_is_a_plain_setting(line):
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
     assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
+
+
+def test_a_locale_named_by_a_path_needs_raw_shell_and_one_after_time_is_a_setting():
+    assert parse_command("LC_MESSAGES=/tmp/x/fr ls").problems == ["a locale named by a path (LC_MESSAGES=/tmp/x/fr: its files could be anyone's)"]
+    assert parse_command("LANGUAGE=../../tmp/x ls").problems == ["a locale named by a path (LANGUAGE=../../tmp/x: its files could be anyone's)"]
     assert commands("time LC_ALL=C sort x") == [("sort", ["x"])]
+    assert parse_command("time LC_ALL=C sort x").commands[0].assignments == (("LC_ALL", "C"),)
 
 
 def test_a_legacy_locale_in_the_request_or_the_hosts_env_needs_raw_shell():

@@ -514,6 +514,8 @@ def assignment_problem(name: str, value: str | None, shown: str | None = None) -
     if name in CHARACTER_SET_VARIABLES and not _READABLE_LOCALE.fullmatch(value):
         return (f"a locale other than C or UTF-8 ({shown}={value}; in BIG5, GBK or Shift_JIS, bash and ksh "
                 "read some backslashes as part of a character)")
+    if name.startswith(("LC_", "LANG")) and "/" in value:
+        return f"a locale named by a path ({shown}={value}: its files could be anyone's)"
     return None
 
 
