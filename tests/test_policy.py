@@ -598,7 +598,7 @@ def test_any_command_is_still_no_raw_shell_through_the_shells_own_commands(form,
     (bin_dir / "uname").write_text(f"#!/bin/sh\n/usr/bin/touch {marker}\n")
     (bin_dir / "uname").chmod(0o755)
     line = form.format(marker=marker, bin=bin_dir)
-    subprocess.run([shell, "-c", line], env={**os.environ, "HOME": f"touch {marker}"}, capture_output=True, timeout=30)
+    subprocess.run([shell, "-c", line], env={**os.environ, "HOME": f"touch {marker}"}, cwd=tmp_path, capture_output=True, timeout=30)
     assert marker.exists(), f"{shell} does not run the marker through {line!r}: the test proves nothing"
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
     decision = anything.decide(WEB1, line)
@@ -644,7 +644,7 @@ def test_a_locale_whose_characters_may_end_in_a_backslash_needs_raw_shell(shell,
     assert commands(expansion) == [("echo", [f"{character}$(touch {marker})"])]
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
     for line in (f"{setting}\n{separator}", f"{setting}\n{expansion}"):
-        subprocess.run([shell, "-c", line], env={**os.environ, "LOCPATH": str(legacy_locales)}, capture_output=True, timeout=30)
+        subprocess.run([shell, "-c", line], env={**os.environ, "LOCPATH": str(legacy_locales)}, cwd=tmp_path, capture_output=True, timeout=30)
         assert marker.exists(), f"{shell} does not run the marker through {line!r}: the test proves nothing"
         marker.unlink()
         decision = anything.decide(WEB1, line)
