@@ -675,6 +675,8 @@ def test_a_legacy_locale_in_the_request_or_the_hosts_env_needs_raw_shell():
     assert not decision.allowed and decision.reason.startswith(
         "the request sets a locale other than C or UTF-8 (LC_ALL=zh_TW.BIG5"), decision.reason
     assert anything.decide(WEB1, "ls", environment={"LC_ALL": "C.UTF-8"}).allowed
+    decision = anything.decide(WEB1, "ls", environment={"LC_MESSAGES": "/tmp/x/fr"})
+    assert not decision.allowed and decision.reason.startswith("the request sets a locale named by a path (LC_MESSAGES=/tmp/x/fr"), decision.reason
     host = parse_inventory("hosts:\n  old:\n    env: {LANG: ja_JP.SJIS}\n", source="hosts.yaml").get("old")
     decision = anything.decide(host, "ls")
     assert not decision.allowed and decision.reason.startswith(
@@ -727,6 +729,7 @@ def test_the_reader_has_limits_on_what_no_person_writes():
     assert len(parse_command("true;" * 1000).commands) == 1000
     assert parse_command("true;" * 1001).problems == ["more than 1000 commands in one line"]
     assert commands("env " * 16 + "uname") == [("uname", [])]
+    assert commands("time " + "LC_ALL=C " * 5000 + "uname") == [("uname", [])]
     assert parse_command("env " * 17 + "uname").problems == ["wrappers nested too deeply inside each other"]
     # A line as long as a command may be is read to its end (bench/run.py reader: in linear time).
     assert [a.known for a in parse_command("echo " + "[" * 131000).commands[0].args] == [True]

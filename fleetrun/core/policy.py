@@ -39,8 +39,7 @@ from fleetrun.core import paths
 from fleetrun.core.errors import PolicyError
 from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import (
-    CHARACTER_SET_VARIABLES, SAFE_ASSIGNMENTS, SAFE_EXPANSIONS, SimpleCommand, Word, assignment_problem, parse_command,
-    pattern_problem,
+    SAFE_ASSIGNMENTS, SAFE_EXPANSIONS, SimpleCommand, Word, assignment_problem, parse_command, pattern_problem,
 )
 from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, mapping_entries, node_value
 
@@ -244,11 +243,14 @@ class Policy:
         unsafe = sorted(name for name in (environment or {}) if not SAFE_ASSIGNMENTS.fullmatch(name))
         if unsafe:
             around.append(f"the request sets {unsafe[0]}, which can change what a command does")
-        # A locale's character set decides how the shell reads the command itself.
+        # The locale-like variables are judged by their values, as when a command sets them: a
+        # locale decides how the shell reads the command itself. The host's others are configuration.
         for setter, variables in (("the request", environment or {}), (f"host {host.name!r}'s env:", host.env)):
-            locales = [assignment_problem(name, value) for name, value in sorted(variables.items())
-                       if name in CHARACTER_SET_VARIABLES]
-            around += [f"{setter} sets {problem}" for problem in locales if problem is not None][:1]
+            problems = (assignment_problem(name, value) for name, value in sorted(variables.items())
+                        if SAFE_ASSIGNMENTS.fullmatch(name))
+            problem = next((problem for problem in problems if problem is not None), None)
+            if problem is not None:
+                around.append(f"{setter} sets {problem}")
         if cwd is not None and cwd != host.cwd:
             around.append(f"the request sets the working directory ({cwd}), which can change what a command does")
         # What a variable holds reaches whoever reads the output (echo $X, or id $X's error).

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 #: Variables a command may be given inline without a policy rule saying so.
 SAFE_ASSIGNMENTS = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE|TZ|COLUMNS|LINES|TERM|NO_COLOR)")
 #: The variables that choose the character set a shell reads the rest of a command in.
-CHARACTER_SET_VARIABLES = frozenset({"LC_ALL", "LC_CTYPE", "LANG"})
+_CHARACTER_SET_VARIABLES = frozenset({"LC_ALL", "LC_CTYPE", "LANG"})
 #: Locales this reader reads as the shell does: C and UTF-8 ones. In BIG5, GBK, GB18030
 #: or Shift_JIS a backslash or a backtick can be the second byte of a character, so bash
 #: and ksh read ``中\$(cmd)`` (UTF-8 bytes) as a character and a command substitution.
@@ -511,7 +511,7 @@ def assignment_problem(name: str, value: str | None, shown: str | None = None) -
     shown = shown or name
     if not SAFE_ASSIGNMENTS.fullmatch(name) or value is None:
         return f"an environment setting that can change what a command does ({shown}=…)"
-    if name in CHARACTER_SET_VARIABLES and not _READABLE_LOCALE.fullmatch(value):
+    if name in _CHARACTER_SET_VARIABLES and not _READABLE_LOCALE.fullmatch(value):
         return (f"a locale other than C or UTF-8 ({shown}={value}; in BIG5, GBK or Shift_JIS, bash and ksh "
                 "read some backslashes as part of a character)")
     if name.startswith(("LC_", "LANG")) and "/" in value:
@@ -555,20 +555,26 @@ def _judge_words(
     result: ParsedCommand,
     depth: int,
 ) -> None:
-    program = words[0]
     if len(wrappers) > _MAX_WRAPPERS:
         result.problems.append("wrappers nested too deeply inside each other")
         return
-    variable, equals, value = program.value.partition("=")
-    if equals and _ASSIGNED_NAME.fullmatch(variable):
-        # After a keyword the shell still takes assignments: bash, zsh and ksh run
-        # `time PATH=DIR uname` as DIR/uname, and zsh `nocorrect PATH=DIR uname`.
-        problem = assignment_problem(variable, value if program.known else None)
+    # After a keyword the shell still takes assignments: bash, zsh and ksh run
+    # `time PATH=DIR uname` as DIR/uname, and zsh `nocorrect PATH=DIR uname`.
+    taken: list[tuple[str, str]] = []
+    for word in words:
+        variable, equals, value = word.value.partition("=")
+        if not (equals and _ASSIGNED_NAME.fullmatch(variable)):
+            break
+        problem = assignment_problem(variable, value if word.known else None)
         if problem is not None:
             result.problems.append(problem)
-        elif len(words) > 1:
-            _judge_words(words[1:], assignments + ((variable, value),), wrappers, privileged, result, depth)
-        return
+            return
+        taken.append((variable, value))
+    if taken:
+        words, assignments = words[len(taken):], assignments + tuple(taken)
+        if not words:
+            return  # only assignments: nothing runs
+    program = words[0]
     if not program.known:
         result.problems.append(f"a program name decided at run time ({program.value})")
         return
@@ -723,6 +729,7 @@ _DECLARATIONS = frozenset({"export", "readonly", "declare", "typeset", "local", 
 _TAKE_VARIABLE_NAMES = frozenset({"test", "[", "unset", *_SET_VARIABLE_OPTION}) | _SET_VARIABLES | _DECLARATIONS
 _SUBSCRIPT_WITH_EXPANSION = re.compile(r"\[[^\]]*[$`]")
 _SETS_VARIABLES = "it sets shell variables, which can change what later commands do"
+_CHANGES_NAMES = "it changes which program or directory a name means"
 
 
 def _builtin_problem(name: str, args: list[Word]) -> str | None:
@@ -771,14 +778,14 @@ def _hash_problem(args: list[Word]) -> str | None:
     # bash's `hash -p FILE NAME` and zsh's `hash NAME=FILE` make NAME run FILE; zsh's
     # `hash -d NAME=DIR` makes ~NAME mean DIR.
     if any("p" in option[1:] for option in _options(args)) or any("=" in word.value or not word.known for word in args):
-        return "hash with a path (it changes which program or directory a name means)"
+        return f"hash with a path ({_CHANGES_NAMES})"
     return None
 
 
 def _autoload_problem(args: list[Word]) -> str | None:
     # zsh's `autoload DIR/NAME` makes NAME run the function in that file.
     if any("/" in word.value or not word.known for word in args):
-        return "autoload with a path (it changes which program or directory a name means)"
+        return f"autoload with a path ({_CHANGES_NAMES})"
     return None
 
 
