@@ -591,19 +591,88 @@ SHELL_CODE_THROUGH_BUILTINS = [
 def test_any_command_is_still_no_raw_shell_through_the_shells_own_commands(form, shell, why, tmp_path):
     # Under `allow: "*"`, eval ran what sh -c would have had judged, `test -v 'a[$(…)]'` ran
     # the substitution in bash, and `export PATH=DIR` did what `PATH=DIR uname` may not.
+    marker, bin_dir = _marker_and_uname(shell, tmp_path)
+    line = form.format(marker=marker, bin=bin_dir)
+    _assert_the_shell_runs_it_and_any_command_is_no_raw_shell(shell, line, marker, why, {"HOME": f"touch {marker}"})
+
+
+def _marker_and_uname(shell: str, tmp_path: Path) -> tuple[Path, Path]:
+    """Where the marker goes, and a directory whose uname makes it; skips without ``shell``."""
     if shutil.which(shell) is None:
         pytest.skip(f"needs {shell} (.ci/run installs it)")
     marker, bin_dir = tmp_path / "ran", tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "uname").write_text(f"#!/bin/sh\n/usr/bin/touch {marker}\n")
     (bin_dir / "uname").chmod(0o755)
-    line = form.format(marker=marker, bin=bin_dir)
-    subprocess.run([shell, "-c", line], env={**os.environ, "HOME": f"touch {marker}"}, cwd=tmp_path, capture_output=True, timeout=30)
+    return marker, bin_dir
+
+
+def _assert_the_shell_runs_it_and_any_command_is_no_raw_shell(
+    shell: str, line: str, marker: Path, why: str | None, env: dict[str, str]
+) -> None:
+    subprocess.run([shell, "-c", line], env={**os.environ, **env}, cwd=marker.parent, capture_output=True, timeout=30)
     assert marker.exists(), f"{shell} does not run the marker through {line!r}: the test proves nothing"
     anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
     decision = anything.decide(WEB1, line)
     assert not decision.allowed and "no rule allows raw shell" in decision.reason, decision.explanation
     assert why is None or why in decision.reason, decision.reason
+
+
+# Where bash or zsh evaluate a word as arithmetic, a variable named there is evaluated in
+# turn, and a command substitution in an array subscript runs. TZ holds one ({payload}),
+# as an earlier command could have left it (TZ, LANG or COLUMNS, which a command may set
+# without a rule, or $_, the last word of the command before).
+ARITHMETIC_IN_BUILTINS = [
+    # zsh takes these numbers as arithmetic
+    ("exit TZ", "zsh", "exit TZ (bash or zsh evaluate it as arithmetic, and a variable it names in turn"),
+    ("shift TZ", "zsh", "shift TZ (bash or zsh evaluate it as arithmetic"),
+    ("break TZ", "zsh", "break TZ (bash or zsh evaluate it as arithmetic"),
+    ('exit "$TZ"', "zsh", "exit $TZ (bash or zsh evaluate it as arithmetic"),
+    ("printf '%s: %d' x TZ", "zsh", "printf TZ (bash or zsh evaluate it as arithmetic"),
+    ("printf '%.*s' TZ x", "zsh", "printf TZ (bash or zsh evaluate it as arithmetic"),
+    ("print -f %d TZ", "zsh", "print TZ (bash or zsh evaluate it as arithmetic"),
+    ("test -t TZ", "zsh", "test TZ (bash or zsh evaluate it as arithmetic"),
+    ("COLUMNS=TZ", "zsh", "COLUMNS=TZ (zsh evaluates a value of COLUMNS as arithmetic: write a number)"),
+    ("echo $HOME[TZ]", "zsh", "an array subscript ($HOME[…], zsh evaluates it as arithmetic)"),
+    # and the subscript of a variable name given to these
+    ("unset 'path[TZ]'", "zsh", "unset path[TZ] (bash or zsh evaluate a subscript of the name as arithmetic"),
+    ("export 'path[TZ]'", "zsh", "export path[TZ] (bash and zsh run what an array subscript expands"),
+    ("unset 'DIRSTACK[TZ]'", "bash", "unset DIRSTACK[TZ] (bash or zsh evaluate a subscript of the name"),
+    ("test -v 'DIRSTACK[TZ]'", "bash", "test DIRSTACK[TZ] (bash or zsh evaluate a subscript of the name"),
+    ("echo '{payload}'; [ -v 'DIRSTACK[_]' ]", "bash", "[ DIRSTACK[_] (bash or zsh evaluate a subscript"),
+    ('unset "$TZ"', "bash", "unset $TZ (bash or zsh evaluate a subscript of the name"),
+    # an unquoted word can be several: here "-a -v NAME"
+    ("echo 'x -a -v {payload}'; test $_", "bash", "test $_ (outside double quotes it could make several words"),
+    ('echo -v; test "$_" "$TZ"', "bash", "test $TZ (bash or zsh evaluate it as arithmetic"),
+    # a variable made a number or another variable: its values are then evaluated
+    ("declare -i _; echo '{payload}'; true", "bash", "declare -i (it changes how a variable's later values are read"),
+    ("integer TZ; TZ=TZ", "zsh", "integer (it changes how a variable's later values are read"),
+    ("typeset -n TZ=PATH; TZ={bin}; uname", "ksh", "typeset -n (it changes how"),
+    ("declare -n TZ=PATH; TZ={bin}; uname", "bash", "declare -n (it changes how"),
+    # a value that holds one: refused wherever a command may set it
+    ("NO_COLOR='{payload}'; COLUMNS=NO_COLOR", "zsh", "NO_COLOR={payload} (where bash or zsh evaluate NO_COLOR as arithmetic"),
+]
+
+
+@pytest.mark.parametrize("form, shell, why", ARITHMETIC_IN_BUILTINS)
+def test_a_word_bash_or_zsh_evaluate_as_arithmetic_needs_raw_shell_unless_it_is_a_number(form, shell, why, tmp_path):
+    # Under `allow: "*"`, these ran the substitution: the reader saw a word, the shell a
+    # variable to evaluate, and in it an array subscript.
+    marker, bin_dir = _marker_and_uname(shell, tmp_path)
+    payload = f"{'path' if shell == 'zsh' else 'DIRSTACK'}[$(>{marker})]"  # no space: it splits into words whole
+    line = form.format(payload=payload, bin=bin_dir)
+    _assert_the_shell_runs_it_and_any_command_is_no_raw_shell(shell, line, marker, why and why.format(payload=payload), {"TZ": payload})
+
+
+@pytest.mark.parametrize("line", [
+    '[ -d "$HOME" ]', '[ "$USER" = root ]', "[ $? -eq 0 ]", '[ -z "$TERM" -o "$TERM" = dumb ]', "test -t 1",
+    "test -v HOME", "exit $?", "shift 2", "printf '%s: %5.1f%%\\n' \"$HOME\" 99.5", "printf '%x %e' 0xff -1e5",
+    "printf '%s\\n' $PATH", "print -f '%s' \"$HOME\"", "unset -v 'a[@]' b", "export 'path[1]'", "export TZ=UTC",
+    "declare -x LC_ALL=C", "declare -p", "COLUMNS=80 ls", "LINES= ls", 'echo "${HOME}[1]"',
+])
+def test_a_number_a_plain_name_or_a_quoted_operand_is_still_a_command(line):
+    anything = parse_policy('rules:\n  - allow: "*"\n', source="any.yaml")
+    assert anything.decide(WEB1, line).allowed, anything.decide(WEB1, line).explanation
 
 
 @pytest.mark.parametrize("line", [

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 SAFE_ASSIGNMENTS = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE|TZ|COLUMNS|LINES|TERM|NO_COLOR)")
 #: The variables that choose the character set a shell reads the rest of a command in.
 _CHARACTER_SET_VARIABLES = frozenset({"LC_ALL", "LC_CTYPE", "LANG"})
+#: zsh keeps these as numbers, evaluating what is assigned as arithmetic (which runs the
+#: command substitutions of an array subscript: ``COLUMNS='path[$(cmd)]'``).
+_NUMBER_VARIABLES = frozenset({"COLUMNS", "LINES"})
 #: Locales this reader reads as the shell does: C and UTF-8 ones. In BIG5, GBK, GB18030
 #: or Shift_JIS a backslash or a backtick can be the second byte of a character, so bash
 #: and ksh read ``中\$(cmd)`` (UTF-8 bytes) as a character and a command substitution.
@@ -71,9 +74,17 @@ class Word:
 
     value: str
     known: bool = True
+    #: For a word decided at run time: its expansions are all inside double quotes, so the
+    #: shell keeps it one word (``"$HOME"``, not ``$HOME`` or ``*``).
+    one_word: bool = False
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def may_split(self) -> bool:
+        """Whether the shell could make several words of it, or none."""
+        return not self.known and not self.one_word
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,8 @@ class _Token:
     #: Words: the text as written (quotes kept), to tell NAME=value from 'NAME=value'.
     #: Redirections: the target word's value.
     raw: str = ""
+    #: Words decided at run time: see Word.one_word.
+    one_word: bool = False
 
 
 class _Lexer:
@@ -306,6 +319,7 @@ class _Lexer:
         text = self.text
         value: list[str] = []
         known = True
+        splits = False  # an expansion, glob or brace outside double quotes
         equals_seen = False  # bash expands ~ after = or : in an argument such as X=~ or X=a:~
         raw_start = self.pos
         while self.pos < len(text):
@@ -335,17 +349,19 @@ class _Lexer:
                 known = known and piece_known
             elif char in "`$":
                 known = False
+                splits = True
                 value.append(self._expansion())
             else:
                 # Globs, brace expansion, ~ and zsh's =program are decided by the shell.
-                if known and (char in "*?{}" or (char == "[" and self._bracket_closes())
-                              or (char in "~=" and not any(value) and (char == "~" or self._rest_of_word() != "="))
-                              or (char == "~" and equals_seen and text[self.pos - 1] in "=:")):
+                if char in "*?{}" or (char == "[" and self._bracket_closes()):
+                    known, splits = False, True
+                elif known and ((char in "~=" and not any(value) and (char == "~" or self._rest_of_word() != "="))
+                                or (char == "~" and equals_seen and text[self.pos - 1] in "=:")):
                     known = False
                 equals_seen = equals_seen or char == "="
                 value.append(char)
                 self.pos += 1
-        return _Token(_WORD, "".join(value), known=known, raw=text[raw_start : self.pos])
+        return _Token(_WORD, "".join(value), known=known, raw=text[raw_start : self.pos], one_word=not splits)
 
     def _rest_of_word(self) -> str:
         """The text from here to the next character that ends a word (quotes not minded)."""
@@ -415,6 +431,10 @@ class _Lexer:
         if match is None:
             self.pos += 1
             return "$"
+        if text.startswith("[", match.end()):
+            # zsh reads $NAME[…] as an element of NAME, and evaluates the subscript as arithmetic:
+            # a variable named there is evaluated in turn (`$HOME[_]` runs what $_ holds).
+            raise _Unjudgeable(f"an array subscript (${match.group(0)}[…], zsh evaluates it as arithmetic)")
         self._expanded(match.group(0))
         self.pos = match.end()
         return "$" + match.group(0)
@@ -502,7 +522,7 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
         words.pop(0)
     if not words:
         return  # only safe assignments, or only redirections to /dev/null: nothing runs
-    _judge_words([Word(t.value, t.known) for t in words], tuple(assignments), (), False, result, depth)
+    _judge_words([Word(t.value, t.known, t.one_word) for t in words], tuple(assignments), (), False, result, depth)
 
 
 def assignment_problem(name: str, value: str | None, shown: str | None = None) -> str | None:
@@ -516,6 +536,10 @@ def assignment_problem(name: str, value: str | None, shown: str | None = None) -
                 "read some backslashes as part of a character)")
     if name.startswith(("LC_", "LANG")) and "/" in value:
         return f"a locale named by a path ({shown}={value}: its files could be anyone's)"
+    if name in _NUMBER_VARIABLES and not re.fullmatch(r"[0-9]*", value):
+        return f"{shown}={value} (zsh evaluates a value of {name} as arithmetic: write a number)"
+    if _SUBSCRIPT_WITH_EXPANSION.search(value):
+        return f"{shown}={value} (where bash or zsh evaluate {name} as arithmetic, {_RUNS_SUBSCRIPTS})"
     return None
 
 
@@ -730,12 +754,150 @@ _TAKE_VARIABLE_NAMES = frozenset({"test", "[", "unset", *_SET_VARIABLE_OPTION}) 
 _SUBSCRIPT_WITH_EXPANSION = re.compile(r"\[[^\]]*[$`]")
 _SETS_VARIABLES = "it sets shell variables, which can change what later commands do"
 _CHANGES_NAMES = "it changes which program or directory a name means"
+_RUNS_SUBSCRIPTS = "bash and zsh run what an array subscript expands"
+
+#: zsh evaluates the number these take as arithmetic (``exit TZ`` evaluates what TZ holds).
+_ARITHMETIC_OPERAND_COMMANDS = frozenset({"shift", "exit", "return", "logout", "break", "continue"})
+#: A number as bash and zsh write one; anything else where they evaluate arithmetic could
+#: name a variable, whose value is evaluated in turn (``'a[$(cmd)]'`` runs cmd).
+_NUMBER = re.compile(r"[-+]?(?:0[xX][0-9A-Fa-f]+|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+#: A word that expands only what the shell sets to a number: $?, $#, $$, $!.
+_NUMERIC_SPECIALS = re.compile(r"(?:\$\{?[?#$!]\}?|[0-9])+")
+#: A variable name whose subscript, if any, is a number or all elements: bash and zsh
+#: evaluate any other subscript of a name they are given (``test -v 'a[_]'``).
+_PLAIN_VARIABLE_NAME = re.compile(r"[^\[]*(?:\[(?:[0-9]*|[@*])\])?")
+#: One printf conversion: flags, width, precision, letter. %s, %b, %q and %c take text;
+#: the others take a number, which zsh evaluates as arithmetic.
+_CONVERSION = re.compile(r"%[-+ #0]*(\*|[0-9]*)(?:\.(\*|[0-9]*))?([a-zA-Z%])")
+#: What a word is taken as: a number, a variable name, or either once the shell splits it.
+_NUMBER_SLOT, _NAME_SLOT, _SPLIT_SLOT = "number", "name", "split"
+_TEST_BINARY_OPERATORS = frozenset(
+    {"=", "==", "!=", "<", ">", "=~", "-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-nt", "-ot", "-ef", "-a", "-o"}
+)
+#: Options of the declarations that export, protect, print or scope a variable. Any other
+#: changes how its later values are read: after ``declare -i TZ`` (or ``integer``, or
+#: ``declare -i _``, which the shell sets), ``TZ='a[$(cmd)]'`` runs cmd; after ``declare -n
+#: TZ=SECRET``, ``$TZ`` is SECRET.
+_PLAIN_DECLARATION_LETTERS = frozenset("xrgp")
+_TYPED_DECLARATIONS = frozenset({"integer", "float"})
+
+
+def _printf_slots(form: Word, count: int) -> list[str | None]:
+    """What printf FORMAT takes each of ``count`` arguments as: a number, or text (None)."""
+    slots: list[str | None] = []
+    index = form.value.find("%") if form.known else -1
+    while index >= 0:
+        match = _CONVERSION.match(form.value, index)
+        if match is None or (match.group(3) == "%" and match.group(0) != "%%"):
+            return [_NUMBER_SLOT] * count  # bash's %(…)T, zsh's %1$d: take every argument as a number
+        width, precision, letter = match.groups()
+        if letter != "%":
+            slots += [_NUMBER_SLOT] * [width, precision].count("*")
+            slots.append(None if letter in "sbqc" else _NUMBER_SLOT)
+        index = form.value.find("%", match.end())
+    if not form.known:
+        return [_NUMBER_SLOT] * count
+    if not slots:
+        return [None] * count  # printf prints the format once and takes no argument
+    return [slots[position % len(slots)] for position in range(count)]
+
+
+def _format_and_arguments(name: str, args: list[Word]) -> tuple[Word, list[Word]] | None:
+    """printf's FORMAT and arguments, or zsh's ``print -f FORMAT``'s; None without a format."""
+    operands = args
+    if name == "print":
+        options = _options(args)
+        with_format = next((option for option in options if "f" in option[1:]), None)
+        if with_format is None:
+            return None
+        attached = with_format.partition("f")[2]
+        operands = [Word(attached), *args[len(options):]] if attached else args[len(options):]
+    if operands and operands[0].value == "--":
+        operands = operands[1:]
+    return (operands[0], operands[1:]) if operands else None
+
+
+def _evaluated_words(name: str, args: list[Word]) -> list[tuple[Word, str]]:
+    """The words of ``args`` that bash or zsh could evaluate as arithmetic (a number slot)
+    or as a variable name, whose subscript is arithmetic (a name slot)."""
+    if name in _ARITHMETIC_OPERAND_COMMANDS:
+        return [(word, _NUMBER_SLOT) for word in args]
+    if name == "unset":
+        return [(word, _NAME_SLOT) for word in args if not (word.known and word.value.startswith("-"))]
+    if name in ("test", "["):
+        if name == "[" and args and args[-1].value == "]" and args[-1].known:
+            args = args[:-1]
+        slots = []
+        for previous, word in zip([Word("")] + args, args):
+            could_be_operator = not previous.known and not _NUMERIC_SPECIALS.fullmatch(previous.value)
+            if previous.known and previous.value == "-v":
+                slots.append((word, _NAME_SLOT))
+            elif (previous.known and previous.value == "-t") or (
+                could_be_operator and not (word.known and word.value in _TEST_BINARY_OPERATORS)
+            ):
+                # An unknown word could hold -v or -t (then a binary operator after it wins).
+                slots.append((word, _NUMBER_SLOT))
+            elif word.may_split:
+                slots.append((word, _SPLIT_SLOT))  # it could hold "-v NAME" whole
+        return slots
+    if name in ("printf", "print"):
+        found = _format_and_arguments(name, args)
+        if found is None:
+            return []
+        form, arguments = found
+        slots = _printf_slots(form, len(arguments))
+        if _NUMBER_SLOT in slots:
+            # A word that splits moves the ones after it into other slots.
+            slots = [(slot or _SPLIT_SLOT) if word.may_split else slot for word, slot in zip(arguments, slots)]
+        return [(word, slot) for word, slot in zip(arguments, slots) if slot is not None]
+    return []
+
+
+def _evaluated_word_problem(name: str, args: list[Word]) -> str | None:
+    for word, slot in _evaluated_words(name, args):
+        if word.known:
+            plain = (_PLAIN_VARIABLE_NAME if slot == _NAME_SLOT else _NUMBER).fullmatch(word.value)
+        else:
+            plain = slot != _NAME_SLOT and _NUMERIC_SPECIALS.fullmatch(word.value)
+        if plain:
+            continue
+        if slot == _SPLIT_SLOT:
+            why = "outside double quotes it could make several words, one of which bash or zsh evaluate"
+            advice = "quote it"
+        elif slot == _NUMBER_SLOT:
+            why, advice = "bash or zsh evaluate it as arithmetic, and a variable it names in turn", "write a number"
+        else:
+            why, advice = "bash or zsh evaluate a subscript of the name as arithmetic", "write the name"
+        return f"{name} {word.value} ({why}, where {_RUNS_SUBSCRIPTS}: {advice})"
+    return None
+
+
+def _declaration_problem(name: str, args: list[Word]) -> str | None:
+    for word in args:
+        if name in _TYPED_DECLARATIONS or (
+            len(word.value) > 1 and word.value[0] in "-+" and not set(word.value[1:]) <= _PLAIN_DECLARATION_LETTERS
+        ):
+            shown = name if name in _TYPED_DECLARATIONS else f"{name} {word.value}"
+            return f"{shown} (it changes how a variable's later values are read, or which variable a name means)"
+        variable, assigns, value = word.value.partition("=")
+        if not word.known:
+            return assignment_problem(variable, None, f"{name} {variable}")
+        if not _PLAIN_VARIABLE_NAME.fullmatch(variable):
+            return f"{name} {variable} ({_RUNS_SUBSCRIPTS}, and evaluate what a subscript names as arithmetic)"
+        if assigns:
+            problem = assignment_problem(variable, value, f"{name} {variable}")
+            if problem is not None:
+                return problem
+    return None
 
 
 def _builtin_problem(name: str, args: list[Word]) -> str | None:
     for word in args:
         if _SUBSCRIPT_WITH_EXPANSION.search(word.value):
-            return f"{name} {word.value} (bash and zsh run what an array subscript expands)"
+            return f"{name} {word.value} ({_RUNS_SUBSCRIPTS})"
+    problem = _evaluated_word_problem(name, args)
+    if problem is not None:
+        return problem
     if name in _SET_VARIABLES:
         return f"{name} ({_SETS_VARIABLES})"
     letter = _SET_VARIABLE_OPTION.get(name)
@@ -746,14 +908,7 @@ def _builtin_problem(name: str, args: list[Word]) -> str | None:
             if letter in word.value[1:]:
                 return f"{name} {word.value} ({_SETS_VARIABLES})"
     if name in _DECLARATIONS:
-        for word in args:
-            variable, assigns, value = word.value.partition("=")
-            if not word.known:
-                return assignment_problem(variable, None, f"{name} {variable}")
-            if assigns:
-                problem = assignment_problem(variable, value, f"{name} {variable}")
-                if problem is not None:
-                    return problem
+        return _declaration_problem(name, args)
     return None
 
 
@@ -938,6 +1093,7 @@ _OPTION_CHECKS = {
     **{name: functools.partial(_zsh_options_problem, name) for name in ("setopt", "unsetopt", "emulate")},
     "fc": functools.partial(_history_problem, "fc"), "hist": functools.partial(_history_problem, "hist"),
     **{name: functools.partial(_builtin_problem, name) for name in _TAKE_VARIABLE_NAMES},
+    **{name: functools.partial(_evaluated_word_problem, name) for name in _ARITHMETIC_OPERAND_COMMANDS},
 }
 
 
