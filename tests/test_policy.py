@@ -627,6 +627,7 @@ ARITHMETIC_IN_BUILTINS = [
     ("exit TZ", "zsh", "exit TZ (bash or zsh evaluate it as arithmetic, and a variable it names in turn"),
     ("shift TZ", "zsh", "shift TZ (bash or zsh evaluate it as arithmetic"),
     ("break TZ", "zsh", "break TZ (bash or zsh evaluate it as arithmetic"),
+    ("bye TZ", "zsh", "bye TZ (bash or zsh evaluate it as arithmetic"),
     ('exit "$TZ"', "zsh", "exit $TZ (bash or zsh evaluate it as arithmetic"),
     ("printf '%s: %d' x TZ", "zsh", "printf TZ (bash or zsh evaluate it as arithmetic"),
     ("printf '%.*s' TZ x", "zsh", "printf TZ (bash or zsh evaluate it as arithmetic"),

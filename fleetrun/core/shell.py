@@ -757,7 +757,7 @@ _CHANGES_NAMES = "it changes which program or directory a name means"
 _RUNS_SUBSCRIPTS = "bash and zsh run what an array subscript expands"
 
 #: zsh evaluates the number these take as arithmetic (``exit TZ`` evaluates what TZ holds).
-_ARITHMETIC_OPERAND_COMMANDS = frozenset({"shift", "exit", "return", "logout", "break", "continue"})
+_ARITHMETIC_OPERAND_COMMANDS = frozenset({"shift", "exit", "bye", "return", "logout", "break", "continue"})
 #: A number as bash and zsh write one; anything else where they evaluate arithmetic could
 #: name a variable, whose value is evaluated in turn (``'a[$(cmd)]'`` runs cmd).
 _NUMBER = re.compile(r"[-+]?(?:0[xX][0-9A-Fa-f]+|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
