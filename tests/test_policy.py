@@ -643,7 +643,9 @@ ARITHMETIC_IN_BUILTINS = [
     ("echo '{payload}'; [ -v 'DIRSTACK[_]' ]", "bash", "[ DIRSTACK[_] (bash or zsh evaluate a subscript"),
     ('unset "$TZ"', "bash", "unset $TZ (bash or zsh evaluate a subscript of the name"),
     # an unquoted word can be several: here "-a -v NAME"
-    ("echo 'x -a -v {payload}'; test $_", "bash", "test $_ (outside double quotes it could make several words"),
+    ("echo 'x -a -v {payload}'; test $_", "bash", "test $_ (it can make several words (unquoted, or as \"$@\")"),
+    ("set -- -v 'DIRSTACK[TZ]'; test \"$@\"", "bash", "test $@ (it can make several words"),
+    ("set -- %d TZ; printf \"$@\"", "zsh", "printf $@ (it can make several words"),
     ('echo -v; test "$_" "$TZ"', "bash", "test $TZ (bash or zsh evaluate it as arithmetic"),
     # a variable made a number or another variable: its values are then evaluated
     ("declare -i _; echo '{payload}'; true", "bash", "declare -i (it changes how a variable's later values are read"),

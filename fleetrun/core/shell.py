@@ -74,8 +74,8 @@ class Word:
 
     value: str
     known: bool = True
-    #: For a word decided at run time: its expansions are all inside double quotes, so the
-    #: shell keeps it one word (``"$HOME"``, not ``$HOME`` or ``*``).
+    #: For a word decided at run time: its expansions are all inside double quotes and none
+    #: is ``"$@"``, so the shell keeps it one word (``"$HOME"``, not ``$HOME``, ``*`` or ``"$@"``).
     one_word: bool = False
 
     def __str__(self) -> str:
@@ -319,7 +319,7 @@ class _Lexer:
         text = self.text
         value: list[str] = []
         known = True
-        splits = False  # an expansion, glob or brace outside double quotes
+        splits = False  # an expansion, glob or brace outside double quotes, or "$@"
         equals_seen = False  # bash expands ~ after = or : in an argument such as X=~ or X=a:~
         raw_start = self.pos
         while self.pos < len(text):
@@ -344,9 +344,10 @@ class _Lexer:
                 value.append(text[self.pos + 1 : end])
                 self.pos = end + 1
             elif char == '"':
-                piece, piece_known = self._double_quoted()
+                piece, piece_known, piece_splits = self._double_quoted()
                 value.append(piece)
                 known = known and piece_known
+                splits = splits or piece_splits
             elif char in "`$":
                 known = False
                 splits = True
@@ -381,24 +382,28 @@ class _Lexer:
             self._rest_end = found.start() if found else len(self.text)
             self._last_bracket = self.text.rfind("]", self.pos, self._rest_end)
 
-    def _double_quoted(self) -> tuple[str, bool]:
+    def _double_quoted(self) -> tuple[str, bool, bool]:
+        """The value inside double quotes; whether it is known; whether it can be several
+        words (``"$@"`` is one word for each positional parameter)."""
         text = self.text
         self.pos += 1
         value: list[str] = []
-        known = True
+        known, splits = True, False
         while True:
             if self.pos >= len(text):
                 raise _Unjudgeable("an unterminated double quote")
             char = text[self.pos]
             if char == '"':
                 self.pos += 1
-                return "".join(value), known
+                return "".join(value), known, splits
             if char == "\\" and self._peek(1) in ('"', "\\", "$", "`"):
                 value.append(self._peek(1))
                 self.pos += 2
             elif char in "`$":
                 known = False
-                value.append(self._expansion())
+                expansion = self._expansion()
+                splits = splits or expansion in ("$@", "${@}")
+                value.append(expansion)
             else:
                 value.append(char)
                 self.pos += 1
@@ -845,6 +850,8 @@ def _evaluated_words(name: str, args: list[Word]) -> list[tuple[Word, str]]:
         if found is None:
             return []
         form, arguments = found
+        if form.may_split:  # "$@" could be a format and its numbers
+            return [(form, _SPLIT_SLOT), *((word, _NUMBER_SLOT) for word in arguments)]
         slots = _printf_slots(form, len(arguments))
         if _NUMBER_SLOT in slots:
             # A word that splits moves the ones after it into other slots.
@@ -862,8 +869,8 @@ def _evaluated_word_problem(name: str, args: list[Word]) -> str | None:
         if plain:
             continue
         if slot == _SPLIT_SLOT:
-            why = "outside double quotes it could make several words, one of which bash or zsh evaluate"
-            advice = "quote it"
+            why = 'it can make several words (unquoted, or as "$@"), one of which bash or zsh evaluate'
+            advice = "write the words out" if "@" in word.value else "quote it"
         elif slot == _NUMBER_SLOT:
             why, advice = "bash or zsh evaluate it as arithmetic, and a variable it names in turn", "write a number"
         else:
