@@ -776,6 +776,8 @@ _PLAIN_VARIABLE_NAME = re.compile(r"[^\[]*(?:\[(?:[0-9]*|[@*])\])?")
 _CONVERSION = re.compile(r"%[-+ #0]*(\*|[0-9]*)(?:\.(\*|[0-9]*))?([a-zA-Z%])")
 #: What a word is taken as: a number, a variable name, or either once the shell splits it.
 _NUMBER_SLOT, _NAME_SLOT, _SPLIT_SLOT = "number", "name", "split"
+#: test's binary operators: after a word that holds -v or -t, one of these makes the three
+#: words a comparison, so the word after it is not evaluated.
 _TEST_BINARY_OPERATORS = frozenset(
     {"=", "==", "!=", "<", ">", "=~", "-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-nt", "-ot", "-ef", "-a", "-o"}
 )
