@@ -180,7 +180,8 @@ class BatchResult(BaseModel):
     succeeded: bool
     tasks: list[TaskInfo]
     not_started: list[str] = Field(
-        description="hosts that got no task: refused when their turn came (a full queue), or skipped after a failure (stop_on_failure)"
+        description="hosts that got no task: refused when their turn came (a full queue, a policy changed since), "
+        "or skipped after a failure (stop_on_failure)"
     )
     why_not_started: dict[str, str] = Field(description="for each host in not_started, why")
 

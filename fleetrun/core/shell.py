@@ -48,6 +48,9 @@ SAFE_EXPANSIONS = re.compile(
     r"|XDG_CONFIG_HOME|XDG_DATA_HOME|XDG_CACHE_HOME|XDG_STATE_HOME|XDG_RUNTIME_DIR"
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: What $ expands: a name or a special parameter; inside ${ }, also the length of a name (${#NAME}).
+_PARAMETER = re.compile(rf"{_NAME.pattern}|[0-9@*#?$!-]")
+_BRACED_PARAMETER = re.compile(rf"#?{_NAME.pattern}|[0-9@*#?$!-]")
 _ASSIGNED_NAME = re.compile(r"\.?[A-Za-z_][A-Za-z0-9_.]*\+?")
 #: Characters that end a word that is not quoted (and start the next one).
 _ENDS_WORD = " \t\n;&|()<>"
@@ -427,12 +430,12 @@ class _Lexer:
             if end < 0:
                 raise _Unjudgeable("an unterminated ${")
             inner = text[self.pos + 2 : end]
-            if any(c in inner for c in "$`(") or not re.fullmatch(r"#?[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]", inner):
+            if any(c in inner for c in "$`(") or not _BRACED_PARAMETER.fullmatch(inner):
                 raise _Unjudgeable(f"parameter expansion with operators (${{{inner}}})")
             self._expanded(inner.lstrip("#"))
             self.pos = end + 1
             return f"${{{inner}}}"
-        match = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]").match(text, self.pos + 1)
+        match = _PARAMETER.match(text, self.pos + 1)
         if match is None:
             self.pos += 1
             return "$"
@@ -516,18 +519,9 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
                 return
         else:
             words.append(token)
-    assignments: list[tuple[str, str]] = []
-    while words and _assignment(words[0]) is not None:
-        name, value = _assignment(words[0])  # type: ignore[misc]
-        problem = assignment_problem(name, value if words[0].known else None)
-        if problem is not None:
-            result.problems.append(problem)
-            return
-        assignments.append((name, value))
-        words.pop(0)
     if not words:
-        return  # only safe assignments, or only redirections to /dev/null: nothing runs
-    _judge_words([Word(t.value, t.known, t.one_word) for t in words], tuple(assignments), (), False, result, depth)
+        return  # only redirections to /dev/null: nothing runs
+    _judge_words([Word(t.value, t.known, t.one_word) for t in words], (), (), False, result, depth)
 
 
 def assignment_problem(name: str, value: str | None, shown: str | None = None) -> str | None:
@@ -587,7 +581,7 @@ def _judge_words(
     if len(wrappers) > _MAX_WRAPPERS:
         result.problems.append("wrappers nested too deeply inside each other")
         return
-    # After a keyword the shell still takes assignments: bash, zsh and ksh run
+    # The assignments before the program, also after a keyword: bash, zsh and ksh run
     # `time PATH=DIR uname` as DIR/uname, and zsh `nocorrect PATH=DIR uname`.
     taken: list[tuple[str, str]] = []
     for word in words:
@@ -602,7 +596,7 @@ def _judge_words(
     if taken:
         words, assignments = words[len(taken):], assignments + tuple(taken)
         if not words:
-            return  # only assignments: nothing runs
+            return  # only safe assignments: nothing runs
     program = words[0]
     if not program.known:
         result.problems.append(f"a program name decided at run time ({program.value})")
@@ -791,8 +785,10 @@ _TYPED_DECLARATIONS = frozenset({"integer", "float"})
 
 def _printf_slots(form: Word, count: int) -> list[str | None]:
     """What printf FORMAT takes each of ``count`` arguments as: a number, or text (None)."""
+    if not form.known:
+        return [_NUMBER_SLOT] * count
     slots: list[str | None] = []
-    index = form.value.find("%") if form.known else -1
+    index = form.value.find("%")
     while index >= 0:
         match = _CONVERSION.match(form.value, index)
         if match is None or (match.group(3) == "%" and match.group(0) != "%%"):
@@ -802,8 +798,6 @@ def _printf_slots(form: Word, count: int) -> list[str | None]:
             slots += [_NUMBER_SLOT] * [width, precision].count("*")
             slots.append(None if letter in "sbqc" else _NUMBER_SLOT)
         index = form.value.find("%", match.end())
-    if not form.known:
-        return [_NUMBER_SLOT] * count
     if not slots:
         return [None] * count  # printf prints the format once and takes no argument
     return [slots[position % len(slots)] for position in range(count)]
