@@ -146,6 +146,43 @@ def test_fleetrun_errors_exit_125_with_one_line_and_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "anchors, value, line, problem",
+    [
+        # libyaml's composer recursed once per level and the process died of SIGSEGV.
+        ("", "[" * 50_000 + "]" * 50_000, 3, "lists and mappings nested more than 100 levels deep"),
+        # Nine anchors naming the one before ten times: 10**10 values, hours of reading.
+        (
+            "x-0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"x-{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)),
+            "*a9",
+            6,
+            "through its aliases, the value that starts here stands for more than 1,000,000 values",
+        ),
+        # A chain of merge keys ran out of Python's stack (RecursionError, with its traceback).
+        (
+            "x-m0: &m0 {a: b}\n" + "".join(f"x-m{i}: &m{i} {{<<: *m{i - 1}}}\n" for i in range(1, 3000)),
+            "*m2999",
+            1,
+            "through its aliases, the file stands for more than 1,000,000 values",
+        ),
+    ],
+    ids=["nested", "aliases", "merge-chain"],
+)
+@pytest.mark.parametrize("kind", ["hosts", "policy"])
+def test_a_file_too_deep_or_too_aliased_to_read_is_one_error_line(tmp_path, kind, anchors, value, line, problem):
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "hosts":
+        path.write_text(f"{anchors}hosts:\n  local:\n    tags: {value}\n")
+        result = run_cli("--hosts", str(path), "run", "local", "--", "true", timeout=30)
+        assert result.returncode == 125
+    else:
+        path.write_text(f"{anchors}rules:\n  - allow: x\n    hosts: {value}\n")
+        result = run_cli("--policy", str(path), "policy", "check", "local", "--", "true", timeout=30)
+        assert result.returncode == 1
+    assert result.stderr.startswith(f"fleetrun: error: {path}:{line}: {problem}"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
     "arguments, closed, code",
     [
         ("run local --timeout 0.2 -- 'sleep 5'", "2>&-", 124),

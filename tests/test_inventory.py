@@ -138,6 +138,21 @@ def test_names_and_text_fields_are_taken_as_written_not_as_yaml_numbers_or_boole
         ("hosts:\n  a:\n    <<: [1]\n", "hosts.yaml:3: host 'a': a merge key '<<' takes a mapping (*anchor) or a list of them"),
         ("hosts:\n  a:\n    <<: {tags: [x]}\n    <<: {cwd: /}\n", "hosts.yaml:4: host 'a': duplicate merge key '<<'"),
         ("hosts:\n  a: &a\n    <<: *a\n", "hosts.yaml:3: host 'a': a merge key '<<' that brings in the mapping it is part of"),
+        ("x-a: &x {}\nx-b: &x {}\nhosts:\n  a:\n", "hosts.yaml:2: invalid YAML: found duplicate anchor 'x' (first on line 1)"),
+        ("hosts:\n  a:\n---\nhosts:\n  b:\n", "hosts.yaml:3: invalid YAML: a second document (after ---); the file must hold one"),
+        (
+            "hosts:\n  a:\n    tags: " + "[" * 101 + "]" * 101 + "\n",
+            "hosts.yaml:3: lists and mappings nested more than 100 levels deep",
+        ),
+        (
+            "x-m0: &m0 {cwd: /}\n" + "".join(f"x-m{i}: &m{i} {{<<: *m{i - 1}}}\n" for i in range(1, 121)) + "hosts:\n  a: {<<: *m120}\n",
+            "hosts.yaml:22: host 'a': merge keys '<<' that bring in mappings with merge keys, more than 100 deep",
+        ),
+        (
+            "x-0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"x-{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 7))
+            + "hosts:\n  a: {tags: *a6}\n",
+            "hosts.yaml:6: through its aliases, the value that starts here stands for more than 1,000,000 values",
+        ),
         ("hosts:\n  a: &a\n    tags: [x]\n  b:\n    <<: *a\n    prot: 22\n", "hosts.yaml:6: host 'b', field 'prot': unknown field"),
         ("hosts:\n  a:\n    env:\n      A: [1]\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string"),
         ("hosts:\n  a:\n    env:\n      A: ~\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string (write '' for an empty one)"),

@@ -34,7 +34,7 @@ from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
 from fleetrun.core.text import text_problem
 from fleetrun.core.transport import HostField, Transport
-from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, is_null, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, is_null, mapping_entries, node_value
 
 #: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -182,8 +182,8 @@ class _InventoryParser:
     def parse(self, text: str) -> Inventory:
         try:
             root = compose(text)
-        except YamlSyntaxError as exc:
-            raise InventoryError(f"invalid YAML: {exc.problem}", path=self.source, line=exc.line) from None
+        except YamlReadError as exc:
+            raise InventoryError(exc.message, path=self.source, line=exc.line) from None
         if root is None:
             raise InventoryError("the file is empty; it needs a 'hosts:' mapping", path=self.source, line=1)
         top = self.mapping(root, "the top level must be a mapping with a 'hosts:' key")

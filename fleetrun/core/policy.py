@@ -41,7 +41,7 @@ from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import (
     SAFE_ASSIGNMENTS, SAFE_EXPANSIONS, SimpleCommand, Word, assignment_problem, parse_command, pattern_problem,
 )
-from fleetrun.core.yaml_nodes import YamlSyntaxError, compose, is_extension_key, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, mapping_entries, node_value
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
 _GLOB_CHARS = set("*?[")
@@ -352,8 +352,8 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
 
     try:
         root = compose(text)
-    except YamlSyntaxError as exc:
-        raise PolicyError(f"invalid YAML: {exc.problem}", path=source, line=exc.line) from None
+    except YamlReadError as exc:
+        raise PolicyError(exc.message, path=source, line=exc.line) from None
     if not isinstance(root, yaml.MappingNode):
         raise fail(root, "the policy must be a mapping with a 'rules:' list")
     top = mapping_entries(root, fail)
