@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,25 @@ def test_names_and_text_fields_are_taken_as_written_not_as_yaml_numbers_or_boole
 
 
 @pytest.mark.parametrize(
+    "written, max_output_bytes, max_seconds",
+    [("1e9", 1_000_000_000, 1e9), ("1.5E3", 1500, 1500), ("1.0e+9", 1_000_000_000, 1e9), ("2e-1", None, 0.2), ("250", 250, 250)],
+)
+def test_a_number_with_an_exponent_is_a_number_and_a_whole_one_an_integer(written, max_output_bytes, max_seconds):
+    # YAML 1.1, which PyYAML reads, takes 1e9 as the text '1e9' and 1.0e+9 as a float: the
+    # first was "expected an integer, got '1e9'", the second "got 1000000000.0".
+    limits = parse(f"hosts:\n  a:\n    max_seconds: {written}\n").get("a").limits
+    assert limits.max_seconds == max_seconds
+    if max_output_bytes is None:
+        with pytest.raises(InventoryError, match="field 'max_output_bytes': expected an integer, got 0.2"):
+            parse(f"hosts:\n  a:\n    max_output_bytes: {written}\n")
+    else:
+        limits = parse(f"hosts:\n  a:\n    max_output_bytes: {written}\n").get("a").limits
+        assert limits.max_output_bytes == max_output_bytes and type(limits.max_output_bytes) is int
+    with pytest.raises(InventoryError, match=re.escape(f"field 'max_output_bytes': expected an integer, got '{written}'")):
+        parse(f"hosts:\n  a:\n    max_output_bytes: '{written}'\n")  # quoted: text, as written
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("hosts: [\n", "hosts.yaml:2: invalid YAML"),
@@ -126,6 +146,12 @@ def test_names_and_text_fields_are_taken_as_written_not_as_yaml_numbers_or_boole
         ("hosts:\n  a:\n    max_concurrent: true\n", "hosts.yaml:3: host 'a', field 'max_concurrent': expected an integer, got True"),
         ("hosts:\n  a:\n    max_concurrent: 0\n", "hosts.yaml:3: host 'a', field 'max_concurrent': must be greater than 0, got 0"),
         ("hosts:\n  a:\n    max_queued: -5\n", "hosts.yaml:3: host 'a', field 'max_queued': must be greater than 0, got -5"),
+        # The store keeps it in a 64-bit column: a bigger one lost the task's record.
+        (
+            "hosts:\n  a:\n    max_output_bytes: 10000000000000000000\n",
+            "hosts.yaml:3: host 'a', field 'max_output_bytes': must be at most 1000000000000000000, got 10000000000000000000",
+        ),
+        ("hosts:\n  a:\n    max_seconds: 1e999\n", "hosts.yaml:3: host 'a', field 'max_seconds': expected a finite number, got inf"),
         ("hosts:\n  a:\n    tags: web\n", "hosts.yaml:3: host 'a', field 'tags': expected a list of strings, got 'web'"),
         ("hosts:\n  a:\n    tags:\n      - ok\n      - [nested]\n", "hosts.yaml:5: host 'a', field 'tags': every item must be a non-empty string"),
         ("hosts:\n  a:\n    tags: ['has space']\n", "hosts.yaml:3: host 'a', field 'tags': invalid tag 'has space'"),

@@ -851,6 +851,9 @@ def test_ssh_fields_are_checked_when_the_hosts_file_loads():
     with pytest.raises(InventoryError) as high_port:
         parse_inventory("hosts:\n  web:\n    transport: ssh\n    port: 99999\n", source="h.yaml", transports=transports)
     assert str(high_port.value) == "h.yaml:4: host 'web', field 'port': must be at most 65535, got 99999"
+    with pytest.raises(InventoryError) as long_wait:  # paramiko failed every task: "timestamp too large"
+        parse_inventory("hosts:\n  web:\n    transport: ssh\n    connect_timeout: 1e10\n", source="h.yaml", transports=transports)
+    assert str(long_wait.value) == "h.yaml:4: host 'web', field 'connect_timeout': must be at most 86400, got 10000000000"
     for address, problem in (("[::1]", "write an IPv6 address without brackets (::1)"), ("web1:2222", "the port goes in 'port'")):
         with pytest.raises(InventoryError) as bad_address:
             parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)

@@ -75,6 +75,20 @@ def test_records_and_output_outlive_the_executor(make_executor, store):
     reopened.close()
 
 
+def test_the_largest_limits_a_hosts_file_may_set_are_kept_in_the_store(make_executor, store):
+    # A max_output_bytes past SQLite's 64-bit integers dropped the task's record from the store.
+    from fleetrun.core.inventory import COMMON_HOST_FIELDS
+
+    largest = int(COMMON_HOST_FIELDS["max_output_bytes"].maximum)
+    executor = make_executor(hosts_yaml=f"hosts:\n  big:\n    max_output_bytes: {largest}\n    max_seconds: 1.0e+300\n")
+    task = executor.run(TaskRequest(host="big", command="echo kept"))
+    executor.close()
+    reopened = TaskStore(store.home)
+    assert reopened.get(task.id) == task
+    assert (task.status, task.max_output_bytes, task.max_seconds) == (TaskStatus.SUCCEEDED, largest, 1e300)
+    reopened.close()
+
+
 def test_another_process_reads_records_and_output_while_the_task_runs(tmp_path, store):
     flag = tmp_path / "go"
     owner, task_id = start_owner(store.home, f"echo first; while [ ! -e {flag} ]; do sleep 0.02; done; echo second")

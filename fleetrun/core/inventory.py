@@ -20,6 +20,7 @@ name the file, the line, the host and the field.
 
 from __future__ import annotations
 
+import decimal
 import math
 import os
 import re
@@ -65,7 +66,8 @@ COMMON_HOST_FIELDS: Mapping[str, HostField] = {
     "description": HostField("string", "free text shown by `fleetrun hosts`"),
     "tags": HostField("string-list", "labels for selecting hosts in groups"),
     "max_seconds": HostField("number", "time limit of a task, in seconds"),
-    "max_output_bytes": HostField("integer", "bytes kept of each of stdout and stderr"),
+    # The store keeps it in a 64-bit column: a bigger number lost the task's record.
+    "max_output_bytes": HostField("integer", "bytes kept of each of stdout and stderr", maximum=10**18),
     "max_concurrent": HostField("integer", "tasks running at once on this host"),
     "max_queued": HostField("integer", "tasks that may wait for their turn on this host; more are refused"),
     "env": HostField("string-map", "environment variables added to every command", validate=environment_problem),
@@ -156,6 +158,26 @@ def parse_inventory(
 
 #: Said when a field other than a limit is put in 'defaults' or under a tag.
 _SHARE_HINT = "; to give several hosts the same other fields, write them once under x-NAME: &NAME and bring them in with <<: *NAME"
+
+
+#: A number with an exponent. YAML 1.1, which PyYAML reads, takes 1e9 as text (it wants
+#: 1.0e+9) and 1.0e+9 as a float; both are read here as YAML 1.2 reads them, and a whole
+#: one is an integer (max_output_bytes: 1e9).
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _exponent_number(text: str) -> int | float:
+    """``text`` (an :data:`_EXPONENT_NUMBER`) as an int when it is a whole number of at most 30
+    digits, else a float (an int of 1e1000000000 would take the memory of its digits)."""
+    exact = decimal.Decimal(text)
+    if 0 <= exact.adjusted() < 30 and exact == exact.to_integral_value():
+        return int(exact)
+    return float(exact)
+
+
+def _number(value: float) -> str:
+    """A bound or a value as written: every digit of an integer (``:g`` made 10**18 "1e+18")."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _text(node: yaml.Node) -> str | None:
@@ -309,9 +331,9 @@ class _InventoryParser:
             allowed = ", ".join(spec.choices)
             raise self.error(node, f"expected one of {allowed}, got {value!r}", host=host, field=field)
         if spec.minimum is not None and value < spec.minimum:
-            raise self.error(node, f"must be at least {spec.minimum:g}, got {value}", host=host, field=field)
+            raise self.error(node, f"must be at least {_number(spec.minimum)}, got {_number(value)}", host=host, field=field)
         if spec.maximum is not None and value > spec.maximum:
-            raise self.error(node, f"must be at most {spec.maximum:g}, got {value}", host=host, field=field)
+            raise self.error(node, f"must be at most {_number(spec.maximum)}, got {_number(value)}", host=host, field=field)
         problem = spec.validate(value) if spec.validate is not None else None
         if problem:
             raise self.error(node, problem, host=host, field=field)
@@ -340,6 +362,8 @@ class _InventoryParser:
                 raise fail("true or false")
             return value
         if kind in ("integer", "number"):
+            if isinstance(node, yaml.ScalarNode) and node.style in (None, "") and _EXPONENT_NUMBER.fullmatch(node.value):
+                value = _exponent_number(node.value)
             allowed = (int,) if kind == "integer" else (int, float)
             if isinstance(value, bool) or not isinstance(value, allowed):
                 raise fail("an integer" if kind == "integer" else "a number")

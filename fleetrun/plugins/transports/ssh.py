@@ -108,7 +108,8 @@ class SSHTransport(Transport):
             choices=("strict", "accept-new"),
         ),
         "jump_host": HostField("string", "jump host(s) to go through, as ProxyJump: [user@]host[:port][,...]"),
-        "connect_timeout": HostField("number", "seconds to connect and authenticate (default: 10)", minimum=0.1),
+        # Beyond about 9e9 s the waits inside paramiko fail every task ("timestamp too large").
+        "connect_timeout": HostField("number", "seconds to connect and authenticate (default: 10)", minimum=0.1, maximum=86400),
         "keepalive_interval": HostField("number", "seconds between keepalives; 0 turns them off (default: 15)", minimum=0),
         "keepalive_count_max": HostField("integer", "unanswered keepalives before the connection is dropped (default: 3)", minimum=1),
         "use_ssh_config": HostField("boolean", "read ~/.ssh/config and /etc/ssh/ssh_config for this host (default: true)"),
