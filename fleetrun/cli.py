@@ -1174,7 +1174,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     keep.add_argument("--days", type=_positive_number_of("days"), metavar="N", help="keep ended tasks N days (default 30)")
-    keep.add_argument("--max-tasks", type=_positive_int, metavar="N", help="keep at most the N newest ended tasks (default 10000)")
+    keep.add_argument("--max-tasks", type=_positive_int, metavar="N", help="keep at most the N newest ended tasks (default 10000; at most 1000000000000)")
     keep.set_defaults(func=cmd_tasks_retention)
 
     policy = sub.add_parser(

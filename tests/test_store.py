@@ -678,7 +678,27 @@ def test_the_retention_belongs_to_the_store_and_every_executor_applies_it(make_e
         store.set_retention(max_age_days=0)
     with pytest.raises(FleetrunError, match="the number of tasks to keep must be at least 1, got 0"):
         store.set_retention(max_tasks=0)
+    with pytest.raises(FleetrunError, match=f"the number of tasks to keep must be at most 1000000000000, got {10**23}"):
+        store.set_retention(max_tasks=10**23)
     assert store.retention() == Retention(max_age_days=90, max_tasks=2)
+
+
+def test_counts_past_sqlites_integers_neither_fail_nor_lose_tasks(make_executor, store, tmp_path):
+    # A retention of 10**23 tasks was stored, then its prune raised OverflowError, and so did
+    # every fleetrun command after it; `tasks list --limit 10**23` did the same.
+    for i in range(3):
+        store.insert(_ended_task(f"{0xf00 + i:012x}", time.time() - i), owner_token())
+    store.flush()
+    with sqlite3.connect(store.home / "tasks.sqlite3") as db:  # what the version before this one stored
+        db.execute("INSERT INTO settings (name, value) VALUES ('max_tasks', ?)", (str(10**23),))
+    assert store.retention().max_tasks == 10**12
+    assert make_executor().run(TaskRequest(host="local", command="true")).status is TaskStatus.SUCCEEDED
+    assert len(store.list(limit=10**23)) == 4
+    env = {"FLEETRUN_HOME": str(store.home)}
+    listed = run_cli("tasks", "list", "--limit", str(10**23), "--json", env=env)
+    assert (listed.returncode, len(json.loads(listed.stdout))) == (0, 4), listed.stderr
+    refused = run_cli("tasks", "retention", "--max-tasks", str(10**23), env=env)
+    assert (refused.returncode, refused.stderr) == (1, f"fleetrun: error: the number of tasks to keep must be at most 1000000000000, got {10**23}\n")
 
 
 def test_the_cli_shows_and_changes_the_retention_and_applies_a_change_at_once(store):

@@ -114,6 +114,10 @@ _STATUS, _PROGRESS = _TASK_COLUMNS.index("status"), _TASK_COLUMNS.index("progres
 _FLAGS = [_TASK_COLUMNS.index("stdout_truncated"), _TASK_COLUMNS.index("stderr_truncated")]
 
 
+#: More rows than a store holds, and within SQLite's 64-bit integers (a bigger LIMIT raised OverflowError).
+_MOST_ROWS = 10**12
+
+
 @dataclass(frozen=True)
 class Retention:
     """How long ended tasks are kept: by age and by count (the newest are kept).
@@ -309,9 +313,11 @@ class TaskStore:
         with self._lock:
             stored = dict(self._db.execute("SELECT name, value FROM settings WHERE name IN ('max_age_days', 'max_tasks')"))
         try:
+            # A larger count, set before set_retention refused one, made every prune fail;
+            # the largest it takes keeps the same tasks.
             return Retention(
                 max_age_days=float(stored.get("max_age_days", default.max_age_days)),
-                max_tasks=int(stored.get("max_tasks", default.max_tasks)),
+                max_tasks=min(int(stored.get("max_tasks", default.max_tasks)), _MOST_ROWS),
             )
         except ValueError:
             log.warning("the store's retention setting %r is unreadable: using the default", stored)
@@ -324,6 +330,8 @@ class TaskStore:
             raise FleetrunError(f"the days to keep tasks must be a number above 0, got {max_age_days}")
         if max_tasks is not None and max_tasks < 1:
             raise FleetrunError(f"the number of tasks to keep must be at least 1, got {max_tasks}")
+        if max_tasks is not None and max_tasks > _MOST_ROWS:
+            raise FleetrunError(f"the number of tasks to keep must be at most {_MOST_ROWS}, got {max_tasks}")
         values = [(name, str(value)) for name, value in (("max_age_days", max_age_days), ("max_tasks", max_tasks)) if value is not None]
         with self._lock:
             try:
@@ -459,7 +467,7 @@ class TaskStore:
                 where.append(f"{column} = ?")
                 params.append(value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        limit = max(0, int(limit))
+        limit = min(max(0, int(limit)), _MOST_ROWS)
         # What this process wrote is in SQLite after the flush; if the store refuses writes,
         # the writes not applied are taken from the journal instead.
         unapplied = [] if self.flush() or self._journal is None else self._journal.pending_values()
