@@ -16,6 +16,8 @@ import pytest
 from conftest import run_cli
 from fleetrun.core import journal as journal_module
 from fleetrun.core.journal import Journal
+from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
 
 PAGE = 4096
 
@@ -143,3 +145,35 @@ def test_a_journal_the_disk_refuses_keeps_whole_lines_and_what_it_refused_reache
     finally:
         journal.close()
     assert not journal.path.exists()
+
+
+def test_a_json_log_the_disk_refuses_says_so_once_and_resumes_on_a_line_of_its_own(small_disk, make_executor, caplog):
+    path = small_disk / "audit.jsonl"
+    notifier = JsonLogNotifier(path, progress=False)
+    # A first line that leaves 10 bytes in the file's page: the next line fits only in part.
+    pad = {"pad": "x" * (PAGE - 10 - len(json.dumps({"pad": ""}, separators=(",", ":"))) - 1)}
+    notifier._write(pad)
+    assert path.stat().st_size == PAGE - 10
+    executor = make_executor(plugins=[notifier])
+    filler = fill(small_disk)
+    with caplog.at_level("WARNING", logger="fleetrun.jsonlog"):
+        lost = executor.run(TaskRequest(host="local", command="echo lost"))
+    # Before: a traceback for each event; the task went on, as it still must.
+    assert lost.status is TaskStatus.SUCCEEDED
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot write the JSON log {path} (No space left on device): its events are lost until it can be written again"
+    ]
+    caplog.clear()
+    filler.unlink()
+    with caplog.at_level("WARNING", logger="fleetrun.jsonlog"):
+        kept = executor.run(TaskRequest(host="local", command="echo kept"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the JSON log {path} is written again; 2 events before this one could not be written (No space left on device)"
+    ]
+    lines = path.read_text().split("\n")
+    assert lines[-1] == "" and len(lines[1]) == 10  # the part of a line that fitted, ended
+    events = [json.loads(line) for line in (lines[0], *lines[2:-1])]
+    assert [(e.get("event"), e.get("task_id")) for e in events[1:]] == [
+        ("task.created", kept.id), ("task.completed", kept.id)
+    ]
+    notifier.close()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
+
+import pytest
 
 from fleetrun.core.models import TaskRequest
 from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
+
+from conftest import run_cli
 
 COMMON = {"v", "event", "time", "task_id", "host", "transport", "command", "status"}
 ENDING = {"exit_code", "duration_s", "started_at", "ended_at", "stdout_bytes", "stderr_bytes",
@@ -110,3 +115,14 @@ def test_a_log_moved_or_deleted_away_is_followed_by_a_new_file_at_its_path(make_
     ]
     warnings = [r.getMessage() for r in caplog.records if r.name == "fleetrun.jsonlog"]
     assert warnings == [f"the JSON log {log_path} was moved and cannot be opened again (Is a directory): writing on to the old file"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_json_log_that_cannot_be_written_is_one_warning_and_the_run_goes_on():
+    result = run_cli("--json-log", "/dev/full", "run", "local", "--", "echo ran")
+    # Before: three tracebacks, one per event.
+    assert (result.returncode, result.stdout) == (0, "ran\n")
+    assert result.stderr == (
+        "fleetrun: WARNING: fleetrun.jsonlog: cannot write the JSON log /dev/full (No space left on device): "
+        "its events are lost until it can be written again\n"
+    )

@@ -5,7 +5,8 @@ are stable (see docs/plugins.md), and a file is created with mode 0600. Several 
 processes may share one file: each line goes in with a single append, so lines never mix.
 A file moved or deleted away (by logrotate, say) is followed by a new one at the path, as
 ``logging.handlers.WatchedFileHandler`` does: a long-running MCP server never writes on
-into a rotated or deleted file. Enable it with ``--json-log PATH`` (``-`` for stderr) or
+into a rotated or deleted file. A file that cannot be written (a full disk) is said once,
+and so is its recovery, with the count of lost lines. Enable it with ``--json-log PATH`` (``-`` for stderr) or
 ``FLEETRUN_JSON_LOG``.
 """
 
@@ -38,6 +39,9 @@ class JsonLogNotifier(LifecycleEventPlugin):
         self._path: str | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file open at ``_path``
         self._reopen_failed = False
+        self._failure: str | None = None  # why the last line could not be written, until one is
+        self._lost = 0  # lines not written since then
+        self._cut_short = False  # the file ends in part of a line: the next one starts on a line of its own
         self._stream: IO[str] | None = None
         if isinstance(target, (str, os.PathLike)):
             if str(target) == "-":
@@ -89,17 +93,40 @@ class JsonLogNotifier(LifecycleEventPlugin):
     def _write(self, record: dict) -> None:  # type: ignore[type-arg]
         line = redact(json.dumps(record, ensure_ascii=False, separators=(",", ":"))) + "\n"
         with self._lock:
-            if self._fd is None:
-                if self._stream is None:
-                    return  # closed
-                self._stream.write(line)
-                self._stream.flush()
+            if self._fd is None and self._stream is None:
+                return  # closed
+            # A full disk or a closed stderr: said once, not with a traceback per event, and
+            # the task goes on either way (a notifier never fails one).
+            try:
+                self._put(line)
+            except (OSError, ValueError) as exc:
+                self._lost += 1
+                if self._failure is None:
+                    self._failure = getattr(exc, "strerror", None) or str(exc)
+                    log.warning("cannot write the JSON log %s (%s): its events are lost until it can be written again",
+                                self._where(), self._failure)
                 return
-            self._follow_path()
-            # One write with O_APPEND lands whole at the end of the file, whoever else appends.
-            data = memoryview(line.encode("utf-8"))
-            while data:
-                data = data[os.write(self._fd, data):]
+            if self._failure is not None:
+                log.warning("the JSON log %s is written again; %d events before this one could not be written (%s)",
+                            self._where(), self._lost, self._failure)
+                self._failure, self._lost = None, 0
+
+    def _put(self, line: str) -> None:
+        if self._fd is None:
+            assert self._stream is not None
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        self._follow_path()
+        # One write with O_APPEND lands whole at the end of the file, whoever else appends.
+        data = memoryview((("\n" if self._cut_short else "") + line).encode("utf-8"))
+        while data:
+            written = os.write(self._fd, data)
+            self._cut_short = data[written - 1] != ord("\n") if written else self._cut_short
+            data = data[written:]
+
+    def _where(self) -> str:
+        return self._path if self._path is not None else str(getattr(self._stream, "name", "stream"))
 
     def close(self) -> None:
         with self._lock:
