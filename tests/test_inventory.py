@@ -184,6 +184,13 @@ def test_a_number_with_an_exponent_is_a_number_and_a_whole_one_an_integer(writte
         ("hosts:\n  a:\n    env:\n      A: ~\n", "hosts.yaml:4: host 'a', field 'env': the value of 'A' must be a string (write '' for an empty one)"),
         ("hosts:\n  a:\n    env:\n      'A B': x\n", "hosts.yaml:4: host 'a', field 'env': invalid environment variable name 'A B'"),
         ("hosts:\n  a:\n    cwd: ''\n", "hosts.yaml:3: host 'a', field 'cwd': must not be empty"),
+        # A NUL failed each task in the transport ("embedded null byte"), with a traceback.
+        ("hosts:\n  a:\n    cwd: \"/tmp\\0x\"\n", "hosts.yaml:3: host 'a', field 'cwd': contains a NUL character"),
+        ("hosts:\n  a:\n    shell: \"/bin/sh\\0\"\n", "hosts.yaml:3: host 'a', field 'shell': contains a NUL character"),
+        (
+            "hosts:\n  a:\n    transport: ssh\n    identity_files: [\"/k\\0\"]\n",
+            "hosts.yaml:4: host 'a', field 'identity_files': item '/k\\x00' contains a NUL character",
+        ),
         ("hosts:\n  a:\n    shell: [bash]\n", "hosts.yaml:3: host 'a', field 'shell': expected a string, got 'list'"),
         ("defaults:\n  tags: [x]\nhosts:\n  a:\n", "hosts.yaml:2: field 'tags': unknown field in 'defaults'"),
         (

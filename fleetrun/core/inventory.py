@@ -33,7 +33,7 @@ import yaml
 from fleetrun.core import paths
 from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
-from fleetrun.core.text import text_problem
+from fleetrun.core.text import printable, text_problem
 from fleetrun.core.transport import HostField, Transport
 from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, is_null, mapping_entries, node_value
 
@@ -356,6 +356,8 @@ class _InventoryParser:
                 raise fail("a string")
             if not text:
                 raise self.error(node, "must not be empty", host=host, field=field)
+            if "\x00" in text:  # no path, name or program can hold one: it failed the task instead
+                raise self.error(node, "contains a NUL character", host=host, field=field)
             return text
         if kind == "boolean":
             if not isinstance(value, bool):
@@ -380,6 +382,8 @@ class _InventoryParser:
                 item = _text(item_node)
                 if not item:
                     raise self.error(item_node, "every item must be a non-empty string", host=host, field=field)
+                if "\x00" in item:
+                    raise self.error(item_node, f"item '{printable(item)}' contains a NUL character", host=host, field=field)
                 if field == "tags" and not TAG_RE.fullmatch(item):
                     raise self.error(item_node, f"invalid tag {item!r}", host=host, field=field)
                 items.append(item)
