@@ -185,8 +185,8 @@ def test_a_number_with_an_exponent_is_a_number_and_a_whole_one_an_integer(writte
         ("hosts:\n  a:\n    env:\n      'A B': x\n", "hosts.yaml:4: host 'a', field 'env': invalid environment variable name 'A B'"),
         ("hosts:\n  a:\n    cwd: ''\n", "hosts.yaml:3: host 'a', field 'cwd': must not be empty"),
         # A NUL failed each task in the transport ("embedded null byte"), with a traceback.
-        ("hosts:\n  a:\n    cwd: \"/tmp\\0x\"\n", "hosts.yaml:3: host 'a', field 'cwd': contains a NUL character"),
-        ("hosts:\n  a:\n    shell: \"/bin/sh\\0\"\n", "hosts.yaml:3: host 'a', field 'shell': contains a NUL character"),
+        ("hosts:\n  a:\n    cwd: \"/tmp\\0x\"\n", "hosts.yaml:3: host 'a', field 'cwd': the value contains a NUL character"),
+        ("hosts:\n  a:\n    shell: \"/bin/sh\\0\"\n", "hosts.yaml:3: host 'a', field 'shell': the value contains a NUL character"),
         (
             "hosts:\n  a:\n    transport: ssh\n    identity_files: [\"/k\\0\"]\n",
             "hosts.yaml:4: host 'a', field 'identity_files': item '/k\\x00' contains a NUL character",

@@ -618,6 +618,39 @@ def _assert_the_shell_runs_it_and_any_command_is_no_raw_shell(
     assert why is None or why in decision.reason, decision.reason
 
 
+@pytest.mark.parametrize(
+    "line, shells",
+    [
+        ("'TZ=x' uname", ["sh", "bash", "zsh", "ksh"]),
+        ('"TZ"=x uname', ["sh", "bash", "zsh", "ksh"]),
+        ("command TZ=x uname", ["sh", "bash", "zsh", "ksh"]),
+        ("exec TZ=x uname", ["sh", "bash", "zsh", "ksh"]),
+        ("nohup TZ=x uname", ["sh", "bash"]),
+        ("nice TZ=x uname", ["bash"]),
+        ("noglob TZ=x uname", ["zsh"]),
+        ("/usr/bin/time TZ=x uname", ["bash"]),
+    ],
+)
+def test_name_equals_value_where_no_assignment_stands_is_the_program_the_shell_runs(line, shells, tmp_path):
+    # Quoted, or after a program, NAME=value is no assignment: the shell runs a program so
+    # named. The reader took it as one and judged `uname`, which `allow: uname *` allowed.
+    policy = parse_policy("rules:\n  - allow: uname *\n", source="p.yaml")
+    [command] = parse_command(line).commands
+    assert (command.program, [a.value for a in command.args], command.assignments) == ("TZ=x", ["uname"], ())
+    assert not policy.decide(WEB1, line).allowed
+    for shell in shells:
+        (tmp_path / shell).mkdir()
+        marker, bin_dir = _marker_and_uname(shell, tmp_path / shell)
+        (bin_dir / "TZ=x").write_text(f"#!/bin/sh\n/usr/bin/touch {marker}\n")
+        (bin_dir / "TZ=x").chmod(0o755)
+        subprocess.run([shell, "-c", line], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                       cwd=tmp_path, capture_output=True, timeout=30)
+        assert marker.exists(), f"{shell} did not run the program TZ=x for {line!r}"
+    # Where an assignment stands, it still is one.
+    for assigned in ("TZ=x uname", "time TZ=x uname", "env TZ=x uname"):
+        assert policy.decide(WEB1, assigned).allowed, assigned
+
+
 # Where bash or zsh evaluate a word as arithmetic, a variable named there is evaluated in
 # turn, and a command substitution in an array subscript runs. TZ holds one ({payload}),
 # as an earlier command could have left it (TZ, LANG or COLUMNS, which a command may set

@@ -316,7 +316,7 @@ def test_bad_requests_get_a_clear_error_and_run_nothing(make_executor, host, com
         ({"env": {5: "x"}}, "env must map variable names to strings, got the name 5"),
         ({"env": ["A=1"]}, "env must map variable names to strings, got a list"),
         ({"cwd": 7}, "cwd must be a string, got 7"),
-        ({"cwd": "/tmp\x00x"}, "the working directory '/tmp\\x00x' contains a NUL character"),
+        ({"cwd": "/tmp\x00x"}, "the working directory contains a NUL character"),
         ({"progress_pattern": b"(\\d+)%"}, "progress_pattern must be a string, got b'"),
         ({"origin": "ci\njob"}, "origin must be a short name (letters, digits, '.', '_', '-'; at most 32), got 'ci\\njob'"),
         ({"origin": 5}, "origin must be a short name"),

@@ -37,7 +37,7 @@ from fleetrun.core.slots import Slots
 from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, compile_progress_pattern
 from fleetrun.core.processes import KILL_GRACE_SECONDS, boot_ticks, command_token, owner_token
 from fleetrun.core.store import Retention, TaskStore
-from fleetrun.core.text import CONTROL_CHARACTERS, encodable, printable, text_problem
+from fleetrun.core.text import CONTROL_CHARACTERS, argument_problem, encodable, text_problem
 from fleetrun.core.transport import Execution, Transport, TransportError
 
 log = logging.getLogger("fleetrun.executor")
@@ -1091,11 +1091,9 @@ def _check_options(request: TaskRequest) -> None:
     for name, value in (("cwd", request.cwd), ("progress_pattern", request.progress_pattern)):
         if value is not None and not isinstance(value, str):
             raise FleetrunError(f"{name} must be a string, got {_shown(value)}")
-    problem = text_problem(request.cwd, "the working directory") if request.cwd else None
+    problem = argument_problem(request.cwd, "the working directory") if request.cwd else None
     if problem is not None:
         raise FleetrunError(problem)
-    if request.cwd and "\x00" in request.cwd:  # no directory has one: the task failed deep in the transport
-        raise FleetrunError(f"the working directory '{printable(request.cwd)}' contains a NUL character")
     if request.origin is not None and not (isinstance(request.origin, str) and _ORIGIN_RE.fullmatch(request.origin)):
         raise FleetrunError(f"origin must be a short name (letters, digits, '.', '_', '-'; at most 32), got {_shown(request.origin)}")
 

@@ -33,7 +33,7 @@ import yaml
 from fleetrun.core import paths
 from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
-from fleetrun.core.text import printable, text_problem
+from fleetrun.core.text import argument_problem, printable
 from fleetrun.core.transport import HostField, Transport
 from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, is_null, mapping_entries, node_value
 
@@ -52,9 +52,7 @@ def environment_problem(env: Mapping[str, str]) -> str | None:
     for name, value in env.items():
         if not _ENV_NAME_RE.fullmatch(name):
             return f"invalid environment variable name {name!r}: use letters, digits and '_'"
-        if "\x00" in value:
-            return f"the value of environment variable {name!r} contains a NUL character"
-        problem = text_problem(value, f"the value of environment variable {name!r}")
+        problem = argument_problem(value, f"the value of environment variable {name!r}")
         if problem is not None:
             return problem
     return None
@@ -356,8 +354,9 @@ class _InventoryParser:
                 raise fail("a string")
             if not text:
                 raise self.error(node, "must not be empty", host=host, field=field)
-            if "\x00" in text:  # no path, name or program can hold one: it failed the task instead
-                raise self.error(node, "contains a NUL character", host=host, field=field)
+            problem = argument_problem(text, "the value")  # a NUL failed each task in its transport
+            if problem is not None:
+                raise self.error(node, problem, host=host, field=field)
             return text
         if kind == "boolean":
             if not isinstance(value, bool):
@@ -382,8 +381,9 @@ class _InventoryParser:
                 item = _text(item_node)
                 if not item:
                     raise self.error(item_node, "every item must be a non-empty string", host=host, field=field)
-                if "\x00" in item:
-                    raise self.error(item_node, f"item '{printable(item)}' contains a NUL character", host=host, field=field)
+                problem = argument_problem(item, f"item '{printable(item)}'")
+                if problem is not None:
+                    raise self.error(item_node, problem, host=host, field=field)
                 if field == "tags" and not TAG_RE.fullmatch(item):
                     raise self.error(item_node, f"invalid tag {item!r}", host=host, field=field)
                 items.append(item)

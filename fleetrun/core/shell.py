@@ -80,6 +80,9 @@ class Word:
     #: For a word decided at run time: its expansions are all inside double quotes and none
     #: is ``"$@"``, so the shell keeps it one word (``"$HOME"``, not ``$HOME``, ``*`` or ``"$@"``).
     one_word: bool = False
+    #: Written as NAME=value with the name unquoted, which the shell reads as an assignment
+    #: where one may stand (``'TZ=x' uname`` runs a program named ``TZ=x``).
+    assigns: bool = False
 
     def __str__(self) -> str:
         return self.value
@@ -521,7 +524,10 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
             words.append(token)
     if not words:
         return  # only redirections to /dev/null: nothing runs
-    _judge_words([Word(t.value, t.known, t.one_word) for t in words], (), (), False, result, depth)
+    _judge_words(
+        [Word(t.value, t.known, t.one_word, "=" in t.raw and _assignment(t) is not None) for t in words],
+        (), (), False, result, depth,
+    )
 
 
 def assignment_problem(name: str, value: str | None, shown: str | None = None) -> str | None:
@@ -577,17 +583,18 @@ def _judge_words(
     privileged: bool,
     result: ParsedCommand,
     depth: int,
+    reads_assignments: bool = True,
 ) -> None:
     if len(wrappers) > _MAX_WRAPPERS:
         result.problems.append("wrappers nested too deeply inside each other")
         return
-    # The assignments before the program, also after a keyword: bash, zsh and ksh run
-    # `time PATH=DIR uname` as DIR/uname, and zsh `nocorrect PATH=DIR uname`.
+    # The assignments before the program (``reads_assignments``: at the start of a command,
+    # or after a keyword that allows them, see _KEYWORDS_BEFORE_ASSIGNMENTS).
     taken: list[tuple[str, str]] = []
     for word in words:
-        variable, equals, value = word.value.partition("=")
-        if not (equals and _ASSIGNED_NAME.fullmatch(variable)):
+        if not (reads_assignments and word.assigns):
             break
+        variable, _, value = word.value.partition("=")
         problem = assignment_problem(variable, value if word.known else None)
         if problem is not None:
             result.problems.append(problem)
@@ -632,7 +639,7 @@ def _judge_words(
                 return
         _judge_words(
             inner_words, assignments + tuple(extra_assignments), wrappers + (base,),
-            privileged or makes_privileged, result, depth,
+            privileged or makes_privileged, result, depth, reads_assignments=name in _KEYWORDS_BEFORE_ASSIGNMENTS,
         )
         return
     if script is not None:
@@ -1273,6 +1280,12 @@ def _refuse(
             if not (target.known and target.value in harmless):
                 raise _Unjudgeable(f"{option} {target.value} ({what})")
 
+
+#: Keywords after which NAME=value is still an assignment: bash, zsh and ksh run `time
+#: PATH=DIR uname` as DIR/uname, and zsh `nocorrect PATH=DIR uname` (written bare, not as
+#: /usr/bin/time). After a program (nohup, nice, command, exec, env's own aside) the word
+#: is the program to run: `nohup TZ=x uname` runs a program named TZ=x.
+_KEYWORDS_BEFORE_ASSIGNMENTS = frozenset({"time", "nocorrect"})
 
 _WRAPPERS = {
     "sudo": _sudo,

@@ -49,6 +49,14 @@ def text_problem(text: str, what: str) -> str | None:
     return f"{what} has U+{code:04X} at position {found.start()}, which is not a character (a lone surrogate)"
 
 
+def argument_problem(text: str, what: str) -> str | None:
+    """Why ``text`` cannot be handed to the system (an argument, a path, an environment
+    value: none can hold a NUL) and recorded as text, or None."""
+    if "\x00" in text:
+        return f"{what} contains a NUL character"
+    return text_problem(text, what)
+
+
 def encodable(text: str) -> str:
     """``text`` with each lone surrogate written as an escape (``\\xe9`` for a byte that
     was not UTF-8), so that it can be stored, logged and sent."""
