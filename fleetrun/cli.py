@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from fleetrun import __version__
 from fleetrun.core import paths
@@ -31,6 +32,9 @@ from fleetrun.core.models import ORIGIN_CLI, Progress, Task, TaskRequest, TaskSt
 from fleetrun.core.output import check_offset
 from fleetrun.core.secrets import install_log_redaction, redact
 from fleetrun.core.text import printable
+
+if TYPE_CHECKING:
+    from fleetrun.core.plugin_manager import PluginManager
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -260,8 +264,20 @@ class _Context:
         """The task the command names: its ID argument, or the one id in the store that starts so."""
         return self.store.complete_id(self.args.task_id)
 
-    def json_log_target(self) -> str | None:
-        return self.args.json_log or os.environ.get("FLEETRUN_JSON_LOG") or None
+    def register_json_log(self, plugins: PluginManager) -> None:
+        """Register the JSON log of --json-log or $FLEETRUN_JSON_LOG, if one is asked for."""
+        from fleetrun.plugins.notifiers import jsonlog
+
+        target = self.args.json_log or os.environ.get(jsonlog.ENV)
+        if not target:
+            return
+        try:
+            path = target if target == "-" else paths.expand_home(target)
+            plugins.register(jsonlog.JsonLogNotifier(path), name="fleetrun.notifiers.jsonlog")
+        except paths.HomeDirectoryError as exc:
+            raise FleetrunError(f"cannot open the JSON log: {exc}") from None
+        except OSError as exc:
+            raise FleetrunError(f"cannot open the JSON log {path}: {exc.strerror}") from None
 
 
 # -- commands --------------------------------------------------------------------------
@@ -309,12 +325,7 @@ def cmd_run(ctx: _Context) -> int:
     plugins.register(terminal, name="fleetrun.cli.terminal")
     if args.json:
         plugins.register(JsonLogNotifier(console.text("stdout")), name="fleetrun.cli.json")
-    json_log = ctx.json_log_target()
-    if json_log:
-        try:
-            plugins.register(JsonLogNotifier(json_log), name="fleetrun.notifiers.jsonlog")
-        except OSError as exc:
-            raise FleetrunError(f"cannot open the JSON log {json_log}: {exc.strerror}") from None
+    ctx.register_json_log(plugins)
     executor = Executor(inventory=ctx.inventory, store=ctx.store, plugins=plugins, policy=ctx.policy)
     if batch:
         return _run_batch(executor, args, request, hosts, console)
@@ -774,7 +785,6 @@ def cmd_serve(ctx: _Context) -> int:
     from fleetrun.core.config_files import ConfigFiles
     from fleetrun.core.executor import Executor
     from fleetrun.core.policy import read_only_policy
-    from fleetrun.plugins.notifiers.jsonlog import JsonLogNotifier
 
     args = ctx.args
     # The server lives as long as its client: it follows edits of both files (no restart).
@@ -785,9 +795,7 @@ def cmd_serve(ctx: _Context) -> int:
     assert policy is not None
     log.info("MCP server policy: %s", policy.source)
     plugins = ctx.plugins
-    json_log = ctx.json_log_target()
-    if json_log:
-        plugins.register(JsonLogNotifier(json_log), name="fleetrun.notifiers.jsonlog")
+    ctx.register_json_log(plugins)
     options: dict[str, Any] = {}
     if not args.http:
         given = [flag for flag, value in (("--token-file", args.token_file), ("--insecure-no-auth", args.insecure_no_auth),
@@ -1063,13 +1071,21 @@ class _Parser(argparse.ArgumentParser):
 _ID_HELP = "the task id (`fleetrun tasks` lists them), or its first 4 or more characters if no other id starts so"
 
 
+def _shown_dir(where: Callable[[], Path]) -> str:
+    # --help still works when the directory cannot be found; it says why instead.
+    try:
+        return str(where())
+    except paths.HomeDirectoryError as exc:
+        return f"(none: {exc})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fleetrun",
         description="Run shell commands as tasks on hosts, through pluggable transports.",
         epilog=(
-            f"The task store lives in {paths.data_dir()} (set {paths.HOME_ENV} to move it). "
-            f"Hosts come from --hosts, ${paths.HOSTS_ENV}, or {paths.config_dir() / 'hosts.yaml'}; "
+            f"The task store lives in {_shown_dir(paths.data_dir)} (set {paths.HOME_ENV} to move it). "
+            f"Hosts come from --hosts, ${paths.HOSTS_ENV}, or {_shown_dir(paths.config_dir)}/hosts.yaml; "
             "without any, the embedded inventory has one host, 'local'."
         ),
     )

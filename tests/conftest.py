@@ -25,6 +25,7 @@ def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("FLEETRUN_HOME", str(tmp_path / "fleetrun-home"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("FLEETRUN_HOSTS", raising=False)
+    monkeypatch.delenv("FLEETRUN_POLICY", raising=False)
     monkeypatch.delenv("FLEETRUN_JSON_LOG", raising=False)
     monkeypatch.delenv("FLEETRUN_TRACE", raising=False)
     monkeypatch.delenv("FLEETRUN_DISABLE_PLUGINS", raising=False)
@@ -50,7 +51,7 @@ def make_executor(store: TaskStore, recorder: EventRecorder) -> Iterator[Callabl
 
     def make(*, hosts_yaml: str | None = None, plugins: list[object] = (), **kwargs: object) -> Executor:
         manager = PluginManager(plugins=[recorder, *plugins], autoload=False)
-        inventory: Inventory | None = None
+        inventory: Inventory | None = kwargs.pop("inventory", None)  # type: ignore[assignment]
         if hosts_yaml is not None:
             inventory = parse_inventory(hosts_yaml, source="test-hosts.yaml", transports=manager.transports)
         executor = Executor(store=store, plugins=manager, inventory=inventory, **kwargs)

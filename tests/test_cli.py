@@ -425,6 +425,56 @@ def test_every_command_has_help(args):
     assert len(result.stdout.splitlines()) > 4
 
 
+NO_SUCH_USER = "fleetrun-no-such-user"
+_NO_HOME = f"starts with the home directory of user '{NO_SUCH_USER}', who does not exist on this machine"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ([], {"FLEETRUN_HOME": f"~{NO_SUCH_USER}/store"}, f"$FLEETRUN_HOME: '~{NO_SUCH_USER}/store' {_NO_HOME}"),
+        (["--hosts", f"~{NO_SUCH_USER}/hosts.yaml"], {}, f"--hosts: '~{NO_SUCH_USER}/hosts.yaml' {_NO_HOME}"),
+        ([], {"FLEETRUN_HOSTS": f"~{NO_SUCH_USER}/hosts.yaml"}, f"$FLEETRUN_HOSTS: '~{NO_SUCH_USER}/hosts.yaml' {_NO_HOME}"),
+        (["--policy", f"~{NO_SUCH_USER}/policy.yaml"], {}, f"--policy: '~{NO_SUCH_USER}/policy.yaml' {_NO_HOME}"),
+        ([], {"FLEETRUN_POLICY": f"~{NO_SUCH_USER}/p.yaml"}, f"$FLEETRUN_POLICY: '~{NO_SUCH_USER}/p.yaml' {_NO_HOME}"),
+        (["--json-log", f"~{NO_SUCH_USER}/log"], {}, f"cannot open the JSON log: '~{NO_SUCH_USER}/log' {_NO_HOME}"),
+        ([], {"FLEETRUN_JSON_LOG": f"~{NO_SUCH_USER}/log"}, f"cannot open the JSON log: '~{NO_SUCH_USER}/log' {_NO_HOME}"),
+    ],
+)
+def test_a_path_in_the_home_of_a_user_this_machine_lacks_is_one_clear_error(args, env, expected, tmp_path):
+    # pathlib raises a bare RuntimeError ("Could not determine home directory"): a traceback.
+    result = run_cli(*args, "run", "local", "--", "echo ran", env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (125, "")
+    assert result.stderr == f"fleetrun: error: {expected}\n"
+
+
+def test_a_token_file_or_a_json_log_the_server_cannot_use_is_one_clear_error(tmp_path):
+    token = run_cli("serve", "--http", "127.0.0.1:8999", "--token-file", f"~{NO_SUCH_USER}/token", cwd=tmp_path, timeout=20)
+    assert (token.returncode, token.stdout) == (1, "")
+    assert token.stderr == f"fleetrun: error: the MCP bearer token: '~{NO_SUCH_USER}/token' {_NO_HOME}\n"
+    # The server's JSON log was opened without the check `run` makes: a traceback.
+    log = run_cli("serve", "--json-log", str(tmp_path / "missing" / "log"), cwd=tmp_path, timeout=20)
+    assert (log.returncode, log.stdout) == (1, "")
+    assert log.stderr == f"fleetrun: error: cannot open the JSON log {tmp_path / 'missing' / 'log'}: No such file or directory\n"
+
+
+def test_help_says_why_the_store_cannot_be_found_instead_of_failing(tmp_path):
+    result = run_cli("--help", env={"FLEETRUN_HOME": f"~{NO_SUCH_USER}/store", "COLUMNS": "500"}, cwd=tmp_path)
+    assert result.returncode == 0
+    assert f"The task store lives in (none: $FLEETRUN_HOME: '~{NO_SUCH_USER}/store' {_NO_HOME})" in result.stdout
+
+
+def test_a_json_log_path_from_the_environment_starts_at_the_home_directory_like_the_other_paths(tmp_path):
+    # An MCP client's configuration sets variables without a shell to expand ~: the hosts
+    # and policy paths took ~ there, the JSON log made a directory named '~'.
+    result = run_cli("run", "local", "--", "true", env={"HOME": str(tmp_path), "FLEETRUN_JSON_LOG": "~/audit.jsonl"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()] == [
+        "task.created", "task.completed"
+    ]
+    assert not (tmp_path / "~").exists()
+
+
 def _run_on_a_terminal(*args: str, columns: int = 100) -> tuple[int, str, str]:
     """``fleetrun ARGS`` with stderr on a terminal of ``columns`` columns: exit status, stdout, and what the terminal showed."""
     import fcntl

@@ -15,6 +15,7 @@ from fleetrun.core.plugin_manager import PluginManager
 from conftest import REPO
 
 TRANSPORTS = PluginManager(autoload=False).transports
+NO_SUCH_USER = "fleetrun-no-such-user"
 
 
 def parse(text: str):
@@ -190,6 +191,21 @@ def test_a_number_with_an_exponent_is_a_number_and_a_whole_one_an_integer(writte
         (
             "hosts:\n  a:\n    transport: ssh\n    identity_files: [\"/k\\0\"]\n",
             "hosts.yaml:4: host 'a', field 'identity_files': item '/k\\x00' contains a NUL character",
+        ),
+        # pathlib's expansion of ~user raised a bare RuntimeError: any command, on any host, was a traceback.
+        *(
+            (
+                f"hosts:\n  a:\n    transport: ssh\n    {field}: {value}\n",
+                f"hosts.yaml:4: host 'a', field '{field}': '~{NO_SUCH_USER}/x' starts with the home directory of "
+                f"user '{NO_SUCH_USER}', who does not exist on this machine",
+            )
+            for field, value in [
+                ("identity_files", f"[~/.ssh/id, ~{NO_SUCH_USER}/x]"),
+                ("known_hosts", f"~{NO_SUCH_USER}/x"),
+                ("ssh_config_file", f"~{NO_SUCH_USER}/x"),
+                ("password_file", f"~{NO_SUCH_USER}/x"),
+                ("passphrase_file", f"~{NO_SUCH_USER}/x"),
+            ]
         ),
         ("hosts:\n  a:\n    shell: [bash]\n", "hosts.yaml:3: host 'a', field 'shell': expected a string, got 'list'"),
         ("defaults:\n  tags: [x]\nhosts:\n  a:\n", "hosts.yaml:2: field 'tags': unknown field in 'defaults'"),

@@ -416,11 +416,28 @@ def test_an_identity_file_that_cannot_be_used_is_refused_saying_why(make_executo
     config = tmp_path / "ssh_config"
     config.write_text(
         f"Host web\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
-        f"  IdentityFile ~/gone_key\n  IdentityFile {sshd_fleet.client_key}\n"
+        f"  IdentityFile ~/gone_key\n  IdentityFile ~fleetrun-no-such-user/key\n  IdentityFile {sshd_fleet.client_key}\n"
     )
     entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
     task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
     assert task.status is TaskStatus.SUCCEEDED, task.error
+
+
+def test_a_path_in_the_home_of_a_user_this_machine_lacks_fails_the_task_of_a_host_built_in_python(make_executor):
+    # The hosts file refuses such a path when read; a Host made in Python is not read
+    # through it, and pathlib's bare RuntimeError failed the task as an internal error.
+    from fleetrun import Host, Inventory
+
+    user = "fleetrun-no-such-user"
+    fields = {"identity_files": [f"~{user}/key"], "known_hosts": f"~{user}/known_hosts", "ssh_config_file": f"~{user}/cfg"}
+    hosts = {name: Host(name, transport="ssh", options={"hostname": "127.0.0.1", "port": 1, name: value}) for name, value in fields.items()}
+    executor = make_executor(inventory=Inventory(hosts=hosts))
+    for name, value in fields.items():
+        path = value[0] if isinstance(value, list) else value
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.status, task.error_category, task.error) == (
+            TaskStatus.FAILED, "config", f"{path!r} starts with the home directory of user {user!r}, who does not exist on this machine"
+        )
 
 
 def test_nothing_listening_is_unreachable(make_executor, sshd_fleet, shared_sshd, known_hosts):

@@ -15,7 +15,8 @@ import logging
 import os
 import stat
 import threading
-from pathlib import Path
+
+from fleetrun.core import paths
 
 REDACTED = "***"
 #: Shorter values would blank out ordinary text; they are refused as secrets.
@@ -151,7 +152,10 @@ def read_secret(*, env: str | None, file: str | None, what: str, min_length: int
         if value is None:
             raise SecretError(f"{what}: environment variable {env} is not set")
     elif file:
-        path = Path(file).expanduser()
+        try:
+            path = paths.expand_home(file)
+        except paths.HomeDirectoryError as exc:
+            raise SecretError(f"{what}: {exc}") from None
         try:
             mode = path.stat().st_mode
             value = path.read_text(encoding="utf-8").rstrip("\r\n")

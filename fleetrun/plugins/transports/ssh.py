@@ -88,6 +88,16 @@ def _hostname_problem(value: str) -> str | None:
     return None
 
 
+def _home_problem(value: str | list[str]) -> str | None:
+    from fleetrun.core.paths import home_problem
+
+    for path in [value] if isinstance(value, str) else value:
+        problem = home_problem(path)
+        if problem is not None:
+            return problem
+    return None
+
+
 class SSHTransport(Transport):
     """Runs commands on a host over SSH; connections are pooled per host."""
 
@@ -99,8 +109,15 @@ class SSHTransport(Transport):
         ),
         "port": HostField("integer", "SSH port (default: from ~/.ssh/config, else 22)", minimum=1, maximum=65535),
         "user": HostField("string", "login user (default: from ~/.ssh/config, else the local user)"),
-        "identity_files": HostField("string-list", "the only keys to offer, from these files or ssh-agent (default: ~/.ssh/config, every agent key, ~/.ssh/id_*)"),
-        "known_hosts": HostField("string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)"),
+        "identity_files": HostField(
+            "string-list",
+            "the only keys to offer, from these files or ssh-agent (default: ~/.ssh/config, every agent key, ~/.ssh/id_*)",
+            validate=_home_problem,
+        ),
+        "known_hosts": HostField(
+            "string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)",
+            validate=_home_problem,
+        ),
         "host_key_checking": HostField(
             "string",
             "strict (default): refuse unknown and changed host keys; accept-new: record an unknown key "
@@ -113,15 +130,15 @@ class SSHTransport(Transport):
         "keepalive_interval": HostField("number", "seconds between keepalives; 0 turns them off (default: 15)", minimum=0),
         "keepalive_count_max": HostField("integer", "unanswered keepalives before the connection is dropped (default: 3)", minimum=1),
         "use_ssh_config": HostField("boolean", "read ~/.ssh/config and /etc/ssh/ssh_config for this host (default: true)"),
-        "ssh_config_file": HostField("string", "read this ssh_config file instead of the default ones"),
+        "ssh_config_file": HostField("string", "read this ssh_config file instead of the default ones", validate=_home_problem),
         "max_channels": HostField(
             "integer", "channels per connection, one kept for stopping commands (default: 10, sshd's MaxSessions)", minimum=2
         ),
         "idle_timeout": HostField("number", "seconds an unused connection stays open (default: 300)", minimum=0),
         "password_env": HostField("string", "environment variable holding the login password (never the password itself)"),
-        "password_file": HostField("string", "file (mode 600) holding the login password"),
+        "password_file": HostField("string", "file (mode 600) holding the login password", validate=_home_problem),
         "passphrase_env": HostField("string", "environment variable holding the identity files' passphrase"),
-        "passphrase_file": HostField("string", "file (mode 600) holding the identity files' passphrase"),
+        "passphrase_file": HostField("string", "file (mode 600) holding the identity files' passphrase", validate=_home_problem),
         "allowed_networks": HostField(
             "string-list", "CIDRs the host's address must be in (default: any)", validate=_check_networks
         ),

@@ -34,6 +34,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from fleetrun.core.inventory import Host
+from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
 
@@ -103,7 +104,16 @@ class SSHSettings:
 
     @property
     def known_hosts_path(self) -> Path:
-        return Path(self.known_hosts).expanduser()
+        return _local_path(self.known_hosts)
+
+
+def _local_path(path: str) -> Path:
+    """A path of the hosts file (``~`` and ``~user`` expanded). The inventory refuses one
+    that cannot be expanded; hosts built in Python are not read through it."""
+    try:
+        return expand_home(path)
+    except HomeDirectoryError as exc:
+        raise TransportError("config", str(exc)) from None
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -159,7 +169,7 @@ def build_connection(settings: SSHSettings) -> fabric.Connection:
         "auth_timeout": settings.connect_timeout,
     }
     if settings.identity_files:
-        connect_kwargs["key_filename"] = [str(Path(p).expanduser()) for p in settings.identity_files]
+        connect_kwargs["key_filename"] = [str(_local_path(p)) for p in settings.identity_files]
         connect_kwargs["look_for_keys"] = False
     gateway: fabric.Connection | bool | None = None  # None: whatever ssh_config says
     if settings.jump_host:
@@ -216,10 +226,10 @@ def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -
     """Refuse an identity file of the hosts file that cannot be used, saying why; drop one of
     ssh_config's that does not exist, as ssh does. paramiko would fail the connection with
     a bare "No such file or directory", or offer a private key that anyone may read."""
-    as_written = {str(Path(p).expanduser()): p for p in settings.identity_files}
+    as_written = {str(_local_path(p)): p for p in settings.identity_files}
     kept = []
     for path in hop.connect_kwargs.get("key_filename") or []:
-        written = as_written.get(str(Path(path).expanduser()))
+        written = as_written.get(str(Path(path)))
         problem = _identity_file_problem(written or path)
         if problem is None:
             kept.append(path)
@@ -233,9 +243,11 @@ def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -
 
 def _identity_file_problem(path: str) -> str | None:
     """Why the identity file at ``path`` cannot be offered, or None."""
-    expanded = Path(path).expanduser()
     try:
+        expanded = _local_path(path)
         info = expanded.stat()
+    except TransportError as exc:
+        return str(exc)
     except FileNotFoundError:
         hint = " (environment variables are not expanded in it; write ~ for the home directory)" if "$" in path else ""
         return f"identity file {path} does not exist{hint}"
@@ -302,7 +314,7 @@ def _public_key_blobs(path: str) -> set[bytes]:
     """The public key of an identity file, found without its passphrase: from ``PATH.pub``,
     from PATH itself when it is a public key (its private half then lives in the agent), or
     from the clear header of an OpenSSH-format private key."""
-    path_ = Path(path).expanduser()
+    path_ = _local_path(path)
     blobs = set()
     for candidate in (path_, path_.with_name(path_.name + ".pub")):
         try:
@@ -351,7 +363,7 @@ def _fabric_config(settings: SSHSettings) -> fabric.Config:
     if not settings.use_ssh_config:
         return fabric.Config(overrides={"load_ssh_configs": False})
     if settings.ssh_config_file:
-        path = Path(settings.ssh_config_file).expanduser()
+        path = _local_path(settings.ssh_config_file)
         if not path.is_file():
             raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
         return fabric.Config(runtime_ssh_path=str(path))
