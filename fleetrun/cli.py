@@ -331,9 +331,9 @@ def cmd_run(ctx: _Context) -> int:
         return _run_batch(executor, args, request, hosts, console)
     request = replace(request, host=hosts[0])
     try:
-        with _stop_signals_interrupt():
+        with _StopRequests() as stops:
             handle = executor.submit(request, on_output=terminal.on_output)
-            task = _wait_interruptibly(handle, console)
+            task = _wait_interruptibly(handle, console, stops)
     finally:
         executor.close()
     if console.closed is not None and task.status is TaskStatus.CANCELLED:
@@ -467,21 +467,50 @@ def _stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _wait_interruptibly(handle, console: _Console) -> Task:  # type: ignore[no-untyped-def]
+class _StopRequests:
+    """Ctrl-C, SIGTERM and SIGHUP while one task runs: each asks for the task to be cancelled.
+
+    The handler only notes the request; the waiting loop acts on it. Raised at whatever
+    line the main thread was on, KeyboardInterrupt could land inside an import or a lock
+    and leave it held, and the engine thread then waited for it forever. A second signal
+    raises at once, for a user who will not wait for the cancel.
+    """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        self._previous = {sig: signal.signal(sig, self._note) for sig in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else _StopSignal(f"stopped by {name}")
+        self.reason = "interrupted by the user" if signum == signal.SIGINT else f"stopped by {name}"
+
+
+def _wait_interruptibly(handle, console: _Console, stops: _StopRequests) -> Task:  # type: ignore[no-untyped-def]
     cancelled = False
     while True:
+        if not cancelled:
+            reason = stops.reason
+            if reason is None and console.closed is not None:
+                reason = f"the reader of fleetrun's {console.closed} went away (broken pipe)"
+            if reason is not None:
+                cancelled = True
+                handle.cancel(reason)
         try:
             return handle.wait(timeout=None if cancelled else 0.1)
         except TimeoutError:
-            if console.closed is not None:
-                cancelled = True
-                handle.cancel(f"the reader of fleetrun's {console.closed} went away (broken pipe)")
             continue
-        except KeyboardInterrupt as exc:
-            if cancelled:
-                raise
-            cancelled = True
-            handle.cancel(str(exc) if isinstance(exc, _StopSignal) else "interrupted by the user")
 
 
 def _run_exit_code(task: Task) -> int:
