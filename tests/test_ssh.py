@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -462,6 +463,33 @@ def test_a_server_that_never_greets_times_out(make_executor, sshd_fleet, shared_
     assert (task.status, task.error_category) == (TaskStatus.FAILED, "timeout")
     assert "0.5 s" in task.error
     assert time.monotonic() - started < 5
+
+
+def test_ctrl_c_while_connecting_to_a_server_that_never_greets_exits_without_waiting_out_the_connect(
+    sshd_fleet, shared_sshd, known_hosts, tmp_path
+):
+    # The cancelled task ended at once, but the process then waited at exit for the
+    # connecting thread, until connect_timeout (here a minute) had passed.
+    silent = socket.socket()
+    silent.bind((shared_sshd.address, 0))
+    silent.listen(8)
+    silent.settimeout(30)
+    try:
+        hosts = tmp_path / "hosts.yaml"
+        entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, port=silent.getsockname()[1], connect_timeout=60)
+        hosts.write_text(hosts_file_text({"silent": entry}))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetrun", "--hosts", str(hosts), "run", "silent", "--", "true"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        )
+        accepted, _ = silent.accept()  # the connect is under way, waiting for the server's greeting
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        accepted.close()
+    finally:
+        silent.close()
+    assert proc.returncode == 130
+    assert re.fullmatch(r"fleetrun: task [0-9a-f]{12} was cancelled: interrupted by the user\n", err), err
 
 
 # -- stopping remote commands ----------------------------------------------------------------

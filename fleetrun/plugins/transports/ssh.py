@@ -19,6 +19,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
@@ -40,15 +41,60 @@ T = TypeVar("T")
 #: How much of the login-shell question's answer is read (start-up files may print first).
 _PROBE_OUTPUT_LIMIT = 64 << 10
 
+_MAX_THREADS = 64
+
+
+class _DaemonThreads(concurrent.futures.Executor):
+    """Runs paramiko's blocking calls on at most :data:`_MAX_THREADS` daemon threads.
+
+    ThreadPoolExecutor joins its threads at interpreter exit: a connect given up on (its
+    task cancelled by Ctrl-C) kept fleetrun from exiting until it timed out, up to
+    ``connect_timeout``. What still matters at exit (stopping remote commands) is awaited
+    by the executor's close() before that.
+    """
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._work.put((future, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        if not self._idle.acquire(blocking=False):
+            with self._lock:
+                start = self._count < _MAX_THREADS
+                self._count += start
+            if start:
+                threading.Thread(target=self._serve, name=f"fleetrun-ssh-{self._count}", daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args = self._work.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, as ThreadPoolExecutor does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args  # nothing of the call is kept alive while idle
+            self._idle.release()
+
+
 _threads_lock = threading.Lock()
-_thread_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_thread_pool: _DaemonThreads | None = None
 
 
-def _threads() -> concurrent.futures.ThreadPoolExecutor:
+def _threads() -> _DaemonThreads:
     global _thread_pool
     with _threads_lock:
         if _thread_pool is None:
-            _thread_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fleetrun-ssh")
+            _thread_pool = _DaemonThreads()
         return _thread_pool
 
 
