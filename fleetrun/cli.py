@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from fleetrun import __version__
 from fleetrun.core import paths
@@ -368,8 +368,9 @@ def _selected_hosts(ctx: _Context) -> tuple[str, ...]:
     return select_hosts(ctx.inventory, [args.host] if args.host else [], args.tag)
 
 
-async def _batch_until_output_closed(executor, batch, on_output, console: _Console):  # type: ignore[no-untyped-def]
-    """The batch's outcome; None if it was stopped because a reader of fleetrun's output went away."""
+async def _batch_until_stopped(executor, batch, on_output, console: _Console, stops: _StopRequests):  # type: ignore[no-untyped-def]
+    """The batch's outcome; None if it was stopped by a signal or because a reader of
+    fleetrun's output went away."""
     import asyncio
 
     from fleetrun.core.batch import run_batch_async
@@ -377,7 +378,7 @@ async def _batch_until_output_closed(executor, batch, on_output, console: _Conso
     work = asyncio.ensure_future(run_batch_async(executor, batch, on_output=on_output))
     while not work.done():
         await asyncio.wait([work], timeout=0.1)
-        if console.closed is not None and not work.done():
+        if (stops.reason is not None or console.closed is not None) and not work.done():
             work.cancel()  # cancels its tasks and waits until their processes are stopped
             with contextlib.suppress(asyncio.CancelledError):
                 await work
@@ -423,17 +424,20 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
         max_parallel=args.max_parallel, stop_on_failure=args.stop_on_failure, origin=request.origin,
     )
     output = _PrefixedOutput(hosts, console)
+    stops = _StopRequests()
     try:
-        with _stop_signals_interrupt():
-            outcome = asyncio.run(_batch_until_output_closed(executor, batch, output.write if show_output else None, console))
-        if outcome is None:
+        with stops:
+            outcome = asyncio.run(_batch_until_stopped(executor, batch, output.write if show_output else None, console, stops))
+    except KeyboardInterrupt:  # a second signal: no more waiting for the cancel
+        outcome = None
+    finally:
+        executor.close()
+    if outcome is None:
+        if stops.reason is None:
             return EXIT_OUTPUT_CLOSED
-    except KeyboardInterrupt:
         output.flush()
         _note("the batch was cancelled; its running tasks were stopped")
         return EXIT_CANCELLED
-    finally:
-        executor.close()
     output.flush()
     rows = []
     for task in outcome.tasks:
@@ -448,32 +452,15 @@ def _run_batch(executor, args: argparse.Namespace, request: TaskRequest, hosts: 
     return EXIT_OK if outcome.succeeded else EXIT_ERROR
 
 
-class _StopSignal(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, taken as Ctrl-C is: the running command is stopped, not left behind."""
-
-
-@contextlib.contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
-    # Commands run in sessions of their own, so a closed terminal's SIGHUP reaches only
-    # fleetrun: without this, it would die and leave them running.
-    def interrupt(signum: int, frame: object) -> None:
-        raise _StopSignal(f"stopped by {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 class _StopRequests:
-    """Ctrl-C, SIGTERM and SIGHUP while one task runs: each asks for the task to be cancelled.
+    """Ctrl-C, SIGTERM and SIGHUP while tasks run: each asks for them to be cancelled.
 
-    The handler only notes the request; the waiting loop acts on it. Raised at whatever
-    line the main thread was on, KeyboardInterrupt could land inside an import or a lock
-    and leave it held, and the engine thread then waited for it forever. A second signal
-    raises at once, for a user who will not wait for the cancel.
+    SIGHUP is the terminal closing: commands run in sessions of their own, so it reaches
+    only fleetrun, which would die and leave them running. The handler only notes the
+    request, and the waiting loop acts on it: raised at whatever line the main thread was
+    on, KeyboardInterrupt could land inside an import or a lock and leave it held, and the
+    engine thread then waited for it forever. A second signal raises KeyboardInterrupt at
+    once, for a user who will not wait for the cancel.
     """
 
     _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -491,10 +478,9 @@ class _StopRequests:
             signal.signal(sig, handler)
 
     def _note(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
         if self.reason is not None:
-            raise KeyboardInterrupt if signum == signal.SIGINT else _StopSignal(f"stopped by {name}")
-        self.reason = "interrupted by the user" if signum == signal.SIGINT else f"stopped by {name}"
+            raise KeyboardInterrupt
+        self.reason = "interrupted by the user" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
 
 
 def _wait_interruptibly(handle, console: _Console, stops: _StopRequests) -> Task:  # type: ignore[no-untyped-def]

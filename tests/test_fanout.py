@@ -187,3 +187,28 @@ def test_cli_needs_a_host_or_a_tag():
     result = run_cli("run", "--", "true")
     assert result.returncode == 125
     assert "name a host (or several: web1,web2) or give --tag" in result.stderr
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_cancels_every_task_of_a_cli_fan_out_and_exits_130(tmp_path, marker, stop):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import processes_with, wait_until
+
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("hosts:\n  a:\n  b:\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetrun", "--hosts", str(hosts), "run", "a,b", "--", f"sleep {marker}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    wait_until(lambda: len([p for p in processes_with(f"sleep {marker}") if p != proc.pid]) >= 2)
+    proc.send_signal(getattr(signal, stop))
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (130, "")
+    assert err == "fleetrun: the batch was cancelled; its running tasks were stopped\n"
+    assert [p for p in processes_with(f"sleep {marker}")] == []
+    tasks = json.loads(run_cli("tasks", "list", "--json", cwd=tmp_path).stdout)
+    assert sorted((t["host"], t["status"]) for t in tasks) == [("a", "cancelled"), ("b", "cancelled")]
