@@ -271,11 +271,9 @@ class _Context:
         target = self.args.json_log or os.environ.get(jsonlog.ENV)
         if not target:
             return
+        path = target if target == "-" else paths.expand_home(target, given_by="cannot open the JSON log")
         try:
-            path = target if target == "-" else paths.expand_home(target)
             plugins.register(jsonlog.JsonLogNotifier(path), name="fleetrun.notifiers.jsonlog")
-        except paths.HomeDirectoryError as exc:
-            raise FleetrunError(f"cannot open the JSON log: {exc}") from None
         except OSError as exc:
             raise FleetrunError(f"cannot open the JSON log {path}: {exc.strerror}") from None
 
@@ -378,7 +376,7 @@ async def _batch_until_stopped(executor, batch, on_output, console: _Console, st
     work = asyncio.ensure_future(run_batch_async(executor, batch, on_output=on_output))
     while not work.done():
         await asyncio.wait([work], timeout=0.1)
-        if (stops.reason is not None or console.closed is not None) and not work.done():
+        if stops.why_stop(console) is not None and not work.done():
             work.cancel()  # cancels its tasks and waits until their processes are stopped
             with contextlib.suppress(asyncio.CancelledError):
                 await work
@@ -477,6 +475,12 @@ class _StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def why_stop(self, console: _Console) -> str | None:
+        """Why the tasks should be stopped now: a signal, or a reader of the output gone; None to go on."""
+        if self.reason is None and console.closed is not None:
+            return f"the reader of fleetrun's {console.closed} went away (broken pipe)"
+        return self.reason
+
     def _note(self, signum: int, frame: object) -> None:
         if self.reason is not None:
             raise KeyboardInterrupt
@@ -487,9 +491,7 @@ def _wait_interruptibly(handle, console: _Console, stops: _StopRequests) -> Task
     cancelled = False
     while True:
         if not cancelled:
-            reason = stops.reason
-            if reason is None and console.closed is not None:
-                reason = f"the reader of fleetrun's {console.closed} went away (broken pipe)"
+            reason = stops.why_stop(console)
             if reason is not None:
                 cancelled = True
                 handle.cancel(reason)

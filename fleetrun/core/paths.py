@@ -45,13 +45,13 @@ def _no_home_reason() -> str | None:
     return None
 
 
-def expand_home(path: str | os.PathLike[str]) -> Path:
+def expand_home(path: str | os.PathLike[str], *, given_by: str | None = None) -> Path:
     """``path`` with the ``~`` or ``~user`` it starts with made that home directory;
-    :class:`HomeDirectoryError` saying why if it cannot be (pathlib's own error is a bare
-    RuntimeError that names neither the path nor the user)."""
+    :class:`HomeDirectoryError` saying why if it cannot be, after ``given_by: `` when given
+    (pathlib's own error is a bare RuntimeError that names neither the path nor the user)."""
     problem = home_problem(path)
     if problem is not None:
-        raise HomeDirectoryError(problem)
+        raise HomeDirectoryError(problem if given_by is None else f"{given_by}: {problem}")
     return Path(path).expanduser()
 
 
@@ -63,10 +63,7 @@ def data_dir() -> Path:
     """
     override = os.environ.get(HOME_ENV)
     if override:
-        try:
-            return expand_home(override).absolute()
-        except HomeDirectoryError as exc:
-            raise HomeDirectoryError(f"${HOME_ENV}: {exc}") from None
+        return expand_home(override, given_by=f"${HOME_ENV}").absolute()
     return _xdg_base("XDG_DATA_HOME", ".local", "share") / "fleetrun"
 
 
@@ -92,10 +89,7 @@ def config_file_location(
     """The file :func:`find_config_file` reads, whether or not it is there now."""
     for origin, candidate in ((flag, explicit), (f"${env}", os.environ.get(env))):
         if candidate:
-            try:
-                return expand_home(candidate)
-            except HomeDirectoryError as exc:
-                raise HomeDirectoryError(f"{origin}: {exc}") from None
+            return expand_home(candidate, given_by=origin)
     return config_dir() / name
 
 

@@ -153,9 +153,9 @@ def read_secret(*, env: str | None, file: str | None, what: str, min_length: int
             raise SecretError(f"{what}: environment variable {env} is not set")
     elif file:
         try:
-            path = paths.expand_home(file)
+            path = paths.expand_home(file, given_by=what)
         except paths.HomeDirectoryError as exc:
-            raise SecretError(f"{what}: {exc}") from None
+            raise SecretError(str(exc)) from None
         try:
             mode = path.stat().st_mode
             value = path.read_text(encoding="utf-8").rstrip("\r\n")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.inventory import Host
+from fleetrun.core.paths import home_problem
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
 
@@ -68,8 +69,9 @@ class _DaemonThreads(concurrent.futures.Executor):
             with self._lock:
                 start = self._count < _MAX_THREADS
                 self._count += start
+                name = f"fleetrun-ssh-{self._count}"
             if start:
-                threading.Thread(target=self._serve, name=f"fleetrun-ssh-{self._count}", daemon=True).start()
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
         return future
 
     def _serve(self) -> None:
@@ -135,8 +137,6 @@ def _hostname_problem(value: str) -> str | None:
 
 
 def _home_problem(value: str | list[str]) -> str | None:
-    from fleetrun.core.paths import home_problem
-
     for path in [value] if isinstance(value, str) else value:
         problem = home_problem(path)
         if problem is not None:
