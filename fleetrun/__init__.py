@@ -36,12 +36,13 @@ _LAZY = {
     "PluginManager": "fleetrun.core.plugin_manager",
     "TaskStore": "fleetrun.core.store",
     "FleetrunError": "fleetrun.core.errors",
+    "PluginError": "fleetrun.core.errors",
 }
 
 __all__ = ["hookimpl", "hookspec", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fleetrun.core.errors import FleetrunError
+    from fleetrun.core.errors import FleetrunError, PluginError
     from fleetrun.core.executor import Executor, TaskHandle
     from fleetrun.core.inventory import Host, Inventory, load_inventory
     from fleetrun.core.models import Limits, Progress, Task, TaskRequest, TaskResult, TaskStatus

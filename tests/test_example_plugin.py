@@ -67,30 +67,90 @@ def test_a_blocked_plugin_receives_nothing(plugin_env, tmp_path):
     assert listed[3].split()[1:] == ["fleetrun-example-notifier", "0.1.0", "blocked", "by", "$FLEETRUN_DISABLE_PLUGINS"]
 
 
-def test_a_plugin_that_fails_to_load_is_reported_and_the_others_still_run(plugin_env, tmp_path):
-    package = tmp_path / "broken-plugin"
-    package.mkdir()
+BROKEN_PLUGINS = {
+    # entry-point name: (module source, what fleetrun reports)
+    "broken": (
+        # Its message also tries to clear the screen: fleetrun's log line and table show it escaped.
+        'raise RuntimeError("broken on purpose\\x1b[2J")\n',
+        "RuntimeError: broken on purpose\x1b[2J",
+    ),
+    "typo": (
+        "from fleetrun import hookimpl\n\n"
+        "@hookimpl\ndef fleetrun_task_create(task):\n    pass\n",
+        "it implements 'fleetrun_task_create', which is not a fleetrun hook (did you mean 'fleetrun_task_created'?)",
+    ),
+    "extra_argument": (
+        "from fleetrun import hookimpl\n\n"
+        "@hookimpl\ndef fleetrun_task_created(task, retries):\n    pass\n",
+        "hookimpl definition: fleetrun_task_created(task, retries); "
+        "Argument(s) {'retries'} are declared in the hookimpl but can not be found in the hookspec",
+    ),
+    "takes_local": (
+        "import os\nfrom fleetrun import Transport, hookimpl\n\n"
+        "class Impostor(Transport):\n    name = 'local'\n\n"
+        "    async def execute(self, execution):\n        return 0\n\n"
+        "@hookimpl\ndef fleetrun_register_transports(register):\n    register(Impostor)\n\n"
+        "@hookimpl\ndef fleetrun_task_created(task):\n"
+        "    open(os.environ['FLEETRUN_IMPOSTOR_FILE'], 'a').write(task.id)\n",
+        "two transports are named 'local': fleetrun.plugins.transports.local.LocalTransport and "
+        "fleetrun_broken_plugins.takes_local.Impostor",
+    ),
+    "register_raises": (
+        "from fleetrun import hookimpl\n\n"
+        "@hookimpl\ndef fleetrun_register_transports(register):\n    raise OSError('no docker socket')\n",
+        "fleetrun_register_transports raised OSError: no docker socket",
+    ),
+}
+
+
+def test_installed_plugins_that_fail_to_load_or_do_not_fit_are_left_out_and_the_others_still_run(plugin_env, tmp_path):
+    package = tmp_path / "broken-plugins"
+    (package / "fleetrun_broken_plugins").mkdir(parents=True)
+    (package / "fleetrun_broken_plugins" / "__init__.py").write_text("")
+    for name, (source, _) in BROKEN_PLUGINS.items():
+        (package / "fleetrun_broken_plugins" / f"{name}.py").write_text(source)
+    entry_points = "".join(f'{name} = "fleetrun_broken_plugins.{name}"\n' for name in BROKEN_PLUGINS)
     (package / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        '[project]\nname = "fleetrun-broken-plugin"\nversion = "0.1.0"\n\n'
-        '[project.entry-points.fleetrun]\nbroken = "fleetrun_broken_plugin"\n\n'
-        '[tool.setuptools]\npy-modules = ["fleetrun_broken_plugin"]\n'
+        '[project]\nname = "fleetrun-broken-plugins"\nversion = "0.1.0"\n\n'
+        f"[project.entry-points.fleetrun]\n{entry_points}\n"
+        '[tool.setuptools]\npackages = ["fleetrun_broken_plugins"]\n'
     )
-    # Its message also tries to clear the screen: fleetrun's log line and table show it escaped.
-    (package / "fleetrun_broken_plugin.py").write_text('raise RuntimeError("broken on purpose\\x1b[2J")\n')
     pip = [str(plugin_env / "bin" / "python"), "-m", "pip", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", str(package)], check=True, capture_output=True, text=True, timeout=600)
     try:
-        sink = tmp_path / "events.tsv"
-        env = {"FLEETRUN_EXAMPLE_NOTIFIER_FILE": str(sink), "FLEETRUN_HOME": str(tmp_path / "home")}
+        sink, impostor_sink = tmp_path / "events.tsv", tmp_path / "impostor"
+        env = {
+            "FLEETRUN_EXAMPLE_NOTIFIER_FILE": str(sink),
+            "FLEETRUN_IMPOSTOR_FILE": str(impostor_sink),
+            "FLEETRUN_HOME": str(tmp_path / "home"),
+        }
         result = run_in(plugin_env, "run", "local", "--", "echo still runs", extra_env=env)
         assert (result.returncode, result.stdout) == (0, "still runs\n")
-        assert "plugin 'broken' (fleetrun-broken-plugin 0.1.0) failed to load: RuntimeError: broken on purpose\\x1b[2J\n" in result.stderr
+        warnings = sorted(result.stderr.splitlines())
+        assert warnings == sorted(
+            f"fleetrun: WARNING: fleetrun.plugins: plugin {name!r} (fleetrun-broken-plugins 0.1.0) failed to load: "
+            f"{problem.encode('unicode_escape').decode() if name == 'broken' else problem}; "
+            f"fleetrun goes on without it (FLEETRUN_DISABLE_PLUGINS={name} stops loading it)"
+            for name, (_, problem) in BROKEN_PLUGINS.items()
+        )
+        # The plugin that fits still saw the task; the impostor transport did not run it.
         assert [line.split("\t")[0] for line in sink.read_text().splitlines()] == ["created", "completed"]
-        listed = json.loads(run_in(plugin_env, "plugins", "--json", extra_env=env).stdout)["plugins"]
-        broken = next(p for p in listed if p["name"] == "broken")
-        assert (broken["source"], broken["error"]) == ("fleetrun-broken-plugin 0.1.0", "RuntimeError: broken on purpose\x1b[2J")
+        assert not impostor_sink.exists()
+
+        listing = run_in(plugin_env, "plugins", "--json", extra_env=env)
+        assert listing.returncode == 0
+        listed = json.loads(listing.stdout)
+        failed = {p["name"]: (p["source"], p["error"], p["hooks"]) for p in listed["plugins"] if p["error"]}
+        assert failed == {
+            name: ("fleetrun-broken-plugins 0.1.0", problem, []) for name, (_, problem) in BROKEN_PLUGINS.items()
+        }
+        assert listed["transports"]["local"] == "fleetrun.plugins.transports.local.LocalTransport"
         table = run_in(plugin_env, "plugins", extra_env=env).stdout
         assert "FAILED TO LOAD: RuntimeError: broken on purpose\\x1b[2J\n" in table
+
+        # Blocking one by name silences its warning and lists it as blocked.
+        quiet = run_in(plugin_env, "run", "local", "--", "true", extra_env={**env, "FLEETRUN_DISABLE_PLUGINS": "typo"})
+        assert quiet.returncode == 0 and "'typo'" not in quiet.stderr and "'broken'" in quiet.stderr
     finally:
-        subprocess.run([*pip, "uninstall", "--yes", "fleetrun-broken-plugin"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*pip, "uninstall", "--yes", "fleetrun-broken-plugins"], check=True, capture_output=True, timeout=120)

@@ -63,14 +63,58 @@ def test_blocked_plugins_are_not_loaded_and_are_listed_with_what_each_name_match
     ]
 
 
-def test_unknown_hook_names_are_rejected_at_load_time():
-    class Typo:
-        @hookimpl
-        def fleetrun_task_complete(self, task, result):  # missing "d"
-            pass
+class _Typo:
+    @hookimpl
+    def fleetrun_task_complete(self, task, result):  # missing "d"
+        pass
 
-    with pytest.raises(PluginError, match="Typo.*unknown hook 'fleetrun_task_complete'"):
-        PluginManager(plugins=[Typo()], autoload=False)
+
+class _ExtraArgument:
+    def __init__(self) -> None:
+        self.cancels: list[str] = []
+
+    @hookimpl
+    def fleetrun_task_cancelled(self, task, reason):  # fits, and pluggy takes it before the next one
+        self.cancels.append(reason)
+
+    @hookimpl
+    def fleetrun_task_created(self, task, retries):
+        pass
+
+
+def test_unknown_hook_names_are_rejected_at_load_time_with_the_nearest_hook():
+    with pytest.raises(PluginError) as raised:
+        PluginManager(plugins=[_Typo()], autoload=False)
+    assert str(raised.value) == (
+        "plugin 'test_plugins._Typo' does not fit fleetrun's hooks: it implements 'fleetrun_task_complete', "
+        "which is not a fleetrun hook (did you mean 'fleetrun_task_completed'?)"
+    )
+
+
+def test_a_hook_taking_an_argument_its_spec_does_not_offer_is_a_plugin_error():
+    with pytest.raises(PluginError) as raised:
+        PluginManager(plugins=[_ExtraArgument()], autoload=False)
+    assert str(raised.value) == (
+        "plugin 'test_plugins._ExtraArgument' does not fit fleetrun's hooks: hookimpl definition: "
+        "fleetrun_task_created(task, retries); "
+        "Argument(s) {'retries'} are declared in the hookimpl but can not be found in the hookspec"
+    )
+
+
+@pytest.mark.parametrize("misfit", [_Typo, _ExtraArgument])
+def test_a_plugin_register_refuses_leaves_nothing_behind(misfit, recorder):
+    manager = PluginManager(plugins=[recorder], autoload=False)
+    before = [p.name for p in manager.plugins()]
+    refused = misfit()
+    with pytest.raises(PluginError, match="^plugin 'misfit' does not fit fleetrun's hooks: "):
+        manager.register(refused, name="misfit")
+    assert manager.get("misfit") is None
+    assert [p.name for p in manager.plugins()] == before
+    manager.register(_Listener(), name="later")  # the manager still takes plugins that fit
+    manager.task_created(_task())
+    manager.task_cancelled(_task(), "stop")
+    assert recorder.names() == ["task.created", "task.cancelled"]
+    assert getattr(refused, "cancels", []) == []
 
 
 class _Listener:
@@ -239,3 +283,18 @@ def test_register_takes_only_transport_classes():
 
     with pytest.raises(PluginError, match="register\\(\\) takes a Transport subclass"):
         PluginManager(plugins=[Wrong()], autoload=False).transports
+
+
+def test_a_transport_registration_that_raises_is_a_plugin_error_naming_the_plugin():
+    class NoSocket:
+        @hookimpl
+        def fleetrun_register_transports(self, register):
+            raise OSError("no docker socket")
+
+    manager = PluginManager(plugins=[NoSocket()], autoload=False)
+    with pytest.raises(PluginError) as raised:
+        manager.transports
+    assert str(raised.value) == (
+        "plugin 'test_plugins.test_a_transport_registration_that_raises_is_a_plugin_error_naming_the_plugin"
+        ".<locals>.NoSocket' failed in fleetrun_register_transports: OSError: no docker socket"
+    )

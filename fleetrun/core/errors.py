@@ -100,3 +100,8 @@ class UnknownTaskError(FleetrunError):
 
 class PluginError(FleetrunError):
     """A plugin could not be loaded or does not match the hook specifications."""
+
+    def __init__(self, message: str, *, problem: str | None = None) -> None:
+        super().__init__(message)
+        #: What is wrong, in words that do not name the plugin (the message does).
+        self.problem = problem or message

@@ -129,9 +129,11 @@ def fleetrun_command_denied(host: str, command: str, decision: Decision, origin:
 def fleetrun_register_transports(register: Callable[[type[Transport]], None]) -> None:
     """Add transports: call ``register(TransportClass)`` once per transport class.
 
-    Called once when a plugin manager is set up, after built-in and entry-point plugins
-    are loaded. The class's ``name`` is what hosts name in their ``transport`` field; a
-    second class registered under a name already taken is an error.
+    Called once per plugin, in the order plugins were registered (built-in ones first),
+    when a plugin manager first needs its transports. The class's ``name`` is what hosts
+    name in their ``transport`` field. A class under a name already taken, anything but a
+    :class:`fleetrun.Transport` subclass, or an exception refuses the whole plugin: an
+    installed one is left out with a warning, one registered by code raises ``PluginError``.
 
     :param register: the function that records a :class:`fleetrun.Transport` subclass.
 

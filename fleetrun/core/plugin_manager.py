@@ -13,6 +13,7 @@ Environment:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -91,6 +92,9 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
         self._failed: list[_FailedPlugin] = []
+        #: Names of the plugins loaded from entry points: a transport registration that goes
+        #: wrong leaves such a plugin out, where one registered by code raises.
+        self._installed: set[str] = set()
         self._notifiers: dict[str, list[_Notifier]] | None = None
         self._transports: dict[str, type[Transport]] | None = None
         self._tracing = False
@@ -118,9 +122,17 @@ class PluginManager:
     # -- registration ----------------------------------------------------------------
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Add a plugin (an object or module with hook implementations); returns its name."""
+        """Add a plugin (an object or module with hook implementations); returns its name.
+
+        Raises :class:`PluginError`, and keeps nothing of the plugin, when it does not fit
+        fleetrun's hooks.
+        """
         registered = self._register(plugin, name, "registered by code")
-        self._check_pending()
+        try:
+            self._check_pending()
+        except PluginError:
+            self._forget(registered)
+            raise
         return registered
 
     def get(self, name: str) -> object | None:
@@ -130,6 +142,14 @@ class PluginManager:
     def unregister(self, plugin: object) -> None:
         self._pm.unregister(plugin)
         self._notifiers = None
+        self._transports = None
+
+    def _forget(self, name: str) -> None:
+        if self._pm.get_plugin(name) is not None:
+            self._pm.unregister(name=name)
+        self._sources.pop(name, None)
+        self._notifiers = None
+        self._transports = None
 
     def _register(self, plugin: object, name: str | None, source: str) -> str:
         if name is None:
@@ -137,7 +157,10 @@ class PluginManager:
         try:
             registered = self._pm.register(plugin, name=name)
         except ValueError as exc:
-            raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
+            raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}", problem=str(exc)) from None
+        except pluggy.PluginValidationError as exc:
+            self._forget(name)  # pluggy keeps what it registered before the hook it refused
+            raise _misfit(name, _validation_problem(exc)) from None
         if registered is None:  # blocked
             if name in self._blocked and not self._blocked[name]:
                 self._blocked[name] = source
@@ -152,8 +175,7 @@ class PluginManager:
         if isinstance(plugin, type(logging)):
             base = plugin.__name__
         else:
-            cls = type(plugin)
-            base = f"{cls.__module__}.{cls.__qualname__}"
+            base = _class_path(type(plugin))
         name, count = base, 1
         while self._pm.has_plugin(name):
             count += 1
@@ -169,21 +191,48 @@ class PluginManager:
                 if self._pm.is_blocked(ep.name):
                     self._blocked[ep.name] = source
                     continue
+                # A broken or misfitting installed plugin must not stop fleetrun: the
+                # commands that would show what is wrong (`fleetrun plugins`) need it to run.
                 try:
                     plugin = ep.load()
-                except Exception as exc:  # a broken third-party plugin must not stop fleetrun
-                    message = f"{type(exc).__name__}: {exc}"
-                    log.warning("plugin %r (%s) failed to load: %s", ep.name, source, message)
-                    self._failed.append(_FailedPlugin(ep.name, source, message))
+                except Exception as exc:
+                    self._leave_out(ep.name, source, f"{type(exc).__name__}: {exc}")
                     continue
-                self._register(plugin, ep.name, source)
+                try:
+                    self._register(plugin, ep.name, source)
+                    self._check_pending()
+                except PluginError as exc:
+                    self._forget(ep.name)
+                    self._leave_out(ep.name, source, exc.problem)
+                    continue
+                self._installed.add(ep.name)
+
+    def _leave_out(self, name: str, source: str, problem: str) -> None:
+        log.warning(
+            "plugin %r (%s) failed to load: %s; fleetrun goes on without it (%s=%s stops loading it)",
+            name, source, problem, DISABLE_ENV, name,
+        )
+        self._failed.append(_FailedPlugin(name, source, problem))
 
     def _check_pending(self) -> None:
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             name = self._pm.get_name(exc.plugin) or repr(exc.plugin)
-            raise PluginError(f"plugin {name!r} does not fit fleetrun's hooks: {exc}") from None
+            raise _misfit(name, self._unknown_hooks(exc.plugin)) from None
+
+    def _unknown_hooks(self, plugin: object) -> str:
+        known = [name for name in vars(hookspecs) if name.startswith(f"{hookspecs.PROJECT_NAME}_")]
+        problems = []
+        for caller in self._pm.get_hookcallers(plugin) or []:
+            if caller.has_spec() or all(i.optionalhook for i in caller.get_hookimpls() if i.plugin is plugin):
+                continue
+            guess = difflib.get_close_matches(caller.name, known, n=1)
+            problems.append(
+                f"it implements {caller.name!r}, which is not a fleetrun hook"
+                + (f" (did you mean {guess[0]!r}?)" if guess else "")
+            )
+        return "; ".join(sorted(problems))
 
     def _enable_tracing(self) -> None:
         trace_log = logging.getLogger("fleetrun.trace")
@@ -196,6 +245,7 @@ class PluginManager:
     def plugins(self) -> list[PluginInfo]:
         """Every loaded plugin with the hooks it implements, then those that failed, then
         the names ``$FLEETRUN_DISABLE_PLUGINS`` blocks (a misspelt one matches nothing)."""
+        self.transports  # an installed plugin can fail here too, and is listed as failed then
         infos = []
         for name, plugin in self._pm.list_name_plugin():
             if plugin is None:
@@ -213,23 +263,38 @@ class PluginManager:
 
     @property
     def transports(self) -> Mapping[str, type[Transport]]:
-        """Transport classes by name, collected through ``fleetrun_register_transports``."""
+        """Transport classes by name, collected through ``fleetrun_register_transports``.
+
+        Each plugin is asked in turn, built-in ones first, so an installed plugin cannot take
+        a built-in transport's name. An installed plugin whose registration goes wrong is
+        left out, as if it had failed to load; any other raises :class:`PluginError`.
+        """
         if self._transports is None:
             collected: dict[str, type[Transport]] = {}
-
-            def register(cls: type[Transport]) -> None:
-                if not (isinstance(cls, type) and issubclass(cls, Transport)):
-                    raise PluginError(f"register() takes a Transport subclass, got {cls!r}")
-                name = getattr(cls, "name", None)
-                if not isinstance(name, str) or not name:
-                    raise PluginError(f"transport class {cls.__qualname__} has no name")
-                if name in collected and collected[name] is not cls:
-                    raise PluginError(
-                        f"two transports are named {name!r}: {collected[name].__qualname__} and {cls.__qualname__}"
-                    )
-                collected[name] = cls
-
-            self._pm.hook.fleetrun_register_transports(register=register)
+            hook_name = "fleetrun_register_transports"
+            impls = getattr(self._pm.hook, hook_name).get_hookimpls()
+            everyone = [impl.plugin for impl in impls]
+            for impl in impls:
+                offered: list[type[Transport]] = []
+                caller = self._pm.subset_hook_caller(hook_name, [p for p in everyone if p is not impl.plugin])
+                try:
+                    try:
+                        caller(register=offered.append)
+                    except Exception as exc:
+                        raise PluginError(
+                            f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
+                            problem=f"{hook_name} raised {type(exc).__name__}: {exc}",
+                        ) from exc
+                    mine = _transport_names(impl.plugin_name, offered, collected)
+                except PluginError as exc:
+                    if impl.plugin_name not in self._installed:
+                        raise
+                    source = self._sources[impl.plugin_name]
+                    self._forget(impl.plugin_name)
+                    self._installed.discard(impl.plugin_name)
+                    self._leave_out(impl.plugin_name, source, exc.problem)
+                    continue
+                collected.update(mine)
             self._transports = collected
         return self._transports
 
@@ -285,6 +350,39 @@ class PluginManager:
             others = [p for p in plugins if p is not impl.plugin]
             notifiers.append(_Notifier(impl.plugin_name, self._pm.subset_hook_caller(hook_name, others)))
         return notifiers
+
+
+def _transport_names(
+    plugin_name: str, offered: list[type[Transport]], taken: Mapping[str, type[Transport]]
+) -> dict[str, type[Transport]]:
+    """What one plugin registered, by name; raises :class:`PluginError` for anything amiss."""
+    mine: dict[str, type[Transport]] = {}
+    for cls in offered:
+        if not (isinstance(cls, type) and issubclass(cls, Transport)):
+            problem = f"register() takes a Transport subclass, got {cls!r}"
+        elif not isinstance(getattr(cls, "name", None), str) or not cls.name:
+            problem = f"transport class {cls.__qualname__} has no name"
+        elif (other := mine.get(cls.name) or taken.get(cls.name)) not in (None, cls):
+            problem = f"two transports are named {cls.name!r}: {_class_path(other)} and {_class_path(cls)}"
+        else:
+            mine[cls.name] = cls
+            continue
+        raise PluginError(f"plugin {plugin_name!r}: {problem}", problem=problem)
+    return mine
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _misfit(name: str, problem: str) -> PluginError:
+    return PluginError(f"plugin {name!r} does not fit fleetrun's hooks: {problem}", problem=problem)
+
+
+def _validation_problem(exc: pluggy.PluginValidationError) -> str:
+    """pluggy's reason on one line, without its first line (which names the plugin)."""
+    lines = str(exc).splitlines()
+    return "; ".join(lines[1:] if len(lines) > 1 and lines[0].startswith("Plugin ") else lines)
 
 
 def _direct_call(impl: pluggy.HookImpl) -> Callable[..., Any]:
