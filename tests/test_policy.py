@@ -232,7 +232,9 @@ def test_the_example_policy_loads_and_shows_every_field():
         ("rules:\n  - [ls]\n", "p.yaml:2: rule 1: a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)"),
         ("rules:\n  - allow: ls\n    deny: rm\n", "p.yaml:2: rule 1: a rule needs exactly one of"),
         ("rules:\n  - allow: ls\n    sudo: yes please\n", "p.yaml:3: rule 1, field 'sudo': expected true or false, got 'yes please'"),
-        ("rules:\n  - allow: [ls, 3]\n", "p.yaml:2: rule 1, field 'allow': expected a command pattern"),
+        ("rules:\n  - allow: [ls, ~]\n", "p.yaml:2: rule 1, field 'allow': expected a command pattern"),
+        ("rules:\n  - allow: [ls, [rm]]\n", "p.yaml:2: rule 1, field 'allow': expected a command pattern"),
+        ("rules:\n  - allow: ls\n    hosts: [web1, ~]\n", "p.yaml:3: rule 1, field 'hosts': expected a list of host names"),
         ("rules:\n  - allow: \"echo 'x\"\n", "p.yaml:2: rule 1, field 'allow': cannot read pattern"),
         ("rules:\n  - allow_raw_shell: false\n", "p.yaml:2: rule 1, field 'allow_raw_shell': allow_raw_shell takes true"),
         ("rule:\n  - allow: ls\n", "p.yaml:1: unknown top-level key 'rule' (allowed: rules, and x-NAME for anchors)"),
@@ -257,6 +259,20 @@ def test_a_malformed_policy_names_file_line_rule_and_field(text, message):
     with pytest.raises(PolicyError) as error:
         parse_policy(text, source="p.yaml")
     assert str(error.value).startswith(message)
+
+
+def test_patterns_and_host_names_are_taken_as_written_as_in_the_hosts_file():
+    # A host the hosts file calls `1` or `yes`, and the commands `true`, `yes` and `2024`:
+    # YAML 1.1 reads them as a number and booleans, which made the policy refuse to load.
+    text = "rules:\n  - allow: [true, yes, 2024, 1.50]\n    hosts: [1, yes]\n  - deny: false\n    hosts: 1\n"
+    policy = parse_policy(text, source="p.yaml")
+    assert [(r.action, r.pattern, r.hosts) for r in policy.rules] == [
+        ("allow", "true", ("1", "yes")), ("allow", "yes", ("1", "yes")), ("allow", "2024", ("1", "yes")),
+        ("allow", "1.50", ("1", "yes")), ("deny", "false", ("1",)),
+    ]
+    one, yes, other = (Host(name=name, transport="local") for name in ("1", "yes", "web1"))
+    assert [policy.decide(one, command).allowed for command in ("true", "yes", "2024", "1.50", "false")] == [True] * 4 + [False]
+    assert policy.decide(yes, "true").allowed and not policy.decide(other, "true").allowed
 
 
 # Before: each of these loaded, and the rule silently never matched (a deny that denied nothing).

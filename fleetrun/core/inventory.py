@@ -35,7 +35,15 @@ from fleetrun.core.errors import InventoryError, UnknownHostError
 from fleetrun.core.models import Limits
 from fleetrun.core.text import argument_problem, printable
 from fleetrun.core.transport import HostField, Transport
-from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, is_null, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import (
+    YamlReadError,
+    compose,
+    is_extension_key,
+    is_null,
+    mapping_entries,
+    node_value,
+    scalar_text,
+)
 
 #: A whole host name (or tag): use ``fullmatch`` (``$`` would let a trailing newline through).
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -176,15 +184,6 @@ def _exponent_number(text: str) -> int | float:
 def _number(value: float) -> str:
     """A bound or a value as written: every digit of an integer (``:g`` made 10**18 "1e+18")."""
     return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def _text(node: yaml.Node) -> str | None:
-    """A scalar's text as written, or None for null, a list or a mapping. Names, users and
-    environment values are text: ``user: 1000`` means "1000" and ``AUTO: yes`` means "yes",
-    not YAML 1.1's number and boolean."""
-    if isinstance(node, yaml.ScalarNode) and not is_null(node):
-        return node.value
-    return None
 
 
 class _InventoryParser:
@@ -349,7 +348,7 @@ class _InventoryParser:
             return self.error(node, f"expected {expected}, got {shown!r}", host=host, field=field)
 
         if kind == "string":
-            text = _text(node)
+            text = scalar_text(node)
             if text is None:
                 raise fail("a string")
             if not text:
@@ -378,7 +377,7 @@ class _InventoryParser:
                 raise fail("a list of strings")
             items = []
             for item_node in node.value:
-                item = _text(item_node)
+                item = scalar_text(item_node)
                 if not item:
                     raise self.error(item_node, "every item must be a non-empty string", host=host, field=field)
                 problem = argument_problem(item, f"item '{printable(item)}'")
@@ -392,7 +391,7 @@ class _InventoryParser:
             entries = self.mapping(node, "expected a mapping of names to strings", host=host, field=field)
             out = {}
             for key, (_, value_node) in entries.items():
-                text = _text(value_node)
+                text = scalar_text(value_node)
                 if text is None:
                     hint = " (write '' for an empty one)" if is_null(value_node) else ""
                     raise self.error(value_node, f"the value of {key!r} must be a string{hint}", host=host, field=field)

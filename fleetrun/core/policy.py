@@ -41,7 +41,7 @@ from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import (
     SAFE_ASSIGNMENTS, SAFE_EXPANSIONS, SimpleCommand, Word, assignment_problem, parse_command, pattern_problem,
 )
-from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, mapping_entries, node_value
+from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, mapping_entries, node_value, scalar_text
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
 _GLOB_CHARS = set("*?[")
@@ -380,6 +380,14 @@ def _selector_can_match(selector: str) -> bool:
     return _NAME_GLOB_RE.fullmatch(selector) is not None  # "*" included
 
 
+def _texts(node: yaml.Node) -> list[str] | None:
+    """A scalar or a list of them, each as written (host ``1`` and command ``true`` are
+    text, as in the hosts file); None when any item is null, a list or a mapping."""
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    texts = [scalar_text(item) for item in items]
+    return None if None in texts else texts  # type: ignore[return-value]
+
+
 def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Rule]:
     if not isinstance(entry, yaml.MappingNode):
         message = "a rule must be a mapping (allow:, deny: or allow_raw_shell:, with hosts: and sudo:)"
@@ -400,10 +408,9 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
     node, value = fields[action]
     hosts: tuple[str, ...] = ()
     if "hosts" in fields:
-        hosts_node, hosts_value = fields["hosts"]
-        if isinstance(hosts_value, str):
-            hosts_value = [hosts_value]
-        if not isinstance(hosts_value, list) or not hosts_value or not all(isinstance(h, str) and h for h in hosts_value):
+        hosts_node, _ = fields["hosts"]
+        hosts_value = _texts(hosts_node)
+        if not hosts_value or not all(hosts_value):
             raise fail(hosts_node, "expected a list of host names, globs, tag:NAME or *", rule=index, field="hosts")
         for selector in hosts_value:
             if not _selector_can_match(selector):
@@ -422,8 +429,8 @@ def _parse_rule(entry: yaml.Node, index: int, source: str, fail: Any) -> list[Ru
         if value is not True:
             raise fail(node, "allow_raw_shell takes true (leave the rule out to deny raw shell)", rule=index, field=action)
         return [Rule(source, index, line, "raw_shell", None, hosts, sudo)]
-    patterns = value if isinstance(value, list) else [value]
-    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
+    patterns = _texts(node)
+    if not patterns or not all(p.strip() for p in patterns):
         raise fail(node, "expected a command pattern or a list of them, e.g. 'systemctl status *'", rule=index, field=action)
     for pattern in patterns:
         try:

@@ -181,6 +181,15 @@ def is_null(node: yaml.Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
 
 
+def scalar_text(node: yaml.Node) -> str | None:
+    """A scalar's text as written, or None for null, a list or a mapping. Names, users,
+    commands and environment values are text: ``user: 1000`` means "1000" and ``allow: true``
+    the command ``true``, not YAML 1.1's number and boolean."""
+    if isinstance(node, ScalarNode) and not is_null(node):
+        return node.value
+    return None
+
+
 def mapping_entries(node: yaml.MappingNode, error: NodeError) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     """A YAML mapping's entries by key, as (key node, value node). A key written twice is
     an error: YAML loaders keep the last one, and the first would be dropped unseen.
