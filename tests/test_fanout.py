@@ -43,6 +43,10 @@ def test_hosts_are_selected_by_name_list_and_tag():
         select_hosts(inventory, [], tag="nope")
     with pytest.raises(FleetrunError, match="empty host name"):
         select_hosts(inventory, ["a,,b"])
+    tagged = parse_inventory("hosts:\n  a:\n    tags: [" + ", ".join(f"team{i}" for i in range(40)) + "]\n")
+    with pytest.raises(FleetrunError) as error:
+        select_hosts(tagged, [], tag="teem7")
+    assert str(error.value) == "no host has tag 'teem7' (did you mean 'team7', 'team37' or 'team27'? 40 tags in use)"
 
 
 def test_a_batch_runs_every_host_within_max_parallel(make_executor):

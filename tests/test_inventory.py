@@ -271,6 +271,22 @@ def test_unknown_host_lists_the_known_ones():
         inventory.get("web3")
 
 
+def test_an_unknown_host_among_many_names_the_closest_instead_of_every_host():
+    # Before, the one-line error listed all 300 hosts: 2.3 kB for the user or the assistant to read.
+    inventory = parse("hosts:\n" + "".join(f"  web{i}:\n" for i in range(300)))
+    with pytest.raises(UnknownHostError) as error:
+        inventory.get("wbe12")
+    assert str(error.value) == (
+        "unknown host 'wbe12' (did you mean 'web12', 'web212' or 'web192'? 300 known hosts; inventory: hosts.yaml)"
+    )
+    with pytest.raises(UnknownHostError) as error:
+        inventory.get("db1")
+    assert str(error.value) == "unknown host 'db1' (300 known hosts; inventory: hosts.yaml)"
+    twenty = parse("hosts:\n" + "".join(f"  h{i:02}:\n" for i in range(20)))
+    with pytest.raises(UnknownHostError, match=r"\(known hosts: h00, h01, .*, h19; inventory"):
+        twenty.get("h20")
+
+
 def test_tags_select_hosts():
     inventory = parse("hosts:\n  a:\n    tags: [web]\n  b:\n    tags: [db]\n  c:\n    tags: [web, db]\n")
     assert [h.name for h in inventory.with_tag("web")] == ["a", "c"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from fleetrun.core.errors import FleetrunError, PolicyDenied
-from fleetrun.core.inventory import Inventory
+from fleetrun.core.inventory import Inventory, names_hint
 from fleetrun.core.models import Task, TaskRequest, TaskStatus
 
 if TYPE_CHECKING:
@@ -80,8 +80,8 @@ def select_hosts(inventory: Inventory, names: Iterable[str] = (), tag: str | Non
     if tag is not None:
         tagged = [h.name for h in inventory.with_tag(tag)]
         if not tagged:
-            known = sorted({t for h in inventory.hosts.values() for t in h.tags})
-            raise FleetrunError(f"no host has tag {tag!r} (tags in use: {', '.join(known) or 'none'})")
+            in_use = {t for h in inventory.hosts.values() for t in h.tags}
+            raise FleetrunError(f"no host has tag {tag!r} ({names_hint(tag, in_use, 'tags in use')})")
         selected += [name for name in sorted(tagged) if name not in selected]
     if not selected:
         raise FleetrunError("no hosts selected: name hosts or give a tag")

@@ -21,12 +21,13 @@ name the file, the line, the host and the field.
 from __future__ import annotations
 
 import decimal
+import difflib
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -112,13 +113,29 @@ class Inventory:
         try:
             return self.hosts[name]
         except KeyError:
-            known = ", ".join(sorted(self.hosts)) or "none"
             raise UnknownHostError(
-                f"unknown host {name!r} (known hosts: {known}; inventory: {self.source})"
+                f"unknown host {name!r} ({names_hint(name, self.hosts, 'known hosts')}; inventory: {self.source})"
             ) from None
 
     def with_tag(self, tag: str) -> list[Host]:
         return [h for h in self.hosts.values() if tag in h.tags]
+
+
+#: Up to this many names are listed in full when a name is not found; beyond, the closest.
+NAMES_LISTED = 20
+
+
+def names_hint(asked: str, names: Iterable[str], what: str) -> str:
+    """``known hosts: a, b`` when there are a few names; when there are many, how many and
+    the ones closest to ``asked``, so that an error stays one readable line."""
+    names = sorted(names)
+    if not names:
+        return f"{what}: none"
+    if len(names) <= NAMES_LISTED:
+        return f"{what}: {', '.join(names)}"
+    close = [repr(name) for name in difflib.get_close_matches(asked, names, n=3)]
+    guess = f"did you mean {' or '.join([', '.join(close[:-1]), close[-1]] if len(close) > 1 else close)}? " if close else ""
+    return f"{guess}{len(names)} {what}"
 
 
 def default_inventory() -> Inventory:
