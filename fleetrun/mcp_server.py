@@ -372,7 +372,8 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(
         description=(
             "Run a command and wait up to wait_s seconds (at most 60). If it ends in time: status, exit code, "
-            "output tails and duration. If not: finished=false and the task id to follow with get_task."
+            "output tails and duration. If not: finished=false and the task id to follow with get_task "
+            "(the task also goes on if the call is cancelled: list_tasks finds it)."
         )
     )
     async def run_command(
@@ -428,25 +429,38 @@ def create_server(executor: Executor, *, name: str = "fleetrun", **server_option
     @server.tool(
         description=(
             "Run one command on several hosts (a list, or every host with a tag) as a batch of tasks; "
-            "waits for all of them. max_parallel caps how many run at once; stop_on_failure starts no new "
-            "task after one fails."
+            "waits for all of them, reporting progress as each ends (cancelling the call cancels them). "
+            "max_parallel caps how many run at once; stop_on_failure starts no new task after one fails."
         )
     )
     async def run_on_hosts(
         command: Command,
+        ctx: Context,
         hosts: Annotated[list[str] | None, Field(description="host names; with tag too, the hosts of both")] = None,
         tag: Annotated[str | None, Field(description="every host with this tag")] = None,
         max_parallel: Annotated[int, Field(ge=1, description="at most this many tasks at once")] = 10,
         stop_on_failure: Annotated[bool, Field(description="start no new task once one has failed (running ones finish)")] = False,
         timeout_s: TimeoutS = None,
     ) -> BatchResult:
+        ended = 0
+
+        async def report(task: Task) -> None:
+            # A long batch is otherwise silent until its end: a client shows these, and some
+            # extend their request timeout on each one.
+            nonlocal ended
+            ended += 1
+            exit_code = "" if task.exit_code is None else f" (exit {task.exit_code})"
+            await ctx.report_progress(
+                ended, len(batch.hosts), f"{task.host}: {task.status.value}{exit_code}; {ended} of {len(batch.hosts)} ended"
+            )
+
         try:
             selected = select_hosts(executor.inventory, hosts or [], tag)
             batch = BatchRequest(
                 hosts=selected, command=command, timeout_s=timeout_s, max_parallel=max_parallel,
                 stop_on_failure=stop_on_failure, origin=ORIGIN_MCP,
             )
-            outcome = await run_batch_async(executor, batch)
+            outcome = await run_batch_async(executor, batch, on_task_ended=report)
         except FleetrunError as exc:
             raise _fail(exc) from None
         return BatchResult(

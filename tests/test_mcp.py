@@ -374,6 +374,57 @@ def test_progress_reaches_the_open_call(server_for):
     run(scenario)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batch_reports_progress_as_each_task_ends(server_for, mode):
+    server, _ = server_for()
+
+    async def scenario():
+        seen = []
+
+        async def on_progress(progress, total, message):
+            seen.append((progress, total, message))
+
+        async with mcp.Client(server, mode=mode) as client:
+            result = await client.call_tool(
+                "run_on_hosts", {"command": "exit 3", "tag": "dev", "max_parallel": 1}, progress_callback=on_progress,
+            )
+        assert result.structured_content["succeeded"] is False
+        assert seen == [(1, 2, "local: failed (exit 3); 1 of 2 ended"), (2, 2, "other: failed (exit 3); 2 of 2 ended")]
+
+    run(scenario)
+
+
+def test_a_cancelled_call_stops_its_batch_and_leaves_a_started_task_running(server_for, marker):
+    # run_on_hosts holds the batch (its max_parallel, its stop_on_failure): a call the client
+    # gives up on stops its tasks. run_command's task is the assistant's to follow or cancel,
+    # as after wait_s; list_tasks finds it.
+    server, executor = server_for()
+
+    async def call_then_give_up(client, tool, arguments, processes):
+        async with anyio.create_task_group() as call:
+            call.start_soon(client.call_tool, tool, arguments)
+            await anyio.to_thread.run_sync(lambda: wait_until(lambda: len(processes_running("sleep", marker)) == processes))
+            call.cancel_scope.cancel()
+
+    async def scenario():
+        with anyio.fail_after(30):
+            async with mcp.Client(server, mode="legacy") as client:
+                await call_then_give_up(client, "run_on_hosts", {"command": f"sleep {marker}", "tag": "dev"}, 2)
+                await anyio.to_thread.run_sync(assert_none_left, marker, 5.0)
+                await call_then_give_up(client, "run_command", {"host": "local", "command": f"sleep {marker}", "wait_s": 60}, 1)
+                await anyio.sleep(0.5)
+                assert len(processes_running("sleep", marker)) == 1
+                listed = (await client.call_tool("list_tasks", {})).structured_content["tasks"]
+                assert (listed[0]["host"], listed[0]["status"]) == ("local", "running")
+                assert sorted((t["host"], t["status"], t["cancel_reason"]) for t in listed[1:]) == [
+                    ("local", "cancelled", "the batch was cancelled"), ("other", "cancelled", "the batch was cancelled"),
+                ]
+                await client.call_tool("cancel_task", {"task_id": listed[0]["task_id"]})
+
+    run(scenario)
+    assert_none_left(marker)
+
+
 def test_notifications_arrive_after_the_starting_call_returned_2025_11_25(server_for):
     server, _ = server_for()
 

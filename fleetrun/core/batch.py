@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
 from fleetrun.core.errors import FleetrunError, PolicyDenied
 from fleetrun.core.inventory import Inventory, names_hint
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 #: Called on the engine thread with (host, stream name, bytes) as output arrives.
 BatchOutputListener = Callable[[str, str, bytes], None]
+#: Awaited in the batch's own loop with each task's final record, as each one ends.
+BatchEndListener = Callable[[Task], Awaitable[None]]
 
 DEFAULT_MAX_PARALLEL = 10
 
@@ -89,7 +91,11 @@ def select_hosts(inventory: Inventory, names: Iterable[str] = (), tag: str | Non
 
 
 async def run_batch_async(
-    executor: Executor, batch: BatchRequest, *, on_output: BatchOutputListener | None = None
+    executor: Executor,
+    batch: BatchRequest,
+    *,
+    on_output: BatchOutputListener | None = None,
+    on_task_ended: BatchEndListener | None = None,
 ) -> BatchOutcome:
     """Run the batch; cancelling this coroutine cancels every task it launched."""
     if batch.max_parallel < 1:
@@ -129,6 +135,8 @@ async def run_batch_async(
             finished[host] = task
             if batch.stop_on_failure and task.status is not TaskStatus.SUCCEEDED:
                 stopping = True
+            if on_task_ended is not None:
+                await on_task_ended(task)
 
     workers = [asyncio.ensure_future(one(host)) for host in batch.hosts]
     try:
