@@ -95,6 +95,12 @@ BROKEN_PLUGINS = {
         "two transports are named 'local': fleetrun.plugins.transports.local.LocalTransport and "
         "fleetrun_broken_plugins.takes_local.Impostor",
     ),
+    "a_class": (
+        "from fleetrun import hookimpl\n\n"
+        "class Notifier:\n    @hookimpl\n    def fleetrun_task_created(self, task):\n        pass\n",
+        "it is the class fleetrun_broken_plugins.a_class.Notifier, whose hooks would have no `self`: "
+        "use an instance of it, or a module",
+    ),
     "register_raises": (
         "from fleetrun import hookimpl\n\n"
         "@hookimpl\ndef fleetrun_register_transports(register):\n    raise OSError('no docker socket')\n",
@@ -109,7 +115,9 @@ def test_installed_plugins_that_fail_to_load_or_do_not_fit_are_left_out_and_the_
     (package / "fleetrun_broken_plugins" / "__init__.py").write_text("")
     for name, (source, _) in BROKEN_PLUGINS.items():
         (package / "fleetrun_broken_plugins" / f"{name}.py").write_text(source)
-    entry_points = "".join(f'{name} = "fleetrun_broken_plugins.{name}"\n' for name in BROKEN_PLUGINS)
+    entry_points = "".join(
+        f'{name} = "fleetrun_broken_plugins.{name}{":Notifier" if name == "a_class" else ""}"\n' for name in BROKEN_PLUGINS
+    )
     (package / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n\n'
         '[project]\nname = "fleetrun-broken-plugins"\nversion = "0.1.0"\n\n'

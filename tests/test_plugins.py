@@ -101,6 +101,15 @@ def test_a_hook_taking_an_argument_its_spec_does_not_offer_is_a_plugin_error():
     )
 
 
+def test_a_class_is_refused_since_its_hooks_would_have_no_self():
+    with pytest.raises(PluginError) as raised:
+        PluginManager(plugins=[_Listener], autoload=False)
+    assert str(raised.value) == (
+        "plugin 'test_plugins._Listener' does not fit fleetrun's hooks: it is the class test_plugins._Listener, "
+        "whose hooks would have no `self`: use an instance of it, or a module"
+    )
+
+
 @pytest.mark.parametrize("misfit", [_Typo, _ExtraArgument])
 def test_a_plugin_register_refuses_leaves_nothing_behind(misfit, recorder):
     manager = PluginManager(plugins=[recorder], autoload=False)

@@ -154,6 +154,9 @@ class PluginManager:
     def _register(self, plugin: object, name: str | None, source: str) -> str:
         if name is None:
             name = self._readable_name(plugin)
+        if isinstance(plugin, type):
+            # pluggy would take it, and every hook call would then fail for want of `self`.
+            raise _misfit(name, f"it is the class {_class_path(plugin)}, whose hooks would have no `self`: use an instance of it, or a module")
         try:
             registered = self._pm.register(plugin, name=name)
         except ValueError as exc:
@@ -174,6 +177,8 @@ class PluginManager:
         """A name for log lines and `fleetrun plugins`: the module, or module.Class."""
         if isinstance(plugin, type(logging)):
             base = plugin.__name__
+        elif isinstance(plugin, type):
+            base = _class_path(plugin)
         else:
             base = _class_path(type(plugin))
         name, count = base, 1
