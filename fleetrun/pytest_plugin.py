@@ -1,16 +1,18 @@
 """fleetrun's pytest plugin (entry point ``pytest11``): fixtures to run real tasks in tests.
 
 * ``fleetrun_executor``: an :class:`~fleetrun.Executor` on the embedded default inventory
-  (host ``local``, local transport), with a task store of its own under ``tmp_path``
-  and no third-party plugins;
+  (host ``local``, local transport), with a task store of its own in a temporary
+  directory and no third-party plugins;
 * ``fleetrun_events``: the :class:`~fleetrun.core.events.EventRecorder` plugged into
   that executor; its ``events`` are the lifecycle events fired, in order.
 
-Example::
+Example (the README's, which a test runs)::
+
+    from fleetrun import TaskRequest, TaskStatus
 
     def test_deploy_script(fleetrun_executor, fleetrun_events):
         task = fleetrun_executor.run(TaskRequest(host="local", command="./deploy.sh --check"))
-        assert task.status == "succeeded"
+        assert task.status is TaskStatus.SUCCEEDED
         assert fleetrun_events.names(task.id)[-1] == "task.completed"
 """
 

@@ -1,10 +1,16 @@
-"""The README's set-up commands are the ones CI runs."""
+"""The README's set-up commands are the ones CI runs, and its Python examples work as written."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
-from conftest import REPO
+from conftest import REPO, run_cli
+
+pytest_plugins = ["pytester"]
 
 
 def _setup_commands() -> list[str]:
@@ -19,3 +25,59 @@ def test_ci_runs_exactly_the_readmes_test_command():
     assert install_and_test.endswith("python -m pytest") and "\n" not in install_and_test
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert install_and_test in [line for line in ci if not line.lstrip().startswith("#")]
+
+
+# -- the README's Python examples, run as written ---------------------------------------------
+
+
+def _python_blocks(after: str) -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(f"\n## {after}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def _run_python(code: str, cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=cwd, env={**os.environ, **(env or {})}
+    )
+
+
+def test_the_python_examples_run_as_written(tmp_path):
+    one_host, batch = _python_blocks("From Python")
+    ran = _run_python(one_host, tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    status, exit_code, output = ran.stdout.split(" ", 2)
+    assert (status, exit_code) == ("succeeded", "0") and output.startswith("Linux ")
+    tasks = json.loads(run_cli("tasks", "list", "--json", cwd=tmp_path).stdout)
+    assert [(t["command"], t["status"], t["cancel_reason"]) for t in tasks] == [
+        ("sleep 60", "cancelled", "changed my mind"), ("uname -a", "succeeded", None),
+    ]
+
+    # The batch example names web1 and web2, under the built-in read-only policy.
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("hosts:\n  web1:\n  web2:\n")
+    ran = _run_python(batch, tmp_path, {"FLEETRUN_HOSTS": str(hosts)})
+    assert (ran.returncode, ran.stdout) == (0, "True [('web1', 'succeeded'), ('web2', 'succeeded')]\n"), ran.stderr
+
+
+def test_the_notifier_example_reports_what_the_readme_says(tmp_path):
+    notifier = _python_blocks("Plugins")[0]
+    (tmp_path / "my_notifier.py").write_text(notifier)
+    code = (
+        "import my_notifier\n"
+        "from fleetrun import Executor, PluginManager, TaskRequest\n"
+        "with Executor(plugins=PluginManager(plugins=[my_notifier])) as executor:\n"
+        "    executor.run(TaskRequest(host='local', command='exit 3'))\n"
+    )
+    ran = _run_python(code, tmp_path, {"PYTHONPATH": str(tmp_path)})
+    assert (ran.returncode, ran.stdout) == (0, "local: 'exit 3' -> failed (3)\n"), ran.stderr
+
+
+def test_the_pytest_example_passes(pytester):
+    example = _python_blocks("The pytest plugin")[0]
+    script = pytester.path / "migrate.sh"
+    script.write_text("#!/bin/sh\necho 'schema: up to date'\n")
+    script.chmod(0o755)
+    pytester.makepyfile(test_example=example)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
