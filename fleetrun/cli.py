@@ -205,7 +205,8 @@ class _Terminal(LifecycleEventPlugin):
             parts.append(f"err {_human_bytes(progress.stderr_bytes)}")
         line = " · ".join(parts)
         try:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns
+            # A terminal whose size was never set says 0 columns (`script`, `docker exec -t`).
+            width = os.get_terminal_size(sys.stderr.fileno()).columns or 80
         except OSError:
             width = 80
         # One row only: a line that wraps would leave its first rows behind when cleared.

@@ -511,6 +511,10 @@ def test_a_live_progress_line_on_a_terminal_only(tmp_path):
     # Never wider than the terminal: a wrapped line could not be cleared.
     narrow = _run_on_a_terminal("run", "local", "--", command, columns=20)[2]
     assert all(len(part) <= 19 for part in narrow.split("\r\x1b[K") if part.startswith("[fleetrun]"))
+    # A terminal that says it has 0 columns (its size never set) is taken as 80 wide; it showed "[".
+    unsized = _run_on_a_terminal("run", "local", "--", command, columns=0)[2]
+    first = [part for part in unsized.split("\r\x1b[K") if part.startswith("[")][0]
+    assert re.fullmatch(r"\[fleetrun\] local · \d+\.\ds · 40% · out 14 B/1 lines", first), first
     # -q, or stderr not a terminal: nothing but the command's own output.
     assert "[fleetrun]" not in _run_on_a_terminal("run", "local", "-q", "--", command)[2]
     piped = run_cli("run", "local", "--", command)
