@@ -134,8 +134,10 @@ def names_hint(asked: str, names: Iterable[str], what: str) -> str:
     if len(names) <= NAMES_LISTED:
         return f"{what}: {', '.join(names)}"
     close = [repr(name) for name in difflib.get_close_matches(asked, names, n=3)]
-    guess = f"did you mean {' or '.join([', '.join(close[:-1]), close[-1]] if len(close) > 1 else close)}? " if close else ""
-    return f"{guess}{len(names)} {what}"
+    if not close:
+        return f"{len(names)} {what}"
+    choices = f"{', '.join(close[:-1])} or {close[-1]}" if len(close) > 1 else close[0]
+    return f"did you mean {choices}? {len(names)} {what}"
 
 
 def default_inventory() -> Inventory:

@@ -156,7 +156,9 @@ class PluginManager:
             name = self._readable_name(plugin)
         if isinstance(plugin, type):
             # pluggy would take it, and every hook call would then fail for want of `self`.
-            raise _misfit(name, f"it is the class {_class_path(plugin)}, whose hooks would have no `self`: use an instance of it, or a module")
+            raise _misfit(
+                name, f"it is the class {_class_path(plugin)}, whose hooks would have no `self`: use an instance of it, or a module"
+            )
         try:
             registered = self._pm.register(plugin, name=name)
         except ValueError as exc:
