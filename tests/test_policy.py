@@ -899,6 +899,21 @@ def test_ps_is_denied_exactly_when_it_would_show_environments(form, shows_enviro
         process.wait()
 
 
+def test_a_quoted_expansion_after_ps_p_is_taken_as_its_process_id():
+    # Before, `ps -p "$PPID"` was refused as if the expansion could be an option: quoted, it
+    # stays one word, and the word after -p is a process id whatever it holds.
+    for line in ['ps -o args -p "$PPID"', 'ps --pid "$PPID" -o args', 'ps p "$$" -o args']:
+        decision = READ_ONLY.decide(WEB1, line)
+        assert decision.allowed, decision.explanation
+    for line, shown in [
+        ('ps -p "$PPID" e', "ps e (it shows"), ("ps -p $PPID", "ps $PPID (an option decided at run time"),
+        ('ps -p "$@"', "ps $@ (an option decided at run time"), ('ps "$PPID"', "ps $PPID (an option decided at run time"),
+        ('ps -p "$PPID" "$PPID"', "ps $PPID (an option decided at run time"),
+    ]:
+        decision = READ_ONLY.decide(WEB1, line)
+        assert not decision.allowed and shown in decision.explanation, (line, decision.explanation)
+
+
 # -- properties -----------------------------------------------------------------------------------
 
 SAFE_LINES = ["uname -a", "uptime", "df -h", "whoami", "echo ok"]

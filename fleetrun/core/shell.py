@@ -1113,6 +1113,9 @@ def _ps_environment_option(args: list[Word]) -> Word | None:
     word decided at run time counts as one, since it could be."""
     value_due = False  # the next word is an option's value (ps -p 1)
     for word in args:
+        if value_due and not word.may_split:
+            value_due = False  # whatever it holds, one word after -p is a process id (ps -p "$PID")
+            continue
         if not word.known:
             return word  # unquoted, it could even be several words
         value = word.value
