@@ -899,6 +899,50 @@ def test_ps_is_denied_exactly_when_it_would_show_environments(form, shows_enviro
         process.wait()
 
 
+# Each runs a command its words do not show once bash splits what $_ or $1 holds into
+# several words: the last argument of the command before, or an argument of sh -c.
+HIDDEN_BY_SPLITTING = [
+    ('echo "5 touch pwned-nice" >/dev/null; nice -n $_ true', "pwned-nice", "nice: -n $_ (a value the shell may split"),
+    ('echo "X touch pwned-env" >/dev/null; env -u $_ true', "pwned-env", "env: -u $_ (a value the shell may split"),
+    ('echo "KILL 5 touch pwned-timeout" >/dev/null; timeout -s $_ 5 true', "pwned-timeout", "timeout: -s $_ (a value"),
+    ('echo ". -maxdepth 0 -exec touch pwned-find ;" >/dev/null; find $_', "pwned-find",
+     "find $_ (a word decided at run time could be an action such as -exec or -delete)"),
+    ("sh -c 'find . -maxdepth 0 \"$1\" pwned-fprint' x -fprint", "pwned-fprint", "find $1 (a word decided at run time"),
+    ("echo 'touch${IFS}pwned-trap EXIT' >/dev/null; trap $_", "pwned-trap", "trap with code decided at run time"),
+]
+
+
+@pytest.mark.parametrize("line, made, problem", HIDDEN_BY_SPLITTING)
+def test_a_word_the_shell_may_split_is_not_taken_for_one_harmless_argument(line, made, problem, tmp_path):
+    # Before, each was allowed wherever its visible command was (`allow: "*"`, or `find *`
+    # with `echo *`), and each ran touch.
+    subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    assert (tmp_path / made).exists(), f"bash does not run what this test says it does: {line}"
+    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line)
+    assert not decision.allowed and problem in decision.explanation, decision.explanation
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('echo "X touch y" >/dev/null; xargs -I $_ echo', "xargs: -I $_ (a value the shell may split"),
+        ('echo "-p PATH" >/dev/null; wait $_', "wait $_ (a word decided at run time could be -p NAME"),
+        ('sudo -u $USER id', "sudo: -u $USER (a value the shell may split into more words: quote it)"),
+    ],
+)
+def test_options_that_may_split_are_refused_naming_them(line, problem):
+    decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)
+    assert not decision.allowed and problem in decision.explanation, decision.explanation
+
+
+@pytest.mark.parametrize(
+    "line", ['sudo -u "$USER" id', 'nice -n "$_" true', "sleep 0 & wait $!", "find . -name '*.log' -print", 'trap "$_"']
+)
+def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
+    decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)
+    assert decision.allowed, decision.explanation
+
+
 def test_a_quoted_expansion_after_ps_p_is_taken_as_its_process_id():
     # Before, `ps -p "$PPID"` was refused as if the expansion could be an option: quoted, it
     # stays one word, and the word after -p is a process id whatever it holds.

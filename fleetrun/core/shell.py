@@ -732,6 +732,8 @@ def _trap_action(args: list[Word]) -> Word | None:
     action (``trap``, ``trap -p``, ``trap -l``, ``trap - INT``, ``trap '' INT``, ``trap INT``,
     and ``trap 2 15``, which resets)."""
     operands = args[1:] if args and args[0].value == "--" else args
+    if len(operands) == 1 and operands[0].may_split and _could_be_options(operands[0]):
+        return operands[0]  # `trap $_` with $_ = "CODE EXIT" sets an action
     if len(operands) < 2:
         return None
     action = operands[0]
@@ -769,6 +771,13 @@ _ARITHMETIC_OPERAND_COMMANDS = frozenset({"shift", "exit", "bye", "return", "log
 _NUMBER = re.compile(r"[-+]?(?:0[xX][0-9A-Fa-f]+|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 #: A word that expands only what the shell sets to a number: $?, $#, $$, $!.
 _NUMERIC_SPECIALS = re.compile(r"(?:\$\{?[?#$!]\}?|[0-9])+")
+
+
+def _could_be_options(word: Word) -> bool:
+    """Whether a word decided at run time could hold options: ``$_`` holds whatever the last
+    command's last argument was (``-delete``), and ``$PWD`` unquoted splits at a directory
+    name's blanks. Only the numbers the shell sets ($?, $!, …) cannot."""
+    return not word.known and not _NUMERIC_SPECIALS.fullmatch(word.value)
 #: A variable name whose subscript, if any, is a number or all elements: bash and zsh
 #: evaluate any other subscript of a name they are given (``test -v 'a[_]'``).
 _PLAIN_VARIABLE_NAME = re.compile(r"[^\[]*(?:\[(?:[0-9]*|[@*])\])?")
@@ -913,6 +922,8 @@ def _builtin_problem(name: str, args: list[Word]) -> str | None:
     letter = _SET_VARIABLE_OPTION.get(name)
     if letter is not None:
         for word in args:
+            if _could_be_options(word):
+                return f"{name} {word.value} (a word decided at run time could be -{letter} NAME: {_SETS_VARIABLES})"
             if word.value == "--" or not word.value.startswith("-"):
                 break
             if letter in word.value[1:]:
@@ -1079,6 +1090,8 @@ _PS_LONG_WITH_VALUE = frozenset(
 
 def _find_problem(args: list[Word]) -> str | None:
     for word in args:
+        if _could_be_options(word):
+            return f"find {word.value} (a word decided at run time could be an action such as -exec or -delete)"
         if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
             return f"find {word.value} (it runs commands or writes files)"
     return None
@@ -1164,7 +1177,11 @@ def _skip_options(
         option = text.split("=", 1)[0]
         if option in with_value and "=" not in text:
             if index + 1 < len(args):
-                keep(option, args[index + 1])
+                value = args[index + 1]
+                if value.may_split and _could_be_options(value):
+                    # `nice -n $_ true` with $_ = "5 rm -rf ~" runs rm, not true.
+                    raise _Unjudgeable(f"{option} {value.value} (a value the shell may split into more words: quote it)")
+                keep(option, value)
             index += 2
             continue
         if option in with_value:
