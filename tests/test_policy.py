@@ -909,6 +909,8 @@ HIDDEN_BY_SPLITTING = [
      "find $_ (a word decided at run time could be an action such as -exec or -delete)"),
     ("sh -c 'find . -maxdepth 0 \"$1\" pwned-fprint' x -fprint", "pwned-fprint", "find $1 (a word decided at run time"),
     ("echo 'touch${IFS}pwned-trap EXIT' >/dev/null; trap $_", "pwned-trap", "trap with code decided at run time"),
+    ('echo ". -maxdepth 0 -exec touch pwned-xargs ;" | xargs find', "pwned-xargs",
+     "find <arguments from input> (a word decided at run time"),
     # Brace expansion and globs make words too: `find *` in a directory holding a file `-delete`.
     ("find . -maxdepth 0 {-fprint,pwned-brace}", "pwned-brace", "find {-fprint,pwned-brace} (a word decided at run time"),
 ]

@@ -1180,7 +1180,8 @@ def _skip_options(
                 value = args[index + 1]
                 if value.may_split and _could_be_options(value):
                     # `nice -n $_ true` with $_ = "5 rm -rf ~" runs rm, not true.
-                    raise _Unjudgeable(f"{option} {value.value} (a value the shell may split into more words: quote it)")
+                    advice = ": quote it" if value.value.startswith("$") else ""
+                    raise _Unjudgeable(f"{option} {value.value} (a value the shell may split into more words{advice})")
                 keep(option, value)
             index += 2
             continue
