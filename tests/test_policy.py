@@ -932,6 +932,8 @@ def test_a_word_the_shell_may_split_is_not_taken_for_one_harmless_argument(line,
         ('echo "X touch y" >/dev/null; xargs -I $_ echo', "xargs: -I $_ (a value the shell may split"),
         ('echo "-p PATH" >/dev/null; wait $_', "wait $_ (a word decided at run time could be -p NAME"),
         ('sudo -u $USER id', "sudo: -u $USER (a value the shell may split into more words: quote it)"),
+        # $! is empty until a job has run in the background, and then vanishes: true runs, not 1.
+        ("nice -n $! 1 true", "nice: -n $! (a value the shell may split into more words: quote it)"),
     ],
 )
 def test_options_that_may_split_are_refused_naming_them(line, problem):
@@ -940,7 +942,9 @@ def test_options_that_may_split_are_refused_naming_them(line, problem):
 
 
 @pytest.mark.parametrize(
-    "line", ['sudo -u "$USER" id', 'nice -n "$_" true', "sleep 0 & wait $!", "find . -name '*.log' -print", 'trap "$_"']
+    "line",
+    ['sudo -u "$USER" id', 'nice -n "$_" true', "sleep 0 & wait $!", "find . -name '*.log' -print", 'trap "$_"', "nice -n $$ true",
+     "ps -o args -p $$"],
 )
 def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)

@@ -732,7 +732,7 @@ def _trap_action(args: list[Word]) -> Word | None:
     action (``trap``, ``trap -p``, ``trap -l``, ``trap - INT``, ``trap '' INT``, ``trap INT``,
     and ``trap 2 15``, which resets)."""
     operands = args[1:] if args and args[0].value == "--" else args
-    if len(operands) == 1 and operands[0].may_split and _could_be_options(operands[0]):
+    if len(operands) == 1 and not _stays_one_word(operands[0]):
         return operands[0]  # `trap $_` with $_ = "CODE EXIT" sets an action
     if len(operands) < 2:
         return None
@@ -771,6 +771,16 @@ _ARITHMETIC_OPERAND_COMMANDS = frozenset({"shift", "exit", "bye", "return", "log
 _NUMBER = re.compile(r"[-+]?(?:0[xX][0-9A-Fa-f]+|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 #: A word that expands only what the shell sets to a number: $?, $#, $$, $!.
 _NUMERIC_SPECIALS = re.compile(r"(?:\$\{?[?#$!]\}?|[0-9])+")
+
+
+#: Of those, the ones that are never empty: $! is, until a job has run in the background,
+#: and an empty word that is not quoted vanishes (`nice -n $! 1 true` runs true, not 1).
+_NEVER_EMPTY_SPECIALS = re.compile(r"(?:\$\{?[?#$]\}?|[0-9])+")
+
+
+def _stays_one_word(word: Word) -> bool:
+    """Whether the shell makes exactly one word of ``word``, as the reader counts it."""
+    return word.known or word.one_word or _NEVER_EMPTY_SPECIALS.fullmatch(word.value) is not None
 
 
 def _could_be_options(word: Word) -> bool:
@@ -1126,7 +1136,7 @@ def _ps_environment_option(args: list[Word]) -> Word | None:
     word decided at run time counts as one, since it could be."""
     value_due = False  # the next word is an option's value (ps -p 1)
     for word in args:
-        if value_due and not word.may_split:
+        if value_due and _stays_one_word(word):
             value_due = False  # whatever it holds, one word after -p is a process id (ps -p "$PID")
             continue
         if not word.known:
@@ -1178,7 +1188,7 @@ def _skip_options(
         if option in with_value and "=" not in text:
             if index + 1 < len(args):
                 value = args[index + 1]
-                if value.may_split and _could_be_options(value):
+                if not _stays_one_word(value):
                     # `nice -n $_ true` with $_ = "5 rm -rf ~" runs rm, not true.
                     advice = ": quote it" if value.value.startswith("$") else ""
                     raise _Unjudgeable(f"{option} {value.value} (a value the shell may split into more words{advice})")
