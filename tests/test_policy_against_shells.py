@@ -1,0 +1,115 @@
+"""The policy's reader against real shells: what a shell runs is what the reader judged.
+
+Lines are generated from the forms that decide what runs (wrappers and their option values,
+find, ps, trap, printf, wait) with words the shell fills in at run time: ``$_`` (the last
+word of the command before, which the line sets), ``$1`` and ``"$@"`` (arguments given to
+the shell), ``$PWD`` (after ``cd`` into a directory whose name has blanks), globs, braces.
+Each line the policy allows under ``allow: '*'`` runs in bash, dash, zsh and ksh with every
+program on PATH replaced by a shim that records its arguments, then runs the real program.
+Every program that ran must be one the reader saw, and each, written out with the words it
+really got, must be allowed too (``find . -delete`` is not).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.inventory import Host
+from fleetrun.core.policy import parse_policy
+from fleetrun.core.shell import parse_command
+
+SHELLS = ["bash", "dash", "zsh", "ksh"]
+PROGRAMS = ["find", "nice", "env", "timeout", "xargs", "stdbuf", "ionice", "setsid", "nohup", "touch", "ps", "id", "true",
+            "ls", "cat", "sh"]
+POLICY = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="allow-all.yaml")
+HOST = Host(name="h", transport="local")
+
+PAYLOAD_WORDS = ["touch", "pwn", "-exec", ";", "5", "-n", "-u", "X", ".", "-maxdepth", "0", "{}", "KILL", "EXIT", "-delete",
+                 "-fprint", "-I", "-o", "L", "1", "-s", "--", "id", "-c", "sh", "-p", "e", "-v", "ww"]
+HEADS = ["find", "find .", "find . -maxdepth 0", "nice -n", "nice", "env -u", "env", "timeout -s", "timeout", "timeout 5",
+         "xargs -I", "xargs", "stdbuf -o", "ionice -c", "setsid", "nohup", "command", "trap", "trap --", "ps -p", "ps",
+         "ps -o args -p", "printf", "wait", "cd", "env -i", "nice -n 5", "sh -c 'find . $1' x", "set --", "nohup nice -n",
+         "timeout -k", "xargs -n", "command exec", "builtin command", "find . -name"]
+WORDS_DECIDED_LATER = ["$_", '"$_"', "$PWD", '"$PWD"', "$1", '"$1"', "$@", '"$@"', "$*", "*", "{a,b}", "$OLDPWD", "${_}",
+                       "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_"]
+TAILS = ["", "true", "id", "touch pwn2", ". -maxdepth 0", "1 true", "-print", '; find "$@"', "; env -u $@"]
+
+
+def generated_lines(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        payload = " ".join(rng.choice(PAYLOAD_WORDS) for _ in range(rng.randint(1, 6)))
+        parts = [f"echo {shlex.quote(payload)} >/dev/null"]
+        for _ in range(rng.randint(1, 2)):
+            parts.append(" ".join(filter(None, [rng.choice(HEADS), rng.choice(WORDS_DECIDED_LATER), rng.choice(TAILS)])))
+        line = rng.choice(["; ", " && ", "\n"]).join(parts)
+        if rng.random() < 0.2:
+            line = f"cd {shlex.quote('in ' + payload)} 2>/dev/null; {line}"
+        if rng.random() < 0.15:
+            line = f"echo {shlex.quote(payload)} | {rng.choice(['xargs find', 'xargs nice -n', 'xargs env', 'xargs timeout'])}"
+        lines.append(line)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def shims(tmp_path_factory) -> Path:
+    """A directory of programs that append their name and arguments to $SHIM_LOG, then run the real one."""
+    directory = tmp_path_factory.mktemp("shims")
+    for name in PROGRAMS:
+        real = shutil.which(name)
+        if real is None:
+            continue  # a line that names it fails to find it, and runs nothing of it
+        shim = directory / name
+        shim.write_text(
+            "#!/bin/sh\n"
+            f'{{ printf "%s" {name}; for word in "$@"; do printf "\\037%s" "$word"; done; printf "\\036"; }} >> "$SHIM_LOG"\n'
+            f'exec {real} "$@"\n'
+        )
+        shim.chmod(0o755)
+    return directory
+
+
+def programs_the_reader_saw(line: str) -> set[str]:
+    names = set()
+    for command in parse_command(line).commands:
+        names.add(command.program.rsplit("/", 1)[-1])
+        names.update(wrapper.rsplit("/", 1)[-1] for wrapper in command.wrappers)
+    return names
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_every_program_a_shell_runs_is_one_the_policy_judged(shell, shims, tmp_path):
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    allowed = [line for line in generated_lines(seed=2026, count=3000) if POLICY.decide(HOST, line).allowed]
+    assert len(allowed) > 100  # the generator still makes lines worth running
+    wrong = []
+    for number, line in enumerate(allowed):
+        run_in = tmp_path / str(number)
+        (run_in / "in x").mkdir(parents=True)  # somewhere for `cd 'in …'` to fail or go
+        log = tmp_path / f"{number}.log"
+        try:
+            subprocess.run(
+                [shutil.which(shell), "-c", line, "x", "-delete", "touch"], cwd=run_in, capture_output=True, timeout=10,
+                env={"PATH": str(shims), "SHIM_LOG": str(log), "HOME": str(run_in), "LC_ALL": "C"},
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        except subprocess.TimeoutExpired:
+            pass
+        ran = [record.split("\x1f") for record in (log.read_text() if log.exists() else "").split("\x1e") if record]
+        hidden = {argv[0] for argv in ran} - programs_the_reader_saw(line)
+        if hidden:
+            wrong.append(f"{line!r} ran {sorted(hidden)}, which the reader did not see")
+        for argv in ran:
+            decision = POLICY.decide(HOST, shlex.join(argv))
+            if not decision.allowed:
+                wrong.append(f"{line!r} ran {shlex.join(argv)!r}: {decision.explanation}")
+    assert wrong == []
