@@ -341,7 +341,7 @@ BYPASSES = [
     ("echo hi ; r''m -rf /", NO_RULE), ("u'n'ame; rm -rf /", NO_RULE),
     # chains and newlines
     ("echo hi; rm -rf /", NO_RULE), ("uname && rm -rf /", NO_RULE), ("uname || rm -rf /", NO_RULE),
-    ("uname | sh", NO_RULE), ("uname & rm -rf /", NO_RULE), ("uname\nrm -rf /", NO_RULE),
+    ("uname | sh", "commands read from its input (a pipe or a here-string)"), ("uname & rm -rf /", NO_RULE), ("uname\nrm -rf /", NO_RULE),
     ("uname # harmless\nrm -rf /", NO_RULE), ("uname\r\nrm -rf /", NO_RULE), ("uname |& tee /etc/motd", NO_RULE),
     # substitutions
     ("echo $(rm -rf /)", "command substitution"), ("echo `rm -rf /`", "backticks"), ('echo "$(rm -rf /)"', "command substitution"),
@@ -949,6 +949,23 @@ def test_options_that_may_split_are_refused_naming_them(line, problem):
 def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)
     assert decision.allowed, decision.explanation
+
+
+@pytest.mark.parametrize("line", ["echo 'touch pwned' | sh", "echo 'touch pwned' | bash -s", "bash <<< 'touch pwned'",
+                                  "echo 'touch pwned' | sh -"])
+def test_a_shell_reading_its_commands_from_its_input_is_refused(line, tmp_path):
+    # Before, a rule allowing the shell (`bash *`, or `allow: "*"`) let any code through its input.
+    subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    assert (tmp_path / "pwned").exists()
+    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line)
+    assert not decision.allowed
+    assert "commands read from its input (a pipe or a here-string), which the policy cannot see: give them with -c" \
+        in decision.explanation
+
+
+@pytest.mark.parametrize("line", ["bash x.sh", "sh -e x.sh", "bash --version", "sh -c 'touch x'", "bash -c id"])
+def test_a_shell_given_its_commands_or_a_file_is_judged_as_before(line):
+    assert parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line).allowed
 
 
 def test_a_quoted_expansion_after_ps_p_is_taken_as_its_process_id():

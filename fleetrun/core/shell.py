@@ -680,6 +680,7 @@ def _shell_script(args: list[Word]) -> Word | None:
     (``sh -c -e SCRIPT``); the script is the first word after them, or after ``--``.
     A word decided at run time among them is returned as the script: it could be one."""
     takes_script = False
+    reads_input = False  # -s: commands from the input, whatever follows
     values_due = 0  # option values still to come (-o errexit)
     index = 0
     while index < len(args):
@@ -699,9 +700,12 @@ def _shell_script(args: list[Word]) -> Word | None:
         if value in _SHELL_OPTIONS_WITH_VALUE:
             values_due = 1
         elif value.startswith("--"):
+            if value in ("--version", "--help"):
+                return None  # it prints and exits
             continue  # bash's long flags (--login, --norc, --posix)
         elif len(value) > 1 and value[0] in "-+":
             takes_script = takes_script or (value[0] == "-" and "c" in value)
+            reads_input = reads_input or (value[0] == "-" and "s" in value)
             values_due = value.count("o") + value.count("O")  # -eo pipefail: each o takes a word
         else:
             index -= 1
@@ -713,6 +717,10 @@ def _shell_script(args: list[Word]) -> Word | None:
             if problem is not None:
                 raise _Unjudgeable(problem)
     if not takes_script:
+        if reads_input or index >= len(args) or (args[index].known and args[index].value == "-"):
+            # `echo 'rm -rf ~' | sh`, `sh <<< CODE`: the code comes from a pipe or a here-string.
+            raise _Unjudgeable("commands read from its input (a pipe or a here-string), which the policy cannot see: "
+                               "give them with -c '…'")
         return None
     return args[index] if index < len(args) else Word("", True)
 
