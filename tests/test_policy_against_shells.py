@@ -68,9 +68,12 @@ def shims(tmp_path_factory) -> Path:
         if real is None:
             continue  # a line that names it fails to find it, and runs nothing of it
         shim = directory / name
+        # One write per record, so that programs running at once do not mix theirs.
         shim.write_text(
             "#!/bin/sh\n"
-            f'{{ printf "%s" {name}; for word in "$@"; do printf "\\037%s" "$word"; done; printf "\\036"; }} >> "$SHIM_LOG"\n'
+            f"record={name}; separator=$(printf '\\037')\n"
+            'for word in "$@"; do record="$record$separator$word"; done\n'
+            "printf '%s\\036' \"$record\" >> \"$SHIM_LOG\"\n"
             f'exec {real} "$@"\n'
         )
         shim.chmod(0o755)
