@@ -951,6 +951,16 @@ def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     assert decision.allowed, decision.explanation
 
 
+def test_env_takes_any_word_with_an_equals_sign_for_a_variable_as_env_does(tmp_path):
+    # GNU env sets `a.b=x` (not a name the shell would take) and runs touch; the reader took
+    # `a.b=x` for the program, so a rule for that "program" would have let touch run.
+    line = "env a.b=x touch pwned"
+    subprocess.run(["sh", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    assert (tmp_path / "pwned").exists()
+    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line)
+    assert not decision.allowed and "(env a.b=…)" in decision.explanation, decision.explanation
+
+
 @pytest.mark.parametrize("line", ["echo 'touch pwned' | sh", "echo 'touch pwned' | bash -s", "bash <<< 'touch pwned'",
                                   "echo 'touch pwned' | sh -"])
 def test_a_shell_reading_its_commands_from_its_input_is_refused(line, tmp_path):

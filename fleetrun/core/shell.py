@@ -1255,9 +1255,11 @@ def _env(args: list[Word]):  # type: ignore[no-untyped-def]
 
 
 def _leading_assignments(rest: list[Word]) -> list[tuple[str, str]]:
-    """Take the NAME=VALUE words that env and sudo set before their command off ``rest``."""
+    """Take the NAME=VALUE words that env and sudo set before their command off ``rest``.
+
+    Any word with a ``=`` is one to them, whatever precedes it: ``env a.b=x true`` runs true."""
     env: list[tuple[str, str]] = []
-    while rest and "=" in rest[0].value and _NAME.fullmatch(rest[0].value.split("=", 1)[0]):
+    while rest and "=" in rest[0].value:
         if not rest[0].known:
             raise _Unjudgeable("an assignment decided at run time")
         key, _, value = rest.pop(0).value.partition("=")
