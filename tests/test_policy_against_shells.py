@@ -36,7 +36,7 @@ PAYLOAD_WORDS = ["touch", "pwn", "-exec", ";", "5", "-n", "-u", "X", ".", "-maxd
 HEADS = ["find", "find .", "find . -maxdepth 0", "nice -n", "nice", "env -u", "env", "timeout -s", "timeout", "timeout 5",
          "xargs -I", "xargs", "stdbuf -o", "ionice -c", "setsid", "nohup", "command", "trap", "trap --", "ps -p", "ps",
          "ps -o args -p", "printf", "wait", "cd", "env -i", "nice -n 5", "sh -c 'find . $1' x", "set --", "nohup nice -n",
-         "timeout -k", "xargs -n", "command exec", "builtin command", "find . -name"]
+         "timeout -k", "xargs -n", "command exec", "builtin command", "find . -name", "env a.b=x", "sh -s", "bash"]
 WORDS_DECIDED_LATER = ["$_", '"$_"', "$PWD", '"$PWD"', "$1", '"$1"', "$@", '"$@"', "$*", "*", "{a,b}", "$OLDPWD", "${_}",
                        "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_"]
 TAILS = ["", "true", "id", "touch pwn2", ". -maxdepth 0", "1 true", "-print", '; find "$@"', "; env -u $@"]
