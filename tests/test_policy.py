@@ -951,6 +951,21 @@ def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     assert decision.allowed, decision.explanation
 
 
+def test_words_after_a_redirection_of_both_outputs_are_refused(tmp_path):
+    # dash, the sh of Debian and Ubuntu (and so of every local host there), reads
+    # `echo hi &>/dev/null touch pwned` as `echo hi &` and `>/dev/null touch pwned`: the
+    # built-in read-only policy allowed it as one echo, and touch ran.
+    line = "echo hi &>/dev/null touch pwned"
+    subprocess.run(["dash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    assert (tmp_path / "pwned").exists()
+    decision = READ_ONLY.decide(WEB1, line)
+    assert not decision.allowed
+    assert ("words after &>/dev/null (sh runs them as a command of their own, bash as arguments): "
+            "write >/dev/null 2>&1") in decision.explanation
+    assert "write >>/dev/null 2>&1" in READ_ONLY.decide(WEB1, "echo hi &>>/dev/null id").explanation
+    assert READ_ONLY.decide(WEB1, "uptime &>/dev/null; id").allowed  # nothing after it: the same in both
+
+
 def test_env_takes_any_word_with_an_equals_sign_for_a_variable_as_env_does(tmp_path):
     # GNU env sets `a.b=x` (not a name the shell would take) and runs touch; the reader took
     # `a.b=x` for the program, so a rule for that "program" would have let touch run.

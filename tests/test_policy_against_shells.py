@@ -39,7 +39,8 @@ HEADS = ["find", "find .", "find . -maxdepth 0", "nice -n", "nice", "env -u", "e
          "timeout -k", "xargs -n", "command exec", "builtin command", "find . -name", "env a.b=x", "sh -s", "bash"]
 WORDS_DECIDED_LATER = ["$_", '"$_"', "$PWD", '"$PWD"', "$1", '"$1"', "$@", '"$@"', "$*", "*", "{a,b}", "$OLDPWD", "${_}",
                        "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_"]
-TAILS = ["", "true", "id", "touch pwn2", ". -maxdepth 0", "1 true", "-print", '; find "$@"', "; env -u $@"]
+TAILS = ["", "true", "id", "touch pwn2", ". -maxdepth 0", "1 true", "-print", '; find "$@"', "; env -u $@",
+         "&>/dev/null touch pwn3", "&>>/dev/null nice touch pwn4"]
 
 
 def generated_lines(seed: int, count: int) -> list[str]:

@@ -514,13 +514,24 @@ def _join_continued_lines(text: str) -> str:
 
 def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> None:
     words: list[_Token] = []
+    both_outputs: _Token | None = None  # a &> or &>> before this word
     for token in tokens:
         if token.kind == _REDIRECT:
             problem = _redirection_problem(token)
             if problem:
                 result.problems.append(problem)
                 return
+            if token.value.startswith("&>"):
+                both_outputs = token
         else:
+            if both_outputs is not None:
+                # bash reads `echo hi &>/dev/null rm x` as one command; sh (dash) reads `echo hi &`
+                # and then `>/dev/null rm x`, which runs rm.
+                result.problems.append(
+                    f"words after {both_outputs.value}{both_outputs.raw} (sh runs them as a command of their own, "
+                    f"bash as arguments): write {both_outputs.value[1:]}{both_outputs.raw} 2>&1"
+                )
+                return
             words.append(token)
     if not words:
         return  # only redirections to /dev/null: nothing runs
