@@ -951,6 +951,32 @@ def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     assert decision.allowed, decision.explanation
 
 
+DENY_TOUCH = "rules:\n  - allow: '*'\n  - deny: touch *\n"
+
+
+@pytest.mark.parametrize(
+    "shell, line, problem",
+    [
+        # ksh93 skips `name:` before a command as a label.
+        ("ksh", "x: touch pwned", "x: where the program goes (ksh93 takes it for a label, and runs what follows)"),
+        ("ksh", "time a.b: touch pwned", "a.b: where the program goes (ksh93 takes it for a label"),
+        # zsh's &! and &| put the command before them in the background, as & does.
+        ("zsh", "true &!touch pwned", "'touch pwned' is denied"),
+        ("zsh", "true &|touch pwned", "'touch pwned' is denied"),
+        # bash, zsh and ksh take -- as the end of eval's options.
+        ("bash", "eval -- touch pwned", "'touch pwned' (run through eval) is denied"),
+    ],
+)
+def test_what_one_shell_runs_where_sh_would_not_is_judged(shell, line, problem, tmp_path):
+    # Before, each was judged as a program the deny rule did not name (`x:`, `!touch`, `--`).
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    subprocess.run([shell, "-c", line], cwd=tmp_path, capture_output=True, timeout=30)
+    assert (tmp_path / "pwned").exists(), f"{shell} does not run what this test says it does"
+    decision = parse_policy(DENY_TOUCH, source="p.yaml").decide(WEB1, line)
+    assert not decision.allowed and problem in decision.explanation, decision.explanation
+
+
 def test_words_after_a_redirection_of_both_outputs_are_refused(tmp_path):
     # dash, the sh of Debian and Ubuntu (and so of every local host there), reads
     # `echo hi &>/dev/null touch pwned` as `echo hi &` and `>/dev/null touch pwned`: the

@@ -56,6 +56,8 @@ _ASSIGNED_NAME = re.compile(r"\.?[A-Za-z_][A-Za-z0-9_.]*\+?")
 _ENDS_WORD = " \t\n;&|()<>"
 _WORD_END = re.compile(f"[{re.escape(_ENDS_WORD)}]")
 _DESCRIPTOR_VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+#: A label to ksh93 at the start of a command (a name, dots allowed, then a colon).
+_KSH_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:")
 _RESERVED = {"if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for", "in",
              "function", "select", "{", "}", "!", "[[", "]]", "coproc", "repeat", "foreach"}  # fmt: skip
 #: Shells that read a command line as POSIX sh does (the names of their programs): this
@@ -288,14 +290,16 @@ class _Lexer:
         if char == "\n":
             self.pos += 1
             return _Token(_OPERATOR, "\n")
-        for operator in ("&&", "||", ";;", "|&", ";", "|", "&"):
+        for operator in ("&&", "||", ";;", "|&", "&!", "&|", ";", "|", "&"):
             if text.startswith(operator, self.pos):
                 if operator == ";;":
                     raise _Unjudgeable("a case statement (;;)")
                 if operator == "&" and self._peek(1) == ">":
                     break  # &> is a redirection
                 self.pos += len(operator)
-                return _Token(_OPERATOR, operator)
+                # zsh's &! and &| (in the background, disowned) end a command as & does:
+                # `true &!rm x` runs rm there, where sh looks for a program named !rm.
+                return _Token(_OPERATOR, "&" if operator in ("&!", "&|") else operator)
         if char in "()":
             raise _Unjudgeable("a subshell or grouping with ( )")
         redirect = self._redirection()
@@ -625,6 +629,10 @@ def _judge_words(
     if program.value in _RESERVED:
         result.problems.append(f"shell syntax ({program.value} …)")
         return
+    if _KSH_LABEL.fullmatch(program.value):
+        # ksh93 takes `name:` before a command for a label: `x: rm -rf ~` runs rm.
+        result.problems.append(f"{program.value} where the program goes (ksh93 takes it for a label, and runs what follows)")
+        return
     name = program.value
     args = words[1:]
     base = name.rsplit("/", 1)[-1]
@@ -741,6 +749,8 @@ def _shell_script(args: list[Word]) -> Word | None:
 
 def _eval_code(args: list[Word]) -> Word | None:
     """What ``eval`` runs: its arguments joined with spaces, read again as a command line."""
+    if args and args[0].known and args[0].value == "--":
+        args = args[1:]  # bash, zsh and ksh: the end of eval's options (dash runs a program named --)
     if not args:
         return None
     return Word(" ".join(word.value for word in args), all(word.known for word in args))
