@@ -963,6 +963,8 @@ DENY_TOUCH = "rules:\n  - allow: '*'\n  - deny: touch *\n"
         # zsh's &! and &| put the command before them in the background, as & does.
         ("zsh", "true &!touch pwned", "'touch pwned' is denied"),
         ("zsh", "true &|touch pwned", "'touch pwned' is denied"),
+        # zsh assigns positional parameters before a command.
+        ("zsh", "1=x touch pwned", "an environment setting that can change what a command does (1=…)"),
         # bash, zsh and ksh take -- as the end of eval's options.
         ("bash", "eval -- touch pwned", "'touch pwned' (run through eval) is denied"),
     ],

@@ -51,7 +51,9 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: What $ expands: a name or a special parameter; inside ${ }, also the length of a name (${#NAME}).
 _PARAMETER = re.compile(rf"{_NAME.pattern}|[0-9@*#?$!-]")
 _BRACED_PARAMETER = re.compile(rf"#?{_NAME.pattern}|[0-9@*#?$!-]")
-_ASSIGNED_NAME = re.compile(r"\.?[A-Za-z_][A-Za-z0-9_.]*\+?")
+#: What a shell takes for NAME in NAME=value: zsh also assigns positional parameters
+#: (`1=x touch f` runs touch there).
+_ASSIGNED_NAME = re.compile(r"(?:\.?[A-Za-z_][A-Za-z0-9_.]*|[0-9]+)\+?")
 #: Characters that end a word that is not quoted (and start the next one).
 _ENDS_WORD = " \t\n;&|()<>"
 _WORD_END = re.compile(f"[{re.escape(_ENDS_WORD)}]")
