@@ -1,13 +1,15 @@
 """The policy's reader against real shells: what a shell runs is what the reader judged.
 
-Lines are generated from the forms that decide what runs (wrappers and their option values,
+Two generators. The first builds lines from the forms that decide what runs (wrappers and their option values,
 find, ps, trap, printf, wait) with words the shell fills in at run time: ``$_`` (the last
 word of the command before, which the line sets), ``$1`` and ``"$@"`` (arguments given to
 the shell), ``$PWD`` (after ``cd`` into a directory whose name has blanks), globs, braces.
 Each line the policy allows under ``allow: '*'`` runs in bash, dash, zsh and ksh with every
 program on PATH replaced by a shim that records its arguments, then runs the real program.
 Every program that ran must be one the reader saw, and each, written out with the words it
-really got, must be allowed too (``find . -delete`` is not).
+really got, must be allowed too (``find . -delete`` is not). The second strings together
+tokens (quotes, escapes, operators, redirections, keywords, words of each shell's own
+syntax) where the shells' readings part: ``&>``, ``&!``, ``name:``, ``1=x``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,21 @@ def shims(tmp_path_factory) -> Path:
     return directory
 
 
+SOUP = ["touch", "pwn", "true", "id", "echo", "x", "-n", "5", "nice", "env", "find", ".", "-exec", "{}", "\\;", ";", "&&",
+        "||", "|", "&", "\n", "'", '"', "\\", "$_", "$1", "$@", "`", "}", "{", "(", "=", "A=1", "#", "\\\n", "<<<", ">",
+        "<", "2>&1", ">/dev/null", "!", "time", "command", "exec", "cd", "-", "--", "~", "*", "?", "[", "]", "[[", "case",
+        "if", "fi", "alias", "a=b", "xargs", "timeout", "sh", "-c", "eval", "trap", "EXIT", "IFS=", "set", "$IFS", "\t",
+        " ", "nohup", "builtin", "a.b=x", "&>", "&>>", ">&", "|&", "&|", "&!", ">|", "<>", ">>", "2>", "<&-", "&>/dev/null",
+        "=", ":", "-e", "$'", "\\'", "''", '""', "x:", "a.b:", "eval --", "1=", "noglob", "nocorrect", "'touch pwn'",
+        "t'ouch'", "to\\uch", "${_}", "$0", "-delete", "ps", "e"]
+
+
+def soup_lines(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = ("".join(rng.choice(SOUP) + rng.choice([" ", "", " "]) for _ in range(rng.randint(2, 12))) for _ in range(count))
+    return [line for line in lines if not line.lstrip().startswith("-")]  # `sh -c -x` takes it for options
+
+
 def programs_the_reader_saw(line: str) -> set[str]:
     names = set()
     for command in parse_command(line).commands:
@@ -89,11 +106,13 @@ def programs_the_reader_saw(line: str) -> set[str]:
     return names
 
 
+@pytest.mark.parametrize("generator", ["forms", "soup"])
 @pytest.mark.parametrize("shell", SHELLS)
-def test_every_program_a_shell_runs_is_one_the_policy_judged(shell, shims, tmp_path):
+def test_every_program_a_shell_runs_is_one_the_policy_judged(shell, generator, shims, tmp_path):
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} is not installed")
-    allowed = [line for line in generated_lines(seed=2026, count=3000) if POLICY.decide(HOST, line).allowed]
+    lines = generated_lines(seed=2026, count=3000) if generator == "forms" else soup_lines(seed=2026, count=2500)
+    allowed = [line for line in lines if POLICY.decide(HOST, line).allowed]
     assert len(allowed) > 100  # the generator still makes lines worth running
     wrong = []
     for number, line in enumerate(allowed):
@@ -109,7 +128,12 @@ def test_every_program_a_shell_runs_is_one_the_policy_judged(shell, shims, tmp_p
         except subprocess.TimeoutExpired:
             pass
         ran = [record.split("\x1f") for record in (log.read_text() if log.exists() else "").split("\x1e") if record]
-        hidden = {argv[0] for argv in ran} - programs_the_reader_saw(line)
+        seen = programs_the_reader_saw(line)
+        if seen & {".", "source"}:
+            continue  # a file the line sources runs what it holds (README: allowed wherever a rule allows it)
+        hidden = {argv[0] for argv in ran} - seen
+        if shell == "zsh":
+            hidden -= {"cat"}  # zsh runs cat for a redirection with no command: it copies what was allowed
         if hidden:
             wrong.append(f"{line!r} ran {sorted(hidden)}, which the reader did not see")
         for argv in ran:
