@@ -979,6 +979,15 @@ def test_what_one_shell_runs_where_sh_would_not_is_judged(shell, line, problem, 
     assert not decision.allowed and problem in decision.explanation, decision.explanation
 
 
+def test_a_descriptor_closed_with_more_after_its_dash_is_refused():
+    # bash ends `2>&-''` at the -, closing stderr, and gives echo an empty argument more
+    # than the reader saw (it took '' for part of the target).
+    assert subprocess.run(["bash", "-c", "echo a 2>&-'' b"], capture_output=True, text=True).stdout == "a  b\n"
+    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, "echo a 2>&-'' b")
+    assert not decision.allowed and "'>&-' followed by more (>&-'': bash reads the rest as a word)" in decision.explanation
+    assert parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, "echo a 2>&- b").allowed
+
+
 def test_words_after_a_redirection_of_both_outputs_are_refused(tmp_path):
     # dash, the sh of Debian and Ubuntu (and so of every local host there), reads
     # `echo hi &>/dev/null touch pwned` as `echo hi &` and `>/dev/null touch pwned`: the

@@ -325,6 +325,9 @@ class _Lexer:
         target = self._next()
         if target is None or target.kind != _WORD:
             raise _Unjudgeable(f"redirection '{operator}' without a target")
+        if operator in (">&", "<&") and target.raw.startswith("-") and target.raw != "-":
+            # bash ends the redirection at the -: `>&-''` closes, then gives an empty word.
+            raise _Unjudgeable(f"'{operator}-' followed by more ({operator}{target.raw}: bash reads the rest as a word)")
         return _Token(_REDIRECT, operator, known=target.known, raw=target.value)
 
     def _word(self) -> _Token:
