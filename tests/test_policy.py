@@ -965,15 +965,18 @@ DENY_TOUCH = "rules:\n  - allow: '*'\n  - deny: touch *\n"
         ("zsh", "true &|touch pwned", "'touch pwned' is denied"),
         # zsh assigns positional parameters before a command.
         ("zsh", "1=x touch pwned", "an environment setting that can change what a command does (1=…)"),
+        # busybox ash (Alpine's sh) runs exec's -a NAME as the program.
+        ("ash", "exec -a touch echo pwned", "-a NAME (busybox ash runs NAME instead of the command)"),
         # bash, zsh and ksh take -- as the end of eval's options.
         ("bash", "eval -- touch pwned", "'touch pwned' (run through eval) is denied"),
     ],
 )
 def test_what_one_shell_runs_where_sh_would_not_is_judged(shell, line, problem, tmp_path):
     # Before, each was judged as a program the deny rule did not name (`x:`, `!touch`, `--`).
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
-    subprocess.run([shell, "-c", line], cwd=tmp_path, capture_output=True, timeout=30)
+    command = ["busybox", "sh"] if shell == "ash" else [shell]
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not installed")
+    subprocess.run([*command, "-c", line], cwd=tmp_path, capture_output=True, timeout=30)
     assert (tmp_path / "pwned").exists(), f"{shell} does not run what this test says it does"
     decision = parse_policy(DENY_TOUCH, source="p.yaml").decide(WEB1, line)
     assert not decision.allowed and problem in decision.explanation, decision.explanation

@@ -4,7 +4,8 @@ Two generators. The first builds lines from the forms that decide what runs (wra
 find, ps, trap, printf, wait) with words the shell fills in at run time: ``$_`` (the last
 word of the command before, which the line sets), ``$1`` and ``"$@"`` (arguments given to
 the shell), ``$PWD`` (after ``cd`` into a directory whose name has blanks), globs, braces.
-Each line the policy allows under ``allow: '*'`` runs in bash, dash, zsh and ksh with every
+Each line the policy allows under ``allow: '*'`` runs in bash, dash, zsh, ksh, mksh, yash,
+posh and busybox's ash with every
 program on PATH replaced by a shim that records its arguments, then runs the real program.
 Every program that ran must be one the reader saw, and each, written out with the words it
 really got, must be allowed too (``find . -delete`` is not). The second strings together
@@ -27,7 +28,9 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.policy import parse_policy
 from fleetrun.core.shell import parse_command
 
-SHELLS = ["bash", "dash", "zsh", "ksh"]
+#: Each shell of the sh family the reader speaks for, as a command line; busybox's is ash (Alpine's sh).
+SHELLS = {"bash": ["bash"], "dash": ["dash"], "zsh": ["zsh"], "ksh": ["ksh"], "mksh": ["mksh"], "yash": ["yash"],
+          "posh": ["posh"], "ash": ["busybox", "sh"]}
 PROGRAMS = ["find", "nice", "env", "timeout", "xargs", "stdbuf", "ionice", "setsid", "nohup", "touch", "ps", "id", "true",
             "ls", "cat", "sh"]
 POLICY = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="allow-all.yaml")
@@ -109,8 +112,9 @@ def programs_the_reader_saw(line: str) -> set[str]:
 @pytest.mark.parametrize("generator", ["forms", "soup"])
 @pytest.mark.parametrize("shell", SHELLS)
 def test_every_program_a_shell_runs_is_one_the_policy_judged(shell, generator, shims, tmp_path):
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+    program = shutil.which(SHELLS[shell][0])
+    if program is None:
+        pytest.skip(f"{SHELLS[shell][0]} is not installed")
     lines = generated_lines(seed=2026, count=3000) if generator == "forms" else soup_lines(seed=2026, count=2500)
     allowed = [line for line in lines if POLICY.decide(HOST, line).allowed]
     assert len(allowed) > 100  # the generator still makes lines worth running
@@ -121,7 +125,7 @@ def test_every_program_a_shell_runs_is_one_the_policy_judged(shell, generator, s
         log = tmp_path / f"{number}.log"
         try:
             subprocess.run(
-                [shutil.which(shell), "-c", line, "x", "-delete", "touch"], cwd=run_in, capture_output=True, timeout=10,
+                [program, *SHELLS[shell][1:], "-c", line, "x", "-delete", "touch"], cwd=run_in, capture_output=True, timeout=10,
                 env={"PATH": str(shims), "SHIM_LOG": str(log), "HOME": str(run_in), "LC_ALL": "C"},
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )

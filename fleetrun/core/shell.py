@@ -1306,6 +1306,16 @@ def _simple_wrapper(with_value: set[str], flags: set[str], positional: int = 0):
     return unwrap
 
 
+def _exec(args: list[Word]):  # type: ignore[no-untyped-def]
+    for word in args:
+        if not word.value.startswith("-") or word.value == "--":
+            break
+        if word.value.startswith("-a") or (word.value[1:2] != "-" and "a" in word.value):
+            # busybox ash (Alpine's sh) runs NAME itself: `exec -a rm echo -rf ~` runs rm.
+            raise _Unjudgeable(f"{word.value} NAME (busybox ash runs NAME instead of the command)")
+    return _simple_wrapper(set(), {"-c", "-l"})(args)
+
+
 def _time(args: list[Word]):  # type: ignore[no-untyped-def]
     values: dict[str, list[Word]] = {}
     rest = _skip_options(
@@ -1363,7 +1373,7 @@ _WRAPPERS = {
     "time": _time,
     "timeout": _simple_wrapper({"-s", "--signal", "-k", "--kill-after"}, {"--preserve-status", "--foreground", "-v", "--verbose"}, positional=1),
     "command": _simple_wrapper(set(), {"-p", "-v", "-V"}),
-    "exec": _simple_wrapper({"-a"}, {"-c", "-l"}),
+    "exec": _exec,
     "stdbuf": _simple_wrapper({"-i", "--input", "-o", "--output", "-e", "--error"}, set()),
     "ionice": _simple_wrapper({"-c", "--class", "-n", "--classdata"}, {"-t", "--ignore"}),
     "setsid": _simple_wrapper(set(), {"-c", "--ctty", "-f", "--fork", "-w", "--wait"}),
