@@ -15,7 +15,6 @@ syntax) where the shells' readings part: ``&>``, ``&!``, ``name:``, ``1=x``.
 
 from __future__ import annotations
 
-import os
 import random
 import shlex
 import shutil

@@ -702,7 +702,9 @@ def _shell_script(args: list[Word]) -> Word | None:
     """The script of ``sh -c SCRIPT``, else None. As sh reads its arguments: options come
     first, ``-c`` among them (alone or in a group such as ``-ec``), and may follow it
     (``sh -c -e SCRIPT``); the script is the first word after them, or after ``--``.
-    A word decided at run time among them is returned as the script: it could be one."""
+    A word decided at run time among them is returned as the script: it could be one. A
+    shell given neither -c nor a file (or given -s) reads its commands from its input,
+    which no rule sees: refused."""
     takes_script = False
     reads_input = False  # -s: commands from the input, whatever follows
     values_due = 0  # option values still to come (-o errexit)
@@ -805,23 +807,9 @@ _ARITHMETIC_OPERAND_COMMANDS = frozenset({"shift", "exit", "bye", "return", "log
 _NUMBER = re.compile(r"[-+]?(?:0[xX][0-9A-Fa-f]+|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 #: A word that expands only what the shell sets to a number: $?, $#, $$, $!.
 _NUMERIC_SPECIALS = re.compile(r"(?:\$\{?[?#$!]\}?|[0-9])+")
-
-
 #: Of those, the ones that are never empty: $! is, until a job has run in the background,
 #: and an empty word that is not quoted vanishes (`nice -n $! 1 true` runs true, not 1).
 _NEVER_EMPTY_SPECIALS = re.compile(r"(?:\$\{?[?#$]\}?|[0-9])+")
-
-
-def _stays_one_word(word: Word) -> bool:
-    """Whether the shell makes exactly one word of ``word``, as the reader counts it."""
-    return word.known or word.one_word or _NEVER_EMPTY_SPECIALS.fullmatch(word.value) is not None
-
-
-def _could_be_options(word: Word) -> bool:
-    """Whether a word decided at run time could hold options: ``$_`` holds whatever the last
-    command's last argument was (``-delete``), and ``$PWD`` unquoted splits at a directory
-    name's blanks. Only the numbers the shell sets ($?, $!, …) cannot."""
-    return not word.known and not _NUMERIC_SPECIALS.fullmatch(word.value)
 #: A variable name whose subscript, if any, is a number or all elements: bash and zsh
 #: evaluate any other subscript of a name they are given (``test -v 'a[_]'``).
 _PLAIN_VARIABLE_NAME = re.compile(r"[^\[]*(?:\[(?:[0-9]*|[@*])\])?")
@@ -841,6 +829,18 @@ _TEST_BINARY_OPERATORS = frozenset(
 #: TZ=SECRET``, ``$TZ`` is SECRET.
 _PLAIN_DECLARATION_LETTERS = frozenset("xrgp")
 _TYPED_DECLARATIONS = frozenset({"integer", "float"})
+
+
+def _stays_one_word(word: Word) -> bool:
+    """Whether the shell makes exactly one word of ``word``, as the reader counts it."""
+    return word.known or word.one_word or _NEVER_EMPTY_SPECIALS.fullmatch(word.value) is not None
+
+
+def _could_be_options(word: Word) -> bool:
+    """Whether a word decided at run time could hold options: ``$_`` holds whatever the last
+    command's last argument was (``-delete``), and ``$PWD`` unquoted splits at a directory
+    name's blanks. Only the numbers the shell sets ($?, $!, …) cannot."""
+    return not word.known and not _NUMERIC_SPECIALS.fullmatch(word.value)
 
 
 def _printf_slots(form: Word, count: int) -> list[str | None]:
@@ -1310,7 +1310,7 @@ def _exec(args: list[Word]):  # type: ignore[no-untyped-def]
     for word in args:
         if not word.value.startswith("-") or word.value == "--":
             break
-        if word.value.startswith("-a") or (word.value[1:2] != "-" and "a" in word.value):
+        if not word.value.startswith("--") and "a" in word.value[1:]:
             # busybox ash (Alpine's sh) runs NAME itself: `exec -a rm echo -rf ~` runs rm.
             raise _Unjudgeable(f"{word.value} NAME (busybox ash runs NAME instead of the command)")
     return _simple_wrapper(set(), {"-c", "-l"})(args)
