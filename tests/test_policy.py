@@ -906,7 +906,7 @@ HIDDEN_BY_SPLITTING = [
     ('echo "X touch pwned-env" >/dev/null; env -u $_ true', "pwned-env", "env: -u $_ (a value the shell may split"),
     ('echo "KILL 5 touch pwned-timeout" >/dev/null; timeout -s $_ 5 true', "pwned-timeout", "timeout: -s $_ (a value"),
     ('echo ". -maxdepth 0 -exec touch pwned-find ;" >/dev/null; find $_', "pwned-find",
-     "find $_ (a word decided at run time could be an action such as -exec or -delete)"),
+     "find $_ (a word decided at run time could be an action such as -exec or -delete"),
     ("sh -c 'find . -maxdepth 0 \"$1\" pwned-fprint' x -fprint", "pwned-fprint", "find $1 (a word decided at run time"),
     ("echo 'touch${IFS}pwned-trap EXIT' >/dev/null; trap $_", "pwned-trap", "trap with code decided at run time"),
     ('echo ". -maxdepth 0 -exec touch pwned-xargs ;" | xargs find', "pwned-xargs",
@@ -944,7 +944,7 @@ def test_options_that_may_split_are_refused_naming_them(line, problem):
 @pytest.mark.parametrize(
     "line",
     ['sudo -u "$USER" id', 'nice -n "$_" true', "sleep 0 & wait $!", "find . -name '*.log' -print", 'trap "$_"', "nice -n $$ true",
-     "ps -o args -p $$"],
+     "ps -o args -p $$", "find ~ -name '*.log'", 'find "$HOME"/logs -type f', 'cd /tmp && find "$PWD" -maxdepth 1', "find ~+"],
 )
 def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)
