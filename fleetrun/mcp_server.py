@@ -70,7 +70,10 @@ How to use fleetrun well:
 2. Plan first: plan_command(host, command) shows what would run, the limits, and whether
    the policy allows it, naming the rule. It runs nothing.
 3. Run: run_command(host, command, wait_s=10) for short commands; start_task for long ones.
-   A command is POSIX shell (sh) on every host, whatever the user's login shell there.
+   A command is POSIX shell (sh) on every host, whatever the user's login shell there. Write
+   it plainly, and the policy can judge it: quote expansions ("$HOME", not $HOME), write paths
+   and options out rather than through $_ or $1, and give shell code with sh -c '...' rather
+   than piping it into a shell.
    For several hosts, run_on_hosts(command, hosts=[...] or tag=..., max_parallel, stop_on_failure).
 4. Follow: get_task(task_id) for status and real progress (bytes, lines, the last line, and a
    percentage only when the command prints one); get_task_output(task_id, offset=next_offset)
