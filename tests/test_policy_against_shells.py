@@ -1,16 +1,18 @@
 """The policy's reader against real shells: what a shell runs is what the reader judged.
 
-Two generators. The first builds lines from the forms that decide what runs (wrappers and their option values,
-find, ps, trap, printf, wait) with words the shell fills in at run time: ``$_`` (the last
-word of the command before, which the line sets), ``$1`` and ``"$@"`` (arguments given to
-the shell), ``$PWD`` (after ``cd`` into a directory whose name has blanks), globs, braces.
+Two generators. The first builds lines from the forms that decide what runs (wrappers and
+their option values, find, ps, trap, printf, wait) with words the shell fills in at run
+time: ``$_`` (the last word of the command before, which the line sets), ``$1`` and
+``"$@"`` (arguments given to the shell), ``$PWD`` (after ``cd`` into a directory whose name
+has blanks), a tilde, globs, braces. The second strings together tokens (quotes, escapes,
+operators, redirections, keywords, words of each shell's own syntax) where the shells'
+readings part: ``&>``, ``&!``, ``name:``, ``1=x``.
+
 Each line the policy allows under ``allow: '*'`` runs in bash, dash, zsh, ksh, mksh, yash,
-posh and busybox's ash with every
-program on PATH replaced by a shim that records its arguments, then runs the real program.
-Every program that ran must be one the reader saw, and each, written out with the words it
-really got, must be allowed too (``find . -delete`` is not). The second strings together
-tokens (quotes, escapes, operators, redirections, keywords, words of each shell's own
-syntax) where the shells' readings part: ``&>``, ``&!``, ``name:``, ``1=x``.
+posh and busybox's ash with every program on PATH replaced by a shim that records its
+arguments, then runs the real program. Every program that ran must be one the reader saw,
+and each, written out with the words it really got, must be allowed too (``find . -delete``
+is not).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ HEADS = ["find", "find .", "find . -maxdepth 0", "nice -n", "nice", "env -u", "e
          "xargs -I", "xargs", "stdbuf -o", "ionice -c", "setsid", "nohup", "command", "trap", "trap --", "ps -p", "ps",
          "ps -o args -p", "printf", "wait", "cd", "env -i", "nice -n 5", "sh -c 'find . $1' x", "set --", "nohup nice -n",
          "timeout -k", "xargs -n", "command exec", "builtin command", "find . -name", "env a.b=x", "sh -s", "bash"]
-WORDS_DECIDED_LATER = ["~", "~/x", '"$HOME"', '"$PWD"/y', "~+", "~$_", "$_", '"$_"', "$PWD", '"$PWD"', "$1", '"$1"', "$@", '"$@"', "$*", "*", "{a,b}", "$OLDPWD", "${_}",
-                       "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_"]
+WORDS_DECIDED_LATER = ["$_", '"$_"', "$PWD", '"$PWD"', "$1", '"$1"', "$@", '"$@"', "$*", "*", "{a,b}", "$OLDPWD", "${_}",
+                       "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_", "~", "~/x", '"$HOME"', '"$PWD"/y', "~+",
+                       "~$_"]
 TAILS = ["", "true", "id", "touch pwn2", ". -maxdepth 0", "1 true", "-print", '; find "$@"', "; env -u $@",
          "&>/dev/null touch pwn3", "&>>/dev/null nice touch pwn4"]
 
