@@ -982,6 +982,16 @@ def test_what_one_shell_runs_where_sh_would_not_is_judged(shell, line, problem, 
     assert not decision.allowed and problem in decision.explanation, decision.explanation
 
 
+def test_a_redirection_with_no_command_is_refused():
+    # sh runs nothing for it; zsh runs cat ($NULLCMD), a program no rule was asked about.
+    assert subprocess.run(["dash", "-c", "echo hi | 2>&1"], capture_output=True, text=True).stdout == ""
+    if shutil.which("zsh"):
+        assert subprocess.run(["zsh", "-c", "echo hi | 2>&1"], capture_output=True, text=True).stdout == "hi\n"
+    for line in ["echo hi | 2>&1", ">/dev/null", "uptime; 2>/dev/null"]:
+        decision = READ_ONLY.decide(WEB1, line)
+        assert not decision.allowed and "a redirection with no command (zsh runs cat for it)" in decision.explanation
+
+
 def test_a_descriptor_closed_with_more_after_its_dash_is_refused():
     # bash ends `2>&-''` at the -, closing stderr, and gives echo an empty argument more
     # than the reader saw (it took '' for part of the target).

@@ -543,7 +543,10 @@ def _judge_segment(tokens: list[_Token], result: ParsedCommand, depth: int) -> N
                 return
             words.append(token)
     if not words:
-        return  # only redirections to /dev/null: nothing runs
+        if tokens:
+            # sh runs nothing for `>/dev/null` alone; zsh runs cat ($NULLCMD), unseen by any rule.
+            result.problems.append("a redirection with no command (zsh runs cat for it)")
+        return
     _judge_words(
         [Word(t.value, t.known, t.one_word, "=" in t.raw and _assignment(t) is not None) for t in words],
         (), (), False, result, depth,
