@@ -944,7 +944,8 @@ def test_options_that_may_split_are_refused_naming_them(line, problem):
 @pytest.mark.parametrize(
     "line",
     ['sudo -u "$USER" id', 'nice -n "$_" true', "sleep 0 & wait $!", "find . -name '*.log' -print", 'trap "$_"', "nice -n $$ true",
-     "ps -o args -p $$", "find ~ -name '*.log'", 'find "$HOME"/logs -type f', 'cd /tmp && find "$PWD" -maxdepth 1', "find ~+"],
+     "ps -o args -p $$", "find ~ -name '*.log'", 'find "$HOME"/logs -type f', 'cd /tmp && find "$PWD" -maxdepth 1', "find ~+",
+     "find $HOME -name '*.log'", "find ${HOME}/logs"],
 )
 def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
     decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)

@@ -1138,11 +1138,16 @@ _PS_LONG_WITH_VALUE = frozenset(
 #: One word that starts with a directory, not with an action of find's (-exec): a tilde
 #: prefix (~, ~/logs, ~user, ~+), or "$HOME", "$PWD", "$OLDPWD" quoted.
 _DIRECTORY_START = re.compile(r"~|\$(?:\{(?:HOME|PWD|OLDPWD)\}|(?:HOME|PWD|OLDPWD)(?![A-Za-z0-9_]))")
+#: $HOME unquoted, with a plain path after it: the account's home, which no command can
+#: change ($PWD can: `cd` into a directory named `x -delete`, and it splits there).
+_HOME_PATH = re.compile(r"\$(?:\{HOME\}|HOME(?![A-Za-z0-9_]))[^$`*?\[{~\\'\"]*")
 
 
 def _find_problem(args: list[Word]) -> str | None:
     for word in args:
-        if _could_be_options(word) and not (word.one_word and _DIRECTORY_START.match(word.value)):
+        if _could_be_options(word) and not (
+            (word.one_word and _DIRECTORY_START.match(word.value)) or _HOME_PATH.fullmatch(word.value)
+        ):
             return (f"find {word.value} (a word decided at run time could be an action such as -exec or -delete: "
                     "write it out, or quote a directory's variable, \"$HOME\")")
         if word.value in ("-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"):
