@@ -45,7 +45,7 @@ HEADS = ["find", "find .", "find . -maxdepth 0", "nice -n", "nice", "env -u", "e
          "ps -o args -p", "printf", "wait", "cd", "env -i", "nice -n 5", "sh -c 'find . $1' x", "set --", "nohup nice -n",
          "timeout -k", "xargs -n", "command exec", "builtin command", "find . -name", "env a.b=x", "sh -s", "bash"]
 WORDS_DECIDED_LATER = ["$_", '"$_"', "$PWD", '"$PWD"', "$1", '"$1"', "$@", '"$@"', "$*", "*", "{a,b}", "$OLDPWD", "${_}",
-                       "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_", "~", "~/x", '"$HOME"', '"$PWD"/y', "~+",
+                       "x$_", "$IFS", '"${@}"', "$!", '"$!"', "$$", "./$_", "-$_", "~", "~/x", '"$HOME"', "$HOME/x", '"$PWD"/y', "~+",
                        "~$_"]
 TAILS = ["", "true", "id", "touch pwn2", ". -maxdepth 0", "1 true", "-print", '; find "$@"', "; env -u $@",
          "&>/dev/null touch pwn3", "&>>/dev/null nice touch pwn4"]
