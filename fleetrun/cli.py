@@ -598,13 +598,19 @@ def _configured_or_builtin_policy(ctx: _Context):  # type: ignore[no-untyped-def
 def cmd_policy_show(ctx: _Context) -> int:
     policy = _configured_or_builtin_policy(ctx)
     if ctx.args.json:
-        print(json.dumps({"policy": policy.source, "rules": [rule.to_dict() for rule in policy.rules], "default": "deny"}, indent=2))
+        print(json.dumps(
+            {"policy": policy.source, "rules": [rule.to_dict() for rule in policy.rules], "default": "deny",
+             "warnings": policy.warnings},
+            indent=2,
+        ))
         return EXIT_OK
     print(f"policy: {policy.source}")
     for rule in policy.rules:
         line = f", line {rule.line}" if rule.line is not None else ""
         print(f"  rule {rule.index}{line}: {rule.text}")
     print("  default: deny (a command no rule matches)")
+    for warning in policy.warnings:
+        print(f"warning: {warning}")
     return EXIT_OK
 
 

@@ -123,6 +123,23 @@ def test_an_edited_policy_judges_the_next_request(following, tmp_path):
     assert [t.command for t in executor.list()] == ["echo again", "echo before"]
 
 
+def test_a_rule_that_lets_any_command_through_is_named_when_the_policy_is_read_and_reread(tmp_path, caplog):
+    policy = tmp_path / "policy.yaml"
+    write(policy, "rules:\n  - allow: [uptime *, awk *]\n")
+    with caplog.at_level(logging.WARNING, logger="fleetrun.config"):
+        files = ConfigFiles(policy=policy)
+        write(policy, "rules:\n  - allow: uptime *\n  - allow: tar -tzf *\n")
+        files.refresh()
+        write(policy, "rules:\n  - allow: uptime *\n")  # nothing to warn about: nothing logged
+        files.refresh()
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING] == [
+        f"rule 1 of {policy}, line 2: allow: awk *: awk runs commands through system() and pipes in its program, "
+        "so this rule lets any command through; allow the forms you mean instead, such as 'awk -F: '{print $1}' /etc/passwd'",
+        f"rule 2 of {policy}, line 3: allow: tar -tzf *: tar runs commands (--to-command, --checkpoint-action=exec=…), "
+        "so this rule lets any command through; allow the forms you mean instead, such as 'tar -tzf /backups/*.tar.gz'",
+    ]
+
+
 def test_a_policy_edited_during_a_batch_leaves_out_the_hosts_it_now_denies(following, tmp_path, held):
     executor = following(hosts_text="hosts:\n  a: {transport: held}\n  b: {transport: held}\n", policy_text="rules:\n  - allow: hold *\n")
     batch = BatchRequest(hosts=("a", "b"), command="hold go", max_parallel=1)

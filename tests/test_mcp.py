@@ -711,6 +711,20 @@ def _server_env(tmp_path) -> dict[str, str]:
     return {**os.environ, "FLEETRUN_POLICY": str(policy)}
 
 
+def test_the_server_names_a_rule_that_lets_any_command_through_on_stderr(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - allow: [uptime *, awk *]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetrun", "serve"], env={**os.environ, "FLEETRUN_POLICY": str(policy)},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (0, "")  # stdout carries protocol messages only
+    assert (
+        f"fleetrun: WARNING: fleetrun.config: rule 1 of {policy}, line 2: allow: awk *: awk runs commands through system() "
+        "and pipes in its program, so this rule lets any command through"
+    ) in result.stderr
+
+
 def test_started_by_hand_on_a_terminal_it_says_what_it_is_and_ctrl_d_stops_it(tmp_path):
     import pty
 

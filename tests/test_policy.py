@@ -1233,6 +1233,30 @@ def test_cli_policy_check_and_run_name_the_rule(tmp_path):
     assert missing.returncode == 125 and "policy file not found (given by --policy)" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    "pattern, warned",
+    [
+        ("awk *", True), ("python3 *", True), ("bash *", True), ("sed -n *", True), ("tar -tzf *", True), ("git *", True),
+        ("docker exec *", True), ("watch -n 5 *", True), ("apt-get *", True), ("/usr/bin/perl -e *", True),
+        ("awk -F: '{print $1}' /etc/passwd", False), ("tar -tzf /backups/*.tar.gz", False), ("git status *", False),
+        ("docker ps", False), ("uptime *", False), ("ls *", False), ("sed -n '1,20p' /var/log/*", False), ("*", False),
+    ],
+)
+def test_a_rule_that_lets_any_command_through_a_program_is_warned_about(pattern, warned):
+    policy = parse_policy(f"rules:\n  - allow: {json.dumps(pattern)}\n  - deny: {json.dumps(pattern)}\n", source="p.yaml")
+    warnings = policy.warnings
+    assert len(warnings) == (1 if warned else 0), warnings  # a deny rule is never warned about
+    if warned:
+        program = shlex.split(pattern)[0].rsplit("/", 1)[-1]
+        assert warnings[0].startswith(f"rule 1 of p.yaml, line 2: allow: {pattern}: {program} runs ")
+        assert "so this rule lets any command through; allow the forms you mean instead, such as '" in warnings[0]
+
+
+def test_the_shipped_policies_warn_about_nothing():
+    assert read_only_policy().warnings == []
+    assert load_policy(REPO / "policy.example.yaml").warnings == []
+
+
 def test_cli_policy_show_lists_the_rules_as_written(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("rules:\n  - allow: [echo *, ls *]\n  - deny: echo secret\n    hosts: [local]\n")
@@ -1247,6 +1271,15 @@ def test_cli_policy_show_lists_the_rules_as_written(tmp_path):
     ]
     as_json = json.loads(run_cli("--policy", str(policy), "policy", "show", "--json").stdout)
     assert as_json["default"] == "deny" and as_json["rules"][2] == {"source": str(policy), "index": 2, "line": 3, "text": "deny: echo secret (hosts: local)"}
+    assert as_json["warnings"] == []
+    # A rule that lets any command through is shown, then named in a warning.
+    policy.write_text("rules:\n  - allow: [uptime *, python3 *]\n")
+    shown = run_cli("--policy", str(policy), "policy", "show")
+    assert (shown.returncode, shown.stdout.splitlines()[-1]) == (0, (
+        f"warning: rule 1 of {policy}, line 2: allow: python3 *: python3 runs the code its arguments hold (-e, -c, a script), "
+        "so this rule lets any command through; allow the forms you mean instead, such as 'python3 /opt/tools/report'"
+    ))
+    assert json.loads(run_cli("--policy", str(policy), "policy", "show", "--json").stdout)["warnings"] == [shown.stdout.splitlines()[-1][9:]]
     builtin = run_cli("policy", "show", "--builtin").stdout.splitlines()
     assert builtin[0] == "policy: <built-in read-only policy>" and "  rule 1: allow: uname *" in builtin
     no_policy = run_cli("policy", "show")

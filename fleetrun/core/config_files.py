@@ -90,6 +90,7 @@ class ConfigFiles:
         self._problem: str | None = None
         #: The configuration in force: replaced (never changed) when the files change.
         self.current = self._load()
+        _warn_about(self.current.policy)
 
     def refresh(self) -> Configuration:
         """The configuration in force, read again first if a file has changed since the last call.
@@ -186,3 +187,10 @@ class ConfigFiles:
             source = configuration.policy.source if configuration.policy is not None else "none"
             count = len(configuration.policy.rules) if configuration.policy is not None else 0
             log.info("policy changed: %d rules from %s", count, source)
+            _warn_about(configuration.policy)
+
+
+def _warn_about(policy: Policy | None) -> None:
+    """Name the rules that let any command through (``allow: awk *``) once per policy read."""
+    for warning in policy.warnings if policy is not None else ():
+        log.warning("%s", warning)

@@ -41,6 +41,7 @@ from fleetrun.core.inventory import TAG_RE, Host
 from fleetrun.core.shell import (
     SAFE_ASSIGNMENTS, SAFE_EXPANSIONS, SimpleCommand, Word, assignment_problem, parse_command, pattern_problem,
 )
+from fleetrun.core.policy_warnings import rule_warning
 from fleetrun.core.yaml_nodes import YamlReadError, compose, is_extension_key, mapping_entries, node_value, scalar_text
 
 BUILTIN_SOURCE = "<built-in read-only policy>"
@@ -216,6 +217,13 @@ class Policy:
 
     rules: tuple[Rule, ...]
     source: str = BUILTIN_SOURCE
+
+    @property
+    def warnings(self) -> list[str]:
+        """Rules that let any command through a program that runs what its arguments say
+        (``allow: awk *``): each names its rule, says why, and what to write instead."""
+        found = (rule_warning(rule) for rule in self.rules)
+        return [warning for warning in found if warning is not None]
 
     def decide(
         self,

@@ -201,6 +201,10 @@ def pattern_problem(pattern: str, words: list[str]) -> str | None:
     literal = words[:-1] if any_rest else words
     judged = ParsedCommand()
     _judge_words([Word(w) for w in literal], (), (), False, judged, depth=0)
+    if judged.problems and any_rest and literal[0].rsplit("/", 1)[-1] in SH_FAMILY:
+        # `bash *`: the words the * stands for can name a script file, which is not input.
+        judged = ParsedCommand()
+        _judge_words([*(Word(w) for w in literal), Word("FILE")], (), (), False, judged, depth=0)
     if judged.problems:
         return f"a command with {judged.problems[0]} is allowed only by allow_raw_shell: true"
     if len(judged.commands) != 1:
