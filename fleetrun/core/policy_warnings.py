@@ -12,6 +12,8 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING
 
+from fleetrun.core.shell import SH_FAMILY
+
 if TYPE_CHECKING:
     from fleetrun.core.policy import Rule
 
@@ -26,7 +28,7 @@ _RUN_WHAT_THEY_ARE_GIVEN = {
     "su": "su app -c uptime", "script": "script -q -c uptime /dev/null", "systemd-run": "systemd-run --user uptime",
     "setpriv": "setpriv --reuid app uptime", "numactl": "numactl --hardware", "firejail": "firejail --list",
 }
-_SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "mksh", "yash", "posh", "ash", "fish", "csh", "tcsh")
+_SHELLS = sorted(SH_FAMILY | {"fish", "csh", "tcsh"})
 
 #: Programs that run commands or code given in their arguments: what they run, and an
 #: example of a narrower rule.
