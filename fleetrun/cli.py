@@ -633,6 +633,12 @@ def cmd_policy_check(ctx: _Context) -> int:
             for verdict in decision.verdicts:
                 rule = verdict.rule.describe() if verdict.rule else "no rule (default: deny)"
                 print(printable(redact(f"  {'allow' if verdict.allowed else 'DENY '}  {verdict.command}  <- {rule}")))
+    # A rule that allowed the command but lets any command through is worth a second look.
+    from fleetrun.core.policy_warnings import rule_warning
+
+    deciding = dict.fromkeys(v.rule for v in decision.verdicts if v.allowed and v.rule is not None)
+    for warning in filter(None, map(rule_warning, deciding)):
+        print(f"fleetrun: warning: {warning}", file=sys.stderr)
     return EXIT_OK if decision.allowed else EXIT_DENIED
 
 

@@ -1252,6 +1252,20 @@ def test_a_rule_that_lets_any_command_through_a_program_is_warned_about(pattern,
         assert "so this rule lets any command through; allow the forms you mean instead, such as '" in warnings[0]
 
 
+def test_policy_check_warns_when_the_rule_that_allowed_the_command_lets_any_command_through(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - allow: [uptime *, awk *]\n")
+    checked = run_cli("--policy", str(policy), "policy", "check", "local", "--", "awk '{print $1}' /etc/hostname", cwd=tmp_path)
+    assert checked.returncode == 0
+    assert checked.stderr == (
+        f"fleetrun: warning: rule 1 of {policy}, line 2: allow: awk *: awk runs commands through system() and pipes in its "
+        "program, so this rule lets any command through; allow the forms you mean instead, such as "
+        "'awk -F: '{print $1}' /etc/passwd'\n"
+    )
+    quiet = run_cli("--policy", str(policy), "policy", "check", "local", "--", "uptime", cwd=tmp_path)
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
 def test_the_shipped_policies_warn_about_nothing():
     assert read_only_policy().warnings == []
     assert load_policy(REPO / "policy.example.yaml").warnings == []
