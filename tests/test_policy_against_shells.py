@@ -98,11 +98,12 @@ SOUP = ["touch", "pwn", "true", "id", "echo", "x", "-n", "5", "nice", "env", "fi
         "t'ouch'", "to\\uch", "${_}", "$0", "-delete", "ps", "e"]
 
 
-#: Words of what the built-in read-only policy allows, and of what it must not (date and
-#: hostname are left out: as root, a mistake would set this machine's clock or name).
+#: Words of what the built-in read-only policy allows, and of what it must not. Every path is
+#: relative, in the line's own directory, and date and hostname are left out: as root, a
+#: mistake of the reader's would otherwise remove a file of this machine, or set its clock or name.
 READ_ONLY_SOUP = ["uname", "-a", "uptime", "-p", "whoami", "id", "-u", "df", "-h", "free", "-m", "ps", "aux", "e", "eww", "-E",
                   "-o", "args", "-p", "$$", "nproc", "lscpu", "who", "w", "pwd", "-P", "echo", "true", "cat", "/proc/loadavg",
-                  "/etc/shadow", "touch", "rm", "x", ";", "&&", "||", "|", "&", "\n", "&>/dev/null", "2>&1", ">/dev/null",
+                  "secret.txt", "touch", "rm", "x", ";", "&&", "||", "|", "&", "\n", "&>/dev/null", "2>&1", ">/dev/null",
                   "'", '"', "\\", "$_", "$1", "$@", "*", "~", "{a,b}", "A=1", "LC_ALL=C", "#", "--", "$PWD", '"$PWD"', "$IFS",
                   "x:", "&!", "eval", "trap", "EXIT", "time", "command", "exec", "nohup", "env", "nice", "-n", "5", "sh", "-c",
                   "2>/dev/null", "<&-", ">&-", "$?", "$!", "ps -p $$ -o args", "'touch x'"]
