@@ -43,6 +43,10 @@ BUILTIN_PLUGINS = (
     ("fleetrun.transports.ssh", "fleetrun.plugins.transports.ssh"),
 )
 
+#: Where a plugin came from, besides a distribution's name and version (an entry point).
+BUILT_IN = "built-in"
+BY_CODE = "registered by code"
+
 log = logging.getLogger("fleetrun.plugins")
 
 #: A lifecycle hook that runs this long holds up every task of its executor: its plugin is
@@ -92,9 +96,6 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
         self._failed: list[_FailedPlugin] = []
-        #: Names of the plugins loaded from entry points: a transport registration that goes
-        #: wrong leaves such a plugin out, where one registered by code raises.
-        self._installed: set[str] = set()
         self._notifiers: dict[str, list[_Notifier]] | None = None
         self._transports: dict[str, type[Transport]] | None = None
         self._tracing = False
@@ -108,9 +109,9 @@ class PluginManager:
             self._enable_tracing()
         for name, module in BUILTIN_PLUGINS:
             if self._pm.is_blocked(name):
-                self._blocked[name] = "built-in"
+                self._blocked[name] = BUILT_IN
             else:
-                self._register(importlib.import_module(module), name, "built-in")
+                self._register(importlib.import_module(module), name, BUILT_IN)
         if autoload is None:
             autoload = env.get(NO_AUTOLOAD_ENV, "") in ("", "0", "false", "no")
         if autoload:
@@ -127,7 +128,7 @@ class PluginManager:
         Raises :class:`PluginError`, and keeps nothing of the plugin, when it does not fit
         fleetrun's hooks.
         """
-        registered = self._register(plugin, name, "registered by code")
+        registered = self._register(plugin, name, BY_CODE)
         try:
             self._check_pending()
         except PluginError:
@@ -211,8 +212,6 @@ class PluginManager:
                 except PluginError as exc:
                     self._forget(ep.name)
                     self._leave_out(ep.name, source, exc.problem)
-                    continue
-                self._installed.add(ep.name)
 
     def _leave_out(self, name: str, source: str, problem: str) -> None:
         log.warning(
@@ -278,32 +277,35 @@ class PluginManager:
         """
         if self._transports is None:
             collected: dict[str, type[Transport]] = {}
-            hook_name = "fleetrun_register_transports"
-            impls = getattr(self._pm.hook, hook_name).get_hookimpls()
-            everyone = [impl.plugin for impl in impls]
+            impls = self._pm.hook.fleetrun_register_transports.get_hookimpls()
             for impl in impls:
-                offered: list[type[Transport]] = []
-                caller = self._pm.subset_hook_caller(hook_name, [p for p in everyone if p is not impl.plugin])
                 try:
-                    try:
-                        caller(register=offered.append)
-                    except Exception as exc:
-                        raise PluginError(
-                            f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
-                            problem=f"{hook_name} raised {type(exc).__name__}: {exc}",
-                        ) from exc
-                    mine = _transport_names(impl.plugin_name, offered, collected)
+                    mine = self._transports_of(impl, impls, collected)
                 except PluginError as exc:
-                    if impl.plugin_name not in self._installed:
-                        raise
                     source = self._sources[impl.plugin_name]
+                    if source in (BUILT_IN, BY_CODE):
+                        raise
                     self._forget(impl.plugin_name)
-                    self._installed.discard(impl.plugin_name)
                     self._leave_out(impl.plugin_name, source, exc.problem)
                     continue
                 collected.update(mine)
             self._transports = collected
         return self._transports
+
+    def _transports_of(
+        self, impl: pluggy.HookImpl, impls: list[pluggy.HookImpl], taken: Mapping[str, type[Transport]]
+    ) -> dict[str, type[Transport]]:
+        """What one plugin registers, by name; raises :class:`PluginError` for anything amiss."""
+        hook_name = "fleetrun_register_transports"
+        offered: list[type[Transport]] = []
+        try:
+            self._caller_of_one(hook_name, impl, impls)(register=offered.append)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
+                problem=f"{hook_name} raised {type(exc).__name__}: {exc}",
+            ) from exc
+        return _transport_names(impl.plugin_name, offered, taken)
 
     # -- lifecycle notifications -----------------------------------------------------
 
@@ -351,12 +353,11 @@ class PluginManager:
             # Plain implementations: call each the way pluggy would, without its per-call
             # machinery, which would cost more than a short task's own bookkeeping.
             return [_Notifier(impl.plugin_name, _direct_call(impl)) for impl in impls]
-        plugins = [impl.plugin for impl in impls]
-        notifiers = []
-        for impl in impls:
-            others = [p for p in plugins if p is not impl.plugin]
-            notifiers.append(_Notifier(impl.plugin_name, self._pm.subset_hook_caller(hook_name, others)))
-        return notifiers
+        return [_Notifier(impl.plugin_name, self._caller_of_one(hook_name, impl, impls)) for impl in impls]
+
+    def _caller_of_one(self, hook_name: str, impl: pluggy.HookImpl, impls: list[pluggy.HookImpl]) -> Callable[..., Any]:
+        """A caller of ``impl``'s plugin alone, wrappers and tracing respected."""
+        return self._pm.subset_hook_caller(hook_name, [other.plugin for other in impls if other.plugin is not impl.plugin])
 
 
 def _transport_names(

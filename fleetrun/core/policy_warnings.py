@@ -9,7 +9,6 @@ named in a warning that says why and what to write instead.
 
 from __future__ import annotations
 
-import shlex
 from typing import TYPE_CHECKING
 
 from fleetrun.core.shell import SH_FAMILY
@@ -71,7 +70,7 @@ def rule_warning(rule: Rule) -> str | None:
     """Why ``rule`` allows any command, or None."""
     if rule.action != "allow" or rule.pattern is None:
         return None
-    words = shlex.split(rule.pattern)
+    words = rule.words
     program = words[0].rsplit("/", 1)[-1]
     found = RUNS_COMMANDS.get(program)
     if found is None or len(words) < 2:

@@ -1324,6 +1324,9 @@ def _simple_wrapper(with_value: set[str], flags: set[str], positional: int = 0):
     return unwrap
 
 
+_exec_words = _simple_wrapper(set(), {"-c", "-l"})
+
+
 def _exec(args: list[Word]):  # type: ignore[no-untyped-def]
     for word in args:
         if not word.value.startswith("-") or word.value == "--":
@@ -1331,7 +1334,7 @@ def _exec(args: list[Word]):  # type: ignore[no-untyped-def]
         if not word.value.startswith("--") and "a" in word.value[1:]:
             # busybox ash (Alpine's sh) runs NAME itself: `exec -a rm echo -rf ~` runs rm.
             raise _Unjudgeable(f"{word.value} NAME (busybox ash runs NAME instead of the command)")
-    return _simple_wrapper(set(), {"-c", "-l"})(args)
+    return _exec_words(args)
 
 
 def _time(args: list[Word]):  # type: ignore[no-untyped-def]
