@@ -63,6 +63,12 @@ def test_blocked_plugins_are_not_loaded_and_are_listed_with_what_each_name_match
     ]
 
 
+class _Listener:
+    @hookimpl
+    def fleetrun_task_created(self, task):
+        pass
+
+
 class _Typo:
     @hookimpl
     def fleetrun_task_complete(self, task, result):  # missing "d"
@@ -82,32 +88,26 @@ class _ExtraArgument:
         pass
 
 
-def test_unknown_hook_names_are_rejected_at_load_time_with_the_nearest_hook():
+@pytest.mark.parametrize(
+    "plugin, message",
+    [
+        # An unknown hook name, with the nearest hook.
+        (_Typo(), "plugin 'test_plugins._Typo' does not fit fleetrun's hooks: it implements 'fleetrun_task_complete', "
+                  "which is not a fleetrun hook (did you mean 'fleetrun_task_completed'?)"),
+        # A hook taking an argument its spec does not offer (pluggy's traceback before).
+        (_ExtraArgument(), "plugin 'test_plugins._ExtraArgument' does not fit fleetrun's hooks: hookimpl definition: "
+                           "fleetrun_task_created(task, retries); "
+                           "Argument(s) {'retries'} are declared in the hookimpl but can not be found in the hookspec"),
+        # A class, whose hooks would have no `self`.
+        (_Listener, "plugin 'test_plugins._Listener' does not fit fleetrun's hooks: it is the class test_plugins._Listener, "
+                    "whose hooks would have no `self`: use an instance of it, or a module"),
+    ],
+    ids=["unknown-hook", "extra-argument", "class"],
+)
+def test_a_plugin_that_does_not_fit_the_hooks_is_refused_at_load_saying_why(plugin, message):
     with pytest.raises(PluginError) as raised:
-        PluginManager(plugins=[_Typo()], autoload=False)
-    assert str(raised.value) == (
-        "plugin 'test_plugins._Typo' does not fit fleetrun's hooks: it implements 'fleetrun_task_complete', "
-        "which is not a fleetrun hook (did you mean 'fleetrun_task_completed'?)"
-    )
-
-
-def test_a_hook_taking_an_argument_its_spec_does_not_offer_is_a_plugin_error():
-    with pytest.raises(PluginError) as raised:
-        PluginManager(plugins=[_ExtraArgument()], autoload=False)
-    assert str(raised.value) == (
-        "plugin 'test_plugins._ExtraArgument' does not fit fleetrun's hooks: hookimpl definition: "
-        "fleetrun_task_created(task, retries); "
-        "Argument(s) {'retries'} are declared in the hookimpl but can not be found in the hookspec"
-    )
-
-
-def test_a_class_is_refused_since_its_hooks_would_have_no_self():
-    with pytest.raises(PluginError) as raised:
-        PluginManager(plugins=[_Listener], autoload=False)
-    assert str(raised.value) == (
-        "plugin 'test_plugins._Listener' does not fit fleetrun's hooks: it is the class test_plugins._Listener, "
-        "whose hooks would have no `self`: use an instance of it, or a module"
-    )
+        PluginManager(plugins=[plugin], autoload=False)
+    assert str(raised.value) == message
 
 
 @pytest.mark.parametrize("misfit", [_Typo, _ExtraArgument])
@@ -124,12 +124,6 @@ def test_a_plugin_register_refuses_leaves_nothing_behind(misfit, recorder):
     manager.task_cancelled(_task(), "stop")
     assert recorder.names() == ["task.created", "task.cancelled"]
     assert getattr(refused, "cancels", []) == []
-
-
-class _Listener:
-    @hookimpl
-    def fleetrun_task_created(self, task):
-        pass
 
 
 def test_tracing_switch_logs_hook_calls(caplog):

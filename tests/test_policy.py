@@ -899,6 +899,27 @@ def test_ps_is_denied_exactly_when_it_would_show_environments(form, shows_enviro
         process.wait()
 
 
+# Policies that allow any program: what they refuse is what the reader cannot judge.
+ALLOW_ALL = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml")
+ALLOW_ALL_SUDO = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml")
+
+
+def assert_the_shell_runs_it(shell: str, line: str, cwd: Path, made: str = "pwned", *, exits_0: bool = True) -> None:
+    """Run ``line`` in ``shell`` (``ash``: busybox's) and check it made the file ``made`` (and,
+    with ``exits_0``, exited 0): the proof that the shell runs what the test says, which the
+    reader must see. Skips without the shell."""
+    command = ["busybox", "sh"] if shell == "ash" else [shell]
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not installed")
+    subprocess.run([*command, "-c", line], cwd=cwd, capture_output=True, timeout=30, check=exits_0)
+    assert (cwd / made).exists(), f"{shell} does not run what this test says it does: {line}"
+
+
+def assert_refused(policy, line: str, problem: str) -> None:
+    decision = policy.decide(WEB1, line)
+    assert not decision.allowed and problem in decision.explanation, decision.explanation
+
+
 # Each runs a command its words do not show once bash splits what $_ or $1 holds into
 # several words: the last argument of the command before, or an argument of sh -c.
 HIDDEN_BY_SPLITTING = [
@@ -920,10 +941,8 @@ HIDDEN_BY_SPLITTING = [
 def test_a_word_the_shell_may_split_is_not_taken_for_one_harmless_argument(line, made, problem, tmp_path):
     # Before, each was allowed wherever its visible command was (`allow: "*"`, or `find *`
     # with `echo *`), and each ran touch.
-    subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
-    assert (tmp_path / made).exists(), f"bash does not run what this test says it does: {line}"
-    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line)
-    assert not decision.allowed and problem in decision.explanation, decision.explanation
+    assert_the_shell_runs_it("bash", line, tmp_path, made)
+    assert_refused(ALLOW_ALL, line, problem)
 
 
 @pytest.mark.parametrize(
@@ -937,8 +956,7 @@ def test_a_word_the_shell_may_split_is_not_taken_for_one_harmless_argument(line,
     ],
 )
 def test_options_that_may_split_are_refused_naming_them(line, problem):
-    decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)
-    assert not decision.allowed and problem in decision.explanation, decision.explanation
+    assert_refused(ALLOW_ALL_SUDO, line, problem)
 
 
 @pytest.mark.parametrize(
@@ -948,11 +966,11 @@ def test_options_that_may_split_are_refused_naming_them(line, problem):
      "find $HOME -name '*.log'", "find ${HOME}/logs"],
 )
 def test_a_quoted_or_numeric_expansion_in_those_places_is_still_judged(line):
-    decision = parse_policy("rules:\n  - allow: '*'\n    sudo: true\n", source="p.yaml").decide(WEB1, line)
+    decision = ALLOW_ALL_SUDO.decide(WEB1, line)
     assert decision.allowed, decision.explanation
 
 
-DENY_TOUCH = "rules:\n  - allow: '*'\n  - deny: touch *\n"
+DENY_TOUCH = parse_policy("rules:\n  - allow: '*'\n  - deny: touch *\n", source="p.yaml")
 
 
 @pytest.mark.parametrize(
@@ -974,13 +992,8 @@ DENY_TOUCH = "rules:\n  - allow: '*'\n  - deny: touch *\n"
 )
 def test_what_one_shell_runs_where_sh_would_not_is_judged(shell, line, problem, tmp_path):
     # Before, each was judged as a program the deny rule did not name (`x:`, `!touch`, `--`).
-    command = ["busybox", "sh"] if shell == "ash" else [shell]
-    if shutil.which(command[0]) is None:
-        pytest.skip(f"{command[0]} is not installed")
-    subprocess.run([*command, "-c", line], cwd=tmp_path, capture_output=True, timeout=30)
-    assert (tmp_path / "pwned").exists(), f"{shell} does not run what this test says it does"
-    decision = parse_policy(DENY_TOUCH, source="p.yaml").decide(WEB1, line)
-    assert not decision.allowed and problem in decision.explanation, decision.explanation
+    assert_the_shell_runs_it(shell, line, tmp_path, exits_0=False)
+    assert_refused(DENY_TOUCH, line, problem)
 
 
 def test_a_redirection_with_no_command_is_refused():
@@ -997,9 +1010,8 @@ def test_a_descriptor_closed_with_more_after_its_dash_is_refused():
     # bash ends `2>&-''` at the -, closing stderr, and gives echo an empty argument more
     # than the reader saw (it took '' for part of the target).
     assert subprocess.run(["bash", "-c", "echo a 2>&-'' b"], capture_output=True, text=True).stdout == "a  b\n"
-    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, "echo a 2>&-'' b")
-    assert not decision.allowed and "'>&-' followed by more (>&-'': bash reads the rest as a word)" in decision.explanation
-    assert parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, "echo a 2>&- b").allowed
+    assert_refused(ALLOW_ALL, "echo a 2>&-'' b", "'>&-' followed by more (>&-'': bash reads the rest as a word)")
+    assert ALLOW_ALL.decide(WEB1, "echo a 2>&- b").allowed
 
 
 def test_words_after_a_redirection_of_both_outputs_are_refused(tmp_path):
@@ -1007,12 +1019,9 @@ def test_words_after_a_redirection_of_both_outputs_are_refused(tmp_path):
     # `echo hi &>/dev/null touch pwned` as `echo hi &` and `>/dev/null touch pwned`: the
     # built-in read-only policy allowed it as one echo, and touch ran.
     line = "echo hi &>/dev/null touch pwned"
-    subprocess.run(["dash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
-    assert (tmp_path / "pwned").exists()
-    decision = READ_ONLY.decide(WEB1, line)
-    assert not decision.allowed
-    assert ("words after &>/dev/null (sh runs them as a command of their own, bash as arguments): "
-            "write >/dev/null 2>&1") in decision.explanation
+    assert_the_shell_runs_it("dash", line, tmp_path)
+    assert_refused(READ_ONLY, line, "words after &>/dev/null (sh runs them as a command of their own, bash as arguments): "
+                                    "write >/dev/null 2>&1")
     assert "write >>/dev/null 2>&1" in READ_ONLY.decide(WEB1, "echo hi &>>/dev/null id").explanation
     assert READ_ONLY.decide(WEB1, "uptime &>/dev/null; id").allowed  # nothing after it: the same in both
 
@@ -1021,27 +1030,22 @@ def test_env_takes_any_word_with_an_equals_sign_for_a_variable_as_env_does(tmp_p
     # GNU env sets `a.b=x` (not a name the shell would take) and runs touch; the reader took
     # `a.b=x` for the program, so a rule for that "program" would have let touch run.
     line = "env a.b=x touch pwned"
-    subprocess.run(["sh", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
-    assert (tmp_path / "pwned").exists()
-    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line)
-    assert not decision.allowed and "(env a.b=…)" in decision.explanation, decision.explanation
+    assert_the_shell_runs_it("sh", line, tmp_path)
+    assert_refused(ALLOW_ALL, line, "(env a.b=…)")
 
 
 @pytest.mark.parametrize("line", ["echo 'touch pwned' | sh", "echo 'touch pwned' | bash -s", "bash <<< 'touch pwned'",
                                   "echo 'touch pwned' | sh -"])
 def test_a_shell_reading_its_commands_from_its_input_is_refused(line, tmp_path):
     # Before, a rule allowing the shell (`bash *`, or `allow: "*"`) let any code through its input.
-    subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=30)
-    assert (tmp_path / "pwned").exists()
-    decision = parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line)
-    assert not decision.allowed
-    assert "commands read from its input (a pipe or a here-string), which the policy cannot see: give them with -c" \
-        in decision.explanation
+    assert_the_shell_runs_it("bash", line, tmp_path)
+    assert_refused(ALLOW_ALL, line, "commands read from its input (a pipe or a here-string), which the policy cannot see: "
+                                    "give them with -c")
 
 
 @pytest.mark.parametrize("line", ["bash x.sh", "sh -e x.sh", "bash --version", "sh -c 'touch x'", "bash -c id"])
 def test_a_shell_given_its_commands_or_a_file_is_judged_as_before(line):
-    assert parse_policy("rules:\n  - allow: '*'\n", source="p.yaml").decide(WEB1, line).allowed
+    assert ALLOW_ALL.decide(WEB1, line).allowed
 
 
 def test_a_quoted_expansion_after_ps_p_is_taken_as_its_process_id():
