@@ -160,6 +160,16 @@ def test_a_number_with_an_exponent_is_a_number_and_a_whole_one_an_integer(writte
         ("hosts:\n  a: *web\n", "hosts.yaml:2: invalid YAML: found undefined alias 'web'"),
         ("hosts:\n  a:\n    transport: !vault |\n      x\n", "hosts.yaml:3: host 'a', field 'transport': could not determine a constructor for the tag '!vault'"),
         ("hosts:\n  a: &a\n    tags: [x, *a]\n", "hosts.yaml:3: host 'a', field 'tags': a value that contains itself"),
+        # PyYAML builds a tagged value without checking it fits the tag: these were tracebacks.
+        *(
+            (f"hosts:\n  a:\n    max_seconds: {value}\n",
+             f"hosts.yaml:3: host 'a', field 'max_seconds': {shown} cannot be read as {tag}; leave the tag out")
+            for value, shown, tag in [
+                ("!!int x", "'x'", "!!int"), ("!!int ''", "''", "!!int"), ("!!float 1e", "'1e'", "!!float"),
+                ("!!bool maybe", "'maybe'", "!!bool"), ("!!timestamp x", "'x'", "!!timestamp"),
+                ("!!timestamp 2024-13-01", "'2024-13-01'", "!!timestamp"),
+            ]
+        ),
         ("hosts:\n  a:\n    env: [A=1]\n", "hosts.yaml:3: host 'a', field 'env': expected a mapping of names to strings"),
         ("hosts:\n  a:\n    env:\n      A: x\n      A: y\n", "hosts.yaml:5: host 'a', field 'env': duplicate key 'A'"),
         ("hosts:\n  a:\n    <<: [1]\n", "hosts.yaml:3: host 'a': a merge key '<<' takes a mapping (*anchor) or a list of them"),

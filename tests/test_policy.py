@@ -251,6 +251,7 @@ def test_the_example_policy_loads_and_shows_every_field():
         ("rules:\n  - allow: \"ls\x00\"\n", "p.yaml:2: invalid YAML: character 0x0000 is not allowed in YAML"),
         ("rules:\n  - allow: !shell ls\n", "p.yaml:2: rule 1, field 'allow': could not determine a constructor for the tag '!shell'"),
         ("rules:\n  - &r {allow: [ls, *r]}\n", "p.yaml:2: rule 1, field 'allow': a value that contains itself"),
+        ("rules:\n  - allow: ls\n    sudo: !!bool x\n", "p.yaml:3: rule 1, field 'sudo': 'x' cannot be read as !!bool"),
         ("common: &c {hosts: [web1]}\nrules:\n  - {<<: *c, allow: ls}\n", "p.yaml:1: unknown top-level key 'common' (allowed: rules, and x-NAME for anchors)"),
         ("x-c: &c {hosts: [web1]}\nrules:\n  - {<<: *c, allow: ls, sudo: 1}\n", "p.yaml:3: rule 1, field 'sudo': expected true or false"),
     ],

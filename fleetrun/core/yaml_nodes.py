@@ -26,8 +26,9 @@ from yaml.events import (
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 _FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_NULL_TAG = "tag:yaml.org,2002:null"
+_STANDARD_TAG_PREFIX = "tag:yaml.org,2002:"
+_MERGE_TAG = _STANDARD_TAG_PREFIX + "merge"
+_NULL_TAG = _STANDARD_TAG_PREFIX + "null"
 #: Lists and mappings inside each other, or merge keys bringing in mappings that have their
 #: own, at most this deep. These files need a handful of levels. libyaml's own composer
 #: recursed once per level and crashed the process (SIGSEGV at 30,000 here); PyYAML's
@@ -245,6 +246,10 @@ def _value(node: yaml.Node, error: NodeError, scalars: yaml.constructor.SafeCons
             return scalars.construct_object(node)
         except yaml.constructor.ConstructorError as exc:
             raise error(node, exc.problem or "a value YAML cannot read") from None
+        except (ValueError, LookupError, AttributeError):
+            # PyYAML's constructors trust the tag: `!!int x` is int('x'), `!!bool x` a KeyError.
+            tag = node.tag.replace(_STANDARD_TAG_PREFIX, "!!")
+            raise error(node, f"{node.value!r} cannot be read as {tag}; leave the tag out, or write a value of its type") from None
     if node in active:
         raise error(node, "a value that contains itself (an alias inside its own anchor)")
     inner = (*active, node)
