@@ -81,3 +81,18 @@ def test_the_pytest_example_passes(pytester):
     pytester.makepyfile(test_example=example)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_the_worked_policy_example_gives_the_answers_shown(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## The command policy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", section, flags=re.S | re.M)
+    (policy,) = [text for language, text in blocks if language == "yaml"]
+    (tmp_path / "policy.yaml").write_text(policy)
+    (tmp_path / "hosts.yaml").write_text("hosts:\n  web1: {tags: [web]}\n  db1:\n  local:\n")
+    transcript = next(text for language, text in blocks if not language and "$ fleetrun policy check" in text)
+    sessions = re.findall(r"^\$ fleetrun policy check (\S+) -- '(.*?)'\n(.*?)(?=^\$ |\Z)", transcript, flags=re.S | re.M)
+    assert len(sessions) == 4
+    for host, command, shown in sessions:
+        checked = run_cli("--policy", "policy.yaml", "--hosts", "hosts.yaml", "policy", "check", host, "--", command, cwd=tmp_path)
+        assert (checked.stdout, checked.returncode) == (shown, 0 if shown.startswith("allowed") else 126), checked.stderr
