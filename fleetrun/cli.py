@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -812,6 +811,7 @@ TOKEN_ENV = "FLEETRUN_MCP_TOKEN"
 
 
 def cmd_serve(ctx: _Context) -> int:
+    from fleetrun import mcp_http
     from fleetrun.core.config_files import ConfigFiles
     from fleetrun.core.executor import Executor
     from fleetrun.core.policy import read_only_policy
@@ -836,13 +836,7 @@ def cmd_serve(ctx: _Context) -> int:
         host, port = _http_address(args.http)
         token = _server_token(args)
         if token is not None:
-            from mcp.server.auth.settings import AuthSettings
-
-            base = f"http://{host}:{port}"
-            options.update(
-                token_verifier=_StaticTokenVerifier(token),
-                auth=AuthSettings(issuer_url=base, resource_server_url=f"{base}/mcp", validate_token_resource=False),
-            )
+            options.update(mcp_http.token_options(token, host, port))
     executor = Executor(config_files=config_files, store=ctx.store, plugins=plugins)
     from fleetrun.mcp_server import create_server
 
@@ -850,10 +844,10 @@ def cmd_serve(ctx: _Context) -> int:
     _StopServerOnSignals(executor, ctx.store)
     try:
         if args.http:
-            names = _http_host_names(host, port, args.allow_host)
-            _note(f"serving MCP over streamable HTTP at http://{_url_host(host)}:{port}/mcp (policy: {policy.source}); "
+            names = mcp_http.allowed_host_names(host, port, args.allow_host)
+            _note(f"serving MCP over streamable HTTP at http://{mcp_http.url_host(host)}:{port}/mcp (policy: {policy.source}); "
                   f"requests must name the server as {', '.join(names)} (--allow-host NAME adds a name)")
-            _serve_http(server, host, port, names)
+            mcp_http.serve_http(server, host, port, names)
         else:
             if sys.stdin.isatty():
                 _note("serving MCP on stdin and stdout, for an MCP client that starts this command "
@@ -862,29 +856,6 @@ def cmd_serve(ctx: _Context) -> int:
     finally:
         executor.close("the MCP server stopped")
     return EXIT_OK
-
-
-def _serve_http(server, host: str, port: int, names: list[str]) -> None:  # type: ignore[no-untyped-def]
-    """The SDK's streamable-HTTP app under uvicorn, as ``server.run`` would serve it, but
-    with uvicorn's access log on stderr beside every other log line (uvicorn prints it on
-    stdout unless told otherwise), and with the Host and Origin of every request checked
-    against ``names`` whatever the address (the SDK checks them only on 127.0.0.1,
-    localhost and ::1, leaving 127.0.0.2 or a LAN address open to DNS rebinding)."""
-    import anyio
-    import uvicorn
-    from mcp.server.transport_security import TransportSecuritySettings
-    from uvicorn.config import LOGGING_CONFIG
-
-    log_config = copy.deepcopy(LOGGING_CONFIG)
-    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=names,
-        allowed_origins=[f"{scheme}://{name}" for name in names for scheme in ("http", "https")],
-    )
-    app = server.streamable_http_app(streamable_http_path="/mcp", host=host, transport_security=security)
-    config = uvicorn.Config(app, host=host, port=port, log_level=server.settings.log_level.lower(), log_config=log_config)
-    anyio.run(uvicorn.Server(config).serve)
 
 
 class _StopServerOnSignals:
@@ -924,36 +895,6 @@ class _StopServerOnSignals:
         os._exit(code)
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _http_host_names(host: str, port: int, extra: list[str]) -> list[str]:
-    """The Host header values (and so origins) a request to the HTTP server may carry.
-
-    A web page can make a browser send requests to any address, by pointing a name of its
-    own at it (DNS rebinding); such a request names the page's host, which is not here.
-    """
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(host)
-        local = address.is_loopback or address.is_unspecified
-    except ValueError:
-        local = host == "localhost"
-    names: list[str] = []
-    for name in [host, *(("127.0.0.1", "localhost", "::1") if local else ())]:
-        if name not in ("0.0.0.0", "::"):  # an address to listen on, never one a request names
-            # A client leaves out the scheme's own port (http://localhost/mcp sends "localhost").
-            names += [f"{_url_host(name)}:{port}"] + ([_url_host(name)] if port == 80 else [])
-    for name in extra:
-        if name.startswith("[") or name.count(":") == 1:  # given with its port, or a bracketed address
-            names.append(name)
-        else:  # reached directly, or through a proxy on the scheme's own port
-            names += [_url_host(name), f"{_url_host(name)}:{port}"]
-    return list(dict.fromkeys(names))
-
-
 def _http_address(text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     if not sep:
@@ -968,12 +909,9 @@ def _http_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-#: A shorter bearer token could be found by trying; 16 random hex characters are 64 bits.
-MIN_TOKEN_LENGTH = 16
-
-
 def _server_token(args: argparse.Namespace) -> str | None:
     from fleetrun.core.secrets import SecretError, read_secret
+    from fleetrun.mcp_http import MIN_TOKEN_LENGTH
 
     what = "the MCP bearer token"
     try:
@@ -991,22 +929,6 @@ def _server_token(args: argparse.Namespace) -> str | None:
     if token is None:
         _note("WARNING: serving HTTP with NO authentication (--insecure-no-auth): anyone who can reach the port can run commands")
     return token
-
-
-class _StaticTokenVerifier:
-    """Accepts exactly one bearer token, compared in constant time."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
-
-    async def verify_token(self, token: str):  # type: ignore[no-untyped-def]
-        import hmac
-
-        from mcp.server.auth.provider import AccessToken
-
-        if hmac.compare_digest(token.encode(), self._token):
-            return AccessToken(token=token, client_id="fleetrun", scopes=[])
-        return None
 
 
 def cmd_plugins(ctx: _Context) -> int:
@@ -1264,7 +1186,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http", metavar="[HOST:]PORT",
-        help=f"serve streamable HTTP at http://HOST:PORT/mcp instead (HOST defaults to 127.0.0.1); needs a bearer token from ${TOKEN_ENV} or --token-file",
+        help=f"serve streamable HTTP at http://HOST:PORT/mcp instead (HOST defaults to 127.0.0.1; an IPv6 address "
+             f"in brackets: [::1]:8765); needs a bearer token from ${TOKEN_ENV} or --token-file",
     )
     serve.add_argument("--token-file", metavar="PATH", help="file (mode 600) holding the bearer token HTTP clients must send")
     serve.add_argument(

@@ -914,6 +914,38 @@ def test_http_refuses_requests_naming_another_host_or_from_another_origin_on_any
     ) in (tmp_path / "serve.log").read_text()
 
 
+def test_http_on_an_ipv6_address_takes_the_token(tmp_path):
+    # Before, the token's settings wrote the address without brackets (http://::1:PORT): a traceback at start.
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    token = "tok-" + os.urandom(12).hex()
+    with (tmp_path / "serve.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleetrun", "serve", "--http", f"[::1]:{port}"],
+            env={**_server_env(tmp_path), "FLEETRUN_MCP_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=log,
+        )
+    url = f"http://[::1]:{port}/mcp"
+    try:
+        _wait_for_port("::1", port, process, tmp_path / "serve.log")
+        assert _http_status(url, {}) == 401
+
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        async def scenario():
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+            async with mcp.Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+                result = (await client.call_tool("run_command", {"host": "local", "command": "echo over ipv6"})).structured_content
+                assert (result["task"]["status"], result["stdout_tail"]) == ("succeeded", "over ipv6\n")
+
+        run(scenario)
+    finally:
+        process.terminate()
+        assert process.wait(20) == 0
+    assert f"serving MCP over streamable HTTP at http://[::1]:{port}/mcp" in (tmp_path / "serve.log").read_text()
+
+
 @pytest.mark.parametrize("option", [["--token-file", "token"], ["--insecure-no-auth"], ["--allow-host", "mcp.example.test"]])
 def test_http_options_without_http_are_an_error_not_a_stdio_server(tmp_path, option):
     result = subprocess.run(
