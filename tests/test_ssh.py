@@ -832,6 +832,89 @@ def test_a_jump_host_carries_the_connection(make_executor, sshd_fleet, tmp_path,
     target.stop()
 
 
+@pytest.mark.parametrize("configured_by", ["jump_host field", "ProxyJump in ssh_config"])
+def test_two_jump_hosts_are_gone_through_in_the_order_written(make_executor, sshd_fleet, tmp_path, configured_by):
+    # Fabric reads ssh_config's ProxyJump a,b backwards: it connected to b first, then to a through b.
+    first, second = (sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(2))
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [first, second, target])
+    hops = [f"{sshd_fleet.user}@{jump.address}:{jump.port}" for jump in (first, second)]
+    if configured_by == "jump_host field":
+        entry = ssh_host(sshd_fleet, target, known, jump_host=",".join(hops))
+    else:
+        config = tmp_path / "ssh_config"
+        config.write_text(
+            f"Host first\n  HostName {first.address}\n  Port {first.port}\n"
+            f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump first,{hops[1]}\n"
+            f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+        )
+        entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == hops
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert [server.accepted_logins() for server in (first, second, target)] == [1, 1, 1]
+    assert f"target {second.address} port {second.port}" in first.log.read_text()
+    assert f"target {target.address} port {target.port}" in second.log.read_text()
+    for server in (first, second, target):
+        server.stop()
+
+
+def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, sshd_fleet, tmp_path):
+    # Before, Fabric read user@[::1]:PORT as the host "[::1]:PORT" on port 22.
+    jump = sshd_fleet.start(address="::1", extra_config="LogLevel DEBUG1")
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    hop = f"{sshd_fleet.user}@[::1]:{jump.port}"
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": ssh_host(sshd_fleet, target, known, jump_host=f"ssh://{hop}")}))
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == [hop]
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
+    assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    jump.stop()
+    target.stop()
+
+
+def test_jump_hosts_of_jump_hosts_come_from_ssh_config_and_none_turns_them_off(make_executor, sshd_fleet, tmp_path):
+    first, second = (sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(2))
+    target = sshd_fleet.start(extra_config="LogLevel DEBUG1")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [first, second, target])
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        # `first` names itself, as a `Host *` rule would: it is reached directly.
+        f"Host first\n  HostName {first.address}\n  Port {first.port}\n  ProxyJump first\n"
+        f"Host second\n  HostName {second.address}\n  Port {second.port}\n  ProxyJump first\n"
+        f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump second\n"
+        f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry, "direct": {**entry, "hostname": "inner", "jump_host": "none"}}))
+    hops = [f"{sshd_fleet.user}@{jump.address}:{jump.port}" for jump in (first, second)]
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == hops
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert f"target {second.address} port {second.port}" in first.log.read_text()
+    assert f"target {target.address} port {target.port}" in second.log.read_text()
+    assert [server.accepted_logins() for server in (first, second, target)] == [1, 1, 1]
+
+    assert executor.plan(TaskRequest(host="direct", command="true")).transport_details["jump_hosts"] is None
+    task = executor.run(TaskRequest(host="direct", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert [server.accepted_logins() for server in (first, second, target)] == [1, 1, 2]
+    for server in (first, second, target):
+        server.stop()
+
+
+def test_a_proxyjump_in_ssh_config_that_cannot_be_read_fails_the_task_naming_it(make_executor, tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text("Host inner\n  HostName 127.0.0.1\n  ProxyJump bastion:22x\n")
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config)}}))
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "config")
+    assert task.error == "ssh_config's ProxyJump for inner: jump host 'bastion:22x': the port must be a number from 1 to 65535"
+
+
 def test_a_jump_host_with_an_unknown_key_is_refused_by_name(make_executor, sshd_fleet, tmp_path):
     jump = sshd_fleet.start()
     target = sshd_fleet.start()
@@ -906,6 +989,15 @@ def test_ssh_fields_are_checked_when_the_hosts_file_loads():
     for address in ("web 1", "deploy@web1", "-oProxyCommand=x", ""):
         with pytest.raises(InventoryError, match="h.yaml:4: host 'web', field 'hostname': "):
             parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    hostname: '{address}'\n", source="h.yaml", transports=transports)
+    for hops, problem in (
+        ("bastion:22x", "jump host 'bastion:22x': the port must be a number from 1 to 65535"),
+        ("[::1:2222", "jump host '[::1:2222': an IPv6 address goes in brackets, then :PORT if any ([::1]:2222)"),
+        ("a,,b", "jump host '' is not [user@]host[:port]"),
+        ("deploy@bastion one", "jump host 'deploy@bastion one' is not [user@]host[:port]"),
+    ):
+        with pytest.raises(InventoryError) as bad_jump:
+            parse_inventory(f"hosts:\n  web:\n    transport: ssh\n    jump_host: '{hops}'\n", source="h.yaml", transports=transports)
+        assert str(bad_jump.value) == f"h.yaml:4: host 'web', field 'jump_host': {problem}"
     with pytest.raises(InventoryError) as local_field:
         parse_inventory("hosts:\n  box:\n    hostname: x\n", source="h.yaml", transports=transports)
     assert "field 'hostname': unknown field for transport 'local'" in str(local_field.value)

@@ -28,6 +28,7 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import home_problem
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
+from fleetrun.plugins.transports.ssh_jump import parse_jump_hosts
 
 if TYPE_CHECKING:
     import fabric
@@ -136,6 +137,14 @@ def _hostname_problem(value: str) -> str | None:
     return None
 
 
+def _jump_host_problem(value: str) -> str | None:
+    try:
+        parse_jump_hosts(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _home_problem(value: str | list[str]) -> str | None:
     for path in [value] if isinstance(value, str) else value:
         problem = home_problem(path)
@@ -170,7 +179,12 @@ class SSHTransport(Transport):
             "in known_hosts on first use (changed keys are still refused)",
             choices=("strict", "accept-new"),
         ),
-        "jump_host": HostField("string", "jump host(s) to go through, as ProxyJump: [user@]host[:port][,...]"),
+        "jump_host": HostField(
+            "string",
+            "jump host(s) to go through, first hop first, as ssh's ProxyJump: [user@]host[:port][,...], an IPv6 "
+            "address in brackets ([::1]:2222); none: no jump host, whatever ~/.ssh/config says",
+            validate=_jump_host_problem,
+        ),
         # Beyond about 9e9 s the waits inside paramiko fail every task ("timestamp too large").
         "connect_timeout": HostField("number", "seconds to connect and authenticate (default: 10)", minimum=0.1, maximum=86400),
         "keepalive_interval": HostField("number", "seconds between keepalives; 0 turns them off (default: 15)", minimum=0),

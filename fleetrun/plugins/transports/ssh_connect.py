@@ -1,8 +1,12 @@
 """Opening SSH connections for the ``ssh`` transport: settings, Fabric, host keys, errors.
 
 Fabric resolves where a host really is (``~/.ssh/config`` aliases, ``HostName``,
-``User``, ``Port``, ``IdentityFile``, ``ProxyJump``) and opens the connection, hop by
-hop through jump hosts. fleetrun then takes over the parts Fabric leaves loose:
+``User``, ``Port``, ``IdentityFile``) and opens the connection, hop by hop through jump
+hosts. fleetrun then takes over the parts Fabric leaves loose:
+
+* jump hosts (``jump_host``, ``ProxyJump``) are read as ssh reads them, first hop first
+  and with IPv6 hops in brackets (Fabric goes through several hops of ssh_config's in
+  reverse order and takes ``[::1]:22`` for a host name);
 
 * host keys are checked against a known_hosts file, strictly unless the host opts in to
   recording new keys (never changed ones); Fabric's default accepts any key;
@@ -37,6 +41,7 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
+from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -171,28 +176,54 @@ def build_connection(settings: SSHSettings) -> fabric.Connection:
     if settings.identity_files:
         connect_kwargs["key_filename"] = [str(_local_path(p)) for p in settings.identity_files]
         connect_kwargs["look_for_keys"] = False
-    gateway: fabric.Connection | bool | None = None  # None: whatever ssh_config says
-    if settings.jump_host:
-        gateway = False
-        for hop in settings.jump_host.split(","):
-            gateway = fabric.Connection(
-                hop.strip(),
-                config=config,
-                gateway=gateway,
-                connect_timeout=settings.connect_timeout,
-                connect_kwargs=dict(connect_kwargs),
-            )
-    connection = fabric.Connection(
-        settings.hostname or settings.alias,
-        user=settings.user,
-        port=settings.port,
-        config=config,
-        gateway=gateway,
-        connect_timeout=settings.connect_timeout,
-        connect_kwargs=connect_kwargs,
+    connection = _reach(
+        JumpHop(settings.user, settings.hostname or settings.alias, settings.port), settings.jump_host,
+        config, settings.connect_timeout, connect_kwargs, depth=0,
     )
     for hop in _chain(connection):
         _check_host_keys(hop.client, settings)
+    return connection
+
+
+#: Jump hosts whose own ssh_config names jump hosts, at most this deep.
+_MAX_JUMP_DEPTH = 10
+
+
+def _reach(
+    hop: JumpHop, jump_hosts: str | None, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any], *, depth: int
+) -> fabric.Connection:
+    """A connection to ``hop`` through ``jump_hosts``, or through what ssh_config says for it
+    (ProxyJump, ProxyCommand) when that is None; nothing is opened yet."""
+    connection = fabric.Connection(
+        hop.host, user=hop.user, port=hop.port, config=config, gateway=False,
+        connect_timeout=timeout, connect_kwargs=dict(connect_kwargs),
+    )
+    from_ssh_config = jump_hosts is None
+    if from_ssh_config:
+        jump_hosts = connection.ssh_config.get("proxyjump")
+    if jump_hosts is None:
+        if "proxycommand" in connection.ssh_config:
+            connection.gateway = connection.ssh_config["proxycommand"]
+        return connection
+    try:
+        hops = parse_jump_hosts(jump_hosts)
+    except ValueError as exc:
+        where = f"ssh_config's ProxyJump for {hop.host}" if from_ssh_config else "jump_host"
+        raise TransportError("config", f"{where}: {exc}") from None
+    if from_ssh_config and any(h.host == hop.host for h in hops):
+        return connection  # a jump host that Host * sends through itself: reached directly, as Fabric does
+    if depth >= _MAX_JUMP_DEPTH:
+        raise TransportError("config", f"jump hosts whose ssh_config names jump hosts, more than {_MAX_JUMP_DEPTH} deep")
+    gateway: fabric.Connection | None = None
+    for each in hops:
+        if gateway is None:  # the first hop is reached as ssh reaches it, its own ProxyJump included
+            gateway = _reach(each, None, config, timeout, connect_kwargs, depth=depth + 1)
+        else:
+            gateway = fabric.Connection(
+                each.host, user=each.user, port=each.port, config=config, gateway=gateway,
+                connect_timeout=timeout, connect_kwargs=dict(connect_kwargs),
+            )
+    connection.gateway = gateway if gateway is not None else False
     return connection
 
 
