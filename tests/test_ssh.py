@@ -906,6 +906,28 @@ def test_jump_hosts_of_jump_hosts_come_from_ssh_config_and_none_turns_them_off(m
         server.stop()
 
 
+def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd_fleet, tmp_path):
+    # OpenSSH's own client as the proxy: `ssh -W` through the jump server.
+    jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n"
+        f"  ProxyCommand ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} -o BatchMode=yes "
+        f"-p {jump.port} -W %h:%p {sshd_fleet.user}@{jump.address}\n"
+    )
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}}))
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] is None
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
+    assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    jump.stop()
+    target.stop()
+
+
 def test_a_proxyjump_in_ssh_config_that_cannot_be_read_fails_the_task_naming_it(make_executor, tmp_path):
     config = tmp_path / "ssh_config"
     config.write_text("Host inner\n  HostName 127.0.0.1\n  ProxyJump bastion:22x\n")
