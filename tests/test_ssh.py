@@ -806,58 +806,44 @@ def test_an_idle_connection_is_closed_and_reopened_on_demand(make_executor, sshd
 
 
 @pytest.mark.parametrize("configured_by", ["jump_host field", "ProxyJump in ssh_config"])
-def test_a_jump_host_carries_the_connection(make_executor, sshd_fleet, tmp_path, configured_by):
-    jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")
-    target = sshd_fleet.start()
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
-    hop = f"{sshd_fleet.user}@{jump.address}:{jump.port}"
-    if configured_by == "jump_host field":
-        entry = ssh_host(sshd_fleet, target, known, jump_host=hop)
-    else:
-        config = tmp_path / "ssh_config"
-        config.write_text(
-            f"Host jumpbox\n  HostName {jump.address}\n  Port {jump.port}\n"
-            f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump jumpbox\n"
-            f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
-        )
-        entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
-    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
-    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == [hop]
-    task = executor.run(TaskRequest(host="inner", command="echo $SSH_CONNECTION"))
-    assert task.status is TaskStatus.SUCCEEDED, task.error
-    assert executor.read_output(task.id).data.split()[2:4] == [target.address.encode(), str(target.port).encode()]
-    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
-    assert f"target {target.address} port {target.port}" in jump.log.read_text()
-    jump.stop()
-    target.stop()
-
-
-@pytest.mark.parametrize("configured_by", ["jump_host field", "ProxyJump in ssh_config"])
-def test_two_jump_hosts_are_gone_through_in_the_order_written(make_executor, sshd_fleet, tmp_path, configured_by):
+@pytest.mark.parametrize("hop_count", [1, 2])
+def test_jump_hosts_carry_the_connection_first_hop_first(make_executor, sshd_fleet, tmp_path, configured_by, hop_count):
     # Fabric reads ssh_config's ProxyJump a,b backwards: it connected to b first, then to a through b.
-    first, second = (sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(2))
+    jumps = [sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(hop_count)]
     target = sshd_fleet.start()
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [first, second, target])
-    hops = [f"{sshd_fleet.user}@{jump.address}:{jump.port}" for jump in (first, second)]
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [*jumps, target])
+    hops = [f"{sshd_fleet.user}@{jump.address}:{jump.port}" for jump in jumps]
     if configured_by == "jump_host field":
         entry = ssh_host(sshd_fleet, target, known, jump_host=",".join(hops))
     else:
         config = tmp_path / "ssh_config"
         config.write_text(
-            f"Host first\n  HostName {first.address}\n  Port {first.port}\n"
-            f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump first,{hops[1]}\n"
+            f"Host jumpbox\n  HostName {jumps[0].address}\n  Port {jumps[0].port}\n"
+            f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump {','.join(['jumpbox', *hops[1:]])}\n"
             f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
         )
         entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
     assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == hops
+    task = executor.run(TaskRequest(host="inner", command="echo $SSH_CONNECTION"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert executor.read_output(task.id).data.split()[2:4] == [target.address.encode(), str(target.port).encode()]
+    assert [server.accepted_logins() for server in (*jumps, target)] == [1] * (hop_count + 1)
+    for jump, reached in zip(jumps, [*jumps[1:], target]):
+        assert f"target {reached.address} port {reached.port}" in jump.log.read_text()
+    for server in (*jumps, target):
+        server.stop()
+
+
+def _reaches_only_through(executor, jump, target, *, jump_hosts) -> None:  # type: ignore[no-untyped-def]
+    """A task on host 'inner' logs in to ``target`` through ``jump`` (logging DEBUG1), once each."""
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == jump_hosts
     task = executor.run(TaskRequest(host="inner", command="true"))
     assert task.status is TaskStatus.SUCCEEDED, task.error
-    assert [server.accepted_logins() for server in (first, second, target)] == [1, 1, 1]
-    assert f"target {second.address} port {second.port}" in first.log.read_text()
-    assert f"target {target.address} port {target.port}" in second.log.read_text()
-    for server in (first, second, target):
-        server.stop()
+    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
+    assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    jump.stop()
+    target.stop()
 
 
 def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, sshd_fleet, tmp_path):
@@ -867,13 +853,7 @@ def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, ss
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
     hop = f"{sshd_fleet.user}@[::1]:{jump.port}"
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": ssh_host(sshd_fleet, target, known, jump_host=f"ssh://{hop}")}))
-    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == [hop]
-    task = executor.run(TaskRequest(host="inner", command="true"))
-    assert task.status is TaskStatus.SUCCEEDED, task.error
-    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
-    assert f"target {target.address} port {target.port}" in jump.log.read_text()
-    jump.stop()
-    target.stop()
+    _reaches_only_through(executor, jump, target, jump_hosts=[hop])
 
 
 def test_jump_hosts_of_jump_hosts_come_from_ssh_config_and_none_turns_them_off(make_executor, sshd_fleet, tmp_path):
@@ -919,13 +899,7 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
         f"-p {jump.port} -W %h:%p {sshd_fleet.user}@{jump.address}\n"
     )
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}}))
-    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] is None
-    task = executor.run(TaskRequest(host="inner", command="true"))
-    assert task.status is TaskStatus.SUCCEEDED, task.error
-    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
-    assert f"target {target.address} port {target.port}" in jump.log.read_text()
-    jump.stop()
-    target.stop()
+    _reaches_only_through(executor, jump, target, jump_hosts=None)
 
 
 def test_a_proxyjump_in_ssh_config_that_cannot_be_read_fails_the_task_naming_it(make_executor, tmp_path):
