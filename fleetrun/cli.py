@@ -642,10 +642,12 @@ def cmd_policy_check(ctx: _Context) -> int:
 
 
 def cmd_hosts(ctx: _Context) -> int:
+    from fleetrun.core.transport import details_of
+
     inventory = ctx.inventory
     hosts = sorted(inventory.hosts.values(), key=lambda h: h.name)
     # How each host is reached, as its transport resolves it (ssh_config included); never a secret.
-    details = {h.name: dict(ctx.plugins.transports[h.transport](h).describe()) for h in hosts}
+    details = {h.name: details_of(ctx.plugins.transports[h.transport](h)) for h in hosts}
     if ctx.args.json:
         print(json.dumps(
             {

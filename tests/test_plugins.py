@@ -156,6 +156,27 @@ def _task():
     return Task(id="0123456789ab", host="local", transport="local", command="true", status=TaskStatus.QUEUED, created_at=0.0)
 
 
+def test_a_transport_that_cannot_describe_a_host_still_plans_and_runs_it(make_executor, caplog):
+    class MuddledTransport(Transport):
+        name = "muddled"
+
+        def describe(self):
+            raise KeyError("region")
+
+        async def execute(self, execution):
+            return 0
+
+    executor = make_executor(plugins=[_registering(MuddledTransport)])
+    executor.reconfigure(
+        inventory=parse_inventory("hosts:\n  fake:\n    transport: muddled\n", transports=executor.plugins.transports),
+        policy=None,
+    )
+    plan = executor.plan(TaskRequest(host="fake", command="true"))
+    assert plan.transport_details == {"error": "the muddled transport could not describe this host: KeyError: 'region'"}
+    assert "the muddled transport could not describe host 'fake'" in caplog.text
+    assert executor.run(TaskRequest(host="fake", command="true")).status is TaskStatus.SUCCEEDED
+
+
 def test_a_plugin_can_add_a_transport(make_executor):
     class EchoTransport(Transport):
         name = "echo"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.plugins.transports.ssh_channel import login_shell, remote_command, stop_script
 
-from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, stat_fields, wait_until
+from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
 
@@ -900,6 +901,38 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
     )
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}}))
     _reaches_only_through(executor, jump, target, jump_hosts=None)
+
+
+def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_problem(tmp_path):
+    # Before: ValueError and ConfigParseError tracebacks from `fleetrun hosts`, a dry run and every task.
+    config = tmp_path / "ssh_config"
+    config.write_text("Host words\n  HostName 127.0.0.1\n  Port ssh\nHost high\n  HostName 127.0.0.1\n  Port 99999\n")
+    unreadable = tmp_path / "unreadable_ssh_config"
+    unreadable.write_text("Host *\n  User\n")
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({
+        "words": {"transport": "ssh", "ssh_config_file": str(config)},
+        "high": {"transport": "ssh", "ssh_config_file": str(config)},
+        "unparsable": {"transport": "ssh", "ssh_config_file": str(unreadable)},
+        "fine": {"transport": "ssh", "hostname": "127.0.0.1", "port": 2222, "use_ssh_config": False},
+    }))
+    problems = {
+        "words": "ssh_config gives words the port 'ssh': a port is a number from 1 to 65535",
+        "high": "ssh_config gives high the port '99999': a port is a number from 1 to 65535",
+        "unparsable": f"cannot read {unreadable}: Unparsable line User",
+    }
+    env = {"FLEETRUN_HOME": str(tmp_path / "home")}
+    listed = run_cli("--hosts", str(hosts), "hosts", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    details = {h["name"]: h["details"] for h in json.loads(listed.stdout)["hosts"]}
+    assert {name: details[name] for name in problems} == {name: {"error": problem} for name, problem in problems.items()}
+    assert details["fine"]["address"].endswith("@127.0.0.1:2222")
+    for name, problem in problems.items():
+        ran = run_cli("--hosts", str(hosts), "run", name, "--", "true", env=env)
+        assert ran.returncode == 125 and "Traceback" not in ran.stderr, ran.stderr
+        assert re.fullmatch(f"fleetrun: task [0-9a-f]{{12}} failed: {re.escape(problem)}", ran.stderr.splitlines()[-1]), ran.stderr
+        dry = run_cli("--hosts", str(hosts), "run", name, "--dry-run", "--", "true", env=env)
+        assert (dry.returncode, f"transport:   ssh (error: {problem})") == (0, dry.stdout.splitlines()[1]), dry.stderr
 
 
 def test_a_proxyjump_in_ssh_config_that_cannot_be_read_fails_the_task_naming_it(make_executor, tmp_path):

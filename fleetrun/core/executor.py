@@ -38,7 +38,7 @@ from fleetrun.core.progress import DEFAULT_PROGRESS_PATTERN, ProgressTracker, co
 from fleetrun.core.processes import KILL_GRACE_SECONDS, boot_ticks, command_token, owner_token
 from fleetrun.core.store import Retention, TaskStore
 from fleetrun.core.text import CONTROL_CHARACTERS, argument_problem, encodable, text_problem
-from fleetrun.core.transport import Execution, Transport, TransportError
+from fleetrun.core.transport import Execution, Transport, TransportError, details_of
 
 log = logging.getLogger("fleetrun.executor")
 
@@ -126,7 +126,7 @@ def plan_task(
         raise FleetrunError(problem)
     details: Mapping[str, object] = {}
     if describe:
-        details = dict((transport or cls(host)).describe())
+        details = details_of(transport or cls(host))
     return Plan(
         host=host,
         transport=host.transport,

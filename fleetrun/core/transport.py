@@ -8,11 +8,14 @@ tasks. Transports are added by plugins through ``fleetrun_register_transports``.
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
 
 if TYPE_CHECKING:
     from fleetrun.core.inventory import Host
+
+log = logging.getLogger("fleetrun.transport")
 
 
 class OutputSink(Protocol):
@@ -133,3 +136,16 @@ class Transport(abc.ABC):
     async def aclose(self) -> None:
         """Release connections; called when the executor closes, and when the host's entry
         changed (see ``Executor.reconfigure``), after the last task that used this one."""
+
+
+def details_of(transport: Transport) -> dict[str, Any]:
+    """``transport.describe()``; if it raises, an ``error`` entry saying so (and a log
+    line), so that one host a transport cannot describe (a third-party transport's bug,
+    a configuration its library cannot read) does not fail a dry run or a host listing."""
+    from fleetrun.core.secrets import redact
+
+    try:
+        return dict(transport.describe())
+    except Exception as exc:
+        log.exception("the %s transport could not describe host %r", transport.name, transport.host.name)
+        return {"error": redact(f"the {transport.name} transport could not describe this host: {type(exc).__name__}: {exc}")}

@@ -194,10 +194,7 @@ def _reach(
 ) -> fabric.Connection:
     """A connection to ``hop`` through ``jump_hosts``, or through what ssh_config says for it
     (ProxyJump, ProxyCommand) when that is None; nothing is opened yet."""
-    connection = fabric.Connection(
-        hop.host, user=hop.user, port=hop.port, config=config, gateway=False,
-        connect_timeout=timeout, connect_kwargs=dict(connect_kwargs),
-    )
+    connection = _connection(hop, config, timeout, connect_kwargs, gateway=False)
     from_ssh_config = jump_hosts is None
     if from_ssh_config:
         jump_hosts = connection.ssh_config.get("proxyjump")
@@ -219,12 +216,22 @@ def _reach(
         if gateway is None:  # the first hop is reached as ssh reaches it, its own ProxyJump included
             gateway = _reach(each, None, config, timeout, connect_kwargs, depth=depth + 1)
         else:
-            gateway = fabric.Connection(
-                each.host, user=each.user, port=each.port, config=config, gateway=gateway,
-                connect_timeout=timeout, connect_kwargs=dict(connect_kwargs),
-            )
+            gateway = _connection(each, config, timeout, connect_kwargs, gateway=gateway)
     connection.gateway = gateway if gateway is not None else False
     return connection
+
+
+def _connection(
+    hop: JumpHop, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any], *, gateway: fabric.Connection | bool
+) -> fabric.Connection:
+    if hop.port is None:  # Fabric would fail with int()'s ValueError, or connect to port 99999
+        port = config.base_ssh_config.lookup(hop.host).get("port")
+        if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise TransportError("config", f"ssh_config gives {hop.host} the port {port!r}: a port is a number from 1 to 65535")
+    return fabric.Connection(
+        hop.host, user=hop.user, port=hop.port, config=config, gateway=gateway,
+        connect_timeout=timeout, connect_kwargs=dict(connect_kwargs),
+    )
 
 
 def open_connection(settings: SSHSettings) -> fabric.Connection:
@@ -393,12 +400,17 @@ def _chain(connection: fabric.Connection) -> list[fabric.Connection]:
 def _fabric_config(settings: SSHSettings) -> fabric.Config:
     if not settings.use_ssh_config:
         return fabric.Config(overrides={"load_ssh_configs": False})
-    if settings.ssh_config_file:
-        path = _local_path(settings.ssh_config_file)
-        if not path.is_file():
-            raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
-        return fabric.Config(runtime_ssh_path=str(path))
-    return fabric.Config()
+    where = "~/.ssh/config or /etc/ssh/ssh_config"
+    try:
+        if settings.ssh_config_file:
+            path = _local_path(settings.ssh_config_file)
+            if not path.is_file():
+                raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
+            where = str(path)
+            return fabric.Config(runtime_ssh_path=where)
+        return fabric.Config()
+    except paramiko.ssh_exception.ConfigParseError as exc:
+        raise TransportError("config", f"cannot read {where}: {exc}") from None
 
 
 def _check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
