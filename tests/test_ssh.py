@@ -906,20 +906,26 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
 def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_problem(tmp_path):
     # Before: ValueError and ConfigParseError tracebacks from `fleetrun hosts`, a dry run and every task.
     config = tmp_path / "ssh_config"
-    config.write_text("Host words\n  HostName 127.0.0.1\n  Port ssh\nHost high\n  HostName 127.0.0.1\n  Port 99999\n")
-    unreadable = tmp_path / "unreadable_ssh_config"
-    unreadable.write_text("Host *\n  User\n")
+    config.write_text(
+        "Host words\n  HostName 127.0.0.1\n  Port ssh\nHost high\n  HostName 127.0.0.1\n  Port 99999\n"
+        "Host canonical\n  CanonicalizeHostname yes\n"
+        # Fabric took only a lowercase yes or no; fleetrun forwards no agent whatever it says.
+        "Host fine\n  HostName 127.0.0.1\n  Port 2222\n  ForwardAgent Yes\n"
+    )
+    unreadable = {"unparsable": "Host *\n  User\n", "escape": "Host *\n  Match host a\\\n"}
+    for name, text in unreadable.items():
+        (tmp_path / name).write_text(text)
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(hosts_file_text({
-        "words": {"transport": "ssh", "ssh_config_file": str(config)},
-        "high": {"transport": "ssh", "ssh_config_file": str(config)},
-        "unparsable": {"transport": "ssh", "ssh_config_file": str(unreadable)},
-        "fine": {"transport": "ssh", "hostname": "127.0.0.1", "port": 2222, "use_ssh_config": False},
+        **{name: {"transport": "ssh", "ssh_config_file": str(config)} for name in ("words", "high", "canonical", "fine")},
+        **{name: {"transport": "ssh", "ssh_config_file": str(tmp_path / name)} for name in unreadable},
     }))
     problems = {
         "words": "ssh_config gives words the port 'ssh': a port is a number from 1 to 65535",
         "high": "ssh_config gives high the port '99999': a port is a number from 1 to 65535",
-        "unparsable": f"cannot read {unreadable}: Unparsable line User",
+        "canonical": "ssh_config cannot be read for canonical: KeyError: 'canonicaldomains'",
+        "unparsable": f"cannot read {tmp_path / 'unparsable'}: Unparsable line User",
+        "escape": f"cannot read {tmp_path / 'escape'}: ValueError: No escaped character",
     }
     env = {"FLEETRUN_HOME": str(tmp_path / "home")}
     listed = run_cli("--hosts", str(hosts), "hosts", "--json", env=env)

@@ -224,14 +224,21 @@ def _reach(
 def _connection(
     hop: JumpHop, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any], *, gateway: fabric.Connection | bool
 ) -> fabric.Connection:
-    if hop.port is None:  # Fabric would fail with int()'s ValueError, or connect to port 99999
-        port = config.base_ssh_config.lookup(hop.host).get("port")
-        if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise TransportError("config", f"ssh_config gives {hop.host} the port {port!r}: a port is a number from 1 to 65535")
-    return fabric.Connection(
-        hop.host, user=hop.user, port=hop.port, config=config, gateway=gateway,
-        connect_timeout=timeout, connect_kwargs=dict(connect_kwargs),
-    )
+    # Reading ssh_config for the host, paramiko and Fabric raise what they meet: ValueError
+    # for `Port ssh` or an unfinished escape, KeyError for `CanonicalizeHostname yes` without
+    # CanonicalDomains, and so on; and `Port 99999` would be tried.
+    try:
+        if hop.port is None:
+            port = config.base_ssh_config.lookup(hop.host).get("port")
+            if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise TransportError("config", f"ssh_config gives {hop.host} the port {port!r}: a port is a number from 1 to 65535")
+        return fabric.Connection(
+            hop.host, user=hop.user, port=hop.port, config=config, gateway=gateway, connect_timeout=timeout,
+            connect_kwargs=dict(connect_kwargs),
+            forward_agent=False,  # fleetrun opens its channels itself and forwards no agent
+        )
+    except (ValueError, LookupError, TypeError, paramiko.SSHException) as exc:
+        raise TransportError("config", f"ssh_config cannot be read for {hop.host}: {type(exc).__name__}: {exc}") from None
 
 
 def open_connection(settings: SSHSettings) -> fabric.Connection:
@@ -411,6 +418,8 @@ def _fabric_config(settings: SSHSettings) -> fabric.Config:
         return fabric.Config()
     except paramiko.ssh_exception.ConfigParseError as exc:
         raise TransportError("config", f"cannot read {where}: {exc}") from None
+    except (ValueError, LookupError, TypeError) as exc:  # `Match a\`: shlex's "No escaped character"
+        raise TransportError("config", f"cannot read {where}: {type(exc).__name__}: {exc}") from None
 
 
 def _check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
