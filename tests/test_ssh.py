@@ -292,6 +292,50 @@ def test_accept_new_records_the_key_once_then_strict_checking_accepts_it(make_ex
     assert recorded.read_text() == shared_sshd.known_hosts_line
 
 
+def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    # Before, one such line (a certificate authority, above all) failed every task of every host.
+    from sshd import generate_key
+
+    authority = Path(f"{generate_key(tmp_path / 'ca_key')}.pub").read_text().split()
+    noise = [
+        f"@cert-authority *.example.test {authority[0]} {authority[1]}",
+        "web1.example.test ssh-ed25519 not-base64!",
+        "web2.example.test sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t",
+        "@unknown-marker web3.example.test ssh-ed25519 AAAA",
+    ]
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join(noise) + "\n" + shared_sshd.known_hosts_line)
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)}))
+    task = executor.run(TaskRequest(host="web", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+
+    # A host the file does not list: the refusal says what was skipped and why it does not count.
+    known.write_text("\n".join(noise) + "\n")
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)}))
+    task = executor.run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert (
+        f"which is not in {known} (fleetrun does not check host certificates, so its @cert-authority lines vouch for no key; "
+        "lines it could not read were skipped (2, 3, 4)). Check it"
+    ) in task.error
+
+
+@pytest.mark.parametrize("checking", ["strict", "accept-new"])
+def test_a_host_key_marked_revoked_is_refused_even_where_it_is_listed(make_executor, sshd_fleet, shared_sshd, tmp_path, checking):
+    kind, blob = shared_sshd.host_public_key.split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(shared_sshd.known_hosts_line + f"@revoked * {kind} {blob}\n")
+    before = known.read_text()
+    entry = ssh_host(sshd_fleet, shared_sshd, known, host_key_checking=checking)
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="echo must-not-run"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert task.error.endswith(
+        f"the host key of [{shared_sshd.address}]:{shared_sshd.port} ({kind} {shared_sshd.host_key_fingerprint}) "
+        f"is marked @revoked in {known}: it is never accepted"
+    ), task.error
+    assert known.read_text() == before
+
+
 # -- connection failures -------------------------------------------------------------------
 
 

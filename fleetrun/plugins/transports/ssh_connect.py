@@ -1,4 +1,4 @@
-"""Opening SSH connections for the ``ssh`` transport: settings, Fabric, host keys, errors.
+"""Opening SSH connections for the ``ssh`` transport: settings, Fabric, jump hosts, errors.
 
 Fabric resolves where a host really is (``~/.ssh/config`` aliases, ``HostName``,
 ``User``, ``Port``, ``IdentityFile``) and opens the connection, hop by hop through jump
@@ -7,9 +7,9 @@ hosts. fleetrun then takes over the parts Fabric leaves loose:
 * jump hosts (``jump_host``, ``ProxyJump``) are read as ssh reads them, first hop first
   and with IPv6 hops in brackets (Fabric goes through several hops of ssh_config's in
   reverse order and takes ``[::1]:22`` for a host name);
-
 * host keys are checked against a known_hosts file, strictly unless the host opts in to
-  recording new keys (never changed ones); Fabric's default accepts any key;
+  recording new keys (never changed ones); Fabric's default accepts any key (see
+  :mod:`.ssh_known_hosts`);
 * the socket gets ``TCP_NODELAY`` (paramiko leaves Nagle on, which costs ~40 ms a command);
 * channels get a large window and packet size, and AES-GCM is preferred, for throughput;
 * ``exit-signal`` is understood, so a command killed by a signal reports 128+N.
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import ipaddress
 import logging
 import os
 import socket
 import stat
-import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
+from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, check_host_keys, fingerprint
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -121,47 +120,6 @@ def _local_path(path: str) -> Path:
         raise TransportError("config", str(exc)) from None
 
 
-def fingerprint(key: paramiko.PKey) -> str:
-    """The SHA256 fingerprint OpenSSH shows for a key."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-class HostKeyRefused(paramiko.SSHException):
-    """A host key that is not in known_hosts, under strict checking."""
-
-
-class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
-    """What happens to a host key that known_hosts does not list.
-
-    ``strict``: refuse it, naming the key. ``accept-new``: append it to the known_hosts
-    file and go on. A key that differs from a listed one never reaches a policy:
-    paramiko refuses it with ``BadHostKeyException``.
-    """
-
-    _write_lock = threading.Lock()
-
-    def __init__(self, settings: SSHSettings) -> None:
-        self.settings = settings
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        path = self.settings.known_hosts_path
-        seen = f"{key.get_name()} {fingerprint(key)}"
-        if self.settings.host_key_checking != "accept-new":
-            raise HostKeyRefused(
-                f"the host key of {hostname} is unknown: the server offered {seen}, which is not in {path}. "
-                f"Check it and add it to that file (for example with ssh-keyscan), "
-                f"or set 'host_key_checking: accept-new' for this host to record it on first use"
-            )
-        with self._write_lock:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "a") as out:
-                out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("recorded the new host key of %s (%s) in %s", hostname, seen, path)
-
-
 # -- connecting ------------------------------------------------------------------------
 
 
@@ -181,7 +139,7 @@ def build_connection(settings: SSHSettings) -> fabric.Connection:
         config, settings.connect_timeout, connect_kwargs, depth=0,
     )
     for hop in _chain(connection):
-        _check_host_keys(hop.client, settings)
+        check_host_keys(hop.client, settings)
     return connection
 
 
@@ -420,19 +378,6 @@ def _fabric_config(settings: SSHSettings) -> fabric.Config:
         raise TransportError("config", f"cannot read {where}: {exc}") from None
     except (ValueError, LookupError, TypeError) as exc:  # `Match a\`: shlex's "No escaped character"
         raise TransportError("config", f"cannot read {where}: {type(exc).__name__}: {exc}") from None
-
-
-def _check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
-    path = settings.known_hosts_path
-    if path.is_file():
-        try:
-            client.load_host_keys(str(path))
-        except (OSError, paramiko.SSHException) as exc:
-            raise TransportError("host_key", f"cannot read known_hosts file {str(path)!r}: {exc}") from None
-    # load_host_keys makes paramiko rewrite the whole file on every new key; the policy
-    # appends instead, and only when the host opted in.
-    client._host_keys_filename = None  # noqa: SLF001
-    client.set_missing_host_key_policy(_KnownHostsPolicy(settings))
 
 
 SECRET_KINDS = {"password": "the password", "passphrase": "the identity passphrase"}

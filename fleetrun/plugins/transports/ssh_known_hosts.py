@@ -1,0 +1,153 @@
+"""Host keys for the ``ssh`` transport: the known_hosts file, read as ssh reads it, and
+what happens to a key it does not list.
+
+paramiko's own reader gives up on the whole file at the first line it cannot read, and
+a line with a marker (``@cert-authority``, ``@revoked``) is such a line: every host of
+a user whose known_hosts trusts an SSH certificate authority failed. Here each line
+stands alone. A line that cannot be read is skipped, as ssh skips it; a
+``@cert-authority`` line is skipped too (fleetrun does not check host certificates);
+and a key marked ``@revoked`` is refused for every host, even one that lists it, even
+under ``accept-new``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import paramiko
+from paramiko.hostkeys import HostKeyEntry, HostKeys, InvalidHostKey
+
+from fleetrun.core.transport import TransportError
+
+if TYPE_CHECKING:
+    from fleetrun.plugins.transports.ssh_connect import SSHSettings
+
+log = logging.getLogger("fleetrun.ssh")
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The SHA256 fingerprint OpenSSH shows for a key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class HostKeyRefused(paramiko.SSHException):
+    """A host key that known_hosts does not list (under strict checking), or marks revoked."""
+
+
+@dataclass(frozen=True)
+class KnownHosts:
+    """What a known_hosts file said besides the keys it lists for hosts."""
+
+    path: Path
+    revoked: frozenset[tuple[str, str]] = frozenset()  # (key type, base64)
+    authorities: int = 0  # @cert-authority lines, skipped
+    skipped_lines: tuple[int, ...] = ()  # lines that could not be read, or hold a key paramiko cannot use
+
+
+def check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
+    """Load the host's known_hosts file into ``client`` and set what happens to other keys."""
+    path = settings.known_hosts_path
+    known = _load(client.get_host_keys(), path) if path.is_file() else KnownHosts(path)
+    # paramiko would rewrite the whole file on every new key; the policy appends instead,
+    # and only when the host opted in.
+    client._host_keys_filename = None  # noqa: SLF001
+    client.set_missing_host_key_policy(_KnownHostsPolicy(settings, known))
+
+
+def _load(host_keys: HostKeys, path: Path) -> KnownHosts:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise TransportError("host_key", f"cannot read known_hosts file {str(path)!r}: {exc.strerror or exc}") from None
+    listed: list[HostKeyEntry] = []
+    revoked: set[tuple[str, str]] = set()
+    authorities = 0
+    skipped: list[int] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        marker = None
+        if line.startswith("@"):
+            marker, line = (line.split(None, 1) + [""])[:2]
+        entry = _entry(line, number)
+        if entry is None or marker not in (None, "@revoked", "@cert-authority"):
+            skipped.append(number)
+        elif marker == "@revoked":
+            revoked.add(_identity(entry.key))
+        elif marker == "@cert-authority":
+            authorities += 1
+        else:
+            listed.append(entry)
+    for entry in listed:
+        if _identity(entry.key) in revoked:
+            continue  # so that the policy sees the key, and refuses it
+        # As paramiko's own reader adds them (it has no call for an entry already read).
+        names = [name for name in entry.hostnames if not host_keys.check(name, entry.key)]
+        if names:
+            host_keys._entries.append(HostKeyEntry(names, entry.key))  # noqa: SLF001
+    if skipped:
+        log.debug("%s: skipped lines %s (unreadable, or a key type paramiko cannot use)", path, skipped)
+    return KnownHosts(path, frozenset(revoked), authorities, tuple(skipped))
+
+
+def _entry(line: str, number: int) -> HostKeyEntry | None:
+    try:
+        return HostKeyEntry.from_line(line, number)
+    except (paramiko.SSHException, InvalidHostKey, ValueError, TypeError, IndexError):
+        return None
+
+
+def _identity(key: paramiko.PKey) -> tuple[str, str]:
+    return key.get_name(), key.get_base64()
+
+
+class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """What happens to a host key that known_hosts does not list.
+
+    ``strict``: refuse it, naming the key. ``accept-new``: append it to the known_hosts
+    file and go on. Either way a revoked key is refused. A key that differs from a
+    listed one never reaches a policy: paramiko refuses it with ``BadHostKeyException``.
+    """
+
+    _write_lock = threading.Lock()
+
+    def __init__(self, settings: SSHSettings, known: KnownHosts) -> None:
+        self.settings = settings
+        self.known = known
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        path = self.known.path
+        seen = f"{key.get_name()} {fingerprint(key)}"
+        if _identity(key) in self.known.revoked:
+            raise HostKeyRefused(f"the host key of {hostname} ({seen}) is marked @revoked in {path}: it is never accepted")
+        if self.settings.host_key_checking != "accept-new":
+            raise HostKeyRefused(
+                f"the host key of {hostname} is unknown: the server offered {seen}, which is not in {path}"
+                f"{self._what_else_the_file_holds()}. Check it and add it to that file (for example with ssh-keyscan), "
+                f"or set 'host_key_checking: accept-new' for this host to record it on first use"
+            )
+        with self._write_lock:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as out:
+                out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("recorded the new host key of %s (%s) in %s", hostname, seen, path)
+
+    def _what_else_the_file_holds(self) -> str:
+        notes = []
+        if self.known.authorities:
+            notes.append("fleetrun does not check host certificates, so its @cert-authority lines vouch for no key")
+        if self.known.skipped_lines:
+            lines = ", ".join(map(str, self.known.skipped_lines[:5])) + (", …" if len(self.known.skipped_lines) > 5 else "")
+            notes.append(f"lines it could not read were skipped ({lines})")
+        return f" ({'; '.join(notes)})" if notes else ""
