@@ -149,14 +149,22 @@ def test_the_cli_hides_every_hosts_secret_whatever_host_it_is_asked_about(tmp_pa
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sets a password on the tests' own login user, which needs root")
-def test_a_login_password_logs_in_and_is_written_nowhere(tmp_path, sshd_fleet):
+@pytest.mark.parametrize(
+    ("server_auth", "accepted"),
+    [
+        ("PasswordAuthentication yes", "Accepted password for "),
+        # As many PAM servers take passwords: keyboard-interactive only.
+        ("UsePAM yes\nKbdInteractiveAuthentication yes\nPasswordAuthentication no", "Accepted keyboard-interactive/pam for "),
+    ],
+)
+def test_a_login_password_logs_in_and_is_written_nowhere(tmp_path, sshd_fleet, server_auth, accepted):
     from sshd import TEST_USER
 
     password = "pw-" + secrets.token_hex(12)
     wrong = "wrong-" + secrets.token_hex(12)
     subprocess.run(["chpasswd"], input=f"{TEST_USER}:{password}\n", text=True, check=True)
     try:
-        server = sshd_fleet.start(extra_config="PasswordAuthentication yes\nPubkeyAuthentication no")
+        server = sshd_fleet.start(extra_config=f"{server_auth}\nPubkeyAuthentication no")
         known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
         wrong_file = tmp_path / "wrong-password"
         wrong_file.write_text(wrong + "\n")
@@ -176,7 +184,7 @@ def test_a_login_password_logs_in_and_is_written_nowhere(tmp_path, sshd_fleet):
     finally:
         subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
     assert (good.returncode, good.stdout) == (0, f"{TEST_USER}\n"), good.stderr
-    assert "Accepted password for " + TEST_USER in server.log.read_text()
+    assert accepted + TEST_USER in server.log.read_text()
     assert refused.returncode == 125 and "authentication to " in refused.stderr
     records = {r["host"]: r for r in json.loads(listing.stdout)}
     assert (records["pw"]["status"], records["badpw"]["error_category"]) == ("succeeded", "auth")
