@@ -423,6 +423,38 @@ def test_keys_in_ssh_agent_log_in_and_identity_files_limit_them_to_their_own(mak
     assert executor.run(TaskRequest(host="unpinned", command="true")).status is TaskStatus.SUCCEEDED
 
 
+def test_the_agent_named_by_identityagent_in_ssh_config_is_used(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent, monkeypatch):
+    # As 1Password's or Secretive's agent is set up; before, only $SSH_AUTH_SOCK's agent was asked.
+    ssh_agent(sshd_fleet.client_key)
+    agent_socket = os.environ["SSH_AUTH_SOCK"]
+    monkeypatch.delenv("SSH_AUTH_SOCK")
+    monkeypatch.setenv("AGENT_DIR", str(Path(agent_socket).parent))
+    monkeypatch.setenv("MY_AGENT", agent_socket)
+    config = tmp_path / "ssh_config"
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+    config.write_text(
+        f"Host by-path\n{where}  IdentityAgent {agent_socket}\n"
+        f"Host by-variable\n{where}  IdentityAgent ${{AGENT_DIR}}/{Path(agent_socket).name}\n"
+        f"Host by-older-form\n{where}  IdentityAgent $MY_AGENT\n"
+        f"Host turned-off\n{where}  IdentityAgent none\n"
+        f"Host nobody-there\n{where}  IdentityAgent {tmp_path / 'no-agent.sock'}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({name: entry for name in ("by-path", "by-variable", "by-older-form", "turned-off", "nobody-there")}))
+    for name in ("by-path", "by-variable", "by-older-form"):
+        task = executor.run(TaskRequest(host=name, command="whoami"))
+        assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+    for name, agent in (("turned-off", "no ssh-agent (IdentityAgent none)"), ("nobody-there", f"no ssh-agent answering at {tmp_path / 'no-agent.sock'}")):
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.status, task.error_category) == (TaskStatus.FAILED, "auth")
+        assert task.error.endswith(
+            f"there was no key or password to offer (no identity_files, none in ~/.ssh/config or ~/.ssh/id_*, {agent}; "
+            "no password_env or password_file)"
+        ), task.error
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent_socket)  # IdentityAgent none wins over it, as in ssh
+    assert executor.run(TaskRequest(host="turned-off", command="true")).error_category == "auth"
+
+
 def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)

@@ -24,6 +24,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
 import weakref
@@ -212,7 +213,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
         try:
             hop.connect_kwargs.update(secrets)
             _keep_usable_identity_files(hop, settings)
-            _offer_only_identity_files(hop, settings)
+            _use_identity_agent(hop, settings)
             if not hop.gateway:
                 hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings)
             hop.open()
@@ -221,7 +222,8 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             raise
         except BaseException as exc:
             connection.close()
-            raise connect_error(exc, where, settings) from None
+            agent = getattr(hop.client, "_agent", None)
+            raise connect_error(exc, where, settings, agent=getattr(agent, "when_empty", None)) from None
     return connection
 
 
@@ -271,42 +273,61 @@ def _holds_a_private_key(path: Path) -> bool:
         return False
 
 
-def _offer_only_identity_files(hop: fabric.Connection, settings: SSHSettings) -> None:
-    """With identity files named (the host's ``identity_files``, or ``IdentitiesOnly yes``
-    in ssh_config), offer those keys only, as OpenSSH does under IdentitiesOnly: of the
-    agent's keys, the ones that are those files' (an encrypted file's key unlocked in the
-    agent), and no other. Without, paramiko offers every agent key, and a server that
+def _use_identity_agent(hop: fabric.Connection, settings: SSHSettings) -> None:
+    """Offer the keys of the ssh-agent ssh would use for the hop (``IdentityAgent`` in
+    ssh_config, else ``$SSH_AUTH_SOCK``); paramiko knows only ``$SSH_AUTH_SOCK``.
+
+    With identity files named (the host's ``identity_files``, or ``IdentitiesOnly yes`` in
+    ssh_config), offer those keys only, as OpenSSH does under IdentitiesOnly: of the agent's
+    keys, the ones that are those files' (an encrypted file's key unlocked in the agent),
+    and no other. Without, every agent key is offered, as paramiko does; a server that
     allows few attempts (MaxAuthTries) may refuse the connection before the right key."""
     identities_only = str(hop.ssh_config.get("identitiesonly", "no")).lower() == "yes"
-    if not (settings.identity_files or identities_only):
-        return
+    only = hop.connect_kwargs.get("key_filename") or [] if settings.identity_files or identities_only else None
     # paramiko 5.1 takes the agent's keys from the client's _agent (get_keys(), close()).
-    hop.client._agent = _AgentKeysOf(hop.connect_kwargs.get("key_filename") or [])  # noqa: SLF001
+    hop.client._agent = _IdentityAgent(*_agent_socket(hop), only=only)  # noqa: SLF001
 
 
-class _AgentKeysOf:
-    """The keys of the user's ssh-agent that belong to some of the given identity files."""
+def _agent_socket(hop: fabric.Connection) -> tuple[str | None, str]:
+    """The agent's socket for the hop, or None; and, in words, what an empty agent is."""
+    value = hop.ssh_config.get("identityagent")
+    if value is None or value == "SSH_AUTH_SOCK":
+        socket_path = os.environ.get("SSH_AUTH_SOCK")
+        return (socket_path, "none in ssh-agent") if socket_path else (None, "no ssh-agent (SSH_AUTH_SOCK is not set)")
+    if value.lower() == "none":
+        return None, "no ssh-agent (IdentityAgent none)"
+    if value.startswith("$") and not value.startswith("${"):  # ssh's older form: a variable holding the path
+        name = value[1:]
+        socket_path = os.environ.get(name)
+        return (socket_path, f"none in the ssh-agent at ${name}") if socket_path else (None, f"no ssh-agent (IdentityAgent: ${name} is not set)")
+    expanded = re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), value)
+    return str(_local_path(expanded)), f"none in the ssh-agent at {value}"
 
-    def __init__(self, paths: list[str]) -> None:
-        self._agent: paramiko.Agent | None = None
-        self._keys: tuple[paramiko.AgentKey, ...] = ()
-        if not os.environ.get("SSH_AUTH_SOCK"):
+
+class _IdentityAgent(paramiko.agent.AgentSSH):
+    """An ssh-agent's keys (those of the identity files ``only``, when given)."""
+
+    def __init__(self, socket_path: str | None, when_empty: str, *, only: list[str] | None) -> None:
+        super().__init__()
+        self.when_empty = when_empty
+        wanted = None if only is None else set().union(*(_public_key_blobs(path) for path in only))
+        if socket_path is None or wanted == set():
             return
-        wanted = set().union(*(_public_key_blobs(path) for path in paths))
-        if not wanted:
-            return
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._agent = paramiko.Agent()
-            self._keys = tuple(key for key in self._agent.get_keys() if key.blob in wanted)
-        except (paramiko.SSHException, OSError) as exc:
-            log.debug("ssh-agent not usable: %s", exc)
-
-    def get_keys(self) -> tuple[paramiko.AgentKey, ...]:
-        return self._keys
+            connection.connect(socket_path)
+            self._connect(connection)
+        except (OSError, paramiko.SSHException) as exc:
+            connection.close()
+            self._conn, self._keys = None, ()
+            self.when_empty = f"no ssh-agent answering at {socket_path}"
+            log.debug("ssh-agent at %s not usable: %s", socket_path, exc)
+            return
+        if wanted is not None:
+            self._keys = tuple(key for key in self._keys if key.blob in wanted)
 
     def close(self) -> None:
-        if self._agent is not None:
-            self._agent.close()
+        self._close()
 
 
 _OPENSSH_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----"
@@ -482,8 +503,9 @@ def exit_signal(channel: paramiko.Channel) -> int | str | None:
 # -- errors ----------------------------------------------------------------------------
 
 
-def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> TransportError:
-    """Turn a connection failure into a categorised error that carries no secret."""
+def connect_error(exc: BaseException, where: str, settings: SSHSettings, *, agent: str | None = None) -> TransportError:
+    """Turn a connection failure into a categorised error that carries no secret; ``agent``
+    says, in words, what the ssh-agent had to offer when it offered nothing."""
     if isinstance(exc, paramiko.BadHostKeyException):
         return TransportError(
             "host_key",
@@ -514,7 +536,7 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
         return TransportError(
             "auth",
             f"authentication to {where} failed: there was no key or password to offer "
-            f"({_what_could_be_offered(settings)})",
+            f"({_what_could_be_offered(settings, agent)})",
         )
     if isinstance(exc, paramiko.SSHException) and "key" in str(exc).lower():
         # paramiko's words for an identity file it could not decrypt or parse ("Invalid key", ...).
@@ -528,11 +550,11 @@ def connect_error(exc: BaseException, where: str, settings: SSHSettings) -> Tran
     return TransportError("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
 
 
-def _what_could_be_offered(settings: SSHSettings) -> str:
+def _what_could_be_offered(settings: SSHSettings, agent: str | None) -> str:
     if settings.identity_files:
         keys = f"identity_files {', '.join(settings.identity_files)}: none readable, none of their keys in ssh-agent"
     else:
-        agent = "none in ssh-agent" if os.environ.get("SSH_AUTH_SOCK") else "no ssh-agent (SSH_AUTH_SOCK is not set)"
+        agent = agent or ("none in ssh-agent" if os.environ.get("SSH_AUTH_SOCK") else "no ssh-agent (SSH_AUTH_SOCK is not set)")
         config = "~/.ssh/config or " if settings.use_ssh_config else ""
         keys = f"no identity_files, none in {config}~/.ssh/id_*, {agent}"
     return f"{keys}; no password_env or password_file"
