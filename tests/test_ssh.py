@@ -315,9 +315,51 @@ def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(ma
     task = executor.run(TaskRequest(host="web", command="true"))
     assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
     assert (
-        f"which is not in {known} (fleetrun does not check host certificates, so its @cert-authority lines vouch for no key; "
-        "lines it could not read were skipped (2, 3, 4)). Check it"
+        f"which is not in {known} (fleetrun does not check host certificates, so @cert-authority lines vouch for no key; "
+        f"lines it could not read were skipped: {known}:2, {known}:3, {known}:4). Check it"
     ) in task.error
+
+
+def test_without_a_known_hosts_field_host_keys_are_looked_up_where_ssh_looks(make_executor, sshd_fleet, shared_sshd, tmp_path, monkeypatch):
+    # Before, only ~/.ssh/known_hosts was read: a key that ssh finds in ~/.ssh/known_hosts2, in
+    # /etc/ssh/ssh_known_hosts (as config management puts them) or in UserKnownHostsFile was unknown.
+    from sshd import generate_key
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    entry = ssh_host(sshd_fleet, shared_sshd, tmp_path / "unused")
+    entry.pop("known_hosts")
+    (home / ".ssh" / "known_hosts2").write_text(shared_sshd.known_hosts_line)
+    by_default = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert by_default.status is TaskStatus.SUCCEEDED, by_default.error
+
+    config = tmp_path / "ssh_config"
+    global_file = tmp_path / "global_known_hosts"
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    config.write_text(
+        f"Host global\n{where}  UserKnownHostsFile ~/first ${{HOME}}/second\n  GlobalKnownHostsFile {global_file}\n"
+        f"Host recorded\n{where}  UserKnownHostsFile ~/new/first\n  GlobalKnownHostsFile {global_file}\n"
+    )
+    global_file.write_text(shared_sshd.known_hosts_line)
+    via_config = {"transport": "ssh", "ssh_config_file": str(config), "host_key_checking": "accept-new"}
+    executor = make_executor(hosts_yaml=hosts_file_text({"global": via_config, "recorded": via_config}))
+    details = executor.plan(TaskRequest(host="global", command="true")).transport_details
+    assert details["known_hosts"] == [str(home / "first"), str(home / "second"), str(global_file)]
+    assert executor.run(TaskRequest(host="global", command="true")).status is TaskStatus.SUCCEEDED
+    assert not (home / "first").exists()  # found, so not recorded
+
+    # A key none of them lists is recorded, under accept-new, in the first user file.
+    global_file.write_text("")
+    assert executor.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
+    assert (home / "new" / "first").read_text() == shared_sshd.known_hosts_line
+
+    # A changed key names the file that lists the old one.
+    impostor = Path(f"{generate_key(tmp_path / 'other_host_key')}.pub").read_text().split()
+    global_file.write_text(f"[{shared_sshd.address}]:{shared_sshd.port} {impostor[0]} {impostor[1]}\n")
+    changed = make_executor(hosts_yaml=hosts_file_text({"global": via_config})).run(TaskRequest(host="global", command="true"))
+    assert (changed.status, changed.error_category) == (TaskStatus.FAILED, "host_key")
+    assert f"but {global_file} lists {impostor[0]} " in changed.error
 
 
 @pytest.mark.parametrize("checking", ["strict", "accept-new"])

@@ -170,13 +170,15 @@ class SSHTransport(Transport):
             validate=_home_problem,
         ),
         "known_hosts": HostField(
-            "string", "known_hosts file that host keys are checked against (default: ~/.ssh/known_hosts)",
+            "string",
+            "the only known_hosts file host keys are checked against (default: those ssh reads: UserKnownHostsFile "
+            "and GlobalKnownHostsFile of ~/.ssh/config, else ~/.ssh/known_hosts{,2} and /etc/ssh/ssh_known_hosts{,2})",
             validate=_home_problem,
         ),
         "host_key_checking": HostField(
             "string",
             "strict (default): refuse unknown and changed host keys; accept-new: record an unknown key "
-            "in known_hosts on first use (changed keys are still refused)",
+            "in the (first) known_hosts file on first use (changed and revoked keys are still refused)",
             choices=("strict", "accept-new"),
         ),
         "jump_host": HostField(

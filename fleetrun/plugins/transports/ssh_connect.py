@@ -41,11 +41,14 @@ from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
-from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, check_host_keys, fingerprint
+from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
 
 log = logging.getLogger("fleetrun.ssh")
 
-DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+#: Where ssh looks for host keys when nothing says otherwise (UserKnownHostsFile,
+#: GlobalKnownHostsFile); a key accept-new records goes in the first.
+USER_KNOWN_HOSTS = "~/.ssh/known_hosts ~/.ssh/known_hosts2"
+GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2"
 _WINDOW_SIZE = 16 << 20
 _MAX_PACKET_SIZE = 256 << 10
 _SIGNALS = {
@@ -63,7 +66,7 @@ class SSHSettings:
     port: int | None
     user: str | None
     identity_files: tuple[str, ...]
-    known_hosts: str
+    known_hosts: str | None  # None: the files ssh reads (see known_hosts_files)
     host_key_checking: str
     jump_host: str | None
     connect_timeout: float
@@ -89,7 +92,7 @@ class SSHSettings:
             port=o.get("port"),
             user=o.get("user"),
             identity_files=tuple(o.get("identity_files", ())),
-            known_hosts=o.get("known_hosts", DEFAULT_KNOWN_HOSTS),
+            known_hosts=o.get("known_hosts"),
             host_key_checking=o.get("host_key_checking", "strict"),
             jump_host=o.get("jump_host"),
             connect_timeout=float(o.get("connect_timeout", 10)),
@@ -107,9 +110,24 @@ class SSHSettings:
             blocked_networks=tuple(o.get("blocked_networks", ())),
         )
 
-    @property
-    def known_hosts_path(self) -> Path:
-        return _local_path(self.known_hosts)
+    def known_hosts_files(self, ssh_config: Mapping[str, Any]) -> list[Path]:
+        """The files a hop's host keys are checked against, the one to record a new key in
+        first: the host's ``known_hosts`` alone when it sets one; else, as ssh reads them,
+        ssh_config's ``UserKnownHostsFile`` then ``GlobalKnownHostsFile``, or their defaults."""
+        if self.known_hosts is not None:
+            return [_local_path(self.known_hosts)]
+        files = []
+        for keyword, default in (("userknownhostsfile", USER_KNOWN_HOSTS), ("globalknownhostsfile", GLOBAL_KNOWN_HOSTS)):
+            value = str(ssh_config.get(keyword, default))
+            if value.strip().lower() != "none":
+                files += [_local_path(with_environment(path)) for path in value.split()]
+        return files
+
+
+def with_environment(text: str) -> str:
+    """``text`` with each ``${NAME}`` replaced by that environment variable, as ssh expands
+    the paths of ssh_config (one that is not set is left as written)."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), text)
 
 
 def _local_path(path: str) -> Path:
@@ -140,7 +158,7 @@ def build_connection(settings: SSHSettings) -> fabric.Connection:
         config, settings.connect_timeout, connect_kwargs, depth=0,
     )
     for hop in _chain(connection):
-        check_host_keys(hop.client, settings)
+        check_host_keys(hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=settings.host_key_checking == "accept-new")
     return connection
 
 
@@ -223,7 +241,9 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
         except BaseException as exc:
             connection.close()
             agent = getattr(hop.client, "_agent", None)
-            raise connect_error(exc, where, settings, agent=getattr(agent, "when_empty", None)) from None
+            raise connect_error(
+                exc, where, settings, agent=getattr(agent, "when_empty", None), known_hosts=known_hosts_of(hop.client)
+            ) from None
     return connection
 
 
@@ -300,8 +320,7 @@ def _agent_socket(hop: fabric.Connection) -> tuple[str | None, str]:
         name = value[1:]
         socket_path = os.environ.get(name)
         return (socket_path, f"none in the ssh-agent at ${name}") if socket_path else (None, f"no ssh-agent (IdentityAgent: ${name} is not set)")
-    expanded = re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), value)
-    return str(_local_path(expanded)), f"none in the ssh-agent at {value}"
+    return str(_local_path(with_environment(value))), f"none in the ssh-agent at {value}"
 
 
 class _IdentityAgent(paramiko.agent.AgentSSH):
@@ -503,14 +522,17 @@ def exit_signal(channel: paramiko.Channel) -> int | str | None:
 # -- errors ----------------------------------------------------------------------------
 
 
-def connect_error(exc: BaseException, where: str, settings: SSHSettings, *, agent: str | None = None) -> TransportError:
+def connect_error(
+    exc: BaseException, where: str, settings: SSHSettings, *, agent: str | None = None, known_hosts: KnownHosts | None = None
+) -> TransportError:
     """Turn a connection failure into a categorised error that carries no secret; ``agent``
     says, in words, what the ssh-agent had to offer when it offered nothing."""
     if isinstance(exc, paramiko.BadHostKeyException):
+        listed_in = known_hosts.listed_in.get((exc.expected_key.get_name(), exc.expected_key.get_base64())) if known_hosts else None
         return TransportError(
             "host_key",
             f"the host key of {where} has CHANGED: the server offered {exc.key.get_name()} {fingerprint(exc.key)}, "
-            f"but {settings.known_hosts_path} lists {exc.expected_key.get_name()} {fingerprint(exc.expected_key)}. "
+            f"but {listed_in or 'known_hosts'} lists {exc.expected_key.get_name()} {fingerprint(exc.expected_key)}. "
             f"The connection was refused. If the change is expected, remove the old entry "
             f"(ssh-keygen -R HOST -f FILE) and add the new key",
         )
@@ -580,7 +602,7 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
     return {
         "address": address(connection),
         "jump_hosts": hops or None,
-        "known_hosts": str(settings.known_hosts_path),
+        "known_hosts": [str(path) for path in settings.known_hosts_files(connection.ssh_config)],
         "host_key_checking": settings.host_key_checking,
         "identity_files": list(settings.identity_files) or None,
         "secrets_from": [

@@ -1,5 +1,5 @@
-"""Host keys for the ``ssh`` transport: the known_hosts file, read as ssh reads it, and
-what happens to a key it does not list.
+"""Host keys for the ``ssh`` transport: the known_hosts files, read as ssh reads them, and
+what happens to a key they do not list.
 
 paramiko's own reader gives up on the whole file at the first line it cannot read, and
 a line with a marker (``@cert-authority``, ``@revoked``) is such a line: every host of
@@ -17,17 +17,14 @@ import hashlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Mapping
 
 import paramiko
 from paramiko.hostkeys import HostKeyEntry, HostKeys, InvalidHostKey
 
 from fleetrun.core.transport import TransportError
-
-if TYPE_CHECKING:
-    from fleetrun.plugins.transports.ssh_connect import SSHSettings
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -44,59 +41,75 @@ class HostKeyRefused(paramiko.SSHException):
 
 @dataclass(frozen=True)
 class KnownHosts:
-    """What a known_hosts file said besides the keys it lists for hosts."""
+    """What the known_hosts files said besides the keys they list for hosts."""
 
-    path: Path
+    files: tuple[Path, ...]  # a new key is recorded in the first
     revoked: frozenset[tuple[str, str]] = frozenset()  # (key type, base64)
     authorities: int = 0  # @cert-authority lines, skipped
-    skipped_lines: tuple[int, ...] = ()  # lines that could not be read, or hold a key paramiko cannot use
+    skipped_lines: tuple[str, ...] = ()  # FILE:LINE that could not be read, or hold a key paramiko cannot use
+    listed_in: Mapping[tuple[str, str], Path] = field(default_factory=dict)  # the file each listed key came from
+
+    def looked_in(self) -> str:
+        """The files that were read, in words (the first one if none exists)."""
+        read = [str(path) for path in self.files if path.is_file()] or [str(self.files[0])] if self.files else ["no file"]
+        return " or ".join(read)
 
 
-def check_host_keys(client: paramiko.SSHClient, settings: SSHSettings) -> None:
-    """Load the host's known_hosts file into ``client`` and set what happens to other keys."""
-    path = settings.known_hosts_path
-    known = _load(client.get_host_keys(), path) if path.is_file() else KnownHosts(path)
+def check_host_keys(client: paramiko.SSHClient, files: list[Path], *, accept_new: bool) -> None:
+    """Load ``files`` into ``client`` and set what happens to a key they do not list."""
+    known = _load(client.get_host_keys(), files)
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
-    client.set_missing_host_key_policy(_KnownHostsPolicy(settings, known))
+    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new))
 
 
-def _load(host_keys: HostKeys, path: Path) -> KnownHosts:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise TransportError("host_key", f"cannot read known_hosts file {str(path)!r}: {exc.strerror or exc}") from None
-    listed: list[HostKeyEntry] = []
+def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
+    """What :func:`check_host_keys` read for ``client``."""
+    policy = getattr(client, "_policy", None)
+    return policy.known if isinstance(policy, _KnownHostsPolicy) else None
+
+
+def _load(host_keys: HostKeys, files: list[Path]) -> KnownHosts:
+    listed: list[tuple[Path, HostKeyEntry]] = []
     revoked: set[tuple[str, str]] = set()
     authorities = 0
-    skipped: list[int] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+    skipped: list[str] = []
+    for path in files:
+        if not path.is_file():
             continue
-        marker = None
-        if line.startswith("@"):
-            marker, line = (line.split(None, 1) + [""])[:2]
-        entry = _entry(line, number)
-        if entry is None or marker not in (None, "@revoked", "@cert-authority"):
-            skipped.append(number)
-        elif marker == "@revoked":
-            revoked.add(_identity(entry.key))
-        elif marker == "@cert-authority":
-            authorities += 1
-        else:
-            listed.append(entry)
-    for entry in listed:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise TransportError("host_key", f"cannot read known_hosts file {str(path)!r}: {exc.strerror or exc}") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            marker = None
+            if line.startswith("@"):
+                marker, line = (line.split(None, 1) + [""])[:2]
+            entry = _entry(line, number)
+            if entry is None or marker not in (None, "@revoked", "@cert-authority"):
+                skipped.append(f"{path}:{number}")
+            elif marker == "@revoked":
+                revoked.add(_identity(entry.key))
+            elif marker == "@cert-authority":
+                authorities += 1
+            else:
+                listed.append((path, entry))
+    listed_in: dict[tuple[str, str], Path] = {}
+    for path, entry in listed:
         if _identity(entry.key) in revoked:
             continue  # so that the policy sees the key, and refuses it
+        listed_in.setdefault(_identity(entry.key), path)
         # As paramiko's own reader adds them (it has no call for an entry already read).
         names = [name for name in entry.hostnames if not host_keys.check(name, entry.key)]
         if names:
             host_keys._entries.append(HostKeyEntry(names, entry.key))  # noqa: SLF001
     if skipped:
-        log.debug("%s: skipped lines %s (unreadable, or a key type paramiko cannot use)", path, skipped)
-    return KnownHosts(path, frozenset(revoked), authorities, tuple(skipped))
+        log.debug("known_hosts lines skipped (unreadable, or a key type paramiko cannot use): %s", ", ".join(skipped))
+    return KnownHosts(tuple(files), frozenset(revoked), authorities, tuple(skipped), listed_in)
 
 
 def _entry(line: str, number: int) -> HostKeyEntry | None:
@@ -113,28 +126,32 @@ def _identity(key: paramiko.PKey) -> tuple[str, str]:
 class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
     """What happens to a host key that known_hosts does not list.
 
-    ``strict``: refuse it, naming the key. ``accept-new``: append it to the known_hosts
-    file and go on. Either way a revoked key is refused. A key that differs from a
-    listed one never reaches a policy: paramiko refuses it with ``BadHostKeyException``.
+    Strict: refuse it, naming the key. ``accept_new``: append it to the first known_hosts
+    file and go on. Either way a revoked key is refused. A key that differs from a listed
+    one never reaches a policy: paramiko refuses it with ``BadHostKeyException``.
     """
 
     _write_lock = threading.Lock()
 
-    def __init__(self, settings: SSHSettings, known: KnownHosts) -> None:
-        self.settings = settings
+    def __init__(self, known: KnownHosts, *, accept_new: bool) -> None:
         self.known = known
+        self.accept_new = accept_new
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        path = self.known.path
         seen = f"{key.get_name()} {fingerprint(key)}"
         if _identity(key) in self.known.revoked:
-            raise HostKeyRefused(f"the host key of {hostname} ({seen}) is marked @revoked in {path}: it is never accepted")
-        if self.settings.host_key_checking != "accept-new":
             raise HostKeyRefused(
-                f"the host key of {hostname} is unknown: the server offered {seen}, which is not in {path}"
-                f"{self._what_else_the_file_holds()}. Check it and add it to that file (for example with ssh-keyscan), "
-                f"or set 'host_key_checking: accept-new' for this host to record it on first use"
+                f"the host key of {hostname} ({seen}) is marked @revoked in {self.known.looked_in()}: it is never accepted"
             )
+        if not self.accept_new or not self.known.files:
+            record = "" if self.known.files else " (no known_hosts file to record it in: UserKnownHostsFile is none)"
+            raise HostKeyRefused(
+                f"the host key of {hostname} is unknown: the server offered {seen}, which is not in "
+                f"{self.known.looked_in()}{self._what_else_the_files_hold()}. Check it and add it to "
+                f"{self.known.files[0] if self.known.files else 'a known_hosts file'} (for example with ssh-keyscan), "
+                f"or set 'host_key_checking: accept-new' for this host to record it on first use{record}"
+            )
+        path = self.known.files[0]
         with self._write_lock:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -143,11 +160,11 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
         log.warning("recorded the new host key of %s (%s) in %s", hostname, seen, path)
 
-    def _what_else_the_file_holds(self) -> str:
+    def _what_else_the_files_hold(self) -> str:
         notes = []
         if self.known.authorities:
-            notes.append("fleetrun does not check host certificates, so its @cert-authority lines vouch for no key")
+            notes.append("fleetrun does not check host certificates, so @cert-authority lines vouch for no key")
         if self.known.skipped_lines:
-            lines = ", ".join(map(str, self.known.skipped_lines[:5])) + (", …" if len(self.known.skipped_lines) > 5 else "")
-            notes.append(f"lines it could not read were skipped ({lines})")
+            lines = ", ".join(self.known.skipped_lines[:5]) + (", …" if len(self.known.skipped_lines) > 5 else "")
+            notes.append(f"lines it could not read were skipped: {lines}")
         return f" ({'; '.join(notes)})" if notes else ""
