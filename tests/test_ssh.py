@@ -1017,7 +1017,15 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
         f"  ProxyCommand ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} -o BatchMode=yes "
         f"-p {jump.port} -W %h:%p {sshd_fleet.user}@{jump.address}\n"
     )
-    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}}))
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry, "ruled": {**entry, "hostname": "inner", "blocked_networks": ["192.0.2.0/24"]}}))
+    # Network rules cannot be checked on a connection a command makes: such a host is refused.
+    refused = executor.run(TaskRequest(host="ruled", command="true"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "network")
+    assert refused.error == (
+        f"{sshd_fleet.user}@{target.address}:{target.port} is reached through a ProxyCommand of ssh_config, which connects where "
+        "fleetrun cannot check: the host's network rules (allowed_networks, blocked_networks) refuse it"
+    )
     _reaches_only_through(executor, jump, target, jump_hosts=None)
 
 

@@ -234,6 +234,12 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             _use_identity_agent(hop, settings)
             if not hop.gateway:
                 hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings)
+            elif isinstance(hop.gateway, str) and (settings.allowed_networks or settings.blocked_networks):
+                raise TransportError(
+                    "network",
+                    f"{where} is reached through a ProxyCommand of ssh_config, which connects where fleetrun cannot "
+                    "check: the host's network rules (allowed_networks, blocked_networks) refuse it",
+                )
             hop.open()
         except TransportError:
             connection.close()
