@@ -362,6 +362,28 @@ def test_without_a_known_hosts_field_host_keys_are_looked_up_where_ssh_looks(mak
     assert f"but {global_file} lists {impostor[0]} " in changed.error
 
 
+def test_hostkeyalias_in_ssh_config_names_the_key_to_check_and_to_record(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    kind, blob = shared_sshd.host_public_key.split()[:2]
+    known = tmp_path / "known_hosts"
+    # The key is listed under the alias only; a wrong key under the address must not count, as in ssh.
+    known.write_text(f"web-key {kind} {blob}\n[{shared_sshd.address}]:{shared_sshd.port} {kind} AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+    config = tmp_path / "ssh_config"
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    config.write_text(f"Host aliased\n{where}  HostKeyAlias web-key\nHost recorded\n{where}  HostKeyAlias new-alias\n")
+    aliased = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"aliased": aliased, "recorded": {**aliased, "host_key_checking": "accept-new"}}))
+    task = executor.run(TaskRequest(host="aliased", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    before = known.read_text()
+    assert executor.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
+    assert known.read_text() == before + f"new-alias {kind} {blob}\n"
+
+    config.write_text(f"Host aliased\n{where}  HostKeyAlias unlisted\n")
+    refused = make_executor(hosts_yaml=hosts_file_text({"aliased": aliased})).run(TaskRequest(host="aliased", command="true"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "host_key")
+    assert refused.error.startswith(f"the host key of [{shared_sshd.address}]:{shared_sshd.port} (HostKeyAlias unlisted) is unknown")
+
+
 @pytest.mark.parametrize("checking", ["strict", "accept-new"])
 def test_a_host_key_marked_revoked_is_refused_even_where_it_is_listed(make_executor, sshd_fleet, shared_sshd, tmp_path, checking):
     kind, blob = shared_sshd.host_public_key.split()[:2]

@@ -158,7 +158,11 @@ def build_connection(settings: SSHSettings) -> fabric.Connection:
         config, settings.connect_timeout, connect_kwargs, depth=0,
     )
     for hop in _chain(connection):
-        check_host_keys(hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=settings.host_key_checking == "accept-new")
+        alias = hop.ssh_config.get("hostkeyalias")
+        check_host_keys(
+            hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=settings.host_key_checking == "accept-new",
+            alias=(hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias) if alias else None,
+        )
     return connection
 
 

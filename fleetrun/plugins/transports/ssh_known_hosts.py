@@ -55,13 +55,26 @@ class KnownHosts:
         return " or ".join(read)
 
 
-def check_host_keys(client: paramiko.SSHClient, files: list[Path], *, accept_new: bool) -> None:
-    """Load ``files`` into ``client`` and set what happens to a key they do not list."""
-    known = _load(client.get_host_keys(), files)
+def check_host_keys(
+    client: paramiko.SSHClient, files: list[Path], *, accept_new: bool, alias: tuple[str, str] | None = None
+) -> None:
+    """Load ``files`` into ``client`` and set what happens to a key they do not list.
+
+    ``alias``: the name paramiko will look the key up by (``host``, or ``[host]:port``) and
+    ssh_config's ``HostKeyAlias`` for it. Then, as in ssh, only the keys listed for the
+    alias count, and a new key is recorded under the alias."""
+    if alias is None:
+        known = _load(client.get_host_keys(), files)
+    else:
+        listed = HostKeys()
+        known = _load(listed, files)
+        looked_up_as, alias_name = alias
+        for key_type, key in (listed.lookup(alias_name) or {}).items():
+            client.get_host_keys().add(looked_up_as, key_type, key)
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
-    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new))
+    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new, alias=alias[1] if alias else None))
 
 
 def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
@@ -133,20 +146,22 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
 
     _write_lock = threading.Lock()
 
-    def __init__(self, known: KnownHosts, *, accept_new: bool) -> None:
+    def __init__(self, known: KnownHosts, *, accept_new: bool, alias: str | None = None) -> None:
         self.known = known
         self.accept_new = accept_new
+        self.alias = alias
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         seen = f"{key.get_name()} {fingerprint(key)}"
+        host = f"{hostname} (HostKeyAlias {self.alias})" if self.alias else hostname
         if _identity(key) in self.known.revoked:
             raise HostKeyRefused(
-                f"the host key of {hostname} ({seen}) is marked @revoked in {self.known.looked_in()}: it is never accepted"
+                f"the host key of {host} ({seen}) is marked @revoked in {self.known.looked_in()}: it is never accepted"
             )
         if not self.accept_new or not self.known.files:
             record = "" if self.known.files else " (no known_hosts file to record it in: UserKnownHostsFile is none)"
             raise HostKeyRefused(
-                f"the host key of {hostname} is unknown: the server offered {seen}, which is not in "
+                f"the host key of {host} is unknown: the server offered {seen}, which is not in "
                 f"{self.known.looked_in()}{self._what_else_the_files_hold()}. Check it and add it to "
                 f"{self.known.files[0] if self.known.files else 'a known_hosts file'} (for example with ssh-keyscan), "
                 f"or set 'host_key_checking: accept-new' for this host to record it on first use{record}"
@@ -156,9 +171,9 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a") as out:
-                out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+                out.write(f"{self.alias or hostname} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("recorded the new host key of %s (%s) in %s", hostname, seen, path)
+        log.warning("recorded the new host key of %s (%s) in %s", host, seen, path)
 
     def _what_else_the_files_hold(self) -> str:
         notes = []
