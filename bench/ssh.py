@@ -1,7 +1,7 @@
 """SSH transport benchmarks against OpenSSH's own client, on throwaway sshds on loopback.
 
     python bench/ssh.py                      # all scenarios
-    python bench/ssh.py latency fanout       # some (latency, big, fanout, cancel)
+    python bench/ssh.py latency fanout       # some (latency, big, fanout, cancel, known_hosts)
     python bench/ssh.py --quick              # smaller sizes, for a smoke run
 
 Needs /usr/sbin/sshd and root (to create the unprivileged login user, as the tests do).
@@ -222,7 +222,50 @@ def bench_cancel(params: dict) -> dict:
     }
 
 
-SCENARIOS = {"latency": bench_latency, "big": bench_big, "fanout": bench_fanout, "cancel": bench_cancel}
+def bench_known_hosts(params: dict) -> dict:
+    """A cold `true` (connect, check the host key, log in, run) with a known_hosts of N lines
+    for other hosts, hashed as HashKnownHosts writes them, then the server's: fleetrun vs ssh."""
+    import base64
+    import hashlib
+    import hmac
+
+    from fleetrun.core.models import TaskRequest
+
+    rig = Rig(1)
+    server = rig.servers[0]
+    kind, blob = server.host_public_key.split()[:2]
+    lines = []
+    for i in range(params["lines"]):
+        salt = os.urandom(20)
+        digest = hmac.new(salt, f"host{i}.example.test".encode(), hashlib.sha1).digest()
+        lines.append(f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()} {kind} {blob}\n")
+    rig.known_hosts.write_text("".join(lines) + server.known_hosts_line)
+    try:
+        ssh_times, fleetrun_times = [], []
+        for _ in range(params["rounds"]):
+            t = time.perf_counter()
+            subprocess.run([*rig.ssh_argv(server), "true"], check=True)
+            ssh_times.append(time.perf_counter() - t)
+            executor = rig.executor()
+            t = time.perf_counter()
+            task = executor.run(TaskRequest(host="h0", command="true"))
+            fleetrun_times.append(time.perf_counter() - t)
+            assert task.exit_code == 0, task.error
+            executor.close()
+    finally:
+        rig.close()
+    ssh_s, fleetrun_s = statistics.median(ssh_times), statistics.median(fleetrun_times)
+    return {
+        "lines": params["lines"],
+        "ssh_median_s": round(ssh_s, 4),
+        "fleetrun_median_s": round(fleetrun_s, 4),
+        "ratio": round(fleetrun_s / ssh_s, 2),
+    }
+
+
+SCENARIOS = {
+    "latency": bench_latency, "big": bench_big, "fanout": bench_fanout, "cancel": bench_cancel, "known_hosts": bench_known_hosts,
+}
 
 
 def plan(quick: bool) -> dict[str, list[dict]]:
@@ -231,6 +274,7 @@ def plan(quick: bool) -> dict[str, list[dict]]:
         "big": [{"mib": 8 if quick else 64}],
         "fanout": [{"hosts": 4 if quick else 20}],
         "cancel": [{"rounds": 3 if quick else 10}],
+        "known_hosts": [{"lines": n, "rounds": 3 if quick else 10} for n in ((1, 1000) if quick else (1, 1000, 10000))],
     }
 
 

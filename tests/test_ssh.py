@@ -297,11 +297,13 @@ def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(ma
     from sshd import generate_key
 
     authority = Path(f"{generate_key(tmp_path / 'ca_key')}.pub").read_text().split()
+    server = f"[{shared_sshd.address}]:{shared_sshd.port}"
     noise = [
-        f"@cert-authority *.example.test {authority[0]} {authority[1]}",
-        "web1.example.test ssh-ed25519 not-base64!",
-        "web2.example.test sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t",
+        f"@cert-authority * {authority[0]} {authority[1]}",
+        f"{server} ssh-ed25519 not-base64!",
+        f"{server} sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t",
         "@unknown-marker web3.example.test ssh-ed25519 AAAA",
+        "web4.example.test ssh-ed25519 not-base64!",  # another host's line: ssh does not read it, nor does fleetrun
     ]
     known = tmp_path / "known_hosts"
     known.write_text("\n".join(noise) + "\n" + shared_sshd.known_hosts_line)
@@ -318,6 +320,35 @@ def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(ma
         f"which is not in {known} (fleetrun does not check host certificates, so @cert-authority lines vouch for no key; "
         f"lines it could not read were skipped: {known}:2, {known}:3, {known}:4). Check it"
     ) in task.error
+
+
+def test_known_hosts_names_match_as_in_ssh_hashed_by_pattern_or_negated(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    kind, blob = shared_sshd.host_public_key.split()[:2]
+    server = f"[{shared_sshd.address}]:{shared_sshd.port}"
+    network = shared_sshd.address.rsplit(".", 1)[0]
+    hashed = tmp_path / "hashed"
+    hashed.write_text(f"{server} {kind} {blob}\n")
+    subprocess.run(["ssh-keygen", "-H", "-f", str(hashed)], check=True, capture_output=True)  # as HashKnownHosts writes them
+    assert hashed.read_text().startswith("|1|")
+    files = {
+        "hashed": hashed,
+        "pattern": f"[{network}.*]:* {kind} {blob}\n",
+        "one-of-several": f"web1,{server.upper()},web2 {kind} {blob}\n",
+        "negated": f"!{server},[{network}.*]:* {kind} {blob}\n",
+        "other-port": f"[{shared_sshd.address}]:1{shared_sshd.port} {kind} {blob}\n",
+    }
+    hosts = {}
+    for name, text in files.items():
+        path = text if isinstance(text, Path) else tmp_path / name
+        if not isinstance(text, Path):
+            path.write_text(text)
+        hosts[name] = ssh_host(sshd_fleet, shared_sshd, path)
+    executor = make_executor(hosts_yaml=hosts_file_text(hosts))
+    outcome = {name: executor.run(TaskRequest(host=name, command="true")).error_category for name in files}
+    assert outcome == {"hashed": None, "pattern": None, "one-of-several": None, "negated": "host_key", "other-port": "host_key"}
+    for name, category in outcome.items():  # OpenSSH's own reading of the same files
+        found = subprocess.run(["ssh-keygen", "-F", server, "-f", str(hosts[name]["known_hosts"])], capture_output=True)
+        assert (found.returncode == 0) == (category is None) or name == "negated", name
 
 
 def test_without_a_known_hosts_field_host_keys_are_looked_up_where_ssh_looks(make_executor, sshd_fleet, shared_sshd, tmp_path, monkeypatch):

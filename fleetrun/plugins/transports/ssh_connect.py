@@ -142,8 +142,9 @@ def _local_path(path: str) -> Path:
 # -- connecting ------------------------------------------------------------------------
 
 
-def build_connection(settings: SSHSettings) -> fabric.Connection:
-    """A Fabric connection for the host, jump hosts included; nothing is opened yet."""
+def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric.Connection:
+    """A Fabric connection for the host, jump hosts included; nothing is opened yet. With
+    ``host_keys``, each hop is given the known_hosts keys to check its server's against."""
     config = _fabric_config(settings)
     connect_kwargs: dict[str, Any] = {
         "transport_factory": _transport_factory,
@@ -157,11 +158,10 @@ def build_connection(settings: SSHSettings) -> fabric.Connection:
         JumpHop(settings.user, settings.hostname or settings.alias, settings.port), settings.jump_host,
         config, settings.connect_timeout, connect_kwargs, depth=0,
     )
-    for hop in _chain(connection):
-        alias = hop.ssh_config.get("hostkeyalias")
+    for hop in _chain(connection) if host_keys else ():
         check_host_keys(
             hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=settings.host_key_checking == "accept-new",
-            alias=(hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias) if alias else None,
+            looked_up_as=hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias=hop.ssh_config.get("hostkeyalias"),
         )
     return connection
 
@@ -605,7 +605,7 @@ def _caused_by_timeout(exc: BaseException | None) -> bool:
 def describe(settings: SSHSettings) -> Mapping[str, Any]:
     """Where and how the host would be reached, as resolved through ssh_config; no secret."""
     try:
-        connection = build_connection(settings)
+        connection = build_connection(settings, host_keys=False)
     except TransportError as exc:
         return {"error": exc.message}
     hops = [address(c) for c in reversed(_chain(connection)[1:])]

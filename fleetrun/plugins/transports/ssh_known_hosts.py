@@ -13,16 +13,19 @@ under ``accept-new``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import hmac
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import paramiko
-from paramiko.hostkeys import HostKeyEntry, HostKeys, InvalidHostKey
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from fleetrun.core.transport import TransportError
 
@@ -44,6 +47,7 @@ class KnownHosts:
     """What the known_hosts files said besides the keys they list for hosts."""
 
     files: tuple[Path, ...]  # a new key is recorded in the first
+    keys: tuple[paramiko.PKey, ...] = ()  # listed for the host, and not revoked
     revoked: frozenset[tuple[str, str]] = frozenset()  # (key type, base64)
     authorities: int = 0  # @cert-authority lines, skipped
     skipped_lines: tuple[str, ...] = ()  # FILE:LINE that could not be read, or hold a key paramiko cannot use
@@ -56,25 +60,21 @@ class KnownHosts:
 
 
 def check_host_keys(
-    client: paramiko.SSHClient, files: list[Path], *, accept_new: bool, alias: tuple[str, str] | None = None
+    client: paramiko.SSHClient, files: list[Path], *, looked_up_as: str, accept_new: bool, alias: str | None = None
 ) -> None:
-    """Load ``files`` into ``client`` and set what happens to a key they do not list.
+    """Give ``client`` the keys ``files`` list for the host and set what happens to another.
 
-    ``alias``: the name paramiko will look the key up by (``host``, or ``[host]:port``) and
-    ssh_config's ``HostKeyAlias`` for it. Then, as in ssh, only the keys listed for the
-    alias count, and a new key is recorded under the alias."""
-    if alias is None:
-        known = _load(client.get_host_keys(), files)
-    else:
-        listed = HostKeys()
-        known = _load(listed, files)
-        looked_up_as, alias_name = alias
-        for key_type, key in (listed.lookup(alias_name) or {}).items():
-            client.get_host_keys().add(looked_up_as, key_type, key)
+    ``looked_up_as`` is the name paramiko looks the key up by (``host``, or ``[host]:port``
+    on another port than 22). ``alias`` is ssh_config's ``HostKeyAlias``: as in ssh, the
+    keys listed for it are the ones that count, and a new key is recorded under it."""
+    known = _load(files, (alias or looked_up_as).lower())
+    host_keys = client.get_host_keys()
+    for key in known.keys:
+        host_keys._entries.append(HostKeyEntry([looked_up_as], key))  # noqa: SLF001
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
-    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new, alias=alias[1] if alias else None))
+    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new, alias=alias))
 
 
 def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
@@ -83,11 +83,16 @@ def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
     return policy.known if isinstance(policy, _KnownHostsPolicy) else None
 
 
-def _load(host_keys: HostKeys, files: list[Path]) -> KnownHosts:
-    listed: list[tuple[Path, HostKeyEntry]] = []
+def _load(files: list[Path], name: str) -> KnownHosts:
+    """The lines of ``files`` for the host ``name`` (as ssh matches them: patterns with
+    ``*`` and ``?``, ``!`` to negate, hashed names), and every ``@revoked`` key. Only those
+    lines' keys are decoded: a known_hosts of thousands of lines is read in milliseconds
+    (paramiko decodes every key and compares each with all before it)."""
+    keys: list[paramiko.PKey] = []
     revoked: set[tuple[str, str]] = set()
     authorities = 0
     skipped: list[str] = []
+    listed_in: dict[tuple[str, str], Path] = {}
     for path in files:
         if not path.is_file():
             continue
@@ -96,40 +101,70 @@ def _load(host_keys: HostKeys, files: list[Path]) -> KnownHosts:
         except OSError as exc:
             raise TransportError("host_key", f"cannot read known_hosts file {str(path)!r}: {exc.strerror or exc}") from None
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
                 continue
-            marker = None
-            if line.startswith("@"):
-                marker, line = (line.split(None, 1) + [""])[:2]
-            entry = _entry(line, number)
-            if entry is None or marker not in (None, "@revoked", "@cert-authority"):
+            marker = fields.pop(0) if fields[0].startswith("@") else None
+            if len(fields) < 3 or marker not in (None, "@revoked", "@cert-authority"):
+                skipped.append(f"{path}:{number}")
+                continue
+            if marker != "@revoked" and not _names_match(fields[0], name):
+                continue
+            key = _key(fields)
+            if key is None:
                 skipped.append(f"{path}:{number}")
             elif marker == "@revoked":
-                revoked.add(_identity(entry.key))
+                revoked.add(_identity(key))
             elif marker == "@cert-authority":
                 authorities += 1
             else:
-                listed.append((path, entry))
-    listed_in: dict[tuple[str, str], Path] = {}
-    for path, entry in listed:
-        if _identity(entry.key) in revoked:
-            continue  # so that the policy sees the key, and refuses it
-        listed_in.setdefault(_identity(entry.key), path)
-        # As paramiko's own reader adds them (it has no call for an entry already read).
-        names = [name for name in entry.hostnames if not host_keys.check(name, entry.key)]
-        if names:
-            host_keys._entries.append(HostKeyEntry(names, entry.key))  # noqa: SLF001
+                keys.append(key)
+                listed_in.setdefault(_identity(key), path)
     if skipped:
         log.debug("known_hosts lines skipped (unreadable, or a key type paramiko cannot use): %s", ", ".join(skipped))
-    return KnownHosts(tuple(files), frozenset(revoked), authorities, tuple(skipped), listed_in)
+    usable = tuple(key for key in keys if _identity(key) not in revoked)  # a revoked one goes to the policy, which refuses it
+    return KnownHosts(tuple(files), usable, frozenset(revoked), authorities, tuple(skipped), listed_in)
 
 
-def _entry(line: str, number: int) -> HostKeyEntry | None:
+def _names_match(patterns: str, name: str) -> bool:
+    matched = False
+    for pattern in patterns.split(","):
+        if pattern.startswith("|1|"):  # base64: its case counts
+            matched = matched or _hashed_name_is(pattern, name)
+            continue
+        pattern = pattern.lower()
+        if pattern.startswith("!"):
+            if _pattern(pattern[1:]).fullmatch(name):
+                return False
+        elif _pattern(pattern).fullmatch(name):
+            matched = True
+    return matched
+
+
+def _hashed_name_is(hashed: str, name: str) -> bool:
+    """Whether ``|1|SALT|HASH`` (HashKnownHosts) is ``name``: HASH is HMAC-SHA1(SALT, name)."""
+    parts = hashed.split("|")
+    if len(parts) != 4:
+        return False
     try:
-        return HostKeyEntry.from_line(line, number)
+        salt, digest = base64.b64decode(parts[2], validate=True), base64.b64decode(parts[3], validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """ssh's host pattern: ``*`` and ``?`` only (``[`` is a character, as in ``[host]:2222``)."""
+    return re.compile(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."), re.DOTALL)
+
+
+def _key(fields: list[str]) -> paramiko.PKey | None:
+    try:
+        entry = HostKeyEntry.from_line(" ".join(fields[:3]))
     except (paramiko.SSHException, InvalidHostKey, ValueError, TypeError, IndexError):
         return None
+    return entry.key if entry is not None else None
 
 
 def _identity(key: paramiko.PKey) -> tuple[str, str]:
