@@ -1058,6 +1058,36 @@ def test_jump_hosts_of_jump_hosts_come_from_ssh_config_and_none_turns_them_off(m
         server.stop()
 
 
+def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
+    # paramiko reads no Include: such a host was reached by its alias, on port 22, as the local user.
+    home = tmp_path / "home"
+    (home / ".ssh" / "config.d").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n"
+    (home / ".ssh" / "config.d" / "10-web").write_text(f"Host by-glob\n{where}  IdentityFile {sshd_fleet.client_key}\n")
+    (home / "by-block.conf").write_text(f"{where}Host unrelated\n  IdentityFile /nonexistent\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Include config.d/*\n"  # relative: in ~/.ssh, as for ssh
+        # The line after the Include is by-block's again, though the included file opened another block.
+        "Host by-block\n  Include ~/by-block.conf\n  IdentityFile " + str(sshd_fleet.client_key) + "\n"
+        f"Host *\n  User {sshd_fleet.user}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"by-glob": entry, "by-block": entry}))
+    for name in ("by-glob", "by-block"):
+        assert executor.plan(TaskRequest(host=name, command="true")).transport_details["address"] == (
+            f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}"
+        )
+        task = executor.run(TaskRequest(host=name, command="whoami"))
+        assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+
+    (home / ".ssh" / "config.d" / "10-web").write_text("Include config.d/10-web\n")  # includes itself
+    task = make_executor(hosts_yaml=hosts_file_text({"by-glob": entry})).run(TaskRequest(host="by-glob", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "config")
+    assert task.error == f"cannot read {config}: {home / '.ssh' / 'config.d' / '10-web'}: Include directives nested more than 16 deep"
+
+
 def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd_fleet, tmp_path):
     # OpenSSH's own client as the proxy: `ssh -W` through the jump server.
     jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")

@@ -40,6 +40,7 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
+from fleetrun.plugins.transports.ssh_config_files import SshConfigError, read_ssh_config
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
 
@@ -49,6 +50,7 @@ log = logging.getLogger("fleetrun.ssh")
 #: GlobalKnownHostsFile); a key accept-new records goes in the first.
 USER_KNOWN_HOSTS = "~/.ssh/known_hosts ~/.ssh/known_hosts2"
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2"
+SYSTEM_SSH_CONFIG = "/etc/ssh/ssh_config"
 _WINDOW_SIZE = 16 << 20
 _MAX_PACKET_SIZE = 256 << 10
 _SIGNALS = {
@@ -415,16 +417,23 @@ def _chain(connection: fabric.Connection) -> list[fabric.Connection]:
 def _fabric_config(settings: SSHSettings) -> fabric.Config:
     if not settings.use_ssh_config:
         return fabric.Config(overrides={"load_ssh_configs": False})
-    where = "~/.ssh/config or /etc/ssh/ssh_config"
+    system = Path(SYSTEM_SSH_CONFIG)
     try:
-        if settings.ssh_config_file:
-            path = _local_path(settings.ssh_config_file)
-            if not path.is_file():
-                raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
-            where = str(path)
-            return fabric.Config(runtime_ssh_path=where)
-        return fabric.Config()
-    except paramiko.ssh_exception.ConfigParseError as exc:
+        user_directory = expand_home("~/.ssh")
+    except HomeDirectoryError:  # no home directory: no user file, as ssh would read none
+        user_directory = None
+    if settings.ssh_config_file:
+        path = _local_path(settings.ssh_config_file)
+        if not path.is_file():
+            raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
+        files, where = [(path, user_directory or system.parent)], str(path)
+    else:  # as ssh: the user's file first (a value found first wins), then the system's
+        files = [(user_directory / "config", user_directory)] if user_directory else []
+        files.append((system, system.parent))
+        where = f"~/.ssh/config or {SYSTEM_SSH_CONFIG}"
+    try:
+        return fabric.Config(ssh_config=read_ssh_config(files))
+    except SshConfigError as exc:
         raise TransportError("config", f"cannot read {where}: {exc}") from None
     except (ValueError, LookupError, TypeError) as exc:  # `Match a\`: shlex's "No escaped character"
         raise TransportError("config", f"cannot read {where}: {type(exc).__name__}: {exc}") from None
