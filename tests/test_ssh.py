@@ -550,6 +550,24 @@ def test_the_agent_named_by_identityagent_in_ssh_config_is_used(make_executor, s
     assert executor.run(TaskRequest(host="turned-off", command="true")).error_category == "auth"
 
 
+def test_a_user_certificate_beside_the_identity_file_logs_in_where_only_its_authority_is_trusted(make_executor, sshd_fleet, tmp_path):
+    from sshd import generate_key
+
+    authority = generate_key(tmp_path / "user_ca")
+    user_key = generate_key(tmp_path / "user_key")
+    subprocess.run(  # KEY-cert.pub, as ssh-keygen writes it and ssh finds it
+        ["ssh-keygen", "-q", "-s", str(authority), "-I", "fleetrun-test-cert", "-n", sshd_fleet.user, f"{user_key}.pub"],
+        check=True, capture_output=True,
+    )
+    Path(f"{authority}.pub").chmod(0o644)
+    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({"certified": ssh_host(sshd_fleet, server, known, identity_files=[str(user_key)])}))
+    task = executor.run(TaskRequest(host="certified", command="whoami"))
+    assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+    assert "ID fleetrun-test-cert" in server.log.read_text()
+
+
 def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
