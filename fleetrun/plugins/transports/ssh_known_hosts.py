@@ -3,11 +3,13 @@ what happens to a key they do not list.
 
 paramiko's own reader gives up on the whole file at the first line it cannot read, and
 a line with a marker (``@cert-authority``, ``@revoked``) is such a line: every host of
-a user whose known_hosts trusts an SSH certificate authority failed. Here each line
-stands alone. A line that cannot be read is skipped, as ssh skips it; a
-``@cert-authority`` line is skipped too (fleetrun does not check host certificates);
-and a key marked ``@revoked`` is refused for every host, even one that lists it, even
-under ``accept-new``.
+a user whose known_hosts trusts an SSH certificate authority failed. It also decodes
+every key and compares each with all before it: 11.5 s per connection for a file of
+10,000 lines. Here, as in ssh, only the lines whose names match the host are decoded
+(patterns with ``*`` and ``?``, ``!`` to negate, hashed names), and each stands alone: a
+line that cannot be read is skipped, as ssh skips it; a ``@cert-authority`` line is
+skipped too (fleetrun does not check host certificates); and a key marked ``@revoked``
+is refused for every host, even one that lists it, even under ``accept-new``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class HostKeyRefused(paramiko.SSHException):
 
 @dataclass(frozen=True)
 class KnownHosts:
-    """What the known_hosts files said besides the keys they list for hosts."""
+    """What the known_hosts files say about one host."""
 
     files: tuple[Path, ...]  # a new key is recorded in the first
     keys: tuple[paramiko.PKey, ...] = ()  # listed for the host, and not revoked
@@ -55,8 +57,10 @@ class KnownHosts:
 
     def looked_in(self) -> str:
         """The files that were read, in words (the first one if none exists)."""
-        read = [str(path) for path in self.files if path.is_file()] or [str(self.files[0])] if self.files else ["no file"]
-        return " or ".join(read)
+        if not self.files:
+            return "no file"
+        existing = [str(path) for path in self.files if path.is_file()]
+        return " or ".join(existing or [str(self.files[0])])
 
 
 def check_host_keys(
@@ -84,10 +88,7 @@ def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
 
 
 def _load(files: list[Path], name: str) -> KnownHosts:
-    """The lines of ``files`` for the host ``name`` (as ssh matches them: patterns with
-    ``*`` and ``?``, ``!`` to negate, hashed names), and every ``@revoked`` key. Only those
-    lines' keys are decoded: a known_hosts of thousands of lines is read in milliseconds
-    (paramiko decodes every key and compares each with all before it)."""
+    """The lines of ``files`` for the host ``name``, and every ``@revoked`` key."""
     keys: list[paramiko.PKey] = []
     revoked: set[tuple[str, str]] = set()
     authorities = 0
