@@ -1046,6 +1046,34 @@ def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, ss
     _reaches_only_through(executor, jump, target, jump_hosts=[hop])
 
 
+def test_connections_that_failed_or_closed_leave_nothing_open_on_the_servers(make_executor, sshd_fleet, tmp_path):
+    # Fabric's close() does nothing for a connection whose login failed, and closes no jump
+    # host's: each refused login kept a socket and a thread here, and an sshd process there,
+    # and a jump host's connection outlived the one it carried.
+    from sshd import generate_key
+
+    jump, target = sshd_fleet.start(), sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    hop = f"{sshd_fleet.user}@{jump.address}:{jump.port}"
+    stranger = str(generate_key(tmp_path / "stranger_key"))
+    hosts = {
+        "refused-key": ssh_host(sshd_fleet, target, known, identity_files=[stranger]),
+        "unknown-host-key": ssh_host(sshd_fleet, target, tmp_path / "empty_known_hosts"),
+        "through-jump": ssh_host(sshd_fleet, target, known, jump_host=hop, idle_timeout=0.2),
+    }
+    executor = make_executor(hosts_yaml=hosts_file_text(hosts))
+    for _ in range(5):
+        assert executor.run(TaskRequest(host="refused-key", command="true")).error_category == "auth"
+        assert executor.run(TaskRequest(host="unknown-host-key", command="true")).error_category == "host_key"
+    wait_until(lambda: target.session_pids() == [], timeout=10)
+
+    assert executor.run(TaskRequest(host="through-jump", command="true")).status is TaskStatus.SUCCEEDED
+    assert jump.session_pids() and target.session_pids()
+    wait_until(lambda: (jump.session_pids(), target.session_pids()) == ([], []), timeout=10)  # the idle timeout
+    jump.stop()
+    target.stop()
+
+
 def test_jump_hosts_of_jump_hosts_come_from_ssh_config_and_none_turns_them_off(make_executor, sshd_fleet, tmp_path):
     first, second = (sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(2))
     target = sshd_fleet.start(extra_config="LogLevel DEBUG1")

@@ -385,12 +385,14 @@ class SSHTransport(Transport):
             closing.add_done_callback(self._closing.discard)
 
     async def _close(self, connection: _PooledConnection) -> None:
+        from fleetrun.plugins.transports.ssh_connect import close_connection
+
         connection.closed = True
         if connection.idle_timer is not None:
             connection.idle_timer.cancel()
         if connection.keepalive is not None and connection.keepalive is not asyncio.current_task():
             connection.keepalive.cancel()
-        await _blocking(connection.fabric.close)
+        await _blocking(close_connection, connection.fabric)
         if connection.pinging is not None:
             await asyncio.gather(connection.pinging, return_exceptions=True)
 
@@ -511,13 +513,13 @@ class _PooledConnection:
 
 
 def _run_on_new_connection(settings: SSHSettings, script: str) -> None:
-    from fleetrun.plugins.transports.ssh_connect import open_connection
+    from fleetrun.plugins.transports.ssh_connect import close_connection, open_connection
 
     opened = open_connection(settings)
     try:
         _PooledConnection(opened, settings).run_quiet(script)
     finally:
-        opened.close()
+        close_connection(opened)
 
 
 @hookimpl

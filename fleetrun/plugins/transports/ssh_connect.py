@@ -248,15 +248,27 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
                 )
             hop.open()
         except TransportError:
-            connection.close()
+            close_connection(connection)
             raise
         except BaseException as exc:
-            connection.close()
             agent = getattr(hop.client, "_agent", None)
-            raise connect_error(
+            error = connect_error(
                 exc, where, settings, agent=getattr(agent, "when_empty", None), known_hosts=known_hosts_of(hop.client)
-            ) from None
+            )
+            close_connection(connection)
+            raise error from None
     return connection
+
+
+def close_connection(connection: fabric.Connection) -> None:
+    """Close the connection and each jump host's it goes through.
+
+    Fabric's ``close`` closes only the connection's own, and only once it is open: one that
+    failed (a refused host key or login) kept its socket and paramiko's thread, and a jump
+    host's connection outlived the one it carried."""
+    for hop in _chain(connection):
+        hop.close()
+        hop.client.close()  # paramiko's, which Fabric leaves open when connecting failed
 
 
 def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -> None:
