@@ -370,7 +370,7 @@ def test_without_a_known_hosts_field_host_keys_are_looked_up_where_ssh_looks(mak
     where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
     config.write_text(
         f"Host global\n{where}  UserKnownHostsFile ~/first ${{HOME}}/second\n  GlobalKnownHostsFile {global_file}\n"
-        f"Host recorded\n{where}  UserKnownHostsFile ~/new/first\n  GlobalKnownHostsFile {global_file}\n"
+        f"Host recorded\n{where}  UserKnownHostsFile ~/new/first\n  GlobalKnownHostsFile {global_file}\n  HashKnownHosts yes\n"
     )
     global_file.write_text(shared_sshd.known_hosts_line)
     via_config = {"transport": "ssh", "ssh_config_file": str(config), "host_key_checking": "accept-new"}
@@ -380,10 +380,17 @@ def test_without_a_known_hosts_field_host_keys_are_looked_up_where_ssh_looks(mak
     assert executor.run(TaskRequest(host="global", command="true")).status is TaskStatus.SUCCEEDED
     assert not (home / "first").exists()  # found, so not recorded
 
-    # A key none of them lists is recorded, under accept-new, in the first user file.
+    # A key none of them lists is recorded, under accept-new, in the first user file: hashed,
+    # as HashKnownHosts asks, and found there by OpenSSH's own reading and by the next connection.
     global_file.write_text("")
     assert executor.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
-    assert (home / "new" / "first").read_text() == shared_sshd.known_hosts_line
+    recorded = (home / "new" / "first").read_text()
+    assert recorded.startswith("|1|") and recorded.split()[1:] == shared_sshd.known_hosts_line.split()[1:]
+    server = f"[{shared_sshd.address}]:{shared_sshd.port}"
+    assert subprocess.run(["ssh-keygen", "-F", server, "-f", str(home / "new" / "first")], capture_output=True).returncode == 0
+    again = make_executor(hosts_yaml=hosts_file_text({"recorded": {**via_config, "host_key_checking": "strict"}}))
+    assert again.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
+    assert (home / "new" / "first").read_text() == recorded
 
     # A changed key names the file that lists the old one.
     impostor = Path(f"{generate_key(tmp_path / 'other_host_key')}.pub").read_text().split()

@@ -164,6 +164,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
         check_host_keys(
             hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=settings.host_key_checking == "accept-new",
             looked_up_as=hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias=hop.ssh_config.get("hostkeyalias"),
+            hash_names=str(hop.ssh_config.get("hashknownhosts", "no")).lower() == "yes",
         )
     return connection
 

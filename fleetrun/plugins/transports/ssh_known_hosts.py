@@ -64,13 +64,16 @@ class KnownHosts:
 
 
 def check_host_keys(
-    client: paramiko.SSHClient, files: list[Path], *, looked_up_as: str, accept_new: bool, alias: str | None = None
+    client: paramiko.SSHClient, files: list[Path], *, looked_up_as: str, accept_new: bool, alias: str | None = None,
+    hash_names: bool = False,
 ) -> None:
     """Give ``client`` the keys ``files`` list for the host and set what happens to another.
 
     ``looked_up_as`` is the name paramiko looks the key up by (``host``, or ``[host]:port``
     on another port than 22). ``alias`` is ssh_config's ``HostKeyAlias``: as in ssh, the
-    keys listed for it are the ones that count, and a new key is recorded under it."""
+    keys listed for it are the ones that count, and a new key is recorded under it.
+    ``hash_names`` (ssh_config's ``HashKnownHosts``): a new key's line names its host by
+    a hash, as ssh writes it, so that the file does not list the hosts one reaches."""
     known = _load(files, (alias or looked_up_as).lower())
     host_keys = client.get_host_keys()
     for key in known.keys:
@@ -78,7 +81,7 @@ def check_host_keys(
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
-    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new, alias=alias))
+    client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new, alias=alias, hash_names=hash_names))
 
 
 def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
@@ -142,6 +145,13 @@ def _names_match(patterns: str, name: str) -> bool:
     return matched
 
 
+def _hashed(name: str) -> str:
+    """``name`` as HashKnownHosts writes it: ``|1|SALT|HMAC-SHA1(SALT, name)``, base64."""
+    salt = os.urandom(20)
+    digest = hmac.new(salt, name.lower().encode(), hashlib.sha1).digest()
+    return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+
+
 def _hashed_name_is(hashed: str, name: str) -> bool:
     """Whether ``|1|SALT|HASH`` (HashKnownHosts) is ``name``: HASH is HMAC-SHA1(SALT, name)."""
     parts = hashed.split("|")
@@ -182,10 +192,11 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
 
     _write_lock = threading.Lock()
 
-    def __init__(self, known: KnownHosts, *, accept_new: bool, alias: str | None = None) -> None:
+    def __init__(self, known: KnownHosts, *, accept_new: bool, alias: str | None = None, hash_names: bool = False) -> None:
         self.known = known
         self.accept_new = accept_new
         self.alias = alias
+        self.hash_names = hash_names
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         seen = f"{key.get_name()} {fingerprint(key)}"
@@ -207,7 +218,8 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a") as out:
-                out.write(f"{self.alias or hostname} {key.get_name()} {key.get_base64()}\n")
+                name = self.alias or hostname
+                out.write(f"{_hashed(name) if self.hash_names else name} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
         log.warning("recorded the new host key of %s (%s) in %s", host, seen, path)
 
