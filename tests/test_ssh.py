@@ -1203,13 +1203,21 @@ def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_probl
         assert (dry.returncode, f"transport:   ssh (error: {problem})") == (0, dry.stdout.splitlines()[1]), dry.stderr
 
 
-def test_a_proxyjump_in_ssh_config_that_cannot_be_read_fails_the_task_naming_it(make_executor, tmp_path):
+@pytest.mark.parametrize(
+    ("written", "error"),
+    [
+        ("Host inner\n  HostName 127.0.0.1\n  ProxyJump bastion:22x\n",
+         "ssh_config's ProxyJump for inner: jump host 'bastion:22x': the port must be a number from 1 to 65535"),
+        ("Host inner\n  ProxyJump a\nHost a\n  ProxyJump b\nHost b\n  ProxyJump a\n",
+         "ssh_config's ProxyJump goes round in a loop: inner -> a -> b -> a"),
+    ],
+)
+def test_a_proxyjump_in_ssh_config_that_cannot_be_followed_fails_the_task_naming_it(make_executor, tmp_path, written, error):
     config = tmp_path / "ssh_config"
-    config.write_text("Host inner\n  HostName 127.0.0.1\n  ProxyJump bastion:22x\n")
+    config.write_text(written)
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config)}}))
     task = executor.run(TaskRequest(host="inner", command="true"))
-    assert (task.status, task.error_category) == (TaskStatus.FAILED, "config")
-    assert task.error == "ssh_config's ProxyJump for inner: jump host 'bastion:22x': the port must be a number from 1 to 65535"
+    assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "config", error)
 
 
 def test_a_jump_host_with_an_unknown_key_is_refused_by_name(make_executor, sshd_fleet, tmp_path):

@@ -158,7 +158,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
         connect_kwargs["look_for_keys"] = False
     connection = _reach(
         JumpHop(settings.user, settings.hostname or settings.alias, settings.port), settings.jump_host,
-        config, settings.connect_timeout, connect_kwargs, depth=0,
+        config, settings.connect_timeout, connect_kwargs,
     )
     for hop in _chain(connection) if host_keys else ():
         check_host_keys(
@@ -174,10 +174,12 @@ _MAX_JUMP_DEPTH = 10
 
 
 def _reach(
-    hop: JumpHop, jump_hosts: str | None, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any], *, depth: int
+    hop: JumpHop, jump_hosts: str | None, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any],
+    *, carried: tuple[str, ...] = (),
 ) -> fabric.Connection:
     """A connection to ``hop`` through ``jump_hosts``, or through what ssh_config says for it
-    (ProxyJump, ProxyCommand) when that is None; nothing is opened yet."""
+    (ProxyJump, ProxyCommand) when that is None; nothing is opened yet. ``carried``: the
+    hosts this one is the first jump host of, the nearest last."""
     connection = _connection(hop, config, timeout, connect_kwargs, gateway=False)
     from_ssh_config = jump_hosts is None
     if from_ssh_config:
@@ -193,12 +195,15 @@ def _reach(
         raise TransportError("config", f"{where}: {exc}") from None
     if from_ssh_config and any(h.host == hop.host for h in hops):
         return connection  # a jump host that Host * sends through itself: reached directly, as Fabric does
-    if depth >= _MAX_JUMP_DEPTH:
+    if hops and hops[0].host in carried:
+        chain = " -> ".join((*carried, hop.host, hops[0].host))
+        raise TransportError("config", f"ssh_config's ProxyJump goes round in a loop: {chain}")
+    if len(carried) >= _MAX_JUMP_DEPTH:
         raise TransportError("config", f"jump hosts whose ssh_config names jump hosts, more than {_MAX_JUMP_DEPTH} deep")
     gateway: fabric.Connection | None = None
     for each in hops:
         if gateway is None:  # the first hop is reached as ssh reaches it, its own ProxyJump included
-            gateway = _reach(each, None, config, timeout, connect_kwargs, depth=depth + 1)
+            gateway = _reach(each, None, config, timeout, connect_kwargs, carried=(*carried, hop.host))
         else:
             gateway = _connection(each, config, timeout, connect_kwargs, gateway=gateway)
     connection.gateway = gateway if gateway is not None else False
