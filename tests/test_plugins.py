@@ -14,7 +14,6 @@ from fleetrun import hookimpl
 from fleetrun.core import executor as executor_module
 from fleetrun.core import hookspecs
 from fleetrun.core.errors import PluginError
-from fleetrun.core.inventory import parse_inventory
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.transport import Transport
@@ -166,11 +165,7 @@ def test_a_transport_that_cannot_describe_a_host_still_plans_and_runs_it(make_ex
         async def execute(self, execution):
             return 0
 
-    executor = make_executor(plugins=[_registering(MuddledTransport)])
-    executor.reconfigure(
-        inventory=parse_inventory("hosts:\n  fake:\n    transport: muddled\n", transports=executor.plugins.transports),
-        policy=None,
-    )
+    executor = make_executor(plugins=[_registering(MuddledTransport)], hosts_yaml="hosts:\n  fake:\n    transport: muddled\n")
     plan = executor.plan(TaskRequest(host="fake", command="true"))
     assert plan.transport_details == {"error": "the muddled transport could not describe this host: KeyError: 'region'"}
     assert "the muddled transport could not describe host 'fake'" in caplog.text
@@ -185,11 +180,7 @@ def test_a_plugin_can_add_a_transport(make_executor):
             execution.stdout.write(f"would run: {execution.command}\n".encode())
             return 0
 
-    executor = make_executor(plugins=[_registering(EchoTransport)])
-    executor.reconfigure(
-        inventory=parse_inventory("hosts:\n  fake:\n    transport: echo\n", transports=executor.plugins.transports),
-        policy=None,
-    )
+    executor = make_executor(plugins=[_registering(EchoTransport)], hosts_yaml="hosts:\n  fake:\n    transport: echo\n")
     task = executor.run(TaskRequest(host="fake", command="rm -rf /"))
     assert task.status is TaskStatus.SUCCEEDED and task.transport == "echo"
     assert executor.read_output(task.id).data == b"would run: rm -rf /\n"
