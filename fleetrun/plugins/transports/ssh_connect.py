@@ -4,12 +4,17 @@ Fabric resolves where a host really is (``~/.ssh/config`` aliases, ``HostName``,
 ``User``, ``Port``, ``IdentityFile``) and opens the connection, hop by hop through jump
 hosts. fleetrun then takes over the parts Fabric leaves loose:
 
+* ssh_config is read with its ``Include`` directives followed (:mod:`.ssh_config_files`),
+  and a value paramiko or Fabric would trip over is a config error naming it;
 * jump hosts (``jump_host``, ``ProxyJump``) are read as ssh reads them, first hop first
   and with IPv6 hops in brackets (Fabric goes through several hops of ssh_config's in
   reverse order and takes ``[::1]:22`` for a host name);
-* host keys are checked against a known_hosts file, strictly unless the host opts in to
-  recording new keys (never changed ones); Fabric's default accepts any key (see
-  :mod:`.ssh_known_hosts`);
+* host keys are checked against the known_hosts files ssh reads, strictly unless the
+  host opts in to recording new keys (never changed ones); Fabric's default accepts any
+  key (see :mod:`.ssh_known_hosts`);
+* keys come from the ssh-agent ``IdentityAgent`` names, and only the identity files'
+  ones when those are named (paramiko asks ``$SSH_AUTH_SOCK``'s agent for every key);
+* a connection is closed whole, jump hosts included, also when connecting failed;
 * the socket gets ``TCP_NODELAY`` (paramiko leaves Nagle on, which costs ~40 ms a command);
 * channels get a large window and packet size, and AES-GCM is preferred, for throughput;
 * ``exit-signal`` is understood, so a command killed by a signal reports 128+N.
