@@ -1141,6 +1141,38 @@ def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, ssh
     assert task.error == f"cannot read {config}: {home / '.ssh' / 'config.d' / '10-web'}: Include directives nested more than 16 deep"
 
 
+def test_an_ssh_config_reading_is_kept_until_a_file_it_read_changes(tmp_path):
+    from fleetrun.plugins.transports.ssh_config_files import read_ssh_config
+
+    def settled(path: Path, text: str, age_s: int) -> None:  # written a while ago, as a config usually was
+        path.write_text(text)
+        then = time.time_ns() - age_s * 1_000_000_000
+        os.utime(path, ns=(then, then))
+
+    (tmp_path / "conf.d").mkdir()
+    main = tmp_path / "config"
+    settled(main, "Include conf.d/*\n", 60)
+    settled(tmp_path / "conf.d" / "a", "Host a\n  Port 2001\n", 60)
+    files = [(main, tmp_path)]
+    built = []
+
+    def read():  # -> the port of each host, and whether it was read again
+        before = len(built)
+        lookup = read_ssh_config(files, lambda parsed: built.append(parsed) or parsed)
+        return [lookup.lookup(name).get("port") for name in ("a", "b")], len(built) > before
+
+    assert read() == (["2001", None], True)
+    assert read() == (["2001", None], False)
+    settled(tmp_path / "conf.d" / "b", "Host b\n  Port 2002\n", 30)  # a new file the Include's pattern matches
+    assert read() == (["2001", "2002"], True)
+    settled(tmp_path / "conf.d" / "a", "Host a\n  Port 2003\n", 20)  # same size, another time
+    assert read() == (["2003", "2002"], True)
+    assert read()[1] is False
+    (tmp_path / "conf.d" / "a").write_text("Host a\n  Port 2004\n")  # just now: could change again unseen
+    assert read() == (["2004", "2002"], True)
+    assert read()[1] is True
+
+
 def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd_fleet, tmp_path):
     # OpenSSH's own client as the proxy: `ssh -W` through the jump server.
     jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")

@@ -5,14 +5,23 @@ in an included file (``Include ~/.ssh/config.d/*``, as OrbStack, Colima and many
 company's set-up write it) was not found: fleetrun connected to the alias itself, on
 port 22, as the wrong user. Here each included file is read in place of its directive,
 as ssh does, before paramiko parses the whole.
+
+What was read is kept, with what it was read from, and read again only when one of
+those files (or what an Include's pattern matches) has changed: every connection, and
+every host of ``fleetrun hosts``, looks its host up in it.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import re
 import shlex
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import paramiko
 
@@ -22,62 +31,122 @@ from fleetrun.core.paths import HomeDirectoryError, expand_home
 MAX_INCLUDE_DEPTH = 16
 
 _KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*)")
+T = TypeVar("T")
 
 
 class SshConfigError(Exception):
     """An ssh_config file that cannot be read; the message says which and why."""
 
 
-def read_ssh_config(files: list[tuple[Path, Path]]) -> paramiko.SSHConfig:
-    """The host lookup of ``files``, read in order (a value found first wins, as in ssh).
-    Each is ``(file, directory)``: an included file written as a relative path is looked
-    for in ``directory`` (``~/.ssh`` for a user's files, ``/etc/ssh`` for the system's).
-    A file that does not exist is left out, as ssh leaves it out."""
-    text = "\n".join(_with_includes(path, directory, depth=0) for path, directory in files)
+def read_ssh_config(files: list[tuple[Path, Path]], build: Callable[[paramiko.SSHConfig], T]) -> T:
+    """``build(lookup)`` for the host lookup of ``files``, read in order (a value found
+    first wins, as in ssh); the same object again while none of the files has changed.
+
+    Each of ``files`` is ``(file, directory)``: an included file written as a relative path
+    is looked for in ``directory`` (``~/.ssh`` for a user's files, ``/etc/ssh`` for the
+    system's). A file that does not exist is left out, as ssh leaves it out."""
+    key = tuple(files)
+    with _cache_lock:
+        kept = _cache.get(key)
+    if kept is not None and kept.still_current():
+        return kept.built  # type: ignore[no-any-return]
+    read = _Reading()
+    text = "\n".join(read.with_includes(path, directory, depth=0) for path, directory in files)
     try:
-        return paramiko.SSHConfig.from_text(text)
+        built = build(paramiko.SSHConfig.from_text(text))
     except paramiko.ssh_exception.ConfigParseError as exc:
         raise SshConfigError(str(exc)) from None
+    # A file changed in the last moments could change again within its clock's tick, its
+    # size and inode the same: such a reading is not kept (git's "racy" files).
+    if not any(_changed_lately(state) for state in read.seen.values()):
+        with _cache_lock:
+            _cache[key] = _Kept(read.seen, built)
+    return built
 
 
-def _with_includes(path: Path, directory: Path, *, depth: int) -> str:
+@dataclass
+class _Kept:
+    seen: dict[str, object]  # each file read (its state) and each Include pattern (its matches)
+    built: object
+
+    def still_current(self) -> bool:
+        return all(_state_now(what) == state for what, state in self.seen.items())
+
+
+_cache: dict[tuple[tuple[Path, Path], ...], _Kept] = {}
+_cache_lock = threading.Lock()
+
+
+def _state_now(what: str) -> object:
+    kind, _, name = what.partition(":")
+    return _file_state(Path(name)) if kind == "file" else sorted(glob.glob(name))
+
+
+def _changed_lately(state: object) -> bool:
+    return isinstance(state, tuple) and time.time_ns() - state[0] < _SETTLED_NS
+
+
+#: How old a file's last change must be for a reading of it to be kept.
+_SETTLED_NS = 2_000_000_000
+
+
+def _file_state(path: Path) -> object:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except (FileNotFoundError, IsADirectoryError):
-        return ""
-    except OSError as exc:
-        raise SshConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    lines: list[str] = []
-    block: str | None = None  # the Host or Match line the lines being read belong to
-    for line in text.splitlines():
-        match = _KEYWORD.fullmatch(line)
-        keyword = match.group(1).lower() if match else ""
-        if keyword in ("host", "match"):
-            block = line
-        if keyword != "include":
-            lines.append(line)
-            continue
-        assert match is not None
-        if depth >= MAX_INCLUDE_DEPTH:
-            raise SshConfigError(f"{path}: Include directives nested more than {MAX_INCLUDE_DEPTH} deep")
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+@dataclass
+class _Reading:
+    seen: dict[str, object] = field(default_factory=dict)
+
+    def with_includes(self, path: Path, directory: Path, *, depth: int) -> str:
+        self.seen[f"file:{path}"] = _file_state(path)
         try:
-            patterns = shlex.split(match.group(2), comments=True)
-        except ValueError as exc:
-            raise SshConfigError(f"{path}: {line.strip()!r}: {exc}") from None
-        for pattern in patterns:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, IsADirectoryError):
+            return ""
+        except OSError as exc:
+            raise SshConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        lines: list[str] = []
+        block: str | None = None  # the Host or Match line the lines being read belong to
+        for line in text.splitlines():
+            match = _KEYWORD.fullmatch(line)
+            keyword = match.group(1).lower() if match else ""
+            if keyword in ("host", "match"):
+                block = line
+            if keyword != "include":
+                lines.append(line)
+                continue
+            assert match is not None
+            if depth >= MAX_INCLUDE_DEPTH:
+                raise SshConfigError(f"{path}: Include directives nested more than {MAX_INCLUDE_DEPTH} deep")
             try:
-                anchored = expand_home(pattern) if pattern.startswith("~") else Path(pattern)
-            except HomeDirectoryError as exc:
-                raise SshConfigError(f"{path}: Include {exc}") from None
-            for included in sorted(glob.glob(str(anchored if anchored.is_absolute() else directory / anchored))):
-                inner = _with_includes(Path(included), directory, depth=depth + 1)
-                lines.append(inner)
-                # Its own Host blocks end the one the Include was written in: the lines after
-                # the directive belong to that one again. (ssh also applies an included file
-                # only where the enclosing block matches; inside a Host or Match block this
-                # reading applies its Host blocks wherever they match.)
-                if block is not None and any(
-                    (m := _KEYWORD.fullmatch(each)) and m.group(1).lower() in ("host", "match") for each in inner.splitlines()
-                ):
-                    lines.append(block)
-    return "\n".join(lines)
+                patterns = shlex.split(match.group(2), comments=True)
+            except ValueError as exc:
+                raise SshConfigError(f"{path}: {line.strip()!r}: {exc}") from None
+            for pattern in patterns:
+                try:
+                    anchored = expand_home(pattern) if pattern.startswith("~") else Path(pattern)
+                except HomeDirectoryError as exc:
+                    raise SshConfigError(f"{path}: Include {exc}") from None
+                absolute = str(anchored if anchored.is_absolute() else directory / anchored)
+                included = sorted(glob.glob(absolute))
+                self.seen[f"glob:{absolute}"] = included
+                for each in included:
+                    inner = self.with_includes(Path(each), directory, depth=depth + 1)
+                    lines.append(inner)
+                    # Its own Host blocks end the one the Include was written in: the lines after
+                    # the directive belong to that one again. (ssh also applies an included file
+                    # only where the enclosing block matches; inside a Host or Match block this
+                    # reading applies its Host blocks wherever they match.)
+                    if block is not None and any(_opens_block(each_line) for each_line in inner.splitlines()):
+                        lines.append(block)
+        return "\n".join(lines)
+
+
+def _opens_block(line: str) -> bool:
+    match = _KEYWORD.fullmatch(line)
+    return match is not None and match.group(1).lower() in ("host", "match")

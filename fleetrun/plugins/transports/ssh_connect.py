@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -219,20 +220,26 @@ def _connection(
     hop: JumpHop, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any], *, gateway: fabric.Connection | bool
 ) -> fabric.Connection:
     # Reading ssh_config for the host, paramiko and Fabric raise what they meet: ValueError
-    # for `Port ssh` or an unfinished escape, KeyError for `CanonicalizeHostname yes` without
-    # CanonicalDomains, and so on; and `Port 99999` would be tried.
+    # for `Port ssh`, KeyError for `CanonicalizeHostname yes` without CanonicalDomains, and
+    # so on; and `Port 99999` would be tried.
     try:
-        if hop.port is None:
-            port = config.base_ssh_config.lookup(hop.host).get("port")
-            if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-                raise TransportError("config", f"ssh_config gives {hop.host} the port {port!r}: a port is a number from 1 to 65535")
-        return fabric.Connection(
+        connection = fabric.Connection(
             hop.host, user=hop.user, port=hop.port, config=config, gateway=gateway, connect_timeout=timeout,
             connect_kwargs=dict(connect_kwargs),
             forward_agent=False,  # fleetrun opens its channels itself and forwards no agent
         )
     except (ValueError, LookupError, TypeError, paramiko.SSHException) as exc:
+        written = config.base_ssh_config.lookup(hop.host).get("port") if isinstance(exc, ValueError) else None
+        if written is not None and not (written.isascii() and written.isdigit()):
+            raise _port_error(hop.host, written) from None
         raise TransportError("config", f"ssh_config cannot be read for {hop.host}: {type(exc).__name__}: {exc}") from None
+    if not 0 < connection.port < 65536:
+        raise _port_error(hop.host, str(connection.port))
+    return connection
+
+
+def _port_error(host: str, port: str) -> TransportError:
+    return TransportError("config", f"ssh_config gives {host} the port {port!r}: a port is a number from 1 to 65535")
 
 
 def open_connection(settings: SSHSettings) -> fabric.Connection:
@@ -437,9 +444,15 @@ def _chain(connection: fabric.Connection) -> list[fabric.Connection]:
     return chain
 
 
+@functools.lru_cache(maxsize=1)
+def _without_ssh_config() -> fabric.Config:
+    # One for every connection, like those read_ssh_config keeps: Fabric only reads it.
+    return fabric.Config(overrides={"load_ssh_configs": False})
+
+
 def _fabric_config(settings: SSHSettings) -> fabric.Config:
     if not settings.use_ssh_config:
-        return fabric.Config(overrides={"load_ssh_configs": False})
+        return _without_ssh_config()
     system = Path(SYSTEM_SSH_CONFIG)
     try:
         user_directory = expand_home("~/.ssh")
@@ -455,7 +468,7 @@ def _fabric_config(settings: SSHSettings) -> fabric.Config:
         files.append((system, system.parent))
         where = f"~/.ssh/config or {SYSTEM_SSH_CONFIG}"
     try:
-        return fabric.Config(ssh_config=read_ssh_config(files))
+        return read_ssh_config(files, lambda lookup: fabric.Config(ssh_config=lookup))
     except SshConfigError as exc:
         raise TransportError("config", f"cannot read {where}: {exc}") from None
     except (ValueError, LookupError, TypeError) as exc:  # `Match a\`: shlex's "No escaped character"
