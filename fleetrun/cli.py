@@ -550,7 +550,9 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
     for index, plan in enumerate(plans):
         if index:
             print()
-        details = ", ".join(f"{k}: {v}" for k, v in plan.transport_details.items() if v is not None)
+        details = "; ".join(
+            f"{k}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in plan.transport_details.items() if v is not None
+        )
         limits = plan.limits
         rows = [
             ("host", plan.host.name),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_none_left, processes_running, processes_with, run_cli, wait_until
+from conftest import REPO, assert_none_left, processes_running, processes_with, run_cli, wait_until
 
 
 def test_run_streams_output_and_exits_with_the_command_status():
@@ -243,6 +243,21 @@ def test_dry_run_shows_the_plan_and_runs_nothing(tmp_path):
     assert as_json["ran"] is False and as_json["limits"]["max_seconds"] == 3600
     assert not flag.exists()
     assert json.loads(run_cli("tasks", "list", "--json").stdout) == []
+
+
+def test_a_dry_run_on_ssh_hosts_shows_how_each_is_reached_in_words(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    example = str(REPO / "hosts.example.yaml")
+    result = run_cli("--hosts", example, "run", "web1,db1", "--dry-run", "--", "uptime", env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("transport:")] == [
+        f"transport:   ssh (address: deploy@web1.example.com:22; known_hosts: {home}/.ssh/known_hosts; host_key_checking: strict; "
+        "identity_files: ~/.ssh/id_ed25519; secrets_from: passphrase from $WEB1_KEY_PASSPHRASE; "
+        "allowed_networks: 10.0.0.0/8, 192.168.0.0/16, 2001:db8::/32; blocked_networks: 169.254.169.254/32)",
+        f"transport:   ssh (address: deploy@10.0.0.12:22; jump_hosts: deploy@bastion.example.com:22; known_hosts: {home}/.ssh/known_hosts; "
+        "host_key_checking: strict; secrets_from: password from ~/.config/fleetrun/db1.password)",
+    ]
 
 
 def test_json_mode_prints_lifecycle_events_only():
