@@ -133,6 +133,7 @@ def test_a_number_with_an_exponent_is_a_number_and_a_whole_one_an_integer(writte
         ("hosts: [a, b]\n", "hosts.yaml:1: 'hosts' must be a mapping"),
         ("hosts: {}\n", "hosts.yaml:1: 'hosts' is empty"),
         ("hosts:\n  'bad name':\n", "hosts.yaml:2: host 'bad name': invalid host name"),
+        ("hosts:\n  héllo:\n", "hosts.yaml:2: host 'héllo': invalid host name: use ASCII letters, digits"),
         ("hosts:\n  a: 3\n", "hosts.yaml:2: host 'a': a host must be a mapping"),
         ("hosts:\n  a:\n    tags: [x]\n  a:\n    tags: [y]\n", "hosts.yaml:4: duplicate key 'a'"),
         ("hosts:\n  a:\n    prot: 22\n", "hosts.yaml:3: host 'a', field 'prot': unknown field for transport 'local'"),

@@ -1111,7 +1111,7 @@ def _check_host_name(name: str) -> None:
     if not isinstance(name, str) or not HOST_NAME_RE.fullmatch(name):
         shown = _shown(name)
         raise FleetrunError(
-            f"invalid host name {shown}: names are letters, digits, '.', '_' and '-', at most 63 characters"
+            f"invalid host name {shown}: names are ASCII letters, digits, '.', '_' and '-', at most 63 characters"
         )
 
 

@@ -60,7 +60,7 @@ def environment_problem(env: Mapping[str, str]) -> str | None:
     """
     for name, value in env.items():
         if not _ENV_NAME_RE.fullmatch(name):
-            return f"invalid environment variable name {name!r}: use letters, digits and '_'"
+            return f"invalid environment variable name {name!r}: use ASCII letters, digits and '_'"
         problem = argument_problem(value, f"the value of environment variable {name!r}")
         if problem is not None:
             return problem
@@ -256,7 +256,7 @@ class _InventoryParser:
             if not HOST_NAME_RE.fullmatch(name):
                 raise self.error(
                     name_node,
-                    "invalid host name: use letters, digits, '.', '_' and '-' (at most 63, not starting with a punctuation mark)",
+                    "invalid host name: use ASCII letters, digits, '.', '_' and '-' (at most 63, not starting with a punctuation mark)",
                     host=name,
                 )
             hosts[name] = self.host(name, name_node, body, defaults)
