@@ -130,7 +130,8 @@ class Transport(abc.ABC):
         return None
 
     def describe(self) -> Mapping[str, Any]:
-        """What a dry run shows about how this host would be reached."""
+        """How this host would be reached, for a dry run, ``fleetrun hosts`` and the MCP
+        server's ``describe_host``: plain values, never a secret, found without connecting."""
         return {}
 
     async def aclose(self) -> None:
