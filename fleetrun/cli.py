@@ -839,6 +839,7 @@ def cmd_serve(ctx: _Context) -> int:
     else:
         host, port = _http_address(args.http)
         token = _server_token(args)
+        listening = mcp_http.listen(host, port)
         if token is not None:
             options.update(mcp_http.token_options(token, host, port))
     executor = Executor(config_files=config_files, store=ctx.store, plugins=plugins)
@@ -851,7 +852,7 @@ def cmd_serve(ctx: _Context) -> int:
             names = mcp_http.allowed_host_names(host, port, args.allow_host)
             _note(f"serving MCP over streamable HTTP at http://{mcp_http.url_host(host)}:{port}/mcp (policy: {policy.source}); "
                   f"requests must name the server as {', '.join(names)} (--allow-host NAME adds a name)")
-            mcp_http.serve_http(server, host, port, names)
+            mcp_http.serve_http(server, listening, host, port, names)
         else:
             if sys.stdin.isatty():
                 _note("serving MCP on stdin and stdout, for an MCP client that starts this command "
@@ -859,6 +860,8 @@ def cmd_serve(ctx: _Context) -> int:
             server.run()
     finally:
         executor.close("the MCP server stopped")
+        if args.http:
+            listening.close()
     return EXIT_OK
 
 

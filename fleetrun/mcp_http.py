@@ -10,9 +10,14 @@ which is not among them.
 from __future__ import annotations
 
 import copy
+import functools
 import hmac
 import ipaddress
+import os
+import socket
 from typing import Any
+
+from fleetrun.core.errors import FleetrunError
 
 #: A shorter bearer token could be found by trying; 16 random hex characters are 64 bits.
 MIN_TOKEN_LENGTH = 16
@@ -55,8 +60,20 @@ def allowed_host_names(host: str, port: int, extra: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def serve_http(server, host: str, port: int, names: list[str]) -> None:  # type: ignore[no-untyped-def]
-    """Serve ``server`` at ``http://host:port/mcp`` until the process is stopped.
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host``:``port``; :class:`FleetrunError` saying why not (taken,
+    an address this machine does not have) before the server announces itself. uvicorn
+    would log the failure after the announcement and exit with status 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise FleetrunError(f"cannot listen on {url_host(host)}:{port}: {reason}") from None
+
+
+def serve_http(server, listening: socket.socket, host: str, port: int, names: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Serve ``server`` at ``http://host:port/mcp`` on ``listening`` until the process is stopped.
 
     The SDK's streamable-HTTP app under uvicorn, as ``server.run`` would serve it, but with
     uvicorn's access log on stderr beside every other log line (uvicorn prints it on
@@ -78,7 +95,7 @@ def serve_http(server, host: str, port: int, names: list[str]) -> None:  # type:
     )
     app = server.streamable_http_app(streamable_http_path="/mcp", host=host, transport_security=security)
     config = uvicorn.Config(app, host=host, port=port, log_level=server.settings.log_level.lower(), log_config=log_config)
-    anyio.run(uvicorn.Server(config).serve)
+    anyio.run(functools.partial(uvicorn.Server(config).serve, sockets=[listening]))
 
 
 class _StaticTokenVerifier:

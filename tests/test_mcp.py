@@ -946,6 +946,21 @@ def test_http_on_an_ipv6_address_takes_the_token(tmp_path):
     assert f"serving MCP over streamable HTTP at http://[::1]:{port}/mcp" in (tmp_path / "serve.log").read_text()
 
 
+def test_http_on_a_port_already_taken_says_so_before_announcing_anything(tmp_path):
+    # Before: "serving MCP over streamable HTTP at ..." first, then uvicorn's error, and exit status 3.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "fleetrun", "serve", "--http", f"127.0.0.1:{port}"],
+            env={**_server_env(tmp_path), "FLEETRUN_MCP_TOKEN": "tok-" + os.urandom(12).hex()},
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"fleetrun: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
 @pytest.mark.parametrize("option", [["--token-file", "token"], ["--insecure-no-auth"], ["--allow-host", "mcp.example.test"]])
 def test_http_options_without_http_are_an_error_not_a_stdio_server(tmp_path, option):
     result = subprocess.run(
