@@ -1122,9 +1122,9 @@ def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, ssh
     config = tmp_path / "ssh_config"
     config.write_text(
         "Include config.d/*\n"  # relative: in ~/.ssh, as for ssh
+        f"User {sshd_fleet.user}\n"  # after it, every host's again (not the included file's last block's)
         # The line after the Include is by-block's again, though the included file opened another block.
         "Host by-block\n  Include ~/by-block.conf\n  IdentityFile " + str(sshd_fleet.client_key) + "\n"
-        f"Host *\n  User {sshd_fleet.user}\n"
     )
     entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
     executor = make_executor(hosts_yaml=hosts_file_text({"by-glob": entry, "by-block": entry}))
@@ -1139,6 +1139,34 @@ def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, ssh
     task = make_executor(hosts_yaml=hosts_file_text({"by-glob": entry})).run(TaskRequest(host="by-glob", command="true"))
     assert (task.status, task.error_category) == (TaskStatus.FAILED, "config")
     assert task.error == f"cannot read {config}: {home / '.ssh' / 'config.d' / '10-web'}: Include directives nested more than 16 deep"
+
+
+def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
+    # OpenSSH's own reading (ssh -G) of the same files is the reference.
+    from fleetrun.plugins.transports.ssh_config_files import read_ssh_config
+
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-listed").write_text("Host listed\n  HostName 10.0.0.1\n  Port 2201\n")
+    (tmp_path / "inner").write_text(
+        "Compression yes\n"  # the enclosing block's: host a only
+        "Host b a\n  HostName via-a\n"  # a only: b is not under Host a
+        f"Host nested\n  Include {tmp_path / 'deeper'}\n"
+    )
+    (tmp_path / "deeper").write_text("Host *\n  Port 2299\n")
+    config = tmp_path / "config"
+    config.write_text(
+        f"Include {tmp_path / 'conf.d'}/*\nUser everyone\n"
+        f"Host a\n  Include {tmp_path / 'inner'}\n  Port 2000\n"
+        "Match originalhost other\n  User someone\n"
+        "Host *\n  Port 22\n"
+    )
+    lookup = read_ssh_config([(config, tmp_path)], lambda parsed: parsed)
+    keywords = ("hostname", "port", "user", "compression")
+    for name in ("listed", "a", "b", "nested", "other"):
+        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+        theirs = {k: v for k, v in (line.split(" ", 1) for line in printed.splitlines()) if k in keywords}
+        ours = lookup.lookup(name)
+        assert {k: ours.get(k, {"port": "22", "compression": "no"}.get(k)) for k in keywords} == theirs, name
 
 
 def test_an_ssh_config_reading_is_kept_until_a_file_it_read_changes(tmp_path):

@@ -4,7 +4,10 @@ paramiko's reader takes ``Include`` for an unknown keyword and goes on, so a hos
 in an included file (``Include ~/.ssh/config.d/*``, as OrbStack, Colima and many a
 company's set-up write it) was not found: fleetrun connected to the alias itself, on
 port 22, as the wrong user. Here each included file is read in place of its directive,
-as ssh does, before paramiko parses the whole.
+as ssh does, before paramiko parses the whole. As in ssh, the blocks of a file included
+from inside a ``Host`` or ``Match`` block apply only where that block matches too (they
+are written as ``Match`` lines with both conditions), and the lines after an ``Include``
+belong to the block it was written in.
 
 What was read is kept, with what it was read from, and read again only when one of
 those files (or what an Include's pattern matches) has changed: every connection, and
@@ -102,7 +105,12 @@ def _file_state(path: Path) -> object:
 class _Reading:
     seen: dict[str, object] = field(default_factory=dict)
 
-    def with_includes(self, path: Path, directory: Path, *, depth: int) -> str:
+    def with_includes(self, path: Path, directory: Path, *, depth: int, condition: str = "") -> str:
+        """The text of ``path`` with its Include directives replaced by what they include.
+
+        ``condition``: the criteria (as a ``Match`` line writes them) of the block the file
+        is included from; the file's own blocks apply only where those match too, as in ssh.
+        Lines after an Include belong to the block they are written in again."""
         self.seen[f"file:{path}"] = _file_state(path)
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -111,40 +119,55 @@ class _Reading:
         except OSError as exc:
             raise SshConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
         lines: list[str] = []
-        block: str | None = None  # the Host or Match line the lines being read belong to
+        criteria = condition  # those of the block being read
         for line in text.splitlines():
             match = _KEYWORD.fullmatch(line)
             keyword = match.group(1).lower() if match else ""
             if keyword in ("host", "match"):
-                block = line
+                assert match is not None
+                criteria = _together(condition, _criteria_of(keyword, match.group(2)))
+                if condition:
+                    line = f"Match {criteria}"
             if keyword != "include":
                 lines.append(line)
                 continue
             assert match is not None
             if depth >= MAX_INCLUDE_DEPTH:
                 raise SshConfigError(f"{path}: Include directives nested more than {MAX_INCLUDE_DEPTH} deep")
-            try:
-                patterns = shlex.split(match.group(2), comments=True)
-            except ValueError as exc:
-                raise SshConfigError(f"{path}: {line.strip()!r}: {exc}") from None
-            for pattern in patterns:
-                try:
-                    anchored = expand_home(pattern) if pattern.startswith("~") else Path(pattern)
-                except HomeDirectoryError as exc:
-                    raise SshConfigError(f"{path}: Include {exc}") from None
-                absolute = str(anchored if anchored.is_absolute() else directory / anchored)
-                included = sorted(glob.glob(absolute))
-                self.seen[f"glob:{absolute}"] = included
-                for each in included:
-                    inner = self.with_includes(Path(each), directory, depth=depth + 1)
-                    lines.append(inner)
-                    # Its own Host blocks end the one the Include was written in: the lines after
-                    # the directive belong to that one again. (ssh also applies an included file
-                    # only where the enclosing block matches; inside a Host or Match block this
-                    # reading applies its Host blocks wherever they match.)
-                    if block is not None and any(_opens_block(each_line) for each_line in inner.splitlines()):
-                        lines.append(block)
+            for included in self._included(path, directory, match.group(2), line):
+                inner = self.with_includes(included, directory, depth=depth + 1, condition=criteria)
+                lines.append(inner)
+                if any(_opens_block(each) for each in inner.splitlines()):
+                    lines.append(f"Match {criteria or 'all'}")  # the block the Include is in, again
         return "\n".join(lines)
+
+    def _included(self, path: Path, directory: Path, arguments: str, line: str) -> list[Path]:
+        try:
+            patterns = shlex.split(arguments, comments=True)
+        except ValueError as exc:
+            raise SshConfigError(f"{path}: {line.strip()!r}: {exc}") from None
+        found = []
+        for pattern in patterns:
+            try:
+                anchored = expand_home(pattern) if pattern.startswith("~") else Path(pattern)
+            except HomeDirectoryError as exc:
+                raise SshConfigError(f"{path}: Include {exc}") from None
+            absolute = str(anchored if anchored.is_absolute() else directory / anchored)
+            matches = sorted(glob.glob(absolute))
+            self.seen[f"glob:{absolute}"] = matches
+            found += [Path(each) for each in matches]
+        return found
+
+
+def _criteria_of(keyword: str, arguments: str) -> str:
+    """A Host or Match line's condition, as Match criteria ("" for every host)."""
+    if keyword == "host":  # Host matches the name as given, which Match calls originalhost
+        return "originalhost " + ",".join(arguments.split())
+    return "" if arguments.strip().lower() == "all" else arguments.strip()
+
+
+def _together(first: str, second: str) -> str:
+    return " ".join(part for part in (first, second) if part)
 
 
 def _opens_block(line: str) -> bool:
