@@ -550,9 +550,7 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
     for index, plan in enumerate(plans):
         if index:
             print()
-        details = "; ".join(
-            f"{k}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in plan.transport_details.items() if v is not None
-        )
+        details = "; ".join(f"{k}: {_in_words(v)}" for k, v in plan.transport_details.items() if v is not None)
         limits = plan.limits
         rows = [
             ("host", plan.host.name),
@@ -574,6 +572,10 @@ def _dry_run(ctx: _Context, request: TaskRequest, hosts: Sequence[str]) -> int:
         for key, value in rows:
             print(f"{(key + ':').ljust(width)} {value}")
     return _dry_run_status(plans)
+
+
+def _in_words(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _dry_run_status(plans) -> int:  # type: ignore[no-untyped-def]
