@@ -1143,7 +1143,7 @@ def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, ssh
 
 def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
     # OpenSSH's own reading (ssh -G) of the same files is the reference.
-    from fleetrun.plugins.transports.ssh_config_files import read_ssh_config
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
 
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "conf.d" / "10-listed").write_text("Host listed\n  HostName 10.0.0.1\n  Port 2201\n")
@@ -1160,7 +1160,7 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         "Match originalhost other\n  User someone\n"
         "Host *\n  Port 22\n"
     )
-    lookup = read_ssh_config([(config, tmp_path)], lambda parsed: parsed)
+    lookup = read_ssh_config([ConfigFile(config, tmp_path)], lambda parsed: parsed)
     keywords = ("hostname", "port", "user", "compression")
     for name in ("listed", "a", "b", "nested", "other"):
         printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
@@ -1169,8 +1169,40 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         assert {k: ours.get(k, {"port": "22", "compression": "no"}.get(k)) for k in keywords} == theirs, name
 
 
+def test_an_ssh_config_another_user_may_write_is_refused_as_ssh_refuses_it(make_executor, tmp_path, monkeypatch):
+    # Such a file could make fleetrun run any command as its user (a ProxyCommand, Match exec).
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    user_config = home / ".ssh" / "config"
+    user_config.write_text("Host web\n  HostName 127.0.0.1\n")
+    user_config.chmod(0o664)
+    included = tmp_path / "included"
+    included.write_text("Host web\n  Port 2222\n")
+    included.chmod(0o666)
+    given = tmp_path / "given_config"  # named with ssh_config_file, as `ssh -F`: not checked itself
+    given.write_text(f"Include {included}\n")
+    given.chmod(0o666)
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "web": {"transport": "ssh"}, "given": {"transport": "ssh", "hostname": "web", "ssh_config_file": str(given)},
+    }))
+    expected = {
+        "web": f"cannot read ~/.ssh/config or /etc/ssh/ssh_config: {user_config} may be written by another user (mode 664, "
+               f"owner uid {os.getuid()}): ssh refuses to read it, and so does fleetrun; make it the user's own and chmod go-w it",
+        "given": f"cannot read {given}: {included} may be written by another user (mode 666, owner uid {os.getuid()}): "
+                 "ssh refuses to read it, and so does fleetrun; make it the user's own and chmod go-w it",
+    }
+    for name, error in expected.items():
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "config", error)
+    refused = subprocess.run(["ssh", "-F", str(given), "-G", "web"], capture_output=True, text=True)
+    assert refused.returncode != 0 and f"Bad owner or permissions on {included}" in refused.stderr
+    included.chmod(0o644)
+    assert executor.plan(TaskRequest(host="given", command="true")).transport_details["address"].endswith("@web:2222")
+
+
 def test_an_ssh_config_reading_is_kept_until_a_file_it_read_changes(tmp_path):
-    from fleetrun.plugins.transports.ssh_config_files import read_ssh_config
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
 
     def settled(path: Path, text: str, age_s: int) -> None:  # written a while ago, as a config usually was
         path.write_text(text)
@@ -1181,7 +1213,7 @@ def test_an_ssh_config_reading_is_kept_until_a_file_it_read_changes(tmp_path):
     main = tmp_path / "config"
     settled(main, "Include conf.d/*\n", 60)
     settled(tmp_path / "conf.d" / "a", "Host a\n  Port 2001\n", 60)
-    files = [(main, tmp_path)]
+    files = [ConfigFile(main, tmp_path)]
     built = []
 
     def read():  # -> the port of each host, and whether it was read again

@@ -20,11 +20,12 @@ import glob
 import os
 import re
 import shlex
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 import paramiko
 
@@ -41,20 +42,29 @@ class SshConfigError(Exception):
     """An ssh_config file that cannot be read; the message says which and why."""
 
 
-def read_ssh_config(files: list[tuple[Path, Path]], build: Callable[[paramiko.SSHConfig], T]) -> T:
+class ConfigFile(NamedTuple):
+    """An ssh_config file to read. An Include's relative path is looked for in ``directory``
+    (``~/.ssh`` for a user's files, ``/etc/ssh`` for the system's). ``guarded``: refused
+    when another user may write it, as ssh refuses the user's own ``~/.ssh/config``; every
+    file an Include names is guarded too. Such a file could make fleetrun run any command
+    (a ``ProxyCommand``, ``Match exec``) as the user it runs as."""
+
+    path: Path
+    directory: Path
+    guarded: bool = False
+
+
+def read_ssh_config(files: list[ConfigFile], build: Callable[[paramiko.SSHConfig], T]) -> T:
     """``build(lookup)`` for the host lookup of ``files``, read in order (a value found
     first wins, as in ssh); the same object again while none of the files has changed.
-
-    Each of ``files`` is ``(file, directory)``: an included file written as a relative path
-    is looked for in ``directory`` (``~/.ssh`` for a user's files, ``/etc/ssh`` for the
-    system's). A file that does not exist is left out, as ssh leaves it out."""
+    A file that does not exist is left out, as ssh leaves it out."""
     key = tuple(files)
     with _cache_lock:
         kept = _cache.get(key)
     if kept is not None and kept.still_current():
         return kept.built  # type: ignore[no-any-return]
     read = _Reading()
-    text = "\n".join(read.with_includes(path, directory, depth=0) for path, directory in files)
+    text = "\n".join(read.with_includes(each.path, each.directory, guarded=each.guarded, depth=0) for each in files)
     try:
         built = build(paramiko.SSHConfig.from_text(text))
     except paramiko.ssh_exception.ConfigParseError as exc:
@@ -76,7 +86,7 @@ class _Kept:
         return all(_state_now(what) == state for what, state in self.seen.items())
 
 
-_cache: dict[tuple[tuple[Path, Path], ...], _Kept] = {}
+_cache: dict[tuple[ConfigFile, ...], _Kept] = {}
 _cache_lock = threading.Lock()
 
 
@@ -98,20 +108,27 @@ def _file_state(path: Path) -> object:
         info = os.stat(path)
     except OSError:
         return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
+    return (info.st_mtime_ns, info.st_size, info.st_ino, info.st_mode, info.st_uid)
 
 
 @dataclass
 class _Reading:
     seen: dict[str, object] = field(default_factory=dict)
 
-    def with_includes(self, path: Path, directory: Path, *, depth: int, condition: str = "") -> str:
+    def with_includes(self, path: Path, directory: Path, *, guarded: bool, depth: int, condition: str = "") -> str:
         """The text of ``path`` with its Include directives replaced by what they include.
 
         ``condition``: the criteria (as a ``Match`` line writes them) of the block the file
         is included from; the file's own blocks apply only where those match too, as in ssh.
         Lines after an Include belong to the block they are written in again."""
-        self.seen[f"file:{path}"] = _file_state(path)
+        self.seen[f"file:{path}"] = state = _file_state(path)
+        if guarded and isinstance(state, tuple):
+            mode, owner = state[3], state[4]
+            if owner not in (0, os.getuid()) or mode & 0o022:
+                raise SshConfigError(
+                    f"{path} may be written by another user (mode {stat.S_IMODE(mode):o}, owner uid {owner}): "
+                    "ssh refuses to read it, and so does fleetrun; make it the user's own and chmod go-w it"
+                )
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except (FileNotFoundError, IsADirectoryError):
@@ -135,7 +152,7 @@ class _Reading:
             if depth >= MAX_INCLUDE_DEPTH:
                 raise SshConfigError(f"{path}: Include directives nested more than {MAX_INCLUDE_DEPTH} deep")
             for included in self._included(path, directory, match.group(2), line):
-                inner = self.with_includes(included, directory, depth=depth + 1, condition=criteria)
+                inner = self.with_includes(included, directory, guarded=True, depth=depth + 1, condition=criteria)
                 lines.append(inner)
                 if any(_opens_block(each) for each in inner.splitlines()):
                     lines.append(f"Match {criteria or 'all'}")  # the block the Include is in, again

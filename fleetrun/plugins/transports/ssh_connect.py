@@ -46,7 +46,7 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
-from fleetrun.plugins.transports.ssh_config_files import SshConfigError, read_ssh_config
+from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
 
@@ -462,10 +462,10 @@ def _fabric_config(settings: SSHSettings) -> fabric.Config:
         path = _local_path(settings.ssh_config_file)
         if not path.is_file():
             raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
-        files, where = [(path, user_directory or system.parent)], str(path)
+        files, where = [ConfigFile(path, user_directory or system.parent)], str(path)  # as `ssh -F`: not guarded
     else:  # as ssh: the user's file first (a value found first wins), then the system's
-        files = [(user_directory / "config", user_directory)] if user_directory else []
-        files.append((system, system.parent))
+        files = [ConfigFile(user_directory / "config", user_directory, guarded=True)] if user_directory else []
+        files.append(ConfigFile(system, system.parent))
         where = f"~/.ssh/config or {SYSTEM_SSH_CONFIG}"
     try:
         return read_ssh_config(files, lambda lookup: fabric.Config(ssh_config=lookup))
