@@ -240,6 +240,25 @@ def test_network_rules_are_checked_on_the_resolved_addresses(make_executor, tmp_
     assert inside.status is TaskStatus.SUCCEEDED, inside.error
 
 
+def test_through_a_jump_host_network_rules_apply_to_the_address_fleetrun_connects_to(make_executor, tmp_path, sshd_fleet):
+    jump = sshd_fleet.start(address="127.0.0.3")
+    target = sshd_fleet.start(address="127.0.0.4")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    hop = f"{sshd_fleet.user}@{jump.address}:{jump.port}"
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        # The target's own address is the jump host's to reach: only the jump host's is checked here.
+        "jump-allowed": ssh_host(sshd_fleet, target, known, jump_host=hop, allowed_networks=["127.0.0.3/32"]),
+        "jump-blocked": ssh_host(sshd_fleet, target, known, jump_host=hop, blocked_networks=["127.0.0.3/32"]),
+    }))
+    assert executor.run(TaskRequest(host="jump-allowed", command="true")).status is TaskStatus.SUCCEEDED
+    blocked = executor.run(TaskRequest(host="jump-blocked", command="true"))
+    assert (blocked.status, blocked.error_category) == (TaskStatus.FAILED, "network")
+    assert blocked.error == "127.0.0.3 resolves to 127.0.0.3 (in blocked_networks 127.0.0.3/32): the host's network rules refuse it"
+    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
+    jump.stop()
+    target.stop()
+
+
 def test_a_bad_network_is_a_hosts_file_error():
     with pytest.raises(InventoryError) as error:
         parse_inventory(
