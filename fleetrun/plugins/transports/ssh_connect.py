@@ -191,8 +191,9 @@ def _reach(
     if from_ssh_config:
         jump_hosts = connection.ssh_config.get("proxyjump")
     if jump_hosts is None:
-        if "proxycommand" in connection.ssh_config:
-            connection.gateway = connection.ssh_config["proxycommand"]
+        command = connection.ssh_config.get("proxycommand")  # None for `ProxyCommand none`
+        if command:
+            connection.gateway = command
         return connection
     try:
         hops = parse_jump_hosts(jump_hosts)
