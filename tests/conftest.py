@@ -159,6 +159,12 @@ def shared_sshd(sshd_fleet):
     return sshd_fleet.start()
 
 
+@pytest.fixture
+def known_hosts(tmp_path, sshd_fleet, shared_sshd) -> Path:
+    """A known_hosts file listing the shared server's key."""
+    return sshd_fleet.known_hosts(tmp_path / "known_hosts", [shared_sshd])
+
+
 def ssh_host(fleet, server, known_hosts: Path, **fields: object) -> dict[str, object]:
     """The hosts-file entry for logging in to ``server`` with the fleet's test key."""
     entry: dict[str, object] = {

@@ -1,0 +1,579 @@
+"""How the ssh transport finds and checks a host as OpenSSH does: its host keys (known_hosts),
+ssh_config (Include, ProxyJump, ProxyCommand, IdentityAgent …) and jump hosts. Against real
+OpenSSH servers on 127.0.0.N (tests/sshd.py), with OpenSSH's own tools (ssh -G, ssh-keygen)
+as the reference where they read the same files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetrun.core.models import TaskRequest, TaskStatus
+
+from conftest import hosts_file_text, run_cli, ssh_host, wait_until
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
+
+
+# -- host keys ---------------------------------------------------------------------------
+
+
+def test_an_unknown_host_key_is_refused_naming_host_and_fingerprint(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, empty)}))
+    task = executor.run(TaskRequest(host="web", command="echo must-not-run"))
+    assert (task.status, task.error_category, task.exit_code) == (TaskStatus.FAILED, "host_key", None)
+    assert f"[{shared_sshd.address}]:{shared_sshd.port}" in task.error
+    assert shared_sshd.host_key_fingerprint in task.error
+    assert "host_key_checking: accept-new" in task.error
+    assert empty.read_text() == ""
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    from sshd import fingerprint, generate_key
+
+    impostor = generate_key(tmp_path / "other_host_key")
+    other_line = Path(f"{impostor}.pub").read_text().split()
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[{shared_sshd.address}]:{shared_sshd.port} {other_line[0]} {other_line[1]}\n")
+    before = wrong.read_text()
+    entry = ssh_host(sshd_fleet, shared_sshd, wrong, host_key_checking="accept-new")
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+    task = executor.run(TaskRequest(host="web", command="echo must-not-run"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert "CHANGED" in task.error
+    assert shared_sshd.host_key_fingerprint in task.error
+    assert fingerprint(" ".join(other_line)) in task.error
+    assert wrong.read_text() == before
+
+
+def test_accept_new_records_the_key_once_then_strict_checking_accepts_it(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    recorded = tmp_path / "new" / "known_hosts"
+    entry = ssh_host(sshd_fleet, shared_sshd, recorded, host_key_checking="accept-new")
+    first = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert first.status is TaskStatus.SUCCEEDED
+    assert recorded.read_text() == shared_sshd.known_hosts_line
+    assert recorded.stat().st_mode & 0o777 == 0o600
+    strict = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, recorded)}))
+    assert strict.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    assert recorded.read_text() == shared_sshd.known_hosts_line
+
+
+def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    # Before, one such line (a certificate authority, above all) failed every task of every host.
+    from sshd import generate_key
+
+    authority = Path(f"{generate_key(tmp_path / 'ca_key')}.pub").read_text().split()
+    server = f"[{shared_sshd.address}]:{shared_sshd.port}"
+    noise = [
+        f"@cert-authority * {authority[0]} {authority[1]}",
+        f"{server} ssh-ed25519 not-base64!",
+        f"{server} sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t",
+        "@unknown-marker web3.example.test ssh-ed25519 AAAA",
+        "web4.example.test ssh-ed25519 not-base64!",  # another host's line: ssh does not read it, nor does fleetrun
+    ]
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join(noise) + "\n" + shared_sshd.known_hosts_line)
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)}))
+    task = executor.run(TaskRequest(host="web", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+
+    # A host the file does not list: the refusal says what was skipped and why it does not count.
+    known.write_text("\n".join(noise) + "\n")
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, shared_sshd, known)}))
+    task = executor.run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert (
+        f"which is not in {known} (fleetrun does not check host certificates, so @cert-authority lines vouch for no key; "
+        f"lines it could not read were skipped: {known}:2, {known}:3, {known}:4). Check it"
+    ) in task.error
+
+
+def test_known_hosts_names_match_as_in_ssh_hashed_by_pattern_or_negated(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    kind, blob = shared_sshd.host_public_key.split()[:2]
+    server = f"[{shared_sshd.address}]:{shared_sshd.port}"
+    network = shared_sshd.address.rsplit(".", 1)[0]
+    hashed = tmp_path / "hashed"
+    hashed.write_text(f"{server} {kind} {blob}\n")
+    subprocess.run(["ssh-keygen", "-H", "-f", str(hashed)], check=True, capture_output=True)  # as HashKnownHosts writes them
+    assert hashed.read_text().startswith("|1|")
+    files = {
+        "hashed": hashed,
+        "pattern": f"[{network}.*]:* {kind} {blob}\n",
+        "one-of-several": f"web1,{server.upper()},web2 {kind} {blob}\n",
+        "negated": f"!{server},[{network}.*]:* {kind} {blob}\n",
+        "other-port": f"[{shared_sshd.address}]:1{shared_sshd.port} {kind} {blob}\n",
+    }
+    hosts = {}
+    for name, text in files.items():
+        path = text if isinstance(text, Path) else tmp_path / name
+        if not isinstance(text, Path):
+            path.write_text(text)
+        hosts[name] = ssh_host(sshd_fleet, shared_sshd, path)
+    executor = make_executor(hosts_yaml=hosts_file_text(hosts))
+    outcome = {name: executor.run(TaskRequest(host=name, command="true")).error_category for name in files}
+    assert outcome == {"hashed": None, "pattern": None, "one-of-several": None, "negated": "host_key", "other-port": "host_key"}
+    for name, category in outcome.items():  # OpenSSH's own reading of the same files
+        found = subprocess.run(["ssh-keygen", "-F", server, "-f", str(hosts[name]["known_hosts"])], capture_output=True)
+        assert (found.returncode == 0) == (category is None) or name == "negated", name
+
+
+def test_without_a_known_hosts_field_host_keys_are_looked_up_where_ssh_looks(make_executor, sshd_fleet, shared_sshd, tmp_path, monkeypatch):
+    # Before, only ~/.ssh/known_hosts was read: a key that ssh finds in ~/.ssh/known_hosts2, in
+    # /etc/ssh/ssh_known_hosts (as config management puts them) or in UserKnownHostsFile was unknown.
+    from sshd import generate_key
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    entry = ssh_host(sshd_fleet, shared_sshd, tmp_path / "unused")
+    entry.pop("known_hosts")
+    (home / ".ssh" / "known_hosts2").write_text(shared_sshd.known_hosts_line)
+    by_default = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert by_default.status is TaskStatus.SUCCEEDED, by_default.error
+
+    config = tmp_path / "ssh_config"
+    global_file = tmp_path / "global_known_hosts"
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    config.write_text(
+        f"Host global\n{where}  UserKnownHostsFile ~/first ${{HOME}}/second\n  GlobalKnownHostsFile {global_file}\n"
+        f"Host recorded\n{where}  UserKnownHostsFile ~/new/first\n  GlobalKnownHostsFile {global_file}\n  HashKnownHosts yes\n"
+    )
+    global_file.write_text(shared_sshd.known_hosts_line)
+    via_config = {"transport": "ssh", "ssh_config_file": str(config), "host_key_checking": "accept-new"}
+    executor = make_executor(hosts_yaml=hosts_file_text({"global": via_config, "recorded": via_config}))
+    details = executor.plan(TaskRequest(host="global", command="true")).transport_details
+    assert details["known_hosts"] == [str(home / "first"), str(home / "second"), str(global_file)]
+    assert executor.run(TaskRequest(host="global", command="true")).status is TaskStatus.SUCCEEDED
+    assert not (home / "first").exists()  # found, so not recorded
+
+    # A key none of them lists is recorded, under accept-new, in the first user file: hashed,
+    # as HashKnownHosts asks, and found there by OpenSSH's own reading and by the next connection.
+    global_file.write_text("")
+    assert executor.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
+    recorded = (home / "new" / "first").read_text()
+    assert recorded.startswith("|1|") and recorded.split()[1:] == shared_sshd.known_hosts_line.split()[1:]
+    server = f"[{shared_sshd.address}]:{shared_sshd.port}"
+    assert subprocess.run(["ssh-keygen", "-F", server, "-f", str(home / "new" / "first")], capture_output=True).returncode == 0
+    again = make_executor(hosts_yaml=hosts_file_text({"recorded": {**via_config, "host_key_checking": "strict"}}))
+    assert again.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
+    assert (home / "new" / "first").read_text() == recorded
+
+    # A changed key names the file that lists the old one.
+    impostor = Path(f"{generate_key(tmp_path / 'other_host_key')}.pub").read_text().split()
+    global_file.write_text(f"[{shared_sshd.address}]:{shared_sshd.port} {impostor[0]} {impostor[1]}\n")
+    changed = make_executor(hosts_yaml=hosts_file_text({"global": via_config})).run(TaskRequest(host="global", command="true"))
+    assert (changed.status, changed.error_category) == (TaskStatus.FAILED, "host_key")
+    assert f"but {global_file} lists {impostor[0]} " in changed.error
+
+
+def test_hostkeyalias_in_ssh_config_names_the_key_to_check_and_to_record(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    kind, blob = shared_sshd.host_public_key.split()[:2]
+    known = tmp_path / "known_hosts"
+    # The key is listed under the alias only; a wrong key under the address must not count, as in ssh.
+    known.write_text(f"web-key {kind} {blob}\n[{shared_sshd.address}]:{shared_sshd.port} {kind} AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+    config = tmp_path / "ssh_config"
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    config.write_text(f"Host aliased\n{where}  HostKeyAlias web-key\nHost recorded\n{where}  HostKeyAlias new-alias\n")
+    aliased = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"aliased": aliased, "recorded": {**aliased, "host_key_checking": "accept-new"}}))
+    task = executor.run(TaskRequest(host="aliased", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    before = known.read_text()
+    assert executor.run(TaskRequest(host="recorded", command="true")).status is TaskStatus.SUCCEEDED
+    assert known.read_text() == before + f"new-alias {kind} {blob}\n"
+
+    config.write_text(f"Host aliased\n{where}  HostKeyAlias unlisted\n")
+    refused = make_executor(hosts_yaml=hosts_file_text({"aliased": aliased})).run(TaskRequest(host="aliased", command="true"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "host_key")
+    assert refused.error.startswith(f"the host key of [{shared_sshd.address}]:{shared_sshd.port} (HostKeyAlias unlisted) is unknown")
+
+
+@pytest.mark.parametrize("checking", ["strict", "accept-new"])
+def test_a_host_key_marked_revoked_is_refused_even_where_it_is_listed(make_executor, sshd_fleet, shared_sshd, tmp_path, checking):
+    kind, blob = shared_sshd.host_public_key.split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(shared_sshd.known_hosts_line + f"@revoked * {kind} {blob}\n")
+    before = known.read_text()
+    entry = ssh_host(sshd_fleet, shared_sshd, known, host_key_checking=checking)
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="echo must-not-run"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert task.error.endswith(
+        f"the host key of [{shared_sshd.address}]:{shared_sshd.port} ({kind} {shared_sshd.host_key_fingerprint}) "
+        f"is marked @revoked in {known}: it is never accepted"
+    ), task.error
+    assert known.read_text() == before
+
+
+# -- reaching hosts: jump host, ssh_config ---------------------------------------------------
+
+
+@pytest.mark.parametrize("configured_by", ["jump_host field", "ProxyJump in ssh_config"])
+@pytest.mark.parametrize("hop_count", [1, 2])
+def test_jump_hosts_carry_the_connection_first_hop_first(make_executor, sshd_fleet, tmp_path, configured_by, hop_count):
+    # Fabric reads ssh_config's ProxyJump a,b backwards: it connected to b first, then to a through b.
+    jumps = [sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(hop_count)]
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [*jumps, target])
+    hops = [f"{sshd_fleet.user}@{jump.address}:{jump.port}" for jump in jumps]
+    if configured_by == "jump_host field":
+        entry = ssh_host(sshd_fleet, target, known, jump_host=",".join(hops))
+    else:
+        config = tmp_path / "ssh_config"
+        config.write_text(
+            f"Host jumpbox\n  HostName {jumps[0].address}\n  Port {jumps[0].port}\n"
+            f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump {','.join(['jumpbox', *hops[1:]])}\n"
+            f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+        )
+        entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == hops
+    task = executor.run(TaskRequest(host="inner", command="echo $SSH_CONNECTION"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert executor.read_output(task.id).data.split()[2:4] == [target.address.encode(), str(target.port).encode()]
+    assert [server.accepted_logins() for server in (*jumps, target)] == [1] * (hop_count + 1)
+    for jump, reached in zip(jumps, [*jumps[1:], target]):
+        assert f"target {reached.address} port {reached.port}" in jump.log.read_text()
+    for server in (*jumps, target):
+        server.stop()
+
+
+def _reaches_only_through(executor, jump, target, *, jump_hosts) -> None:  # type: ignore[no-untyped-def]
+    """A task on host 'inner' logs in to ``target`` through ``jump`` (logging DEBUG1), once each."""
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == jump_hosts
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
+    assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    jump.stop()
+    target.stop()
+
+
+def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, sshd_fleet, tmp_path):
+    # Before, Fabric read user@[::1]:PORT as the host "[::1]:PORT" on port 22.
+    jump = sshd_fleet.start(address="::1", extra_config="LogLevel DEBUG1")
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    hop = f"{sshd_fleet.user}@[::1]:{jump.port}"
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": ssh_host(sshd_fleet, target, known, jump_host=f"ssh://{hop}")}))
+    _reaches_only_through(executor, jump, target, jump_hosts=[hop])
+
+
+def test_connections_that_failed_or_closed_leave_nothing_open_on_the_servers(make_executor, sshd_fleet, tmp_path):
+    # Fabric's close() does nothing for a connection whose login failed, and closes no jump
+    # host's: each refused login kept a socket and a thread here, and an sshd process there,
+    # and a jump host's connection outlived the one it carried.
+    from sshd import generate_key
+
+    jump, target = sshd_fleet.start(), sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    hop = f"{sshd_fleet.user}@{jump.address}:{jump.port}"
+    stranger = str(generate_key(tmp_path / "stranger_key"))
+    hosts = {
+        "refused-key": ssh_host(sshd_fleet, target, known, identity_files=[stranger]),
+        "unknown-host-key": ssh_host(sshd_fleet, target, tmp_path / "empty_known_hosts"),
+        "through-jump": ssh_host(sshd_fleet, target, known, jump_host=hop, idle_timeout=0.2),
+    }
+    executor = make_executor(hosts_yaml=hosts_file_text(hosts))
+    for _ in range(5):
+        assert executor.run(TaskRequest(host="refused-key", command="true")).error_category == "auth"
+        assert executor.run(TaskRequest(host="unknown-host-key", command="true")).error_category == "host_key"
+    wait_until(lambda: target.session_pids() == [], timeout=10)
+
+    assert executor.run(TaskRequest(host="through-jump", command="true")).status is TaskStatus.SUCCEEDED
+    assert jump.session_pids() and target.session_pids()
+    wait_until(lambda: (jump.session_pids(), target.session_pids()) == ([], []), timeout=10)  # the idle timeout
+    jump.stop()
+    target.stop()
+
+
+def test_jump_hosts_of_jump_hosts_come_from_ssh_config_and_none_turns_them_off(make_executor, sshd_fleet, tmp_path):
+    first, second = (sshd_fleet.start(extra_config="LogLevel DEBUG1") for _ in range(2))
+    target = sshd_fleet.start(extra_config="LogLevel DEBUG1")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [first, second, target])
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        # `first` names itself, as a `Host *` rule would: it is reached directly.
+        f"Host first\n  HostName {first.address}\n  Port {first.port}\n  ProxyJump first\n"
+        f"Host second\n  HostName {second.address}\n  Port {second.port}\n  ProxyJump first\n"
+        f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump second\n"
+        f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry, "direct": {**entry, "hostname": "inner", "jump_host": "none"}}))
+    hops = [f"{sshd_fleet.user}@{jump.address}:{jump.port}" for jump in (first, second)]
+    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == hops
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert f"target {second.address} port {second.port}" in first.log.read_text()
+    assert f"target {target.address} port {target.port}" in second.log.read_text()
+    assert [server.accepted_logins() for server in (first, second, target)] == [1, 1, 1]
+
+    assert executor.plan(TaskRequest(host="direct", command="true")).transport_details["jump_hosts"] is None
+    task = executor.run(TaskRequest(host="direct", command="true"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert [server.accepted_logins() for server in (first, second, target)] == [1, 1, 2]
+    for server in (first, second, target):
+        server.stop()
+
+
+def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
+    # paramiko reads no Include: such a host was reached by its alias, on port 22, as the local user.
+    home = tmp_path / "home"
+    (home / ".ssh" / "config.d").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n"
+    (home / ".ssh" / "config.d" / "10-web").write_text(f"Host by-glob\n{where}  IdentityFile {sshd_fleet.client_key}\n")
+    (home / "by-block.conf").write_text(f"{where}Host unrelated\n  IdentityFile /nonexistent\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Include config.d/*\n"  # relative: in ~/.ssh, as for ssh
+        f"User {sshd_fleet.user}\n"  # after it, every host's again (not the included file's last block's)
+        # The line after the Include is by-block's again, though the included file opened another block.
+        "Host by-block\n  Include ~/by-block.conf\n  IdentityFile " + str(sshd_fleet.client_key) + "\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"by-glob": entry, "by-block": entry}))
+    for name in ("by-glob", "by-block"):
+        assert executor.plan(TaskRequest(host=name, command="true")).transport_details["address"] == (
+            f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}"
+        )
+        task = executor.run(TaskRequest(host=name, command="whoami"))
+        assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+
+    (home / ".ssh" / "config.d" / "10-web").write_text("Include config.d/10-web\n")  # includes itself
+    task = make_executor(hosts_yaml=hosts_file_text({"by-glob": entry})).run(TaskRequest(host="by-glob", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "config")
+    assert task.error == f"cannot read {config}: {home / '.ssh' / 'config.d' / '10-web'}: Include directives nested more than 16 deep"
+
+
+def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
+    # OpenSSH's own reading (ssh -G) of the same files is the reference.
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-listed").write_text("Host listed\n  HostName 10.0.0.1\n  Port 2201\n")
+    (tmp_path / "inner").write_text(
+        "Compression yes\n"  # the enclosing block's: host a only
+        "Host b a\n  HostName via-a\n"  # a only: b is not under Host a
+        f"Host nested\n  Include {tmp_path / 'deeper'}\n"
+    )
+    (tmp_path / "deeper").write_text("Host *\n  Port 2299\n")
+    config = tmp_path / "config"
+    config.write_text(
+        f"Include {tmp_path / 'conf.d'}/*\nUser everyone\n"
+        f"Host a\n  Include {tmp_path / 'inner'}\n  Port 2000\n"
+        "Match originalhost other\n  User someone\n"
+        "Host *\n  Port 22\n"
+    )
+    lookup = read_ssh_config([ConfigFile(config, tmp_path)], lambda parsed: parsed)
+    keywords = ("hostname", "port", "user", "compression")
+    for name in ("listed", "a", "b", "nested", "other"):
+        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+        theirs = {k: v for k, v in (line.split(" ", 1) for line in printed.splitlines()) if k in keywords}
+        ours = lookup.lookup(name)
+        assert {k: ours.get(k, {"port": "22", "compression": "no"}.get(k)) for k in keywords} == theirs, name
+
+
+def test_an_ssh_config_another_user_may_write_is_refused_as_ssh_refuses_it(make_executor, tmp_path, monkeypatch):
+    # Such a file could make fleetrun run any command as its user (a ProxyCommand, Match exec).
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    user_config = home / ".ssh" / "config"
+    user_config.write_text("Host web\n  HostName 127.0.0.1\n")
+    user_config.chmod(0o664)
+    included = tmp_path / "included"
+    included.write_text("Host web\n  Port 2222\n")
+    included.chmod(0o666)
+    given = tmp_path / "given_config"  # named with ssh_config_file, as `ssh -F`: not checked itself
+    given.write_text(f"Include {included}\n")
+    given.chmod(0o666)
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "web": {"transport": "ssh"}, "given": {"transport": "ssh", "hostname": "web", "ssh_config_file": str(given)},
+    }))
+    expected = {
+        "web": f"cannot read ~/.ssh/config or /etc/ssh/ssh_config: {user_config} may be written by another user (mode 664, "
+               f"owner uid {os.getuid()}): ssh refuses to read it, and so does fleetrun; make it the user's own and chmod go-w it",
+        "given": f"cannot read {given}: {included} may be written by another user (mode 666, owner uid {os.getuid()}): "
+                 "ssh refuses to read it, and so does fleetrun; make it the user's own and chmod go-w it",
+    }
+    for name, error in expected.items():
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "config", error)
+    refused = subprocess.run(["ssh", "-F", str(given), "-G", "web"], capture_output=True, text=True)
+    assert refused.returncode != 0 and f"Bad owner or permissions on {included}" in refused.stderr
+    included.chmod(0o644)
+    assert executor.plan(TaskRequest(host="given", command="true")).transport_details["address"].endswith("@web:2222")
+
+
+def test_an_ssh_config_reading_is_kept_until_a_file_it_read_changes(tmp_path):
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    def settled(path: Path, text: str, age_s: int) -> None:  # written a while ago, as a config usually was
+        path.write_text(text)
+        then = time.time_ns() - age_s * 1_000_000_000
+        os.utime(path, ns=(then, then))
+
+    (tmp_path / "conf.d").mkdir()
+    main = tmp_path / "config"
+    settled(main, "Include conf.d/*\n", 60)
+    settled(tmp_path / "conf.d" / "a", "Host a\n  Port 2001\n", 60)
+    files = [ConfigFile(main, tmp_path)]
+    built = []
+
+    def read():  # -> the port of each host, and whether it was read again
+        before = len(built)
+        lookup = read_ssh_config(files, lambda parsed: built.append(parsed) or parsed)
+        return [lookup.lookup(name).get("port") for name in ("a", "b")], len(built) > before
+
+    assert read() == (["2001", None], True)
+    assert read() == (["2001", None], False)
+    settled(tmp_path / "conf.d" / "b", "Host b\n  Port 2002\n", 30)  # a new file the Include's pattern matches
+    assert read() == (["2001", "2002"], True)
+    settled(tmp_path / "conf.d" / "a", "Host a\n  Port 2003\n", 20)  # same size, another time
+    assert read() == (["2003", "2002"], True)
+    assert read()[1] is False
+    (tmp_path / "conf.d" / "a").write_text("Host a\n  Port 2004\n")  # just now: could change again unseen
+    assert read() == (["2004", "2002"], True)
+    assert read()[1] is True
+
+
+def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd_fleet, tmp_path):
+    # OpenSSH's own client as the proxy: `ssh -W` through the jump server.
+    jump = sshd_fleet.start(extra_config="LogLevel DEBUG1")
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n"
+        f"  ProxyCommand ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} -o BatchMode=yes "
+        f"-p {jump.port} -W %h:%p {sshd_fleet.user}@{jump.address}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry, "ruled": {**entry, "hostname": "inner", "blocked_networks": ["192.0.2.0/24"]}}))
+    # Network rules cannot be checked on a connection a command makes: such a host is refused.
+    refused = executor.run(TaskRequest(host="ruled", command="true"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "network")
+    assert refused.error == (
+        f"{sshd_fleet.user}@{target.address}:{target.port} is reached through a ProxyCommand of ssh_config, which connects where "
+        "fleetrun cannot check: the host's network rules (allowed_networks, blocked_networks) refuse it"
+    )
+    _reaches_only_through(executor, jump, target, jump_hosts=None)
+
+
+def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_problem(tmp_path):
+    # Before: ValueError and ConfigParseError tracebacks from `fleetrun hosts`, a dry run and every task.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host words\n  HostName 127.0.0.1\n  Port ssh\nHost high\n  HostName 127.0.0.1\n  Port 99999\n"
+        "Host canonical\n  CanonicalizeHostname yes\n"
+        # Fabric took only a lowercase yes or no; fleetrun forwards no agent whatever it says.
+        "Host fine\n  HostName 127.0.0.1\n  Port 2222\n  ForwardAgent Yes\n"
+    )
+    unreadable = {"unparsable": "Host *\n  User\n", "escape": "Host *\n  Match host a\\\n"}
+    for name, text in unreadable.items():
+        (tmp_path / name).write_text(text)
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({
+        **{name: {"transport": "ssh", "ssh_config_file": str(config)} for name in ("words", "high", "canonical", "fine")},
+        **{name: {"transport": "ssh", "ssh_config_file": str(tmp_path / name)} for name in unreadable},
+    }))
+    problems = {
+        "words": "ssh_config gives words the port 'ssh': a port is a number from 1 to 65535",
+        "high": "ssh_config gives high the port '99999': a port is a number from 1 to 65535",
+        "canonical": "ssh_config cannot be read for canonical: KeyError: 'canonicaldomains'",
+        "unparsable": f"cannot read {tmp_path / 'unparsable'}: Unparsable line User",
+        "escape": f"cannot read {tmp_path / 'escape'}: ValueError: No escaped character",
+    }
+    env = {"FLEETRUN_HOME": str(tmp_path / "home")}
+    listed = run_cli("--hosts", str(hosts), "hosts", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    details = {h["name"]: h["details"] for h in json.loads(listed.stdout)["hosts"]}
+    assert {name: details[name] for name in problems} == {name: {"error": problem} for name, problem in problems.items()}
+    assert details["fine"]["address"].endswith("@127.0.0.1:2222")
+    for name, problem in problems.items():
+        ran = run_cli("--hosts", str(hosts), "run", name, "--", "true", env=env)
+        assert ran.returncode == 125 and "Traceback" not in ran.stderr, ran.stderr
+        assert re.fullmatch(f"fleetrun: task [0-9a-f]{{12}} failed: {re.escape(problem)}", ran.stderr.splitlines()[-1]), ran.stderr
+        dry = run_cli("--hosts", str(hosts), "run", name, "--dry-run", "--", "true", env=env)
+        assert (dry.returncode, f"transport:   ssh (error: {problem})") == (0, dry.stdout.splitlines()[1]), dry.stderr
+
+
+@pytest.mark.parametrize(
+    ("written", "error"),
+    [
+        ("Host inner\n  HostName 127.0.0.1\n  ProxyJump bastion:22x\n",
+         "ssh_config's ProxyJump for inner: jump host 'bastion:22x': the port must be a number from 1 to 65535"),
+        ("Host inner\n  ProxyJump a\nHost a\n  ProxyJump b\nHost b\n  ProxyJump a\n",
+         "ssh_config's ProxyJump goes round in a loop: inner -> a -> b -> a"),
+    ],
+)
+def test_a_proxyjump_in_ssh_config_that_cannot_be_followed_fails_the_task_naming_it(make_executor, tmp_path, written, error):
+    config = tmp_path / "ssh_config"
+    config.write_text(written)
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config)}}))
+    task = executor.run(TaskRequest(host="inner", command="true"))
+    assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "config", error)
+
+
+def test_a_jump_host_with_an_unknown_key_is_refused_by_name(make_executor, sshd_fleet, tmp_path):
+    jump = sshd_fleet.start()
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [target])  # the jump host's key is missing
+    entry = ssh_host(sshd_fleet, target, known, jump_host=f"{sshd_fleet.user}@{jump.address}:{jump.port}")
+    task = make_executor(hosts_yaml=hosts_file_text({"inner": entry})).run(TaskRequest(host="inner", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
+    assert f"[{jump.address}]:{jump.port}" in task.error and jump.host_key_fingerprint in task.error
+    assert target.accepted_logins() == 0
+    jump.stop()
+    target.stop()
+
+
+def test_hosts_are_resolved_through_an_ssh_config_file(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host web-alias\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n"
+        f"  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"web-alias": entry}))
+    details = executor.plan(TaskRequest(host="web-alias", command="true")).transport_details
+    assert details["address"] == f"{sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}"
+    task = executor.run(TaskRequest(host="web-alias", command="whoami"))
+    assert task.status is TaskStatus.SUCCEEDED, task.error
+    assert executor.read_output(task.id).data == f"{sshd_fleet.user}\n".encode()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+def test_a_server_on_an_ipv6_address(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start(address="::1")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "v6": ssh_host(sshd_fleet, server, known),
+        "v6-unknown-key": ssh_host(sshd_fleet, server, tmp_path / "empty_known_hosts"),
+    }))
+    where = f"{sshd_fleet.user}@[::1]:{server.port}"  # as ssh writes it; before: user@::1:PORT
+    assert executor.plan(TaskRequest(host="v6", command="true")).transport_details["address"] == where
+    task = executor.run(TaskRequest(host="v6", command="whoami"))
+    assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+    refused = executor.run(TaskRequest(host="v6-unknown-key", command="true"))
+    assert refused.error_category == "host_key" and f"the host key of [::1]:{server.port} is unknown" in refused.error
