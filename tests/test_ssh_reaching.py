@@ -383,6 +383,21 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         assert {k: ours.get(k, {"port": "22", "compression": "no"}.get(k)) for k in keywords} == theirs, name
 
 
+def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
+    # ssh expands ${NAME} in IdentityFile; paramiko took it as written and found no such file.
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_*
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.setenv("FLEETRUN_TEST_KEYS", str(sshd_fleet.client_key.parent))
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host web\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile ${{FLEETRUN_TEST_KEYS}}/{sshd_fleet.client_key.name}\n"
+    )
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}}))
+    task = executor.run(TaskRequest(host="web", command="whoami"))
+    assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+
+
 def test_an_ssh_config_another_user_may_write_is_refused_as_ssh_refuses_it(make_executor, tmp_path, monkeypatch):
     # Such a file could make fleetrun run any command as its user (a ProxyCommand, Match exec).
     home = tmp_path / "home"

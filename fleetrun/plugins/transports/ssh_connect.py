@@ -298,6 +298,8 @@ def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -
     kept = []
     for path in hop.connect_kwargs.get("key_filename") or []:
         written = as_written.get(str(Path(path)))
+        if written is None:  # ssh_config's, where ssh expands ${NAME} (paramiko only ~ and %d)
+            path = with_environment(path)
         problem = _identity_file_problem(written or path)
         if problem is None:
             kept.append(path)
