@@ -246,15 +246,17 @@ def test_jump_hosts_carry_the_connection_first_hop_first(make_executor, sshd_fle
         server.stop()
 
 
-def _reaches_only_through(executor, jump, target, *, jump_hosts) -> None:  # type: ignore[no-untyped-def]
-    """A task on host 'inner' logs in to ``target`` through ``jump`` (logging DEBUG1), once each."""
-    assert executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"] == jump_hosts
+def _run_through(executor, jump, target) -> tuple[tuple[object, ...], str | None]:  # type: ignore[no-untyped-def]
+    """Run a task on host 'inner', then stop both servers. Returns what the plan showed as
+    jump hosts, the task's status, each server's logins, and whether ``jump`` (logging DEBUG1)
+    forwarded to ``target``; and the task's error, for the assertion's message."""
+    jump_hosts = executor.plan(TaskRequest(host="inner", command="true")).transport_details["jump_hosts"]
     task = executor.run(TaskRequest(host="inner", command="true"))
-    assert task.status is TaskStatus.SUCCEEDED, task.error
-    assert (jump.accepted_logins(), target.accepted_logins()) == (1, 1)
-    assert f"target {target.address} port {target.port}" in jump.log.read_text()
+    forwarded = f"target {target.address} port {target.port}" in jump.log.read_text()
+    seen = (jump_hosts, task.status, (jump.accepted_logins(), target.accepted_logins()), forwarded)
     jump.stop()
     target.stop()
+    return seen, task.error
 
 
 def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, sshd_fleet, tmp_path):
@@ -264,7 +266,8 @@ def test_a_jump_host_on_an_ipv6_address_is_written_in_brackets(make_executor, ss
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
     hop = f"{sshd_fleet.user}@[::1]:{jump.port}"
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": ssh_host(sshd_fleet, target, known, jump_host=f"ssh://{hop}")}))
-    _reaches_only_through(executor, jump, target, jump_hosts=[hop])
+    seen, error = _run_through(executor, jump, target)
+    assert seen == ([hop], TaskStatus.SUCCEEDED, (1, 1), True), error
 
 
 def test_connections_that_failed_or_closed_leave_nothing_open_on_the_servers(make_executor, sshd_fleet, tmp_path):
@@ -483,7 +486,8 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
         f"{sshd_fleet.user}@{target.address}:{target.port} is reached through a ProxyCommand of ssh_config, which connects where "
         "fleetrun cannot check: the host's network rules (allowed_networks, blocked_networks) refuse it"
     )
-    _reaches_only_through(executor, jump, target, jump_hosts=None)
+    seen, error = _run_through(executor, jump, target)
+    assert seen == (None, TaskStatus.SUCCEEDED, (1, 1), True), error  # the ruled host never logged in anywhere
 
 
 def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_problem(tmp_path):
