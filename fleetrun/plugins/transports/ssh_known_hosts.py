@@ -145,23 +145,22 @@ def _names_match(patterns: str, name: str) -> bool:
     return matched
 
 
-def _hashed(name: str) -> str:
-    """``name`` as HashKnownHosts writes it: ``|1|SALT|HMAC-SHA1(SALT, name)``, base64."""
-    salt = os.urandom(20)
+def _hashed(name: str, salt: bytes | None = None) -> str:
+    """``name`` as HashKnownHosts writes it: ``|1|SALT|HMAC-SHA1(SALT, name)``, base64
+    (with a new random salt unless one is given)."""
+    salt = os.urandom(20) if salt is None else salt
     digest = hmac.new(salt, name.lower().encode(), hashlib.sha1).digest()
     return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
 
 
 def _hashed_name_is(hashed: str, name: str) -> bool:
-    """Whether ``|1|SALT|HASH`` (HashKnownHosts) is ``name``: HASH is HMAC-SHA1(SALT, name)."""
+    """Whether ``hashed`` (``|1|SALT|HASH``, as HashKnownHosts writes it) is ``name``."""
     parts = hashed.split("|")
-    if len(parts) != 4:
-        return False
     try:
-        salt, digest = base64.b64decode(parts[2], validate=True), base64.b64decode(parts[3], validate=True)
+        salt = base64.b64decode(parts[2], validate=True) if len(parts) == 4 else None
     except ValueError:
-        return False
-    return hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
+        salt = None
+    return salt is not None and hmac.compare_digest(_hashed(name, salt).encode(), hashed.encode())
 
 
 @functools.lru_cache(maxsize=4096)
