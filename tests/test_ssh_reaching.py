@@ -377,7 +377,7 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         "Match originalhost other\n  User someone\n"
         "Host *\n  Port 22\n"
     )
-    lookup = read_ssh_config([ConfigFile(config, tmp_path)], lambda parsed: parsed)
+    lookup = read_ssh_config([ConfigFile(config, tmp_path)])
     keywords = ("hostname", "port", "user", "compression")
     for name in ("listed", "a", "b", "nested", "other"):
         printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
@@ -448,10 +448,11 @@ def test_an_ssh_config_reading_is_kept_until_a_file_it_read_changes(tmp_path):
     files = [ConfigFile(main, tmp_path)]
     built = []
 
-    def read():  # -> the port of each host, and whether it was read again
-        before = len(built)
-        lookup = read_ssh_config(files, lambda parsed: built.append(parsed) or parsed)
-        return [lookup.lookup(name).get("port") for name in ("a", "b")], len(built) > before
+    def read():  # -> the port of each host, and whether it was read again (a new lookup, not the one kept)
+        lookup = read_ssh_config(files)
+        again = not built or lookup is not built[-1]
+        built.append(lookup)
+        return [lookup.lookup(name).get("port") for name in ("a", "b")], again
 
     assert read() == (["2001", None], True)
     assert read() == (["2001", None], False)

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import paramiko
 
@@ -35,7 +35,6 @@ from fleetrun.core.paths import HomeDirectoryError, expand_home
 MAX_INCLUDE_DEPTH = 16
 
 _KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*)")
-T = TypeVar("T")
 
 
 class SshConfigError(Exception):
@@ -54,33 +53,33 @@ class ConfigFile(NamedTuple):
     guarded: bool = False
 
 
-def read_ssh_config(files: list[ConfigFile], build: Callable[[paramiko.SSHConfig], T]) -> T:
-    """``build(lookup)`` for the host lookup of ``files``, read in order (a value found
-    first wins, as in ssh); the same object again while none of the files has changed.
-    A file that does not exist is left out, as ssh leaves it out."""
+def read_ssh_config(files: list[ConfigFile]) -> paramiko.SSHConfig:
+    """The host lookup of ``files``, read in order (a value found first wins, as in ssh);
+    the same object again while none of the files has changed, so that what is made from
+    it can be kept too. A file that does not exist is left out, as ssh leaves it out."""
     key = tuple(files)
     with _cache_lock:
         kept = _cache.get(key)
     if kept is not None and kept.still_current():
-        return kept.built  # type: ignore[no-any-return]
+        return kept.lookup
     read = _Reading()
     text = "\n".join(read.with_includes(each.path, each.directory, guarded=each.guarded, depth=0) for each in files)
     try:
-        built = build(paramiko.SSHConfig.from_text(text))
+        lookup = paramiko.SSHConfig.from_text(text)
     except paramiko.ssh_exception.ConfigParseError as exc:
         raise SshConfigError(str(exc)) from None
     # A file changed in the last moments could change again within its clock's tick, its
     # size and inode the same: such a reading is not kept (git's "racy" files).
     if not any(_changed_lately(state) for state in read.seen.values()):
         with _cache_lock:
-            _cache[key] = _Kept(read.seen, built)
-    return built
+            _cache[key] = _Kept(read.seen, lookup)
+    return lookup
 
 
 @dataclass
 class _Kept:
     seen: dict[str, object]  # each file read (its state) and each Include pattern (its matches)
-    built: object
+    lookup: paramiko.SSHConfig
 
     def still_current(self) -> bool:
         return all(_state_now(what) == state for what, state in self.seen.items())
