@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -463,6 +464,107 @@ def test_a_server_that_never_greets_times_out(make_executor, sshd_fleet, shared_
     assert (task.status, task.error_category) == (TaskStatus.FAILED, "timeout")
     assert "0.5 s" in task.error
     assert time.monotonic() - started < 5
+
+
+def test_a_server_that_greets_then_says_no_more_times_out(make_executor, sshd_fleet, shared_sshd, known_hosts):
+    import threading
+
+    listener = socket.socket()
+    listener.bind((shared_sshd.address, 0))
+    listener.listen(8)
+    held = []
+
+    def greet_only() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted, _ = listener.accept()
+                accepted.sendall(b"SSH-2.0-GreetsOnly\r\n")
+                held.append(accepted)
+
+    threading.Thread(target=greet_only, daemon=True).start()
+    try:
+        entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, port=listener.getsockname()[1], connect_timeout=0.5)
+        task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    finally:
+        listener.close()
+        for each in held:
+            each.close()
+    where = f"{sshd_fleet.user}@{shared_sshd.address}:{entry['port']}"
+    # Before: after 15 s, "unreachable" (EOFError): Fabric's int() made 0.5 s no handshake
+    # limit at all. With 1 s: "unreachable", "SSH negotiation ... failed: No existing session".
+    assert (task.status, task.error_category, task.error) == (
+        TaskStatus.FAILED, "timeout", f"connecting to {where} timed out after 0.5 s: the SSH handshake did not finish"
+    )
+
+
+def test_connect_timeout_and_keepalives_come_from_ssh_config_when_the_host_sets_none(
+    make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, marker
+):
+    silent = socket.socket()
+    silent.bind((shared_sshd.address, 0))
+    silent.listen(8)
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host silent\n  HostName {shared_sshd.address}\n  Port {silent.getsockname()[1]}\n  ConnectTimeout 1\n"
+        "Host *\n  ServerAliveInterval 1\n  ServerAliveCountMax 1\n"
+    )
+    server = sshd_fleet.start()
+
+    def through_config(server, known: Path, **fields: object) -> dict[str, object]:
+        """ssh_host's entry, ssh_config read; a field given as None is left out."""
+        entry = ssh_host(sshd_fleet, server, known, use_ssh_config=True, ssh_config_file=str(config), **fields)
+        return {field: value for field, value in entry.items() if value is not None}
+
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "silent": through_config(shared_sshd, known_hosts, hostname="silent", port=None, connect_timeout=None),
+        "impatient": through_config(shared_sshd, known_hosts, hostname="silent", port=None, connect_timeout=0.5),
+        "web": through_config(server, sshd_fleet.known_hosts(tmp_path / "known_hosts", [server]), connect_timeout=None),
+    }))
+    try:
+        for name, seconds in (("silent", "1"), ("impatient", "0.5")):
+            started = time.monotonic()
+            task = executor.run(TaskRequest(host=name, command="true"))
+            assert (task.status, task.error_category) == (TaskStatus.FAILED, "timeout")
+            assert f"timed out after {seconds} s" in task.error, task.error
+            assert time.monotonic() - started < 3
+    finally:
+        silent.close()
+
+    # Keepalives every second, one unanswered drops the connection (the default: 3 of 15 s).
+    handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    frozen = server.session_pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        task = handle.wait(20)
+        assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
+        assert time.monotonic() - stopped_at < 4
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_ssh_config_times_are_read_as_ssh_reads_them():
+    from fleetrun.plugins.transports.ssh_options import hop_options
+
+    def options(**written: str):
+        unset = dict(connect_timeout=None, keepalive_interval=None, keepalive_count_max=None, host_key_checking=None)
+        return hop_options(written, "web", **unset)
+
+    assert options() == options(stricthostkeychecking="ask").__class__(10.0, 15.0, 3, "strict")
+    assert (options(connecttimeout="1m30s").connect_timeout, options(connecttimeout="2H").connect_timeout) == (90, 7200)
+    assert options(connecttimeout="0").connect_timeout == 10  # ssh: no timeout of its own; fleetrun keeps its default
+    assert options(connecttimeout="2147483647").connect_timeout == 86400  # the most the hosts file allows
+    assert (options(serveraliveinterval="0").keepalive_interval, options(serveraliveinterval="1m30").keepalive_interval) == (0, 90)
+    assert options(serveralivecountmax="0").keepalive_count_max == 1  # ssh drops at the first unanswered one
+    given = hop_options(
+        {"connecttimeout": "5", "serveraliveinterval": "7", "serveralivecountmax": "9", "stricthostkeychecking": "no"}, "web",
+        connect_timeout=1.0, keepalive_interval=2.0, keepalive_count_max=3, host_key_checking="strict",
+    )
+    assert given == given.__class__(1.0, 2.0, 3, "strict")  # the host's own fields win
 
 
 def test_ctrl_c_while_connecting_to_a_server_that_never_greets_exits_without_waiting_out_the_connect(

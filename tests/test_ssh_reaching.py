@@ -67,6 +67,70 @@ def test_accept_new_records_the_key_once_then_strict_checking_accepts_it(make_ex
     assert recorded.read_text() == shared_sshd.known_hosts_line
 
 
+def test_strict_host_key_checking_of_ssh_config_decides_unless_the_host_does(make_executor, sshd_fleet, shared_sshd, tmp_path, caplog):
+    from sshd import generate_key
+
+    where = f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    impostor = Path(f"{generate_key(tmp_path / 'other_host_key')}.pub").read_text().split()
+    stale = tmp_path / "stale_known_hosts"
+    stale.write_text(f"[{shared_sshd.address}]:{shared_sshd.port} {impostor[0]} {impostor[1]}\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        # As `vagrant ssh-config` writes it, for a machine whose key changes with each rebuild.
+        f"Host vagrant\n{where}  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  IdentitiesOnly yes\n"
+        "  PasswordAuthentication no\n  LogLevel FATAL\n"
+        f"Host recording\n{where}  UserKnownHostsFile {tmp_path / 'recorded'}\n  StrictHostKeyChecking Accept-New\n"
+        f"Host asking\n{where}  UserKnownHostsFile {tmp_path / 'asked'}\n  StrictHostKeyChecking ask\n"
+        f"Host stale\n{where}  UserKnownHostsFile {stale}\n  StrictHostKeyChecking off\n"
+    )
+    via_config = {"transport": "ssh", "ssh_config_file": str(config), "connect_timeout": 5}
+    hosts = {name: via_config for name in ("vagrant", "recording", "asking", "stale")}
+    hosts["overruled"] = {**via_config, "hostname": "vagrant", "host_key_checking": "strict"}
+    hosts_yaml = hosts_file_text(hosts)
+    key = f"ssh-ed25519 {shared_sshd.host_key_fingerprint}"
+    named = f"[{shared_sshd.address}]:{shared_sshd.port}"
+
+    # Before: each refused ("unknown: ... add it to /dev/null"), whatever StrictHostKeyChecking said.
+    for _ in range(2):  # /dev/null keeps nothing: accepted again by a new connection
+        caplog.clear()
+        task = make_executor(hosts_yaml=hosts_yaml).run(TaskRequest(host="vagrant", command="echo in"))
+        assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
+        assert f"accepted the unknown host key of {named} ({key}); /dev/null is not a file, so it is not recorded" in caplog.text
+    assert Path("/dev/null").is_char_device()
+    executor = make_executor(hosts_yaml=hosts_yaml)
+    assert executor.run(TaskRequest(host="recording", command="true")).status is TaskStatus.SUCCEEDED
+    assert (tmp_path / "recorded").read_text() == shared_sshd.known_hosts_line
+
+    asked = executor.run(TaskRequest(host="asking", command="echo must-not-run"))
+    assert (asked.status, asked.error_category) == (TaskStatus.FAILED, "host_key")
+    assert asked.error.endswith(
+        f"Check it and add it to {tmp_path / 'asked'} (for example with ssh-keyscan), "
+        "or set 'host_key_checking: accept-new' for this host to record it on first use"
+    ), asked.error
+    assert not (tmp_path / "asked").exists()
+    overruled = executor.run(TaskRequest(host="overruled", command="echo must-not-run"))
+    assert (overruled.status, overruled.error_category) == (TaskStatus.FAILED, "host_key")
+    assert overruled.error.endswith(
+        "Check it and add it to a known_hosts file named with the host's known_hosts field (/dev/null is not a file), "
+        "or set 'host_key_checking: accept-new' for this host to accept it unrecorded"
+    ), overruled.error
+
+    # ssh, told `no` or `off`, goes on with a changed key; fleetrun refuses it, and says so.
+    changed = executor.run(TaskRequest(host="stale", command="echo must-not-run"))
+    assert (changed.status, changed.error_category) == (TaskStatus.FAILED, "host_key")
+    assert "The connection was refused (ssh_config's StrictHostKeyChecking off does not let a changed key through)." in changed.error
+    assert stale.read_text().split()[1:] == impostor[:2]
+
+    env = {"FLEETRUN_HOME": str(tmp_path / "home")}
+    (tmp_path / "hosts.yaml").write_text(hosts_yaml)
+    for name, checking in [
+        ("vagrant", "accept-new (StrictHostKeyChecking no of ssh_config)"), ("asking", "strict (StrictHostKeyChecking ask of ssh_config)"),
+        ("overruled", "strict"),
+    ]:
+        dry = run_cli("--hosts", str(tmp_path / "hosts.yaml"), "run", name, "--dry-run", "--", "true", env=env)
+        assert dry.returncode == 0 and dry.stdout.splitlines()[1].endswith(f"; host_key_checking: {checking})"), dry.stdout
+
+
 def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(make_executor, sshd_fleet, shared_sshd, tmp_path):
     # Before, one such line (a certificate authority, above all) failed every task of every host.
     from sshd import generate_key
@@ -497,6 +561,9 @@ def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_probl
     config.write_text(
         "Host words\n  HostName 127.0.0.1\n  Port ssh\nHost high\n  HostName 127.0.0.1\n  Port 99999\n"
         "Host canonical\n  CanonicalizeHostname yes\n"
+        # Values ssh refuses ("unsupported option", "invalid time value"); before, ignored.
+        "Host asks\n  StrictHostKeyChecking maybe\nHost waits\n  ConnectTimeout 1.5\n"
+        "Host pings\n  ServerAliveInterval 5x\nHost counts\n  ServerAliveCountMax -1\n"
         # Fabric took only a lowercase yes or no; fleetrun forwards no agent whatever it says.
         "Host fine\n  HostName 127.0.0.1\n  Port 2222\n  ForwardAgent Yes\n"
     )
@@ -505,13 +572,20 @@ def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_probl
         (tmp_path / name).write_text(text)
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(hosts_file_text({
-        **{name: {"transport": "ssh", "ssh_config_file": str(config)} for name in ("words", "high", "canonical", "fine")},
+        **{
+            name: {"transport": "ssh", "ssh_config_file": str(config)}
+            for name in ("words", "high", "canonical", "asks", "waits", "pings", "counts", "fine")
+        },
         **{name: {"transport": "ssh", "ssh_config_file": str(tmp_path / name)} for name in unreadable},
     }))
     problems = {
         "words": "ssh_config gives words the port 'ssh': a port is a number from 1 to 65535",
         "high": "ssh_config gives high the port '99999': a port is a number from 1 to 65535",
         "canonical": "ssh_config cannot be read for canonical: KeyError: 'canonicaldomains'",
+        "asks": "ssh_config gives asks StrictHostKeyChecking 'maybe': expected one of yes, ask, accept-new, no, off",
+        "waits": "ssh_config gives waits ConnectTimeout '1.5': expected a time in seconds, or with units as 1m30s",
+        "pings": "ssh_config gives pings ServerAliveInterval '5x': expected a time in seconds, or with units as 1m30s",
+        "counts": "ssh_config gives counts ServerAliveCountMax '-1': expected a whole number",
         "unparsable": f"cannot read {tmp_path / 'unparsable'}: Unparsable line User",
         "escape": f"cannot read {tmp_path / 'escape'}: ValueError: No escaped character",
     }

@@ -177,8 +177,9 @@ class SSHTransport(Transport):
         ),
         "host_key_checking": HostField(
             "string",
-            "strict (default): refuse unknown and changed host keys; accept-new: record an unknown key "
-            "in the (first) known_hosts file on first use (changed and revoked keys are still refused)",
+            "strict: refuse unknown and changed host keys; accept-new: record an unknown key in the (first) "
+            "known_hosts file on first use (changed and revoked keys are still refused). Default: ~/.ssh/config's "
+            "StrictHostKeyChecking (accept-new for accept-new, no and off), else strict",
             choices=("strict", "accept-new"),
         ),
         "jump_host": HostField(
@@ -188,9 +189,19 @@ class SSHTransport(Transport):
             validate=_jump_host_problem,
         ),
         # Beyond about 9e9 s the waits inside paramiko fail every task ("timestamp too large").
-        "connect_timeout": HostField("number", "seconds to connect and authenticate (default: 10)", minimum=0.1, maximum=86400),
-        "keepalive_interval": HostField("number", "seconds between keepalives; 0 turns them off (default: 15)", minimum=0),
-        "keepalive_count_max": HostField("integer", "unanswered keepalives before the connection is dropped (default: 3)", minimum=1),
+        "connect_timeout": HostField(
+            "number", "seconds to connect and authenticate (default: ~/.ssh/config's ConnectTimeout, else 10)",
+            minimum=0.1, maximum=86400,
+        ),
+        "keepalive_interval": HostField(
+            "number", "seconds between keepalives; 0 turns them off (default: ~/.ssh/config's ServerAliveInterval, else 15)",
+            minimum=0,
+        ),
+        "keepalive_count_max": HostField(
+            "integer",
+            "unanswered keepalives before the connection is dropped (default: ~/.ssh/config's ServerAliveCountMax, else 3)",
+            minimum=1,
+        ),
         "use_ssh_config": HostField("boolean", "read ~/.ssh/config and /etc/ssh/ssh_config for this host (default: true)"),
         "ssh_config_file": HostField("string", "read this ssh_config file instead of the default ones", validate=_home_problem),
         "max_channels": HostField(
@@ -315,12 +326,12 @@ class SSHTransport(Transport):
         """Stop the remote command's whole process group, as the local transport does."""
         from fleetrun.plugins.transports.ssh_channel import KILL_GRACE_SECONDS, stop_script
 
-        pgid = await command.wait_pgid(timeout=min(self.settings.connect_timeout, 5.0))
+        pgid = await command.wait_pgid(timeout=min(connection.options.connect_timeout, 5.0))
         if pgid is None:
             log.warning("%s: the command's process group is unknown; only its channel is closed", connection.describe())
             return
         script = stop_script(pgid)
-        deadline = KILL_GRACE_SECONDS + self.settings.connect_timeout
+        deadline = KILL_GRACE_SECONDS + connection.options.connect_timeout
         try:
             await asyncio.wait_for(_blocking(connection.run_quiet, script), deadline)
             return
@@ -362,7 +373,7 @@ class SSHTransport(Transport):
             raise
         self._pool.append(connection)
         log.debug("connected to %s", connection.describe())
-        if self.settings.keepalive_interval > 0:
+        if connection.options.keepalive_interval > 0:
             connection.keepalive = asyncio.get_running_loop().create_task(self._keep_alive(connection))
 
     def _release(self, connection: _PooledConnection) -> None:
@@ -397,8 +408,8 @@ class SSHTransport(Transport):
             await asyncio.gather(connection.pinging, return_exceptions=True)
 
     async def _keep_alive(self, connection: _PooledConnection) -> None:
-        interval = self.settings.keepalive_interval
-        patience = interval * self.settings.keepalive_count_max
+        interval = connection.options.keepalive_interval
+        patience = interval * connection.options.keepalive_count_max
         while connection.alive:
             await asyncio.sleep(interval)
             if not connection.alive:
@@ -421,6 +432,7 @@ class _PooledConnection:
         self.fabric = opened
         self.transport: paramiko.Transport = opened.transport
         self.settings = settings
+        self.options = settings.options_for(opened)  # checked when the connection was built
         self.channels = 0
         self.capacity = settings.max_channels - 1  # one channel stays free for stopping commands
         self.closed = False
@@ -455,7 +467,7 @@ class _PooledConnection:
     def start_command(self, script: str, stdin: bytes = b"", *, keep_input_open: bool = False) -> paramiko.Channel:
         """Run ``script`` on a new channel and send ``stdin``; then end the input, unless
         ``keep_input_open`` (a task's preamble watches it, see ``ssh_channel.remote_script``)."""
-        channel = self.transport.open_session(timeout=self.settings.connect_timeout)
+        channel = self.transport.open_session(timeout=self.options.connect_timeout)
         try:
             channel.exec_command(script)
             if stdin:
@@ -486,7 +498,7 @@ class _PooledConnection:
         try:
             channel = self.start_command(SHELL_PROBE)
             try:
-                channel.settimeout(self.settings.connect_timeout)
+                channel.settimeout(self.options.connect_timeout)
                 while len(output) < _PROBE_OUTPUT_LIMIT:
                     data = channel.recv(_PROBE_OUTPUT_LIMIT)
                     if not data:

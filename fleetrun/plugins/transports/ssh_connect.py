@@ -10,8 +10,11 @@ hosts. fleetrun then takes over the parts Fabric leaves loose:
   and with IPv6 hops in brackets (Fabric goes through several hops of ssh_config's in
   reverse order and takes ``[::1]:22`` for a host name);
 * host keys are checked against the known_hosts files ssh reads, strictly unless the
-  host opts in to recording new keys (never changed ones); Fabric's default accepts any
-  key (see :mod:`.ssh_known_hosts`);
+  host (or ssh_config's ``StrictHostKeyChecking``) opts in to recording new keys (never
+  changed ones); Fabric's default accepts any key (see :mod:`.ssh_known_hosts`);
+* each hop's timeouts and keepalives come from the host's fields, else from ssh_config
+  (see :mod:`.ssh_options`); Fabric's ``int()`` made a ``connect_timeout`` of 0.5 s no
+  handshake limit at all, and read ``ConnectTimeout 5s`` as a traceback;
 * keys come from the ssh-agent ``IdentityAgent`` names, and only the identity files'
   ones when those are named (paramiko asks ``$SSH_AUTH_SOCK``'s agent for every key);
 * a connection is closed whole, jump hosts included, also when connecting failed;
@@ -49,6 +52,7 @@ from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
+from fleetrun.plugins.transports.ssh_options import CONNECT_TIMEOUT, HopOptions, hop_options
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -75,11 +79,12 @@ class SSHSettings:
     user: str | None
     identity_files: tuple[str, ...]
     known_hosts: str | None  # None: the files ssh reads (see known_hosts_files)
-    host_key_checking: str
+    # None in these four: what ssh_config says for the hop, else the default (see options_for).
+    host_key_checking: str | None
     jump_host: str | None
-    connect_timeout: float
-    keepalive_interval: float
-    keepalive_count_max: int
+    connect_timeout: float | None
+    keepalive_interval: float | None
+    keepalive_count_max: int | None
     use_ssh_config: bool
     ssh_config_file: str | None
     max_channels: int
@@ -101,11 +106,11 @@ class SSHSettings:
             user=o.get("user"),
             identity_files=tuple(o.get("identity_files", ())),
             known_hosts=o.get("known_hosts"),
-            host_key_checking=o.get("host_key_checking", "strict"),
+            host_key_checking=o.get("host_key_checking"),
             jump_host=o.get("jump_host"),
-            connect_timeout=float(o.get("connect_timeout", 10)),
-            keepalive_interval=float(o.get("keepalive_interval", 15)),
-            keepalive_count_max=int(o.get("keepalive_count_max", 3)),
+            connect_timeout=_number(o.get("connect_timeout"), float),
+            keepalive_interval=_number(o.get("keepalive_interval"), float),
+            keepalive_count_max=_number(o.get("keepalive_count_max"), int),
             use_ssh_config=bool(o.get("use_ssh_config", True)),
             ssh_config_file=o.get("ssh_config_file"),
             max_channels=int(o.get("max_channels", 10)),
@@ -116,6 +121,14 @@ class SSHSettings:
             passphrase_file=o.get("passphrase_file"),
             allowed_networks=tuple(o.get("allowed_networks", ())),
             blocked_networks=tuple(o.get("blocked_networks", ())),
+        )
+
+    def options_for(self, hop: fabric.Connection) -> HopOptions:
+        """How to connect to ``hop`` (the host, or a jump host) and keep the connection:
+        the host's fields, else what ssh_config says for the hop, else the defaults."""
+        return hop_options(
+            hop.ssh_config, hop.host, connect_timeout=self.connect_timeout, keepalive_interval=self.keepalive_interval,
+            keepalive_count_max=self.keepalive_count_max, host_key_checking=self.host_key_checking,
         )
 
     def known_hosts_files(self, ssh_config: Mapping[str, Any]) -> list[Path]:
@@ -130,6 +143,10 @@ class SSHSettings:
             if value.strip().lower() != "none":
                 files += [_local_path(with_environment(path)) for path in value.split()]
         return files
+
+
+def _number(value: Any, kind: type[float] | type[int]) -> Any:
+    return None if value is None else kind(value)
 
 
 def with_environment(text: str) -> str:
@@ -151,27 +168,26 @@ def _local_path(path: str) -> Path:
 
 
 def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric.Connection:
-    """A Fabric connection for the host, jump hosts included; nothing is opened yet. With
-    ``host_keys``, each hop is given the known_hosts keys to check its server's against."""
+    """A Fabric connection for the host, jump hosts included; nothing is opened yet. Each
+    hop gets its own options (see :meth:`SSHSettings.options_for`) and, with
+    ``host_keys``, the known_hosts keys to check its server's against."""
     config = _fabric_config(settings)
-    connect_kwargs: dict[str, Any] = {
-        "transport_factory": _transport_factory,
-        "banner_timeout": settings.connect_timeout,
-        "auth_timeout": settings.connect_timeout,
-    }
+    connect_kwargs: dict[str, Any] = {"transport_factory": _transport_factory}
     if settings.identity_files:
         connect_kwargs["key_filename"] = [str(_local_path(p)) for p in settings.identity_files]
         connect_kwargs["look_for_keys"] = False
-    connection = _reach(
-        JumpHop(settings.user, settings.hostname or settings.alias, settings.port), settings.jump_host,
-        config, settings.connect_timeout, connect_kwargs,
-    )
-    for hop in _chain(connection) if host_keys else ():
-        check_host_keys(
-            hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=settings.host_key_checking == "accept-new",
-            looked_up_as=hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias=hop.ssh_config.get("hostkeyalias"),
-            hash_names=str(hop.ssh_config.get("hashknownhosts", "no")).lower() == "yes",
-        )
+    connection = _reach(JumpHop(settings.user, settings.hostname or settings.alias, settings.port), settings.jump_host, config, connect_kwargs)
+    for hop in _chain(connection):
+        options = settings.options_for(hop)
+        # Fabric's own reading of ConnectTimeout (int()) is never used: it is always given one.
+        hop.connect_timeout = options.connect_timeout  # the SSH negotiation
+        hop.connect_kwargs.update(banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout)
+        if host_keys:
+            check_host_keys(
+                hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=options.host_key_checking == "accept-new",
+                looked_up_as=hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias=hop.ssh_config.get("hostkeyalias"),
+                hash_names=str(hop.ssh_config.get("hashknownhosts", "no")).lower() == "yes",
+            )
     return connection
 
 
@@ -180,13 +196,12 @@ _MAX_JUMP_DEPTH = 10
 
 
 def _reach(
-    hop: JumpHop, jump_hosts: str | None, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any],
-    *, carried: tuple[str, ...] = (),
+    hop: JumpHop, jump_hosts: str | None, config: fabric.Config, connect_kwargs: dict[str, Any], *, carried: tuple[str, ...] = ()
 ) -> fabric.Connection:
     """A connection to ``hop`` through ``jump_hosts``, or through what ssh_config says for it
     (ProxyJump, ProxyCommand) when that is None; nothing is opened yet. ``carried``: the
     hosts this one is the first jump host of, the nearest last."""
-    connection = _connection(hop, config, timeout, connect_kwargs, gateway=False)
+    connection = _connection(hop, config, connect_kwargs, gateway=False)
     from_ssh_config = jump_hosts is None
     if from_ssh_config:
         jump_hosts = connection.ssh_config.get("proxyjump")
@@ -210,22 +225,22 @@ def _reach(
     gateway: fabric.Connection | None = None
     for each in hops:
         if gateway is None:  # the first hop is reached as ssh reaches it, its own ProxyJump included
-            gateway = _reach(each, None, config, timeout, connect_kwargs, carried=(*carried, hop.host))
+            gateway = _reach(each, None, config, connect_kwargs, carried=(*carried, hop.host))
         else:
-            gateway = _connection(each, config, timeout, connect_kwargs, gateway=gateway)
+            gateway = _connection(each, config, connect_kwargs, gateway=gateway)
     connection.gateway = gateway if gateway is not None else False
     return connection
 
 
 def _connection(
-    hop: JumpHop, config: fabric.Config, timeout: float, connect_kwargs: dict[str, Any], *, gateway: fabric.Connection | bool
+    hop: JumpHop, config: fabric.Config, connect_kwargs: dict[str, Any], *, gateway: fabric.Connection | bool
 ) -> fabric.Connection:
     # Reading ssh_config for the host, paramiko and Fabric raise what they meet: ValueError
     # for `Port ssh`, KeyError for `CanonicalizeHostname yes` without CanonicalDomains, and
     # so on; and `Port 99999` would be tried.
     try:
         connection = fabric.Connection(
-            hop.host, user=hop.user, port=hop.port, config=config, gateway=gateway, connect_timeout=timeout,
+            hop.host, user=hop.user, port=hop.port, config=config, gateway=gateway, connect_timeout=CONNECT_TIMEOUT,
             connect_kwargs=dict(connect_kwargs),
             forward_agent=False,  # fleetrun opens its channels itself and forwards no agent
         )
@@ -258,7 +273,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             _keep_usable_identity_files(hop, settings)
             _use_identity_agent(hop, settings)
             if not hop.gateway:
-                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings)
+                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings, timeout=hop.connect_timeout)
             elif isinstance(hop.gateway, str) and (settings.allowed_networks or settings.blocked_networks):
                 raise TransportError(
                     "network",
@@ -272,7 +287,8 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
         except BaseException as exc:
             agent = getattr(hop.client, "_agent", None)
             error = connect_error(
-                exc, where, settings, agent=getattr(agent, "when_empty", None), known_hosts=known_hosts_of(hop.client)
+                exc, where, settings, settings.options_for(hop), agent=getattr(agent, "when_empty", None),
+                known_hosts=known_hosts_of(hop.client),
             )
             close_connection(connection)
             raise error from None
@@ -498,7 +514,7 @@ def _secrets(settings: SSHSettings) -> dict[str, str]:
     return {kind: value for kind, value in found.items() if value is not None}
 
 
-def _tcp_connect(hostname: str, port: int, settings: SSHSettings) -> socket.socket:
+def _tcp_connect(hostname: str, port: int, settings: SSHSettings, *, timeout: float) -> socket.socket:
     """Resolve once (IPv4 and IPv6), keep the addresses the network rules allow, connect to one of those."""
     resolved = socket.getaddrinfo(hostname, int(port), type=socket.SOCK_STREAM)
     allowed = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
@@ -518,7 +534,7 @@ def _tcp_connect(hostname: str, port: int, settings: SSHSettings) -> socket.sock
     error: OSError | None = None
     for family, kind, proto, address in permitted:
         sock = socket.socket(family, kind, proto)
-        sock.settimeout(settings.connect_timeout)
+        sock.settimeout(timeout)
         try:
             sock.connect(address)  # the checked address itself: no second lookup
         except OSError as exc:
@@ -588,17 +604,19 @@ def exit_signal(channel: paramiko.Channel) -> int | str | None:
 
 
 def connect_error(
-    exc: BaseException, where: str, settings: SSHSettings, *, agent: str | None = None, known_hosts: KnownHosts | None = None
+    exc: BaseException, where: str, settings: SSHSettings, options: HopOptions, *, agent: str | None = None,
+    known_hosts: KnownHosts | None = None,
 ) -> TransportError:
-    """Turn a connection failure into a categorised error that carries no secret; ``agent``
-    says, in words, what the ssh-agent had to offer when it offered nothing."""
+    """Turn a failure to connect to a hop (``options`` are its own) into a categorised
+    error that carries no secret; ``agent`` says, in words, what the ssh-agent had to offer
+    when it offered nothing."""
     if isinstance(exc, paramiko.BadHostKeyException):
         listed_in = known_hosts.listed_in.get((exc.expected_key.get_name(), exc.expected_key.get_base64())) if known_hosts else None
         return TransportError(
             "host_key",
             f"the host key of {where} has CHANGED: the server offered {exc.key.get_name()} {fingerprint(exc.key)}, "
             f"but {listed_in or 'known_hosts'} lists {exc.expected_key.get_name()} {fingerprint(exc.expected_key)}. "
-            f"The connection was refused. If the change is expected, remove the old entry "
+            f"The connection was refused{_even_so(options)}. If the change is expected, remove the old entry "
             f"(ssh-keygen -R HOST -f FILE) and add the new key",
         )
     if isinstance(exc, HostKeyRefused):
@@ -609,7 +627,13 @@ def connect_error(
         keys = ", ".join(settings.identity_files) or "default keys and agent"
         return TransportError("auth", f"authentication to {where} failed (tried: {keys}): {exc}")
     if _caused_by_timeout(exc):
-        return TransportError("timeout", f"connecting to {where} timed out after {settings.connect_timeout:g} s")
+        return TransportError("timeout", f"connecting to {where} timed out after {options.connect_timeout:g} s")
+    if isinstance(exc, paramiko.SSHException) and str(exc) == "No existing session":
+        # paramiko stops waiting for the SSH handshake at the timeout without a word (the
+        # server sent no banner, or no key exchange); the next step then finds no session.
+        return TransportError(
+            "timeout", f"connecting to {where} timed out after {options.connect_timeout:g} s: the SSH handshake did not finish"
+        )
     if isinstance(exc, socket.gaierror):
         return TransportError("unreachable", f"cannot resolve {where}: {exc.strerror}")
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
@@ -635,6 +659,14 @@ def connect_error(
             return TransportError("unreachable", f"{where} did not answer as an SSH server: {text}")
         return TransportError("unreachable", f"SSH negotiation with {where} failed: {text}")
     return TransportError("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+
+
+def _even_so(options: HopOptions) -> str:
+    written = options.host_key_checking_written
+    if written is None or written.lower() not in ("no", "off", "false"):
+        return ""
+    # ssh, told `no`, would go on with a changed key (without passwords): fleetrun never does.
+    return f" (ssh_config's StrictHostKeyChecking {written} does not let a changed key through)"
 
 
 def _what_could_be_offered(settings: SSHSettings, agent: str | None) -> str:
@@ -668,7 +700,7 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
         "address": address(connection),
         "jump_hosts": hops or None,
         "known_hosts": [str(path) for path in settings.known_hosts_files(connection.ssh_config)],
-        "host_key_checking": settings.host_key_checking,
+        "host_key_checking": settings.options_for(connection).host_key_checking_in_words(),
         "identity_files": list(settings.identity_files) or None,
         "secrets_from": [
             f"{what} from {where}"

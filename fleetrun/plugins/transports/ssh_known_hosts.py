@@ -205,12 +205,9 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
                 f"the host key of {host} ({seen}) is marked @revoked in {self.known.looked_in()}: it is never accepted"
             )
         if not self.accept_new or not self.known.files:
-            record = "" if self.known.files else " (no known_hosts file to record it in: UserKnownHostsFile is none)"
             raise HostKeyRefused(
                 f"the host key of {host} is unknown: the server offered {seen}, which is not in "
-                f"{self.known.looked_in()}{self._what_else_the_files_hold()}. Check it and add it to "
-                f"{self.known.files[0] if self.known.files else 'a known_hosts file'} (for example with ssh-keyscan), "
-                f"or set 'host_key_checking: accept-new' for this host to record it on first use{record}"
+                f"{self.known.looked_in()}{self._what_else_the_files_hold()}. {self._what_to_do()}"
             )
         path = self.known.files[0]
         with self._write_lock:
@@ -220,7 +217,27 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
                 name = self.alias or hostname
                 out.write(f"{_hashed(name) if self.hash_names else name} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("recorded the new host key of %s (%s) in %s", host, seen, path)
+        if path.is_file():
+            log.warning("recorded the new host key of %s (%s) in %s", host, seen, path)
+        else:  # UserKnownHostsFile /dev/null, as `vagrant ssh-config` writes it: accepted every time
+            log.warning("accepted the unknown host key of %s (%s); %s is not a file, so it is not recorded", host, seen, path)
+
+    def _what_to_do(self) -> str:
+        first = self.known.files[0] if self.known.files else None
+        if first is None:
+            return (
+                "Check it and add it to a known_hosts file named with the host's known_hosts field "
+                "(ssh_config's UserKnownHostsFile and GlobalKnownHostsFile are none)"
+            )
+        if first.exists() and not first.is_file():
+            return (
+                f"Check it and add it to a known_hosts file named with the host's known_hosts field ({first} is not a file), "
+                "or set 'host_key_checking: accept-new' for this host to accept it unrecorded"
+            )
+        return (
+            f"Check it and add it to {first} (for example with ssh-keyscan), "
+            "or set 'host_key_checking: accept-new' for this host to record it on first use"
+        )
 
     def _what_else_the_files_hold(self) -> str:
         notes = []
