@@ -14,7 +14,7 @@ hosts. fleetrun then takes over the parts Fabric leaves loose:
   changed ones); Fabric's default accepts any key (see :mod:`.ssh_known_hosts`);
 * each hop's timeouts and keepalives come from the host's fields, else from ssh_config
   (see :mod:`.ssh_options`); Fabric's ``int()`` made a ``connect_timeout`` of 0.5 s no
-  handshake limit at all, and read ``ConnectTimeout 5s`` as a traceback;
+  handshake limit at all;
 * keys come from the ssh-agent ``IdentityAgent`` names, and only the identity files'
   ones when those are named (paramiko asks ``$SSH_AUTH_SOCK``'s agent for every key);
 * a connection is closed whole, jump hosts included, also when connecting failed;
