@@ -156,9 +156,121 @@ def test_known_hosts_lines_paramiko_cannot_read_are_skipped_as_ssh_skips_them(ma
     task = executor.run(TaskRequest(host="web", command="true"))
     assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key")
     assert (
-        f"which is not in {known} (fleetrun does not check host certificates, so @cert-authority lines vouch for no key; "
+        f"which is not in {known} (the server presented no certificate for the @cert-authority lines to vouch for; "
         f"lines it could not read were skipped: {known}:2, {known}:3, {known}:4). Check it"
     ) in task.error
+
+
+def test_host_certificates_are_checked_as_ssh_checks_them(make_executor, sshd_fleet, tmp_path, caplog):
+    from sshd import generate_key
+
+    server = sshd_fleet.start()
+    authority = generate_key(tmp_path / "host_ca")
+    stranger = generate_key(tmp_path / "other_ca")
+    other_key = Path(f"{generate_key(tmp_path / 'other_host_key')}.pub").read_text().split()
+    line = lambda marker, names, key: f"{marker} {names} {' '.join(Path(f'{key}.pub').read_text().split()[:2])}\n"  # noqa: E731
+    trusted = line("@cert-authority", "*", authority)
+    plain = server.known_hosts_line
+    named = f"[{server.address}]:{server.port}"
+    key = f"ssh-ed25519 {server.host_key_fingerprint}"
+    refused = f"the host key of {named} is unknown: the server offered {key}, which is not in {tmp_path / 'known_hosts'} (its certificate is not accepted: "
+    cases = [  # how the host key is signed, what known_hosts says, and what comes of it
+        (["-n", server.address], trusted, None),
+        ([], trusted, None),  # no principals: valid for every host
+        (["-n", server.address], line("@cert-authority", server.address, authority), None),  # the name without the port
+        (["-n", server.address], line("@cert-authority", named, authority), None),
+        (["-n", server.address], line("@cert-authority", "*.example.test", authority), "unknown"),
+        (["-n", server.address], trusted + f"{named} {other_key[0]} {other_key[1]}\n", None),  # the certificate wins
+        (["-n", "127.0.0.*"], trusted, f"{refused}{server.address} is not one of its principals (127.0.0.*))"),
+        (["-n", "10.0.0.1"], trusted, f"{refused}{server.address} is not one of its principals (10.0.0.1))"),
+        (["-n", "10.0.0.1"], trusted + plain, None),  # a certificate not accepted: the key itself is checked
+        (["-n", server.address, "-V", "20200101:20200102"], trusted, f"{refused}it has expired)"),
+        (["-n", server.address, "-V", "+1d:+2d"], trusted, f"{refused}it is not valid yet)"),
+        (["-n", server.address], line("@cert-authority", "*", stranger), f"{refused}no @cert-authority line for the host lists the authority that signed it)"),
+        (["-n", server.address], trusted + line("@revoked", "*", authority), "unknown"),
+        (["-n", server.address], trusted + line("@revoked", "*", Path(str(server.host_key))), "@revoked"),
+    ]
+    known = tmp_path / "known_hosts"
+    hosts_yaml = hosts_file_text({"web": ssh_host(sshd_fleet, server, known)})
+    for signing, listed, expected in cases:
+        subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-h", "-I", "web", *signing, f"{server.host_key}.pub"], check=True)
+        server.stop()
+        server.extra_config = f"HostCertificate {server.host_key}-cert.pub"
+        server.start()
+        known.write_text(listed)
+        task = make_executor(hosts_yaml=hosts_yaml).run(TaskRequest(host="web", command="echo in"))
+        by_ssh = subprocess.run(
+            ["ssh", "-F", "none", "-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=none", "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=yes", "-i", str(sshd_fleet.client_key), "-p", str(server.port),
+             f"{sshd_fleet.user}@{server.address}", "echo in"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        case = (signing, listed)
+        assert (by_ssh.returncode == 0) == (expected is None), (case, by_ssh.stderr)  # ssh itself decides alike
+        if expected is None:
+            assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None), case
+            continue
+        assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key"), (case, task.error)
+        assert task.error.startswith(expected) if expected.startswith("the host") else expected in task.error, (case, task.error)
+        assert known.read_text() == listed
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("host_key_type", "authority_type", "signature", "accepted"),
+    [("rsa", "rsa", None, True), ("ecdsa", "rsa", "rsa-sha2-256", True), ("rsa", "ecdsa", None, True), ("ed25519", "rsa", "ssh-rsa", False)],
+)
+def test_host_certificates_of_each_key_type(make_executor, sshd_fleet, tmp_path, host_key_type, authority_type, signature, accepted):
+    from sshd import generate_key
+
+    authority = generate_key(tmp_path / "host_ca", authority_type)
+    server = sshd_fleet.start()
+    server.stop()
+    server.host_key = generate_key(tmp_path / "host_key", host_key_type)
+    signing = ["-t", signature] if signature else []  # the algorithm an RSA authority signs with
+    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), *signing, "-h", "-I", "web", "-n", server.address, f"{server.host_key}.pub"], check=True)
+    server.extra_config = f"HostCertificate {server.host_key}-cert.pub"
+    server.start()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority * {' '.join(Path(f'{authority}.pub').read_text().split()[:2])}\n")
+    task = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known)})).run(TaskRequest(host="web", command="true"))
+    server.stop()
+    if accepted:
+        assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
+    else:  # ssh: "Certificate signed with disallowed algorithm" (SHA-1)
+        assert "its certificate is not accepted: its authority signed it with 'ssh-rsa', which ssh does not accept" in task.error
+
+
+def test_a_host_certificate_is_read_strictly(tmp_path):
+    import base64
+
+    import paramiko
+
+    from fleetrun.plugins.transports.ssh_host_certificates import certificate_problem, parse_certificate
+    from sshd import generate_key
+
+    authority, host_key = generate_key(tmp_path / "ca"), generate_key(tmp_path / "host_key")
+    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-h", "-I", "web", "-n", "a,b", "-z", "7", f"{host_key}.pub"], check=True)
+    blob = base64.b64decode(Path(f"{host_key}-cert.pub").read_text().split()[1])
+    certificate = parse_certificate(blob)
+    assert (certificate.kind, certificate.serial, certificate.key_id, certificate.principals) == (2, 7, "web", ("a", "b"))
+    assert (certificate.signature_algorithm, certificate.critical_options) == ("ssh-ed25519", ())
+    trusted = (paramiko.Ed25519Key(data=base64.b64decode(Path(f"{authority}.pub").read_text().split()[1])),)
+    presented = paramiko.Ed25519Key(msg=paramiko.Message(blob))
+    assert [certificate_problem(presented, trusted, (name,)) for name in ("b", "c")] == [None, "c is not one of its principals (a, b)"]
+
+    signature_at = len(certificate.signed)
+    too_long = bytearray(blob)
+    too_long[signature_at] = 0x80  # the signature's length, past the end: paramiko's reader takes "the rest"
+    for broken, problem in [
+        (bytes(too_long), "the certificate cannot be read: it is cut short"),
+        (blob[:-1], "the certificate cannot be read: it is cut short"),
+        (blob + b"\0", "the certificate cannot be read: it has bytes after its signature"),
+        (blob[:signature_at] + blob[signature_at:].replace(b"ssh-ed25519", b"ssh-ed2551\xff"), "the certificate cannot be read: a name in it is not UTF-8"),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            parse_certificate(broken)
+        assert str(raised.value) == problem
 
 
 def test_known_hosts_names_match_as_in_ssh_hashed_by_pattern_or_negated(make_executor, sshd_fleet, shared_sshd, tmp_path):

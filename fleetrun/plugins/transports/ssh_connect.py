@@ -50,6 +50,7 @@ from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config
+from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithms
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
 from fleetrun.plugins.transports.ssh_options import CONNECT_TIMEOUT, HopOptions, hop_options
@@ -183,11 +184,14 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
         hop.connect_timeout = options.connect_timeout  # the SSH negotiation
         hop.connect_kwargs.update(banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout)
         if host_keys:
-            check_host_keys(
+            known = check_host_keys(
                 hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=options.host_key_checking == "accept-new",
                 looked_up_as=hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias=hop.ssh_config.get("hostkeyalias"),
                 hash_names=str(hop.ssh_config.get("hashknownhosts", "no")).lower() == "yes",
             )
+            if known.authorities:
+                listed = {key.get_name() for key in known.keys}
+                hop.connect_kwargs["transport_factory"] = functools.partial(_transport_factory, certificates_for=listed)
     return connection
 
 
@@ -564,11 +568,16 @@ def _close_inherited_sockets() -> None:
 os.register_at_fork(after_in_child=_close_inherited_sockets)
 
 
-def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
+def _transport_factory(sock: Any, *, certificates_for: set[str] | None = None, **kwargs: Any) -> paramiko.Transport:
+    """paramiko's transport, tuned; ``certificates_for``: the host has a certificate
+    authority, and these are the names of the keys listed for it (see
+    :func:`host_key_algorithms`)."""
     transport = paramiko.Transport(
         sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
     )
     options = transport.get_security_options()
+    if certificates_for is not None:
+        options.key_types = host_key_algorithms(tuple(options.key_types), certificates_for)
     preferred = [c for c in options.ciphers if "gcm" in c]
     options.ciphers = tuple(preferred + [c for c in options.ciphers if c not in preferred])
     # paramiko ignores exit-signal; this table is per class, so copy it for this transport.

@@ -7,9 +7,10 @@ a user whose known_hosts trusts an SSH certificate authority failed. It also dec
 every key and compares each with all before it: 11.5 s per connection for a file of
 10,000 lines. Here, as in ssh, only the lines whose names match the host are decoded
 (patterns with ``*`` and ``?``, ``!`` to negate, hashed names), and each stands alone: a
-line that cannot be read is skipped, as ssh skips it; a ``@cert-authority`` line is
-skipped too (fleetrun does not check host certificates); and a key marked ``@revoked``
-is refused for every host, even one that lists it, even under ``accept-new``.
+line that cannot be read is skipped, as ssh skips it; a ``@cert-authority`` line names an
+authority whose host certificates are accepted for the host (checked in
+:mod:`.ssh_host_certificates`); and a key marked ``@revoked`` is refused for every host,
+even one that lists it, even under ``accept-new``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import paramiko
 from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from fleetrun.core.transport import TransportError
+from fleetrun.plugins.transports.ssh_host_certificates import certificate_problem, is_certificate
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -51,7 +53,7 @@ class KnownHosts:
     files: tuple[Path, ...]  # a new key is recorded in the first
     keys: tuple[paramiko.PKey, ...] = ()  # listed for the host, and not revoked
     revoked: frozenset[tuple[str, str]] = frozenset()  # (key type, base64)
-    authorities: int = 0  # @cert-authority lines, skipped
+    authorities: tuple[paramiko.PKey, ...] = ()  # of @cert-authority lines for the host, and not revoked
     skipped_lines: tuple[str, ...] = ()  # FILE:LINE that could not be read, or hold a key paramiko cannot use
     listed_in: Mapping[tuple[str, str], Path] = field(default_factory=dict)  # the file each listed key came from
 
@@ -66,8 +68,9 @@ class KnownHosts:
 def check_host_keys(
     client: paramiko.SSHClient, files: list[Path], *, looked_up_as: str, accept_new: bool, alias: str | None = None,
     hash_names: bool = False,
-) -> None:
-    """Give ``client`` the keys ``files`` list for the host and set what happens to another.
+) -> KnownHosts:
+    """Give ``client`` the keys ``files`` list for the host and set what happens to another;
+    return what the files say about the host.
 
     ``looked_up_as`` is the name paramiko looks the key up by (``host``, or ``[host]:port``
     on another port than 22). ``alias`` is ssh_config's ``HostKeyAlias``: as in ssh, the
@@ -75,13 +78,18 @@ def check_host_keys(
     ``hash_names`` (ssh_config's ``HashKnownHosts``): a new key's line names its host by
     a hash, as ssh writes it, so that the file does not list the hosts one reaches."""
     known = _load(files, (alias or looked_up_as).lower())
-    host_keys = client.get_host_keys()
-    for key in known.keys:
-        host_keys._entries.append(HostKeyEntry([looked_up_as], key))  # noqa: SLF001
+    if not known.authorities:
+        host_keys = client.get_host_keys()
+        for key in known.keys:
+            host_keys._entries.append(HostKeyEntry([looked_up_as], key))  # noqa: SLF001
+    # else paramiko is given no key: it would compare a certificate's key with the listed
+    # ones and call a host whose key changed but whose certificate is valid changed. The
+    # policy decides, as ssh does: a valid certificate first, then the listed keys.
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
     client.set_missing_host_key_policy(_KnownHostsPolicy(known, accept_new=accept_new, alias=alias, hash_names=hash_names))
+    return known
 
 
 def known_hosts_of(client: paramiko.SSHClient) -> KnownHosts | None:
@@ -94,7 +102,7 @@ def _load(files: list[Path], name: str) -> KnownHosts:
     """The lines of ``files`` for the host ``name``, and every ``@revoked`` key."""
     keys: list[paramiko.PKey] = []
     revoked: set[tuple[str, str]] = set()
-    authorities = 0
+    authorities: list[paramiko.PKey] = []
     skipped: list[str] = []
     listed_in: dict[tuple[str, str], Path] = {}
     for path in files:
@@ -112,7 +120,9 @@ def _load(files: list[Path], name: str) -> KnownHosts:
             if len(fields) < 3 or marker not in (None, "@revoked", "@cert-authority"):
                 skipped.append(f"{path}:{number}")
                 continue
-            if marker != "@revoked" and not _names_match(fields[0], name):
+            # An authority's line may name the host without its port, as ssh finds it.
+            names = (name, _without_port(name)) if marker == "@cert-authority" else (name,)
+            if marker != "@revoked" and not any(_names_match(fields[0], each) for each in names):
                 continue
             key = _key(fields)
             if key is None:
@@ -120,14 +130,20 @@ def _load(files: list[Path], name: str) -> KnownHosts:
             elif marker == "@revoked":
                 revoked.add(_identity(key))
             elif marker == "@cert-authority":
-                authorities += 1
+                authorities.append(key)
             else:
                 keys.append(key)
                 listed_in.setdefault(_identity(key), path)
     if skipped:
         log.debug("known_hosts lines skipped (unreadable, or a key type paramiko cannot use): %s", ", ".join(skipped))
     usable = tuple(key for key in keys if _identity(key) not in revoked)  # a revoked one goes to the policy, which refuses it
-    return KnownHosts(tuple(files), usable, frozenset(revoked), authorities, tuple(skipped), listed_in)
+    trusted = tuple(key for key in authorities if _identity(key) not in revoked)
+    return KnownHosts(tuple(files), usable, frozenset(revoked), trusted, tuple(skipped), listed_in)
+
+
+def _without_port(name: str) -> str:
+    found = re.fullmatch(r"\[(.*)\]:[0-9]+", name)
+    return found.group(1) if found else name
 
 
 def _names_match(patterns: str, name: str) -> bool:
@@ -204,10 +220,23 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
             raise HostKeyRefused(
                 f"the host key of {host} ({seen}) is marked @revoked in {self.known.looked_in()}: it is never accepted"
             )
+        certificate = None
+        if is_certificate(key):
+            problem = certificate_problem(key, self.known.authorities, (self.alias or _without_port(hostname),))
+            if problem is None:
+                log.debug("the host certificate of %s (%s) is signed by a listed authority", host, seen)
+                return
+            certificate = f"its certificate is not accepted: {problem}"
+            log.info("the host certificate of %s (%s) is not accepted (%s): checking the key itself", host, seen, problem)
+        if self.known.authorities:  # paramiko was given no key to compare (see check_host_keys)
+            if _identity(key) in {_identity(listed) for listed in self.known.keys}:
+                return
+            if self.known.keys:
+                raise paramiko.BadHostKeyException(hostname, key, self.known.keys[0])
         if not self.accept_new or not self.known.files:
             raise HostKeyRefused(
                 f"the host key of {host} is unknown: the server offered {seen}, which is not in "
-                f"{self.known.looked_in()}{self._what_else_the_files_hold()}. {self._what_to_do()}"
+                f"{self.known.looked_in()}{self._what_else_the_files_hold(certificate)}. {self._what_to_do()}"
             )
         path = self.known.files[0]
         with self._write_lock:
@@ -239,10 +268,10 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
             "or set 'host_key_checking: accept-new' for this host to record it on first use"
         )
 
-    def _what_else_the_files_hold(self) -> str:
-        notes = []
-        if self.known.authorities:
-            notes.append("fleetrun does not check host certificates, so @cert-authority lines vouch for no key")
+    def _what_else_the_files_hold(self, certificate: str | None) -> str:
+        notes = [certificate] if certificate else []
+        if self.known.authorities and not certificate:
+            notes.append("the server presented no certificate for the @cert-authority lines to vouch for")
         if self.known.skipped_lines:
             lines = ", ".join(self.known.skipped_lines[:5]) + (", …" if len(self.known.skipped_lines) > 5 else "")
             notes.append(f"lines it could not read were skipped: {lines}")
