@@ -379,6 +379,64 @@ def test_a_user_certificate_beside_the_identity_file_logs_in_where_only_its_auth
     assert "ID fleetrun-test-cert" in server.log.read_text()
 
 
+def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifies(make_executor, sshd_fleet, tmp_path, monkeypatch):
+    from sshd import generate_key
+
+    authority = generate_key(tmp_path / "user_ca")
+    Path(f"{authority}.pub").chmod(0o644)
+    plain = generate_key(tmp_path / "id_plain")
+    locked = tmp_path / "id_locked"  # encrypted: its passphrase comes from passphrase_env
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "pass-phrase", "-f", str(locked)], check=True)
+    signed = tmp_path / "vault"
+    signed.mkdir()
+    for key, name in ((plain, "plain-cert.pub"), (locked, "locked-cert.pub")):
+        # As Vault or a CA's tooling leave it: not KEY-cert.pub beside the key.
+        subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", name, "-n", sshd_fleet.user, f"{key}.pub"], check=True)
+        Path(f"{key}-cert.pub").rename(signed / name)
+    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host *\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n  UserKnownHostsFile {known}\n"
+        "  IdentitiesOnly yes\nHost missing\n  CertificateFile ${CERTS}/no-such-cert.pub\n"
+        f"Host *\n  IdentityFile {plain}\n  CertificateFile ${{CERTS}}/plain-cert.pub\n"
+    )
+    monkeypatch.setenv("CERTS", str(signed))
+    monkeypatch.setenv("LOCKED_PASSPHRASE", "pass-phrase")
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    via_config = {"transport": "ssh", "ssh_config_file": str(config)}
+    own = {**via_config, "identity_files": [str(plain), str(locked)], "passphrase_env": "LOCKED_PASSPHRASE"}
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "web": via_config,
+        "missing": via_config,  # ssh_config's CertificateFile does not exist: skipped, as ssh skips it
+        "locked": {**own, "certificate_files": [str(signed / "locked-cert.pub")]},
+        "gone": {**own, "certificate_files": [str(signed / "gone-cert.pub")]},
+        "stranger": {**via_config, "identity_files": [str(plain)], "certificate_files": [str(signed / "locked-cert.pub")]},
+        "not-one": {**own, "certificate_files": [f"{plain}.pub"]},
+    }))
+    # Before: "authentication ... failed": paramiko sends only KEY-cert.pub.
+    for name, certificate in (("web", "plain-cert.pub"), ("locked", "locked-cert.pub")):
+        task = executor.run(TaskRequest(host=name, command="whoami"))
+        assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
+        assert f"ID {certificate}" in server.log.read_text()
+    by_ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "web", "true"], capture_output=True, text=True, timeout=30)
+    assert by_ssh.returncode == 0, by_ssh.stderr
+    # ssh would go on to the next CertificateFile; paramiko keeps the first that applies.
+    missing = executor.run(TaskRequest(host="missing", command="true"))
+    assert (missing.status, missing.error_category) == (TaskStatus.FAILED, "auth")
+    assert missing.error.startswith(f"authentication to {sshd_fleet.user}@{server.address}:{server.port} failed"), missing.error
+
+    where = f"{sshd_fleet.user}@{server.address}:{server.port}"
+    for name, problem in [
+        ("gone", f"certificate file {signed / 'gone-cert.pub'} does not exist"),
+        ("stranger", f"certificate file {signed / 'locked-cert.pub'} certifies a key that none of the identity files holds ({plain})"),
+        ("not-one", f"certificate file {plain}.pub is not an OpenSSH certificate (not a certificate type fleetrun can check: 'ssh-ed25519')"),
+    ]:
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "auth", f"cannot log in to {where}: {problem}")
+    server.stop()
+
+
 def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)

@@ -169,6 +169,12 @@ class SSHTransport(Transport):
             "the only keys to offer, from these files or ssh-agent (default: ~/.ssh/config, every agent key, ~/.ssh/id_*)",
             validate=_home_problem,
         ),
+        "certificate_files": HostField(
+            "string-list",
+            "certificates (ssh-keygen -s) to log in with, each with the identity file whose key it certifies (default: "
+            "~/.ssh/config's CertificateFile; a certificate beside its key, KEY-cert.pub, is always sent)",
+            validate=_home_problem,
+        ),
         "known_hosts": HostField(
             "string",
             "the only known_hosts file host keys are checked against (default: those ssh reads: UserKnownHostsFile "

@@ -27,15 +27,12 @@ Everything here blocks; the transport calls it from worker threads.
 
 from __future__ import annotations
 
-import base64
 import errno
 import functools
 import ipaddress
 import logging
 import os
-import re
 import socket
-import stat
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +46,14 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
-from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config
+from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config, with_environment
 from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithms
+from fleetrun.plugins.transports.ssh_identities import (
+    keep_usable_identity_files,
+    local_path,
+    use_certificate_files,
+    use_identity_agent,
+)
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
 from fleetrun.plugins.transports.ssh_options import CONNECT_TIMEOUT, HopOptions, hop_options
@@ -96,6 +99,7 @@ class SSHSettings:
     passphrase_file: str | None = None
     allowed_networks: tuple[str, ...] = ()
     blocked_networks: tuple[str, ...] = ()
+    certificate_files: tuple[str, ...] = ()
 
     @classmethod
     def from_host(cls, host: Host) -> SSHSettings:
@@ -122,6 +126,7 @@ class SSHSettings:
             passphrase_file=o.get("passphrase_file"),
             allowed_networks=tuple(o.get("allowed_networks", ())),
             blocked_networks=tuple(o.get("blocked_networks", ())),
+            certificate_files=tuple(o.get("certificate_files", ())),
         )
 
     def options_for(self, hop: fabric.Connection) -> HopOptions:
@@ -137,32 +142,17 @@ class SSHSettings:
         first: the host's ``known_hosts`` alone when it sets one; else, as ssh reads them,
         ssh_config's ``UserKnownHostsFile`` then ``GlobalKnownHostsFile``, or their defaults."""
         if self.known_hosts is not None:
-            return [_local_path(self.known_hosts)]
+            return [local_path(self.known_hosts)]
         files = []
         for keyword, default in (("userknownhostsfile", USER_KNOWN_HOSTS), ("globalknownhostsfile", GLOBAL_KNOWN_HOSTS)):
             value = str(ssh_config.get(keyword, default))
             if value.strip().lower() != "none":
-                files += [_local_path(with_environment(path)) for path in value.split()]
+                files += [local_path(with_environment(path)) for path in value.split()]
         return files
 
 
 def _number(value: Any, kind: type[float] | type[int]) -> Any:
     return None if value is None else kind(value)
-
-
-def with_environment(text: str) -> str:
-    """``text`` with each ``${NAME}`` replaced by that environment variable, as ssh expands
-    the paths of ssh_config (one that is not set is left as written)."""
-    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), text)
-
-
-def _local_path(path: str) -> Path:
-    """A path of the hosts file (``~`` and ``~user`` expanded). The inventory refuses one
-    that cannot be expanded; hosts built in Python are not read through it."""
-    try:
-        return expand_home(path)
-    except HomeDirectoryError as exc:
-        raise TransportError("config", str(exc)) from None
 
 
 # -- connecting ------------------------------------------------------------------------
@@ -175,7 +165,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
     config = _fabric_config(settings)
     connect_kwargs: dict[str, Any] = {"transport_factory": _transport_factory}
     if settings.identity_files:
-        connect_kwargs["key_filename"] = [str(_local_path(p)) for p in settings.identity_files]
+        connect_kwargs["key_filename"] = [str(local_path(p)) for p in settings.identity_files]
         connect_kwargs["look_for_keys"] = False
     connection = _reach(JumpHop(settings.user, settings.hostname or settings.alias, settings.port), settings.jump_host, config, connect_kwargs)
     for hop in _chain(connection):
@@ -274,8 +264,9 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
         where = address(hop)
         try:
             hop.connect_kwargs.update(secrets)
-            _keep_usable_identity_files(hop, settings)
-            _use_identity_agent(hop, settings)
+            keep_usable_identity_files(hop, settings.identity_files, where)
+            use_identity_agent(hop, settings.identity_files)
+            use_certificate_files(hop, settings.certificate_files, where, secrets.get("passphrase"))
             if not hop.gateway:
                 hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings, timeout=hop.connect_timeout)
             elif isinstance(hop.gateway, str) and (settings.allowed_networks or settings.blocked_networks):
@@ -308,147 +299,6 @@ def close_connection(connection: fabric.Connection) -> None:
     for hop in _chain(connection):
         hop.close()
         hop.client.close()  # paramiko's, which Fabric leaves open when connecting failed
-
-
-def _keep_usable_identity_files(hop: fabric.Connection, settings: SSHSettings) -> None:
-    """Refuse an identity file of the hosts file that cannot be used, saying why; drop one of
-    ssh_config's that does not exist, as ssh does. paramiko would fail the connection with
-    a bare "No such file or directory", or offer a private key that anyone may read."""
-    as_written = {str(_local_path(p)): p for p in settings.identity_files}
-    kept = []
-    for path in hop.connect_kwargs.get("key_filename") or []:
-        written = as_written.get(str(Path(path)))
-        if written is None:  # ssh_config's, where ssh expands ${NAME} (paramiko only ~ and %d)
-            path = with_environment(path)
-        problem = _identity_file_problem(written or path)
-        if problem is None:
-            kept.append(path)
-        elif written is not None:
-            raise TransportError("auth", f"cannot log in to {address(hop)}: {problem}")
-        else:
-            log.debug("skipping ssh_config's %s", problem)
-    if "key_filename" in hop.connect_kwargs:
-        hop.connect_kwargs["key_filename"] = kept
-
-
-def _identity_file_problem(path: str) -> str | None:
-    """Why the identity file at ``path`` cannot be offered, or None."""
-    try:
-        expanded = _local_path(path)
-        info = expanded.stat()
-    except TransportError as exc:
-        return str(exc)
-    except FileNotFoundError:
-        hint = " (environment variables are not expanded in it; write ~ for the home directory)" if "$" in path else ""
-        return f"identity file {path} does not exist{hint}"
-    except OSError as exc:
-        return f"identity file {path}: {exc.strerror}"
-    if not stat.S_ISREG(info.st_mode):
-        return f"identity file {path} is not a file"
-    if info.st_uid == os.geteuid() and info.st_mode & 0o077 and _holds_a_private_key(expanded):
-        return f"identity file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); chmod 600 it, as ssh requires"
-    return None
-
-
-def _holds_a_private_key(path: Path) -> bool:
-    try:
-        with path.open("rb") as key:
-            return b"PRIVATE KEY" in key.read(64)
-    except OSError:
-        return False
-
-
-def _use_identity_agent(hop: fabric.Connection, settings: SSHSettings) -> None:
-    """Offer the keys of the ssh-agent ssh would use for the hop (``IdentityAgent`` in
-    ssh_config, else ``$SSH_AUTH_SOCK``); paramiko knows only ``$SSH_AUTH_SOCK``.
-
-    With identity files named (the host's ``identity_files``, or ``IdentitiesOnly yes`` in
-    ssh_config), offer those keys only, as OpenSSH does under IdentitiesOnly: of the agent's
-    keys, the ones that are those files' (an encrypted file's key unlocked in the agent),
-    and no other. Without, every agent key is offered, as paramiko does; a server that
-    allows few attempts (MaxAuthTries) may refuse the connection before the right key."""
-    identities_only = str(hop.ssh_config.get("identitiesonly", "no")).lower() == "yes"
-    only = hop.connect_kwargs.get("key_filename") or [] if settings.identity_files or identities_only else None
-    # paramiko 5.1 takes the agent's keys from the client's _agent (get_keys(), close()).
-    hop.client._agent = _IdentityAgent(*_agent_socket(hop), only=only)  # noqa: SLF001
-
-
-def _agent_socket(hop: fabric.Connection) -> tuple[str | None, str]:
-    """The agent's socket for the hop, or None; and, in words, what an empty agent is."""
-    value = hop.ssh_config.get("identityagent")
-    if value is None or value == "SSH_AUTH_SOCK":
-        socket_path = os.environ.get("SSH_AUTH_SOCK")
-        return (socket_path, "none in ssh-agent") if socket_path else (None, "no ssh-agent (SSH_AUTH_SOCK is not set)")
-    if value.lower() == "none":
-        return None, "no ssh-agent (IdentityAgent none)"
-    if value.startswith("$") and not value.startswith("${"):  # ssh's older form: a variable holding the path
-        name = value[1:]
-        socket_path = os.environ.get(name)
-        return (socket_path, f"none in the ssh-agent at ${name}") if socket_path else (None, f"no ssh-agent (IdentityAgent: ${name} is not set)")
-    return str(_local_path(with_environment(value))), f"none in the ssh-agent at {value}"
-
-
-class _IdentityAgent(paramiko.agent.AgentSSH):
-    """An ssh-agent's keys (those of the identity files ``only``, when given)."""
-
-    def __init__(self, socket_path: str | None, when_empty: str, *, only: list[str] | None) -> None:
-        super().__init__()
-        self.when_empty = when_empty
-        wanted = None if only is None else set().union(*(_public_key_blobs(path) for path in only))
-        if socket_path is None or wanted == set():
-            return
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.connect(socket_path)
-            self._connect(connection)
-        except (OSError, paramiko.SSHException) as exc:
-            connection.close()
-            self._conn, self._keys = None, ()
-            self.when_empty = f"no ssh-agent answering at {socket_path}"
-            log.debug("ssh-agent at %s not usable: %s", socket_path, exc)
-            return
-        if wanted is not None:
-            self._keys = tuple(key for key in self._keys if key.blob in wanted)
-
-    def close(self) -> None:
-        self._close()
-
-
-_OPENSSH_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----"
-_OPENSSH_KEY_MAGIC = b"openssh-key-v1\0"
-
-
-def _public_key_blobs(path: str) -> set[bytes]:
-    """The public key of an identity file, found without its passphrase: from ``PATH.pub``,
-    from PATH itself when it is a public key (its private half then lives in the agent), or
-    from the clear header of an OpenSSH-format private key."""
-    path_ = _local_path(path)
-    blobs = set()
-    for candidate in (path_, path_.with_name(path_.name + ".pub")):
-        try:
-            text = candidate.read_text(encoding="ascii").strip()
-        except (OSError, ValueError):
-            continue
-        blob = _public_key_blob(text)
-        if blob:
-            blobs.add(blob)
-    return blobs
-
-
-def _public_key_blob(text: str) -> bytes | None:
-    try:
-        if text.startswith(_OPENSSH_PRIVATE_KEY):
-            data = base64.b64decode("".join(text.splitlines()[1:-1]))
-            if not data.startswith(_OPENSSH_KEY_MAGIC):
-                return None
-            header = paramiko.Message(data[len(_OPENSSH_KEY_MAGIC) :])
-            for _ in range(3):  # cipher name, KDF name, KDF options
-                header.get_binary()
-            return header.get_binary() if header.get_int() >= 1 else None
-        words = text.split()
-        return base64.b64decode(words[1], validate=True) if len(words) >= 2 and not text.startswith("-----") else None
-    except (ValueError, IndexError, paramiko.SSHException):
-        return None
 
 
 def address(connection: fabric.Connection) -> str:
@@ -489,7 +339,7 @@ def _fabric_config(settings: SSHSettings) -> fabric.Config:
     except HomeDirectoryError:  # no home directory: no user file, as ssh would read none
         user_directory = None
     if settings.ssh_config_file:
-        path = _local_path(settings.ssh_config_file)
+        path = local_path(settings.ssh_config_file)
         if not path.is_file():
             raise TransportError("config", f"ssh_config_file {str(path)!r} does not exist")
         files, where = [ConfigFile(path, user_directory or system.parent)], str(path)  # as `ssh -F`: not guarded

@@ -1,4 +1,4 @@
-"""OpenSSH host certificates, checked as ssh checks them against the ``@cert-authority``
+"""OpenSSH certificates, read; and host certificates checked as ssh checks them against the ``@cert-authority``
 lines of known_hosts.
 
 A site with an SSH certificate authority lists the authority's key once
@@ -53,6 +53,7 @@ class Certificate:
     signed: bytes  # everything the signature covers
     signature: bytes
     signature_algorithm: str
+    public_key: bytes  # the certified key, as a plain public key blob
 
 
 def is_certificate(key: paramiko.PKey) -> bool:
@@ -82,8 +83,10 @@ def parse_certificate(blob: bytes) -> Certificate:
     if not key_type.endswith(CERTIFICATE_SUFFIX) or fields is None:
         raise ValueError(f"not a certificate type fleetrun can check: {key_type!r}")
     reader.string()  # nonce
-    for _ in fields:  # the public key, which the key exchange has already used
-        reader.string()
+    public_key = Message()
+    public_key.add_string(key_type.removesuffix(CERTIFICATE_SUFFIX))
+    for _ in fields:  # an mpint is written as a string too
+        public_key.add_string(reader.string())
     serial, kind, key_id = reader.uint64(), reader.uint32(), reader.text()
     principals = _Reader(reader.string()).all_texts()
     valid_after, valid_before = reader.uint64(), reader.uint64()
@@ -101,7 +104,7 @@ def parse_certificate(blob: bytes) -> Certificate:
     clean.add_string(signature_blob)
     return Certificate(
         key_type, serial, kind, key_id, principals, valid_after, valid_before, critical_options, signature_key, signed,
-        clean.asbytes(), signature_algorithm,
+        clean.asbytes(), signature_algorithm, public_key.asbytes(),
     )
 
 
