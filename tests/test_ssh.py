@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -591,18 +592,11 @@ def test_connect_timeout_and_keepalives_come_from_ssh_config_when_the_host_sets_
     # Keepalives every second, one unanswered drops the connection (the default: 3 of 15 s).
     handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
     wait_until(lambda: processes_with(f"sleep {marker}"))
-    frozen = server.session_pids()
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        stopped_at = time.monotonic()
+    with _frozen(server) as stopped_at:
         task = handle.wait(20)
         assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
         assert time.monotonic() - stopped_at < 4
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
-        server.stop()
+    server.stop()
 
 
 def test_ssh_config_times_are_read_as_ssh_reads_them():
@@ -892,11 +886,7 @@ def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, s
     executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
     handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
     wait_until(lambda: processes_with(f"sleep {marker}"))
-    frozen = server.session_pids()
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        stopped_at = time.monotonic()
+    with _frozen(server) as stopped_at:
         task = handle.wait(20)
         assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
         assert time.monotonic() - stopped_at < 3
@@ -905,10 +895,21 @@ def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, s
         executor.close()
         gc.collect()
         assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    server.stop()
+
+
+@contextlib.contextmanager
+def _frozen(server) -> Iterator[float]:
+    """The server's sessions stopped (SIGSTOP), as a server that no longer answers, from the
+    time given; they go on when the block ends (the fleet stops every server at the end)."""
+    pids = server.session_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield time.monotonic()
     finally:
-        for pid in frozen:
+        for pid in pids:
             os.kill(pid, signal.SIGCONT)
-        server.stop()
 
 
 def test_one_connection_serves_sequential_and_concurrent_tasks(make_executor, sshd_fleet, tmp_path):
