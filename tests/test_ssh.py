@@ -330,6 +330,37 @@ def test_keys_in_ssh_agent_log_in_and_identity_files_limit_them_to_their_own(mak
     assert executor.run(TaskRequest(host="unpinned", command="true")).status is TaskStatus.SUCCEEDED
 
 
+@pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
+def test_a_certificate_held_by_ssh_agent_logs_in(make_executor, sshd_fleet, tmp_path, ssh_agent, key_type):
+    # As `step ssh login` and `tsh login` leave it: the key and its certificate in the agent only.
+    from sshd import generate_key
+
+    authority = generate_key(tmp_path / "user_ca")
+    Path(f"{authority}.pub").chmod(0o644)
+    key = generate_key(tmp_path / "id_user", key_type)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", "agent-held", "-n", sshd_fleet.user, f"{key}.pub"], check=True)
+    ssh_agent(key)  # adds KEY-cert.pub beside it too
+    key.unlink()
+    Path(f"{key}-cert.pub").unlink()
+    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    agent_only = ssh_host(sshd_fleet, server, known)
+    del agent_only["identity_files"]
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "web": agent_only,
+        "only-its-key": ssh_host(sshd_fleet, server, known, identity_files=[f"{key}.pub"]),
+    }))
+    # Before, for RSA: paramiko named the certificate's algorithm and sent the bare key ("key type mismatch").
+    task = executor.run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
+    assert 'Accepted certificate ID "agent-held"' in server.log.read_text()
+    # Under IdentitiesOnly the key's file does not bring its certificate from the agent, as with
+    # `ssh -o IdentitiesOnly=yes -i KEY.pub`: its certificate is not that key.
+    refused = executor.run(TaskRequest(host="only-its-key", command="true"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "auth")
+    server.stop()
+
+
 def test_the_agent_named_by_identityagent_in_ssh_config_is_used(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent, monkeypatch):
     # As 1Password's or Secretive's agent is set up; before, only $SSH_AUTH_SOCK's agent was asked.
     ssh_agent(sshd_fleet.client_key)

@@ -25,7 +25,7 @@ import paramiko
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_config_files import with_environment
-from fleetrun.plugins.transports.ssh_host_certificates import parse_certificate
+from fleetrun.plugins.transports.ssh_host_certificates import CERTIFICATE_SUFFIX, parse_certificate
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -136,7 +136,14 @@ class _IdentityAgent(paramiko.agent.AgentSSH):
             self.when_empty = f"no ssh-agent answering at {socket_path}"
             log.debug("ssh-agent at %s not usable: %s", socket_path, exc)
             return
+        for key in self._keys:
+            if key.name.endswith(CERTIFICATE_SUFFIX):
+                # paramiko names a certificate's algorithm in the login request but sends the
+                # bare key of an RSA one, which sshd refuses ("key type mismatch"); given
+                # the certificate as its public blob, it sends the certificate.
+                key.public_blob = paramiko.PublicBlob(key.name, key.blob)
         if wanted is not None:
+            # A certificate in the agent is not its key's: ssh, under IdentitiesOnly, does not send it either.
             self._keys = tuple(key for key in self._keys if key.blob in wanted)
 
     def close(self) -> None:
