@@ -469,6 +469,32 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
     server.stop()
 
 
+def test_an_identityfile_of_ssh_config_takes_the_place_of_the_default_keys_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent):
+    from sshd import generate_key
+
+    default_key = tmp_path / "home" / ".ssh" / "id_ed25519"  # authorized on the server
+    default_key.parent.mkdir()
+    default_key.write_bytes(sshd_fleet.client_key.read_bytes())
+    default_key.chmod(0o600)
+    stranger = generate_key(tmp_path / "stranger_key")
+    ssh_agent(generate_key(tmp_path / "agent_key"))  # not authorized either
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host named\n  HostName {shared_sshd.address}\n  IdentityFile {stranger}\nHost *\n  User {sshd_fleet.user}\n")
+    via_config = {"transport": "ssh", "hostname": shared_sshd.address, "port": shared_sshd.port, "known_hosts": str(known_hosts)}
+    executor = make_executor(hosts_yaml=hosts_file_text({
+        "named": {**via_config, "hostname": "named", "ssh_config_file": str(config)},
+        "unnamed": {**via_config, "ssh_config_file": str(config)},
+    }))
+    assert executor.run(TaskRequest(host="unnamed", command="true")).status is TaskStatus.SUCCEEDED  # ~/.ssh/id_ed25519
+    # Before: logged in with ~/.ssh/id_ed25519 too, which ssh does not offer where an IdentityFile is written.
+    task = executor.run(TaskRequest(host="named", command="true"))
+    assert (task.status, task.error_category) == (TaskStatus.FAILED, "auth")
+    assert task.error == (
+        f"authentication to {sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port} failed "
+        f"(tried: {stranger}, 1 key of ssh-agent): Authentication failed."
+    )
+
+
 def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)

@@ -51,6 +51,7 @@ from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithm
 from fleetrun.plugins.transports.ssh_identities import (
     keep_usable_identity_files,
     local_path,
+    offered_in_words,
     use_certificate_files,
     use_identity_agent,
 )
@@ -283,7 +284,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             agent = getattr(hop.client, "_agent", None)
             error = connect_error(
                 exc, where, settings, settings.options_for(hop), agent=getattr(agent, "when_empty", None),
-                known_hosts=known_hosts_of(hop.client),
+                known_hosts=known_hosts_of(hop.client), offered=offered_in_words(hop),
             )
             close_connection(connection)
             raise error from None
@@ -464,11 +465,11 @@ def exit_signal(channel: paramiko.Channel) -> int | str | None:
 
 def connect_error(
     exc: BaseException, where: str, settings: SSHSettings, options: HopOptions, *, agent: str | None = None,
-    known_hosts: KnownHosts | None = None,
+    known_hosts: KnownHosts | None = None, offered: str | None = None,
 ) -> TransportError:
     """Turn a failure to connect to a hop (``options`` are its own) into a categorised
     error that carries no secret; ``agent`` says, in words, what the ssh-agent had to offer
-    when it offered nothing."""
+    when it offered nothing, and ``offered`` what the login offered."""
     if isinstance(exc, paramiko.BadHostKeyException):
         listed_in = known_hosts.listed_in.get((exc.expected_key.get_name(), exc.expected_key.get_base64())) if known_hosts else None
         return TransportError(
@@ -483,7 +484,7 @@ def connect_error(
     if isinstance(exc, paramiko.PasswordRequiredException):
         return TransportError("auth", f"authentication to {where} failed: an identity file is encrypted and no passphrase was given")
     if isinstance(exc, paramiko.AuthenticationException):
-        keys = ", ".join(settings.identity_files) or "default keys and agent"
+        keys = offered or ", ".join(settings.identity_files) or "default keys and agent"
         return TransportError("auth", f"authentication to {where} failed (tried: {keys}): {exc}")
     if _caused_by_timeout(exc):
         return TransportError("timeout", f"connecting to {where} timed out after {options.connect_timeout:g} s")

@@ -58,6 +58,26 @@ def keep_usable_identity_files(hop: fabric.Connection, identity_files: tuple[str
             log.debug("skipping ssh_config's %s", problem)
     if "key_filename" in hop.connect_kwargs:
         hop.connect_kwargs["key_filename"] = kept
+    if hop.ssh_config.get("identityfile"):
+        # ssh offers ~/.ssh/id_* only where no IdentityFile is written (even one that does
+        # not exist); paramiko would offer them after these, against the server's MaxAuthTries.
+        hop.connect_kwargs["look_for_keys"] = False
+
+
+def offered_in_words(hop: fabric.Connection) -> str:
+    """What logging in to the hop offered, in words (for a refusal's message)."""
+    offered = list(dict.fromkeys(hop.connect_kwargs.get("key_filename") or []))
+    certified = getattr(hop.connect_kwargs.get("pkey"), "fleetrun_certificate", None)
+    if certified:
+        offered.insert(0, f"{certified} (certificate)")
+    held = len(getattr(getattr(hop.client, "_agent", None), "_keys", None) or ())
+    if held:
+        offered.append(f"{held} key{'' if held == 1 else 's'} of ssh-agent")
+    if hop.connect_kwargs.get("look_for_keys", True):
+        offered.append("~/.ssh/id_*")
+    if hop.connect_kwargs.get("password"):
+        offered.append("the password")
+    return ", ".join(offered) or "nothing"
 
 
 def _identity_file_problem(path: str) -> str | None:
@@ -250,6 +270,7 @@ def _certified_key(path: str, identities: list[str], passphrase: str | None) -> 
         except (OSError, ValueError, paramiko.SSHException) as exc:
             raise _Unusable(f"certifies the key of {identity}, which cannot be read: {exc}") from None
         key.load_certificate(str(local_path(path)))
+        key.fleetrun_certificate = path  # type: ignore[attr-defined]  # named in a refusal
         return key
     raise _Unusable(f"certifies a key that none of the identity files holds ({', '.join(identities)})")
 
