@@ -77,7 +77,7 @@ def hop_options(
         keepalive_interval = KEEPALIVE_INTERVAL if seconds is None else float(seconds)
     if keepalive_count_max is None:
         written = ssh_config.get("serveralivecountmax")
-        if written is not None and not (written.isascii() and written.isdigit() and int(written) <= _INT_MAX):
+        if written is not None and not (re.fullmatch(r"\+?[0-9]+", written) and int(written) <= _INT_MAX):
             raise _bad(host, "ServerAliveCountMax", written, "a whole number")
         # ssh drops the connection after COUNT unanswered keepalives, and at the first with 0.
         keepalive_count_max = KEEPALIVE_COUNT_MAX if written is None else max(1, int(written))
@@ -91,7 +91,7 @@ def _seconds(ssh_config: Mapping[str, str], host: str, keyword: str) -> int | No
     written = ssh_config.get(keyword.lower())
     if written is None:
         return None
-    if not re.fullmatch(r"(?:[0-9]+[sSmMhHdDwW]?)+", written):
+    if not re.fullmatch(r"(?:\+?[0-9]+[sSmMhHdDwW]?)+", written):  # ssh reads each number with strtol: + may lead
         raise _bad(host, keyword, written, "a time in seconds, or with units as 1m30s")
     total = sum(int(number) * _TIME_UNITS[unit.lower()] for number, unit in re.findall(r"([0-9]+)([a-zA-Z]?)", written))
     if total > _INT_MAX:
