@@ -82,9 +82,10 @@ def test_strict_host_key_checking_of_ssh_config_decides_unless_the_host_does(mak
         f"Host recording\n{where}  UserKnownHostsFile {tmp_path / 'recorded'}\n  StrictHostKeyChecking Accept-New\n"
         f"Host asking\n{where}  UserKnownHostsFile {tmp_path / 'asked'}\n  StrictHostKeyChecking ask\n"
         f"Host stale\n{where}  UserKnownHostsFile {stale}\n  StrictHostKeyChecking off\n"
+        f"Host nowhere\n{where}  UserKnownHostsFile none\n  GlobalKnownHostsFile none\n  StrictHostKeyChecking accept-new\n"
     )
     via_config = {"transport": "ssh", "ssh_config_file": str(config), "connect_timeout": 5}
-    hosts = {name: via_config for name in ("vagrant", "recording", "asking", "stale")}
+    hosts = {name: via_config for name in ("vagrant", "recording", "asking", "stale", "nowhere")}
     hosts["overruled"] = {**via_config, "hostname": "vagrant", "host_key_checking": "strict"}
     hosts_yaml = hosts_file_text(hosts)
     key = f"ssh-ed25519 {shared_sshd.host_key_fingerprint}"
@@ -114,6 +115,13 @@ def test_strict_host_key_checking_of_ssh_config_decides_unless_the_host_does(mak
         "Check it and add it to a known_hosts file named with the host's known_hosts field (/dev/null is not a file), "
         "or set 'host_key_checking: accept-new' for this host to accept it unrecorded"
     ), overruled.error
+
+    nowhere = executor.run(TaskRequest(host="nowhere", command="echo must-not-run"))
+    assert (nowhere.status, nowhere.error_category) == (TaskStatus.FAILED, "host_key")
+    assert nowhere.error.endswith(
+        "which is not in any known_hosts file. Check it and add it to a known_hosts file named with the host's known_hosts field "
+        "(ssh_config's UserKnownHostsFile and GlobalKnownHostsFile are none)"
+    ), nowhere.error
 
     # ssh, told `no` or `off`, goes on with a changed key; fleetrun refuses it, and says so.
     changed = executor.run(TaskRequest(host="stale", command="echo must-not-run"))

@@ -60,7 +60,7 @@ class KnownHosts:
     def looked_in(self) -> str:
         """The files that were read, in words (the first one if none exists)."""
         if not self.files:
-            return "no file"
+            return "any known_hosts file"
         existing = [str(path) for path in self.files if path.is_file()]
         return " or ".join(existing or [str(self.files[0])])
 
