@@ -2,6 +2,7 @@
 
     python bench/ssh.py                      # all scenarios
     python bench/ssh.py latency fanout       # some (latency, big, fanout, cancel, known_hosts)
+                                             # (known_hosts also with a host certificate)
     python bench/ssh.py --quick              # smaller sizes, for a smoke run
 
 Needs /usr/sbin/sshd and root (to create the unprivileged login user, as the tests do).
@@ -224,10 +225,14 @@ def bench_cancel(params: dict) -> dict:
 
 def bench_known_hosts(params: dict) -> dict:
     """A cold `true` (connect, check the host key, log in, run) with a known_hosts of N lines
-    for other hosts, hashed as HashKnownHosts writes them, then the server's: fleetrun vs ssh."""
+    for other hosts, hashed as HashKnownHosts writes them, then the server's: fleetrun vs ssh.
+    With ``certificate``, the server presents its key signed by an authority, and the last
+    line is the authority's (``@cert-authority *``) instead of the server's key."""
     import base64
     import hashlib
     import hmac
+
+    from sshd import generate_key
 
     from fleetrun.core.models import TaskRequest
 
@@ -239,7 +244,15 @@ def bench_known_hosts(params: dict) -> dict:
         salt = os.urandom(20)
         digest = hmac.new(salt, f"host{i}.example.test".encode(), hashlib.sha1).digest()
         lines.append(f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()} {kind} {blob}\n")
-    rig.known_hosts.write_text("".join(lines) + server.known_hosts_line)
+    vouching = server.known_hosts_line
+    if params.get("certificate"):
+        authority = generate_key(rig.fleet.directory / "host_ca")
+        subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-h", "-I", "bench", "-n", server.address, f"{server.host_key}.pub"], check=True)
+        server.stop()
+        server.extra_config = f"HostCertificate {server.host_key}-cert.pub"
+        server.start()
+        vouching = f"@cert-authority * {' '.join(Path(f'{authority}.pub').read_text().split()[:2])}\n"
+    rig.known_hosts.write_text("".join(lines) + vouching)
     try:
         ssh_times, fleetrun_times = [], []
         for _ in range(params["rounds"]):
@@ -257,6 +270,7 @@ def bench_known_hosts(params: dict) -> dict:
     ssh_s, fleetrun_s = statistics.median(ssh_times), statistics.median(fleetrun_times)
     return {
         "lines": params["lines"],
+        "certificate": bool(params.get("certificate")),
         "ssh_median_s": round(ssh_s, 4),
         "fleetrun_median_s": round(fleetrun_s, 4),
         "ratio": round(fleetrun_s / ssh_s, 2),
@@ -274,7 +288,10 @@ def plan(quick: bool) -> dict[str, list[dict]]:
         "big": [{"mib": 8 if quick else 64}],
         "fanout": [{"hosts": 4 if quick else 20}],
         "cancel": [{"rounds": 3 if quick else 10}],
-        "known_hosts": [{"lines": n, "rounds": 3 if quick else 10} for n in ((1, 1000) if quick else (1, 1000, 10000))],
+        "known_hosts": [
+            *({"lines": n, "rounds": 3 if quick else 10} for n in ((1, 1000) if quick else (1, 1000, 10000))),
+            {"lines": 1, "certificate": True, "rounds": 3 if quick else 10},
+        ],
     }
 
 
