@@ -445,6 +445,7 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
         "gone": {**own, "certificate_files": [str(signed / "gone-cert.pub")]},
         "stranger": {**via_config, "identity_files": [str(plain)], "certificate_files": [str(signed / "locked-cert.pub")]},
         "not-one": {**own, "certificate_files": [f"{plain}.pub"]},
+        "public-only": ssh_host(sshd_fleet, server, known, identity_files=[f"{plain}.pub"], certificate_files=[str(signed / "plain-cert.pub")]),
     }))
     # Before: "authentication ... failed": paramiko sends only KEY-cert.pub.
     for name, certificate in (("web", "plain-cert.pub"), ("locked", "locked-cert.pub")):
@@ -463,6 +464,8 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
         ("gone", f"certificate file {signed / 'gone-cert.pub'} does not exist"),
         ("stranger", f"certificate file {signed / 'locked-cert.pub'} certifies a key that none of the identity files holds ({plain})"),
         ("not-one", f"certificate file {plain}.pub is not an OpenSSH certificate (not a certificate type fleetrun can check: 'ssh-ed25519')"),
+        ("public-only", f"certificate file {signed / 'plain-cert.pub'} certifies the key of {plain}.pub, which is a public key: "
+         "fleetrun sends a certificate file only with a private key file, not with a key that only ssh-agent holds"),
     ]:
         task = executor.run(TaskRequest(host=name, command="true"))
         assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "auth", f"cannot log in to {where}: {problem}")

@@ -260,8 +260,15 @@ def _certified_key(path: str, identities: list[str], passphrase: str | None) -> 
         raise _Unusable(f"cannot be read: {exc.strerror}") from None
     except ValueError as exc:  # not ASCII, not base64, not a certificate
         raise _Unusable(f"is not an OpenSSH certificate ({exc})") from None
+    public_only = []
     for identity in identities:
-        if certificate.public_key not in _public_key_blobs(identity):
+        try:
+            if certificate.public_key not in _public_key_blobs(identity):
+                continue
+            if not _holds_a_private_key(local_path(identity)):
+                public_only.append(identity)
+                continue
+        except TransportError:  # ~ with no home directory to expand it to
             continue
         try:
             key = paramiko.PKey.from_path(local_path(identity), password=None if passphrase is None else passphrase.encode())
@@ -272,5 +279,10 @@ def _certified_key(path: str, identities: list[str], passphrase: str | None) -> 
         key.load_certificate(str(local_path(path)))
         key.fleetrun_certificate = path  # type: ignore[attr-defined]  # named in a refusal
         return key
+    if public_only:
+        raise _Unusable(
+            f"certifies the key of {public_only[0]}, which is a public key: fleetrun sends a certificate file only with "
+            "a private key file, not with a key that only ssh-agent holds"
+        )
     raise _Unusable(f"certifies a key that none of the identity files holds ({', '.join(identities)})")
 
