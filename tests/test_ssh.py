@@ -361,6 +361,27 @@ def test_a_certificate_held_by_ssh_agent_logs_in(make_executor, sshd_fleet, tmp_
     server.stop()
 
 
+@pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
+def test_a_certificate_file_goes_with_the_key_ssh_agent_holds(make_executor, sshd_fleet, tmp_path, ssh_agent, key_type):
+    # A key kept in an agent (1Password's, say) and its certificate in a file, as Vault's signer leaves it.
+    from sshd import generate_key
+
+    authority = generate_key(tmp_path / "user_ca")
+    Path(f"{authority}.pub").chmod(0o644)
+    key = generate_key(tmp_path / "id_user", key_type)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", "filed", "-n", sshd_fleet.user, f"{key}.pub"], check=True)
+    certificate = Path(f"{key}-cert.pub").rename(tmp_path / "signed-cert.pub")
+    ssh_agent(key)  # the bare key only
+    key.unlink()
+    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    entry = ssh_host(sshd_fleet, server, known, identity_files=[f"{key}.pub"], certificate_files=[str(certificate)])
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
+    assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
+    assert 'Accepted certificate ID "filed"' in server.log.read_text()
+    server.stop()
+
+
 def test_the_agent_named_by_identityagent_in_ssh_config_is_used(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent, monkeypatch):
     # As 1Password's or Secretive's agent is set up; before, only $SSH_AUTH_SOCK's agent was asked.
     ssh_agent(sshd_fleet.client_key)
@@ -464,8 +485,8 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
         ("gone", f"certificate file {signed / 'gone-cert.pub'} does not exist"),
         ("stranger", f"certificate file {signed / 'locked-cert.pub'} certifies a key that none of the identity files holds ({plain})"),
         ("not-one", f"certificate file {plain}.pub is not an OpenSSH certificate (not a certificate type fleetrun can check: 'ssh-ed25519')"),
-        ("public-only", f"certificate file {signed / 'plain-cert.pub'} certifies the key of {plain}.pub, which is a public key: "
-         "fleetrun sends a certificate file only with a private key file, not with a key that only ssh-agent holds"),
+        ("public-only", f"certificate file {signed / 'plain-cert.pub'} certifies the key of {plain}.pub, which is a public key, "
+         "and ssh-agent does not hold its private key"),
     ]:
         task = executor.run(TaskRequest(host=name, command="true"))
         assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "auth", f"cannot log in to {where}: {problem}")

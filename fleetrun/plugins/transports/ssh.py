@@ -171,7 +171,7 @@ class SSHTransport(Transport):
         ),
         "certificate_files": HostField(
             "string-list",
-            "certificates (ssh-keygen -s) to log in with, each with the identity file whose key it certifies (default: "
+            "certificates (ssh-keygen -s) to log in with, each with the key it certifies, from ssh-agent or an identity file (default: "
             "~/.ssh/config's CertificateFile; a certificate beside its key, KEY-cert.pub, is always sent)",
             validate=_home_problem,
         ),

@@ -210,8 +210,9 @@ def _public_key_blob(text: str) -> bytes | None:
 def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, ...], where: str, passphrase: str | None) -> None:
     """Log in with a certificate as ssh does with ``CertificateFile``: the host's
     ``certificate_files``, else ssh_config's ``CertificateFile`` for the hop; each goes
-    with the identity file (of those the hop offers, else ``~/.ssh/id_*``) whose key it
-    certifies. The first that pairs is offered first.
+    with the key it certifies: one ssh-agent holds (an encrypted file's key unlocked there
+    needs no passphrase), else an identity file of those the hop offers (else
+    ``~/.ssh/id_*``). The first that pairs is offered first.
 
     One of the host's that cannot be used fails the connection, saying why; one of
     ssh_config's is skipped, as ssh skips it."""
@@ -225,7 +226,7 @@ def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, 
     identities = list(dict.fromkeys(offered))  # the host's and ssh_config's may name the same file
     for path, own in written:
         try:
-            key = _certified_key(path, identities, passphrase)
+            key = _certified_key(path, identities, passphrase, agent=getattr(hop.client, "_agent", None))
         except _Unusable as exc:
             if own:
                 raise TransportError("auth", f"cannot log in to {where}: certificate file {path} {exc}") from None
@@ -245,13 +246,16 @@ def _as_list(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _certified_key(path: str, identities: list[str], passphrase: str | None) -> paramiko.PKey:
-    """The private key of ``identities`` that the certificate at ``path`` certifies, with
-    the certificate loaded into it."""
+def _certified_key(
+    path: str, identities: list[str], passphrase: str | None, *, agent: paramiko.agent.AgentSSH | None
+) -> paramiko.PKey:
+    """The key that the certificate at ``path`` certifies, with the certificate loaded into
+    it: ``agent``'s, else the private key of one of ``identities``."""
     try:
         text = local_path(path).read_text(encoding="ascii")
         words = text.split()
-        certificate = parse_certificate(base64.b64decode(words[1], validate=True) if len(words) >= 2 else b"")
+        blob = base64.b64decode(words[1], validate=True) if len(words) >= 2 else b""
+        certificate = parse_certificate(blob)
     except FileNotFoundError:
         raise _Unusable("does not exist") from None
     except TransportError as exc:
@@ -260,6 +264,12 @@ def _certified_key(path: str, identities: list[str], passphrase: str | None) -> 
         raise _Unusable(f"cannot be read: {exc.strerror}") from None
     except ValueError as exc:  # not ASCII, not base64, not a certificate
         raise _Unusable(f"is not an OpenSSH certificate ({exc})") from None
+    for held in agent.get_keys() if agent is not None else ():
+        if held.blob == certificate.public_key:
+            paired = paramiko.AgentKey(held.agent, held.blob)  # a key of its own: the agent's is offered bare too
+            paired.public_blob = paramiko.PublicBlob(certificate.key_type, blob)
+            paired.fleetrun_certificate = path  # type: ignore[attr-defined]
+            return paired
     public_only = []
     for identity in identities:
         try:
@@ -281,8 +291,7 @@ def _certified_key(path: str, identities: list[str], passphrase: str | None) -> 
         return key
     if public_only:
         raise _Unusable(
-            f"certifies the key of {public_only[0]}, which is a public key: fleetrun sends a certificate file only with "
-            "a private key file, not with a key that only ssh-agent holds"
+            f"certifies the key of {public_only[0]}, which is a public key, and ssh-agent does not hold its private key"
         )
     raise _Unusable(f"certifies a key that none of the identity files holds ({', '.join(identities)})")
 
