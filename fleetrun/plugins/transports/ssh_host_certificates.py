@@ -1,5 +1,5 @@
-"""OpenSSH certificates, read; and host certificates checked as ssh checks them against the ``@cert-authority``
-lines of known_hosts.
+"""OpenSSH certificates, read strictly; and host certificates, checked as ssh checks them
+against the ``@cert-authority`` lines of known_hosts.
 
 A site with an SSH certificate authority lists the authority's key once
 (``@cert-authority *.example.com ssh-ed25519 AAAA...``) instead of every host's key, and
