@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -331,19 +332,16 @@ def test_keys_in_ssh_agent_log_in_and_identity_files_limit_them_to_their_own(mak
 
 
 @pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
-def test_a_certificate_held_by_ssh_agent_logs_in(make_executor, sshd_fleet, tmp_path, ssh_agent, key_type):
+def test_a_certificate_held_by_ssh_agent_logs_in(make_executor, sshd_fleet, tmp_path, ssh_agent, user_authority, key_type):
     # As `step ssh login` and `tsh login` leave it: the key and its certificate in the agent only.
     from sshd import generate_key
 
-    authority = generate_key(tmp_path / "user_ca")
-    Path(f"{authority}.pub").chmod(0o644)
     key = generate_key(tmp_path / "id_user", key_type)
-    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", "agent-held", "-n", sshd_fleet.user, f"{key}.pub"], check=True)
+    certificate = user_authority.sign(key, "agent-held")
     ssh_agent(key)  # adds KEY-cert.pub beside it too
     key.unlink()
-    Path(f"{key}-cert.pub").unlink()
-    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    certificate.unlink()
+    server, known = user_authority.server, user_authority.known_hosts
     agent_only = ssh_host(sshd_fleet, server, known)
     del agent_only["identity_files"]
     executor = make_executor(hosts_yaml=hosts_file_text({
@@ -358,28 +356,22 @@ def test_a_certificate_held_by_ssh_agent_logs_in(make_executor, sshd_fleet, tmp_
     # `ssh -o IdentitiesOnly=yes -i KEY.pub`: its certificate is not that key.
     refused = executor.run(TaskRequest(host="only-its-key", command="true"))
     assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "auth")
-    server.stop()
 
 
 @pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
-def test_a_certificate_file_goes_with_the_key_ssh_agent_holds(make_executor, sshd_fleet, tmp_path, ssh_agent, key_type):
+def test_a_certificate_file_goes_with_the_key_ssh_agent_holds(make_executor, sshd_fleet, tmp_path, ssh_agent, user_authority, key_type):
     # A key kept in an agent (1Password's, say) and its certificate in a file, as Vault's signer leaves it.
     from sshd import generate_key
 
-    authority = generate_key(tmp_path / "user_ca")
-    Path(f"{authority}.pub").chmod(0o644)
     key = generate_key(tmp_path / "id_user", key_type)
-    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", "filed", "-n", sshd_fleet.user, f"{key}.pub"], check=True)
-    certificate = Path(f"{key}-cert.pub").rename(tmp_path / "signed-cert.pub")
+    certificate = user_authority.sign(key, "filed").rename(tmp_path / "signed-cert.pub")
     ssh_agent(key)  # the bare key only
     key.unlink()
-    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
-    entry = ssh_host(sshd_fleet, server, known, identity_files=[f"{key}.pub"], certificate_files=[str(certificate)])
+    server = user_authority.server
+    entry = ssh_host(sshd_fleet, server, user_authority.known_hosts, identity_files=[f"{key}.pub"], certificate_files=[str(certificate)])
     task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="true"))
     assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
     assert 'Accepted certificate ID "filed"' in server.log.read_text()
-    server.stop()
 
 
 def test_the_agent_named_by_identityagent_in_ssh_config_is_used(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent, monkeypatch):
@@ -414,40 +406,49 @@ def test_the_agent_named_by_identityagent_in_ssh_config_is_used(make_executor, s
     assert executor.run(TaskRequest(host="turned-off", command="true")).error_category == "auth"
 
 
-def test_a_user_certificate_beside_the_identity_file_logs_in_where_only_its_authority_is_trusted(make_executor, sshd_fleet, tmp_path):
+@pytest.fixture
+def user_authority(sshd_fleet, tmp_path):
+    """A user-certificate authority of the test's own, and a server that lets in only the
+    keys it signs (``AuthorizedKeysFile none``), listed in tmp_path/known_hosts."""
     from sshd import generate_key
 
     authority = generate_key(tmp_path / "user_ca")
-    user_key = generate_key(tmp_path / "user_key")
-    subprocess.run(  # KEY-cert.pub, as ssh-keygen writes it and ssh finds it
-        ["ssh-keygen", "-q", "-s", str(authority), "-I", "fleetrun-test-cert", "-n", sshd_fleet.user, f"{user_key}.pub"],
-        check=True, capture_output=True,
-    )
     Path(f"{authority}.pub").chmod(0o644)
     server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
-    executor = make_executor(hosts_yaml=hosts_file_text({"certified": ssh_host(sshd_fleet, server, known, identity_files=[str(user_key)])}))
+
+    def sign(key: Path, key_id: str) -> Path:
+        """Sign the key's public half for the login user: KEY-cert.pub, as ssh-keygen writes it."""
+        subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", key_id, "-n", sshd_fleet.user, f"{key}.pub"], check=True)
+        return Path(f"{key}-cert.pub")
+
+    yield SimpleNamespace(server=server, known_hosts=sshd_fleet.known_hosts(tmp_path / "known_hosts", [server]), sign=sign)
+    server.stop()
+
+
+def test_a_user_certificate_beside_the_identity_file_logs_in_where_only_its_authority_is_trusted(make_executor, sshd_fleet, tmp_path, user_authority):
+    from sshd import generate_key
+
+    user_key = generate_key(tmp_path / "user_key")
+    user_authority.sign(user_key, "fleetrun-test-cert")  # KEY-cert.pub, where ssh finds it
+    server = user_authority.server
+    entry = ssh_host(sshd_fleet, server, user_authority.known_hosts, identity_files=[str(user_key)])
+    executor = make_executor(hosts_yaml=hosts_file_text({"certified": entry}))
     task = executor.run(TaskRequest(host="certified", command="whoami"))
     assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
     assert "ID fleetrun-test-cert" in server.log.read_text()
 
 
-def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifies(make_executor, sshd_fleet, tmp_path, monkeypatch):
+def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifies(make_executor, sshd_fleet, tmp_path, monkeypatch, user_authority):
     from sshd import generate_key
 
-    authority = generate_key(tmp_path / "user_ca")
-    Path(f"{authority}.pub").chmod(0o644)
     plain = generate_key(tmp_path / "id_plain")
     locked = tmp_path / "id_locked"  # encrypted: its passphrase comes from passphrase_env
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "pass-phrase", "-f", str(locked)], check=True)
     signed = tmp_path / "vault"
     signed.mkdir()
     for key, name in ((plain, "plain-cert.pub"), (locked, "locked-cert.pub")):
-        # As Vault or a CA's tooling leave it: not KEY-cert.pub beside the key.
-        subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-I", name, "-n", sshd_fleet.user, f"{key}.pub"], check=True)
-        Path(f"{key}-cert.pub").rename(signed / name)
-    server = sshd_fleet.start(extra_config=f"TrustedUserCAKeys {authority}.pub\nAuthorizedKeysFile none")
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+        user_authority.sign(key, name).rename(signed / name)  # as Vault or a CA's tooling leave it, not beside the key
+    server, known = user_authority.server, user_authority.known_hosts
     config = tmp_path / "ssh_config"
     config.write_text(
         f"Host *\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n  UserKnownHostsFile {known}\n"
@@ -490,7 +491,6 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
     ]:
         task = executor.run(TaskRequest(host=name, command="true"))
         assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "auth", f"cannot log in to {where}: {problem}")
-    server.stop()
 
 
 def test_an_identityfile_of_ssh_config_takes_the_place_of_the_default_keys_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, ssh_agent):

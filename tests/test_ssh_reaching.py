@@ -102,26 +102,18 @@ def test_strict_host_key_checking_of_ssh_config_decides_unless_the_host_does(mak
     assert executor.run(TaskRequest(host="recording", command="true")).status is TaskStatus.SUCCEEDED
     assert (tmp_path / "recorded").read_text() == shared_sshd.known_hosts_line
 
-    asked = executor.run(TaskRequest(host="asking", command="echo must-not-run"))
-    assert (asked.status, asked.error_category) == (TaskStatus.FAILED, "host_key")
-    assert asked.error.endswith(
-        f"Check it and add it to {tmp_path / 'asked'} (for example with ssh-keyscan), "
-        "or set 'host_key_checking: accept-new' for this host to record it on first use"
-    ), asked.error
+    to_record = "or set 'host_key_checking: accept-new' for this host to record it on first use"
+    for name, advice in [
+        ("asking", f"Check it and add it to {tmp_path / 'asked'} (for example with ssh-keyscan), {to_record}"),
+        ("overruled", "Check it and add it to a known_hosts file named with the host's known_hosts field (/dev/null is not a file), "
+         "or set 'host_key_checking: accept-new' for this host to accept it unrecorded"),
+        ("nowhere", "which is not in any known_hosts file. Check it and add it to a known_hosts file named with the host's "
+         "known_hosts field (ssh_config's UserKnownHostsFile and GlobalKnownHostsFile are none)"),
+    ]:
+        refused = executor.run(TaskRequest(host=name, command="echo must-not-run"))
+        assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "host_key")
+        assert refused.error.endswith(advice), refused.error
     assert not (tmp_path / "asked").exists()
-    overruled = executor.run(TaskRequest(host="overruled", command="echo must-not-run"))
-    assert (overruled.status, overruled.error_category) == (TaskStatus.FAILED, "host_key")
-    assert overruled.error.endswith(
-        "Check it and add it to a known_hosts file named with the host's known_hosts field (/dev/null is not a file), "
-        "or set 'host_key_checking: accept-new' for this host to accept it unrecorded"
-    ), overruled.error
-
-    nowhere = executor.run(TaskRequest(host="nowhere", command="echo must-not-run"))
-    assert (nowhere.status, nowhere.error_category) == (TaskStatus.FAILED, "host_key")
-    assert nowhere.error.endswith(
-        "which is not in any known_hosts file. Check it and add it to a known_hosts file named with the host's known_hosts field "
-        "(ssh_config's UserKnownHostsFile and GlobalKnownHostsFile are none)"
-    ), nowhere.error
 
     # ssh, told `no` or `off`, goes on with a changed key; fleetrun refuses it, and says so.
     changed = executor.run(TaskRequest(host="stale", command="echo must-not-run"))
