@@ -216,6 +216,70 @@ def test_host_certificates_are_checked_as_ssh_checks_them(make_executor, sshd_fl
     server.stop()
 
 
+def test_revoked_host_keys_of_ssh_config_refuse_as_in_ssh(make_executor, sshd_fleet, tmp_path):
+    from sshd import generate_key
+
+    server = sshd_fleet.start()
+    authority, stranger_authority = generate_key(tmp_path / "host_ca"), generate_key(tmp_path / "other_ca")
+    other_key = generate_key(tmp_path / "other_host_key")
+    subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-h", "-I", "web", "-z", "7", "-n", server.address, f"{server.host_key}.pub"], check=True)
+    server.stop()
+    server.extra_config = f"HostCertificate {server.host_key}-cert.pub"
+    server.start()
+    public = lambda key: " ".join(Path(f"{key}.pub").read_text().split()[:2])  # noqa: E731
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority * {public(authority)}\n{server.known_hosts_line}")
+
+    def krl(name: str, spec: str, signer: Path | None = authority) -> Path:
+        (tmp_path / f"{name}.spec").write_text(spec)
+        signing = ["-s", f"{signer}.pub"] if signer else []
+        subprocess.run(["ssh-keygen", "-q", "-k", "-f", str(tmp_path / name), *signing, str(tmp_path / f"{name}.spec")], check=True)
+        return tmp_path / name
+
+    listed = tmp_path / "listed_keys"
+    listed.write_text(f"# revoked\n{public(server.host_key)} old web key\n")
+    unrelated = tmp_path / "unrelated_keys"
+    unrelated.write_text(f"{public(other_key)}\n")
+    garbled = tmp_path / "garbled_keys"  # ssh reads no options here, as authorized_keys has: the file fails closed
+    garbled.write_text(f'from="10.0.0.1" {public(other_key)}\n')
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", f"{server.host_key}.pub"], capture_output=True, text=True, check=True).stdout.split()[1]
+    cases = {  # RevokedHostKeys, and whether the server's key is refused
+        listed: "its key is revoked",
+        unrelated: None,
+        garbled: "cannot be read (line 1 is not a public key)",
+        krl("explicit", f"key: {public(server.host_key)}\n", None): "its key is revoked",
+        krl("by_hash", f"hash: {fingerprint}\n", None): "its key is revoked",
+        krl("by_serial", "serial: 7\n"): "its certificate (serial 7, key id 'web') is revoked",
+        # ssh-keygen writes a serial list, a range or a bitmap, whichever is shorter.
+        krl("by_range", "serial: 1-1000000\n"): "its certificate (serial 7, key id 'web') is revoked",
+        krl("by_bitmap", "".join(f"serial: {n}\n" for n in range(1, 200, 2))): "its certificate (serial 7, key id 'web') is revoked",
+        krl("by_list", "serial: 7\nserial: 100000\n"): "its certificate (serial 7, key id 'web') is revoked",
+        krl("not_in_range", "serial: 8-9\n"): None,
+        krl("by_key_id", "id: web\n"): "its certificate (serial 7, key id 'web') is revoked",
+        krl("other_authority", "id: web\n", stranger_authority): None,
+        krl("authority", f"key: {public(authority)}\n", None): "the key of the authority that signed its certificate is revoked",
+        tmp_path / "missing": "cannot be read",
+    }
+    hosts_yaml = hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(tmp_path / "ssh_config")}})
+    for revocations, refusal in cases.items():
+        (tmp_path / "ssh_config").write_text(
+            f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n"
+            f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n  GlobalKnownHostsFile none\n"
+            f"  StrictHostKeyChecking yes\n  RevokedHostKeys {revocations}\n"
+        )
+        task = make_executor(hosts_yaml=hosts_yaml).run(TaskRequest(host="web", command="true"))
+        by_ssh = subprocess.run(
+            ["ssh", "-F", str(tmp_path / "ssh_config"), "-o", "BatchMode=yes", "web", "true"], capture_output=True, text=True, timeout=30
+        )
+        assert (by_ssh.returncode != 0) == (refusal is not None), (revocations.name, by_ssh.stderr)  # ssh decides alike
+        if refusal is None:
+            assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None), revocations.name
+        else:  # before: ignored, and each logged in
+            assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key"), (revocations.name, task.error)
+            assert refusal in task.error and str(revocations) in task.error, task.error
+    server.stop()
+
+
 @pytest.mark.parametrize(
     ("host_key_type", "authority_type", "signature", "accepted"),
     [("rsa", "rsa", None, True), ("ecdsa", "rsa", "rsa-sha2-256", True), ("rsa", "ecdsa", None, True), ("ed25519", "rsa", "ssh-rsa", False)],

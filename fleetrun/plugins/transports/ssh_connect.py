@@ -179,11 +179,18 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
                 hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=options.host_key_checking == "accept-new",
                 looked_up_as=hop.host if hop.port == 22 else f"[{hop.host}]:{hop.port}", alias=hop.ssh_config.get("hostkeyalias"),
                 hash_names=str(hop.ssh_config.get("hashknownhosts", "no")).lower() == "yes",
+                revoked_host_keys=_revoked_host_keys(hop),
             )
-            if known.authorities:
-                listed = {key.get_name() for key in known.keys}
-                hop.connect_kwargs["transport_factory"] = functools.partial(_transport_factory, certificates_for=listed)
+            if known.decided_by_policy:  # paramiko no longer orders the algorithms by the listed keys
+                hop.connect_kwargs["transport_factory"] = functools.partial(
+                    _transport_factory, listed={key.get_name() for key in known.keys}, certificates=bool(known.authorities)
+                )
     return connection
+
+
+def _revoked_host_keys(hop: fabric.Connection) -> Path | None:
+    written = hop.ssh_config.get("revokedhostkeys")
+    return None if written is None or written.lower() == "none" else local_path(with_environment(written))
 
 
 #: Jump hosts whose own ssh_config names jump hosts, at most this deep.
@@ -419,16 +426,18 @@ def _close_inherited_sockets() -> None:
 os.register_at_fork(after_in_child=_close_inherited_sockets)
 
 
-def _transport_factory(sock: Any, *, certificates_for: set[str] | None = None, **kwargs: Any) -> paramiko.Transport:
-    """paramiko's transport, tuned; ``certificates_for``: the host has a certificate
-    authority, and these are the names of the keys listed for it (see
-    :func:`host_key_algorithms`)."""
+def _transport_factory(
+    sock: Any, *, listed: set[str] | None = None, certificates: bool = False, **kwargs: Any
+) -> paramiko.Transport:
+    """paramiko's transport, tuned. ``listed``: the names of the keys known_hosts lists for
+    the host, when fleetrun checks its key (see :func:`host_key_algorithms`);
+    ``certificates``: an authority vouches for the host."""
     transport = paramiko.Transport(
         sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
     )
     options = transport.get_security_options()
-    if certificates_for is not None:
-        options.key_types = host_key_algorithms(tuple(options.key_types), certificates_for)
+    if listed is not None:
+        options.key_types = host_key_algorithms(tuple(options.key_types), listed, certificates=certificates)
     preferred = [c for c in options.ciphers if "gcm" in c]
     options.ciphers = tuple(preferred + [c for c in options.ciphers if c not in preferred])
     # paramiko ignores exit-signal; this table is per class, so copy it for this transport.

@@ -61,23 +61,31 @@ def is_certificate(key: paramiko.PKey) -> bool:
     return blob is not None and blob.key_type.endswith(CERTIFICATE_SUFFIX)
 
 
-def host_key_algorithms(offered: tuple[str, ...], listed: set[str]) -> tuple[str, ...]:
-    """The host key algorithms to offer, in order, where an authority vouches for the host:
-    certificates first (as ssh offers them), then the types of the keys known_hosts
-    lists for the host (``listed``: key names, as ``ssh-rsa``), then the others of
-    ``offered``, so that a server with several keys presents one that can be checked."""
+def host_key_algorithms(offered: tuple[str, ...], listed: set[str], *, certificates: bool) -> tuple[str, ...]:
+    """The host key algorithms to offer, in order, where fleetrun checks the host's key:
+    with ``certificates`` (an authority vouches for the host), certificates first, as ssh
+    offers them; then the types of the keys known_hosts lists for the host (``listed``:
+    key names, as ``ssh-rsa``), then the others of ``offered``, so that a server with
+    several keys presents one that can be checked."""
     supported = paramiko.Transport._key_info  # noqa: SLF001
-    certificates = [f"{name}{CERTIFICATE_SUFFIX}" for name in offered if f"{name}{CERTIFICATE_SUFFIX}" in supported]
+    signed = [f"{name}{CERTIFICATE_SUFFIX}" for name in offered if f"{name}{CERTIFICATE_SUFFIX}" in supported] if certificates else []
     # An RSA key is listed as ssh-rsa and offered as rsa-sha2-512 and rsa-sha2-256.
     listed_first = sorted(offered, key=lambda name: ("ssh-rsa" if name.startswith("rsa-sha2-") else name) not in listed)
-    return tuple(certificates + listed_first)
+    return tuple(signed + listed_first)
 
 
 def parse_certificate(blob: bytes) -> Certificate:
     """Read a certificate blob, every length checked (paramiko's reader pads what is
     cut short and takes a length past the end as "the rest"); :class:`ValueError` if it
     is not a certificate this module knows."""
-    reader = _Reader(blob)
+    try:
+        return _certificate(blob)
+    except _CutShort as exc:
+        raise ValueError(f"the certificate cannot be read: {exc}") from None
+
+
+def _certificate(blob: bytes) -> Certificate:
+    reader = WireReader(blob)
     key_type = reader.text()
     fields = _PUBLIC_KEY_FIELDS.get(key_type.removesuffix(CERTIFICATE_SUFFIX))
     if not key_type.endswith(CERTIFICATE_SUFFIX) or fields is None:
@@ -88,17 +96,17 @@ def parse_certificate(blob: bytes) -> Certificate:
     for _ in fields:  # an mpint is written as a string too
         public_key.add_string(reader.string())
     serial, kind, key_id = reader.uint64(), reader.uint32(), reader.text()
-    principals = _Reader(reader.string()).all_texts()
+    principals = WireReader(reader.string()).all_texts()
     valid_after, valid_before = reader.uint64(), reader.uint64()
-    critical_options = _Reader(reader.string()).option_names()
+    critical_options = WireReader(reader.string()).option_names()
     reader.string()  # extensions
     reader.string()  # reserved
     signature_key = reader.string()
     signed = blob[: reader.at]
-    signature = _Reader(reader.string())
+    signature = WireReader(reader.string())
     signature_algorithm, signature_blob = signature.text(), signature.string()
     if not (reader.at_end() and signature.at_end()):
-        raise ValueError("the certificate cannot be read: it has bytes after its signature")
+        raise _CutShort("it has bytes after its signature")
     clean = Message()
     clean.add_string(signature_algorithm)
     clean.add_string(signature_blob)
@@ -108,33 +116,41 @@ def parse_certificate(blob: bytes) -> Certificate:
     )
 
 
-class _Reader:
-    """The SSH wire format (RFC 4251), strictly: a length past the end is an error."""
+class _CutShort(ValueError):
+    """Bytes in the SSH wire format that do not add up."""
+
+
+class WireReader:
+    """The SSH wire format (RFC 4251), strictly: a length past the end is an error
+    (:class:`ValueError`)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.at = 0
 
-    def _take(self, count: int) -> bytes:
+    def take(self, count: int) -> bytes:
         if self.at + count > len(self.data):
-            raise ValueError("the certificate cannot be read: it is cut short")
+            raise _CutShort("it is cut short")
         self.at += count
         return self.data[self.at - count : self.at]
 
+    def byte(self) -> int:
+        return self.take(1)[0]
+
     def uint32(self) -> int:
-        return int.from_bytes(self._take(4), "big")
+        return int.from_bytes(self.take(4), "big")
 
     def uint64(self) -> int:
-        return int.from_bytes(self._take(8), "big")
+        return int.from_bytes(self.take(8), "big")
 
     def string(self) -> bytes:
-        return self._take(self.uint32())
+        return self.take(self.uint32())
 
     def text(self) -> str:
         try:
             return self.string().decode()
         except UnicodeDecodeError:
-            raise ValueError("the certificate cannot be read: a name in it is not UTF-8") from None
+            raise _CutShort("a name in it is not UTF-8") from None
 
     def all_texts(self) -> tuple[str, ...]:
         found = []

@@ -10,12 +10,14 @@ every key and compares each with all before it: 11.5 s per connection for a file
 line that cannot be read is skipped, as ssh skips it; a ``@cert-authority`` line names an
 authority whose host certificates are accepted for the host (checked in
 :mod:`.ssh_host_certificates`); and a key marked ``@revoked`` is refused for every host,
-even one that lists it, even under ``accept-new``.
+even one that lists it, even under ``accept-new``, as is one that ssh_config's
+``RevokedHostKeys`` revokes (:mod:`.ssh_revoked_keys`).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -32,6 +34,7 @@ from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_host_certificates import certificate_problem, is_certificate
+from fleetrun.plugins.transports.ssh_revoked_keys import RevokedKeys, UnreadableRevocations, read_revoked_keys
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -56,6 +59,13 @@ class KnownHosts:
     authorities: tuple[paramiko.PKey, ...] = ()  # of @cert-authority lines for the host, and not revoked
     skipped_lines: tuple[str, ...] = ()  # FILE:LINE that could not be read, or hold a key paramiko cannot use
     listed_in: Mapping[tuple[str, str], Path] = field(default_factory=dict)  # the file each listed key came from
+    revocations: RevokedKeys | None = None  # ssh_config's RevokedHostKeys, read
+
+    @property
+    def decided_by_policy(self) -> bool:
+        """Whether the policy, not paramiko, compares the server's key with the listed ones:
+        where a certificate or a revocation list may overrule them (see check_host_keys)."""
+        return bool(self.authorities) or self.revocations is not None
 
     def looked_in(self) -> str:
         """The files that were read, in words (the first one if none exists)."""
@@ -67,7 +77,7 @@ class KnownHosts:
 
 def check_host_keys(
     client: paramiko.SSHClient, files: list[Path], *, looked_up_as: str, accept_new: bool, alias: str | None = None,
-    hash_names: bool = False,
+    hash_names: bool = False, revoked_host_keys: Path | None = None,
 ) -> KnownHosts:
     """Give ``client`` the keys ``files`` list for the host and set what happens to another;
     return what the files say about the host.
@@ -76,15 +86,24 @@ def check_host_keys(
     on another port than 22). ``alias`` is ssh_config's ``HostKeyAlias``: as in ssh, the
     keys listed for it are the ones that count, and a new key is recorded under it.
     ``hash_names`` (ssh_config's ``HashKnownHosts``): a new key's line names its host by
-    a hash, as ssh writes it, so that the file does not list the hosts one reaches."""
+    a hash, as ssh writes it, so that the file does not list the hosts one reaches.
+    ``revoked_host_keys`` (ssh_config's ``RevokedHostKeys``): keys and certificates never
+    accepted; a file that cannot be read refuses the host, as in ssh."""
     known = _load(files, (alias or looked_up_as).lower())
-    if not known.authorities:
+    if revoked_host_keys is not None:
+        try:
+            known = dataclasses.replace(known, revocations=read_revoked_keys(revoked_host_keys))
+        except UnreadableRevocations as exc:
+            raise TransportError(
+                "host_key", f"RevokedHostKeys {revoked_host_keys} cannot be read ({exc}): ssh refuses every host then, and so does fleetrun"
+            ) from None
+    if not known.decided_by_policy:
         host_keys = client.get_host_keys()
         for key in known.keys:
             host_keys._entries.append(HostKeyEntry([looked_up_as], key))  # noqa: SLF001
-    # else paramiko is given no key: it would compare a certificate's key with the listed
-    # ones and call a host whose key changed but whose certificate is valid changed. The
-    # policy decides, as ssh does: a valid certificate first, then the listed keys.
+    # else paramiko is given no key: it would accept a listed key that a revocation list
+    # revokes, and call a host whose key changed but whose certificate is valid changed.
+    # The policy decides, as ssh does: revocations, a valid certificate, the listed keys.
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
@@ -220,6 +239,11 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
             raise HostKeyRefused(
                 f"the host key of {host} ({seen}) is marked @revoked in {self.known.looked_in()}: it is never accepted"
             )
+        revoked = self.known.revocations.refuses(key) if self.known.revocations else None
+        if revoked:
+            raise HostKeyRefused(
+                f"the host key of {host} ({seen}) is refused: {revoked} in RevokedHostKeys {self.known.revocations.path}"
+            )
         certificate = None
         if is_certificate(key):
             problem = certificate_problem(key, self.known.authorities, (self.alias or _without_port(hostname),))
@@ -228,7 +252,7 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
                 return
             certificate = f"its certificate is not accepted: {problem}"
             log.info("the host certificate of %s (%s) is not accepted (%s): checking the key itself", host, seen, problem)
-        if self.known.authorities:  # paramiko was given no key to compare (see check_host_keys)
+        if self.known.decided_by_policy:  # paramiko was given no key to compare (see check_host_keys)
             if _identity(key) in {_identity(listed) for listed in self.known.keys}:
                 return
             if self.known.keys:
