@@ -261,22 +261,27 @@ def test_revoked_host_keys_of_ssh_config_refuse_as_in_ssh(make_executor, sshd_fl
         tmp_path / "missing": "cannot be read",
     }
     hosts_yaml = hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(tmp_path / "ssh_config")}})
-    for revocations, refusal in cases.items():
-        (tmp_path / "ssh_config").write_text(
-            f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n"
-            f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n  GlobalKnownHostsFile none\n"
-            f"  StrictHostKeyChecking yes\n  RevokedHostKeys {revocations}\n"
-        )
-        task = make_executor(hosts_yaml=hosts_yaml).run(TaskRequest(host="web", command="true"))
-        by_ssh = subprocess.run(
-            ["ssh", "-F", str(tmp_path / "ssh_config"), "-o", "BatchMode=yes", "web", "true"], capture_output=True, text=True, timeout=30
-        )
-        assert (by_ssh.returncode != 0) == (refusal is not None), (revocations.name, by_ssh.stderr)  # ssh decides alike
-        if refusal is None:
-            assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None), revocations.name
-        else:  # before: ignored, and each logged in
-            assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key"), (revocations.name, task.error)
-            assert refusal in task.error and str(revocations) in task.error, task.error
+    # With the authority's line or only the key's, ssh asks for the certificate first (a listed
+    # key's before the bare key), so a certificate revoked by serial is refused either way.
+    for listing, certified in ((known.read_text(), True), (server.known_hosts_line, False)):
+        known.write_text(listing)
+        for revocations, refusal in cases.items():
+            (tmp_path / "ssh_config").write_text(
+                f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n"
+                f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n  GlobalKnownHostsFile none\n"
+                f"  StrictHostKeyChecking yes\n  RevokedHostKeys {revocations}\n"
+            )
+            task = make_executor(hosts_yaml=hosts_yaml).run(TaskRequest(host="web", command="true"))
+            by_ssh = subprocess.run(
+                ["ssh", "-F", str(tmp_path / "ssh_config"), "-o", "BatchMode=yes", "web", "true"], capture_output=True, text=True, timeout=30
+            )
+            case = (revocations.name, certified)
+            assert (by_ssh.returncode != 0) == (refusal is not None), (case, by_ssh.stderr)  # ssh decides alike
+            if refusal is None:
+                assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None), case
+            else:  # before: ignored, and each logged in
+                assert (task.status, task.error_category) == (TaskStatus.FAILED, "host_key"), (case, task.error)
+                assert refusal in task.error and str(revocations) in task.error, task.error
     server.stop()
 
 

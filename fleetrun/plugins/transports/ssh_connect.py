@@ -183,7 +183,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
             )
             if known.decided_by_policy:  # paramiko no longer orders the algorithms by the listed keys
                 hop.connect_kwargs["transport_factory"] = functools.partial(
-                    _transport_factory, listed={key.get_name() for key in known.keys}, certificates=bool(known.authorities)
+                    _transport_factory, listed={key.get_name() for key in known.keys}, authorities=bool(known.authorities)
                 )
     return connection
 
@@ -427,17 +427,17 @@ os.register_at_fork(after_in_child=_close_inherited_sockets)
 
 
 def _transport_factory(
-    sock: Any, *, listed: set[str] | None = None, certificates: bool = False, **kwargs: Any
+    sock: Any, *, listed: set[str] | None = None, authorities: bool = False, **kwargs: Any
 ) -> paramiko.Transport:
     """paramiko's transport, tuned. ``listed``: the names of the keys known_hosts lists for
     the host, when fleetrun checks its key (see :func:`host_key_algorithms`);
-    ``certificates``: an authority vouches for the host."""
+    ``authorities``: an authority vouches for the host."""
     transport = paramiko.Transport(
         sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
     )
     options = transport.get_security_options()
     if listed is not None:
-        options.key_types = host_key_algorithms(tuple(options.key_types), listed, certificates=certificates)
+        options.key_types = host_key_algorithms(tuple(options.key_types), listed, authorities=authorities)
     preferred = [c for c in options.ciphers if "gcm" in c]
     options.ciphers = tuple(preferred + [c for c in options.ciphers if c not in preferred])
     # paramiko ignores exit-signal; this table is per class, so copy it for this transport.

@@ -61,17 +61,25 @@ def is_certificate(key: paramiko.PKey) -> bool:
     return blob is not None and blob.key_type.endswith(CERTIFICATE_SUFFIX)
 
 
-def host_key_algorithms(offered: tuple[str, ...], listed: set[str], *, certificates: bool) -> tuple[str, ...]:
-    """The host key algorithms to offer, in order, where fleetrun checks the host's key:
-    with ``certificates`` (an authority vouches for the host), certificates first, as ssh
-    offers them; then the types of the keys known_hosts lists for the host (``listed``:
-    key names, as ``ssh-rsa``), then the others of ``offered``, so that a server with
-    several keys presents one that can be checked."""
+def host_key_algorithms(offered: tuple[str, ...], listed: set[str], *, authorities: bool) -> tuple[str, ...]:
+    """The host key algorithms to offer, in order, where fleetrun checks the host's key,
+    ordered as ssh orders them so that the server presents the key ssh would be shown.
+
+    ``listed``: the names of the keys known_hosts lists for the host (``ssh-rsa``...).
+    With ``authorities`` (a ``@cert-authority`` line vouches for the host), certificates
+    of every type come first; else the types of the listed keys do, each certificate
+    before its bare key (a certificate may be revoked by serial where its key is not)."""
     supported = paramiko.Transport._key_info  # noqa: SLF001
-    signed = [f"{name}{CERTIFICATE_SUFFIX}" for name in offered if f"{name}{CERTIFICATE_SUFFIX}" in supported] if certificates else []
+
+    def signed(names: list[str]) -> list[str]:
+        return [f"{name}{CERTIFICATE_SUFFIX}" for name in names if f"{name}{CERTIFICATE_SUFFIX}" in supported]
+
     # An RSA key is listed as ssh-rsa and offered as rsa-sha2-512 and rsa-sha2-256.
-    listed_first = sorted(offered, key=lambda name: ("ssh-rsa" if name.startswith("rsa-sha2-") else name) not in listed)
-    return tuple(signed + listed_first)
+    known = [name for name in offered if ("ssh-rsa" if name.startswith("rsa-sha2-") else name) in listed]
+    others = [name for name in offered if name not in known]
+    if authorities:
+        return tuple(signed(list(offered)) + known + others)
+    return tuple(signed(known) + known + signed(others) + others)
 
 
 def parse_certificate(blob: bytes) -> Certificate:
