@@ -11,12 +11,15 @@ hosts. fleetrun then takes over the parts Fabric leaves loose:
   reverse order and takes ``[::1]:22`` for a host name);
 * host keys are checked against the known_hosts files ssh reads, strictly unless the
   host (or ssh_config's ``StrictHostKeyChecking``) opts in to recording new keys (never
-  changed ones); Fabric's default accepts any key (see :mod:`.ssh_known_hosts`);
+  changed ones), host certificates against their authorities, and ssh_config's
+  ``RevokedHostKeys`` is honoured; Fabric's default accepts any key (see
+  :mod:`.ssh_known_hosts`);
 * each hop's timeouts and keepalives come from the host's fields, else from ssh_config
   (see :mod:`.ssh_options`); Fabric's ``int()`` made a ``connect_timeout`` of 0.5 s no
   handshake limit at all;
 * keys come from the ssh-agent ``IdentityAgent`` names, and only the identity files'
-  ones when those are named (paramiko asks ``$SSH_AUTH_SOCK``'s agent for every key);
+  ones when those are named, with the certificates that go with them (paramiko asks
+  ``$SSH_AUTH_SOCK``'s agent for every key; see :mod:`.ssh_identities`);
 * a connection is closed whole, jump hosts included, also when connecting failed;
 * the socket gets ``TCP_NODELAY`` (paramiko leaves Nagle on, which costs ~40 ms a command);
 * channels get a large window and packet size, and AES-GCM is preferred, for throughput;
