@@ -26,7 +26,7 @@ from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.plugins.transports.ssh_channel import login_shell, remote_command, stop_script
 
-from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, ssh_host, stat_fields, wait_until
+from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
 
@@ -460,7 +460,8 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     via_config = {"transport": "ssh", "ssh_config_file": str(config)}
     own = {**via_config, "identity_files": [str(plain), str(locked)], "passphrase_env": "LOCKED_PASSPHRASE"}
-    executor = make_executor(hosts_yaml=hosts_file_text({
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({
         "web": via_config,
         "missing": via_config,  # ssh_config's CertificateFile does not exist: skipped, as ssh skips it
         "locked": {**own, "certificate_files": [str(signed / "locked-cert.pub")]},
@@ -469,6 +470,9 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
         "not-one": {**own, "certificate_files": [f"{plain}.pub"]},
         "public-only": ssh_host(sshd_fleet, server, known, identity_files=[f"{plain}.pub"], certificate_files=[str(signed / "plain-cert.pub")]),
     }))
+    executor = make_executor(hosts_yaml=hosts.read_text())
+    dry = run_cli("--hosts", str(hosts), "run", "locked", "--dry-run", "--", "true", env={"FLEETRUN_HOME": str(tmp_path / "home")})
+    assert f"; certificate_files: {signed / 'locked-cert.pub'}; " in dry.stdout, dry.stdout
     # Before: "authentication ... failed": paramiko sends only KEY-cert.pub.
     for name, certificate in (("web", "plain-cert.pub"), ("locked", "locked-cert.pub")):
         task = executor.run(TaskRequest(host=name, command="whoami"))

@@ -574,6 +574,7 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
         "known_hosts": [str(path) for path in settings.known_hosts_files(connection.ssh_config)],
         "host_key_checking": settings.options_for(connection).host_key_checking_in_words(),
         "identity_files": list(settings.identity_files) or None,
+        "certificate_files": list(settings.certificate_files) or None,
         "secrets_from": [
             f"{what} from {where}"
             for what, where in (
