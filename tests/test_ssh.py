@@ -469,7 +469,10 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
         "stranger": {**via_config, "identity_files": [str(plain)], "certificate_files": [str(signed / "locked-cert.pub")]},
         "not-one": {**own, "certificate_files": [f"{plain}.pub"]},
         "public-only": ssh_host(sshd_fleet, server, known, identity_files=[f"{plain}.pub"], certificate_files=[str(signed / "plain-cert.pub")]),
+        "no-passphrase": {**via_config, "identity_files": [str(locked)], "certificate_files": [str(signed / "locked-cert.pub")]},
+        "wrong-passphrase": {**own, "certificate_files": [str(signed / "locked-cert.pub")], "passphrase_env": "WRONG_PASSPHRASE"},
     }))
+    monkeypatch.setenv("WRONG_PASSPHRASE", "not-the-pass-phrase")
     executor = make_executor(hosts_yaml=hosts.read_text())
     dry = run_cli("--hosts", str(hosts), "run", "locked", "--dry-run", "--", "true", env={"FLEETRUN_HOME": str(tmp_path / "home")})
     assert f"; certificate_files: {signed / 'locked-cert.pub'}; " in dry.stdout, dry.stdout
@@ -492,6 +495,11 @@ def test_a_certificate_file_logs_in_with_the_identity_file_whose_key_it_certifie
         ("not-one", f"certificate file {plain}.pub is not an OpenSSH certificate (not a certificate type fleetrun can check: 'ssh-ed25519')"),
         ("public-only", f"certificate file {signed / 'plain-cert.pub'} certifies the key of {plain}.pub, which is a public key, "
          "and ssh-agent does not hold its private key"),
+        # Before: "TypeError: Key is password-protected...", and paramiko's "no BEGIN/END delimiters" for a wrong one.
+        ("no-passphrase", f"certificate file {signed / 'locked-cert.pub'} certifies the key of {locked}, which is encrypted, "
+         "and no passphrase was given"),
+        ("wrong-passphrase", f"certificate file {signed / 'locked-cert.pub'} certifies the key of {locked}, which the passphrase "
+         "given does not decrypt"),
     ]:
         task = executor.run(TaskRequest(host=name, command="true"))
         assert (task.status, task.error_category, task.error) == (TaskStatus.FAILED, "auth", f"cannot log in to {where}: {problem}")

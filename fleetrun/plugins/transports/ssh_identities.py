@@ -174,6 +174,23 @@ _OPENSSH_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----"
 _OPENSSH_KEY_MAGIC = b"openssh-key-v1\0"
 
 
+def _encrypted(path: Path) -> bool:
+    """Whether the private key file at ``path`` is encrypted (OpenSSH or PEM format)."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    if "ENCRYPTED" in text[:200]:  # PEM: "Proc-Type: 4,ENCRYPTED", or "BEGIN ENCRYPTED PRIVATE KEY"
+        return True
+    if not text.startswith(_OPENSSH_PRIVATE_KEY):
+        return False
+    try:
+        data = base64.b64decode("".join(text.strip().splitlines()[1:-1]))
+        return data.startswith(_OPENSSH_KEY_MAGIC) and paramiko.Message(data[len(_OPENSSH_KEY_MAGIC) :]).get_text() != "none"
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def _public_key_blobs(path: str) -> set[bytes]:
     """The public key of an identity file, found without its passphrase: from ``PATH.pub``,
     from PATH itself when it is a public key (its private half then lives in the agent), or
@@ -280,12 +297,15 @@ def _certified_key(
                 continue
         except TransportError:  # ~ with no home directory to expand it to
             continue
+        encrypted = _encrypted(local_path(identity))
+        if encrypted and passphrase is None:
+            raise _Unusable(f"certifies the key of {identity}, which is encrypted, and no passphrase was given")
         try:
             key = paramiko.PKey.from_path(local_path(identity), password=None if passphrase is None else passphrase.encode())
-        except paramiko.PasswordRequiredException:
-            raise _Unusable(f"certifies the key of {identity}, which is encrypted, and no passphrase was given") from None
-        except (OSError, ValueError, paramiko.SSHException) as exc:
-            raise _Unusable(f"certifies the key of {identity}, which cannot be read: {exc}") from None
+        except (OSError, ValueError, TypeError, paramiko.SSHException) as exc:
+            # A wrong passphrase reads as garbage: paramiko then says it found no PEM delimiters.
+            why = "the passphrase given does not decrypt" if encrypted else f"cannot be read: {exc}"
+            raise _Unusable(f"certifies the key of {identity}, which {why}") from None
         key.load_certificate(str(local_path(path)))
         key.fleetrun_certificate = path  # type: ignore[attr-defined]  # named in a refusal
         return key
