@@ -310,6 +310,33 @@ def test_host_certificates_of_each_key_type(make_executor, sshd_fleet, tmp_path,
         assert "its certificate is not accepted: its authority signed it with 'ssh-rsa', which ssh does not accept" in task.error
 
 
+def test_a_host_certificate_names_the_hostkeyalias_where_ssh_config_sets_one(make_executor, sshd_fleet, tmp_path):
+    from sshd import generate_key
+
+    authority = generate_key(tmp_path / "host_ca")
+    server = sshd_fleet.start()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority * {' '.join(Path(f'{authority}.pub').read_text().split()[:2])}\n")
+    config = tmp_path / "ssh_config"
+    hosts_yaml = hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(config)}})
+    for principal, alias, accepted in [(server.address, "web-alias", False), ("web-alias", "web-alias", True), (server.address, None, True)]:
+        subprocess.run(["ssh-keygen", "-q", "-s", str(authority), "-h", "-I", "web", "-n", principal, f"{server.host_key}.pub"], check=True)
+        server.stop()
+        server.extra_config = f"HostCertificate {server.host_key}-cert.pub"
+        server.start()
+        config.write_text(
+            f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+            f"  UserKnownHostsFile {known}\n  GlobalKnownHostsFile none\n  StrictHostKeyChecking yes\n"
+            + (f"  HostKeyAlias {alias}\n" if alias else "")
+        )
+        task = make_executor(hosts_yaml=hosts_yaml).run(TaskRequest(host="web", command="true"))
+        by_ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "web", "true"], capture_output=True, text=True, timeout=30)
+        assert ((by_ssh.returncode == 0), task.status is TaskStatus.SUCCEEDED) == (accepted, accepted), (principal, alias, task.error)
+        if not accepted:
+            assert f"web-alias is not one of its principals ({server.address})" in task.error
+    server.stop()
+
+
 def test_a_host_certificate_is_read_strictly(tmp_path):
     import base64
 
