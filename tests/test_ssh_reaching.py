@@ -641,13 +641,15 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         "Host b a\n  HostName via-a\n"  # a only: b is not under Host a
         f"Host nested\n  Include {tmp_path / 'deeper'}\n"
     )
-    (tmp_path / "deeper").write_text("Host *\n  Port 2299\n")
+    (tmp_path / "deeper").write_text(f"Host *\n  Port 2299\n  CertificateFile {tmp_path}/deeper-cert.pub\n")
     config = tmp_path / "config"
     config.write_text(
         f"Include {tmp_path / 'conf.d'}/*\nUser everyone\n"
-        f"Host a\n  Include {tmp_path / 'inner'}\n  Port 2000\n"
+        f"Host a\n  Include {tmp_path / 'inner'}\n  Port 2000\n  CertificateFile {tmp_path}/a-cert.pub\n"
         "Match originalhost other\n  User someone\n"
-        "Host *\n  Port 22\n"
+        # Every CertificateFile that applies counts, in order (paramiko kept the first).
+        f"Host *\n  Port 22\n  CertificateFile {tmp_path}/all-cert.pub\n  IdentityFile {tmp_path}/id\n"
+        f"  CertificateFile={tmp_path}/written-with-equals-cert.pub\n"
     )
     lookup = read_ssh_config([ConfigFile(config, tmp_path)])
     keywords = ("hostname", "port", "user", "compression")
@@ -656,6 +658,8 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         theirs = {k: v for k, v in (line.split(" ", 1) for line in printed.splitlines()) if k in keywords}
         ours = lookup.lookup(name)
         assert {k: ours.get(k, {"port": "22", "compression": "no"}.get(k)) for k in keywords} == theirs, name
+        certificates = [line.split(" ", 1)[1] for line in printed.splitlines() if line.startswith("certificatefile ")]
+        assert lookup.certificate_files(name) == certificates, name
 
 
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):

@@ -53,7 +53,33 @@ class ConfigFile(NamedTuple):
     guarded: bool = False
 
 
-def read_ssh_config(files: list[ConfigFile]) -> paramiko.SSHConfig:
+class SshConfigLookup(paramiko.SSHConfig):
+    """paramiko's host lookup, and every ``CertificateFile`` that applies to a host, in
+    order, as ssh takes them all (paramiko keeps the first value of that keyword)."""
+
+    certificates: paramiko.SSHConfig | None = None  # the same files, CertificateFile read as IdentityFile
+
+    def certificate_files(self, host: str) -> list[str]:
+        return list(self.certificates.lookup(host).get("identityfile", [])) if self.certificates else []
+
+
+def _certificates_as_identities(text: str) -> str:
+    """``text`` with each CertificateFile line made an IdentityFile line, and the IdentityFile
+    lines left out: paramiko then gathers them across blocks as ssh does, with the same
+    ``%`` tokens and ``~`` expanded."""
+    lines = []
+    for line in text.splitlines():
+        if _IDENTITY_FILE.match(line):
+            continue
+        lines.append(_CERTIFICATE_FILE.sub(r"\1IdentityFile", line))
+    return "\n".join(lines)
+
+
+_IDENTITY_FILE = re.compile(r"\s*identityfile(?=[\s=])", re.IGNORECASE)
+_CERTIFICATE_FILE = re.compile(r"^(\s*)certificatefile(?=[\s=])", re.IGNORECASE | re.MULTILINE)
+
+
+def read_ssh_config(files: list[ConfigFile]) -> SshConfigLookup:
     """The host lookup of ``files``, read in order (a value found first wins, as in ssh);
     the same object again while none of the files has changed, so that what is made from
     it can be kept too. A file that does not exist is left out, as ssh leaves it out."""
@@ -65,7 +91,9 @@ def read_ssh_config(files: list[ConfigFile]) -> paramiko.SSHConfig:
     read = _Reading()
     text = "\n".join(read.with_includes(each.path, each.directory, guarded=each.guarded, depth=0) for each in files)
     try:
-        lookup = paramiko.SSHConfig.from_text(text)
+        lookup = SshConfigLookup.from_text(text)
+        if _CERTIFICATE_FILE.search(text):
+            lookup.certificates = paramiko.SSHConfig.from_text(_certificates_as_identities(text))
     except paramiko.ssh_exception.ConfigParseError as exc:
         raise SshConfigError(str(exc)) from None
     # A file changed in the last moments could change again within its clock's tick, its
@@ -79,7 +107,7 @@ def read_ssh_config(files: list[ConfigFile]) -> paramiko.SSHConfig:
 @dataclass
 class _Kept:
     seen: dict[str, object]  # each file read (its state) and each Include pattern (its matches)
-    lookup: paramiko.SSHConfig
+    lookup: SshConfigLookup
 
     def still_current(self) -> bool:
         return all(_state_now(what) == state for what, state in self.seen.items())

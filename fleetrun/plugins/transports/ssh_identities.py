@@ -24,7 +24,7 @@ import paramiko
 
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.transport import TransportError
-from fleetrun.plugins.transports.ssh_config_files import with_environment
+from fleetrun.plugins.transports.ssh_config_files import SshConfigLookup, with_environment
 from fleetrun.plugins.transports.ssh_host_certificates import CERTIFICATE_SUFFIX, parse_certificate
 
 log = logging.getLogger("fleetrun.ssh")
@@ -235,8 +235,9 @@ def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, 
     ssh_config's is skipped, as ssh skips it."""
     written = [(path, True) for path in certificate_files]
     if not written:
-        from_config = hop.ssh_config.get("certificatefile")
-        written = [(with_environment(path), False) for path in _as_list(from_config)]
+        lookup = hop.config.base_ssh_config
+        from_config = lookup.certificate_files(hop.original_host) if isinstance(lookup, SshConfigLookup) else []
+        written = [(with_environment(path), False) for path in from_config]
     if not written:
         return
     offered = hop.connect_kwargs.get("key_filename") or [f"~/.ssh/id_{kind}" for kind in ("rsa", "ecdsa", "ed25519")]
@@ -255,12 +256,6 @@ def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, 
 
 class _Unusable(Exception):
     """Why a certificate file cannot be used."""
-
-
-def _as_list(value: object) -> list[str]:
-    if value is None:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _certified_key(
