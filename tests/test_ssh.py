@@ -331,6 +331,37 @@ def test_keys_in_ssh_agent_log_in_and_identity_files_limit_them_to_their_own(mak
     assert executor.run(TaskRequest(host="unpinned", command="true")).status is TaskStatus.SUCCEEDED
 
 
+def test_each_certificate_file_is_offered_until_one_is_accepted_as_in_ssh(make_executor, sshd_fleet, tmp_path, user_authority, monkeypatch):
+    # Two environments' authorities, say: the server trusts the second one only.
+    from sshd import generate_key
+
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    staging_key, production_key = generate_key(tmp_path / "id_staging"), generate_key(tmp_path / "id_production")
+    staging_authority = generate_key(tmp_path / "staging_ca")
+    subprocess.run(["ssh-keygen", "-q", "-s", str(staging_authority), "-I", "staging", "-n", sshd_fleet.user, f"{staging_key}.pub"], check=True)
+    staging = Path(f"{staging_key}-cert.pub").rename(tmp_path / "staging-cert.pub")  # not beside the key, where paramiko looks
+    production = user_authority.sign(production_key, "production").rename(tmp_path / "production-cert.pub")
+    server = user_authority.server
+    config = tmp_path / "ssh_config"
+    certificates = f"  CertificateFile {staging}\n  CertificateFile {production}\n"
+    config.write_text(
+        f"Host *\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {user_authority.known_hosts}\n  IdentityFile {staging_key}\n"
+        f"Host both\n  IdentityFile {production_key}\n{certificates}Host staging-only\n  CertificateFile {staging}\n"
+    )
+    via_config = {"transport": "ssh", "ssh_config_file": str(config)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"both": via_config, "staging-only": via_config}))
+    # Before: only the first certificate was offered, and refused.
+    task = executor.run(TaskRequest(host="both", command="true"))
+    assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
+    assert 'Accepted certificate ID "production"' in server.log.read_text()
+    by_ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "both", "true"], capture_output=True, text=True, timeout=30)
+    assert by_ssh.returncode == 0, by_ssh.stderr
+    refused = executor.run(TaskRequest(host="staging-only", command="true"))
+    assert (refused.status, refused.error_category) == (TaskStatus.FAILED, "auth")
+    assert f"(tried: {staging} (certificate), {staging_key}): " in refused.error, refused.error
+
+
 @pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
 def test_a_certificate_held_by_ssh_agent_logs_in(make_executor, sshd_fleet, tmp_path, ssh_agent, user_authority, key_type):
     # As `step ssh login` and `tsh login` leave it: the key and its certificate in the agent only.

@@ -66,11 +66,11 @@ def keep_usable_identity_files(hop: fabric.Connection, identity_files: tuple[str
 
 def offered_in_words(hop: fabric.Connection) -> str:
     """What logging in to the hop offered, in words (for a refusal's message)."""
-    offered = list(dict.fromkeys(hop.connect_kwargs.get("key_filename") or []))
-    certified = getattr(hop.connect_kwargs.get("pkey"), "fleetrun_certificate", None)
-    if certified:
-        offered.insert(0, f"{certified} (certificate)")
-    held = len(getattr(getattr(hop.client, "_agent", None), "_keys", None) or ())
+    agent_keys = getattr(getattr(hop.client, "_agent", None), "_keys", None) or ()
+    certificates = [getattr(key, "fleetrun_certificate", None) for key in (hop.connect_kwargs.get("pkey"), *agent_keys)]
+    offered = [f"{path} (certificate)" for path in certificates if path]
+    offered += list(dict.fromkeys(hop.connect_kwargs.get("key_filename") or []))
+    held = sum(1 for key in agent_keys if not hasattr(key, "fleetrun_certificate"))
     if held:
         offered.append(f"{held} key{'' if held == 1 else 's'} of ssh-agent")
     if hop.connect_kwargs.get("look_for_keys", True):
@@ -166,6 +166,10 @@ class _IdentityAgent(paramiko.agent.AgentSSH):
             # A certificate in the agent is not its key's: ssh, under IdentitiesOnly, does not send it either.
             self._keys = tuple(key for key in self._keys if key.blob in wanted)
 
+    def put_first(self, keys: list[paramiko.PKey]) -> None:
+        """Offer ``keys`` (certificates of the hop's) before the agent's own."""
+        self._keys = (*keys, *self._keys)
+
     def close(self) -> None:
         self._close()
 
@@ -229,7 +233,8 @@ def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, 
     ``certificate_files``, else ssh_config's ``CertificateFile`` for the hop; each goes
     with the key it certifies: one ssh-agent holds (an encrypted file's key unlocked there
     needs no passphrase), else an identity file of those the hop offers (else
-    ``~/.ssh/id_*``). The first that pairs is offered first.
+    ``~/.ssh/id_*``). Each that pairs is offered, in order, as ssh offers them: the first
+    before any other key, the others before the agent's.
 
     One of the host's that cannot be used fails the connection, saying why; one of
     ssh_config's is skipped, as ssh skips it."""
@@ -242,16 +247,21 @@ def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, 
         return
     offered = hop.connect_kwargs.get("key_filename") or [f"~/.ssh/id_{kind}" for kind in ("rsa", "ecdsa", "ed25519")]
     identities = list(dict.fromkeys(offered))  # the host's and ssh_config's may name the same file
+    agent = getattr(hop.client, "_agent", None)
+    certified = []
     for path, own in written:
         try:
-            key = _certified_key(path, identities, passphrase, agent=getattr(hop.client, "_agent", None))
+            certified.append(_certified_key(path, identities, passphrase, agent=agent))
         except _Unusable as exc:
             if own:
                 raise TransportError("auth", f"cannot log in to {where}: certificate file {path} {exc}") from None
             log.debug("skipping ssh_config's CertificateFile %s: %s", path, exc)
-            continue
-        hop.connect_kwargs["pkey"] = key
-        return
+    if certified:
+        # paramiko takes one key of its own (pkey), tried first; the others go with the
+        # agent's keys, which it tries after the identity files, before them.
+        hop.connect_kwargs["pkey"] = certified[0]
+        if isinstance(agent, _IdentityAgent):
+            agent.put_first(certified[1:])
 
 
 class _Unusable(Exception):
