@@ -184,10 +184,10 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
                 hash_names=str(hop.ssh_config.get("hashknownhosts", "no")).lower() == "yes",
                 revoked_host_keys=_revoked_host_keys(hop),
             )
-            if known.decided_by_policy:  # paramiko no longer orders the algorithms by the listed keys
-                hop.connect_kwargs["transport_factory"] = functools.partial(
-                    _transport_factory, listed={key.get_name() for key in known.keys}, authorities=bool(known.authorities)
-                )
+            # paramiko, given no listed key (the policy checks them), orders nothing by them.
+            hop.connect_kwargs["transport_factory"] = functools.partial(
+                _transport_factory, listed={key.get_name() for key in known.keys}, authorities=bool(known.authorities)
+            )
     return connection
 
 
@@ -433,8 +433,8 @@ def _transport_factory(
     sock: Any, *, listed: set[str] | None = None, authorities: bool = False, **kwargs: Any
 ) -> paramiko.Transport:
     """paramiko's transport, tuned. ``listed``: the names of the keys known_hosts lists for
-    the host, when fleetrun checks its key (see :func:`host_key_algorithms`);
-    ``authorities``: an authority vouches for the host."""
+    the host, whose host key algorithms are offered first (see :func:`host_key_algorithms`;
+    None where no key is checked); ``authorities``: an authority vouches for the host."""
     transport = paramiko.Transport(
         sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
     )

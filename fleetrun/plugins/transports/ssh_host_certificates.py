@@ -62,8 +62,8 @@ def is_certificate(key: paramiko.PKey) -> bool:
 
 
 def host_key_algorithms(offered: tuple[str, ...], listed: set[str], *, authorities: bool) -> tuple[str, ...]:
-    """The host key algorithms to offer, in order, where fleetrun checks the host's key,
-    ordered as ssh orders them so that the server presents the key ssh would be shown.
+    """The host key algorithms to offer, ordered as ssh orders them so that the server
+    presents the key ssh would be shown.
 
     ``listed``: the names of the keys known_hosts lists for the host (``ssh-rsa``...).
     With ``authorities`` (a ``@cert-authority`` line vouches for the host), certificates

@@ -61,12 +61,6 @@ class KnownHosts:
     listed_in: Mapping[tuple[str, str], Path] = field(default_factory=dict)  # the file each listed key came from
     revocations: RevokedKeys | None = None  # ssh_config's RevokedHostKeys, read
 
-    @property
-    def decided_by_policy(self) -> bool:
-        """Whether the policy, not paramiko, compares the server's key with the listed ones:
-        where a certificate or a revocation list may overrule them (see check_host_keys)."""
-        return bool(self.authorities) or self.revocations is not None
-
     def looked_in(self) -> str:
         """The files that were read, in words (the first one if none exists)."""
         if not self.files:
@@ -79,8 +73,11 @@ def check_host_keys(
     client: paramiko.SSHClient, files: list[Path], *, looked_up_as: str, accept_new: bool, alias: str | None = None,
     hash_names: bool = False, revoked_host_keys: Path | None = None,
 ) -> KnownHosts:
-    """Give ``client`` the keys ``files`` list for the host and set what happens to another;
-    return what the files say about the host.
+    """Set how ``client`` checks the host's key against what ``files`` say about the host
+    (returned): by fleetrun's policy alone. paramiko, given the listed keys, would accept
+    one that a revocation list revokes before anything else is looked at, and call a host
+    whose key changed but whose certificate is valid changed; the policy decides as ssh
+    does, in order: revocations, a valid certificate, the listed keys, an unknown key.
 
     ``looked_up_as`` is the name paramiko looks the key up by (``host``, or ``[host]:port``
     on another port than 22). ``alias`` is ssh_config's ``HostKeyAlias``: as in ssh, the
@@ -97,13 +94,6 @@ def check_host_keys(
             raise TransportError(
                 "host_key", f"RevokedHostKeys {revoked_host_keys} cannot be read ({exc}): ssh refuses every host then, and so does fleetrun"
             ) from None
-    if not known.decided_by_policy:
-        host_keys = client.get_host_keys()
-        for key in known.keys:
-            host_keys._entries.append(HostKeyEntry([looked_up_as], key))  # noqa: SLF001
-    # else paramiko is given no key: it would accept a listed key that a revocation list
-    # revokes, and call a host whose key changed but whose certificate is valid changed.
-    # The policy decides, as ssh does: revocations, a valid certificate, the listed keys.
     # paramiko would rewrite the whole file on every new key; the policy appends instead,
     # and only when the host opted in.
     client._host_keys_filename = None  # noqa: SLF001
@@ -217,11 +207,13 @@ def _identity(key: paramiko.PKey) -> tuple[str, str]:
 
 
 class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
-    """What happens to a host key that known_hosts does not list.
+    """Whether the server's host key is accepted; paramiko, given no key of its own to
+    compare, asks for every connection.
 
-    Strict: refuse it, naming the key. ``accept_new``: append it to the first known_hosts
-    file and go on. Either way a revoked key is refused. A key that differs from a listed
-    one never reaches a policy: paramiko refuses it with ``BadHostKeyException``.
+    A revoked key is refused, a certificate signed by a listed authority accepted, a listed
+    key accepted and another where some are listed refused as changed
+    (``BadHostKeyException``). A key nothing lists is refused under strict checking,
+    naming it; under ``accept_new`` it is appended to the first known_hosts file.
     """
 
     _write_lock = threading.Lock()
@@ -245,18 +237,18 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
                 f"the host key of {host} ({seen}) is refused: {revoked} in RevokedHostKeys {self.known.revocations.path}"
             )
         certificate = None
-        if is_certificate(key):
+        if is_certificate(key) and self.known.authorities:  # without one, only the key itself counts, as in ssh
             problem = certificate_problem(key, self.known.authorities, (self.alias or _without_port(hostname),))
             if problem is None:
                 log.debug("the host certificate of %s (%s) is signed by a listed authority", host, seen)
                 return
             certificate = f"its certificate is not accepted: {problem}"
             log.info("the host certificate of %s (%s) is not accepted (%s): checking the key itself", host, seen, problem)
-        if self.known.decided_by_policy:  # paramiko was given no key to compare (see check_host_keys)
-            if _identity(key) in {_identity(listed) for listed in self.known.keys}:
-                return
-            if self.known.keys:
-                raise paramiko.BadHostKeyException(hostname, key, self.known.keys[0])
+        if _identity(key) in {_identity(listed) for listed in self.known.keys}:
+            return
+        if self.known.keys:  # the listed key of the same type, as ssh names it, else the first
+            expected = next((listed for listed in self.known.keys if listed.get_name() == key.get_name()), self.known.keys[0])
+            raise paramiko.BadHostKeyException(hostname, key, expected)
         if not self.accept_new or not self.known.files:
             raise HostKeyRefused(
                 f"the host key of {host} is unknown: the server offered {seen}, which is not in "
