@@ -25,7 +25,7 @@ import paramiko
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_config_files import SshConfigLookup, with_environment
-from fleetrun.plugins.transports.ssh_host_certificates import CERTIFICATE_SUFFIX, parse_certificate
+from fleetrun.plugins.transports.ssh_host_certificates import CERTIFICATE_SUFFIX, WireReader, parse_certificate
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -186,13 +186,23 @@ def _encrypted(path: Path) -> bool:
         return False
     if "ENCRYPTED" in text[:200]:  # PEM: "Proc-Type: 4,ENCRYPTED", or "BEGIN ENCRYPTED PRIVATE KEY"
         return True
-    if not text.startswith(_OPENSSH_PRIVATE_KEY):
+    header = _openssh_header(text)
+    try:
+        return header is not None and header.text() != "none"  # the cipher
+    except ValueError:
         return False
+
+
+def _openssh_header(text: str) -> WireReader | None:
+    """The clear header of an OpenSSH-format private key (cipher, KDF, KDF options, number
+    of keys, public keys), or None for another text."""
+    if not text.startswith(_OPENSSH_PRIVATE_KEY):
+        return None
     try:
         data = base64.b64decode("".join(text.strip().splitlines()[1:-1]))
-        return data.startswith(_OPENSSH_KEY_MAGIC) and paramiko.Message(data[len(_OPENSSH_KEY_MAGIC) :]).get_text() != "none"
-    except (ValueError, UnicodeDecodeError):
-        return False
+    except ValueError:
+        return None
+    return WireReader(data[len(_OPENSSH_KEY_MAGIC) :]) if data.startswith(_OPENSSH_KEY_MAGIC) else None
 
 
 def _public_key_blobs(path: str) -> set[bytes]:
@@ -215,16 +225,15 @@ def _public_key_blobs(path: str) -> set[bytes]:
 def _public_key_blob(text: str) -> bytes | None:
     try:
         if text.startswith(_OPENSSH_PRIVATE_KEY):
-            data = base64.b64decode("".join(text.splitlines()[1:-1]))
-            if not data.startswith(_OPENSSH_KEY_MAGIC):
+            header = _openssh_header(text)
+            if header is None:
                 return None
-            header = paramiko.Message(data[len(_OPENSSH_KEY_MAGIC) :])
             for _ in range(3):  # cipher name, KDF name, KDF options
-                header.get_binary()
-            return header.get_binary() if header.get_int() >= 1 else None
+                header.string()
+            return header.string() if header.uint32() >= 1 else None
         words = text.split()
         return base64.b64decode(words[1], validate=True) if len(words) >= 2 and not text.startswith("-----") else None
-    except (ValueError, IndexError, paramiko.SSHException):
+    except (ValueError, IndexError):
         return None
 
 
