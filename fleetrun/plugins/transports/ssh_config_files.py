@@ -69,14 +69,11 @@ def _certificates_as_identities(text: str) -> str:
     ``%`` tokens and ``~`` expanded."""
     lines = []
     for line in text.splitlines():
-        if _IDENTITY_FILE.match(line):
-            continue
-        lines.append(_CERTIFICATE_FILE.sub(r"\1IdentityFile", line))
+        match = _KEYWORD.fullmatch(line)
+        keyword = match.group(1).lower() if match else ""
+        if keyword != "identityfile":
+            lines.append(f"IdentityFile {match.group(2)}" if match and keyword == "certificatefile" else line)
     return "\n".join(lines)
-
-
-_IDENTITY_FILE = re.compile(r"\s*identityfile(?=[\s=])", re.IGNORECASE)
-_CERTIFICATE_FILE = re.compile(r"^(\s*)certificatefile(?=[\s=])", re.IGNORECASE | re.MULTILINE)
 
 
 def read_ssh_config(files: list[ConfigFile]) -> SshConfigLookup:
@@ -92,7 +89,7 @@ def read_ssh_config(files: list[ConfigFile]) -> SshConfigLookup:
     text = "\n".join(read.with_includes(each.path, each.directory, guarded=each.guarded, depth=0) for each in files)
     try:
         lookup = SshConfigLookup.from_text(text)
-        if _CERTIFICATE_FILE.search(text):
+        if "certificatefile" in text.lower():  # else nothing to gather: no second reading
             lookup.certificates = paramiko.SSHConfig.from_text(_certificates_as_identities(text))
     except paramiko.ssh_exception.ConfigParseError as exc:
         raise SshConfigError(str(exc)) from None
