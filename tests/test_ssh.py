@@ -715,12 +715,8 @@ def test_connect_timeout_and_keepalives_come_from_ssh_config_when_the_host_sets_
         silent.close()
 
     # Keepalives every second, one unanswered drops the connection (the default: 3 of 15 s).
-    handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
-    wait_until(lambda: processes_with(f"sleep {marker}"))
-    with _frozen(server) as stopped_at:
-        task = handle.wait(20)
-        assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
-        assert time.monotonic() - stopped_at < 4
+    with _when_the_server_stops_answering(executor, server, marker) as (task, seconds):
+        assert (task.status, task.error_category, seconds < 4) == (TaskStatus.FAILED, "disconnected", True)
     server.stop()
 
 
@@ -1009,12 +1005,8 @@ def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, s
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
     entry = ssh_host(sshd_fleet, server, known, keepalive_interval=0.2, keepalive_count_max=2)
     executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
-    handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
-    wait_until(lambda: processes_with(f"sleep {marker}"))
-    with _frozen(server) as stopped_at:
-        task = handle.wait(20)
-        assert (task.status, task.error_category) == (TaskStatus.FAILED, "disconnected")
-        assert time.monotonic() - stopped_at < 3
+    with _when_the_server_stops_answering(executor, server, marker) as (task, seconds):
+        assert (task.status, task.error_category, seconds < 3) == (TaskStatus.FAILED, "disconnected", True)
         # Closed at once, the executor still waits for the dropped connection's close and its
         # last keepalive: a task its loop had left would be reported by asyncio when collected.
         executor.close()
@@ -1024,14 +1016,19 @@ def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, s
 
 
 @contextlib.contextmanager
-def _frozen(server) -> Iterator[float]:
-    """The server's sessions stopped (SIGSTOP), as a server that no longer answers, from the
-    time given; they go on when the block ends (the fleet stops every server at the end)."""
+def _when_the_server_stops_answering(executor, server, marker: str) -> Iterator[tuple[object, float]]:  # type: ignore[no-untyped-def]
+    """A task that runs ``sleep MARKER`` on the host ``web`` until ``server``'s sessions are
+    stopped (SIGSTOP), as a server that no longer answers: the task as it ended, and the
+    seconds it took to end. The sessions go on when the block ends."""
+    handle = executor.submit(TaskRequest(host="web", command=f"sleep {marker}"))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
     pids = server.session_pids()
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
-        yield time.monotonic()
+        stopped_at = time.monotonic()
+        task = handle.wait(20)
+        yield task, time.monotonic() - stopped_at
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
