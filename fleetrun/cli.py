@@ -1082,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print lifecycle events as JSON lines on stdout instead of the output")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
     run.usage_exit = EXIT_FLEETRUN_ERROR
-    run.set_defaults(func=cmd_run, error_exit=EXIT_FLEETRUN_ERROR, usage_parser=run)
+    run.set_defaults(func=cmd_run, error_exit=EXIT_FLEETRUN_ERROR)
 
     hosts = sub.add_parser("hosts", help="list the hosts of the inventory", description="List the hosts of the inventory.")
     hosts.add_argument("--json", action="store_true", help="print JSON")
@@ -1218,6 +1218,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_global_options(command.add_argument_group("global options (also accepted before the command)"), after_command=True)
         raw = command.formatter_class is argparse.RawDescriptionHelpFormatter
         command.formatter_class = _RawSubcommandHelp if raw else _SubcommandHelp
+        # An argument the command does not take is reported with that command's usage
+        # (`fleetrun tasks list --tag web` shows the options of `tasks list`).
+        command.set_defaults(usage_parser=command)
     return parser
 
 

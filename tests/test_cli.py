@@ -223,7 +223,15 @@ def test_usage_errors_of_run_exit_125_and_of_other_commands_2():
     assert command_status.returncode == 2 and "fleetrun" not in command_status.stderr
     assert run_cli("frobnicate").returncode == 2
     other = run_cli("hosts", "--bogus")
-    assert other.returncode == 2 and other.stderr.endswith("fleetrun: error: unrecognized arguments: --bogus\n")
+    assert other.returncode == 2 and other.stderr.endswith("fleetrun hosts: error: unrecognized arguments: --bogus\n")
+    # An option of another command is reported with the usage of the command it was given to.
+    nested = run_cli("tasks", "list", "--tag", "web")
+    assert nested.returncode == 2
+    assert nested.stderr.startswith("usage: fleetrun tasks list [-h] [--status STATUS]"), nested.stderr
+    assert nested.stderr.endswith("fleetrun tasks list: error: unrecognized arguments: --tag web\n")
+    extra = run_cli("tasks", "retention", "90")
+    assert extra.returncode == 2 and extra.stderr.startswith("usage: fleetrun tasks retention [-h]")
+    assert extra.stderr.endswith("fleetrun tasks retention: error: unrecognized arguments: 90\n")
 
 
 def test_dry_run_shows_the_plan_and_runs_nothing(tmp_path):
