@@ -883,3 +883,49 @@ def test_a_server_on_an_ipv6_address(make_executor, sshd_fleet, tmp_path):
     assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, f"{sshd_fleet.user}\n".encode()), task.error
     refused = executor.run(TaskRequest(host="v6-unknown-key", command="true"))
     assert refused.error_category == "host_key" and f"the host key of [::1]:{server.port} is unknown" in refused.error
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+def test_address_family_of_ssh_config_chooses_the_addresses_tried_as_in_ssh(make_executor, sshd_fleet, tmp_path):
+    v6 = sshd_fleet.start(address="::1")
+    v4 = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [v6, v4])
+    common = f"  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n  ConnectTimeout 5\n"
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host six\n  HostName ::1\n  Port {v6.port}\n  AddressFamily INET6\n{common}"
+        f"Host any\n  HostName ::1\n  Port {v6.port}\n  AddressFamily any\n{common}"
+        f"Host six-as-four\n  HostName ::1\n  Port {v6.port}\n  AddressFamily inet\n{common}"
+        f"Host four-as-six\n  HostName {v4.address}\n  Port {v4.port}\n  AddressFamily inet6\n{common}"
+    )
+    misspelt = tmp_path / "misspelt_ssh_config"
+    misspelt.write_text(f"Host misspelt\n  HostName {v4.address}\n  Port {v4.port}\n  AddressFamily ipv4\n{common}")
+    files = {"six": config, "any": config, "six-as-four": config, "four-as-six": config, "misspelt": misspelt}
+    executor = make_executor(hosts_yaml=hosts_file_text({name: {"transport": "ssh", "ssh_config_file": str(file)} for name, file in files.items()}))
+    outcomes = {}
+    for name, file in files.items():
+        task = executor.run(TaskRequest(host=name, command="echo in"))
+        by_ssh = subprocess.run(["ssh", "-F", str(file), "-o", "BatchMode=yes", name, "echo in"], capture_output=True, text=True, timeout=30)
+        ssh_said = "in" if by_ssh.stdout == "in\n" else "unsupported" if 'unsupported option "ipv4"' in by_ssh.stderr else (
+            "family" if "Address family for hostname not supported" in by_ssh.stderr else by_ssh.stderr
+        )
+        outcomes[name] = (task.status, task.error_category, task.error, ssh_said)
+    where = f"{sshd_fleet.user}@{{}}:{{}}"
+    # Before: AddressFamily was not read, so both mismatches connected, and ipv4 was accepted.
+    assert outcomes == {
+        "six": (TaskStatus.SUCCEEDED, None, None, "in"),
+        "any": (TaskStatus.SUCCEEDED, None, None, "in"),
+        "six-as-four": (
+            TaskStatus.FAILED, "unreachable", f"cannot resolve {where.format('[::1]', v6.port)}: Address family for hostname not "
+            "supported (ssh_config's AddressFamily is inet)", "family",
+        ),
+        "four-as-six": (
+            TaskStatus.FAILED, "unreachable", f"cannot resolve {where.format(v4.address, v4.port)}: Address family for hostname "
+            "not supported (ssh_config's AddressFamily is inet6)", "family",
+        ),
+        "misspelt": (
+            TaskStatus.FAILED, "config", f"ssh_config gives {v4.address} AddressFamily 'ipv4': expected one of any, inet, inet6", "unsupported",
+        ),
+    }
+    assert executor.plan(TaskRequest(host="six", command="true")).transport_details["address_family"] == "inet6"
+    assert executor.plan(TaskRequest(host="any", command="true")).transport_details["address_family"] is None

@@ -14,7 +14,7 @@ hosts. fleetrun then takes over the parts Fabric leaves loose:
   changed ones), host certificates against their authorities, and ssh_config's
   ``RevokedHostKeys`` is honoured; Fabric's default accepts any key (see
   :mod:`.ssh_known_hosts`);
-* each hop's timeouts and keepalives come from the host's fields, else from ssh_config
+* each hop's timeouts, keepalives and address family come from the host's fields, else from ssh_config
   (see :mod:`.ssh_options`); Fabric's ``int()`` made a ``connect_timeout`` of 0.5 s no
   handshake limit at all;
 * keys come from the ssh-agent ``IdentityAgent`` names, and only the identity files'
@@ -60,7 +60,7 @@ from fleetrun.plugins.transports.ssh_identities import (
 )
 from fleetrun.plugins.transports.ssh_jump import JumpHop, parse_jump_hosts
 from fleetrun.plugins.transports.ssh_known_hosts import HostKeyRefused, KnownHosts, check_host_keys, fingerprint, known_hosts_of
-from fleetrun.plugins.transports.ssh_options import CONNECT_TIMEOUT, HopOptions, hop_options
+from fleetrun.plugins.transports.ssh_options import ADDRESS_FAMILIES, CONNECT_TIMEOUT, HopOptions, hop_options
 
 log = logging.getLogger("fleetrun.ssh")
 
@@ -279,7 +279,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             use_identity_agent(hop, settings.identity_files)
             use_certificate_files(hop, settings.certificate_files, where, secrets.get("passphrase"))
             if not hop.gateway:
-                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings, timeout=hop.connect_timeout)
+                hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings, settings.options_for(hop))
             elif isinstance(hop.gateway, str) and (settings.allowed_networks or settings.blocked_networks):
                 raise TransportError(
                     "network",
@@ -379,9 +379,10 @@ def _secrets(settings: SSHSettings) -> dict[str, str]:
     return {kind: value for kind, value in found.items() if value is not None}
 
 
-def _tcp_connect(hostname: str, port: int, settings: SSHSettings, *, timeout: float) -> socket.socket:
-    """Resolve once (IPv4 and IPv6), keep the addresses the network rules allow, connect to one of those."""
-    resolved = socket.getaddrinfo(hostname, int(port), type=socket.SOCK_STREAM)
+def _tcp_connect(hostname: str, port: int, settings: SSHSettings, options: HopOptions) -> socket.socket:
+    """Resolve once (IPv4 and IPv6, or the one ssh_config's AddressFamily names), keep the
+    addresses the network rules allow, connect to one of those."""
+    resolved = socket.getaddrinfo(hostname, int(port), ADDRESS_FAMILIES[options.address_family], socket.SOCK_STREAM)
     allowed = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
     blocked = [ipaddress.ip_network(n, strict=False) for n in settings.blocked_networks]
     permitted, refused = [], []
@@ -399,7 +400,7 @@ def _tcp_connect(hostname: str, port: int, settings: SSHSettings, *, timeout: fl
     error: OSError | None = None
     for family, kind, proto, address in permitted:
         sock = socket.socket(family, kind, proto)
-        sock.settimeout(timeout)
+        sock.settimeout(options.connect_timeout)
         try:
             sock.connect(address)  # the checked address itself: no second lookup
         except OSError as exc:
@@ -507,7 +508,8 @@ def connect_error(
             "timeout", f"connecting to {where} timed out after {options.connect_timeout:g} s: the SSH handshake did not finish"
         )
     if isinstance(exc, socket.gaierror):
-        return TransportError("unreachable", f"cannot resolve {where}: {exc.strerror}")
+        family = "" if options.address_family == "any" else f" (ssh_config's AddressFamily is {options.address_family})"
+        return TransportError("unreachable", f"cannot resolve {where}: {exc.strerror}{family}")
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
         return TransportError("unreachable", f"cannot connect to {where}: connection refused")
     if isinstance(exc, OSError):
@@ -568,11 +570,13 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
     except TransportError as exc:
         return {"error": exc.message}
     hops = [address(c) for c in reversed(_chain(connection)[1:])]
+    options = settings.options_for(connection)
     return {
         "address": address(connection),
+        "address_family": None if options.address_family == "any" else options.address_family,
         "jump_hosts": hops or None,
         "known_hosts": [str(path) for path in settings.known_hosts_files(connection.ssh_config)],
-        "host_key_checking": settings.options_for(connection).host_key_checking_in_words(),
+        "host_key_checking": options.host_key_checking_in_words(),
         "identity_files": list(settings.identity_files) or None,
         "certificate_files": list(settings.certificate_files) or None,
         "secrets_from": [

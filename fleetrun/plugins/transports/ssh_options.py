@@ -1,10 +1,10 @@
 """The connection options a host of the hosts file may leave to ssh_config, resolved for
 one hop: how long connecting may take, how often to check that the server is still
-there, and whether an unknown host key is recorded.
+there, whether an unknown host key is recorded, and which address family to connect over.
 
 A host's own field wins; else ssh_config's keyword for that hop (``ConnectTimeout``,
-``ServerAliveInterval``, ``ServerAliveCountMax``, ``StrictHostKeyChecking``), read as
-ssh reads it; else fleetrun's default. A value ssh would refuse is a config error naming
+``ServerAliveInterval``, ``ServerAliveCountMax``, ``StrictHostKeyChecking``,
+``AddressFamily``, which has no field), read as ssh reads it; else fleetrun's default. A value ssh would refuse is a config error naming
 it, as ssh refuses the file. Fabric, left to itself, reads ``ConnectTimeout`` with
 ``int()`` (``5s`` is a traceback) and none of the others.
 """
@@ -12,6 +12,7 @@ it, as ssh refuses the file. Fabric, left to itself, reads ``ConnectTimeout`` wi
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,6 +33,9 @@ _HOST_KEY_CHECKING = {
     "accept-new": "accept-new", "no": "accept-new", "false": "accept-new", "off": "accept-new",
 }  # fmt: skip
 
+#: AddressFamily as ssh reads it (any case): the addresses of the host's name to try.
+ADDRESS_FAMILIES = {"any": socket.AF_UNSPEC, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
+
 _TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _INT_MAX = 2**31 - 1  # ssh refuses a time or count past it
 
@@ -46,6 +50,7 @@ class HopOptions:
     host_key_checking: str  # strict or accept-new
     #: ssh_config's ``StrictHostKeyChecking`` as written, when it is what decided.
     host_key_checking_written: str | None = None
+    address_family: str = "any"  # a key of ADDRESS_FAMILIES
 
     def host_key_checking_in_words(self) -> str:
         if self.host_key_checking_written is None:
@@ -81,8 +86,12 @@ def hop_options(
             raise _bad(host, "ServerAliveCountMax", written, "a whole number")
         # ssh drops the connection after COUNT unanswered keepalives, and at the first with 0.
         keepalive_count_max = KEEPALIVE_COUNT_MAX if written is None else max(1, int(written))
+    address_family = ssh_config.get("addressfamily", "any").lower()
+    if address_family not in ADDRESS_FAMILIES:
+        raise _bad(host, "AddressFamily", ssh_config["addressfamily"], "one of any, inet, inet6")
     return HopOptions(
-        connect_timeout, keepalive_interval, keepalive_count_max, host_key_checking or "strict", written_checking
+        connect_timeout, keepalive_interval, keepalive_count_max, host_key_checking or "strict", written_checking,
+        address_family,
     )
 
 
