@@ -775,7 +775,7 @@ def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_probl
         "Host canonical\n  CanonicalizeHostname yes\n"
         # Values ssh refuses ("unsupported option", "invalid time value"); before, ignored.
         "Host asks\n  StrictHostKeyChecking maybe\nHost waits\n  ConnectTimeout 1.5\n"
-        "Host pings\n  ServerAliveInterval 5x\nHost counts\n  ServerAliveCountMax -1\n"
+        "Host pings\n  ServerAliveInterval 5x\nHost counts\n  ServerAliveCountMax -1\nHost ciphers\n  Ciphers aes*\n"
         # Fabric took only a lowercase yes or no; fleetrun forwards no agent whatever it says.
         "Host fine\n  HostName 127.0.0.1\n  Port 2222\n  ForwardAgent Yes\n"
     )
@@ -786,7 +786,7 @@ def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_probl
     hosts.write_text(hosts_file_text({
         **{
             name: {"transport": "ssh", "ssh_config_file": str(config)}
-            for name in ("words", "high", "canonical", "asks", "waits", "pings", "counts", "fine")
+            for name in ("words", "high", "canonical", "asks", "waits", "pings", "counts", "ciphers", "fine")
         },
         **{name: {"transport": "ssh", "ssh_config_file": str(tmp_path / name)} for name in unreadable},
     }))
@@ -798,6 +798,7 @@ def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_probl
         "waits": "ssh_config gives waits ConnectTimeout '1.5': expected a time in seconds, or with units as 1m30s",
         "pings": "ssh_config gives pings ServerAliveInterval '5x': expected a time in seconds, or with units as 1m30s",
         "counts": "ssh_config gives counts ServerAliveCountMax '-1': expected a whole number",
+        "ciphers": "ssh_config gives ciphers Ciphers 'aes*': expected names ssh knows; 'aes*' is not one (ssh -Q Ciphers)",
         "unparsable": f"cannot read {tmp_path / 'unparsable'}: Unparsable line User",
         "escape": f"cannot read {tmp_path / 'escape'}: ValueError: No escaped character",
     }
@@ -929,3 +930,123 @@ def test_address_family_of_ssh_config_chooses_the_addresses_tried_as_in_ssh(make
     }
     assert executor.plan(TaskRequest(host="six", command="true")).transport_details["address_family"] == "inet6"
     assert executor.plan(TaskRequest(host="any", command="true")).transport_details["address_family"] is None
+
+
+# -- algorithms --------------------------------------------------------------------------
+
+_ALGORITHM_LISTS = [
+    None, "aes256-ctr,aes128-ctr", "+aes128-cbc", "^aes256-ctr", "-*gcm*", "-aes1?8-ctr,*cbc", "aes128-ctr,aes128-ctr",
+    "chacha20-poly1305@openssh.com", "aes128-ctr,blowfish-cbc", "AES128-CTR", "aes*", "aes128-ctr, aes256-ctr", "-*",
+    "hmac-sha2-512", "+hmac-md5", "-hmac-sha1*", "umac-64@openssh.com", "curve25519-sha256", "+diffie-hellman-group14-sha1",
+    "^diffie-hellman-group16-sha512", "-ecdh-*", "ssh-ed25519", "+ssh-rsa", "-*-cert-v01@openssh.com", "^rsa-sha2-256",
+    "sk-ssh-ed25519@openssh.com",
+]
+
+
+def test_algorithm_lists_of_ssh_config_are_read_as_ssh_reads_them(tmp_path):
+    from fleetrun.core.transport import TransportError
+    from fleetrun.plugins.transports.ssh_algorithms import KINDS, offered
+
+    def by_ssh(keyword: str, written: str | None) -> list[str] | None:
+        options = [] if written is None else ["-o", f"{keyword}={written}"]
+        printed = subprocess.run(["ssh", "-F", "none", *options, "-G", "example"], capture_output=True, text=True)
+        if printed.returncode != 0:
+            return None
+        return next(line.split(" ", 1)[1].split(",") for line in printed.stdout.splitlines() if line.startswith(f"{keyword.lower()} "))
+
+    compared = 0
+    for kind in KINDS:
+        this_ssh_knows = set(subprocess.run(["ssh", "-Q", kind.keyword], capture_output=True, text=True, check=True).stdout.split())
+        for written in _ALGORITHM_LISTS:
+            listed = by_ssh(kind.keyword, written)
+            speakable = kind.speakable()
+            try:
+                ours: tuple[str, ...] | str = offered(kind, written, "example")
+            except TransportError as exc:
+                assert exc.category == "config" and exc.message.startswith(f"ssh_config gives example {kind.keyword} {written!r}: expected ")
+                ours = "refused"
+            if listed is None:  # ssh refuses the file
+                assert ours == "refused", (kind.keyword, written, ours)
+                continue
+            expected = [name for name in listed if name in speakable]
+            if not expected:  # nothing fleetrun can speak: refused, naming what it can
+                assert ours == "refused", (kind.keyword, written, ours)
+                continue
+            assert isinstance(ours, tuple), (kind.keyword, written, ours)
+            # Names newer than this ssh (mlkem768x25519-sha256) are in fleetrun's defaults.
+            known_here = [name for name in ours if name in this_ssh_knows]
+            if written is None or written[0] in "+-^":
+                # Over ssh's defaults: the same names; AES-GCM goes first among the defaults.
+                assert sorted(known_here) == sorted(expected), (kind.keyword, written, ours, listed)
+                if written and written[0] == "^":
+                    assert known_here[: len(written[1:].split(","))] == written[1:].split(",")
+            else:
+                assert known_here == expected, (kind.keyword, written, ours, listed)
+            compared += 1
+    assert compared >= 30
+    # Before: paramiko's defaults, CBC, 3DES and MD5 included, which ssh no longer offers.
+    assert offered(KINDS[0], None, "example") == (
+        "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr",
+    )
+    assert offered(KINDS[1], None, "example") == (
+        "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512", "hmac-sha1",
+    )
+
+
+def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    legacy = sshd_fleet.start(extra_config="Ciphers aes128-cbc\nMACs hmac-md5")
+    narrow = sshd_fleet.start(extra_config="MACs hmac-sha2-256\nLogLevel DEBUG1")
+    servers = {"legacy": legacy, "narrow": narrow, "shared": shared_sshd}
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", list(servers.values()))
+    config = tmp_path / "ssh_config"
+    blocks = {
+        "legacy": ("legacy", ""),
+        "legacy-allowed": ("legacy", "  Ciphers +aes128-cbc\n  MACs +hmac-md5\n"),
+        # (A cipher without a MAC of its own: ssh needs no MAC in common with AES-GCM, paramiko does.)
+        "hardened": ("narrow", "  Ciphers aes256-ctr\n  MACs hmac-sha2-512-etm@openssh.com,hmac-sha2-512\n"),
+        "chosen": ("narrow", "  Ciphers aes256-ctr\n  MACs hmac-sha2-256\n  KexAlgorithms diffie-hellman-group16-sha512\n"
+                              "  HostKeyAlgorithms ssh-ed25519\n"),
+        "no-common-host-key": ("shared", "  HostKeyAlgorithms rsa-sha2-512\n"),
+    }
+    config.write_text("".join(
+        f"Host {name}\n  HostName {servers[server].address}\n  Port {servers[server].port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n{lines}"
+        for name, (server, lines) in blocks.items()
+    ))
+    executor = make_executor(hosts_yaml=hosts_file_text({name: {"transport": "ssh", "ssh_config_file": str(config)} for name in blocks}))
+    outcomes = {}
+    for name in blocks:
+        task = executor.run(TaskRequest(host=name, command="echo in"))
+        ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", name, "echo in"], capture_output=True, text=True, timeout=30)
+        outcomes[name] = (task.status, task.error_category, ssh.stdout == "in\n")
+        if task.status is TaskStatus.FAILED:
+            outcomes[name] += (task.error.split(" failed: ", 1)[1],)
+    gcm_first = "aes128-gcm@openssh.com, aes256-gcm@openssh.com, aes128-ctr, aes192-ctr, aes256-ctr"
+    # Before: the legacy server was reached (paramiko offers CBC), and the hardened list was not kept to.
+    assert outcomes == {
+        "legacy": (
+            TaskStatus.FAILED, "unreachable", False,
+            f"Incompatible ssh server (no acceptable ciphers). fleetrun offered: {gcm_first} (ssh's defaults, or "
+            "ssh_config's Ciphers); for a server that speaks only others, add one in ssh_config for this host "
+            "(Ciphers +NAME), as ssh needs too",
+        ),
+        "legacy-allowed": (TaskStatus.SUCCEEDED, None, True),
+        "hardened": (
+            TaskStatus.FAILED, "unreachable", False,
+            "Incompatible ssh server (no acceptable macs). fleetrun offered: hmac-sha2-512-etm@openssh.com, hmac-sha2-512 "
+            "(ssh's defaults, or ssh_config's MACs); for a server that speaks only others, add one in ssh_config for "
+            "this host (MACs +NAME), as ssh needs too",
+        ),
+        "chosen": (TaskStatus.SUCCEEDED, None, True),
+        "no-common-host-key": (
+            TaskStatus.FAILED, "unreachable", False,
+            "Incompatible ssh peer (no acceptable host key). fleetrun offered: rsa-sha2-512 (ssh's defaults, or "
+            "ssh_config's HostKeyAlgorithms); for a server that speaks only others, add one in ssh_config for this "
+            "host (HostKeyAlgorithms +NAME), as ssh needs too",
+        ),
+    }
+    # What the server saw for the chosen host: fleetrun's sessions, then ssh's, each with the chosen algorithms.
+    log = narrow.log.read_text(errors="replace")
+    assert log.count("kex: algorithm: diffie-hellman-group16-sha512") == 2, log[-3000:]
+    assert log.count("kex: host key algorithm: ssh-ed25519") >= 2
+    assert log.count("kex: client->server cipher: aes256-ctr MAC: hmac-sha2-256 compression: none") == 2

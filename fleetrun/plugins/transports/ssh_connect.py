@@ -22,6 +22,9 @@ hosts. fleetrun then takes over the parts Fabric leaves loose:
   ``$SSH_AUTH_SOCK``'s agent for every key; see :mod:`.ssh_identities`);
 * a connection is closed whole, jump hosts included, also when connecting failed;
 * the socket gets ``TCP_NODELAY`` (paramiko leaves Nagle on, which costs ~40 ms a command);
+* the algorithms offered are ssh's (``Ciphers``, ``MACs``, ``KexAlgorithms``,
+  ``HostKeyAlgorithms`` of ssh_config, else ssh's defaults; see :mod:`.ssh_algorithms`),
+  not paramiko's wider defaults (CBC, 3DES, MD5);
 * channels get a large window and packet size, and AES-GCM is preferred, for throughput;
 * ``exit-signal`` is understood, so a command killed by a signal reports 128+N.
 
@@ -49,6 +52,7 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
+from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config, with_environment
 from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithms
 from fleetrun.plugins.transports.ssh_identities import (
@@ -177,6 +181,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
         # Fabric's own reading of ConnectTimeout (int()) is never used: it is always given one.
         hop.connect_timeout = options.connect_timeout  # the SSH negotiation
         hop.connect_kwargs.update(banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout)
+        algorithms = algorithms_for(hop.ssh_config, hop.host)
         if host_keys:
             known = check_host_keys(
                 hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=options.host_key_checking == "accept-new",
@@ -186,8 +191,11 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
             )
             # paramiko, given no listed key (the policy checks them), orders nothing by them.
             hop.connect_kwargs["transport_factory"] = functools.partial(
-                _transport_factory, listed={key.get_name() for key in known.keys}, authorities=bool(known.authorities)
+                _transport_factory, algorithms=algorithms, listed={key.get_name() for key in known.keys},
+                authorities=bool(known.authorities),
             )
+        else:
+            hop.connect_kwargs["transport_factory"] = functools.partial(_transport_factory, algorithms=algorithms)
     return connection
 
 
@@ -295,6 +303,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             error = connect_error(
                 exc, where, settings, settings.options_for(hop), agent=getattr(agent, "when_empty", None),
                 known_hosts=known_hosts_of(hop.client), offered=offered_in_words(hop),
+                algorithms=algorithms_for(hop.ssh_config, hop.host),
             )
             close_connection(connection)
             raise error from None
@@ -431,19 +440,24 @@ os.register_at_fork(after_in_child=_close_inherited_sockets)
 
 
 def _transport_factory(
-    sock: Any, *, listed: set[str] | None = None, authorities: bool = False, **kwargs: Any
+    sock: Any, *, algorithms: Algorithms | None = None, listed: set[str] | None = None, authorities: bool = False,
+    **kwargs: Any,
 ) -> paramiko.Transport:
-    """paramiko's transport, tuned. ``listed``: the names of the keys known_hosts lists for
-    the host, whose host key algorithms are offered first (see :func:`host_key_algorithms`;
-    None where no key is checked); ``authorities``: an authority vouches for the host."""
+    """paramiko's transport, tuned. ``algorithms``: what to offer (see :mod:`.ssh_algorithms`;
+    None: ssh's defaults); ``listed``: the names of the keys known_hosts lists for the host,
+    whose host key algorithms are offered first where ssh_config orders none (see
+    :func:`host_key_algorithms`; None where no key is checked); ``authorities``: an
+    authority vouches for the host."""
     transport = paramiko.Transport(
         sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
     )
     options = transport.get_security_options()
-    if listed is not None:
+    algorithms = algorithms or algorithms_for({}, "")
+    options.ciphers, options.digests, options.kex = algorithms.ciphers, algorithms.digests, algorithms.kex
+    if algorithms.key_types is not None:
+        options.key_types = algorithms.key_types
+    elif listed is not None:
         options.key_types = host_key_algorithms(tuple(options.key_types), listed, authorities=authorities)
-    preferred = [c for c in options.ciphers if "gcm" in c]
-    options.ciphers = tuple(preferred + [c for c in options.ciphers if c not in preferred])
     # paramiko ignores exit-signal; this table is per class, so copy it for this transport.
     table = dict(transport._channel_handler_table)  # noqa: SLF001
     table[MSG_CHANNEL_REQUEST] = _on_channel_request
@@ -478,11 +492,12 @@ def exit_signal(channel: paramiko.Channel) -> int | str | None:
 
 def connect_error(
     exc: BaseException, where: str, settings: SSHSettings, options: HopOptions, *, agent: str | None = None,
-    known_hosts: KnownHosts | None = None, offered: str | None = None,
+    known_hosts: KnownHosts | None = None, offered: str | None = None, algorithms: Algorithms | None = None,
 ) -> TransportError:
     """Turn a failure to connect to a hop (``options`` are its own) into a categorised
     error that carries no secret; ``agent`` says, in words, what the ssh-agent had to offer
-    when it offered nothing, and ``offered`` what the login offered."""
+    when it offered nothing, ``offered`` what the login offered, and ``algorithms`` what
+    the key exchange offered."""
     if isinstance(exc, paramiko.BadHostKeyException):
         listed_in = known_hosts.listed_in.get((exc.expected_key.get_name(), exc.expected_key.get_base64())) if known_hosts else None
         return TransportError(
@@ -517,6 +532,8 @@ def connect_error(
         return TransportError("unreachable", f"cannot connect to {where}: {reason}")
     if isinstance(exc, paramiko.ChannelException):
         return TransportError("unreachable", f"the jump host could not reach {where}: {exc.text}")
+    if isinstance(exc, paramiko.ssh_exception.IncompatiblePeer) and algorithms is not None:
+        return TransportError("unreachable", f"SSH negotiation with {where} failed: {exc}{_no_common_algorithm(str(exc), algorithms)}")
     if isinstance(exc, paramiko.SSHException) and str(exc) == "No authentication methods available":
         return TransportError(
             "auth",
@@ -533,6 +550,21 @@ def connect_error(
             return TransportError("unreachable", f"{where} did not answer as an SSH server: {text}")
         return TransportError("unreachable", f"SSH negotiation with {where} failed: {text}")
     return TransportError("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+
+
+def _no_common_algorithm(text: str, algorithms: Algorithms) -> str:
+    # paramiko's words: "... (no acceptable ciphers)", "macs", "kex algorithm", "host key".
+    for words, kind, listed in (
+        ("cipher", CIPHERS, algorithms.ciphers), ("mac", MACS, algorithms.digests), ("kex", KEX, algorithms.kex),
+        ("host key", HOST_KEY_ALGORITHMS, algorithms.key_types),
+    ):
+        if words in text:
+            what = ", ".join(listed) if listed is not None else "ssh's defaults"
+            return (
+                f". fleetrun offered: {what} (ssh's defaults, or ssh_config's {kind.keyword}); for a server that "
+                f"speaks only others, add one in ssh_config for this host ({kind.keyword} +NAME), as ssh needs too"
+            )
+    return ""
 
 
 def _even_so(options: HopOptions) -> str:

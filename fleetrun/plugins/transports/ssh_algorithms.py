@@ -1,0 +1,161 @@
+"""The algorithms offered to an SSH server, as ssh offers them: ``Ciphers``, ``MACs``,
+``KexAlgorithms`` and ``HostKeyAlgorithms`` of ssh_config, read as ssh reads them.
+
+paramiko, left to itself, offers what ssh stopped offering by default (CBC ciphers,
+3DES, MD5 MACs), so a server that speaks nothing better was reached where ssh refuses
+it, and a hardened ssh_config that narrows the list was ignored. fleetrun starts from
+ssh's defaults instead, and applies ssh_config's lists over them as ssh does: a list
+replaces the defaults, ``+LIST`` appends to them, ``^LIST`` puts LIST first, and
+``-PATTERNS`` removes what matches (``*`` and ``?``). What ssh knows and paramiko
+cannot speak (``chacha20-poly1305@openssh.com``, ``umac-64@openssh.com``) is left out; a
+name ssh does not know, or a list that leaves nothing fleetrun can speak, is a config
+error naming the keyword, as ssh refuses the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import paramiko
+
+from fleetrun.core.transport import TransportError
+
+
+@dataclass(frozen=True)
+class _Kind:
+    keyword: str  # as ssh_config writes it
+    option: str  # paramiko's SecurityOptions attribute
+    ssh_knows: frozenset[str]  # every name OpenSSH takes (ssh -Q)
+    ssh_default: tuple[str, ...]  # OpenSSH's client default, in its order
+
+    def speakable(self) -> frozenset[str]:
+        table = {
+            "ciphers": paramiko.Transport._cipher_info,  # noqa: SLF001 - paramiko's own tables of what it can speak
+            "digests": paramiko.Transport._mac_info,  # noqa: SLF001
+            "kex": paramiko.Transport._kex_info,  # noqa: SLF001
+            "key_types": paramiko.Transport._key_info,  # noqa: SLF001
+        }[self.option]
+        return frozenset(table)
+
+
+_CERT = "-cert-v01@openssh.com"
+_HOST_KEYS = (
+    "ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com", "rsa-sha2-512", "rsa-sha2-256",
+)  # fmt: skip
+
+CIPHERS = _Kind(
+    "Ciphers", "ciphers",
+    frozenset({
+        "3des-cbc", "aes128-cbc", "aes192-cbc", "aes256-cbc", "aes128-ctr", "aes192-ctr", "aes256-ctr",
+        "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+    }),
+    ("chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com"),
+)  # fmt: skip
+MACS = _Kind(
+    "MACs", "digests",
+    frozenset(
+        f"{name}{etm}"
+        for name in ("hmac-sha1", "hmac-sha1-96", "hmac-sha2-256", "hmac-sha2-512", "hmac-md5", "hmac-md5-96")
+        for etm in ("", "-etm@openssh.com")
+    ) | {"umac-64@openssh.com", "umac-128@openssh.com", "umac-64-etm@openssh.com", "umac-128-etm@openssh.com"},
+    (
+        "umac-64-etm@openssh.com", "umac-128-etm@openssh.com", "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
+        "hmac-sha1-etm@openssh.com", "umac-64@openssh.com", "umac-128@openssh.com", "hmac-sha2-256", "hmac-sha2-512", "hmac-sha1",
+    ),
+)  # fmt: skip
+KEX = _Kind(
+    "KexAlgorithms", "kex",
+    frozenset({
+        "diffie-hellman-group1-sha1", "diffie-hellman-group14-sha1", "diffie-hellman-group14-sha256",
+        "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512", "diffie-hellman-group-exchange-sha1",
+        "diffie-hellman-group-exchange-sha256", "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
+        "curve25519-sha256", "curve25519-sha256@libssh.org", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
+        "mlkem768x25519-sha256",
+    }),
+    (
+        "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
+        "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
+        "diffie-hellman-group-exchange-sha256", "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
+        "diffie-hellman-group14-sha256",
+    ),
+)  # fmt: skip
+
+
+def _certificate(name: str) -> str:
+    # The algorithm of a certificate of a key of algorithm ``name`` (sk- keys drop their '@openssh.com').
+    return name.removesuffix("@openssh.com") + _CERT
+
+
+HOST_KEY_ALGORITHMS = _Kind(
+    "HostKeyAlgorithms", "key_types",
+    frozenset(
+        {*_HOST_KEYS, "ssh-rsa", "ssh-dss", "webauthn-sk-ecdsa-sha2-nistp256@openssh.com"}
+        | {_certificate(name) for name in (*_HOST_KEYS, "ssh-rsa", "ssh-dss")}
+    ),
+    tuple(map(_certificate, _HOST_KEYS)) + _HOST_KEYS,
+)  # fmt: skip
+KINDS = (CIPHERS, MACS, KEX, HOST_KEY_ALGORITHMS)
+
+
+@dataclass(frozen=True)
+class Algorithms:
+    """What to offer one hop's server, for each of paramiko's SecurityOptions."""
+
+    ciphers: tuple[str, ...]
+    digests: tuple[str, ...]
+    kex: tuple[str, ...]
+    #: None: ssh_config writes no HostKeyAlgorithms, so they are ordered by the host's
+    #: known keys (see :func:`~.ssh_host_certificates.host_key_algorithms`), as ssh does.
+    key_types: tuple[str, ...] | None
+
+
+def defaults(kind: _Kind) -> tuple[str, ...]:
+    """ssh's default for ``kind``, without what paramiko cannot speak. AES-GCM goes first
+    among the ciphers: it is the fastest paramiko has (ssh's first, ChaCha20, it lacks)."""
+    speakable = kind.speakable()
+    names = [name for name in kind.ssh_default if name in speakable]
+    if kind is CIPHERS:
+        names.sort(key=lambda name: "gcm" not in name)
+    return tuple(names)
+
+
+def algorithms_for(ssh_config: Mapping[str, str], host: str) -> Algorithms:
+    """The algorithms to offer the hop ``host``, whose ssh_config lookup is ``ssh_config``.
+
+    Raises :class:`TransportError` (``config``) for a list ssh refuses, or one that
+    leaves nothing fleetrun can speak."""
+    chosen = {kind.option: offered(kind, ssh_config.get(kind.keyword.lower()), host) for kind in KINDS}
+    if ssh_config.get(HOST_KEY_ALGORITHMS.keyword.lower()) is None:
+        chosen["key_types"] = None
+    return Algorithms(**chosen)
+
+
+def offered(kind: _Kind, written: str | None, host: str) -> tuple[str, ...]:
+    """What fleetrun offers for ``kind`` when ssh_config writes ``written`` (None: nothing)."""
+    base = defaults(kind)
+    if written is None:
+        return base
+    if not written or any(ch.isspace() for ch in written):
+        raise _bad(host, kind, written, "a comma-separated list of names, with no spaces")
+    first, names = (written[0], written[1:]) if written[0] in "+-^" else ("", written)
+    listed = names.split(",")
+    if first == "-":
+        patterns = [re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in p)) for p in listed]
+        result = [name for name in base if not any(p.fullmatch(name) for p in patterns)]
+    else:
+        unknown = [name for name in listed if name not in kind.ssh_knows]
+        if unknown:
+            raise _bad(host, kind, written, f"names ssh knows; {', '.join(map(repr, unknown))} is not one (ssh -Q {kind.keyword})")
+        result = list(base) + listed if first == "+" else listed + list(base) if first == "^" else listed
+    speakable = kind.speakable()
+    kept = tuple(dict.fromkeys(name for name in result if name in speakable))
+    if not kept:
+        raise _bad(host, kind, written, f"a list that keeps one fleetrun can use: {', '.join(sorted(speakable))}")
+    return kept
+
+
+def _bad(host: str, kind: _Kind, written: str, expected: str) -> TransportError:
+    return TransportError("config", f"ssh_config gives {host} {kind.keyword} {written!r}: expected {expected}")
