@@ -996,7 +996,9 @@ def test_algorithm_lists_of_ssh_config_are_read_as_ssh_reads_them(tmp_path):
 def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet, shared_sshd, tmp_path):
     legacy = sshd_fleet.start(extra_config="Ciphers aes128-cbc\nMACs hmac-md5")
     narrow = sshd_fleet.start(extra_config="MACs hmac-sha2-256\nLogLevel DEBUG1")
-    servers = {"legacy": legacy, "narrow": narrow, "shared": shared_sshd}
+    # RFC 8731's name alone, which paramiko knows only as curve25519-sha256@libssh.org.
+    rfc_kex = sshd_fleet.start(extra_config="KexAlgorithms curve25519-sha256\nLogLevel DEBUG1")
+    servers = {"legacy": legacy, "narrow": narrow, "shared": shared_sshd, "rfc_kex": rfc_kex}
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", list(servers.values()))
     config = tmp_path / "ssh_config"
     blocks = {
@@ -1007,6 +1009,7 @@ def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet
         "chosen": ("narrow", "  Ciphers aes256-ctr\n  MACs hmac-sha2-256\n  KexAlgorithms diffie-hellman-group16-sha512\n"
                               "  HostKeyAlgorithms ssh-ed25519\n"),
         "no-common-host-key": ("shared", "  HostKeyAlgorithms rsa-sha2-512\n"),
+        "rfc-kex": ("rfc_kex", ""),
     }
     config.write_text("".join(
         f"Host {name}\n  HostName {servers[server].address}\n  Port {servers[server].port}\n  User {sshd_fleet.user}\n"
@@ -1022,7 +1025,8 @@ def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet
         if task.status is TaskStatus.FAILED:
             outcomes[name] += (task.error.split(" failed: ", 1)[1],)
     gcm_first = "aes128-gcm@openssh.com, aes256-gcm@openssh.com, aes128-ctr, aes192-ctr, aes256-ctr"
-    # Before: the legacy server was reached (paramiko offers CBC), and the hardened list was not kept to.
+    # Before: the legacy server was reached (paramiko offers CBC), the hardened list was not kept
+    # to, and the server speaking RFC 8731's name alone was not reached.
     assert outcomes == {
         "legacy": (
             TaskStatus.FAILED, "unreachable", False,
@@ -1044,7 +1048,9 @@ def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet
             "ssh_config's HostKeyAlgorithms); for a server that speaks only others, add one in ssh_config for this "
             "host (HostKeyAlgorithms +NAME), as ssh needs too",
         ),
+        "rfc-kex": (TaskStatus.SUCCEEDED, None, True),
     }
+    assert len(re.findall(r"kex: algorithm: curve25519-sha256(?!@)", rfc_kex.log.read_text(errors="replace"))) == 2
     # What the server saw for the chosen host: fleetrun's sessions, then ssh's, each with the chosen algorithms.
     log = narrow.log.read_text(errors="replace")
     assert log.count("kex: algorithm: diffie-hellman-group16-sha512") == 2, log[-3000:]

@@ -7,7 +7,8 @@ it, and a hardened ssh_config that narrows the list was ignored. fleetrun starts
 ssh's defaults instead, and applies ssh_config's lists over them as ssh does: a list
 replaces the defaults, ``+LIST`` appends to them, ``^LIST`` puts LIST first, and
 ``-PATTERNS`` removes what matches (``*`` and ``?``). What ssh knows and paramiko
-cannot speak (``chacha20-poly1305@openssh.com``, ``umac-64@openssh.com``) is left out; a
+cannot speak (``chacha20-poly1305@openssh.com``, ``umac-64@openssh.com``) is left out
+(``curve25519-sha256`` is spoken, as the exchange paramiko knows by its older name); a
 name ssh does not know, or a list that leaves nothing fleetrun can speak, is a config
 error naming the keyword, as ssh refuses the file.
 """
@@ -34,10 +35,22 @@ class _Kind:
         table = {
             "ciphers": paramiko.Transport._cipher_info,  # noqa: SLF001 - paramiko's own tables of what it can speak
             "digests": paramiko.Transport._mac_info,  # noqa: SLF001
-            "kex": paramiko.Transport._kex_info,  # noqa: SLF001
+            "kex": kex_table(),
             "key_types": paramiko.Transport._key_info,  # noqa: SLF001
         }[self.option]
         return frozenset(table)
+
+
+#: Key exchanges paramiko speaks under another name: RFC 8731 named curve25519-sha256 what
+#: libssh had named curve25519-sha256@libssh.org; some servers offer the RFC's name alone.
+_KEX_ALIASES = {"curve25519-sha256": "curve25519-sha256@libssh.org"}
+
+
+def kex_table() -> dict[str, type]:
+    """paramiko's table of key exchanges (name: class), with the names it lacks for the same exchanges."""
+    table = dict(paramiko.Transport._kex_info)  # noqa: SLF001
+    table.update({alias: table[name] for alias, name in _KEX_ALIASES.items() if name in table})
+    return table
 
 
 _CERT = "-cert-v01@openssh.com"

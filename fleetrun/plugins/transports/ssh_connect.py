@@ -52,7 +52,7 @@ from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, read_secret
 from fleetrun.core.transport import TransportError
-from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for
+from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for, kex_table
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config, with_environment
 from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithms
 from fleetrun.plugins.transports.ssh_identities import (
@@ -453,6 +453,7 @@ def _transport_factory(
     )
     options = transport.get_security_options()
     algorithms = algorithms or algorithms_for({}, "")
+    transport._kex_info = kex_table()  # noqa: SLF001 - read by paramiko per transport; options.kex checks names against it
     options.ciphers, options.digests, options.kex = algorithms.ciphers, algorithms.digests, algorithms.kex
     if algorithms.key_types is not None:
         options.key_types = algorithms.key_types
