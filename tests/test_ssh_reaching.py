@@ -1056,3 +1056,65 @@ def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet
     assert log.count("kex: algorithm: diffie-hellman-group16-sha512") == 2, log[-3000:]
     assert log.count("kex: host key algorithm: ssh-ed25519") >= 2
     assert log.count("kex: client->server cipher: aes256-ctr MAC: hmac-sha2-256 compression: none") == 2
+
+
+def test_connection_attempts_and_compression_of_ssh_config_apply_as_in_ssh(make_executor, sshd_fleet, tmp_path):
+    import threading
+
+    server = sshd_fleet.start(extra_config="LogLevel DEBUG1")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    where = (
+        f"  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+        f"  UserKnownHostsFile {known}\n"
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host patient\n{where}  ConnectionAttempts 3\nHost hasty\n{where}Host compressed\n{where}  Compression YES\n")
+    # ssh refuses a whole file for either of these lines: each has its own.
+    (tmp_path / "counted").write_text(f"Host counted\n{where}  ConnectionAttempts 0\n")
+    (tmp_path / "squeezed").write_text(f"Host squeezed\n{where}  Compression delayed\n")
+    files = {"patient": config, "hasty": config, "compressed": config, "counted": tmp_path / "counted", "squeezed": tmp_path / "squeezed"}
+    executor = make_executor(hosts_yaml=hosts_file_text({name: {"transport": "ssh", "ssh_config_file": str(file)} for name, file in files.items()}))
+
+    def while_the_server_restarts(run):  # type: ignore[no-untyped-def]
+        # The server is down when the first attempt is made, and up again 0.3 s later.
+        server.stop()
+        restart = threading.Timer(0.3, server.start)
+        restart.start()
+        try:
+            return run()
+        finally:
+            restart.join()
+
+    outcomes = {}
+    for name in ("patient", "hasty"):
+        task = while_the_server_restarts(lambda: executor.run(TaskRequest(host=name, command="echo in")))
+        ssh = while_the_server_restarts(lambda: subprocess.run(
+            ["ssh", "-F", str(config), "-o", "BatchMode=yes", name, "echo in"], capture_output=True, text=True, timeout=30
+        ))
+        outcomes[name] = (task.status, task.error, ssh.stdout == "in\n")
+    # Before: ConnectionAttempts was not read, so the patient host failed at its first attempt.
+    assert outcomes == {
+        "patient": (TaskStatus.SUCCEEDED, None, True),
+        "hasty": (TaskStatus.FAILED, f"cannot connect to {sshd_fleet.user}@{server.address}:{server.port}: Connection refused", False),
+    }
+    from sshd import free_port
+
+    closed = tmp_path / "closed"
+    closed.write_text(f"Host closed\n  HostName 127.0.0.1\n  Port {free_port('127.0.0.1')}\n  ConnectionAttempts 2\n")
+    down = make_executor(hosts_yaml=hosts_file_text({"closed": {"transport": "ssh", "ssh_config_file": str(closed)}}))
+    task = down.run(TaskRequest(host="closed", command="true"))
+    assert task.error.endswith(": Connection refused (2 attempts: ConnectionAttempts of ssh_config)"), task.error
+    assert task.ended_at - task.started_at >= 1  # a second between attempts, as in ssh
+    before = server.log.read_text(errors="replace").count("compression: zlib@openssh.com")
+    task = executor.run(TaskRequest(host="compressed", command="echo in"))
+    assert (task.status, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, b"in\n"), task.error
+    # Both directions compressed (before: none), once the login succeeded, as zlib@openssh.com is.
+    assert server.log.read_text(errors="replace").count("compression: zlib@openssh.com") == before + 2
+    for name, problem, ssh_says in (
+        ("counted", "ConnectionAttempts '0': expected a whole number from 1", "Invalid number of ConnectionAttempts"),
+        ("squeezed", "Compression 'delayed': expected yes or no", 'unsupported option "delayed"'),
+    ):
+        task = executor.run(TaskRequest(host=name, command="true"))
+        assert (task.error_category, task.error) == ("config", f"ssh_config gives {server.address} {problem}")
+        refused = subprocess.run(["ssh", "-F", str(files[name]), "-o", "BatchMode=yes", name, "true"], capture_output=True, text=True)
+        assert (refused.returncode, refused.stdout, ssh_says in refused.stderr) == (255, "", True), refused.stderr

@@ -39,6 +39,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,9 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
         options = settings.options_for(hop)
         # Fabric's own reading of ConnectTimeout (int()) is never used: it is always given one.
         hop.connect_timeout = options.connect_timeout  # the SSH negotiation
-        hop.connect_kwargs.update(banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout)
+        hop.connect_kwargs.update(
+            banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout, compress=options.compression
+        )
         algorithms = algorithms_for(hop.ssh_config, hop.host)
         if host_keys:
             known = check_host_keys(
@@ -390,7 +393,8 @@ def _secrets(settings: SSHSettings) -> dict[str, str]:
 
 def _tcp_connect(hostname: str, port: int, settings: SSHSettings, options: HopOptions) -> socket.socket:
     """Resolve once (IPv4 and IPv6, or the one ssh_config's AddressFamily names), keep the
-    addresses the network rules allow, connect to one of those."""
+    addresses the network rules allow, connect to one of those: each in turn, and as ssh
+    does for ConnectionAttempts, all of them again a second later until one answers."""
     resolved = socket.getaddrinfo(hostname, int(port), ADDRESS_FAMILIES[options.address_family], socket.SOCK_STREAM)
     allowed = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
     blocked = [ipaddress.ip_network(n, strict=False) for n in settings.blocked_networks]
@@ -407,18 +411,21 @@ def _tcp_connect(hostname: str, port: int, settings: SSHSettings, options: HopOp
     if not permitted:
         raise TransportError("network", f"{hostname} resolves to {', '.join(refused)}: the host's network rules refuse it")
     error: OSError | None = None
-    for family, kind, proto, address in permitted:
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(options.connect_timeout)
-        try:
-            sock.connect(address)  # the checked address itself: no second lookup
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _SOCKETS.add(sock)
-        return sock
+    for attempt in range(options.connection_attempts):
+        if attempt:
+            time.sleep(1)
+        for family, kind, proto, address in permitted:
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(options.connect_timeout)
+            try:
+                sock.connect(address)  # the checked address itself: no second lookup
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _SOCKETS.add(sock)
+            return sock
     assert error is not None
     raise error
 
@@ -530,7 +537,8 @@ def connect_error(
         return TransportError("unreachable", f"cannot connect to {where}: connection refused")
     if isinstance(exc, OSError):
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
-        return TransportError("unreachable", f"cannot connect to {where}: {reason}")
+        tries = f" ({options.connection_attempts} attempts: ConnectionAttempts of ssh_config)" if options.connection_attempts > 1 else ""
+        return TransportError("unreachable", f"cannot connect to {where}: {reason}{tries}")
     if isinstance(exc, paramiko.ChannelException):
         return TransportError("unreachable", f"the jump host could not reach {where}: {exc.text}")
     if isinstance(exc, paramiko.ssh_exception.IncompatiblePeer) and algorithms is not None:

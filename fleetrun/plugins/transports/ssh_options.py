@@ -1,10 +1,12 @@
 """The connection options a host of the hosts file may leave to ssh_config, resolved for
-one hop: how long connecting may take, how often to check that the server is still
-there, whether an unknown host key is recorded, and which address family to connect over.
+one hop: how long connecting may take and how often to try, how often to check that the
+server is still there, whether an unknown host key is recorded, which address family to
+connect over, and whether to compress.
 
 A host's own field wins; else ssh_config's keyword for that hop (``ConnectTimeout``,
-``ServerAliveInterval``, ``ServerAliveCountMax``, ``StrictHostKeyChecking``,
-``AddressFamily``, which has no field), read as ssh reads it; else fleetrun's default. A value ssh would refuse is a config error naming
+``ServerAliveInterval``, ``ServerAliveCountMax``, ``StrictHostKeyChecking``, and
+``ConnectionAttempts``, ``AddressFamily`` and ``Compression``, which have no field), read
+as ssh reads it; else fleetrun's default. A value ssh would refuse is a config error naming
 it, as ssh refuses the file. Fabric, left to itself, reads ``ConnectTimeout`` with
 ``int()`` (``5s`` is a traceback) and none of the others.
 """
@@ -51,6 +53,8 @@ class HopOptions:
     #: ssh_config's ``StrictHostKeyChecking`` as written, when it is what decided.
     host_key_checking_written: str | None = None
     address_family: str = "any"  # a key of ADDRESS_FAMILIES
+    connection_attempts: int = 1  # TCP connects tried, a second apart, as ssh tries them
+    compression: bool = False
 
     def host_key_checking_in_words(self) -> str:
         if self.host_key_checking_written is None:
@@ -89,9 +93,15 @@ def hop_options(
     address_family = ssh_config.get("addressfamily", "any").lower()
     if address_family not in ADDRESS_FAMILIES:
         raise _bad(host, "AddressFamily", ssh_config["addressfamily"], "one of any, inet, inet6")
+    attempts = ssh_config.get("connectionattempts", "1")
+    if not (re.fullmatch(r"\+?[0-9]+", attempts) and 0 < int(attempts) <= _INT_MAX):
+        raise _bad(host, "ConnectionAttempts", attempts, "a whole number from 1")
+    compression = ssh_config.get("compression", "no")
+    if compression.lower() not in ("yes", "no"):
+        raise _bad(host, "Compression", compression, "yes or no")
     return HopOptions(
         connect_timeout, keepalive_interval, keepalive_count_max, host_key_checking or "strict", written_checking,
-        address_family,
+        address_family, int(attempts), compression.lower() == "yes",
     )
 
 
