@@ -662,6 +662,41 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
         assert lookup.certificate_files(name) == certificates, name
 
 
+def test_a_match_final_all_block_as_rhel_writes_it_is_read_as_ssh_reads_it(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path):
+    # RHEL and Fedora ship /etc/ssh/ssh_config.d/50-redhat.conf as below: before, paramiko
+    # refused `Match final all`, and with it every SSH host of such a machine.
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    (tmp_path / "ssh_config.d").mkdir()
+    (tmp_path / "crypto-policy").write_text(
+        "Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr,aes128-gcm@openssh.com,aes128-ctr\n"
+        "MACs hmac-sha2-256-etm@openssh.com,hmac-sha1-etm@openssh.com,umac-128-etm@openssh.com,hmac-sha2-512-etm@openssh.com\n"
+        "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,diffie-hellman-group16-sha512\n"
+        "RequiredRSASize 2048\n"
+    )
+    (tmp_path / "ssh_config.d" / "50-redhat.conf").write_text(
+        f"Match final all\n\tInclude {tmp_path / 'crypto-policy'}\n\tGSSAPIAuthentication yes\n\tUser from-final\n\tPort 2222\n"
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Include {tmp_path / 'ssh_config.d'}/*.conf\n"
+        f"Host web\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  IdentityFile {sshd_fleet.client_key}\n"
+        f"Host web\n  User {sshd_fleet.user}\n  Ciphers aes128-ctr\nMatch !final all\n  Compression yes\n"
+    )
+    lookup = read_ssh_config([ConfigFile(config, tmp_path)])
+    keywords = ("hostname", "port", "user", "ciphers", "macs", "kexalgorithms", "compression", "gssapiauthentication")
+    for name in ("web", "other"):
+        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+        theirs = {k: v for k, v in (line.split(" ", 1) for line in printed.splitlines()) if k in keywords}
+        ours = lookup.lookup(name)
+        assert {k: ours.get(k) for k in keywords} == theirs, name
+    # The final block fills in what nothing else set (User, the crypto policy): this one's own Ciphers win.
+    assert (ours["user"], lookup.lookup("web")["ciphers"], lookup.lookup("web")["user"]) == ("from-final", "aes128-ctr", sshd_fleet.user)
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known_hosts)}
+    task = make_executor(hosts_yaml=hosts_file_text({"web": entry})).run(TaskRequest(host="web", command="echo in"))
+    assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
+
+
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     # ssh expands ${NAME} in IdentityFile; paramiko took it as written and found no such file.
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_*

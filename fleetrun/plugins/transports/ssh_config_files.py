@@ -166,9 +166,10 @@ class _Reading:
             keyword = match.group(1).lower() if match else ""
             if keyword in ("host", "match"):
                 assert match is not None
-                criteria = _together(condition, _criteria_of(keyword, match.group(2)))
-                if condition:
-                    line = f"Match {criteria}"
+                own = _criteria_of(keyword, match.group(2))
+                criteria = _together(condition, own)
+                if condition or (keyword == "match" and own != match.group(2).strip()):
+                    line = f"Match {criteria or 'all'}"
             if keyword != "include":
                 lines.append(line)
                 continue
@@ -204,7 +205,12 @@ def _criteria_of(keyword: str, arguments: str) -> str:
     """A Host or Match line's condition, as Match criteria ("" for every host)."""
     if keyword == "host":  # Host matches the name as given, which Match calls originalhost
         return "originalhost " + ",".join(arguments.split())
-    return "" if arguments.strip().lower() == "all" else arguments.strip()
+    words = arguments.split()
+    if words and words[-1].lower() == "all" and all(w.lstrip("!").lower() in ("canonical", "final") for w in words[:-1]):
+        # `Match final all`, as RHEL and Fedora write their system-wide block: `all` adds
+        # nothing to `final`, and paramiko refuses the two together.
+        return " ".join(words[:-1])
+    return arguments.strip()
 
 
 def _together(first: str, second: str) -> str:
