@@ -697,6 +697,32 @@ def test_a_match_final_all_block_as_rhel_writes_it_is_read_as_ssh_reads_it(make_
     assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
 
 
+def test_match_criteria_of_newer_ssh_are_decided_as_ssh_decides_them_for_a_command(tmp_path):
+    # Before, paramiko took each of these criteria (OpenSSH 9.4 and later) for a match: the
+    # `tagged work` block's User applied to every host, and so did each block below.
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    config = tmp_path / "config"
+    config.write_text(
+        "Host web\n  Tag work\nMatch tagged work\n  User worker\nMatch tagged home\n  User homer\n"
+        "Match localnetwork 127.0.0.0/8,::1/128\n  Port 2201\n"  # this machine's loopback
+        "Match localnetwork 198.51.100.0/24\n  HostName via-office\n"  # a documentation network: not here
+        "Match !localnetwork 198.51.100.0/24\n  ProxyJump none\n"
+        "Match sessiontype exec\n  Compression yes\nMatch sessiontype shell,subsystem\n  ConnectTimeout 9\n"
+        "Match command *\n  ServerAliveInterval 7\nMatch command ls\n  ServerAliveCountMax 9\n"
+        "Match version OpenSSH_*\n  ForwardAgent yes\n"
+    )
+    lookup = read_ssh_config([ConfigFile(config, tmp_path)])
+    keywords = ("user", "port", "hostname", "proxyjump", "compression", "connecttimeout", "serveraliveinterval",
+                "serveralivecountmax", "forwardagent")
+    decided = {name: {k: lookup.lookup(name).get(k) for k in keywords} for name in ("web", "other")}
+    assert decided == {
+        name: {"user": user, "port": "2201", "hostname": name, "proxyjump": "none", "compression": "yes",
+               "connecttimeout": None, "serveraliveinterval": "7", "serveralivecountmax": None, "forwardagent": None}
+        for name, user in (("web", "worker"), ("other", None))
+    }
+
+
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     # ssh expands ${NAME} in IdentityFile; paramiko took it as written and found no such file.
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_*

@@ -17,6 +17,7 @@ every host of ``fleetrun hosts``, looks its host up in it.
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import re
 import shlex
@@ -25,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import paramiko
 
@@ -55,12 +56,63 @@ class ConfigFile(NamedTuple):
 
 class SshConfigLookup(paramiko.SSHConfig):
     """paramiko's host lookup, and every ``CertificateFile`` that applies to a host, in
-    order, as ssh takes them all (paramiko keeps the first value of that keyword)."""
+    order, as ssh takes them all (paramiko keeps the first value of that keyword).
 
-    certificates: paramiko.SSHConfig | None = None  # the same files, CertificateFile read as IdentityFile
+    The ``Match`` criteria of newer ssh (9.4 and later: ``tagged``, ``localnetwork``,
+    ``sessiontype``, ``command``, ``version``) are decided here as ssh decides them for
+    ``ssh HOST COMMAND``; paramiko took each for a match, so that a ``Match tagged work``
+    block (its ``User``, its ``IdentityFile``) applied to every host."""
+
+    certificates: SshConfigLookup | None = None  # the same files, CertificateFile read as IdentityFile
 
     def certificate_files(self, host: str) -> list[str]:
         return list(self.certificates.lookup(host).get("identityfile", [])) if self.certificates else []
+
+    def _does_match(self, match_list, target_hostname, canonical, final, options):  # type: ignore[no-untyped-def]
+        for candidate in match_list:
+            decide = _NEWER_CRITERIA.get(candidate["type"].lower())
+            if decide is not None and self._should_fail(decide(candidate["param"], options, self), candidate):
+                return False
+        known = [c for c in match_list if c["type"].lower() not in _NEWER_CRITERIA]
+        return super()._does_match(known, target_hostname, canonical, final, options) if known else match_list
+
+
+def _in_networks(networks: str) -> bool:
+    """Whether an address of this machine's interfaces is in one of ``networks`` (CIDRs, by commas)."""
+    try:
+        wanted = [ipaddress.ip_network(each, strict=False) for each in networks.split(",")]
+    except ValueError:
+        return False  # ssh refuses the line; nothing here is in such a network
+    return any(address in network for address in local_addresses() for network in wanted)
+
+
+def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of this machine's interfaces (Linux's /proc; none where it is missing)."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+    except OSError:
+        lines = []
+    for previous, line in zip(lines, lines[1:]):  # "|-- 10.0.0.5" then "/32 host LOCAL"
+        if line.strip() == "/32 host LOCAL":
+            found.append(ipaddress.IPv4Address(previous.split()[-1]))
+    try:
+        found += [ipaddress.IPv6Address(int(line.split()[0], 16)) for line in Path("/proc/net/if_inet6").read_text().splitlines()]
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+#: Match criteria paramiko does not know, and how each is decided for a command of fleetrun:
+#: ``tagged`` against ssh_config's ``Tag`` so far; ``sessiontype`` is ``exec``; ``command``
+#: is none (one connection carries every task's command); fleetrun is no OpenSSH ``version``.
+_NEWER_CRITERIA: dict[str, Callable[[str, Mapping[str, object], paramiko.SSHConfig], bool]] = {
+    "tagged": lambda param, options, lookup: bool(lookup._pattern_matches(param, str(options.get("tag", "")))),  # noqa: SLF001
+    "localnetwork": lambda param, options, lookup: _in_networks(param),
+    "sessiontype": lambda param, options, lookup: bool(lookup._pattern_matches(param, "exec")),  # noqa: SLF001
+    "command": lambda param, options, lookup: bool(lookup._pattern_matches(param, "")),  # noqa: SLF001
+    "version": lambda param, options, lookup: False,
+}
 
 
 def _certificates_as_identities(text: str) -> str:
@@ -90,7 +142,7 @@ def read_ssh_config(files: list[ConfigFile]) -> SshConfigLookup:
     try:
         lookup = SshConfigLookup.from_text(text)
         if "certificatefile" in text.lower():  # else nothing to gather: no second reading
-            lookup.certificates = paramiko.SSHConfig.from_text(_certificates_as_identities(text))
+            lookup.certificates = SshConfigLookup.from_text(_certificates_as_identities(text))
     except paramiko.ssh_exception.ConfigParseError as exc:
         raise SshConfigError(str(exc)) from None
     # A file changed in the last moments could change again within its clock's tick, its
