@@ -723,6 +723,78 @@ def test_match_criteria_of_newer_ssh_are_decided_as_ssh_decides_them_for_a_comma
     }
 
 
+_LOOKED_UP = ("web", "WEB", "web.example.com", "Db1.Example.COM", "db1", "a.b.c", "10.0.0.1", "other")
+_COMPARED = ("hostname", "user", "port", "proxyjump", "connecttimeout", "hostkeyalias", "serveraliveinterval")
+_WRITTEN_CONFIGS = [
+    # paramiko read every file twice: `Match user bob` matched on the User set below it.
+    "Match user bob\n  Port 2200\nHost *\n  User bob\n",
+    # Match host ignores case, and sees HostName with %h expanded; Host lines keep case.
+    "Host WEB\n  Port 2201\nMatch host web.example.com\n  User matched\nHost *\n  HostName %h.example.com\n"
+    "Match host web.example.com,db1.example.com.example.com\n  ConnectTimeout 5\n",
+    "Match originalhost WEB,*.EXAMPLE.com\n  HostKeyAlias upper\n",
+    # With Match final, a second pass matches Host lines on the name to connect to, lowercased.
+    "Host *.example.com\n  ConnectTimeout 7\nMatch final\n  ServerAliveInterval 9\nHost web\n  HostName Web.Example.COM\n",
+    # `canonical` holds only in that second pass.
+    "Match canonical\n  Port 2202\n",
+    "Match canonical\n  Port 2202\nMatch final all\n  User late\n",
+    "Match !final\n  ProxyJump none\nHost *\n  ProxyJump bastion\n",
+]
+
+
+def _random_ssh_configs(count: int) -> list[str]:
+    import random
+
+    rng = random.Random(20261125)
+    patterns = ["web", "*", "web*", "*.example.com", "!web", "db?", "a.*", "10.0.0.*", "other", "!other", "WEB"]
+    values = {
+        "HostName": ["h1", "%h.internal", "10.1.1.1", "%h", "Web.Internal", "x.%h"], "User": ["alice", "bob"],
+        "Port": ["2200", "22"], "ProxyJump": ["none", "bastion", "u@b:2"], "ConnectTimeout": ["5", "10"],
+        "HostKeyAlias": ["alias1", "%h-alias"], "ServerAliveInterval": ["30", "0"],
+    }
+    configs = []
+    for _ in range(count):
+        lines = []
+        for block in range(rng.randint(1, 5)):
+            if rng.random() < 0.1:
+                lines.append(rng.choice(["Match final", "Match final all", "Match canonical", "Match !final", "Match final host web*"]))
+            elif rng.random() < 0.6:
+                lines.append("Host " + " ".join(rng.sample(patterns, rng.randint(1, 3))))
+            else:
+                criterion = rng.choice(["host", "originalhost", "user", "localuser"])
+                lines.append(f"Match {'!' if rng.random() < 0.2 else ''}{criterion} {','.join(rng.sample(patterns + ['bob'], 2))}")
+            lines += [f"  {keyword} {rng.choice(choices)}" for keyword, choices in rng.sample(list(values.items()), rng.randint(1, 3))]
+        configs.append("\n".join(lines) + "\n")
+    return configs
+
+
+def test_ssh_config_blocks_apply_as_ssh_decides_them(tmp_path):
+    # ssh -G on the same file is the reference, for each name and keyword. Before, fleetrun's
+    # reading differed on each written config above and on 59 of the 60 generated ones (202
+    # values in all; many for a name written in capitals, which ssh lowercases).
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    differences = []
+    for index, text in enumerate(_WRITTEN_CONFIGS + _random_ssh_configs(60)):
+        config = tmp_path / f"config{index}"
+        config.write_text(text)
+        lookup = read_ssh_config([ConfigFile(config, tmp_path)])
+        for name in _LOOKED_UP:
+            printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+            theirs = dict(line.split(" ", 1) for line in printed.splitlines())
+            ours = lookup.lookup(name)
+            for keyword in _COMPARED:
+                # ssh -G prints its defaults, and prints ProxyJump's tokens unexpanded (they are expanded on connecting).
+                expected = theirs.get(keyword, "none" if keyword == "proxyjump" else None)
+                default = {"port": "22", "user": theirs["user"] if "user" not in ours else None, "connecttimeout": "none",
+                           "serveraliveinterval": "0", "proxyjump": "none"}.get(keyword)
+                got = ours.get(keyword, default)
+                if keyword == "proxyjump" and "%" in expected:
+                    continue
+                if got != expected:
+                    differences.append((text, name, keyword, got, expected))
+    assert not differences, differences[:5]
+
+
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     # ssh expands ${NAME} in IdentityFile; paramiko took it as written and found no such file.
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_*

@@ -16,6 +16,7 @@ every host of ``fleetrun hosts``, looks its host up in it.
 
 from __future__ import annotations
 
+import functools
 import glob
 import ipaddress
 import os
@@ -26,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import paramiko
 
@@ -55,26 +56,75 @@ class ConfigFile(NamedTuple):
 
 
 class SshConfigLookup(paramiko.SSHConfig):
-    """paramiko's host lookup, and every ``CertificateFile`` that applies to a host, in
-    order, as ssh takes them all (paramiko keeps the first value of that keyword).
+    """paramiko's host lookup, made to decide as ssh decides (``ssh -G``), and every
+    ``CertificateFile`` that applies to a host, in order, as ssh takes them all (paramiko
+    keeps the first value of that keyword).
 
-    The ``Match`` criteria of newer ssh (9.4 and later: ``tagged``, ``localnetwork``,
-    ``sessiontype``, ``command``, ``version``) are decided here as ssh decides them for
-    ``ssh HOST COMMAND``; paramiko took each for a match, so that a ``Match tagged work``
-    block (its ``User``, its ``IdentityFile``) applied to every host."""
+    Where paramiko decided otherwise:
+
+    * it read the files twice, always, so that a block that did not match at first matched
+      on values set after it (``Match user bob`` above a ``User bob``); ssh reads them
+      again only for ``Match final`` (where ``final`` and ``canonical`` then hold), and
+      then matches ``Host`` lines and ``Match host`` against the name it will connect to
+      (the ``HostName`` found, lowercased);
+    * ``Match host`` and ``originalhost`` ignore case, and ``host`` sees the ``HostName``
+      set so far with its ``%h`` expanded (paramiko compared case, and the unexpanded value);
+    * the ``Match`` criteria of newer ssh (9.4 and later: ``tagged``, ``localnetwork``,
+      ``sessiontype``, ``command``, ``version``) are decided for ``ssh HOST COMMAND``;
+      paramiko took each for a match, so that a ``Match tagged work`` block (its ``User``,
+      its ``IdentityFile``) applied to every host;
+    * the name to connect to is lowercased, as ssh lowercases it.
+
+    Where ssh_config canonicalizes host names (``CanonicalizeHostname``), paramiko's own
+    passes are kept.
+    """
 
     certificates: SshConfigLookup | None = None  # the same files, CertificateFile read as IdentityFile
+    #: The pass being made in this thread (lookups of one reading run in many threads).
+    _pass = threading.local()
 
     def certificate_files(self, host: str) -> list[str]:
         return list(self.certificates.lookup(host).get("identityfile", [])) if self.certificates else []
 
+    def lookup(self, hostname: str) -> paramiko.SSHConfigDict:
+        if self._canonicalizes:
+            options = super().lookup(hostname)
+        else:
+            options = self._lookup(hostname=hostname)  # noqa: SLF001 - paramiko's one pass, unexpanded
+            options.setdefault("hostname", hostname)
+            if self._final_pass_wanted:
+                host = _host_so_far(hostname, options).lower()
+                options["hostname"] = host
+                self._pass.original = hostname
+                try:
+                    options = self._lookup(hostname=host, options=options)  # noqa: SLF001
+                finally:
+                    del self._pass.original
+            options = self._expand_variables(options, hostname)  # noqa: SLF001 - %n is the name asked for
+        options["hostname"] = options["hostname"].lower()
+        return options
+
+    @functools.cached_property
+    def _final_pass_wanted(self) -> bool:
+        return any(m["type"].lower() == "final" for context in self._blocks() for m in context.get("matches", []))
+
+    @functools.cached_property
+    def _canonicalizes(self) -> bool:
+        return any("canonicalizehostname" in context["config"] for context in self._blocks())
+
+    def _blocks(self) -> list[dict[str, Any]]:
+        return self._config  # noqa: SLF001 - paramiko's parsed blocks
+
     def _does_match(self, match_list, target_hostname, canonical, final, options):  # type: ignore[no-untyped-def]
+        original = getattr(self._pass, "original", None)
+        if original is not None:  # ssh's second pass: `Match canonical` and `final` hold
+            canonical = final = True
         for candidate in match_list:
-            decide = _NEWER_CRITERIA.get(candidate["type"].lower())
-            if decide is not None and self._should_fail(decide(candidate["param"], options, self), candidate):
+            decide = _DECIDED_HERE.get(candidate["type"].lower())
+            if decide is not None and self._should_fail(decide(self, candidate["param"], original or target_hostname, options), candidate):
                 return False
-        known = [c for c in match_list if c["type"].lower() not in _NEWER_CRITERIA]
-        return super()._does_match(known, target_hostname, canonical, final, options) if known else match_list
+        rest = [c for c in match_list if c["type"].lower() not in _DECIDED_HERE]
+        return super()._does_match(rest, target_hostname, canonical, final, options) if rest else match_list
 
 
 def _in_networks(networks: str) -> bool:
@@ -103,15 +153,28 @@ def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     return found
 
 
-#: Match criteria paramiko does not know, and how each is decided for a command of fleetrun:
-#: ``tagged`` against ssh_config's ``Tag`` so far; ``sessiontype`` is ``exec``; ``command``
-#: is none (one connection carries every task's command); fleetrun is no OpenSSH ``version``.
-_NEWER_CRITERIA: dict[str, Callable[[str, Mapping[str, object], paramiko.SSHConfig], bool]] = {
-    "tagged": lambda param, options, lookup: bool(lookup._pattern_matches(param, str(options.get("tag", "")))),  # noqa: SLF001
-    "localnetwork": lambda param, options, lookup: _in_networks(param),
-    "sessiontype": lambda param, options, lookup: bool(lookup._pattern_matches(param, "exec")),  # noqa: SLF001
-    "command": lambda param, options, lookup: bool(lookup._pattern_matches(param, "")),  # noqa: SLF001
-    "version": lambda param, options, lookup: False,
+def _host_so_far(target: str, options: Mapping[str, object]) -> str:
+    # What ssh's `Match host` compares: the HostName set so far, %h expanded, else the name.
+    written = options.get("hostname")
+    return target if written is None else str(written).replace("%%", "\0").replace("%h", target).replace("\0", "%")
+
+
+def _matches(lookup: paramiko.SSHConfig, patterns: str, name: str) -> bool:
+    return bool(lookup._pattern_matches(patterns, name))  # noqa: SLF001 - paramiko's pattern lists, negations included
+
+
+#: Match criteria decided here (see :class:`SshConfigLookup`), each for a command of
+#: fleetrun: ``tagged`` against ssh_config's ``Tag`` so far; ``sessiontype`` is ``exec``;
+#: ``command`` is none (one connection carries every task's command); fleetrun is no
+#: OpenSSH ``version``.
+_DECIDED_HERE: dict[str, Callable[[paramiko.SSHConfig, str, str, Mapping[str, object]], bool]] = {
+    "host": lambda lookup, param, target, options: _matches(lookup, param.lower(), _host_so_far(target, options).lower()),
+    "originalhost": lambda lookup, param, target, options: _matches(lookup, param.lower(), target.lower()),
+    "tagged": lambda lookup, param, target, options: _matches(lookup, param, str(options.get("tag", ""))),
+    "localnetwork": lambda lookup, param, target, options: _in_networks(param),
+    "sessiontype": lambda lookup, param, target, options: _matches(lookup, param, "exec"),
+    "command": lambda lookup, param, target, options: _matches(lookup, param, ""),
+    "version": lambda lookup, param, target, options: False,
 }
 
 
