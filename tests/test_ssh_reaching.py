@@ -795,6 +795,41 @@ def test_ssh_config_blocks_apply_as_ssh_decides_them(tmp_path):
     assert not differences, differences[:5]
 
 
+def test_tokens_of_ssh_config_are_expanded_as_ssh_expands_them(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    # Before, paramiko expanded no token in UserKnownHostsFile or IdentityAgent, some in
+    # IdentityFile (not %p, %n, %i, %k, %%), one after another, and %l by asking DNS.
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    every = "%%-%C-%d-%h-%i-%k-%L-%l-%n-%p-%r-%u"
+    config = tmp_path / "config"
+    config.write_text(
+        "Host aliased\n  HostName real.%h\n  User bob\n  Port 2222\n  HostKeyAlias kept-%%h\n"
+        f"Host *\n  UserKnownHostsFile /kh/{every} /kh2/%h%%h\n  IdentityAgent /agent/{every}\n  IdentityFile /id/{every}\n"
+    )
+    lookup = read_ssh_config([ConfigFile(config, tmp_path)])
+    for name in ("aliased", "plain", "Upper.Example"):
+        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+        theirs = dict(line.split(" ", 1) for line in printed.splitlines())
+        ours = lookup.lookup(name)
+        assert (ours["userknownhostsfile"], ours["identityagent"]) == (theirs["userknownhostsfile"], theirs["identityagent"])
+        # ssh -G prints IdentityFile as written (ssh expands it when loading the key): the same tokens, the same values.
+        assert ours["identityfile"] == [theirs["identityagent"].replace("/agent/", "/id/")]
+        assert "%" in theirs["identityagent"] and theirs["identityagent"].startswith("/agent/%-")
+
+    # A known_hosts file per host, as ~/.ssh/known_hosts.d/%k is written: fleetrun found none.
+    (tmp_path / "known_hosts.d").mkdir()
+    (tmp_path / "known_hosts.d" / "web").write_text(shared_sshd.known_hosts_line)
+    (tmp_path / "per_host").write_text(
+        f"Host web\n  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {tmp_path}/known_hosts.d/%k\n"
+    )
+    task = make_executor(hosts_yaml=hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(tmp_path / "per_host")}})).run(
+        TaskRequest(host="web", command="echo in")
+    )
+    ssh = subprocess.run(["ssh", "-F", str(tmp_path / "per_host"), "-o", "BatchMode=yes", "web", "echo in"], capture_output=True, text=True, timeout=30)
+    assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
+
+
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     # ssh expands ${NAME} in IdentityFile; paramiko took it as written and found no such file.
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_*

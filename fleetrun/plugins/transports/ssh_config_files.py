@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import ipaddress
 import os
+import pwd
 import re
 import shlex
+import socket
 import stat
 import threading
 import time
@@ -73,7 +76,11 @@ class SshConfigLookup(paramiko.SSHConfig):
       ``sessiontype``, ``command``, ``version``) are decided for ``ssh HOST COMMAND``;
       paramiko took each for a match, so that a ``Match tagged work`` block (its ``User``,
       its ``IdentityFile``) applied to every host;
-    * the name to connect to is lowercased, as ssh lowercases it.
+    * the name to connect to is lowercased, as ssh lowercases it;
+    * ``%`` tokens are expanded in the keywords ssh expands them in, in one pass (``%%`` is
+      a ``%``), with ssh's values: paramiko expanded a few, in some keywords (none in
+      ``UserKnownHostsFile``: ``~/.ssh/known_hosts.d/%k`` was a file of that name), one
+      after another, and ``%l`` by asking DNS.
 
     Where ssh_config canonicalizes host names (``CanonicalizeHostname``), paramiko's own
     passes are kept.
@@ -91,13 +98,12 @@ class SshConfigLookup(paramiko.SSHConfig):
             options = super().lookup(hostname)
         else:
             options = self._lookup(hostname=hostname)  # noqa: SLF001 - paramiko's one pass, unexpanded
-            options.setdefault("hostname", hostname)
+            # The name to connect to, first: the other keywords' %h is it.
+            options["hostname"] = _host_so_far(hostname, options).lower()
             if self._final_pass_wanted:
-                host = _host_so_far(hostname, options).lower()
-                options["hostname"] = host
                 self._pass.original = hostname
                 try:
-                    options = self._lookup(hostname=host, options=options)  # noqa: SLF001
+                    options = self._lookup(hostname=options["hostname"], options=options)  # noqa: SLF001
                 finally:
                     del self._pass.original
             options = self._expand_variables(options, hostname)  # noqa: SLF001 - %n is the name asked for
@@ -114,6 +120,26 @@ class SshConfigLookup(paramiko.SSHConfig):
 
     def _blocks(self) -> list[dict[str, Any]]:
         return self._config  # noqa: SLF001 - paramiko's parsed blocks
+
+    def _tokenize(self, config, target_hostname, key, value):  # type: ignore[no-untyped-def]
+        allowed = _TOKENS_OF.get(key)
+        if allowed is None:
+            return value
+        hostname = target_hostname if key == "hostname" else str(config.get("hostname", target_hostname))
+        port, user = str(config.get("port", 22)), str(config.get("user", _local_user()))
+        local = socket.gethostname()
+        tokens = {
+            "%": "%", "h": hostname, "n": target_hostname, "p": port, "r": user, "u": _local_user(),
+            "d": os.path.expanduser("~"), "i": str(os.getuid()), "L": local.split(".")[0], "l": local,
+            "k": str(config.get("hostkeyalias", target_hostname)),
+            "C": hashlib.sha1(f"{local}{hostname}{port}{user}".encode()).hexdigest(),  # noqa: S324 - ssh's %C
+        }
+        expanded = re.sub(r"%(.)", lambda m: tokens[m.group(1)] if m.group(1) in allowed else m.group(0), value)
+        if key == "identityfile" and expanded.startswith("~"):
+            expanded = os.path.expanduser(expanded)
+        elif key == "proxycommand":  # run without a shell: a word's leading ~ is expanded here
+            expanded = re.sub(r"(?:(?<=\s)|^)~(?=/|\s|$)", lambda m: os.path.expanduser("~"), expanded)
+        return expanded
 
     def _does_match(self, match_list, target_hostname, canonical, final, options):  # type: ignore[no-untyped-def]
         original = getattr(self._pass, "original", None)
@@ -151,6 +177,18 @@ def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     except (OSError, ValueError, IndexError):
         pass
     return found
+
+
+#: The ``%`` tokens each keyword takes (ssh_config(5), TOKENS), ``%%`` in each.
+_FILE_TOKENS = "%CdhikLlnpru"
+_TOKENS_OF = {
+    "hostname": "%h", "proxycommand": "%hnpr", "proxyjump": "%hnpr",
+    **dict.fromkeys(("identityfile", "identityagent", "userknownhostsfile", "revokedhostkeys", "controlpath", "match-exec"), _FILE_TOKENS),
+}
+
+
+def _local_user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def _host_so_far(target: str, options: Mapping[str, object]) -> str:
