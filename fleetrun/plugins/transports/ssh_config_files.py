@@ -77,6 +77,7 @@ class SshConfigLookup(paramiko.SSHConfig):
       paramiko took each for a match, so that a ``Match tagged work`` block (its ``User``,
       its ``IdentityFile``) applied to every host;
     * the name to connect to is lowercased, as ssh lowercases it;
+    * of ``ProxyJump`` and ``ProxyCommand``, the one found first is kept, as in ssh;
     * ``%`` tokens are expanded in the keywords ssh expands them in, in one pass (``%%`` is
       a ``%``), with ssh's values: paramiko expanded a few, in some keywords (none in
       ``UserKnownHostsFile``: ``~/.ssh/known_hosts.d/%k`` was a file of that name), one
@@ -108,6 +109,12 @@ class SshConfigLookup(paramiko.SSHConfig):
                     del self._pass.original
             options = self._expand_variables(options, hostname)  # noqa: SLF001 - %n is the name asked for
         options["hostname"] = options["hostname"].lower()
+        if "proxyjump" in options and "proxycommand" in options:
+            # ssh takes the one written first (a ProxyJump none gives way to a ProxyCommand);
+            # paramiko kept both, and the connection went through the ProxyJump.
+            written = list(options)
+            jump_first = written.index("proxyjump") < written.index("proxycommand")
+            del options["proxycommand" if jump_first and options["proxyjump"].lower() != "none" else "proxyjump"]
         return options
 
     @functools.cached_property
