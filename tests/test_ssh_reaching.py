@@ -1301,3 +1301,26 @@ def test_connection_attempts_and_compression_of_ssh_config_apply_as_in_ssh(make_
         assert (task.error_category, task.error) == ("config", f"ssh_config gives {server.address} {problem}")
         refused = subprocess.run(["ssh", "-F", str(files[name]), "-o", "BatchMode=yes", name, "true"], capture_output=True, text=True)
         assert (refused.returncode, refused.stdout, ssh_says in refused.stderr) == (255, "", True), refused.stderr
+
+
+def test_bind_address_of_ssh_config_is_where_connections_come_from(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path):
+    where = (
+        f"  HostName {shared_sshd.address}\n  Port {shared_sshd.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known_hosts}\n"
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host bound\n{where}  BindAddress 127.0.0.77\nHost mismatched\n{where}  BindAddress ::1\n")
+    entry = {"transport": "ssh", "ssh_config_file": str(config)}
+    executor = make_executor(hosts_yaml=hosts_file_text({"bound": entry, "mismatched": entry}))
+    seen_before = shared_sshd.log.read_text(errors="replace").count("Connection from 127.0.0.77 ")
+    task = executor.run(TaskRequest(host="bound", command="echo in"))
+    ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "bound", "echo in"], capture_output=True, text=True, timeout=30)
+    assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
+    # Before: BindAddress was not read, and the server saw fleetrun come from 127.0.0.1.
+    assert shared_sshd.log.read_text(errors="replace").count("Connection from 127.0.0.77 ") == seen_before + 2
+    refused = executor.run(TaskRequest(host="mismatched", command="true"))
+    assert (refused.error_category, refused.error) == (
+        "unreachable", f"cannot connect to {sshd_fleet.user}@{shared_sshd.address}:{shared_sshd.port}: BindAddress ::1 of "
+        "ssh_config: Address family for hostname not supported",
+    )
+    assert subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "mismatched", "true"], capture_output=True).returncode == 255

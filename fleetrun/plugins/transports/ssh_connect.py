@@ -418,6 +418,8 @@ def _tcp_connect(hostname: str, port: int, settings: SSHSettings, options: HopOp
             sock = socket.socket(family, kind, proto)
             sock.settimeout(options.connect_timeout)
             try:
+                if options.bind_address is not None:
+                    sock.bind(_local_end(options.bind_address, family))
                 sock.connect(address)  # the checked address itself: no second lookup
             except OSError as exc:
                 sock.close()
@@ -428,6 +430,14 @@ def _tcp_connect(hostname: str, port: int, settings: SSHSettings, options: HopOp
             return sock
     assert error is not None
     raise error
+
+
+def _local_end(bind_address: str, family: int) -> tuple[Any, ...]:
+    """ssh_config's BindAddress, in the family of the address being connected to, as ssh binds it."""
+    try:
+        return socket.getaddrinfo(bind_address, 0, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"BindAddress {bind_address} of ssh_config: {exc.strerror}") from None
 
 
 #: The sockets of this process's connections, for :func:`_close_inherited_sockets`.
@@ -537,6 +547,8 @@ def connect_error(
         return TransportError("unreachable", f"cannot connect to {where}: connection refused")
     if isinstance(exc, OSError):
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        if options.bind_address is not None and options.bind_address not in reason:
+            reason += f" (from BindAddress {options.bind_address} of ssh_config)"
         tries = f" ({options.connection_attempts} attempts: ConnectionAttempts of ssh_config)" if options.connection_attempts > 1 else ""
         return TransportError("unreachable", f"cannot connect to {where}: {reason}{tries}")
     if isinstance(exc, paramiko.ChannelException):

@@ -1,12 +1,12 @@
 """The connection options a host of the hosts file may leave to ssh_config, resolved for
 one hop: how long connecting may take and how often to try, how often to check that the
 server is still there, whether an unknown host key is recorded, which address family to
-connect over, and whether to compress.
+connect over and from, and whether to compress.
 
 A host's own field wins; else ssh_config's keyword for that hop (``ConnectTimeout``,
 ``ServerAliveInterval``, ``ServerAliveCountMax``, ``StrictHostKeyChecking``, and
-``ConnectionAttempts``, ``AddressFamily`` and ``Compression``, which have no field), read
-as ssh reads it; else fleetrun's default. A value ssh would refuse is a config error naming
+``ConnectionAttempts``, ``AddressFamily``, ``BindAddress`` and ``Compression``, which have
+no field), read as ssh reads it; else fleetrun's default. A value ssh would refuse is a config error naming
 it, as ssh refuses the file. Fabric, left to itself, reads ``ConnectTimeout`` with
 ``int()`` (``5s`` is a traceback) and none of the others.
 """
@@ -55,6 +55,7 @@ class HopOptions:
     address_family: str = "any"  # a key of ADDRESS_FAMILIES
     connection_attempts: int = 1  # TCP connects tried, a second apart, as ssh tries them
     compression: bool = False
+    bind_address: str | None = None  # the local address to connect from
 
     def host_key_checking_in_words(self) -> str:
         if self.host_key_checking_written is None:
@@ -101,7 +102,7 @@ def hop_options(
         raise _bad(host, "Compression", compression, "yes or no")
     return HopOptions(
         connect_timeout, keepalive_interval, keepalive_count_max, host_key_checking or "strict", written_checking,
-        address_family, int(attempts), compression.lower() == "yes",
+        address_family, int(attempts), compression.lower() == "yes", ssh_config.get("bindaddress"),
     )
 
 
