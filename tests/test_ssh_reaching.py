@@ -1207,30 +1207,22 @@ def test_algorithms_offered_are_ssh_s_and_ssh_config_s(make_executor, sshd_fleet
         outcomes[name] = (task.status, task.error_category, ssh.stdout == "in\n")
         if task.status is TaskStatus.FAILED:
             outcomes[name] += (task.error.split(" failed: ", 1)[1],)
+    def refused(what: str, offered: str, keyword: str) -> tuple[object, ...]:
+        return (
+            TaskStatus.FAILED, "unreachable", False,
+            f"Incompatible ssh {what}. fleetrun offered: {offered} (ssh's defaults, or ssh_config's {keyword}); for a "
+            f"server that speaks only others, add one in ssh_config for this host ({keyword} +NAME), as ssh needs too",
+        )
+
     gcm_first = "aes128-gcm@openssh.com, aes256-gcm@openssh.com, aes128-ctr, aes192-ctr, aes256-ctr"
     # Before: the legacy server was reached (paramiko offers CBC), the hardened list was not kept
     # to, and the server speaking RFC 8731's name alone was not reached.
     assert outcomes == {
-        "legacy": (
-            TaskStatus.FAILED, "unreachable", False,
-            f"Incompatible ssh server (no acceptable ciphers). fleetrun offered: {gcm_first} (ssh's defaults, or "
-            "ssh_config's Ciphers); for a server that speaks only others, add one in ssh_config for this host "
-            "(Ciphers +NAME), as ssh needs too",
-        ),
+        "legacy": refused("server (no acceptable ciphers)", gcm_first, "Ciphers"),
         "legacy-allowed": (TaskStatus.SUCCEEDED, None, True),
-        "hardened": (
-            TaskStatus.FAILED, "unreachable", False,
-            "Incompatible ssh server (no acceptable macs). fleetrun offered: hmac-sha2-512-etm@openssh.com, hmac-sha2-512 "
-            "(ssh's defaults, or ssh_config's MACs); for a server that speaks only others, add one in ssh_config for "
-            "this host (MACs +NAME), as ssh needs too",
-        ),
+        "hardened": refused("server (no acceptable macs)", "hmac-sha2-512-etm@openssh.com, hmac-sha2-512", "MACs"),
         "chosen": (TaskStatus.SUCCEEDED, None, True),
-        "no-common-host-key": (
-            TaskStatus.FAILED, "unreachable", False,
-            "Incompatible ssh peer (no acceptable host key). fleetrun offered: rsa-sha2-512 (ssh's defaults, or "
-            "ssh_config's HostKeyAlgorithms); for a server that speaks only others, add one in ssh_config for this "
-            "host (HostKeyAlgorithms +NAME), as ssh needs too",
-        ),
+        "no-common-host-key": refused("peer (no acceptable host key)", "rsa-sha2-512", "HostKeyAlgorithms"),
         "rfc-kex": (TaskStatus.SUCCEEDED, None, True),
     }
     assert len(re.findall(r"kex: algorithm: curve25519-sha256(?!@)", rfc_kex.log.read_text(errors="replace"))) == 2
