@@ -130,18 +130,18 @@ class SshConfigLookup(paramiko.SSHConfig):
 
     def _tokenize(self, config, target_hostname, key, value):  # type: ignore[no-untyped-def]
         allowed = _TOKENS_OF.get(key)
-        if allowed is None:
+        if allowed is None or ("%" not in value and "~" not in value):
             return value
         hostname = target_hostname if key == "hostname" else str(config.get("hostname", target_hostname))
         port, user = str(config.get("port", 22)), str(config.get("user", _local_user()))
-        local = socket.gethostname()
-        tokens = {
-            "%": "%", "h": hostname, "n": target_hostname, "p": port, "r": user, "u": _local_user(),
-            "d": os.path.expanduser("~"), "i": str(os.getuid()), "L": local.split(".")[0], "l": local,
-            "k": str(config.get("hostkeyalias", target_hostname)),
-            "C": hashlib.sha1(f"{local}{hostname}{port}{user}".encode()).hexdigest(),  # noqa: S324 - ssh's %C
+        tokens: dict[str, Callable[[], str]] = {
+            "%": lambda: "%", "h": lambda: hostname, "n": lambda: target_hostname, "p": lambda: port,
+            "r": lambda: user, "u": _local_user, "d": lambda: os.path.expanduser("~"), "i": lambda: str(os.getuid()),
+            "L": lambda: socket.gethostname().split(".")[0], "l": socket.gethostname,
+            "k": lambda: str(config.get("hostkeyalias", target_hostname)),
+            "C": lambda: hashlib.sha1(f"{socket.gethostname()}{hostname}{port}{user}".encode()).hexdigest(),  # noqa: S324 - ssh's %C
         }
-        expanded = re.sub(r"%(.)", lambda m: tokens[m.group(1)] if m.group(1) in allowed else m.group(0), value)
+        expanded = re.sub(r"%(.)", lambda m: tokens[m.group(1)]() if m.group(1) in allowed else m.group(0), value)
         if key == "identityfile" and expanded.startswith("~"):
             expanded = os.path.expanduser(expanded)
         elif key == "proxycommand":  # run without a shell: a word's leading ~ is expanded here
@@ -194,6 +194,7 @@ _TOKENS_OF = {
 }
 
 
+@functools.cache
 def _local_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
