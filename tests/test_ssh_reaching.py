@@ -940,6 +940,28 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
     assert seen == (None, TaskStatus.SUCCEEDED, (1, 1), True), error  # the ruled host never logged in anywhere
 
 
+def test_a_proxycommand_is_run_by_the_user_s_shell_as_ssh_runs_it(make_executor, sshd_fleet, tmp_path, monkeypatch):
+    # Before, paramiko split the command into words itself: "$JUMP_PORT" and "$(printf ...)"
+    # reached ssh -W as written, and the proxy failed.
+    jump = sshd_fleet.start()
+    target = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    monkeypatch.setenv("JUMP_PORT", str(jump.port))
+    monkeypatch.setenv("SHELL", "/bin/sh")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n"
+        f"  ProxyCommand ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} -o BatchMode=yes "
+        f'-p $JUMP_PORT -W "$(printf %%s %h)":%p {sshd_fleet.user}@{jump.address} 2>/dev/null\n'
+    )
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config)}}))
+    task = executor.run(TaskRequest(host="inner", command="echo in"))
+    ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "inner", "echo in"], capture_output=True, text=True, timeout=30)
+    assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
+    assert (jump.accepted_logins(), target.accepted_logins()) == (2, 2)
+
+
 def test_an_ssh_config_fabric_cannot_read_fails_its_hosts_tasks_naming_the_problem(tmp_path):
     # Before: ValueError and ConfigParseError tracebacks from `fleetrun hosts`, a dry run and every task.
     config = tmp_path / "ssh_config"

@@ -130,7 +130,7 @@ class SshConfigLookup(paramiko.SSHConfig):
 
     def _tokenize(self, config, target_hostname, key, value):  # type: ignore[no-untyped-def]
         allowed = _TOKENS_OF.get(key)
-        if allowed is None or ("%" not in value and "~" not in value):
+        if allowed is None or ("%" not in value and not value.startswith("~")):
             return value
         hostname = target_hostname if key == "hostname" else str(config.get("hostname", target_hostname))
         port, user = str(config.get("port", 22)), str(config.get("user", _local_user()))
@@ -144,8 +144,6 @@ class SshConfigLookup(paramiko.SSHConfig):
         expanded = re.sub(r"%(.)", lambda m: tokens[m.group(1)]() if m.group(1) in allowed else m.group(0), value)
         if key == "identityfile" and expanded.startswith("~"):
             expanded = os.path.expanduser(expanded)
-        elif key == "proxycommand":  # run without a shell: a word's leading ~ is expanded here
-            expanded = re.sub(r"(?:(?<=\s)|^)~(?=/|\s|$)", lambda m: os.path.expanduser("~"), expanded)
         return expanded
 
     def _does_match(self, match_list, target_hostname, canonical, final, options):  # type: ignore[no-untyped-def]

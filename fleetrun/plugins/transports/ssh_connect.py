@@ -39,6 +39,7 @@ import ipaddress
 import logging
 import os
 import socket
+import subprocess
 import time
 import weakref
 from dataclasses import dataclass
@@ -291,12 +292,15 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             use_certificate_files(hop, settings.certificate_files, where, secrets.get("passphrase"))
             if not hop.gateway:
                 hop.connect_kwargs["sock"] = _tcp_connect(hop.host, hop.port, settings, settings.options_for(hop))
-            elif isinstance(hop.gateway, str) and (settings.allowed_networks or settings.blocked_networks):
-                raise TransportError(
-                    "network",
-                    f"{where} is reached through a ProxyCommand of ssh_config, which connects where fleetrun cannot "
-                    "check: the host's network rules (allowed_networks, blocked_networks) refuse it",
-                )
+            elif isinstance(hop.gateway, str):
+                if settings.allowed_networks or settings.blocked_networks:
+                    raise TransportError(
+                        "network",
+                        f"{where} is reached through a ProxyCommand of ssh_config, which connects where fleetrun cannot "
+                        "check: the host's network rules (allowed_networks, blocked_networks) refuse it",
+                    )
+                # Fabric would read the command again as ssh_config and split it into words itself.
+                hop.open_gateway = functools.partial(ShellProxyCommand, hop.gateway)
             hop.open()
         except TransportError:
             close_connection(connection)
@@ -311,6 +315,18 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             close_connection(connection)
             raise error from None
     return connection
+
+
+class ShellProxyCommand(paramiko.ProxyCommand):
+    """ssh_config's ProxyCommand (its tokens expanded), run as ssh runs it: by the user's
+    shell, ``$SHELL -c 'exec COMMAND'``, so that ``$VAR``, ``$(...)`` and quoting mean what
+    they mean to ssh, and with fleetrun's stderr, where the proxy's own errors show. paramiko
+    split the command into words itself, and kept its stderr in a pipe nobody read."""
+
+    def __init__(self, command: str) -> None:  # noqa: D107 - paramiko's constructor, run through the shell
+        self.cmd = [os.environ.get("SHELL") or "/bin/sh", "-c", f"exec {command}"]
+        self.process = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.timeout = None
 
 
 def close_connection(connection: fabric.Connection) -> None:
