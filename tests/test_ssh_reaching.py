@@ -948,15 +948,21 @@ def test_a_proxycommand_is_run_by_the_user_s_shell_as_ssh_runs_it(make_executor,
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
     monkeypatch.setenv("JUMP_PORT", str(jump.port))
     monkeypatch.setenv("SHELL", "/bin/sh")
+    monkeypatch.setenv("INNER_PASSWORD", "not-for-the-proxy")  # the host's password_env: no command here gets it
     config = tmp_path / "ssh_config"
     config.write_text(
         f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  User {sshd_fleet.user}\n"
         f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n"
-        f"  ProxyCommand ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} -o BatchMode=yes "
-        f'-p $JUMP_PORT -W "$(printf %%s %h)":%p {sshd_fleet.user}@{jump.address} 2>/dev/null\n'
+        f"  ProxyCommand {tmp_path}/proxy ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} "
+        f'-o BatchMode=yes -p $JUMP_PORT -W "$(printf %%s %h)":%p {sshd_fleet.user}@{jump.address} 2>/dev/null\n'
     )
-    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config)}}))
+    (tmp_path / "proxy").write_text(f'#!/bin/sh\nenv > {tmp_path}/proxy_env\nexec "$@"\n')
+    (tmp_path / "proxy").chmod(0o755)
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "password_env": "INNER_PASSWORD"}
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
     task = executor.run(TaskRequest(host="inner", command="echo in"))
+    proxy_env = (tmp_path / "proxy_env").read_text()
+    assert f"JUMP_PORT={jump.port}\n" in proxy_env and "INNER_PASSWORD" not in proxy_env
     ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "inner", "echo in"], capture_output=True, text=True, timeout=30)
     assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
     assert (jump.accepted_logins(), target.accepted_logins()) == (2, 2)

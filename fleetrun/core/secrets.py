@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import threading
+from typing import Mapping
 
 from fleetrun.core import paths
 
@@ -75,6 +76,18 @@ def secret_variables() -> frozenset[str]:
     also one that held too short a value). Commands started on this machine do not inherit
     them; they are there for fleetrun."""
     return _registry.variables
+
+
+def command_environment(extra: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment for a command run on this machine: this process's, without the
+    variables secrets are read from, with ``extra`` on top; None when that is the
+    environment as it is."""
+    withheld = [name for name in secret_variables() if name in os.environ]
+    if not withheld and not extra:
+        return None  # inheriting it as it is spares an encode of every variable
+    env = {name: value for name, value in os.environ.items() if name not in withheld}
+    env.update(extra)
+    return env
 
 
 def longest_secret() -> int:

@@ -26,7 +26,7 @@ from fleetrun.core import open_files
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.inventory import Host
 from fleetrun.core.processes import KILL_GRACE_SECONDS, signal_group
-from fleetrun.core.secrets import secret_variables
+from fleetrun.core.secrets import command_environment
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.core.transport import Execution, HostField, Transport, TransportError
 from fleetrun.plugins.transports.local_exec import DEFAULT_SHELL, direct_argv, direct_environment
@@ -42,17 +42,6 @@ EXIT_DRAIN_SECONDS = 1.0
 #: A command still running after this long gets its exit watched through a pidfd. One that
 #: ends sooner is reaped when its pipes close, which is cheaper than a pidfd per command.
 _EXIT_WATCH_DELAY = 0.02
-
-
-def command_environment(extra: Mapping[str, str]) -> dict[str, str] | None:
-    """This process's environment without the variables secrets are read from, with
-    ``extra`` on top; None when that is the environment as it is."""
-    withheld = [name for name in secret_variables() if name in os.environ]
-    if not withheld and not extra:
-        return None  # inheriting it as it is spares an encode of every variable
-    env = {name: value for name, value in os.environ.items() if name not in withheld}
-    env.update(extra)
-    return env
 
 
 class LocalTransport(Transport):

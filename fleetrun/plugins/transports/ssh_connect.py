@@ -52,7 +52,7 @@ from paramiko.common import MSG_CHANNEL_REQUEST
 
 from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
-from fleetrun.core.secrets import SecretError, read_secret
+from fleetrun.core.secrets import SecretError, command_environment, read_secret
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for, kex_table
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, read_ssh_config, with_environment
@@ -320,12 +320,15 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
 class ShellProxyCommand(paramiko.ProxyCommand):
     """ssh_config's ProxyCommand (its tokens expanded), run as ssh runs it: by the user's
     shell, ``$SHELL -c 'exec COMMAND'``, so that ``$VAR``, ``$(...)`` and quoting mean what
-    they mean to ssh, and with fleetrun's stderr, where the proxy's own errors show. paramiko
-    split the command into words itself, and kept its stderr in a pipe nobody read."""
+    they mean to ssh, and with fleetrun's stderr, where the proxy's own errors show; like
+    every command fleetrun runs on this machine, without the variables secrets come from.
+    paramiko split the command into words itself, and kept its stderr in a pipe nobody read."""
 
     def __init__(self, command: str) -> None:  # noqa: D107 - paramiko's constructor, run through the shell
         self.cmd = [os.environ.get("SHELL") or "/bin/sh", "-c", f"exec {command}"]
-        self.process = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.process = subprocess.Popen(
+            self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=command_environment({})
+        )
         self.timeout = None
 
 
