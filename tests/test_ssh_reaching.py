@@ -835,6 +835,36 @@ def test_tokens_of_ssh_config_are_expanded_as_ssh_expands_them(make_executor, ss
     assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
 
 
+def test_match_exec_runs_by_the_user_s_shell_as_in_ssh_without_secrets(tmp_path, monkeypatch):
+    from fleetrun.core.secrets import read_secret
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+
+    monkeypatch.setenv("SHELL", "/bin/sh")
+    monkeypatch.setenv("EXEC_SECRET", "kept-from-match-exec")
+    assert read_secret(env="EXEC_SECRET", file=None, what="password") == "kept-from-match-exec"
+    config = tmp_path / "config"
+    config.write_text(
+        f'Match exec "test -e {tmp_path}/flag"\n  Port 2200\n'
+        'Match exec "[ %h = web.example ] && [ %n = web.example ]"\n  User matched\n'
+        f'Match exec "env > {tmp_path}/exec_env"\n  ConnectTimeout 7\n'
+    )
+    for flag in (False, True):
+        if flag:
+            (tmp_path / "flag").touch()
+        lookup = read_ssh_config([ConfigFile(config, tmp_path)])
+        for name in ("web.example", "other"):
+            printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+            theirs = dict(line.split(" ", 1) for line in printed.splitlines())
+            ours = lookup.lookup(name)
+            assert (ours.get("port", "22"), ours.get("user", theirs["user"]), ours.get("connecttimeout")) == (
+                theirs["port"], theirs["user"], theirs["connecttimeout"]
+            ), (flag, name)
+            assert (ours.get("port"), ours.get("user")) == ("2200" if flag else None, "matched" if name == "web.example" else None)
+    # Before: run by bash, with every variable of fleetrun's.
+    exec_env = (tmp_path / "exec_env").read_text()
+    assert "SHELL=/bin/sh\n" in exec_env and "EXEC_SECRET" not in exec_env
+
+
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     # ssh expands ${NAME} in IdentityFile; paramiko took it as written and found no such file.
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_*

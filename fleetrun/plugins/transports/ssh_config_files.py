@@ -26,6 +26,7 @@ import re
 import shlex
 import socket
 import stat
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import paramiko
 
 from fleetrun.core.paths import HomeDirectoryError, expand_home
+from fleetrun.core.secrets import command_environment
 
 #: ssh's own limit (READCONF_MAX_DEPTH).
 MAX_INCLUDE_DEPTH = 16
@@ -72,6 +74,8 @@ class SshConfigLookup(paramiko.SSHConfig):
       (the ``HostName`` found, lowercased);
     * ``Match host`` and ``originalhost`` ignore case, and ``host`` sees the ``HostName``
       set so far with its ``%h`` expanded (paramiko compared case, and the unexpanded value);
+    * ``Match exec`` runs by the user's shell, as in ssh, without the variables secrets
+      come from (paramiko ran it by bash, with every variable);
     * the ``Match`` criteria of newer ssh (9.4 and later: ``tagged``, ``localnetwork``,
       ``sessiontype``, ``command``, ``version``) are decided for ``ssh HOST COMMAND``;
       paramiko took each for a match, so that a ``Match tagged work`` block (its ``User``,
@@ -207,13 +211,23 @@ def _matches(lookup: paramiko.SSHConfig, patterns: str, name: str) -> bool:
     return bool(lookup._pattern_matches(patterns, name))  # noqa: SLF001 - paramiko's pattern lists, negations included
 
 
+def _succeeds(command: str) -> bool:
+    """Whether ``command`` exits 0, run as ssh runs a ``Match exec`` command: by the user's
+    shell, its output to /dev/null; like every command fleetrun runs on this machine, without
+    the variables secrets come from (paramiko ran it by bash, with every variable)."""
+    shell = os.environ.get("SHELL") or "/bin/sh"
+    done = subprocess.run([shell, "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=command_environment({}), check=False)
+    return done.returncode == 0
+
+
 #: Match criteria decided here (see :class:`SshConfigLookup`), each for a command of
-#: fleetrun: ``tagged`` against ssh_config's ``Tag`` so far; ``sessiontype`` is ``exec``;
-#: ``command`` is none (one connection carries every task's command); fleetrun is no
-#: OpenSSH ``version``.
+#: fleetrun: ``exec`` as ssh runs it; ``tagged`` against ssh_config's ``Tag`` so far;
+#: ``sessiontype`` is ``exec``; ``command`` is none (one connection carries every task's
+#: command); fleetrun is no OpenSSH ``version``.
 _DECIDED_HERE: dict[str, Callable[[paramiko.SSHConfig, str, str, Mapping[str, object]], bool]] = {
     "host": lambda lookup, param, target, options: _matches(lookup, param.lower(), _host_so_far(target, options).lower()),
     "originalhost": lambda lookup, param, target, options: _matches(lookup, param.lower(), target.lower()),
+    "exec": lambda lookup, param, target, options: _succeeds(lookup._tokenize(options, target, "match-exec", param)),  # noqa: SLF001
     "tagged": lambda lookup, param, target, options: _matches(lookup, param, str(options.get("tag", ""))),
     "localnetwork": lambda lookup, param, target, options: _in_networks(param),
     "sessiontype": lambda lookup, param, target, options: _matches(lookup, param, "exec"),
