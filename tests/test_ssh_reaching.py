@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -863,6 +864,14 @@ def test_match_exec_runs_by_the_user_s_shell_as_in_ssh_without_secrets(tmp_path,
     # Before: run by bash, with every variable of fleetrun's.
     exec_env = (tmp_path / "exec_env").read_text()
     assert "SHELL=/bin/sh\n" in exec_env and "EXEC_SECRET" not in exec_env
+    # And by invoke, which read fleetrun's own stdin: the MCP server's protocol stream lost bytes.
+    looked_up = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config; "
+         f"read_ssh_config([ConfigFile(Path({str(config)!r}), Path('/'))]).lookup('web.example'); print(sys.stdin.read())"],
+        input='{"jsonrpc": "2.0"}\n', capture_output=True, text=True, check=True,
+    )
+    assert looked_up.stdout == '{"jsonrpc": "2.0"}\n\n'
 
 
 def test_an_identity_file_of_ssh_config_may_name_an_environment_variable_as_in_ssh(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
