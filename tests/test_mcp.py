@@ -776,6 +776,42 @@ def test_stdio_against_a_fleetrun_serve_process(tmp_path):
     run(scenario)
 
 
+def test_an_ssh_config_match_exec_leaves_the_stdio_stream_to_the_protocol(tmp_path):
+    # A `Match exec` command runs while the client's requests arrive: it gets none of them
+    # (paramiko ran it through invoke, which reads its process's stdin while the command
+    # runs; the server's own reader won that race in every run here, tests/test_ssh_reaching's
+    # lookup in a bare process lost all of its input to it).
+    config = tmp_path / "ssh_config"
+    config.write_text('Match exec "sleep 0.5"\n  User via-exec\n')
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(hosts_file_text({
+        "web": {"transport": "ssh", "hostname": "127.0.0.1", "ssh_config_file": str(config)}, "local": {"transport": "local"},
+    }))
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "fleetrun", "serve"], env={**_server_env(tmp_path), "FLEETRUN_HOSTS": str(hosts)}
+    )
+
+    async def scenario():
+        answers: list[object] = []
+
+        async def describe(client) -> None:
+            answers.append((await client.call_tool("describe_host", {"host": "web"})).structured_content["details"]["address"])
+
+        async def echo(client, number: int) -> None:
+            await anyio.sleep(0.05 * number)  # sent while a describe's Match exec runs
+            answers.append((await client.call_tool("run_command", {"host": "local", "command": f"echo {number}"})).structured_content["stdout_tail"])
+
+        with anyio.fail_after(60):
+            async with mcp.Client(params, mode="legacy") as client:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(describe, client)
+                    for number in range(1, 11):
+                        group.start_soon(echo, client, number)
+        assert sorted(map(str, answers)) == sorted([f"{number}\n" for number in range(1, 11)] + ["via-exec@127.0.0.1:22"])
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda sig: sig.name)
 def test_a_signal_stops_the_stdio_server_and_the_commands_its_tasks_run(tmp_path, marker, stop):
     # Over stdio the server waits for the client in a thread: it must still stop at once,
