@@ -213,8 +213,10 @@ def _matches(lookup: paramiko.SSHConfig, patterns: str, name: str) -> bool:
 
 def _succeeds(command: str) -> bool:
     """Whether ``command`` exits 0, run as ssh runs a ``Match exec`` command: by the user's
-    shell, its output to /dev/null; like every command fleetrun runs on this machine, without
-    the variables secrets come from (paramiko ran it by bash, with every variable)."""
+    shell, its output to /dev/null; its input is /dev/null too, and like every command
+    fleetrun runs on this machine it gets none of the variables secrets come from. paramiko
+    ran it through invoke: by bash, with every variable, and reading fleetrun's own stdin
+    while it ran (the MCP stdio server's requests arrive there)."""
     shell = os.environ.get("SHELL") or "/bin/sh"
     done = subprocess.run([shell, "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=command_environment({}), check=False)
     return done.returncode == 0
