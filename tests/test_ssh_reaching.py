@@ -804,7 +804,7 @@ def test_ssh_config_blocks_apply_as_ssh_decides_them(tmp_path):
 def test_tokens_of_ssh_config_are_expanded_as_ssh_expands_them(make_executor, sshd_fleet, shared_sshd, tmp_path):
     # Before, paramiko expanded no token in UserKnownHostsFile or IdentityAgent, some in
     # IdentityFile (not %p, %n, %i, %k, %%), one after another, and %l by asking DNS.
-    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
+    from fleetrun.plugins.transports.ssh_config_files import ConfigFile, paths_of, read_ssh_config
 
     every = "%%-%C-%d-%h-%i-%k-%L-%l-%n-%p-%r-%u"
     config = tmp_path / "config"
@@ -834,6 +834,22 @@ def test_tokens_of_ssh_config_are_expanded_as_ssh_expands_them(make_executor, ss
     )
     ssh = subprocess.run(["ssh", "-F", str(tmp_path / "per_host"), "-o", "BatchMode=yes", "web", "echo in"], capture_output=True, text=True, timeout=30)
     assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
+
+    # A path with a space, quoted: one file (before, two: "…/with" and "space/known_hosts").
+    (tmp_path / "with space").mkdir()
+    (tmp_path / "with space" / "known_hosts").write_text(shared_sshd.known_hosts_line)
+    for written in (f'"{tmp_path}/with space/known_hosts"', f"/nowhere '{tmp_path}/with space/known_hosts'"):
+        (tmp_path / "quoted").write_text((tmp_path / "per_host").read_text().replace(f"{tmp_path}/known_hosts.d/%k", written))
+        lookup = read_ssh_config([ConfigFile(tmp_path / "quoted", tmp_path)])
+        printed = subprocess.run(["ssh", "-F", str(tmp_path / "quoted"), "-G", "web"], capture_output=True, text=True, check=True).stdout
+        assert [f"{tmp_path}/with space/known_hosts"] == [
+            path for path in paths_of(lookup.lookup("web")["userknownhostsfile"]) if path != "/nowhere"
+        ]
+        assert f"{tmp_path}/with space/known_hosts" in printed
+        task = make_executor(hosts_yaml=hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(tmp_path / "quoted")}})).run(
+            TaskRequest(host="web", command="echo in")
+        )
+        assert (task.status, task.error) == (TaskStatus.SUCCEEDED, None)
 
 
 def test_match_exec_runs_by_the_user_s_shell_as_in_ssh_without_secrets(tmp_path, monkeypatch):

@@ -345,6 +345,9 @@ class _Reading:
                 criteria = _together(condition, own)
                 if condition or (keyword == "match" and own != match.group(2).strip()):
                     line = f"Match {criteria or 'all'}"
+            if keyword in _PATH_LISTS:
+                assert match is not None
+                line = f"{match.group(1)} {_path_list(path, match.group(2), line)}"
             if keyword != "include":
                 lines.append(line)
                 continue
@@ -374,6 +377,24 @@ class _Reading:
             self.seen[f"glob:{absolute}"] = matches
             found += [Path(each) for each in matches]
         return found
+
+
+#: Keywords whose value is a list of paths, each quoted where it holds a space.
+_PATH_LISTS = ("userknownhostsfile", "globalknownhostsfile")
+
+
+def _path_list(path: Path, arguments: str, line: str) -> str:
+    """A list of paths written so that paramiko keeps it as written (it unquotes a value
+    that is one quoted path, `"/a b/known_hosts"`) and :func:`paths_of` reads each path back."""
+    try:
+        return " ".join(shlex.quote(each) for each in shlex.split(arguments, comments=True))
+    except ValueError as exc:
+        raise SshConfigError(f"{path}: {line.strip()!r}: {exc}") from None
+
+
+def paths_of(value: str) -> list[str]:
+    """The paths of a UserKnownHostsFile or GlobalKnownHostsFile value, as ssh splits it."""
+    return shlex.split(value)
 
 
 def _criteria_of(keyword: str, arguments: str) -> str:
