@@ -24,7 +24,8 @@ import paramiko
 
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.transport import TransportError
-from fleetrun.plugins.transports.ssh_config_files import SshConfigLookup, with_environment
+from fleetrun.plugins.transports.ssh_config_files import with_environment
+from fleetrun.plugins.transports.ssh_config_lookup import SshConfigLookup
 from fleetrun.plugins.transports.ssh_host_certificates import CERTIFICATE_SUFFIX, WireReader, parse_certificate
 
 log = logging.getLogger("fleetrun.ssh")
