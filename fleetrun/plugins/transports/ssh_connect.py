@@ -599,10 +599,10 @@ def _no_common_algorithm(text: str, algorithms: Algorithms) -> str:
         ("host key", HOST_KEY_ALGORITHMS, algorithms.key_types),
     ):
         if words in text:
-            what = ", ".join(listed) if listed is not None else "ssh's defaults"
+            what = f"{', '.join(listed)} (ssh's defaults, or ssh_config's {kind.keyword})" if listed is not None else "ssh's defaults"
             return (
-                f". fleetrun offered: {what} (ssh's defaults, or ssh_config's {kind.keyword}); for a server that "
-                f"speaks only others, add one in ssh_config for this host ({kind.keyword} +NAME), as ssh needs too"
+                f". fleetrun offered: {what}; for a server that speaks only others, add one in ssh_config for this "
+                f"host ({kind.keyword} +NAME), as ssh needs too"
             )
     return ""
 
