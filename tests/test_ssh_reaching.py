@@ -995,7 +995,7 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
     assert seen == (None, TaskStatus.SUCCEEDED, (1, 1), True), error  # the ruled host never logged in anywhere
 
 
-def test_a_proxycommand_is_run_by_the_user_s_shell_as_ssh_runs_it(make_executor, sshd_fleet, tmp_path, monkeypatch):
+def test_a_proxycommand_is_run_by_the_user_s_shell_as_ssh_runs_it(make_executor, sshd_fleet, tmp_path, monkeypatch, capfd):
     # Before, paramiko split the command into words itself: "$JUMP_PORT" and "$(printf ...)"
     # reached ssh -W as written, and the proxy failed.
     jump = sshd_fleet.start()
@@ -1009,15 +1009,16 @@ def test_a_proxycommand_is_run_by_the_user_s_shell_as_ssh_runs_it(make_executor,
         f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  User {sshd_fleet.user}\n"
         f"  IdentityFile {sshd_fleet.client_key}\n  UserKnownHostsFile {known}\n"
         f"  ProxyCommand {tmp_path}/proxy ssh -F none -i {sshd_fleet.client_key} -o UserKnownHostsFile={known} "
-        f'-o BatchMode=yes -p $JUMP_PORT -W "$(printf %%s %h)":%p {sshd_fleet.user}@{jump.address} 2>/dev/null\n'
+        f'-o BatchMode=yes -p $JUMP_PORT -W "$(printf %%s %h)":%p {sshd_fleet.user}@{jump.address}\n'
     )
-    (tmp_path / "proxy").write_text(f'#!/bin/sh\nenv > {tmp_path}/proxy_env\nexec "$@"\n')
+    (tmp_path / "proxy").write_text(f'#!/bin/sh\nenv > {tmp_path}/proxy_env\necho "the proxy says hello" >&2\nexec "$@"\n')
     (tmp_path / "proxy").chmod(0o755)
     entry = {"transport": "ssh", "ssh_config_file": str(config), "password_env": "INNER_PASSWORD"}
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": entry}))
     task = executor.run(TaskRequest(host="inner", command="echo in"))
     proxy_env = (tmp_path / "proxy_env").read_text()
     assert f"JUMP_PORT={jump.port}\n" in proxy_env and "INNER_PASSWORD" not in proxy_env
+    assert "the proxy says hello\n" in capfd.readouterr().err  # on fleetrun's stderr, as on ssh's (paramiko kept it in a pipe)
     ssh = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "inner", "echo in"], capture_output=True, text=True, timeout=30)
     assert (task.status, task.error, ssh.stdout) == (TaskStatus.SUCCEEDED, None, "in\n")
     assert (jump.accepted_logins(), target.accepted_logins()) == (2, 2)
