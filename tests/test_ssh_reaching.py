@@ -993,6 +993,9 @@ def test_a_proxycommand_in_ssh_config_carries_the_connection(make_executor, sshd
     )
     seen, error = _run_through(executor, jump, target)
     assert seen == (None, TaskStatus.SUCCEEDED, (1, 1), True), error  # the ruled host never logged in anywhere
+    # The dry run says a ProxyCommand carries the connection (before, nothing did), naming its program only.
+    details = executor.plan(TaskRequest(host="inner", command="true")).transport_details
+    assert (details["proxy_command"], details["jump_hosts"]) == ("ssh … (ssh_config's ProxyCommand)", None)
 
 
 def test_a_proxycommand_is_run_by_the_user_s_shell_as_ssh_runs_it(make_executor, sshd_fleet, tmp_path, monkeypatch, capfd):

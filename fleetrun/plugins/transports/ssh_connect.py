@@ -38,6 +38,7 @@ import functools
 import ipaddress
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -625,6 +626,14 @@ def _what_could_be_offered(settings: SSHSettings, agent: str | None) -> str:
     return f"{keys}; no password_env or password_file"
 
 
+def _program_of(command: str) -> str:
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    return words[0] if words else command
+
+
 def _caused_by_timeout(exc: BaseException | None) -> bool:
     # paramiko raises "Error reading SSH protocol banner" from inside its timeout handler.
     seen = 0
@@ -643,10 +652,13 @@ def describe(settings: SSHSettings) -> Mapping[str, Any]:
         return {"error": exc.message}
     hops = [address(c) for c in reversed(_chain(connection)[1:])]
     options = settings.options_for(connection)
+    proxied = next((c.gateway for c in _chain(connection) if isinstance(c.gateway, str)), None)
     return {
         "address": address(connection),
         "address_family": None if options.address_family == "any" else options.address_family,
         "jump_hosts": hops or None,
+        # Its program only: the rest of a command may hold what only the user should see.
+        "proxy_command": f"{_program_of(proxied)} … (ssh_config's ProxyCommand)" if proxied else None,
         "known_hosts": [str(path) for path in settings.known_hosts_files(connection.ssh_config)],
         "host_key_checking": options.host_key_checking_in_words(),
         "identity_files": list(settings.identity_files) or None,
