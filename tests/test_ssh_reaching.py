@@ -631,6 +631,13 @@ def test_hosts_written_in_files_ssh_config_includes_are_found(make_executor, ssh
     assert task.error == f"cannot read {config}: {home / '.ssh' / 'config.d' / '10-web'}: Include directives nested more than 16 deep"
 
 
+def _as_ssh_reads_it(config: Path, name: str) -> list[tuple[str, str]]:
+    """What OpenSSH's `ssh -G` makes of ``config`` for ``name``: (keyword, value), in the
+    order printed (a keyword that takes several values is printed once for each)."""
+    printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
+    return [tuple(line.split(" ", 1)) for line in printed.splitlines()]  # type: ignore[misc]
+
+
 def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
     # OpenSSH's own reading (ssh -G) of the same files is the reference.
     from fleetrun.plugins.transports.ssh_config_files import ConfigFile, read_ssh_config
@@ -655,11 +662,10 @@ def test_ssh_config_with_includes_is_read_as_ssh_reads_it(tmp_path):
     lookup = read_ssh_config([ConfigFile(config, tmp_path)])
     keywords = ("hostname", "port", "user", "compression")
     for name in ("listed", "a", "b", "nested", "other"):
-        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
-        theirs = {k: v for k, v in (line.split(" ", 1) for line in printed.splitlines()) if k in keywords}
+        theirs = {k: v for k, v in _as_ssh_reads_it(config, name) if k in keywords}
         ours = lookup.lookup(name)
         assert {k: ours.get(k, {"port": "22", "compression": "no"}.get(k)) for k in keywords} == theirs, name
-        certificates = [line.split(" ", 1)[1] for line in printed.splitlines() if line.startswith("certificatefile ")]
+        certificates = [value for keyword, value in _as_ssh_reads_it(config, name) if keyword == "certificatefile"]
         assert lookup.certificate_files(name) == certificates, name
 
 
@@ -687,8 +693,7 @@ def test_a_match_final_all_block_as_rhel_writes_it_is_read_as_ssh_reads_it(make_
     lookup = read_ssh_config([ConfigFile(config, tmp_path)])
     keywords = ("hostname", "port", "user", "ciphers", "macs", "kexalgorithms", "compression", "gssapiauthentication")
     for name in ("web", "other"):
-        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
-        theirs = {k: v for k, v in (line.split(" ", 1) for line in printed.splitlines()) if k in keywords}
+        theirs = {k: v for k, v in _as_ssh_reads_it(config, name) if k in keywords}
         ours = lookup.lookup(name)
         assert {k: ours.get(k) for k in keywords} == theirs, name
     # The final block fills in what nothing else set (User, the crypto policy): this one's own Ciphers win.
@@ -783,8 +788,7 @@ def test_ssh_config_blocks_apply_as_ssh_decides_them(tmp_path):
         config.write_text(text)
         lookup = read_ssh_config([ConfigFile(config, tmp_path)])
         for name in _LOOKED_UP:
-            printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
-            theirs = dict(line.split(" ", 1) for line in printed.splitlines())
+            theirs = dict(_as_ssh_reads_it(config, name))
             ours = lookup.lookup(name)
             for keyword in _COMPARED:
                 # ssh -G prints its defaults, and prints ProxyJump's tokens unexpanded (they are expanded on connecting).
@@ -814,8 +818,7 @@ def test_tokens_of_ssh_config_are_expanded_as_ssh_expands_them(make_executor, ss
     )
     lookup = read_ssh_config([ConfigFile(config, tmp_path)])
     for name in ("aliased", "plain", "Upper.Example"):
-        printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
-        theirs = dict(line.split(" ", 1) for line in printed.splitlines())
+        theirs = dict(_as_ssh_reads_it(config, name))
         ours = lookup.lookup(name)
         assert (ours["userknownhostsfile"], ours["identityagent"]) == (theirs["userknownhostsfile"], theirs["identityagent"])
         # ssh -G prints IdentityFile as written (ssh expands it when loading the key): the same tokens, the same values.
@@ -841,11 +844,10 @@ def test_tokens_of_ssh_config_are_expanded_as_ssh_expands_them(make_executor, ss
     for written in (f'"{tmp_path}/with space/known_hosts"', f"/nowhere '{tmp_path}/with space/known_hosts'"):
         (tmp_path / "quoted").write_text((tmp_path / "per_host").read_text().replace(f"{tmp_path}/known_hosts.d/%k", written))
         lookup = read_ssh_config([ConfigFile(tmp_path / "quoted", tmp_path)])
-        printed = subprocess.run(["ssh", "-F", str(tmp_path / "quoted"), "-G", "web"], capture_output=True, text=True, check=True).stdout
         assert [f"{tmp_path}/with space/known_hosts"] == [
             path for path in paths_of(lookup.lookup("web")["userknownhostsfile"]) if path != "/nowhere"
         ]
-        assert f"{tmp_path}/with space/known_hosts" in printed
+        assert f"{tmp_path}/with space/known_hosts" in dict(_as_ssh_reads_it(tmp_path / "quoted", "web"))["userknownhostsfile"]
         task = make_executor(hosts_yaml=hosts_file_text({"web": {"transport": "ssh", "ssh_config_file": str(tmp_path / "quoted")}})).run(
             TaskRequest(host="web", command="echo in")
         )
@@ -870,8 +872,7 @@ def test_match_exec_runs_by_the_user_s_shell_as_in_ssh_without_secrets(tmp_path,
             (tmp_path / "flag").touch()
         lookup = read_ssh_config([ConfigFile(config, tmp_path)])
         for name in ("web.example", "other"):
-            printed = subprocess.run(["ssh", "-F", str(config), "-G", name], capture_output=True, text=True, check=True).stdout
-            theirs = dict(line.split(" ", 1) for line in printed.splitlines())
+            theirs = dict(_as_ssh_reads_it(config, name))
             ours = lookup.lookup(name)
             assert (ours.get("port", "22"), ours.get("user", theirs["user"]), ours.get("connecttimeout")) == (
                 theirs["port"], theirs["user"], theirs["connecttimeout"]
