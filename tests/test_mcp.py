@@ -702,6 +702,24 @@ def test_edits_of_the_policy_and_the_hosts_file_reach_the_next_call(tmp_path, st
         executor.close()
 
 
+def test_a_denial_reads_as_the_readme_shows_it(server_for):
+    from pathlib import Path
+
+    from fleetrun.core import paths
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = readme.split("What the assistant sees when a command is denied", 1)[1].split("```\n", 2)[1]
+    expected = " ".join(shown.split("\n")).strip().replace("/home/me/.config/fleetrun", str(paths.config_dir()))
+    server, _ = server_for(policy_text=None, hosts="hosts:\n  web1: {}\n")
+
+    async def scenario():
+        async with mcp.Client(server) as client:
+            denied = await client.call_tool("run_command", {"host": "web1", "command": "rm -rf /var/www"})
+            assert denied.is_error and denied.content[0].text == expected
+
+    run(scenario)
+
+
 # -- real processes: stdio and HTTP ------------------------------------------------------------
 
 
