@@ -1086,11 +1086,12 @@ _word = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_c
 @settings(max_examples=300)
 @given(st.lists(_word, min_size=1, max_size=6))
 def test_quoting_is_read_back_exactly(words):
-    from fleetrun.core.shell import _OPTION_CHECKS, _RESERVED, _SHELL_CODE_READERS, _WRAPPERS, SH_FAMILY
+    from fleetrun.core.shell import _KSH_LABEL, _OPTION_CHECKS, _RESERVED, _SHELL_CODE_READERS, _WRAPPERS, SH_FAMILY
 
     program = words[0]
     special = (_RESERVED, _WRAPPERS, SH_FAMILY, _OPTION_CHECKS, _SHELL_CODE_READERS)
-    if any(program in names for names in special) or "=" in program:
+    # `A:` (shlex leaves it unquoted) is a label to ksh93, and refused as one by design.
+    if any(program in names for names in special) or "=" in program or _KSH_LABEL.fullmatch(program):
         return
     parsed = parse_command(shlex.join(words))
     assert parsed.problems == []
