@@ -232,9 +232,3 @@ def _together(first: str, second: str) -> str:
 def _opens_block(line: str) -> bool:
     match = _KEYWORD.fullmatch(line)
     return match is not None and match.group(1).lower() in ("host", "match")
-
-
-def with_environment(text: str) -> str:
-    """``text`` with each ``${NAME}`` replaced by that environment variable, as ssh expands
-    the paths of ssh_config (one that is not set is left as written)."""
-    return re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), text)

@@ -98,8 +98,11 @@ class SshConfigLookup(paramiko.SSHConfig):
 
     def _tokenize(self, config, target_hostname, key, value):  # type: ignore[no-untyped-def]
         allowed = _TOKENS_OF.get(key)
-        if allowed is None or ("%" not in value and not value.startswith("~")):
+        environment = key in _ENVIRONMENT_OF
+        if (allowed is None and not environment) or not ("%" in value or "${" in value or value.startswith("~")):
             return value
+        if key == "identityfile" and value.startswith("~"):
+            value = os.path.expanduser(value)  # first, as ssh does: a token's value is not read again
         hostname = target_hostname if key == "hostname" else str(config.get("hostname", target_hostname))
         port, user = str(config.get("port", 22)), str(config.get("user", _local_user()))
         tokens: dict[str, Callable[[], str]] = {
@@ -109,10 +112,16 @@ class SshConfigLookup(paramiko.SSHConfig):
             "k": lambda: str(config.get("hostkeyalias", target_hostname)),
             "C": lambda: hashlib.sha1(f"{socket.gethostname()}{hostname}{port}{user}".encode()).hexdigest(),  # noqa: S324 - ssh's %C
         }
-        expanded = re.sub(r"%(.)", lambda m: tokens[m.group(1)]() if m.group(1) in allowed else m.group(0), value)
-        if key == "identityfile" and expanded.startswith("~"):
-            expanded = os.path.expanduser(expanded)
-        return expanded
+
+        def expand(m: re.Match[str]) -> str:
+            token, variable = m.group(1), m.group(2)
+            if token is not None:
+                return tokens[token]() if token in (allowed or "") else m.group(0)
+            # ${NAME}: an environment variable, as ssh expands them (one not set is left as written)
+            return os.environ.get(variable, m.group(0)) if environment else m.group(0)
+
+        # One pass, as ssh's percent_dollar_expand: what a token or a variable gives is not read again.
+        return re.sub(r"%(.)|\$\{(\w+)\}", expand, value)
 
     def _does_match(self, match_list, target_hostname, canonical, final, options):  # type: ignore[no-untyped-def]
         original = getattr(self._pass, "original", None)
@@ -158,6 +167,11 @@ _TOKENS_OF = {
     "hostname": "%h", "proxycommand": "%hnpr", "proxyjump": "%hnpr",
     **dict.fromkeys(("identityfile", "identityagent", "userknownhostsfile", "revokedhostkeys", "controlpath", "match-exec"), _FILE_TOKENS),
 }
+#: The keywords whose ``${NAME}`` is an environment variable (CertificateFile is read as
+#: IdentityFile): ssh_config(5)'s, and the other known_hosts files.
+_ENVIRONMENT_OF = frozenset({
+    "identityfile", "identityagent", "userknownhostsfile", "globalknownhostsfile", "revokedhostkeys", "controlpath",
+})
 
 
 @functools.cache

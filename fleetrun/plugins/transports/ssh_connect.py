@@ -56,7 +56,7 @@ from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, command_environment, read_secret
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for, kex_table
-from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, paths_of, read_ssh_config, with_environment
+from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, paths_of, read_ssh_config
 from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithms
 from fleetrun.plugins.transports.ssh_identities import (
     keep_usable_identity_files,
@@ -158,7 +158,7 @@ class SSHSettings:
         for keyword, default in (("userknownhostsfile", USER_KNOWN_HOSTS), ("globalknownhostsfile", GLOBAL_KNOWN_HOSTS)):
             value = str(ssh_config.get(keyword, default))
             if value.strip().lower() != "none":
-                files += [local_path(with_environment(path)) for path in paths_of(value)]
+                files += [local_path(path) for path in paths_of(value)]
         return files
 
 
@@ -206,7 +206,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
 
 def _revoked_host_keys(hop: fabric.Connection) -> Path | None:
     written = hop.ssh_config.get("revokedhostkeys")
-    return None if written is None or written.lower() == "none" else local_path(with_environment(written))
+    return None if written is None or written.lower() == "none" else local_path(written)
 
 
 #: Jump hosts whose own ssh_config names jump hosts, at most this deep.

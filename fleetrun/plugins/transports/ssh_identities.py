@@ -24,7 +24,6 @@ import paramiko
 
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.transport import TransportError
-from fleetrun.plugins.transports.ssh_config_files import with_environment
 from fleetrun.plugins.transports.ssh_config_lookup import SshConfigLookup
 from fleetrun.plugins.transports.ssh_host_certificates import CERTIFICATE_SUFFIX, WireReader, parse_certificate
 
@@ -48,8 +47,6 @@ def keep_usable_identity_files(hop: fabric.Connection, identity_files: tuple[str
     kept = []
     for path in hop.connect_kwargs.get("key_filename") or []:
         written = as_written.get(str(Path(path)))
-        if written is None:  # ssh_config's, where ssh expands ${NAME} (paramiko only ~ and %d)
-            path = with_environment(path)
         problem = _identity_file_problem(written or path)
         if problem is None:
             kept.append(path)
@@ -135,7 +132,7 @@ def _agent_socket(hop: fabric.Connection) -> tuple[str | None, str]:
         name = value[1:]
         socket_path = os.environ.get(name)
         return (socket_path, f"none in the ssh-agent at ${name}") if socket_path else (None, f"no ssh-agent (IdentityAgent: ${name} is not set)")
-    return str(local_path(with_environment(value))), f"none in the ssh-agent at {value}"
+    return str(local_path(value)), f"none in the ssh-agent at {value}"
 
 
 class _IdentityAgent(paramiko.agent.AgentSSH):
@@ -252,7 +249,7 @@ def use_certificate_files(hop: fabric.Connection, certificate_files: tuple[str, 
     if not written:
         lookup = hop.config.base_ssh_config
         from_config = lookup.certificate_files(hop.original_host) if isinstance(lookup, SshConfigLookup) else []
-        written = [(with_environment(path), False) for path in from_config]
+        written = [(path, False) for path in from_config]
     if not written:
         return
     offered = hop.connect_kwargs.get("key_filename") or [f"~/.ssh/id_{kind}" for kind in ("rsa", "ecdsa", "ed25519")]
