@@ -68,7 +68,7 @@ class SshConfigLookup(paramiko.SSHConfig):
         else:
             options = self._lookup(hostname=hostname)  # noqa: SLF001 - paramiko's one pass, unexpanded
             # The name to connect to, first: the other keywords' %h is it.
-            options["hostname"] = _host_so_far(hostname, options).lower()
+            options["hostname"] = _host_so_far(self, hostname, options).lower()
             if self._final_pass_wanted:
                 self._pass.original = hostname
                 try:
@@ -179,10 +179,10 @@ def _local_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def _host_so_far(target: str, options: Mapping[str, object]) -> str:
-    # What ssh's `Match host` compares: the HostName set so far, %h expanded, else the name.
+def _host_so_far(lookup: SshConfigLookup, target: str, options: Mapping[str, object]) -> str:
+    # What ssh's `Match host` compares: the HostName set so far, its tokens expanded, else the name.
     written = options.get("hostname")
-    return target if written is None else str(written).replace("%%", "\0").replace("%h", target).replace("\0", "%")
+    return target if written is None else lookup._tokenize(options, target, "hostname", str(written))  # noqa: SLF001
 
 
 def _matches(lookup: paramiko.SSHConfig, patterns: str, name: str) -> bool:
@@ -204,8 +204,8 @@ def _succeeds(command: str) -> bool:
 #: fleetrun: ``exec`` as ssh runs it; ``tagged`` against ssh_config's ``Tag`` so far;
 #: ``sessiontype`` is ``exec``; ``command`` is none (one connection carries every task's
 #: command); fleetrun is no OpenSSH ``version``.
-_DECIDED_HERE: dict[str, Callable[[paramiko.SSHConfig, str, str, Mapping[str, object]], bool]] = {
-    "host": lambda lookup, param, target, options: _matches(lookup, param.lower(), _host_so_far(target, options).lower()),
+_DECIDED_HERE: dict[str, Callable[[SshConfigLookup, str, str, Mapping[str, object]], bool]] = {
+    "host": lambda lookup, param, target, options: _matches(lookup, param.lower(), _host_so_far(lookup, target, options).lower()),
     "originalhost": lambda lookup, param, target, options: _matches(lookup, param.lower(), target.lower()),
     "exec": lambda lookup, param, target, options: _succeeds(lookup._tokenize(options, target, "match-exec", param)),  # noqa: SLF001
     "tagged": lambda lookup, param, target, options: _matches(lookup, param, str(options.get("tag", ""))),
