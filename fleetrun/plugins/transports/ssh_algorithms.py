@@ -25,7 +25,7 @@ from typing import Mapping
 
 import paramiko
 
-from fleetrun.core.transport import TransportError
+from fleetrun.plugins.transports.ssh_options import value_refused
 
 #: Key exchanges paramiko speaks under another name: RFC 8731 named curve25519-sha256 what
 #: libssh had named curve25519-sha256@libssh.org; some servers offer the RFC's name alone.
@@ -117,7 +117,7 @@ def defaults(kind: _Kind) -> tuple[str, ...]:
 def algorithms_for(ssh_config: Mapping[str, str], host: str) -> Algorithms:
     """The algorithms to offer the hop ``host``, whose ssh_config lookup is ``ssh_config``.
 
-    Raises :class:`TransportError` (``config``) for a list ssh cannot read, or one that
+    Raises :class:`~fleetrun.core.transport.TransportError` (``config``) for a list ssh cannot read, or one that
     leaves nothing fleetrun can speak."""
     chosen = {kind.option: offered(kind, ssh_config.get(kind.keyword.lower()), host) for kind in KINDS}
     if ssh_config.get(HOST_KEY_ALGORITHMS.keyword.lower()) is None:
@@ -131,7 +131,7 @@ def offered(kind: _Kind, written: str | None, host: str) -> tuple[str, ...]:
     if written is None:
         return base
     if not written or any(ch.isspace() for ch in written):
-        raise _bad(host, kind, written, "a comma-separated list of names, with no spaces")
+        raise value_refused(host, kind.keyword, written, "a comma-separated list of names, with no spaces")
     first, names = (written[0], written[1:]) if written[0] in "+-^" else ("", written)
     listed = names.split(",")
     if first == "-":
@@ -140,17 +140,14 @@ def offered(kind: _Kind, written: str | None, host: str) -> tuple[str, ...]:
     else:
         unreadable = [name for name in listed if not _NAME.fullmatch(name)]
         if unreadable:
-            raise _bad(
-                host, kind, written,
+            raise value_refused(
+                host, kind.keyword, written,
                 f"names of algorithms (ssh -Q {kind.keyword} lists them; patterns only after '-'): {unreadable[0]!r} is not one",
             )
         result = list(base) + listed if first == "+" else listed + list(base) if first == "^" else listed
     speakable = kind.speakable()
     kept = tuple(dict.fromkeys(name for name in result if name in speakable))
     if not kept:
-        raise _bad(host, kind, written, f"a list that keeps one fleetrun can use: {', '.join(sorted(speakable))}")
+        raise value_refused(host, kind.keyword, written, f"a list that keeps one fleetrun can use: {', '.join(sorted(speakable))}")
     return kept
 
-
-def _bad(host: str, kind: _Kind, written: str, expected: str) -> TransportError:
-    return TransportError("config", f"ssh_config gives {host} {kind.keyword} {written!r}: expected {expected}")

@@ -77,7 +77,7 @@ def hop_options(
         if written_checking is not None:
             host_key_checking = _HOST_KEY_CHECKING.get(written_checking.lower())
             if host_key_checking is None:
-                raise _bad(host, "StrictHostKeyChecking", written_checking, "one of yes, ask, accept-new, no, off")
+                raise value_refused(host, "StrictHostKeyChecking", written_checking, "one of yes, ask, accept-new, no, off")
     if connect_timeout is None:
         seconds = _seconds(ssh_config, host, "ConnectTimeout")
         # 0 is ssh's "no timeout of its own": fleetrun keeps its default rather than wait forever.
@@ -88,18 +88,18 @@ def hop_options(
     if keepalive_count_max is None:
         written = ssh_config.get("serveralivecountmax")
         if written is not None and not (re.fullmatch(r"\+?[0-9]+", written) and int(written) <= _INT_MAX):
-            raise _bad(host, "ServerAliveCountMax", written, "a whole number")
+            raise value_refused(host, "ServerAliveCountMax", written, "a whole number")
         # ssh drops the connection after COUNT unanswered keepalives, and at the first with 0.
         keepalive_count_max = KEEPALIVE_COUNT_MAX if written is None else max(1, int(written))
     address_family = ssh_config.get("addressfamily", "any").lower()
     if address_family not in ADDRESS_FAMILIES:
-        raise _bad(host, "AddressFamily", ssh_config["addressfamily"], "one of any, inet, inet6")
+        raise value_refused(host, "AddressFamily", ssh_config["addressfamily"], "one of any, inet, inet6")
     attempts = ssh_config.get("connectionattempts", "1")
     if not (re.fullmatch(r"\+?[0-9]+", attempts) and 0 < int(attempts) <= _INT_MAX):
-        raise _bad(host, "ConnectionAttempts", attempts, "a whole number from 1")
+        raise value_refused(host, "ConnectionAttempts", attempts, "a whole number from 1")
     compression = ssh_config.get("compression", "no")
     if compression.lower() not in ("yes", "no"):
-        raise _bad(host, "Compression", compression, "yes or no")
+        raise value_refused(host, "Compression", compression, "yes or no")
     return HopOptions(
         connect_timeout, keepalive_interval, keepalive_count_max, host_key_checking or "strict", written_checking,
         address_family, int(attempts), compression.lower() == "yes", ssh_config.get("bindaddress"),
@@ -112,12 +112,13 @@ def _seconds(ssh_config: Mapping[str, str], host: str, keyword: str) -> int | No
     if written is None:
         return None
     if not re.fullmatch(r"(?:\+?[0-9]+[sSmMhHdDwW]?)+", written):  # ssh reads each number with strtol: + may lead
-        raise _bad(host, keyword, written, "a time in seconds, or with units as 1m30s")
+        raise value_refused(host, keyword, written, "a time in seconds, or with units as 1m30s")
     total = sum(int(number) * _TIME_UNITS[unit.lower()] for number, unit in re.findall(r"([0-9]+)([a-zA-Z]?)", written))
     if total > _INT_MAX:
-        raise _bad(host, keyword, written, "a time in seconds, or with units as 1m30s")
+        raise value_refused(host, keyword, written, "a time in seconds, or with units as 1m30s")
     return total
 
 
-def _bad(host: str, keyword: str, written: str, expected: str) -> TransportError:
+def value_refused(host: str, keyword: str, written: str, expected: str) -> TransportError:
+    """The config error for an ssh_config value ssh would refuse, naming the host, keyword and value."""
     return TransportError("config", f"ssh_config gives {host} {keyword} {written!r}: expected {expected}")
