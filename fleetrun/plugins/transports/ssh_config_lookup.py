@@ -195,9 +195,16 @@ def _succeeds(command: str) -> bool:
     fleetrun runs on this machine it gets none of the variables secrets come from. paramiko
     ran it through invoke: by bash, with every variable, and reading fleetrun's own stdin
     while it ran (the MCP stdio server's requests arrive there)."""
-    shell = os.environ.get("SHELL") or "/bin/sh"
-    done = subprocess.run([shell, "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=command_environment({}), check=False)
+    done = subprocess.run(
+        by_user_shell(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=command_environment({}), check=False
+    )
     return done.returncode == 0
+
+
+def by_user_shell(command: str) -> list[str]:
+    """The argv that runs ``command`` as ssh runs ssh_config's commands (``Match exec``,
+    ``ProxyCommand``): by the user's shell, ``$SHELL -c COMMAND``, else /bin/sh."""
+    return [os.environ.get("SHELL") or "/bin/sh", "-c", command]
 
 
 #: Match criteria decided here (see :class:`SshConfigLookup`), each for a command of

@@ -57,6 +57,7 @@ from fleetrun.core.secrets import SecretError, command_environment, read_secret
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for, kex_table
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, paths_of, read_ssh_config
+from fleetrun.plugins.transports.ssh_config_lookup import by_user_shell
 from fleetrun.plugins.transports.ssh_host_certificates import host_key_algorithms
 from fleetrun.plugins.transports.ssh_identities import (
     keep_usable_identity_files,
@@ -326,7 +327,7 @@ class ShellProxyCommand(paramiko.ProxyCommand):
     paramiko split the command into words itself, and kept its stderr in a pipe nobody read."""
 
     def __init__(self, command: str) -> None:  # noqa: D107 - paramiko's constructor, run through the shell
-        self.cmd = [os.environ.get("SHELL") or "/bin/sh", "-c", f"exec {command}"]
+        self.cmd = by_user_shell(f"exec {command}")
         self.process = subprocess.Popen(
             self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=command_environment({})
         )
