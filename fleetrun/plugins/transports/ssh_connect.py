@@ -175,7 +175,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
     hop gets its own options (see :meth:`SSHSettings.options_for`) and, with
     ``host_keys``, the known_hosts keys to check its server's against."""
     config = _fabric_config(settings)
-    connect_kwargs: dict[str, Any] = {"transport_factory": _transport_factory}
+    connect_kwargs: dict[str, Any] = {}
     if settings.identity_files:
         connect_kwargs["key_filename"] = [str(local_path(p)) for p in settings.identity_files]
         connect_kwargs["look_for_keys"] = False
@@ -187,7 +187,7 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
         hop.connect_kwargs.update(
             banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout, compress=options.compression
         )
-        algorithms = algorithms_for(hop.ssh_config, hop.host)
+        listed, authorities = None, False
         if host_keys:
             known = check_host_keys(
                 hop.client, settings.known_hosts_files(hop.ssh_config), accept_new=options.host_key_checking == "accept-new",
@@ -196,12 +196,10 @@ def build_connection(settings: SSHSettings, *, host_keys: bool = True) -> fabric
                 revoked_host_keys=_revoked_host_keys(hop),
             )
             # paramiko, given no listed key (the policy checks them), orders nothing by them.
-            hop.connect_kwargs["transport_factory"] = functools.partial(
-                _transport_factory, algorithms=algorithms, listed={key.get_name() for key in known.keys},
-                authorities=bool(known.authorities),
-            )
-        else:
-            hop.connect_kwargs["transport_factory"] = functools.partial(_transport_factory, algorithms=algorithms)
+            listed, authorities = {key.get_name() for key in known.keys}, bool(known.authorities)
+        hop.connect_kwargs["transport_factory"] = functools.partial(
+            _transport_factory, algorithms=algorithms_for(hop.ssh_config, hop.host), listed=listed, authorities=authorities
+        )
     return connection
 
 
@@ -478,11 +476,10 @@ os.register_at_fork(after_in_child=_close_inherited_sockets)
 
 
 def _transport_factory(
-    sock: Any, *, algorithms: Algorithms | None = None, listed: set[str] | None = None, authorities: bool = False,
-    **kwargs: Any,
+    sock: Any, *, algorithms: Algorithms, listed: set[str] | None, authorities: bool, **kwargs: Any
 ) -> paramiko.Transport:
-    """paramiko's transport, tuned. ``algorithms``: what to offer (see :mod:`.ssh_algorithms`;
-    None: ssh's defaults); ``listed``: the names of the keys known_hosts lists for the host,
+    """paramiko's transport, tuned. ``algorithms``: what to offer (see :mod:`.ssh_algorithms`);
+    ``listed``: the names of the keys known_hosts lists for the host,
     whose host key algorithms are offered first where ssh_config orders none (see
     :func:`host_key_algorithms`; None where no key is checked); ``authorities``: an
     authority vouches for the host."""
@@ -490,7 +487,6 @@ def _transport_factory(
         sock, default_window_size=_WINDOW_SIZE, default_max_packet_size=_MAX_PACKET_SIZE, **kwargs
     )
     options = transport.get_security_options()
-    algorithms = algorithms or algorithms_for({}, "")
     transport._kex_info = kex_table()  # noqa: SLF001 - read by paramiko per transport; options.kex checks names against it
     options.ciphers, options.digests, options.kex = algorithms.ciphers, algorithms.digests, algorithms.kex
     if algorithms.key_types is not None:
