@@ -19,6 +19,7 @@ is a config error naming the keyword.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -35,8 +36,10 @@ _KEX_ALIASES = {"curve25519-sha256": "curve25519-sha256@libssh.org"}
 _NAME = re.compile(r"[a-z0-9][a-z0-9.@_+-]*")
 
 
+@functools.cache
 def kex_table() -> dict[str, type]:
-    """paramiko's table of key exchanges (name: class), with the names it lacks for the same exchanges."""
+    """paramiko's table of key exchanges (name: class), with the names it lacks for the same
+    exchanges; one table, shared by every transport (paramiko only reads it)."""
     table = dict(paramiko.Transport._kex_info)  # noqa: SLF001
     table.update({alias: table[name] for alias, name in _KEX_ALIASES.items() if name in table})
     return table
@@ -48,6 +51,7 @@ class _Kind:
     option: str  # paramiko's SecurityOptions attribute
     ssh_default: tuple[str, ...]  # OpenSSH's client default, in its order
 
+    @functools.cache  # noqa: B019 - four kinds, made once
     def speakable(self) -> frozenset[str]:
         table = {
             "ciphers": paramiko.Transport._cipher_info,  # noqa: SLF001 - paramiko's own tables of what it can speak
@@ -104,6 +108,7 @@ class Algorithms:
     key_types: tuple[str, ...] | None
 
 
+@functools.cache
 def defaults(kind: _Kind) -> tuple[str, ...]:
     """ssh's default for ``kind``, without what paramiko cannot speak. AES-GCM goes first
     among the ciphers: it is the fastest paramiko has (ssh's first, ChaCha20, it lacks)."""
