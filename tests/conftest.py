@@ -116,6 +116,11 @@ def assert_none_left(marker: str, within: float = 2.0) -> None:
         time.sleep(0.02)
 
 
+def background_writer(go: Path, wrote: Path) -> str:
+    """A command that exits at once, leaving a process that prints at 0.2 s and again once ``go`` exists."""
+    return f"(sleep 0.2; echo soon; until [ -e {go} ]; do sleep 0.05; done; echo late; touch {wrote}) & echo now"
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
     deadline = time.monotonic() + timeout
     while True:

@@ -26,7 +26,7 @@ from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.plugins.transports.ssh_channel import login_shell, remote_command, stop_script
 
-from conftest import assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
+from conftest import assert_none_left, background_writer, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
 
@@ -975,6 +975,24 @@ def test_a_finished_command_leaves_its_background_processes_alone(ssh_executor, 
     finally:
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_output_of_a_background_process_is_kept_for_a_second_after_the_exit_and_then_not_read(ssh_executor, marker):
+    # The server's user writes where the test can look: /tmp, under names of the test's own.
+    go, wrote = Path(f"/tmp/fleetrun-go-{marker}"), Path(f"/tmp/fleetrun-wrote-{marker}")
+    task = ssh_executor.run(TaskRequest(host="web", command=background_writer(go, wrote), timeout_s=10))
+    assert (task.status, task.exit_code) == (TaskStatus.SUCCEEDED, 0)
+    assert processes_with(str(go))  # still waiting in the background
+    go.touch()
+    try:
+        wait_until(lambda: not processes_with(str(go)))  # its write failed: SIGPIPE ended it
+        assert ssh_executor.read_output(task.id).data == b"now\nsoon\n"
+        assert not wrote.exists()
+    finally:
+        for pid in processes_with(str(go)):
+            os.kill(pid, signal.SIGKILL)
+        go.unlink()
+        wrote.unlink(missing_ok=True)
 
 
 # -- connections: failure, reuse, pool -------------------------------------------------------
