@@ -577,6 +577,116 @@ def test_nothing_to_offer_is_an_auth_failure_that_says_so(make_executor, sshd_fl
     ), task.error
 
 
+def test_a_server_that_ends_the_login_is_named_with_its_reason_as_ssh_names_it(make_executor, sshd_fleet, tmp_path):
+    from sshd import generate_key
+
+    server = sshd_fleet.start("MaxAuthTries 1")
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    stranger = generate_key(tmp_path / "stranger_key")
+    keys = [str(stranger), str(sshd_fleet.client_key)]
+    task = make_executor(hosts_yaml=hosts_file_text({"web": ssh_host(sshd_fleet, server, known, identity_files=keys)})).run(
+        TaskRequest(host="web", command="true")
+    )
+    where = f"{sshd_fleet.user}@{server.address}:{server.port}"
+    # Before: "timeout": "connecting ... timed out after 5 s: the SSH handshake did not finish",
+    # in a fraction of a second (paramiko's "No existing session", from the second key).
+    assert (task.status, task.error_category, task.error) == (
+        TaskStatus.FAILED, "auth",
+        f'authentication to {where} failed (tried: {", ".join(keys)}): the server ended the connection: "Too many authentication failures"',
+    )
+    ssh = subprocess.run(
+        ["ssh", "-F", "none", "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known}", "-i", keys[0], "-i", keys[1],
+         "-p", str(server.port), f"{sshd_fleet.user}@{server.address}", "true"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert ssh.returncode == 255
+    assert f"Received disconnect from {server.address} port {server.port}:2: Too many authentication failures" in ssh.stderr
+
+
+class CutAtTheLogin:
+    """A relay to ``server`` that closes its first connection where the login starts: at
+    the client's first bytes after its key exchange (after its NEWKEYS packet). Later
+    connections are relayed whole."""
+
+    def __init__(self, server) -> None:
+        import threading
+
+        self.server = server
+        self.listener = socket.create_server((server.address, 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection((self.server.address, self.server.port))
+                threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
+                threading.Thread(target=self._relay, args=(client, upstream, self.cut == 0), daemon=True).start()
+                self.cut = 1
+
+    @staticmethod
+    def _end_of_newkeys(stream: bytes) -> int | None:
+        """Where the client's NEWKEYS packet ends in what it sent (unencrypted until then)."""
+        at = stream.find(b"\n") + 1  # after the version line
+        while at and len(stream) >= at + 6:
+            end = at + 4 + int.from_bytes(stream[at:at + 4], "big")
+            if stream[at + 5] == 21:  # SSH_MSG_NEWKEYS
+                return end if len(stream) >= end else None
+            at = end
+        return None
+
+    def _relay(self, source: socket.socket, target: socket.socket, cut_at_login: bool = False) -> None:
+        sent = b""
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not cut_at_login:
+                    target.sendall(data)
+                    continue
+                newkeys_end = self._end_of_newkeys(sent + data)
+                if newkeys_end is None:
+                    target.sendall(data)
+                    sent += data
+                elif newkeys_end > len(sent):  # NEWKEYS ends in this piece: send up to its end
+                    target.sendall(data[: newkeys_end - len(sent)])
+                    if newkeys_end < len(sent) + len(data):
+                        break  # the login's first packet came with it
+                    sent += data
+                else:
+                    break  # the login's first packet
+        for each in (source, target):
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+            each.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_closed_during_the_login_is_a_disconnection_and_the_next_task_reconnects(make_executor, sshd_fleet, shared_sshd, tmp_path):
+    relay = CutAtTheLogin(shared_sshd)
+    known = tmp_path / "known_hosts"
+    known.write_text(shared_sshd.known_hosts_line.replace(f":{shared_sshd.port} ", f":{relay.port} "))
+    try:
+        entry = ssh_host(sshd_fleet, shared_sshd, known, port=relay.port)
+        executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+        task = executor.run(TaskRequest(host="web", command="true"))
+        again = executor.run(TaskRequest(host="web", command="echo again"))
+    finally:
+        relay.close()
+    where = f"{sshd_fleet.user}@{shared_sshd.address}:{relay.port}"
+    # Before: "auth": "authentication ... failed (...): Authentication failed: transport shut down or saw EOF".
+    assert (task.status, task.error_category, task.error) == (
+        TaskStatus.FAILED, "disconnected",
+        f"the connection to {where} was closed during the login, without a reason (tried: {sshd_fleet.client_key})",
+    )
+    assert relay.cut == 1
+    assert again.status is TaskStatus.SUCCEEDED and executor.read_output(again.id).data == b"again\n"
+
+
 def test_an_identity_file_that_cannot_be_used_is_refused_saying_why(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)

@@ -54,6 +54,7 @@ from paramiko.common import MSG_CHANNEL_REQUEST
 from fleetrun.core.inventory import Host
 from fleetrun.core.paths import HomeDirectoryError, expand_home
 from fleetrun.core.secrets import SecretError, command_environment, read_secret
+from fleetrun.core.text import printable
 from fleetrun.core.transport import TransportError
 from fleetrun.plugins.transports.ssh_algorithms import CIPHERS, HOST_KEY_ALGORITHMS, KEX, MACS, Algorithms, algorithms_for, kex_table
 from fleetrun.plugins.transports.ssh_config_files import ConfigFile, SshConfigError, paths_of, read_ssh_config
@@ -310,7 +311,7 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             error = connect_error(
                 exc, where, settings, settings.options_for(hop), agent=getattr(agent, "when_empty", None),
                 known_hosts=known_hosts_of(hop.client), offered=offered_in_words(hop),
-                algorithms=algorithms_for(hop.ssh_config, hop.host),
+                algorithms=algorithms_for(hop.ssh_config, hop.host), transport=hop.client.get_transport(),
             )
             close_connection(connection)
             raise error from None
@@ -497,7 +498,22 @@ def _transport_factory(
     table = dict(transport._channel_handler_table)  # noqa: SLF001
     table[MSG_CHANNEL_REQUEST] = _on_channel_request
     transport._channel_handler_table = table  # noqa: SLF001
+    # paramiko only logs why a server ended the connection; errors name it, as ssh does.
+    transport._parse_disconnect = functools.partial(_on_disconnect, transport)  # noqa: SLF001
     return transport
+
+
+def _on_disconnect(transport: paramiko.Transport, message: paramiko.Message) -> None:
+    message.get_int()  # the reason code: its words say the same
+    transport.fleetrun_disconnect = printable(message.get_text())  # type: ignore[attr-defined]
+    message.rewind()
+    paramiko.Transport._parse_disconnect(transport, message)  # noqa: SLF001
+
+
+def disconnect_reason(transport: paramiko.Transport | None) -> str | None:
+    """The reason the server gave for ending the connection (SSH_MSG_DISCONNECT: sshd's
+    "Too many authentication failures", say), if it ended it giving one."""
+    return getattr(transport, "fleetrun_disconnect", None)
 
 
 def _on_channel_request(channel: paramiko.Channel, message: paramiko.Message) -> None:
@@ -528,11 +544,12 @@ def exit_signal(channel: paramiko.Channel) -> int | str | None:
 def connect_error(
     exc: BaseException, where: str, settings: SSHSettings, options: HopOptions, *, agent: str | None = None,
     known_hosts: KnownHosts | None = None, offered: str | None = None, algorithms: Algorithms | None = None,
+    transport: paramiko.Transport | None = None,
 ) -> TransportError:
     """Turn a failure to connect to a hop (``options`` are its own) into a categorised
     error that carries no secret; ``agent`` says, in words, what the ssh-agent had to offer
-    when it offered nothing, ``offered`` what the login offered, and ``algorithms`` what
-    the key exchange offered."""
+    when it offered nothing, ``offered`` what the login offered, ``algorithms`` what the
+    key exchange offered, and ``transport`` is the hop's, if it got that far."""
     if isinstance(exc, paramiko.BadHostKeyException):
         listed_in = known_hosts.listed_in.get((exc.expected_key.get_name(), exc.expected_key.get_base64())) if known_hosts else None
         return TransportError(
@@ -546,8 +563,15 @@ def connect_error(
         return TransportError("host_key", str(exc))
     if isinstance(exc, paramiko.PasswordRequiredException):
         return TransportError("auth", f"authentication to {where} failed: an identity file is encrypted and no passphrase was given")
+    keys = offered or ", ".join(settings.identity_files) or "default keys and agent"
+    if transport is not None and transport.initial_kex_done and not transport.is_active():
+        # Ended during the login. paramiko's words then ("transport shut down or saw EOF",
+        # or "No existing session" from the next key tried) say neither who ended it nor why.
+        reason = disconnect_reason(transport)
+        if reason:
+            return TransportError("auth", f'authentication to {where} failed (tried: {keys}): the server ended the connection: "{reason}"')
+        return TransportError("disconnected", f"the connection to {where} was closed during the login, without a reason (tried: {keys})")
     if isinstance(exc, paramiko.AuthenticationException):
-        keys = offered or ", ".join(settings.identity_files) or "default keys and agent"
         return TransportError("auth", f"authentication to {where} failed (tried: {keys}): {exc}")
     if _caused_by_timeout(exc):
         return TransportError("timeout", f"connecting to {where} timed out after {options.connect_timeout:g} s")
