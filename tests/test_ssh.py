@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -1126,6 +1128,131 @@ def test_a_server_dying_mid_command_fails_the_task_and_the_next_task_reconnects(
     again = executor.run(TaskRequest(host="web", command="echo back"))
     assert again.status is TaskStatus.SUCCEEDED
     assert executor.read_output(again.id).data == b"back\n"
+
+
+_HALF_BROKEN_RELAY = """
+import os, socket, sys
+server = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+writer = os.fork()
+if writer == 0:  # what the client sends, to the server: until this process is killed
+    while data := os.read(0, 65536):
+        server.sendall(data)
+    os._exit(0)
+os.close(0)  # only the writer reads what the client sends
+with open(sys.argv[3], "a") as pids:
+    pids.write(f"{writer}\\n")
+while data := server.recv(65536):  # what the server sends, to the client
+    os.write(1, data)
+"""
+
+
+def _through_a_relay_that_can_break_one_way(make_executor, sshd_fleet, tmp_path, **fields: object):  # type: ignore[no-untyped-def]
+    """An executor whose host 'web' is reached through ``_HALF_BROKEN_RELAY`` as a ProxyCommand:
+    a link that can fail one way, what the server sends still arriving and what fleetrun
+    sends not (a jump host's connection dying under it fails so, for a moment). Returns the
+    executor, the server, and a function that breaks the last relay started."""
+    server = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    relay, writers = tmp_path / "relay.py", tmp_path / "writers"
+    relay.write_text(_HALF_BROKEN_RELAY)
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n  ProxyCommand {sys.executable} {relay} %h %p {writers}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known), **fields}
+    executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+
+    def break_sending() -> None:
+        writer = int(writers.read_text().split()[-1])
+        os.kill(writer, signal.SIGKILL)
+        wait_until(lambda: (stat_fields(writer) or ["Z"])[0] == "Z")  # gone: its end of the pipe is closed
+
+    return executor, server, break_sending
+
+
+def test_a_channel_whose_close_cannot_be_sent_ends_its_task_as_the_command_ended(make_executor, sshd_fleet, tmp_path, marker):
+    # The command exits leaving a process in the background that holds its output: fleetrun,
+    # not the server, then closes the channel, and that close is the first thing it sends.
+    executor, server, break_sending = _through_a_relay_that_can_break_one_way(make_executor, sshd_fleet, tmp_path)
+    go = Path(f"/tmp/fleetrun-go-{marker}")  # where the server's user sees it
+    handle = executor.submit(TaskRequest(host="web", command=f"until [ -e {go} ]; do sleep 0.05; done; sleep {marker} & echo started"))
+    try:
+        wait_until(lambda: processes_with(str(go)))
+        break_sending()
+        go.touch()
+        task = handle.wait(20)
+    finally:
+        go.unlink(missing_ok=True)
+        for pid in processes_running("sleep", marker):
+            os.kill(pid, signal.SIGKILL)
+    # Before: failed, "internal": paramiko's close of the channel raised ProxyCommandFailure,
+    # in place of the task's own ending.
+    assert (task.status, task.exit_code, task.error) == (TaskStatus.SUCCEEDED, 0, None)
+    assert executor.read_output(task.id).data == b"started\n"
+    again = executor.run(TaskRequest(host="web", command="echo again"))
+    assert (again.status, again.error, executor.read_output(again.id).data) == (TaskStatus.SUCCEEDED, None, b"again\n")
+    assert server.accepted_logins() == 2
+
+
+def test_a_pooled_connection_that_can_no_longer_send_is_replaced_by_the_next_task(make_executor, sshd_fleet, tmp_path):
+    executor, server, break_sending = _through_a_relay_that_can_break_one_way(make_executor, sshd_fleet, tmp_path)
+    assert executor.run(TaskRequest(host="web", command="true")).status is TaskStatus.SUCCEEDED
+    break_sending()
+    task = executor.run(TaskRequest(host="web", command="echo again"))
+    # Before: failed, "disconnected": "... refused a new channel: ... Broken pipe", and so
+    # every task on the host until keepalives (if any) gave the connection up.
+    assert (task.status, task.error, executor.read_output(task.id).data) == (TaskStatus.SUCCEEDED, None, b"again\n")
+    assert server.accepted_logins() == 2
+
+
+def test_a_connection_through_a_jump_host_that_can_no_longer_send_closes_without_a_traceback(make_executor, sshd_fleet, tmp_path, monkeypatch, caplog):
+    jump, target = sshd_fleet.start(), sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
+    relay, writers = tmp_path / "relay.py", tmp_path / "writers"
+    relay.write_text(_HALF_BROKEN_RELAY)
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host jumpbox\n  HostName {jump.address}\n  Port {jump.port}\n  ProxyCommand {sys.executable} {relay} %h %p {writers}\n"
+        f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump jumpbox\n"
+        f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
+    )
+    executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}}))
+    assert executor.run(TaskRequest(host="inner", command="true")).status is TaskStatus.SUCCEEDED
+    writer = int(writers.read_text())
+    os.kill(writer, signal.SIGKILL)
+    wait_until(lambda: (stat_fields(writer) or ["Z"])[0] == "Z")
+    raised: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    with caplog.at_level(logging.ERROR):
+        executor.close()  # the connection to the target closes its channel on the jump host's first
+    # Before: that close raised ProxyCommandFailure, logged as an error with a traceback, and
+    # the jump host's connection was left open (its ProxyCommand ran on). When paramiko's own
+    # thread makes that close (the target's connection ended by itself), Python prints the
+    # exception on stderr as a traceback.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    wait_until(lambda: not processes_with(str(relay)))
+    assert raised == []
+
+
+def test_a_connection_that_can_no_longer_send_its_keepalives_is_dropped(make_executor, sshd_fleet, tmp_path, marker, caplog):
+    executor, server, break_sending = _through_a_relay_that_can_break_one_way(
+        make_executor, sshd_fleet, tmp_path, keepalive_interval=0.2, keepalive_count_max=2
+    )
+    handle = executor.submit(TaskRequest(host="web", command=f"echo started; sleep {marker}"))
+    wait_until(lambda: processes_with(f"sleep {marker}"))
+    break_sending()
+    broken_at = time.monotonic()
+    task = handle.wait(20)
+    # Before: the keepalive's failure ended its watch without a word: the task ran on (until
+    # its max_seconds), and so did the command on the server.
+    assert (task.status, task.error_category, task.exit_code) == (TaskStatus.FAILED, "disconnected", None)
+    assert time.monotonic() - broken_at < 3
+    assert executor.read_output(task.id).data == b"started\n"
+    assert_none_left(marker, within=5)  # the session ended with the connection: its watchdog stopped the command
+    where = f"host 'web' ({sshd_fleet.user}@{server.address}:{server.port})"
+    assert task.error == f"the connection to {where} was lost while the command ran"
+    assert f"{where}: a keepalive could not be sent (the ProxyCommand failed: Broken pipe); dropping the connection" in caplog.messages
 
 
 def test_a_server_that_stops_answering_is_dropped_by_keepalives(make_executor, sshd_fleet, tmp_path, marker, caplog):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from fleetrun.core.hookspecs import hookimpl
 from fleetrun.core.inventory import Host
@@ -272,7 +273,7 @@ class SSHTransport(Transport):
             raise
         finally:
             command.stop_reading()
-            channel.close()
+            connection.close_channel(channel)
             self._release(connection)
 
     async def aclose(self) -> None:
@@ -319,14 +320,13 @@ class SSHTransport(Transport):
                         # sessions per connection (sshd's MaxSessions) than max_channels.
                         connection.capacity = max(1, connection.channels - 1)
                         continue
-                    text = getattr(exc, "text", None) or str(exc)
-                    raise TransportError("disconnected", f"{connection.describe()} refused a new channel: {text}") from None
+                    raise TransportError("disconnected", f"{connection.describe()} refused a new channel: {_failure_in_words(exc)}") from None
                 self._discard(connection)
                 if retries > 0:
                     # A pooled connection that died while idle: the command never started.
                     retries -= 1
                     continue
-                raise TransportError("disconnected", f"cannot start the command on {connection.describe()}: {exc}") from None
+                raise TransportError("disconnected", f"cannot start the command on {connection.describe()}: {_failure_in_words(exc)}") from None
 
     async def _stop_remote(self, connection: _PooledConnection, command: ChannelCommand) -> None:
         """Stop the remote command's whole process group, as the local transport does."""
@@ -429,6 +429,10 @@ class SSHTransport(Transport):
                 log.warning("%s: no answer to keepalives for %g s; dropping the connection", connection.describe(), patience)
                 self._discard(connection)  # closing it fails the tasks still running on it
                 return
+            except Exception as exc:  # noqa: BLE001 - whatever paramiko raises, the connection cannot be used
+                log.warning("%s: a keepalive could not be sent (%s); dropping the connection", connection.describe(), _failure_in_words(exc))
+                self._discard(connection)
+                return
 
 
 class _PooledConnection:
@@ -473,7 +477,8 @@ class _PooledConnection:
     def start_command(self, script: str, stdin: bytes = b"", *, keep_input_open: bool = False) -> paramiko.Channel:
         """Run ``script`` on a new channel and send ``stdin``; then end the input, unless
         ``keep_input_open`` (a task's preamble watches it, see ``ssh_channel.remote_script``)."""
-        channel = self.transport.open_session(timeout=self.options.connect_timeout)
+        with self._sending():
+            channel = self.transport.open_session(timeout=self.options.connect_timeout)
         try:
             channel.exec_command(script)
             if stdin:
@@ -488,9 +493,30 @@ class _PooledConnection:
             if not keep_input_open:
                 channel.shutdown_write()
         except BaseException:
-            channel.close()
+            self.close_channel(channel)
             raise
         return channel
+
+    def close_channel(self, channel: paramiko.Channel) -> None:
+        """Close ``channel``. A close that cannot be sent does not fail what the channel
+        ran: that ended as it ended (see :meth:`_sending` for the connection)."""
+        from fleetrun.plugins.transports.ssh_connect import SEND_FAILURES
+
+        with contextlib.suppress(*SEND_FAILURES), self._sending():
+            channel.close()
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
+        """Around what sends on the connection. paramiko finds a link broken when it reads,
+        and one that fails only one way (a jump host's or a ProxyCommand's) reads on: one
+        that cannot send is closed here, so that the pool replaces it."""
+        import paramiko
+
+        try:
+            yield
+        except (EOFError, paramiko.ProxyCommandFailure):
+            self.transport.close()
+            raise
 
     def ask_login_shell(self) -> None:
         """Learn the user's login shell: one that is not POSIX is sent commands another way
@@ -511,7 +537,7 @@ class _PooledConnection:
                         break
                     output += data
             finally:
-                channel.close()
+                self.close_channel(channel)
         except (paramiko.SSHException, EOFError, OSError) as exc:  # a timeout is an OSError
             if not self.transport.is_active():
                 raise TransportError("disconnected", f"{self.describe()} closed the connection after the login: {exc}") from None
@@ -524,10 +550,21 @@ class _PooledConnection:
         try:
             return channel.recv_exit_status()
         finally:
-            channel.close()
+            self.close_channel(channel)
 
     def ping(self) -> None:
-        self.transport.global_request("keepalive@openssh.com", wait=True)
+        with self._sending():
+            self.transport.global_request("keepalive@openssh.com", wait=True)
+
+
+def _failure_in_words(exc: BaseException) -> str:
+    """paramiko's failure, for a message: a ProxyCommand's by its error alone (its words
+    would repeat the whole command line, which may hold what only the user should see)."""
+    import paramiko
+
+    if isinstance(exc, paramiko.ProxyCommandFailure):
+        return f"the ProxyCommand failed: {exc.error}"
+    return getattr(exc, "text", None) or str(exc) or type(exc).__name__
 
 
 def _run_on_new_connection(settings: SSHSettings, script: str) -> None:

@@ -33,6 +33,7 @@ Everything here blocks; the transport calls it from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import ipaddress
@@ -302,6 +303,8 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
                     )
                 # Fabric would read the command again as ssh_config and split it into words itself.
                 hop.open_gateway = functools.partial(ShellProxyCommand, hop.gateway)
+            else:
+                hop.open_gateway = functools.partial(_jump_channel, hop)
             hop.open()
         except TransportError:
             close_connection(connection)
@@ -316,6 +319,27 @@ def open_connection(settings: SSHSettings) -> fabric.Connection:
             close_connection(connection)
             raise error from None
     return connection
+
+
+#: What paramiko raises where it cannot send (a socket's EOFError, a ProxyCommand's
+#: ProxyCommandFailure, which is an SSHException): the connection is gone or going.
+SEND_FAILURES = (EOFError, OSError, paramiko.SSHException)
+
+
+def _jump_channel(hop: fabric.Connection) -> paramiko.Channel:
+    """The channel through the jump host that carries ``hop``'s connection, as Fabric
+    opens it, but closed without raising. paramiko closes it when the connection ends
+    (in its own thread, where an error is printed as a traceback), and that close fails
+    where the jump host's connection can no longer send: it is ending too."""
+    channel = fabric.Connection.open_gateway(hop)
+    close = channel.close
+
+    def close_quietly() -> None:
+        with contextlib.suppress(*SEND_FAILURES):
+            close()
+
+    channel.close = close_quietly  # type: ignore[method-assign]
+    return channel
 
 
 class ShellProxyCommand(paramiko.ProxyCommand):
