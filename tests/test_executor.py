@@ -15,6 +15,7 @@ import pytest
 
 from fleetrun.core.errors import FleetrunError, HostBusyError, PolicyDenied, UnknownHostError, UnknownTaskError
 from fleetrun.core.models import TaskRequest, TaskStatus
+from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.secrets import register_secret
 
 from conftest import assert_none_left, processes_running, processes_with, wait_until
@@ -57,7 +58,23 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period(make_executor
     task = handle.wait(15)
     assert task.status is TaskStatus.CANCELLED
     assert_none_left(marker)
-    assert time.monotonic() - started < 5
+    # Before: KILL came with the TERM (the cancel also cancelled the wait for the exit).
+    assert KILL_GRACE_SECONDS <= time.monotonic() - started < KILL_GRACE_SECONDS + 3
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+def test_a_stopped_command_has_the_grace_period_to_end_itself(make_executor, ending):
+    # Its TERM trap takes 0.3 s, well inside the grace period: it ends as it chooses.
+    executor = make_executor()
+    command = "trap 'echo cleaning; sleep 0.3; echo cleaned; exit 3' TERM; echo ready; sleep 30 & wait"
+    handle = executor.submit(TaskRequest(host="local", command=command, timeout_s=1 if ending == "timeout" else None))
+    wait_until(lambda: executor.read_output(handle.id).data == b"ready\n")
+    if ending == "cancel":
+        handle.cancel()
+    task = handle.wait(15)
+    assert task.status is (TaskStatus.TIMED_OUT if ending == "timeout" else TaskStatus.CANCELLED)
+    # Before: b"ready\n": KILL came with the TERM, and the trap never finished.
+    assert executor.read_output(task.id).data == b"ready\ncleaning\ncleaned\n"
 
 
 def test_closing_the_executor_cancels_what_still_runs(make_executor, recorder, marker):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -224,6 +226,31 @@ def test_a_task_recorded_just_before_close_is_ended_by_the_shutdown(make_executo
     assert recorder.names(task.id) == ["task.created", "task.cancelled"]
     assert executor.store.get(task.id).status is TaskStatus.CANCELLED
 
+
+@pytest.mark.parametrize("ending", ["cancel", "timeout"])
+def test_close_waits_for_a_task_that_was_already_being_stopped(make_executor, recorder, marker, ending):
+    # The command ignores TERM: it is stopped by KILL, after the grace period.
+    executor = make_executor()
+    handle = executor.submit(TaskRequest(host="local", command=f"trap '' TERM; sleep {marker}", timeout_s=0.3 if ending == "timeout" else None))
+    wait_until(lambda: processes_running("sleep", marker))
+    try:
+        if ending == "cancel":
+            assert executor.cancel(handle.id, "stopped by the test")
+        else:
+            time.sleep(0.6)  # past the timeout: being stopped
+        executor.close()
+        # Before: close() waited only for the tasks it cancelled itself, and stopped the engine
+        # with this one still being stopped: its KILL never came (the command ran on), and its
+        # handle never resolved.
+        assert not processes_running("sleep", marker)
+        task = handle.wait(1)
+    finally:
+        for pid in processes_running("sleep", marker):
+            os.kill(pid, signal.SIGKILL)
+    expected = (TaskStatus.CANCELLED, "stopped by the test") if ending == "cancel" else (TaskStatus.TIMED_OUT, None)
+    assert (task.status, task.cancel_reason) == expected
+    assert recorder.names(task.id)[-1] == ("task.cancelled" if ending == "cancel" else "task.completed")
+    assert executor.store.get(task.id).status is task.status
 
 
 def test_a_hook_can_cancel_its_own_running_task(make_executor, recorder):

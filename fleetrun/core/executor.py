@@ -1023,7 +1023,10 @@ class Executor:
     async def _shutdown(self, reason: str) -> None:
         runners = []
         for live in list(self._live.values()):
-            if self._cancel_now(live.record.id, reason) and live.runner is not None:
+            self._cancel_now(live.record.id, reason)
+            # Also those being stopped already (a cancel or a timeout before close()): the
+            # engine must run until they have ended.
+            if not live.finished and live.runner is not None:
                 runners.append(live.runner)
         # Tasks recorded before close() whose wake-up has not come yet: cancelled above,
         # they end as they are taken, with nothing run.

@@ -180,13 +180,15 @@ class _ProcessWatch:
         return 128 - code if code < 0 else code
 
     async def _wait(self) -> None:
+        # Shielded: a cancel of the task would cancel the futures awaited, and a cancelled
+        # ``exited`` reads as an exit, so that _stop_group sent KILL right after TERM.
         try:
-            await self.exited
+            await asyncio.shield(self.exited)
             if not self.drained.done():
                 # Background processes may hold the pipes open: the command itself is done.
                 give_up = self.loop.call_later(EXIT_DRAIN_SECONDS, self._stop_draining)
                 try:
-                    await self.drained
+                    await asyncio.shield(self.drained)
                 finally:
                     give_up.cancel()
         except asyncio.CancelledError:

@@ -342,13 +342,13 @@ class SSHTransport(Transport):
             await asyncio.wait_for(_blocking(connection.run_quiet, script), deadline)
             return
         except Exception as exc:  # noqa: BLE001 - fall back to a connection of its own
-            log.debug("%s: stopping on the pooled connection failed: %s", connection.describe(), exc)
+            log.debug("%s: stopping on the pooled connection failed: %s", connection.describe(), _failure_in_words(exc))
         if not connection.alive:
             return  # the server is gone; there is nothing left to reach
         try:
             await asyncio.wait_for(_blocking(_run_on_new_connection, self.settings, script), deadline * 2)
         except Exception as exc:  # noqa: BLE001
-            log.warning("%s: could not stop the remote command: %s", connection.describe(), exc)
+            log.warning("%s: could not stop the remote command: %s", connection.describe(), _failure_in_words(exc))
 
     # -- the pool ----------------------------------------------------------------------
 
