@@ -973,6 +973,19 @@ def _live_members(pgid: int) -> list[int]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root login needs the tests to run as root (CI does)")
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+def test_a_stopped_remote_command_has_the_grace_period_to_end_itself(ssh_executor, ending):
+    # As on the local transport: its TERM trap takes 0.3 s, and what it prints is kept.
+    command = "trap 'echo cleaning; sleep 0.3; echo cleaned; exit 3' TERM; echo ready; sleep 30 & wait"
+    handle = ssh_executor.submit(TaskRequest(host="web", command=command, timeout_s=1 if ending == "timeout" else None))
+    wait_until(lambda: ssh_executor.read_output(handle.id).data == b"ready\n")
+    if ending == "cancel":
+        handle.cancel()
+    task = handle.wait(15)
+    assert task.status is (TaskStatus.TIMED_OUT if ending == "timeout" else TaskStatus.CANCELLED)
+    assert ssh_executor.read_output(task.id).data == b"ready\ncleaning\ncleaned\n"
+
+
 def test_cancel_stops_the_remote_command_of_a_root_login(make_executor, sshd_fleet, shared_sshd, known_hosts, marker):
     sshd_fleet.authorize("root", sshd_fleet.client_key)
     entry = ssh_host(sshd_fleet, shared_sshd, known_hosts, user="root")
