@@ -540,8 +540,8 @@ class _PooledConnection:
                 self.close_channel(channel)
         except (paramiko.SSHException, EOFError, OSError) as exc:  # a timeout is an OSError
             if not self.transport.is_active():
-                raise TransportError("disconnected", f"{self.describe()} closed the connection after the login: {exc}") from None
-            log.warning("%s: no answer to which login shell the user has (%s); taking it as not POSIX", self.describe(), exc)
+                raise TransportError("disconnected", f"{self.describe()} closed the connection after the login: {_failure_in_words(exc)}") from None
+            log.warning("%s: no answer to which login shell the user has (%s); taking it as not POSIX", self.describe(), _failure_in_words(exc))
         self.login_shell = login_shell(output)
         log.debug("%s: login shell %s", self.describe(), self.login_shell or "unknown")
 
