@@ -605,30 +605,39 @@ def test_a_server_that_ends_the_login_is_named_with_its_reason_as_ssh_names_it(m
     assert f"Received disconnect from {server.address} port {server.port}:2: Too many authentication failures" in ssh.stderr
 
 
-class CutAtTheLogin:
-    """A relay to ``server`` that closes its first connection where the login starts: at
-    the client's first bytes after its key exchange (after its NEWKEYS packet). Later
-    connections are relayed whole."""
+class Relay:
+    """A relay to ``server`` on a port of its own. ``delay``: each connection waits that
+    long before it is relayed (a slow network). ``cut_at_login``: the first connection is
+    closed where the login starts, at the client's first bytes after its key exchange
+    (after its NEWKEYS packet); later ones are relayed whole."""
 
-    def __init__(self, server) -> None:
-        import threading
-
+    def __init__(self, server, *, delay: float = 0.0, cut_at_login: bool = False) -> None:
         self.server = server
+        self.delay = delay
         self.listener = socket.create_server((server.address, 0))
         self.port = self.listener.getsockname()[1]
-        self.cut = 0
+        self.cut_at_login = cut_at_login
+        self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        import threading
+    def known_hosts(self, path: Path) -> Path:
+        """A known_hosts file listing the server's key for the relay's address."""
+        path.write_text(self.server.known_hosts_line.replace(f":{self.server.port} ", f":{self.port} "))
+        return path
 
+    def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self.listener.accept()
-                upstream = socket.create_connection((self.server.address, self.server.port))
-                threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
-                threading.Thread(target=self._relay, args=(client, upstream, self.cut == 0), daemon=True).start()
-                self.cut = 1
+                self.connections += 1
+                first = self.connections == 1
+                threading.Thread(target=self._start, args=(client, self.cut_at_login and first), daemon=True).start()
+
+    def _start(self, client: socket.socket, cut_at_login: bool) -> None:
+        time.sleep(self.delay)
+        upstream = socket.create_connection((self.server.address, self.server.port))
+        threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
+        self._relay(client, upstream, cut_at_login)
 
     @staticmethod
     def _end_of_newkeys(stream: bytes) -> int | None:
@@ -669,9 +678,8 @@ class CutAtTheLogin:
 
 
 def test_a_connection_closed_during_the_login_is_a_disconnection_and_the_next_task_reconnects(make_executor, sshd_fleet, shared_sshd, tmp_path):
-    relay = CutAtTheLogin(shared_sshd)
-    known = tmp_path / "known_hosts"
-    known.write_text(shared_sshd.known_hosts_line.replace(f":{shared_sshd.port} ", f":{relay.port} "))
+    relay = Relay(shared_sshd, cut_at_login=True)
+    known = relay.known_hosts(tmp_path / "known_hosts")
     try:
         entry = ssh_host(sshd_fleet, shared_sshd, known, port=relay.port)
         executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
@@ -685,8 +693,27 @@ def test_a_connection_closed_during_the_login_is_a_disconnection_and_the_next_ta
         TaskStatus.FAILED, "disconnected",
         f"the connection to {where} was closed during the login, without a reason (tried: {sshd_fleet.client_key})",
     )
-    assert relay.cut == 1
+    assert relay.connections == 2  # the one cut, and the next task's
     assert again.status is TaskStatus.SUCCEEDED and executor.read_output(again.id).data == b"again\n"
+
+
+def test_a_connection_still_being_opened_when_the_executor_closes_is_closed_when_it_opens(make_executor, sshd_fleet, tmp_path):
+    server = sshd_fleet.start()
+    relay = Relay(server, delay=0.5)
+    try:
+        entry = ssh_host(sshd_fleet, server, relay.known_hosts(tmp_path / "known_hosts"), port=relay.port)
+        executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+        handle = executor.submit(TaskRequest(host="web", command="true"))
+        wait_until(lambda: relay.connections == 1)
+        executor.close()  # at once: a connect is not waited for
+        assert handle.wait(0).status is TaskStatus.CANCELLED
+        wait_until(lambda: server.accepted_logins() == 1)  # the connect went on, and logged in
+        # Before: it stayed open, held by nobody, for as long as the process lived (a
+        # reconfigured `fleetrun serve`, say): its sshd session too.
+        wait_until(lambda: not server.session_pids(), timeout=5)
+    finally:
+        relay.close()
+        server.stop()
 
 
 def test_an_identity_file_that_cannot_be_used_is_refused_saying_why(make_executor, sshd_fleet, shared_sshd, known_hosts, tmp_path, monkeypatch):

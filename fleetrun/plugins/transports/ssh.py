@@ -234,6 +234,7 @@ class SSHTransport(Transport):
         self.settings: SSHSettings = SSHSettings.from_host(host)
         self._pool: list[_PooledConnection] = []
         self._connecting: asyncio.Task[None] | None = None
+        self._closed = False  # by aclose(): a connection still being opened is closed as it opens
         #: Closes of connections dropped from the pool, which aclose() waits for too.
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -277,6 +278,7 @@ class SSHTransport(Transport):
             self._release(connection)
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
         pool, self._pool = self._pool, []
@@ -368,19 +370,34 @@ class SSHTransport(Transport):
             await asyncio.shield(self._connecting)
 
     async def _connect(self) -> None:
-        from fleetrun.plugins.transports.ssh_connect import open_connection
-
-        opened = await _blocking(open_connection, self.settings)
+        # Not waited for by aclose(), which cancels this: the connect goes on in its thread,
+        # and what it opens is closed there, or as it arrives here.
+        opening = asyncio.get_running_loop().run_in_executor(_threads(), self._open)
+        try:
+            opened = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_if_opened)
+            raise
         connection = _PooledConnection(opened, self.settings)
         try:
             await _blocking(connection.ask_login_shell)
         except BaseException:
-            await _blocking(opened.close)
+            _close_if_opened(opening)  # with the jump hosts' connections, which Fabric's close() leaves open
             raise
         self._pool.append(connection)
         log.debug("connected to %s", connection.describe())
         if connection.options.keepalive_interval > 0:
             connection.keepalive = asyncio.get_running_loop().create_task(self._keep_alive(connection))
+
+    def _open(self) -> fabric.Connection:
+        """Open a connection (in a worker thread); one that opens after aclose() is closed."""
+        from fleetrun.plugins.transports.ssh_connect import close_connection, open_connection
+
+        opened = open_connection(self.settings)
+        if self._closed:
+            close_connection(opened)
+            raise TransportError("disconnected", f"host {self.settings.alias!r}: the transport was closed while connecting")
+        return opened
 
     def _release(self, connection: _PooledConnection) -> None:
         connection.channels -= 1
@@ -555,6 +572,14 @@ class _PooledConnection:
     def ping(self) -> None:
         with self._sending():
             self.transport.global_request("keepalive@openssh.com", wait=True)
+
+
+def _close_if_opened(opening: asyncio.Future[fabric.Connection]) -> None:
+    """Close, in a worker thread, the connection ``opening`` opened, if it did."""
+    from fleetrun.plugins.transports.ssh_connect import close_connection
+
+    if not opening.cancelled() and opening.exception() is None:
+        _threads().submit(close_connection, opening.result())
 
 
 def _failure_in_words(exc: BaseException) -> str:
