@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 from fleetrun.core.events import EventRecorder
 from fleetrun.core.executor import Executor
 from fleetrun.core.inventory import Inventory, parse_inventory
+from fleetrun.core.models import Task, TaskRequest
 from fleetrun.core.plugin_manager import PluginManager
 from fleetrun.core.store import TaskStore
 
@@ -116,9 +118,34 @@ def assert_none_left(marker: str, within: float = 2.0) -> None:
         time.sleep(0.02)
 
 
-def background_writer(go: Path, wrote: Path) -> str:
-    """A command that exits at once, leaving a process that prints at 0.2 s and again once ``go`` exists."""
-    return f"(sleep 0.2; echo soon; until [ -e {go} ]; do sleep 0.05; done; echo late; touch {wrote}) & echo now"
+def run_leaving_a_writer_behind(executor: Executor, host: str, go: Path, wrote: Path) -> tuple[Task, bytes]:
+    """Run a command that exits at once, leaving a process in the background that prints
+    at 0.2 s, and again, then creates ``wrote``, once ``go`` exists; create ``go`` and wait
+    for that process to end. Returns the task and its stdout."""
+    command = f"(sleep 0.2; echo soon; until [ -e {go} ]; do sleep 0.05; done; echo late; touch {wrote}) & echo now"
+    task = executor.run(TaskRequest(host=host, command=command, timeout_s=10))
+    assert processes_with(str(go))  # still waiting in the background
+    go.touch()
+    try:
+        wait_until(lambda: not processes_with(str(go)))
+    finally:
+        for pid in processes_with(str(go)):
+            os.kill(pid, signal.SIGKILL)
+    return task, executor.read_output(task.id).data
+
+
+#: A command that cleans up on TERM, in 0.3 s, printing as it does.
+CLEANS_UP_ON_TERM = "trap 'echo cleaning; sleep 0.3; echo cleaned; exit 3' TERM; echo ready; sleep 30 & wait"
+
+
+def stop_one_that_cleans_up(executor: Executor, host: str, ending: str) -> Task:
+    """Run CLEANS_UP_ON_TERM on ``host`` and stop it once ready, by a cancel or by a 1 s
+    timeout (``ending``); the task as it ended."""
+    handle = executor.submit(TaskRequest(host=host, command=CLEANS_UP_ON_TERM, timeout_s=1 if ending == "timeout" else None))
+    wait_until(lambda: executor.read_output(handle.id).data == b"ready\n")
+    if ending == "cancel":
+        handle.cancel()
+    return handle.wait(15)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:

@@ -18,7 +18,7 @@ from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.secrets import register_secret
 
-from conftest import assert_none_left, processes_running, processes_with, wait_until
+from conftest import assert_none_left, processes_running, processes_with, stop_one_that_cleans_up, wait_until
 
 
 def max_overlap(tasks) -> int:
@@ -66,12 +66,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period(make_executor
 def test_a_stopped_command_has_the_grace_period_to_end_itself(make_executor, ending):
     # Its TERM trap takes 0.3 s, well inside the grace period: it ends as it chooses.
     executor = make_executor()
-    command = "trap 'echo cleaning; sleep 0.3; echo cleaned; exit 3' TERM; echo ready; sleep 30 & wait"
-    handle = executor.submit(TaskRequest(host="local", command=command, timeout_s=1 if ending == "timeout" else None))
-    wait_until(lambda: executor.read_output(handle.id).data == b"ready\n")
-    if ending == "cancel":
-        handle.cancel()
-    task = handle.wait(15)
+    task = stop_one_that_cleans_up(executor, "local", ending)
     assert task.status is (TaskStatus.TIMED_OUT if ending == "timeout" else TaskStatus.CANCELLED)
     # Before: b"ready\n": KILL came with the TERM, and the trap never finished.
     assert executor.read_output(task.id).data == b"ready\ncleaning\ncleaned\n"

@@ -16,7 +16,7 @@ import pytest
 from fleetrun.core.models import TaskRequest, TaskStatus
 from fleetrun.plugins.transports.local_exec import direct_argv
 
-from conftest import background_writer, processes_with, wait_until
+from conftest import processes_with, run_leaving_a_writer_behind, wait_until
 
 
 @pytest.mark.parametrize(
@@ -143,18 +143,10 @@ def test_an_exit_is_found_while_a_background_process_holds_the_pipes(make_execut
 
 def test_output_of_a_background_process_is_kept_for_a_second_after_the_exit_and_then_not_read(make_executor, tmp_path, marker):
     go, wrote = tmp_path / f"go-{marker}", tmp_path / "wrote"
-    executor = make_executor()
-    task = executor.run(TaskRequest(host="local", command=background_writer(go, wrote), timeout_s=10))
+    task, output = run_leaving_a_writer_behind(make_executor(), "local", go, wrote)
     assert (task.status, task.exit_code) == (TaskStatus.SUCCEEDED, 0)
-    assert processes_with(str(go))  # still waiting in the background
-    go.touch()
-    try:
-        wait_until(lambda: not processes_with(str(go)))  # its write failed: SIGPIPE ended it
-    finally:
-        for pid in processes_with(str(go)):
-            os.kill(pid, signal.SIGKILL)
-    assert executor.read_output(task.id).data == b"now\nsoon\n"
-    assert not wrote.exists()
+    assert output == b"now\nsoon\n"
+    assert not wrote.exists()  # its write failed: SIGPIPE ended it
 
 
 def test_an_exit_is_found_after_the_command_closed_its_output(make_executor):

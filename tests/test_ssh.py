@@ -28,7 +28,10 @@ from fleetrun.core.processes import KILL_GRACE_SECONDS
 from fleetrun.core.shell import reads_like_sh
 from fleetrun.plugins.transports.ssh_channel import login_shell, remote_command, stop_script
 
-from conftest import assert_none_left, background_writer, hosts_file_text, processes_running, processes_with, run_cli, ssh_host, stat_fields, wait_until
+from conftest import (
+    assert_none_left, hosts_file_text, processes_running, processes_with, run_cli, run_leaving_a_writer_behind, ssh_host, stat_fields,
+    stop_one_that_cleans_up, wait_until,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (.ci/run installs it)")
 
@@ -1003,12 +1006,7 @@ def _live_members(pgid: int) -> list[int]:
 @pytest.mark.parametrize("ending", ["timeout", "cancel"])
 def test_a_stopped_remote_command_has_the_grace_period_to_end_itself(ssh_executor, ending):
     # As on the local transport: its TERM trap takes 0.3 s, and what it prints is kept.
-    command = "trap 'echo cleaning; sleep 0.3; echo cleaned; exit 3' TERM; echo ready; sleep 30 & wait"
-    handle = ssh_executor.submit(TaskRequest(host="web", command=command, timeout_s=1 if ending == "timeout" else None))
-    wait_until(lambda: ssh_executor.read_output(handle.id).data == b"ready\n")
-    if ending == "cancel":
-        handle.cancel()
-    task = handle.wait(15)
+    task = stop_one_that_cleans_up(ssh_executor, "web", ending)
     assert task.status is (TaskStatus.TIMED_OUT if ending == "timeout" else TaskStatus.CANCELLED)
     assert ssh_executor.read_output(task.id).data == b"ready\ncleaning\ncleaned\n"
 
@@ -1132,18 +1130,13 @@ def test_a_finished_command_leaves_its_background_processes_alone(ssh_executor, 
 def test_output_of_a_background_process_is_kept_for_a_second_after_the_exit_and_then_not_read(ssh_executor, marker):
     # The server's user writes where the test can look: /tmp, under names of the test's own.
     go, wrote = Path(f"/tmp/fleetrun-go-{marker}"), Path(f"/tmp/fleetrun-wrote-{marker}")
-    task = ssh_executor.run(TaskRequest(host="web", command=background_writer(go, wrote), timeout_s=10))
-    assert (task.status, task.exit_code) == (TaskStatus.SUCCEEDED, 0)
-    assert processes_with(str(go))  # still waiting in the background
-    go.touch()
     try:
-        wait_until(lambda: not processes_with(str(go)))  # its write failed: SIGPIPE ended it
-        assert ssh_executor.read_output(task.id).data == b"now\nsoon\n"
-        assert not wrote.exists()
+        task, output = run_leaving_a_writer_behind(ssh_executor, "web", go, wrote)
+        assert (task.status, task.exit_code) == (TaskStatus.SUCCEEDED, 0)
+        assert output == b"now\nsoon\n"
+        assert not wrote.exists()  # its write failed: SIGPIPE ended it
     finally:
-        for pid in processes_with(str(go)):
-            os.kill(pid, signal.SIGKILL)
-        go.unlink()
+        go.unlink(missing_ok=True)
         wrote.unlink(missing_ok=True)
 
 
@@ -1186,29 +1179,35 @@ while data := server.recv(65536):  # what the server sends, to the client
 """
 
 
-def _through_a_relay_that_can_break_one_way(make_executor, sshd_fleet, tmp_path, **fields: object):  # type: ignore[no-untyped-def]
-    """An executor whose host 'web' is reached through ``_HALF_BROKEN_RELAY`` as a ProxyCommand:
-    a link that can fail one way, what the server sends still arriving and what fleetrun
-    sends not (a jump host's connection dying under it fails so, for a moment). Returns the
-    executor, the server, and a function that breaks the last relay started."""
-    server = sshd_fleet.start()
-    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
-    relay, writers = tmp_path / "relay.py", tmp_path / "writers"
-    relay.write_text(_HALF_BROKEN_RELAY)
-    config = tmp_path / "ssh_config"
-    config.write_text(
-        f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n"
-        f"  IdentityFile {sshd_fleet.client_key}\n  ProxyCommand {sys.executable} {relay} %h %p {writers}\n"
-    )
-    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known), **fields}
-    executor = make_executor(hosts_yaml=hosts_file_text({"web": entry}))
+def _relay_that_can_break_one_way(tmp_path: Path) -> SimpleNamespace:
+    """``_HALF_BROKEN_RELAY`` as an ssh_config ProxyCommand (``command``, ``path``), and
+    ``break_sending()``, which kills the writing half of the last one started: a link that
+    fails one way, what the server sends still arriving and what fleetrun sends not (a
+    jump host's connection dying under it fails so, for a moment)."""
+    path, writers = tmp_path / "relay.py", tmp_path / "writers"
+    path.write_text(_HALF_BROKEN_RELAY)
 
     def break_sending() -> None:
         writer = int(writers.read_text().split()[-1])
         os.kill(writer, signal.SIGKILL)
         wait_until(lambda: (stat_fields(writer) or ["Z"])[0] == "Z")  # gone: its end of the pipe is closed
 
-    return executor, server, break_sending
+    return SimpleNamespace(command=f"{sys.executable} {path} %h %p {writers}", path=path, break_sending=break_sending)
+
+
+def _through_a_relay_that_can_break_one_way(make_executor, sshd_fleet, tmp_path, **fields: object):  # type: ignore[no-untyped-def]
+    """An executor whose host 'web' is reached through :func:`_relay_that_can_break_one_way`;
+    returns it, the server, and the relay's ``break_sending``."""
+    server = sshd_fleet.start()
+    known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [server])
+    relay = _relay_that_can_break_one_way(tmp_path)
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host web\n  HostName {server.address}\n  Port {server.port}\n  User {sshd_fleet.user}\n"
+        f"  IdentityFile {sshd_fleet.client_key}\n  ProxyCommand {relay.command}\n"
+    )
+    entry = {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known), **fields}
+    return make_executor(hosts_yaml=hosts_file_text({"web": entry})), server, relay.break_sending
 
 
 def test_a_channel_whose_close_cannot_be_sent_ends_its_task_as_the_command_ended(make_executor, sshd_fleet, tmp_path, marker):
@@ -1249,19 +1248,16 @@ def test_a_pooled_connection_that_can_no_longer_send_is_replaced_by_the_next_tas
 def test_a_connection_through_a_jump_host_that_can_no_longer_send_closes_without_a_traceback(make_executor, sshd_fleet, tmp_path, monkeypatch, caplog):
     jump, target = sshd_fleet.start(), sshd_fleet.start()
     known = sshd_fleet.known_hosts(tmp_path / "known_hosts", [jump, target])
-    relay, writers = tmp_path / "relay.py", tmp_path / "writers"
-    relay.write_text(_HALF_BROKEN_RELAY)
+    relay = _relay_that_can_break_one_way(tmp_path)
     config = tmp_path / "ssh_config"
     config.write_text(
-        f"Host jumpbox\n  HostName {jump.address}\n  Port {jump.port}\n  ProxyCommand {sys.executable} {relay} %h %p {writers}\n"
+        f"Host jumpbox\n  HostName {jump.address}\n  Port {jump.port}\n  ProxyCommand {relay.command}\n"
         f"Host inner\n  HostName {target.address}\n  Port {target.port}\n  ProxyJump jumpbox\n"
         f"Host *\n  User {sshd_fleet.user}\n  IdentityFile {sshd_fleet.client_key}\n"
     )
     executor = make_executor(hosts_yaml=hosts_file_text({"inner": {"transport": "ssh", "ssh_config_file": str(config), "known_hosts": str(known)}}))
     assert executor.run(TaskRequest(host="inner", command="true")).status is TaskStatus.SUCCEEDED
-    writer = int(writers.read_text())
-    os.kill(writer, signal.SIGKILL)
-    wait_until(lambda: (stat_fields(writer) or ["Z"])[0] == "Z")
+    relay.break_sending()
     raised: list[BaseException] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
     with caplog.at_level(logging.ERROR):
@@ -1271,7 +1267,7 @@ def test_a_connection_through_a_jump_host_that_can_no_longer_send_closes_without
     # thread makes that close (the target's connection ended by itself), Python prints the
     # exception on stderr as a traceback.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-    wait_until(lambda: not processes_with(str(relay)))
+    wait_until(lambda: not processes_with(str(relay.path)))
     assert raised == []
 
 
