@@ -534,7 +534,7 @@ def _on_disconnect(transport: paramiko.Transport, message: paramiko.Message) -> 
     paramiko.Transport._parse_disconnect(transport, message)  # noqa: SLF001
 
 
-def disconnect_reason(transport: paramiko.Transport | None) -> str | None:
+def _disconnect_reason(transport: paramiko.Transport | None) -> str | None:
     """The reason the server gave for ending the connection (SSH_MSG_DISCONNECT: sshd's
     "Too many authentication failures", say), if it ended it giving one."""
     return getattr(transport, "fleetrun_disconnect", None)
@@ -591,7 +591,7 @@ def connect_error(
     if transport is not None and transport.initial_kex_done and not transport.is_active():
         # Ended during the login. paramiko's words then ("transport shut down or saw EOF",
         # or "No existing session" from the next key tried) say neither who ended it nor why.
-        reason = disconnect_reason(transport)
+        reason = _disconnect_reason(transport)
         if reason:
             return TransportError("auth", f'authentication to {where} failed (tried: {keys}): the server ended the connection: "{reason}"')
         return TransportError("disconnected", f"the connection to {where} was closed during the login, without a reason (tried: {keys})")
