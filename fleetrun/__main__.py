@@ -1,3 +1,3 @@
-from fleetrun.cli import main
+from fleetrun.cli import entry
 
-raise SystemExit(main())
+entry()

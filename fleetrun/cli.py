@@ -1264,6 +1264,18 @@ def _add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         action.global_option = after_command  # type: ignore[attr-defined]
 
 
+def entry() -> None:
+    """The ``fleetrun`` command (and ``python -m fleetrun``): :func:`main`, then exit with its status."""
+    try:
+        status = main()
+    finally:
+        # Exiting, Python joins the worker threads a run leaves; a Ctrl-C then would raise
+        # KeyboardInterrupt there, which Python prints as a traceback. It ends the process
+        # as the signal ends any program instead.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:

@@ -67,6 +67,31 @@ def test_sigint_cancels_the_task_and_exits_130(marker, tmp_path):
     assert listed[0]["status"] == "cancelled"
 
 
+def test_a_ctrl_c_while_fleetrun_exits_ends_it_without_a_traceback():
+    # Exiting, Python joins the worker threads that a run leaves (here, one that says when
+    # the exit has begun, then sleeps); a Ctrl-C then raised KeyboardInterrupt there, which
+    # Python printed as a traceback ("Exception ignored in: <module 'threading'>").
+    script = (
+        "import sys, threading, time\n"
+        "def joined_at_exit():\n"
+        "    while threading.main_thread().is_alive():\n"
+        "        time.sleep(0.01)\n"
+        "    print('exiting', flush=True)\n"
+        "    time.sleep(5)\n"
+        "threading.Thread(target=joined_at_exit).start()\n"
+        "sys.argv = ['fleetrun', 'hosts']\n"
+        "from fleetrun.cli import entry\n"
+        "entry()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while (line := proc.stdout.readline()) not in ("exiting\n", ""):
+        pass
+    assert line == "exiting\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, err) == (-signal.SIGINT, "")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=lambda sig: sig.name)
 def test_sigterm_and_sighup_also_cancel_cleanly(marker, stop):
     # SIGHUP is the terminal closing: the command, in a session of its own, would not get it.
