@@ -1202,6 +1202,7 @@ _ALGORITHM_LISTS = [
     "hmac-sha2-512", "+hmac-md5", "-hmac-sha1*", "umac-64@openssh.com", "curve25519-sha256", "+diffie-hellman-group14-sha1",
     "^diffie-hellman-group16-sha512", "-ecdh-*", "ssh-ed25519", "+ssh-rsa", "-*-cert-v01@openssh.com", "^rsa-sha2-256",
     "sk-ssh-ed25519@openssh.com", "mlkem1024x448-sha512@example.org,curve25519-sha256", "+sntrup4591761x25519-sha512@tinyssh.org",
+    "-*ctr,!aes128-ctr", "-hmac-sha?-*,!hmac-sha2-512", "-ecdh-*,!*nistp256", "-*,!ssh-ed25519",
 ]
 
 

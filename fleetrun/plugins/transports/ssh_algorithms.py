@@ -6,7 +6,8 @@ paramiko, left to itself, offers what ssh stopped offering by default (CBC ciphe
 it, and a hardened ssh_config that narrows the list was ignored. fleetrun starts from
 ssh's defaults instead, and applies ssh_config's lists over them as ssh does: a list
 replaces the defaults, ``+LIST`` appends to them, ``^LIST`` puts LIST first, and
-``-PATTERNS`` removes what matches (``*`` and ``?``).
+``-PATTERNS`` removes what matches (``*``, ``?``, and ``!`` to keep what a pattern before
+it would remove).
 
 What paramiko cannot speak is left out (``chacha20-poly1305@openssh.com``,
 ``umac-64@openssh.com``; ``curve25519-sha256`` is spoken, as the exchange paramiko knows
@@ -26,6 +27,7 @@ from typing import Mapping
 
 import paramiko
 
+from fleetrun.plugins.transports.ssh_config_lookup import matches_pattern_list
 from fleetrun.plugins.transports.ssh_options import value_refused
 
 #: Key exchanges paramiko speaks under another name: RFC 8731 named curve25519-sha256 what
@@ -140,8 +142,7 @@ def offered(kind: _Kind, written: str | None, host: str) -> tuple[str, ...]:
     first, names = (written[0], written[1:]) if written[0] in "+-^" else ("", written)
     listed = names.split(",")
     if first == "-":
-        patterns = [re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in p)) for p in listed]
-        result = [name for name in base if not any(p.fullmatch(name) for p in patterns)]
+        result = [name for name in base if not matches_pattern_list(names, name)]
     else:
         unreadable = [name for name in listed if not _NAME.fullmatch(name)]
         if unreadable:

@@ -185,8 +185,10 @@ def _host_so_far(lookup: SshConfigLookup, target: str, options: Mapping[str, obj
     return target if written is None else lookup._tokenize(options, target, "hostname", str(written))  # noqa: SLF001
 
 
-def _matches(lookup: paramiko.SSHConfig, patterns: str, name: str) -> bool:
-    return bool(lookup._pattern_matches(patterns, name))  # noqa: SLF001 - paramiko's pattern lists, negations included
+def matches_pattern_list(patterns: str, name: str) -> bool:
+    """Whether ``name`` matches the ssh pattern list ``patterns`` (comma-separated; ``*``,
+    ``?``, and ``!`` for a negation that wins), as a ``Host`` line matches."""
+    return bool(paramiko.SSHConfig._pattern_matches(None, patterns, name))  # noqa: SLF001 - paramiko's; it uses no instance
 
 
 def _succeeds(command: str) -> bool:
@@ -212,12 +214,12 @@ def by_user_shell(command: str) -> list[str]:
 #: ``sessiontype`` is ``exec``; ``command`` is none (one connection carries every task's
 #: command); fleetrun is no OpenSSH ``version``.
 _DECIDED_HERE: dict[str, Callable[[SshConfigLookup, str, str, Mapping[str, object]], bool]] = {
-    "host": lambda lookup, param, target, options: _matches(lookup, param.lower(), _host_so_far(lookup, target, options).lower()),
-    "originalhost": lambda lookup, param, target, options: _matches(lookup, param.lower(), target.lower()),
+    "host": lambda lookup, param, target, options: matches_pattern_list(param.lower(), _host_so_far(lookup, target, options).lower()),
+    "originalhost": lambda lookup, param, target, options: matches_pattern_list(param.lower(), target.lower()),
     "exec": lambda lookup, param, target, options: _succeeds(lookup._tokenize(options, target, "match-exec", param)),  # noqa: SLF001
-    "tagged": lambda lookup, param, target, options: _matches(lookup, param, str(options.get("tag", ""))),
+    "tagged": lambda lookup, param, target, options: matches_pattern_list(param, str(options.get("tag", ""))),
     "localnetwork": lambda lookup, param, target, options: _in_networks(param),
-    "sessiontype": lambda lookup, param, target, options: _matches(lookup, param, "exec"),
-    "command": lambda lookup, param, target, options: _matches(lookup, param, ""),
+    "sessiontype": lambda lookup, param, target, options: matches_pattern_list(param, "exec"),
+    "command": lambda lookup, param, target, options: matches_pattern_list(param, ""),
     "version": lambda lookup, param, target, options: False,
 }
