@@ -86,23 +86,19 @@ def hop_options(
         seconds = _seconds(ssh_config, host, "ServerAliveInterval")
         keepalive_interval = KEEPALIVE_INTERVAL if seconds is None else float(seconds)
     if keepalive_count_max is None:
-        written = ssh_config.get("serveralivecountmax")
-        if written is not None and not (re.fullmatch(r"\+?[0-9]+", written) and int(written) <= _INT_MAX):
-            raise value_refused(host, "ServerAliveCountMax", written, "a whole number")
+        count = _count(ssh_config, host, "ServerAliveCountMax", minimum=0)
         # ssh drops the connection after COUNT unanswered keepalives, and at the first with 0.
-        keepalive_count_max = KEEPALIVE_COUNT_MAX if written is None else max(1, int(written))
+        keepalive_count_max = KEEPALIVE_COUNT_MAX if count is None else max(1, count)
     address_family = ssh_config.get("addressfamily", "any").lower()
     if address_family not in ADDRESS_FAMILIES:
         raise value_refused(host, "AddressFamily", ssh_config["addressfamily"], "one of any, inet, inet6")
-    attempts = ssh_config.get("connectionattempts", "1")
-    if not (re.fullmatch(r"\+?[0-9]+", attempts) and 0 < int(attempts) <= _INT_MAX):
-        raise value_refused(host, "ConnectionAttempts", attempts, "a whole number from 1")
+    attempts = _count(ssh_config, host, "ConnectionAttempts", minimum=1) or 1
     compression = ssh_config.get("compression", "no")
     if compression.lower() not in ("yes", "no"):
         raise value_refused(host, "Compression", compression, "yes or no")
     return HopOptions(
         connect_timeout, keepalive_interval, keepalive_count_max, host_key_checking or "strict", written_checking,
-        address_family, int(attempts), compression.lower() == "yes", ssh_config.get("bindaddress"),
+        address_family, attempts, compression.lower() == "yes", ssh_config.get("bindaddress"),
     )
 
 
@@ -117,6 +113,16 @@ def _seconds(ssh_config: Mapping[str, str], host: str, keyword: str) -> int | No
     if total > _INT_MAX:
         raise value_refused(host, keyword, written, "a time in seconds, or with units as 1m30s")
     return total
+
+
+def _count(ssh_config: Mapping[str, str], host: str, keyword: str, *, minimum: int) -> int | None:
+    """A whole number of ssh_config (``3``, ``+3``), at least ``minimum``; None if not written."""
+    written = ssh_config.get(keyword.lower())
+    if written is None:
+        return None
+    if not (re.fullmatch(r"\+?[0-9]+", written) and minimum <= int(written) <= _INT_MAX):
+        raise value_refused(host, keyword, written, "a whole number" + (f" from {minimum}" if minimum else ""))
+    return int(written)
 
 
 def value_refused(host: str, keyword: str, written: str, expected: str) -> TransportError:
