@@ -528,16 +528,12 @@ def _transport_factory(
 
 
 def _on_disconnect(transport: paramiko.Transport, message: paramiko.Message) -> None:
+    """Keep, as ``fleetrun_disconnect``, the reason the server gave for ending the connection
+    (SSH_MSG_DISCONNECT: sshd's "Too many authentication failures", say)."""
     message.get_int()  # the reason code: its words say the same
     transport.fleetrun_disconnect = printable(message.get_text())  # type: ignore[attr-defined]
     message.rewind()
     paramiko.Transport._parse_disconnect(transport, message)  # noqa: SLF001
-
-
-def _disconnect_reason(transport: paramiko.Transport | None) -> str | None:
-    """The reason the server gave for ending the connection (SSH_MSG_DISCONNECT: sshd's
-    "Too many authentication failures", say), if it ended it giving one."""
-    return getattr(transport, "fleetrun_disconnect", None)
 
 
 def _on_channel_request(channel: paramiko.Channel, message: paramiko.Message) -> None:
@@ -591,7 +587,7 @@ def connect_error(
     if transport is not None and transport.initial_kex_done and not transport.is_active():
         # Ended during the login. paramiko's words then ("transport shut down or saw EOF",
         # or "No existing session" from the next key tried) say neither who ended it nor why.
-        reason = _disconnect_reason(transport)
+        reason = getattr(transport, "fleetrun_disconnect", None)  # see _on_disconnect
         if reason:
             return TransportError("auth", f'authentication to {where} failed (tried: {keys}): the server ended the connection: "{reason}"')
         return TransportError("disconnected", f"the connection to {where} was closed during the login, without a reason (tried: {keys})")
